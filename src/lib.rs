@@ -1,1 +1,6 @@
+pub mod client;
+pub mod config;
+pub mod crypto;
 pub mod protocol;
+pub mod server;
+pub mod worker;

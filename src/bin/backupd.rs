@@ -1,1 +1,65 @@
-fn main() {}
+//! `backupd`: parse the flags, set up logging, start the server, map the
+//! outcome to an exit code (0 after a clean shutdown, 1 when it cannot start
+//! or fails).
+
+use std::fs::OpenOptions;
+use std::process::ExitCode;
+
+use clap::Parser;
+use simplelog::{ColorChoice, ConfigBuilder, TermLogger, TerminalMode, WriteLogger};
+
+use backupd::config::Config;
+use backupd::server::Server;
+
+fn init_logging(cfg: &Config) -> Result<(), String> {
+    let log_cfg = ConfigBuilder::new()
+        .set_time_format_rfc3339()
+        .set_thread_level(log::LevelFilter::Off)
+        .set_target_level(log::LevelFilter::Off)
+        .build();
+    match &cfg.log_file {
+        Some(path) => {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
+            WriteLogger::init(cfg.log_level, log_cfg, f).map_err(|e| e.to_string())
+        }
+        None => TermLogger::init(cfg.log_level, log_cfg, TerminalMode::Stderr, ColorChoice::Never)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cfg = Config::parse();
+    if let Err(e) = init_logging(&cfg) {
+        eprintln!("backupd: {e}");
+        return ExitCode::FAILURE;
+    }
+    let (addr, warning) = cfg.listen_addr();
+    if let Some(w) = warning {
+        log::warn!("{w}");
+    }
+    log::info!(
+        "backupd {} starting: data in {}, database {}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.data_dir.display(),
+        cfg.db_path().display()
+    );
+    let server = match Server::bind(cfg, addr) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot start: {e}");
+            eprintln!("backupd: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match server.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("server failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

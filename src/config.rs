@@ -1,0 +1,203 @@
+//! Server configuration: command-line flags (with environment variables),
+//! their defaults and the reason for each limit.
+//!
+//! `Config` is built once in `main` and then shared read-only by the event
+//! loop and the worker.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::crypto::OaepHash;
+
+/// Port used when `port.info` is missing or invalid (the field's convention).
+pub const DEFAULT_PORT: u16 = 1256;
+
+/// backupd: receives protocol-v3 encrypted backups and stores them safely.
+///
+/// With no arguments it listens on 0.0.0.0 at the port in ./port.info (1256 if
+/// that file is missing or invalid) and keeps its data in ./backupd-data.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "backupd", version, about, long_about)]
+pub struct Config {
+    /// Address to listen on [default: 0.0.0.0:<port from ./port.info, else 1256>]
+    #[arg(long, env = "BACKUPD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// Directory that holds files/, tmp/, versions/ and the database
+    #[arg(long, env = "BACKUPD_DATA_DIR", default_value = "backupd-data")]
+    pub data_dir: PathBuf,
+
+    /// SQLite database file [default: <data-dir>/backupd.db]
+    #[arg(long, env = "BACKUPD_DB")]
+    pub db: Option<PathBuf>,
+
+    /// Most simultaneous client connections; more are closed at once
+    #[arg(long, env = "BACKUPD_MAX_CONNECTIONS", default_value_t = 256)]
+    pub max_connections: usize,
+
+    /// Largest request frame accepted (a file packet's payload), e.g. 16MiB
+    #[arg(long, env = "BACKUPD_MAX_PACKET", default_value = "16MiB", value_parser = parse_size)]
+    pub max_packet: u64,
+
+    /// Largest file accepted (plaintext bytes)
+    #[arg(long, env = "BACKUPD_MAX_FILE_SIZE", default_value = "4294967295", value_parser = parse_size)]
+    pub max_file_size: u64,
+
+    /// Packet bytes in flight between the network and the disk; over it the server stops reading sockets
+    #[arg(long, env = "BACKUPD_MEMORY_BUDGET", default_value = "64MiB", value_parser = parse_size)]
+    pub memory_budget: u64,
+
+    /// Previous verified versions kept when a file name is uploaded again
+    #[arg(long, env = "BACKUPD_KEEP_VERSIONS", default_value_t = 3)]
+    pub keep_versions: u32,
+
+    /// How long to retry a busy or locked database before answering 1607
+    #[arg(long, env = "BACKUPD_DB_BUSY_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub db_busy_timeout: Duration,
+
+    /// Hash used by RSA-OAEP for the session key (sha1 is what clients in the field use)
+    #[arg(long, env = "BACKUPD_OAEP_HASH", default_value = "sha1")]
+    pub oaep_hash: OaepHash,
+
+    /// Answer 1030 (CRC bad, resending) with 1604, for clients that wait for it
+    #[arg(long, env = "BACKUPD_ACK_RETRY")]
+    pub ack_retry: bool,
+
+    /// Close a connection with no bytes in either direction for this long
+    #[arg(long, env = "BACKUPD_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// A request header must complete within this time of its first byte
+    #[arg(long, env = "BACKUPD_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// Discard staged or in-progress transfers untouched for this long
+    #[arg(long, env = "BACKUPD_STALE_UPLOAD_TIMEOUT", default_value = "15m", value_parser = parse_duration)]
+    pub stale_upload_timeout: Duration,
+
+    /// On SIGINT/SIGTERM, how long in-flight work may take to finish
+    #[arg(long, env = "BACKUPD_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// error, warn, info, debug or trace
+    #[arg(long, env = "BACKUPD_LOG_LEVEL", default_value = "info")]
+    pub log_level: log::LevelFilter,
+
+    /// Append log lines to this file instead of standard error
+    #[arg(long, env = "BACKUPD_LOG_FILE")]
+    pub log_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// The database path, defaulting to `<data-dir>/backupd.db`.
+    pub fn db_path(&self) -> PathBuf {
+        self.db.clone().unwrap_or_else(|| self.data_dir.join("backupd.db"))
+    }
+
+    /// The listen address: `--listen`, else 0.0.0.0 at the port in `port.info`
+    /// of the working directory. Returns a warning to log when port.info was
+    /// missing or invalid.
+    pub fn listen_addr(&self) -> (SocketAddr, Option<String>) {
+        if let Some(a) = self.listen {
+            return (a, None);
+        }
+        let (port, warning) = port_from_file(Path::new("port.info"));
+        (SocketAddr::from(([0, 0, 0, 0], port)), warning)
+    }
+
+    /// Defaults for tests and embedding (as if run with no arguments).
+    pub fn defaults() -> Config {
+        Config::parse_from(["backupd"])
+    }
+}
+
+/// Read the port from a `port.info` file; fall back to 1256 with a warning.
+pub fn port_from_file(path: &Path) -> (u16, Option<String>) {
+    match std::fs::read_to_string(path) {
+        Ok(s) => match s.trim().parse::<u16>() {
+            Ok(p) if p != 0 => (p, None),
+            _ => (
+                DEFAULT_PORT,
+                Some(format!("{}: invalid port {:?}; using {DEFAULT_PORT}", path.display(), s.trim())),
+            ),
+        },
+        Err(e) => (DEFAULT_PORT, Some(format!("{}: {e}; using port {DEFAULT_PORT}", path.display()))),
+    }
+}
+
+/// Parse a byte size: a plain number of bytes, or a number with a unit
+/// (K, KB, KiB, M, MB, MiB, G, GB, GiB; all units are powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("invalid size unit in {s:?} (use K, M or G)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Parse a duration: a number with unit ms, s, m or h (a plain number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    Ok(match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" | "min" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s, m or h)")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert_eq!(parse_size("2k"), Ok(2048));
+        assert!(parse_size("12x").is_err());
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn port_info() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("port.info");
+        assert_eq!(port_from_file(&p).0, DEFAULT_PORT);
+        std::fs::write(&p, "4321\n").unwrap();
+        assert_eq!(port_from_file(&p), (4321, None));
+        std::fs::write(&p, "nope").unwrap();
+        let (port, warn) = port_from_file(&p);
+        assert_eq!(port, DEFAULT_PORT);
+        assert!(warn.is_some());
+    }
+
+    #[test]
+    fn defaults_match_the_issue() {
+        let c = Config::defaults();
+        assert_eq!(c.max_connections, 256);
+        assert_eq!(c.max_packet, 16 << 20);
+        assert_eq!(c.max_file_size, u32::MAX as u64);
+        assert_eq!(c.memory_budget, 64 << 20);
+        assert_eq!(c.keep_versions, 3);
+        assert_eq!(c.oaep_hash, OaepHash::Sha1);
+        assert!(!c.ack_retry);
+    }
+}

@@ -1,0 +1,324 @@
+//! One client connection: its socket, its read and write buffers, and where
+//! it stands in the protocol.
+//!
+//! Reads never take more bytes than the current frame needs: first exactly
+//! the 23 header bytes, then (once the header has been checked and the
+//! payload's size reserved from the memory budget) exactly the payload. So a
+//! refused header never causes a payload byte to be buffered, and a
+//! connection's memory is bounded by one frame plus its pending replies.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+
+use crate::protocol::{ClientId, Code, NameField, RequestHeader, REQUEST_HEADER_LEN};
+use crate::worker::{ConnRef, UploadId};
+
+/// Replies waiting to be sent beyond this many bytes pause reading from the
+/// connection: a client that never reads cannot make the server buffer without end.
+pub const MAX_PENDING_OUTPUT: usize = 64 * 1024;
+
+/// The session a 1602/1605 opened: it belongs to this connection only.
+pub struct Session {
+    pub id: ClientId,
+    pub name: String,
+    pub key: [u8; 32],
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.key = [0; 32];
+    }
+}
+
+/// A frame whose header has been checked and whose payload is being read.
+pub struct Frame {
+    pub header: RequestHeader,
+    pub code: Code,
+    pub payload: Vec<u8>,
+    pub filled: usize,
+}
+
+/// Where the read side stands.
+pub enum ReadState {
+    /// Collecting the 23 header bytes.
+    AwaitHeader,
+    /// The header is checked; waiting for the memory budget to admit the payload.
+    AwaitBudget { header: RequestHeader, code: Code },
+    /// Reading the payload.
+    AwaitPayload(Frame),
+}
+
+/// How a CBC stream is being received (see docs/PROTOCOL.md, "file packets").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receiving {
+    pub upload: UploadId,
+    pub name: String,
+    pub name_field: NameField,
+    pub total: u16,
+    pub next: u16,
+    /// The open CBC stream, if any: its orig_file_size, its whole ciphertext
+    /// length and the ciphertext bytes it still expects.
+    pub segment: Option<Segment>,
+    /// The ciphertext length of the last completed stream (for the empty
+    /// trailing packet of clients that put the whole length in content_size).
+    pub last_stream_len: u64,
+    /// Plaintext bytes of all streams begun so far.
+    pub plain_total: u64,
+    /// Some stream spanned more than one packet: per-packet encryption is then ruled out.
+    pub multi_packet_stream: bool,
+    pub touched: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub orig: u32,
+    pub whole: u64,
+    pub remaining: u64,
+}
+
+/// The upload side of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upload {
+    Idle,
+    Receiving(Receiving),
+    /// The last packet went to the worker; its outcome is awaited.
+    Finishing {
+        upload: UploadId,
+        name: String,
+        name_field: NameField,
+    },
+    /// A packet was refused: swallow the rest of that upload's packets
+    /// silently so that the client, which sends them back to back, gets
+    /// exactly one 1607.
+    Skipping {
+        name_field: NameField,
+        next: u16,
+        total: u16,
+    },
+}
+
+/// A file that reached 1603 (or was then retried), keyed by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedFile {
+    pub name: String,
+    pub upload: UploadId,
+    /// 1030 was received: the staged copy is gone, a resend is expected.
+    pub retried: bool,
+    pub touched: Instant,
+}
+
+/// At most this many staged files per connection; the oldest is dropped beyond it.
+pub const MAX_STAGED: usize = 16;
+
+/// A reply-bearing job is at the worker; its completion sends the reply.
+/// (No `Debug`: a variant holds a session key, which must never be logged.)
+#[derive(Clone, PartialEq, Eq)]
+pub enum Awaiting {
+    Nothing,
+    Register,
+    Key {
+        encrypted_key: Vec<u8>,
+        key: [u8; 32],
+        name: String,
+        public: rsa::RsaPublicKey,
+    },
+    Commit {
+        name: String,
+    },
+    /// Waiting for the outcome of the upload's last packet.
+    LastPacket,
+}
+
+pub struct Connection {
+    pub socket: TcpStream,
+    pub peer: SocketAddr,
+    pub serial: u64,
+    pub read: ReadState,
+    header: [u8; REQUEST_HEADER_LEN],
+    header_len: usize,
+    /// When the first byte of the current header arrived.
+    pub header_started: Option<Instant>,
+    pub out: Vec<u8>,
+    out_pos: usize,
+    /// The socket may have unread bytes (edge-triggered readiness).
+    pub readable: bool,
+    pub last_activity: Instant,
+    /// Close once the output is flushed.
+    pub closing: Option<Instant>,
+    pub session: Option<Session>,
+    /// The client named by the last request that carried a known id (for log lines).
+    pub client_label: Option<String>,
+    pub upload: Upload,
+    pub staged: VecDeque<StagedFile>,
+    pub awaiting: Awaiting,
+    /// File packets handed to the worker and not yet completed.
+    pub packets_in_flight: usize,
+    /// Budget reserved for the payload being read.
+    pub reserved: usize,
+}
+
+/// Result of one read attempt.
+pub enum ReadOutcome {
+    /// No more bytes now.
+    WouldBlock,
+    /// The peer closed (or reset) the connection.
+    Closed,
+    /// A header is complete and must be checked.
+    Header(RequestHeader),
+    /// A frame is complete.
+    Frame(Frame),
+}
+
+impl Connection {
+    pub fn new(socket: TcpStream, peer: SocketAddr, serial: u64, now: Instant) -> Connection {
+        Connection {
+            socket,
+            peer,
+            serial,
+            read: ReadState::AwaitHeader,
+            header: [0; REQUEST_HEADER_LEN],
+            header_len: 0,
+            header_started: None,
+            out: Vec::new(),
+            out_pos: 0,
+            readable: true,
+            last_activity: now,
+            closing: None,
+            session: None,
+            client_label: None,
+            upload: Upload::Idle,
+            staged: VecDeque::new(),
+            awaiting: Awaiting::Nothing,
+            packets_in_flight: 0,
+            reserved: 0,
+        }
+    }
+
+    pub fn conn_ref(&self, key: usize) -> ConnRef {
+        ConnRef { key, serial: self.serial }
+    }
+
+    /// "peer name" or "peer" for log lines.
+    pub fn tag(&self) -> String {
+        match &self.client_label {
+            Some(l) => format!("{} {}", self.peer, l),
+            None => self.peer.to_string(),
+        }
+    }
+
+    /// Some bytes of a header have arrived, but not all 23.
+    pub fn header_in_progress(&self) -> bool {
+        self.header_len > 0
+    }
+
+    pub fn pending_output(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    /// Is the connection between frames with nothing outstanding?
+    pub fn is_quiet(&self) -> bool {
+        matches!(self.read, ReadState::AwaitHeader)
+            && self.header_len == 0
+            && self.awaiting == Awaiting::Nothing
+            && self.packets_in_flight == 0
+            && self.pending_output() == 0
+            && matches!(self.upload, Upload::Idle | Upload::Skipping { .. })
+            && self.staged.iter().all(|s| s.retried)
+    }
+
+    /// Write pending output until done or WouldBlock.
+    pub fn flush(&mut self, now: Instant) -> io::Result<()> {
+        while self.out_pos < self.out.len() {
+            match self.socket.write(&self.out[self.out_pos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.out_pos += n;
+                    self.last_activity = now;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        if self.out.capacity() > 4096 {
+            self.out.shrink_to(4096);
+        }
+        Ok(())
+    }
+
+    /// Read toward the current frame. In `AwaitBudget` nothing is read.
+    pub fn read_some(&mut self, now: Instant) -> io::Result<ReadOutcome> {
+        loop {
+            let res = match &mut self.read {
+                ReadState::AwaitBudget { .. } => return Ok(ReadOutcome::WouldBlock),
+                ReadState::AwaitHeader => self.socket.read(&mut self.header[self.header_len..]),
+                ReadState::AwaitPayload(f) => {
+                    if f.filled == f.payload.len() {
+                        return Ok(self.take_frame());
+                    }
+                    self.socket.read(&mut f.payload[f.filled..])
+                }
+            };
+            match res {
+                Ok(0) => return Ok(ReadOutcome::Closed),
+                Ok(n) => {
+                    self.last_activity = now;
+                    match &mut self.read {
+                        ReadState::AwaitHeader => {
+                            if self.header_len == 0 {
+                                self.header_started = Some(now);
+                            }
+                            self.header_len += n;
+                            if self.header_len == REQUEST_HEADER_LEN {
+                                self.header_len = 0;
+                                return Ok(ReadOutcome::Header(RequestHeader::decode(&self.header)));
+                            }
+                        }
+                        ReadState::AwaitPayload(f) => {
+                            f.filled += n;
+                            if f.filled == f.payload.len() {
+                                return Ok(self.take_frame());
+                            }
+                        }
+                        ReadState::AwaitBudget { .. } => {}
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadOutcome::WouldBlock),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    return Ok(ReadOutcome::Closed)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn take_frame(&mut self) -> ReadOutcome {
+        match std::mem::replace(&mut self.read, ReadState::AwaitHeader) {
+            ReadState::AwaitPayload(f) => {
+                self.header_started = None;
+                ReadOutcome::Frame(f)
+            }
+            other => {
+                self.read = other;
+                ReadOutcome::WouldBlock
+            }
+        }
+    }
+
+    /// Find a staged file by name.
+    pub fn staged_index(&self, name: &str) -> Option<usize> {
+        self.staged.iter().position(|s| s.name == name)
+    }
+}

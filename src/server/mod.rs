@@ -1,0 +1,596 @@
+//! The event loop: one thread, one `mio::Poll`, every socket nonblocking.
+//!
+//! The loop owns the listener, the [`Slab`] of [`Connection`]s, the in-memory
+//! client registry and the memory budget. It never touches a file or the
+//! database and never sleeps: disk and database work goes to the worker as
+//! [`Job`]s, and the worker's [`Completion`]s come back over a channel with a
+//! `mio::Waker` wake-up. See docs/ARCHITECTURE.md for the whole lifecycle.
+//!
+//! Readiness is edge-triggered: each connection remembers whether its socket
+//! may still hold unread bytes (`readable`), so a connection paused for the
+//! memory budget, for a pending reply or for its pipeline depth is resumed
+//! later without a new event. Slab keys are reused, so every job names its
+//! connection by key *and* serial number.
+
+pub mod connection;
+mod session;
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token, Waker};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+
+use crate::config::Config;
+use crate::protocol::ClientId;
+use crate::worker::{Completion, Job, Worker};
+use connection::{Connection, ReadOutcome, ReadState};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+const SIGNALS: Token = Token(usize::MAX - 3);
+
+/// File packets of one connection that may be at the worker at once: the
+/// loop reads the next packet while the worker decrypts the last one.
+pub const PIPELINE_DEPTH: usize = 2;
+/// Frames handled for one connection before the loop turns to the others.
+const FRAMES_PER_TURN: usize = 16;
+/// How often timeouts are checked. A scan of every connection once per
+/// second costs nothing next to a deadline heap at these connection counts.
+const TICK: Duration = Duration::from_millis(500);
+/// Slowest payload rate tolerated once a frame's header is in (bytes/s):
+/// a frame must complete within header_timeout + size / this rate, so a
+/// client cannot hold its reservation of the memory budget by trickling.
+const MIN_PAYLOAD_RATE: u64 = 32 * 1024;
+/// A closing connection gets this long to take its last reply.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Recycled packet buffers kept for reuse.
+const POOL_BUFFERS: usize = 8;
+
+/// A registered client, in memory for the life of the process.
+pub struct ClientEntry {
+    pub name: String,
+    pub key: Option<rsa::RsaPublicKey>,
+    /// The registration is not yet durable (its 1600 has not been sent).
+    pub pending: bool,
+}
+
+/// The clients known to the server, by id and by name.
+#[derive(Default)]
+pub struct Registry {
+    pub by_id: HashMap<ClientId, ClientEntry>,
+    pub by_name: HashMap<String, ClientId>,
+}
+
+/// Packet bytes in flight between the sockets and the worker.
+pub struct Budget {
+    pub limit: usize,
+    pub used: usize,
+}
+
+/// A running server: bound, storage open, worker started. Built by
+/// [`Server::bind`], then [`Server::run`] serves until shutdown.
+pub struct Server {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    local_addr: SocketAddr,
+    signals: Option<Signals>,
+    conns: Slab<Connection>,
+    next_serial: u64,
+    cfg: Arc<Config>,
+    jobs: Sender<Job>,
+    done: Receiver<Completion>,
+    worker: Option<JoinHandle<()>>,
+    registry: Registry,
+    budget: Budget,
+    /// Connections waiting for budget, in arrival order.
+    budget_waiters: VecDeque<(usize, u64)>,
+    /// Connections that stopped for fairness and must be driven again.
+    ready: VecDeque<(usize, u64)>,
+    pool: Vec<Vec<u8>>,
+    next_upload: u64,
+    shutdown: Option<Instant>,
+    /// A descriptor held in reserve so that, out of descriptors, the loop can
+    /// still accept and close a pending connection instead of spinning.
+    spare_fd: Option<std::fs::File>,
+    refused_since_log: u64,
+    last_refusal_log: Option<Instant>,
+}
+
+/// Why the server could not start.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+impl Server {
+    /// Open storage and database (reconciling them), bind the listener,
+    /// register signals and start the worker.
+    pub fn bind(cfg: Config, addr: SocketAddr) -> Result<Server, StartError> {
+        if cfg.memory_budget < cfg.max_packet {
+            return Err(StartError(format!(
+                "--memory-budget ({}) must be at least --max-packet ({})",
+                cfg.memory_budget, cfg.max_packet
+            )));
+        }
+        if cfg.max_packet > u32::MAX as u64 || cfg.max_packet < crate::protocol::PACKET_HEADER_LEN as u64 {
+            return Err(StartError("--max-packet must be between 267 bytes and 4 GiB".into()));
+        }
+        let opened = Worker::open(&cfg.data_dir, &cfg.db_path(), cfg.db_busy_timeout, cfg.keep_versions)
+            .map_err(StartError)?;
+        let poll = Poll::new().map_err(|e| StartError(format!("cannot create poll: {e}")))?;
+        let mut listener =
+            bind_listener(addr).map_err(|e| StartError(format!("cannot listen on {addr}: {e}")))?;
+        let local_addr = listener.local_addr().map_err(|e| StartError(e.to_string()))?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(|e| StartError(e.to_string()))?;
+        let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| StartError(format!("signals: {e}")))?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(|e| StartError(e.to_string()))?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| StartError(e.to_string()))?);
+
+        let mut registry = Registry::default();
+        for c in opened.clients {
+            let key = c.public_key.as_deref().and_then(|der| match crate::crypto::parse_public_key(der) {
+                Ok((k, _)) => Some(k),
+                Err(e) => {
+                    log::warn!(
+                        "client {} ({}) has an unusable stored key: {e}",
+                        c.name,
+                        crate::protocol::id_hex(&c.id)
+                    );
+                    None
+                }
+            });
+            registry.by_name.insert(c.name.clone(), c.id);
+            registry.by_id.insert(c.id, ClientEntry { name: c.name, key, pending: false });
+        }
+        log::info!("{} registered client(s) loaded", registry.by_id.len());
+
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+        let (done_tx, done_rx) = mpsc::channel::<Completion>();
+        let worker = opened.worker;
+        let wk: Arc<dyn crate::worker::Wake> = waker;
+        let handle = std::thread::Builder::new()
+            .name("backupd-worker".into())
+            .spawn(move || worker.run(jobs_rx, done_tx, wk))
+            .map_err(|e| StartError(format!("cannot start worker thread: {e}")))?;
+
+        let budget = Budget { limit: cfg.memory_budget as usize, used: 0 };
+        Ok(Server {
+            poll,
+            listener: Some(listener),
+            local_addr,
+            signals: Some(signals),
+            conns: Slab::new(),
+            next_serial: 1,
+            cfg: Arc::new(cfg),
+            jobs: jobs_tx,
+            done: done_rx,
+            worker: Some(handle),
+            registry,
+            budget,
+            budget_waiters: VecDeque::new(),
+            ready: VecDeque::new(),
+            pool: Vec::new(),
+            next_upload: crate::worker::upload_id_seed(),
+            shutdown: None,
+            spare_fd: std::fs::File::open("/dev/null").ok(),
+            refused_since_log: 0,
+            last_refusal_log: None,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serve until SIGINT/SIGTERM and a clean shutdown.
+    pub fn run(mut self) -> io::Result<()> {
+        log::info!("listening on {}", self.local_addr);
+        let mut events = Events::with_capacity(1024);
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let now = Instant::now();
+            let timeout =
+                if self.ready.is_empty() { next_tick.saturating_duration_since(now) } else { Duration::ZERO };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    SIGNALS => self.on_signal(),
+                    Token(key) => {
+                        if let Some(c) = self.conns.get_mut(key) {
+                            if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                                c.readable = true;
+                            }
+                            let serial = c.serial;
+                            self.drive(key, serial);
+                        }
+                    }
+                }
+            }
+            self.drain_completions();
+            for _ in 0..self.ready.len() {
+                if let Some((key, serial)) = self.ready.pop_front() {
+                    self.drive(key, serial);
+                }
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.housekeeping(now);
+                next_tick = now + TICK;
+            }
+            if let Some(deadline) = self.shutdown {
+                if self.conns.is_empty() || now >= deadline {
+                    return self.finish_shutdown();
+                }
+            }
+        }
+    }
+
+    fn on_signal(&mut self) {
+        let Some(signals) = self.signals.as_mut() else { return };
+        let got: Vec<i32> = signals.pending().collect();
+        if got.is_empty() {
+            return;
+        }
+        if self.shutdown.is_some() {
+            log::warn!("second signal: exiting at once");
+            std::process::exit(130);
+        }
+        log::info!(
+            "signal received: no new connections; finishing in-flight work (up to {:?})",
+            self.cfg.shutdown_timeout
+        );
+        self.shutdown = Some(Instant::now() + self.cfg.shutdown_timeout);
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        let quiet: Vec<(usize, u64)> =
+            self.conns.iter().filter(|(_, c)| c.is_quiet()).map(|(k, c)| (k, c.serial)).collect();
+        for (k, s) in quiet {
+            self.close(k, s, None);
+        }
+    }
+
+    fn finish_shutdown(mut self) -> io::Result<()> {
+        let keys: Vec<(usize, u64)> = self.conns.iter().map(|(k, c)| (k, c.serial)).collect();
+        if !keys.is_empty() {
+            log::warn!("shutdown timeout: closing {} connection(s) with unfinished work", keys.len());
+        }
+        for (k, s) in keys {
+            self.close(k, s, None);
+        }
+        let _ = self.jobs.send(Job::Shutdown);
+        if let Some(h) = self.worker.take() {
+            if h.join().is_err() {
+                log::error!("worker thread panicked");
+                return Err(io::Error::other("worker thread panicked"));
+            }
+        }
+        log::info!("shut down cleanly");
+        Ok(())
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let Some(listener) = self.listener.as_ref() else { return };
+            match listener.accept() {
+                Ok((mut socket, peer)) => {
+                    if self.conns.len() >= self.cfg.max_connections {
+                        self.note_refusal(peer, "connection limit reached");
+                        drop(socket);
+                        continue;
+                    }
+                    let _ = socket.set_nodelay(true);
+                    let entry = self.conns.vacant_entry();
+                    let key = entry.key();
+                    if let Err(e) = self.poll.registry().register(
+                        &mut socket,
+                        Token(key),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        log::warn!("{peer}: cannot register connection: {e}");
+                        continue;
+                    }
+                    let serial = self.next_serial;
+                    self.next_serial += 1;
+                    entry.insert(Connection::new(socket, peer, serial, Instant::now()));
+                    log::debug!("{peer}: connected");
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                    // Out of descriptors: free the spare, accept and close one
+                    // pending connection, take the spare back. No busy loop:
+                    // the next attempt waits for the next readiness event.
+                    self.spare_fd = None;
+                    if let Some(l) = self.listener.as_ref() {
+                        if let Ok((s, peer)) = l.accept() {
+                            drop(s);
+                            self.note_refusal(peer, "out of file descriptors");
+                        }
+                    }
+                    self.spare_fd = std::fs::File::open("/dev/null").ok();
+                    return;
+                }
+                Err(e) => {
+                    log::warn!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Log refused connections at most once per second, with a count.
+    fn note_refusal(&mut self, peer: SocketAddr, why: &str) {
+        self.refused_since_log += 1;
+        let now = Instant::now();
+        if self.last_refusal_log.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            log::warn!("{peer}: refused ({why}); {} refused since last report", self.refused_since_log);
+            self.refused_since_log = 0;
+            self.last_refusal_log = Some(now);
+        }
+    }
+
+    /// Close a connection: deregister it and drop its uploads at the worker.
+    /// `why`, when given, is logged.
+    fn close(&mut self, key: usize, serial: u64, why: Option<&str>) {
+        if self.conns.get(key).is_none_or(|c| c.serial != serial) {
+            return;
+        }
+        let mut c = self.conns.remove(key);
+        let _ = self.poll.registry().deregister(&mut c.socket);
+        self.budget.used -= c.reserved;
+        match why {
+            Some(w) => log::info!("{}: closed: {w}", c.tag()),
+            None => log::debug!("{}: closed", c.tag()),
+        }
+        let mut uploads: Vec<u64> = c.staged.iter().filter(|s| !s.retried).map(|s| s.upload).collect();
+        match &c.upload {
+            connection::Upload::Receiving(r) => uploads.push(r.upload),
+            connection::Upload::Finishing { upload, .. } => uploads.push(*upload),
+            _ => {}
+        }
+        for upload in uploads {
+            let _ = self.jobs.send(Job::Discard { upload, failed: None });
+        }
+        if self.budget.used < self.budget.limit {
+            self.wake_budget_waiters();
+        }
+        if self.listener.is_none() && self.shutdown.is_none() {
+            // (listener is only dropped at shutdown)
+        }
+    }
+
+    /// Take a buffer of exactly `len` bytes, reusing a recycled one when possible.
+    fn take_buffer(&mut self, len: usize) -> Vec<u8> {
+        let mut buf = match self.pool.iter().position(|b| b.capacity() >= len) {
+            Some(i) => self.pool.swap_remove(i),
+            None => Vec::with_capacity(len),
+        };
+        buf.resize(len, 0);
+        buf
+    }
+
+    fn recycle(&mut self, buf: Vec<u8>) {
+        if self.pool.len() < POOL_BUFFERS && buf.capacity() <= 4 << 20 {
+            self.pool.push(buf);
+        }
+    }
+
+    /// Read, parse and handle frames of one connection until it would block,
+    /// must wait, or has had its turn.
+    fn drive(&mut self, key: usize, serial: u64) {
+        let now = Instant::now();
+        let mut frames = 0;
+        loop {
+            let Some(c) = self.conns.get_mut(key) else { return };
+            if c.serial != serial {
+                return;
+            }
+            if let Err(e) = c.flush(now) {
+                let why = format!("write failed: {e}");
+                self.close(key, serial, Some(&why));
+                return;
+            }
+            if c.closing.is_some() {
+                if c.pending_output() == 0 {
+                    self.close(key, serial, None);
+                }
+                return;
+            }
+            if self.shutdown.is_some() && c.is_quiet() {
+                self.close(key, serial, Some("server shutting down"));
+                return;
+            }
+            if !c.readable
+                || c.awaiting != connection::Awaiting::Nothing
+                || c.packets_in_flight >= PIPELINE_DEPTH
+                || c.pending_output() > connection::MAX_PENDING_OUTPUT
+            {
+                return;
+            }
+            if frames >= FRAMES_PER_TURN {
+                self.ready.push_back((key, serial));
+                return;
+            }
+            if let ReadState::AwaitBudget { header, code } = c.read {
+                let size = header.payload_size as usize;
+                if self.budget.used + size > self.budget.limit {
+                    return; // still queued in budget_waiters
+                }
+                self.budget.used += size;
+                let payload = self.take_buffer(size);
+                let Some(c) = self.conns.get_mut(key) else { return };
+                c.reserved = size;
+                c.read = ReadState::AwaitPayload(connection::Frame { header, code, payload, filled: 0 });
+            }
+            let Some(c) = self.conns.get_mut(key) else { return };
+            match c.read_some(now) {
+                Ok(ReadOutcome::WouldBlock) => {
+                    c.readable = false;
+                    return;
+                }
+                Ok(ReadOutcome::Closed) => {
+                    let why = if c.header_in_progress() || !matches!(c.read, ReadState::AwaitHeader) {
+                        Some("peer closed mid-frame")
+                    } else {
+                        None
+                    };
+                    self.close(key, serial, why);
+                    return;
+                }
+                Err(e) => {
+                    let why = format!("read failed: {e}");
+                    self.close(key, serial, Some(&why));
+                    return;
+                }
+                Ok(ReadOutcome::Header(h)) => match h.check(self.cfg.max_packet as u32) {
+                    Err(e) => {
+                        self.refuse_and_close(key, &e.to_string());
+                        return;
+                    }
+                    Ok(code) => {
+                        let c = &mut self.conns[key];
+                        c.read = ReadState::AwaitBudget { header: h, code };
+                        if self.budget.used + h.payload_size as usize > self.budget.limit {
+                            log::debug!("{}: waiting for memory budget", c.tag());
+                            self.budget_waiters.push_back((key, serial));
+                            return;
+                        }
+                    }
+                },
+                Ok(ReadOutcome::Frame(f)) => {
+                    frames += 1;
+                    let c = &mut self.conns[key];
+                    c.reserved = 0;
+                    self.handle_frame(key, f);
+                }
+            }
+        }
+    }
+
+    /// Answer 1607 and close: the framing can no longer be trusted.
+    fn refuse_and_close(&mut self, key: usize, why: &str) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        log::warn!("{}: protocol error, closing: {why}", c.tag());
+        crate::protocol::Response::GeneralError.encode(&mut c.out);
+        c.closing = Some(Instant::now());
+        let serial = c.serial;
+        let _ = c.flush(Instant::now());
+        if c.pending_output() == 0 {
+            self.close(key, serial, None);
+        }
+    }
+
+    fn wake_budget_waiters(&mut self) {
+        while let Some(&(key, serial)) = self.budget_waiters.front() {
+            let need = match self.conns.get(key) {
+                Some(c) if c.serial == serial => match c.read {
+                    ReadState::AwaitBudget { header, .. } => header.payload_size as usize,
+                    _ => 0,
+                },
+                _ => {
+                    self.budget_waiters.pop_front();
+                    continue;
+                }
+            };
+            if self.budget.used + need > self.budget.limit {
+                return;
+            }
+            self.budget_waiters.pop_front();
+            self.drive(key, serial);
+        }
+    }
+
+    fn drain_completions(&mut self) {
+        while let Ok(c) = self.done.try_recv() {
+            self.on_completion(c);
+        }
+        self.wake_budget_waiters();
+    }
+
+    /// Deadlines, checked every tick.
+    fn housekeeping(&mut self, now: Instant) {
+        let cfg = self.cfg.clone();
+        let mut to_close: Vec<(usize, u64, String)> = Vec::new();
+        let mut stale: Vec<(usize, u64)> = Vec::new();
+        for (key, c) in self.conns.iter() {
+            if let Some(t) = c.closing {
+                if now.duration_since(t) > CLOSE_GRACE {
+                    to_close.push((key, c.serial, "did not take its last reply".into()));
+                }
+                continue;
+            }
+            if let (Some(start), true) = (c.header_started, c.header_in_progress()) {
+                if now.duration_since(start) > cfg.header_timeout {
+                    to_close.push((
+                        key,
+                        c.serial,
+                        format!("header not complete within {:?}", cfg.header_timeout),
+                    ));
+                    continue;
+                }
+            }
+            if let (Some(start), ReadState::AwaitPayload(f)) = (c.header_started, &c.read) {
+                let allowed =
+                    cfg.header_timeout + Duration::from_secs(f.payload.len() as u64 / MIN_PAYLOAD_RATE);
+                if now.duration_since(start) > allowed {
+                    to_close.push((key, c.serial, format!("frame not complete within {allowed:?}")));
+                    continue;
+                }
+            }
+            let busy_here = c.awaiting != connection::Awaiting::Nothing
+                || c.packets_in_flight > 0
+                || matches!(c.read, ReadState::AwaitBudget { .. });
+            if !busy_here && now.duration_since(c.last_activity) > cfg.idle_timeout {
+                to_close.push((key, c.serial, format!("idle for {:?}", cfg.idle_timeout)));
+                continue;
+            }
+            let stale_upload = match &c.upload {
+                connection::Upload::Receiving(r) => now.duration_since(r.touched) > cfg.stale_upload_timeout,
+                _ => false,
+            };
+            if stale_upload
+                || c.staged.iter().any(|s| now.duration_since(s.touched) > cfg.stale_upload_timeout)
+            {
+                stale.push((key, c.serial));
+            }
+        }
+        for (key, serial, why) in to_close {
+            self.close(key, serial, Some(&why));
+        }
+        for (key, serial) in stale {
+            self.purge_stale(key, serial, now);
+        }
+    }
+}
+
+fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    // mio's TcpListener::bind uses a backlog of 1024 (>= 128 as required) and SO_REUSEADDR.
+    TcpListener::bind(addr)
+}

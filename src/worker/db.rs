@@ -1,0 +1,388 @@
+//! The SQLite database: schema, migrations, and the few writes the server
+//! makes, always in one transaction per batch.
+//!
+//! Only the worker thread owns the [`Db`]. The tables `clients` and `files`
+//! keep the columns that existing tools know (see docs/PROTOCOL.md); the extra
+//! columns (`Size`, `Cksum`, `ReceivedAt`) and the `publish_intents` table are
+//! ours. Session AES keys are never written: `AESKey` stays NULL.
+
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
+
+use crate::protocol::{ClientId, CLIENT_ID_LEN};
+
+/// A registered client as loaded at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRecord {
+    pub id: ClientId,
+    pub name: String,
+    /// DER SubjectPublicKeyInfo, once the client sent one.
+    pub public_key: Option<Vec<u8>>,
+}
+
+/// A verified file row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRow {
+    pub id: ClientId,
+    pub name: String,
+    pub path: String,
+    pub verified: bool,
+    pub size: Option<u64>,
+}
+
+/// One write of a batch.
+#[derive(Debug, Clone)]
+pub enum Write {
+    InsertClient {
+        id: ClientId,
+        name: String,
+    },
+    SetPublicKey {
+        id: ClientId,
+        der: Vec<u8>,
+    },
+    Touch {
+        id: ClientId,
+    },
+    FileVerified {
+        id: ClientId,
+        name: String,
+        path: String,
+        size: u64,
+        cksum: u32,
+    },
+    /// An upload that was aborted (1031): recorded only where no verified version exists.
+    FileFailed {
+        id: ClientId,
+        name: String,
+        path: String,
+    },
+    ClearIntent {
+        upload: u64,
+    },
+}
+
+/// A publish in progress, recorded before any rename so that a crash in the
+/// middle can be undone at the next start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intent {
+    pub upload: u64,
+    pub target: String,
+    pub saved_previous: Option<String>,
+}
+
+pub struct Db {
+    conn: Connection,
+    busy_timeout: Duration,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS clients(
+    ID BLOB(16) PRIMARY KEY,
+    Name TEXT UNIQUE NOT NULL,
+    PublicKey BLOB,
+    LastSeen TEXT,
+    AESKey BLOB
+);
+CREATE TABLE IF NOT EXISTS files(
+    ID BLOB(16) NOT NULL,
+    FileName TEXT NOT NULL,
+    PathName TEXT NOT NULL,
+    Verified INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (ID, FileName)
+);
+CREATE TABLE IF NOT EXISTS publish_intents(
+    Upload INTEGER PRIMARY KEY,
+    Target TEXT NOT NULL,
+    SavedPrevious TEXT
+);
+";
+
+/// Current UTC time as ISO-8601 (`2026-11-25T17:56:33Z`).
+pub fn now_iso8601() -> String {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    iso8601(secs)
+}
+
+/// Format seconds since the epoch as ISO-8601 UTC.
+pub fn iso8601(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn is_retryable(e: &rusqlite::Error) -> bool {
+    matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked))
+}
+
+fn blob_id(b: Vec<u8>) -> Option<ClientId> {
+    if b.len() != CLIENT_ID_LEN {
+        return None;
+    }
+    let mut id = [0u8; CLIENT_ID_LEN];
+    id.copy_from_slice(&b);
+    Some(id)
+}
+
+impl Db {
+    /// Open or create the database: WAL, synchronous=FULL, foreign keys on,
+    /// the schema and its migrations.
+    pub fn open(path: &Path, busy_timeout: Duration) -> rusqlite::Result<Db> {
+        let existed = path.exists();
+        let conn = Connection::open(path)?;
+        if !existed {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        conn.busy_timeout(busy_timeout)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            log::warn!("database journal mode is {mode}, not WAL");
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
+        let db = Db { conn, busy_timeout };
+        db.retry(|c| c.execute_batch(SCHEMA))?;
+        db.migrate()?;
+        Ok(db)
+    }
+
+    /// Add our extra columns to a database created by an older server.
+    fn migrate(&self) -> rusqlite::Result<()> {
+        let mut cols = Vec::new();
+        {
+            let mut st = self.conn.prepare("PRAGMA table_info(files)")?;
+            let rows = st.query_map([], |r| r.get::<_, String>(1))?;
+            for r in rows {
+                cols.push(r?);
+            }
+        }
+        for (col, ty) in [("Size", "INTEGER"), ("Cksum", "INTEGER"), ("ReceivedAt", "TEXT")] {
+            if !cols.iter().any(|c| c.eq_ignore_ascii_case(col)) {
+                self.retry(|c| c.execute_batch(&format!("ALTER TABLE files ADD COLUMN {col} {ty}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Run `f`, retrying SQLITE_BUSY / SQLITE_LOCKED with backoff until the
+    /// busy timeout has passed (SQLite's own busy handler covers most waits;
+    /// this loop covers the cases it does not, such as LOCKED).
+    fn retry<T>(&self, mut f: impl FnMut(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+        let deadline = Instant::now() + self.busy_timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match f(&self.conn) {
+                Err(e) if is_retryable(&e) && Instant::now() < deadline => {
+                    thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    pub fn load_clients(&self) -> rusqlite::Result<Vec<ClientRecord>> {
+        let mut st = self.conn.prepare("SELECT ID, Name, PublicKey FROM clients")?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<Vec<u8>>>(2)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, name, public_key) = row?;
+            match blob_id(id) {
+                Some(id) => out.push(ClientRecord { id, name, public_key }),
+                None => log::warn!("database: client {name:?} has a malformed id; ignored"),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn file_rows(&self) -> rusqlite::Result<Vec<FileRow>> {
+        let mut st = self.conn.prepare("SELECT ID, FileName, PathName, Verified, Size FROM files")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, name, path, verified, size) = row?;
+            if let Some(id) = blob_id(id) {
+                out.push(FileRow { id, name, path, verified: verified != 0, size: size.map(|s| s as u64) });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Is there a verified row for this file?
+    pub fn is_verified(&self, id: &ClientId, name: &str) -> rusqlite::Result<bool> {
+        let v: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT Verified FROM files WHERE ID=?1 AND FileName=?2",
+                params![&id[..], name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.unwrap_or(0) != 0)
+    }
+
+    pub fn mark_unverified(&self, id: &ClientId, name: &str) -> rusqlite::Result<()> {
+        self.retry(|c| {
+            c.execute("UPDATE files SET Verified=0 WHERE ID=?1 AND FileName=?2", params![&id[..], name])
+        })?;
+        Ok(())
+    }
+
+    pub fn intents(&self) -> rusqlite::Result<Vec<Intent>> {
+        let mut st = self.conn.prepare("SELECT Upload, Target, SavedPrevious FROM publish_intents")?;
+        let rows = st.query_map([], |r| {
+            Ok(Intent { upload: r.get::<_, i64>(0)? as u64, target: r.get(1)?, saved_previous: r.get(2)? })
+        })?;
+        rows.collect()
+    }
+
+    /// Record publish intents, durably, before any rename happens.
+    pub fn add_intents(&mut self, intents: &[Intent]) -> rusqlite::Result<()> {
+        self.transaction(|tx| {
+            let mut st = tx.prepare_cached(
+                "INSERT OR REPLACE INTO publish_intents(Upload, Target, SavedPrevious) VALUES (?1, ?2, ?3)",
+            )?;
+            for i in intents {
+                st.execute(params![i.upload as i64, i.target, i.saved_previous])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Apply a batch of writes in one transaction (retried as a whole).
+    pub fn apply(&mut self, writes: &[Write]) -> rusqlite::Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let now = now_iso8601();
+        self.transaction(|tx| {
+            for w in writes {
+                match w {
+                    Write::InsertClient { id, name } => {
+                        tx.prepare_cached("INSERT INTO clients(ID, Name, LastSeen) VALUES (?1, ?2, ?3)")?
+                            .execute(params![&id[..], name, now])?;
+                    }
+                    Write::SetPublicKey { id, der } => {
+                        tx.prepare_cached("UPDATE clients SET PublicKey=?2, LastSeen=?3 WHERE ID=?1")?
+                            .execute(params![&id[..], der, now])?;
+                    }
+                    Write::Touch { id } => {
+                        tx.prepare_cached("UPDATE clients SET LastSeen=?2 WHERE ID=?1")?
+                            .execute(params![&id[..], now])?;
+                    }
+                    Write::FileVerified { id, name, path, size, cksum } => {
+                        tx.prepare_cached(
+                            "INSERT INTO files(ID, FileName, PathName, Verified, Size, Cksum, ReceivedAt)
+                             VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6)
+                             ON CONFLICT(ID, FileName) DO UPDATE SET PathName=excluded.PathName,
+                             Verified=1, Size=excluded.Size, Cksum=excluded.Cksum, ReceivedAt=excluded.ReceivedAt",
+                        )?
+                        .execute(params![&id[..], name, path, *size as i64, *cksum as i64, now])?;
+                    }
+                    Write::FileFailed { id, name, path } => {
+                        tx.prepare_cached(
+                            "INSERT INTO files(ID, FileName, PathName, Verified, ReceivedAt)
+                             VALUES (?1, ?2, ?3, 0, ?4) ON CONFLICT(ID, FileName) DO NOTHING",
+                        )?
+                        .execute(params![&id[..], name, path, now])?;
+                    }
+                    Write::ClearIntent { upload } => {
+                        tx.prepare_cached("DELETE FROM publish_intents WHERE Upload=?1")?
+                            .execute(params![*upload as i64])?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Run `f` inside BEGIN IMMEDIATE ... COMMIT, retrying the whole
+    /// transaction on BUSY/LOCKED until the busy timeout.
+    fn transaction(
+        &mut self,
+        f: impl Fn(&rusqlite::Transaction) -> rusqlite::Result<()>,
+    ) -> rusqlite::Result<()> {
+        let deadline = Instant::now() + self.busy_timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let r = (|| {
+                let tx =
+                    rusqlite::Transaction::new(&mut self.conn, rusqlite::TransactionBehavior::Immediate)?;
+                f(&tx)?;
+                tx.commit()
+            })();
+            match r {
+                Err(e) if is_retryable(&e) && Instant::now() < deadline => {
+                    thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    pub fn integrity_ok(&self) -> rusqlite::Result<bool> {
+        let s: String = self.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+        Ok(s == "ok")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_dates() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso8601(1_795_629_393), "2026-11-25T17:56:33Z");
+        assert_eq!(iso8601(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn schema_and_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut db = Db::open(&path, Duration::from_secs(1)).unwrap();
+        let id = [1u8; 16];
+        db.apply(&[
+            Write::InsertClient { id, name: "alice".into() },
+            Write::SetPublicKey { id, der: vec![1, 2, 3] },
+            Write::FileVerified { id, name: "a".into(), path: "files/x/a".into(), size: 3, cksum: 7 },
+            Write::FileFailed { id, name: "a".into(), path: "files/x/a".into() },
+            Write::FileFailed { id, name: "b".into(), path: "files/x/b".into() },
+        ])
+        .unwrap();
+        let clients = db.load_clients().unwrap();
+        assert_eq!(clients, vec![ClientRecord { id, name: "alice".into(), public_key: Some(vec![1, 2, 3]) }]);
+        assert!(db.is_verified(&id, "a").unwrap(), "a failed attempt must not unverify a verified file");
+        assert!(!db.is_verified(&id, "b").unwrap());
+        assert!(db.apply(&[Write::InsertClient { id: [2; 16], name: "alice".into() }]).is_err());
+        drop(db);
+        let db = Db::open(&path, Duration::from_secs(1)).unwrap();
+        assert_eq!(db.load_clients().unwrap().len(), 1);
+        assert!(db.integrity_ok().unwrap());
+    }
+}

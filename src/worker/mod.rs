@@ -1,0 +1,606 @@
+//! The worker thread: the only code that touches the storage directory and
+//! the SQLite database.
+//!
+//! The event loop sends [`Job`]s (owning their buffers: packet bytes are
+//! moved, never copied) over a channel; the worker answers each with at most
+//! one [`Completion`] on another channel and wakes the loop through a
+//! `mio::Waker`. Jobs are taken in batches: packets are decrypted,
+//! checksummed and appended to temp files as they come, and every commit,
+//! registration and key change queued in the batch is made durable together:
+//! one intent transaction, renames, one fsync per touched directory, one
+//! database transaction (group commit).
+
+pub mod db;
+pub mod storage;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Write as _};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::crypto::{Cksum, StreamDecryptor, AES_KEY_LEN};
+use crate::protocol::{id_hex, ClientId, PACKET_HEADER_LEN};
+use db::{ClientRecord, Db, Intent, Write};
+use storage::{Publish, Storage};
+
+/// A connection as the worker names it: the slab key plus a serial number
+/// unique for the life of the process, so that a completion for a closed
+/// connection never reaches the next connection that reuses its slab key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnRef {
+    pub key: usize,
+    pub serial: u64,
+}
+
+/// Identifies one upload attempt (unique across restarts: seeded from the clock).
+pub type UploadId = u64;
+
+/// What the first packet of an upload brings: whose file it is and the
+/// session key to decrypt it with (kept in memory only).
+pub struct StartUpload {
+    pub client: ClientId,
+    pub key: [u8; AES_KEY_LEN],
+}
+
+/// One file packet, validated by the loop.
+pub struct PacketJob {
+    pub conn: ConnRef,
+    pub upload: UploadId,
+    /// The whole frame payload; the content starts at [`PACKET_HEADER_LEN`].
+    pub payload: Vec<u8>,
+    /// Set on packet 1.
+    pub start: Option<StartUpload>,
+    /// This packet begins a new CBC stream (packet 1, or a per-packet-encrypted packet).
+    pub new_segment: bool,
+    /// This packet ends a CBC stream whose plaintext must be exactly this long.
+    pub end_segment: Option<u64>,
+    /// The upload's last packet: fsync the temp file and report the cksum.
+    pub last: bool,
+}
+
+pub enum Job {
+    Register {
+        conn: ConnRef,
+        id: ClientId,
+        name: String,
+    },
+    SetKey {
+        conn: ConnRef,
+        id: ClientId,
+        der: Vec<u8>,
+    },
+    Touch {
+        id: ClientId,
+    },
+    Packet(PacketJob),
+    /// 1029: publish the staged file and record it as verified.
+    Commit {
+        conn: ConnRef,
+        upload: UploadId,
+        client: ClientId,
+        name: String,
+    },
+    /// Drop a staged or in-progress upload; with `failed`, record the abort (1031).
+    Discard {
+        upload: UploadId,
+        failed: Option<(ClientId, String)>,
+    },
+    Shutdown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PacketOutcome {
+    /// Stored; more packets expected.
+    Accepted,
+    /// The last packet is in and the file is staged (fsynced).
+    Received { cksum: u32, ciphertext_len: u64, plain_len: u64 },
+    /// The upload failed (decryption, size, disk); its temp file is gone.
+    /// Later packets of it are `Ignored`.
+    Failed(String),
+    /// The upload was already failed or discarded.
+    Ignored,
+}
+
+pub enum Completion {
+    Registered {
+        conn: ConnRef,
+        id: ClientId,
+        ok: bool,
+    },
+    KeySaved {
+        conn: ConnRef,
+        id: ClientId,
+        ok: bool,
+    },
+    /// Every packet job gets exactly one; `buffer` comes back for reuse and
+    /// its capacity is returned to the memory budget.
+    Packet {
+        conn: ConnRef,
+        upload: UploadId,
+        buffer: Vec<u8>,
+        last: bool,
+        outcome: PacketOutcome,
+    },
+    Committed {
+        conn: ConnRef,
+        upload: UploadId,
+        ok: bool,
+    },
+}
+
+/// Anything the loop wakes on; implemented by `mio::Waker`.
+pub trait Wake: Send + Sync {
+    fn wake(&self);
+}
+
+impl Wake for mio::Waker {
+    fn wake(&self) {
+        if let Err(e) = mio::Waker::wake(self) {
+            log::error!("worker: cannot wake the event loop: {e}");
+        }
+    }
+}
+
+struct Upload {
+    client: ClientId,
+    key: [u8; AES_KEY_LEN],
+    file: File,
+    temp: PathBuf,
+    dec: Option<StreamDecryptor>,
+    cksum: Cksum,
+    ciphertext: u64,
+    segment_start: u64,
+    received: Option<(u32, u64)>,
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        // Do not leave the session key in freed memory longer than needed.
+        self.key = [0; AES_KEY_LEN];
+    }
+}
+
+/// The worker's state. Built by [`Worker::open`] on the main thread (so a
+/// startup failure can end the process with a clear message), then moved
+/// into its thread by [`Worker::run`].
+pub struct Worker {
+    storage: Storage,
+    db: Db,
+    keep_versions: u32,
+    uploads: HashMap<UploadId, Upload>,
+}
+
+/// Startup report: what reconciliation fixed and the known clients.
+pub struct Opened {
+    pub worker: Worker,
+    pub clients: Vec<ClientRecord>,
+}
+
+fn stamp() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// A seed for upload ids that is unique across restarts.
+pub fn upload_id_seed() -> UploadId {
+    stamp()
+}
+
+/// A batch item whose database writes succeed or fail together, and what to
+/// report for it.
+enum Pending {
+    Register { conn: ConnRef, id: ClientId },
+    SetKey { conn: ConnRef, id: ClientId },
+    Silent,
+}
+
+struct Staged {
+    conn: ConnRef,
+    upload: UploadId,
+    client: ClientId,
+    name: String,
+    temp: PathBuf,
+    size: u64,
+    cksum: u32,
+    publish: Publish,
+}
+
+impl Worker {
+    /// Open storage and database, and reconcile them after a crash.
+    pub fn open(
+        data_dir: &std::path::Path,
+        db_path: &std::path::Path,
+        busy: std::time::Duration,
+        keep_versions: u32,
+    ) -> Result<Opened, String> {
+        let storage =
+            Storage::open(data_dir).map_err(|e| format!("data directory {}: {e}", data_dir.display()))?;
+        let db = Db::open(db_path, busy).map_err(|e| format!("database {}: {e}", db_path.display()))?;
+        let mut w = Worker { storage, db, keep_versions, uploads: HashMap::new() };
+        w.reconcile().map_err(|e| format!("reconciling {}: {e}", data_dir.display()))?;
+        let clients = w.db.load_clients().map_err(|e| format!("database {}: {e}", db_path.display()))?;
+        Ok(Opened { worker: w, clients })
+    }
+
+    /// Repair what a crash can leave behind. Each fix is logged.
+    fn reconcile(&mut self) -> Result<(), String> {
+        let n = self.storage.clear_tmp().map_err(|e| e.to_string())?;
+        if n > 0 {
+            log::info!("startup: removed {n} unfinished upload(s) left in tmp/");
+        }
+        let root = self.storage.root().to_path_buf();
+        // Publishes interrupted between their renames and their database commit.
+        let intents = self.db.intents().map_err(|e| e.to_string())?;
+        for i in &intents {
+            let p = Publish {
+                target: root.join(&i.target),
+                saved_previous: i.saved_previous.as_ref().map(|s| root.join(s)),
+            };
+            let verified_elsewhere = p.saved_previous.is_none() && self.verified_path(&i.target);
+            if !verified_elsewhere {
+                match p.undo() {
+                    Ok(()) => log::warn!("startup: undid unacknowledged publish of {}", i.target),
+                    Err(e) => log::error!("startup: cannot undo publish of {}: {e}", i.target),
+                }
+            }
+        }
+        if !intents.is_empty() {
+            let clear: Vec<Write> = intents.iter().map(|i| Write::ClearIntent { upload: i.upload }).collect();
+            self.db.apply(&clear).map_err(|e| e.to_string())?;
+        }
+        // Verified rows must have their file.
+        let rows = self.db.file_rows().map_err(|e| e.to_string())?;
+        for r in rows.iter().filter(|r| r.verified) {
+            if !root.join(&r.path).is_file() {
+                log::error!(
+                    "startup: verified file {} of client {} is missing; marked unverified",
+                    r.path,
+                    id_hex(&r.id)
+                );
+                self.db.mark_unverified(&r.id, &r.name).map_err(|e| e.to_string())?;
+            }
+        }
+        // Files must have a verified row.
+        let verified: std::collections::HashSet<&str> =
+            rows.iter().filter(|r| r.verified).map(|r| r.path.as_str()).collect();
+        let files_dir = self.storage.files_dir();
+        for client in std::fs::read_dir(&files_dir).map_err(|e| e.to_string())? {
+            let client = client.map_err(|e| e.to_string())?;
+            if !client.file_type().map_err(|e| e.to_string())?.is_dir() {
+                let dest =
+                    self.storage.move_to_orphans(&client.path(), stamp()).map_err(|e| e.to_string())?;
+                log::warn!("startup: moved stray {} to {}", client.path().display(), dest.display());
+                continue;
+            }
+            for f in std::fs::read_dir(client.path()).map_err(|e| e.to_string())? {
+                let f = f.map_err(|e| e.to_string())?;
+                let rel = format!(
+                    "files/{}/{}",
+                    client.file_name().to_string_lossy(),
+                    f.file_name().to_string_lossy()
+                );
+                if !verified.contains(rel.as_str()) {
+                    let dest = self.storage.move_to_orphans(&f.path(), stamp()).map_err(|e| e.to_string())?;
+                    log::warn!("startup: {rel} has no verified database row; moved to {}", dest.display());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn verified_path(&self, rel: &str) -> bool {
+        self.db.file_rows().map(|rows| rows.iter().any(|r| r.verified && r.path == rel)).unwrap_or(false)
+    }
+
+    /// Serve jobs until `Shutdown` or until the loop hangs up.
+    pub fn run(mut self, jobs: Receiver<Job>, done: Sender<Completion>, waker: Arc<dyn Wake>) {
+        let mut batch: Vec<Job> = Vec::new();
+        loop {
+            match jobs.recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+            while batch.len() < 512 {
+                match jobs.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            let stop = self.handle_batch(&mut batch, &done, &*waker);
+            if stop {
+                break;
+            }
+        }
+        // Anything still staged was never confirmed: remove it.
+        for (_, u) in self.uploads.drain() {
+            let _ = std::fs::remove_file(&u.temp);
+        }
+        log::debug!("worker: stopped");
+    }
+
+    fn handle_batch(&mut self, batch: &mut Vec<Job>, done: &Sender<Completion>, waker: &dyn Wake) -> bool {
+        let mut stop = false;
+        let mut writes: Vec<(Pending, Vec<Write>)> = Vec::new();
+        let mut commits: Vec<(ConnRef, UploadId, ClientId, String)> = Vec::new();
+        let mut sent = false;
+        for job in batch.drain(..) {
+            match job {
+                Job::Packet(p) => {
+                    let c = self.packet(p);
+                    let _ = done.send(c);
+                    sent = true;
+                }
+                Job::Register { conn, id, name } => {
+                    writes.push((Pending::Register { conn, id }, vec![Write::InsertClient { id, name }]))
+                }
+                Job::SetKey { conn, id, der } => {
+                    writes.push((Pending::SetKey { conn, id }, vec![Write::SetPublicKey { id, der }]))
+                }
+                Job::Touch { id } => writes.push((Pending::Silent, vec![Write::Touch { id }])),
+                Job::Commit { conn, upload, client, name } => commits.push((conn, upload, client, name)),
+                Job::Discard { upload, failed } => {
+                    if let Some(u) = self.uploads.remove(&upload) {
+                        if let Err(e) = std::fs::remove_file(&u.temp) {
+                            log::warn!("worker: cannot remove {}: {e}", u.temp.display());
+                        }
+                    }
+                    if let Some((id, name)) = failed {
+                        let path = Storage::relative_path(&id, &name);
+                        writes.push((Pending::Silent, vec![Write::FileFailed { id, name, path }]));
+                    }
+                }
+                Job::Shutdown => stop = true,
+            }
+        }
+        if sent {
+            waker.wake();
+        }
+        if writes.is_empty() && commits.is_empty() {
+            return stop;
+        }
+        let mut out = Vec::new();
+        self.group_commit(commits, writes, &mut out);
+        for c in out {
+            let _ = done.send(c);
+        }
+        waker.wake();
+        stop
+    }
+
+    /// Decrypt, checksum and append one packet.
+    fn packet(&mut self, mut p: PacketJob) -> Completion {
+        let (conn, upload, last) = (p.conn, p.upload, p.last);
+        let outcome = match self.packet_inner(&mut p) {
+            Ok(o) => o,
+            Err(reason) => {
+                if let Some(u) = self.uploads.remove(&upload) {
+                    let _ = std::fs::remove_file(&u.temp);
+                }
+                PacketOutcome::Failed(reason)
+            }
+        };
+        Completion::Packet { conn, upload, buffer: p.payload, last, outcome }
+    }
+
+    fn packet_inner(&mut self, p: &mut PacketJob) -> Result<PacketOutcome, String> {
+        if let Some(start) = p.start.take() {
+            let file =
+                self.storage.create_temp(p.upload).map_err(|e| format!("cannot create temp file: {e}"))?;
+            let temp = self.storage.temp_path(p.upload);
+            self.uploads.insert(
+                p.upload,
+                Upload {
+                    client: start.client,
+                    key: start.key,
+                    file,
+                    temp,
+                    dec: None,
+                    cksum: Cksum::new(),
+                    ciphertext: 0,
+                    segment_start: 0,
+                    received: None,
+                },
+            );
+        }
+        let Some(u) = self.uploads.get_mut(&p.upload) else {
+            return Ok(PacketOutcome::Ignored);
+        };
+        if u.received.is_some() {
+            return Err("packet after the last one".into());
+        }
+        if p.new_segment {
+            u.dec = Some(StreamDecryptor::new(&u.key));
+            u.segment_start = u.cksum.len();
+        }
+        let content = p.payload.get_mut(PACKET_HEADER_LEN..).unwrap_or(&mut []);
+        u.ciphertext += content.len() as u64;
+        let Upload { file, cksum, dec, .. } = u;
+        let dec = dec.as_mut().ok_or("packet outside a CBC stream")?;
+        let mut err: Option<io::Error> = None;
+        let mut sink = |pt: &[u8]| {
+            if err.is_none() {
+                cksum.update(pt);
+                if let Err(e) = file.write_all(pt) {
+                    err = Some(e);
+                }
+            }
+        };
+        dec.update(content, &mut sink);
+        if let Some(expected) = p.end_segment {
+            let d = u.dec.take().ok_or("no CBC stream to finish")?;
+            let Upload { file, cksum, .. } = u;
+            let mut sink = |pt: &[u8]| {
+                if err.is_none() {
+                    cksum.update(pt);
+                    if let Err(e) = file.write_all(pt) {
+                        err = Some(e);
+                    }
+                }
+            };
+            d.finish(&mut sink).map_err(|_| "decryption failed".to_string())?;
+            if u.cksum.len() - u.segment_start != expected {
+                return Err("decryption failed".into());
+            }
+        }
+        if let Some(e) = err {
+            return Err(format!("cannot write temp file: {e}"));
+        }
+        if !p.last {
+            return Ok(PacketOutcome::Accepted);
+        }
+        if u.dec.is_some() {
+            return Err("upload ended inside a CBC stream".into());
+        }
+        u.file.sync_all().map_err(|e| format!("cannot sync temp file: {e}"))?;
+        let plain_len = u.cksum.len();
+        let sum = std::mem::take(&mut u.cksum).finalize();
+        u.received = Some((sum, plain_len));
+        Ok(PacketOutcome::Received { cksum: sum, ciphertext_len: u.ciphertext, plain_len })
+    }
+
+    /// Make a batch durable: publish intents, renames, directory fsyncs, one
+    /// database transaction; then report each item.
+    fn group_commit(
+        &mut self,
+        commits: Vec<(ConnRef, UploadId, ClientId, String)>,
+        mut writes: Vec<(Pending, Vec<Write>)>,
+        out: &mut Vec<Completion>,
+    ) {
+        let mut staged: Vec<Staged> = Vec::new();
+        let mut deferred = Vec::new();
+        let base = stamp();
+        for (i, (conn, upload, client, name)) in commits.into_iter().enumerate() {
+            // Two commits of the same file in one batch: publish the later one in the next round.
+            if staged.iter().any(|s| s.client == client && s.name == name) {
+                deferred.push((conn, upload, client, name));
+                continue;
+            }
+            let ok_upload = match self.uploads.get(&upload) {
+                Some(u) if u.client == client => u.received.map(|r| (u.temp.clone(), r)),
+                _ => None,
+            };
+            let Some((temp, (cksum, size))) = ok_upload else {
+                log::warn!("worker: commit of {name:?} for an upload that is not staged");
+                out.push(Completion::Committed { conn, upload, ok: false });
+                continue;
+            };
+            self.uploads.remove(&upload);
+            let publish = self.storage.plan_publish(&client, &name, self.keep_versions, base + i as u64);
+            staged.push(Staged { conn, upload, client, name, temp, size, cksum, publish });
+        }
+
+        if !staged.is_empty() {
+            let root = self.storage.root().to_path_buf();
+            let rel = |p: &PathBuf| p.strip_prefix(&root).unwrap_or(p).to_string_lossy().into_owned();
+            let intents: Vec<Intent> = staged
+                .iter()
+                .map(|s| Intent {
+                    upload: s.upload,
+                    target: rel(&s.publish.target),
+                    saved_previous: s.publish.saved_previous.as_ref().map(rel),
+                })
+                .collect();
+            if let Err(e) = self.db.add_intents(&intents) {
+                log::error!("worker: database error recording {} publish(es): {e}", staged.len());
+                for s in staged.drain(..) {
+                    let _ = std::fs::remove_file(&s.temp);
+                    out.push(Completion::Committed { conn: s.conn, upload: s.upload, ok: false });
+                }
+            }
+        }
+        let mut dirty = Vec::new();
+        let mut published = Vec::new();
+        for s in staged {
+            match self.storage.publish(&s.temp, &s.publish, &mut dirty) {
+                Ok(()) => published.push(s),
+                Err(e) => {
+                    log::error!("worker: cannot publish {} of client {}: {e}", s.name, id_hex(&s.client));
+                    if let Err(e) = s.publish.undo() {
+                        log::error!("worker: cannot undo publish of {}: {e}", s.publish.target.display());
+                    }
+                    let _ = std::fs::remove_file(&s.temp);
+                    writes.push((Pending::Silent, vec![Write::ClearIntent { upload: s.upload }]));
+                    out.push(Completion::Committed { conn: s.conn, upload: s.upload, ok: false });
+                }
+            }
+        }
+        let mut sync_failed = false;
+        for d in &dirty {
+            if let Err(e) = storage::sync_dir(d) {
+                log::error!("worker: cannot fsync {}: {e}", d.display());
+                sync_failed = true;
+            }
+        }
+        // Everything in one transaction; the publish rows go first.
+        let mut all: Vec<Write> = Vec::new();
+        for s in &published {
+            all.push(Write::FileVerified {
+                id: s.client,
+                name: s.name.clone(),
+                path: Storage::relative_path(&s.client, &s.name),
+                size: s.size,
+                cksum: s.cksum,
+            });
+            all.push(Write::ClearIntent { upload: s.upload });
+        }
+        let files_ok = !sync_failed && (published.is_empty() || self.db.apply(&all).is_ok());
+        let others_ok = if files_ok {
+            let rest: Vec<Write> = writes.iter().flat_map(|(_, w)| w.iter().cloned()).collect();
+            self.db.apply(&rest).is_ok()
+        } else {
+            false
+        };
+        if !files_ok {
+            self.unpublish(&published, &dirty);
+        }
+        for s in published {
+            if files_ok {
+                log::info!(
+                    "stored {} for client {} ({} bytes, cksum {})",
+                    s.name,
+                    id_hex(&s.client),
+                    s.size,
+                    s.cksum
+                );
+                let keep = self.keep_versions as usize;
+                if let Err(e) = self.storage.prune_versions(&s.client, &s.name, keep) {
+                    log::warn!("worker: cannot prune old versions of {}: {e}", s.name);
+                }
+            }
+            out.push(Completion::Committed { conn: s.conn, upload: s.upload, ok: files_ok });
+        }
+        // Items whose writes did not go in with the batch get one transaction each,
+        // so one bad item cannot fail the others.
+        for (pending, w) in writes.drain(..) {
+            let ok = others_ok
+                || self.db.apply(&w).map_err(|e| log::error!("worker: database write failed: {e}")).is_ok();
+            match pending {
+                Pending::Register { conn, id } => out.push(Completion::Registered { conn, id, ok }),
+                Pending::SetKey { conn, id } => out.push(Completion::KeySaved { conn, id, ok }),
+                Pending::Silent => {}
+            }
+        }
+        if !deferred.is_empty() {
+            self.group_commit(deferred, Vec::new(), out);
+        }
+    }
+
+    /// The database refused a batch of publishes: put every target back as it was.
+    fn unpublish(&mut self, published: &[Staged], dirty: &[PathBuf]) {
+        log::error!("worker: database commit failed; undoing {} publish(es)", published.len());
+        for s in published.iter().rev() {
+            if let Err(e) = s.publish.undo() {
+                log::error!("worker: cannot undo publish of {}: {e}", s.publish.target.display());
+            }
+        }
+        for d in dirty {
+            let _ = storage::sync_dir(d);
+        }
+        let clear: Vec<Write> = published.iter().map(|s| Write::ClearIntent { upload: s.upload }).collect();
+        if let Err(e) = self.db.apply(&clear) {
+            log::warn!("worker: cannot clear publish intents ({e}); the next start will check them");
+        }
+    }
+}
