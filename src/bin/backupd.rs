@@ -33,6 +33,12 @@ fn init_logging(cfg: &Config) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cfg = Config::parse();
+    // A file-size limit (RLIMIT_FSIZE) must fail the write with EFBIG, which
+    // the worker turns into a 1607 for that upload, not kill the server.
+    // SAFETY: setting a signal disposition to SIG_IGN before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     if let Err(e) = init_logging(&cfg) {
         eprintln!("backupd: {e}");
         return ExitCode::FAILURE;
