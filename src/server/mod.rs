@@ -15,6 +15,8 @@
 pub mod connection;
 mod session;
 
+pub use session::{plan_packet, PacketStep};
+
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;

@@ -572,14 +572,14 @@ fn valid_client_name(n: &str) -> bool {
 
 /// What the worker must do with a packet's CBC streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct PacketStep {
+pub struct PacketStep {
     pub new_segment: bool,
     pub end_segment: Option<u64>,
 }
 
 /// Check one packet against the upload's sizes and decide its CBC steps.
 /// See docs/PROTOCOL.md ("How backupd reads file packets") for the rules.
-pub(crate) fn plan_packet(
+pub fn plan_packet(
     r: &mut Receiving,
     ph: &crate::protocol::PacketHeader,
     content_len: u64,
