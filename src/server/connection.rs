@@ -147,8 +147,9 @@ pub struct Connection {
     /// The socket may have unread bytes (edge-triggered readiness).
     pub readable: bool,
     pub last_activity: Instant,
-    /// Close once the output is flushed.
+    /// Close once the output is flushed (and the peer has closed, or after a grace period).
     pub closing: Option<Instant>,
+    write_shut: bool,
     pub session: Option<Session>,
     /// The client named by the last request that carried a known id (for log lines).
     pub client_label: Option<String>,
@@ -188,6 +189,7 @@ impl Connection {
             readable: true,
             last_activity: now,
             closing: None,
+            write_shut: false,
             session: None,
             client_label: None,
             upload: Upload::Idle,
@@ -314,6 +316,30 @@ impl Connection {
                 self.read = other;
                 ReadOutcome::WouldBlock
             }
+        }
+    }
+
+    /// Read and drop whatever the peer sends (a connection being closed).
+    /// Returns true once the peer has closed its side or the socket failed.
+    pub fn discard_input(&mut self) -> bool {
+        let mut sink = [0u8; 4096];
+        for _ in 0..256 {
+            match self.socket.read(&mut sink) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return true,
+            }
+        }
+        false
+    }
+
+    /// Send FIN after the last reply (once).
+    pub fn shut_write(&mut self) {
+        if !self.write_shut {
+            self.write_shut = true;
+            let _ = self.socket.shutdown(std::net::Shutdown::Write);
         }
     }
 

@@ -420,8 +420,15 @@ impl Server {
                 return;
             }
             if c.closing.is_some() {
+                // Lingering close: the last reply goes out, then FIN; input is
+                // read and dropped meanwhile so that the close does not turn
+                // into a reset that could destroy the reply in flight.
+                let peer_done = c.discard_input();
                 if c.pending_output() == 0 {
-                    self.close(key, serial, None);
+                    c.shut_write();
+                    if peer_done {
+                        self.close(key, serial, None);
+                    }
                 }
                 return;
             }
@@ -449,6 +456,8 @@ impl Server {
                 let payload = self.take_buffer(size);
                 let Some(c) = self.conns.get_mut(key) else { return };
                 c.reserved = size;
+                // The payload deadline counts from now, not from a wait for budget.
+                c.header_started = Some(now);
                 c.read = ReadState::AwaitPayload(connection::Frame { header, code, payload, filled: 0 });
             }
             let Some(c) = self.conns.get_mut(key) else { return };
@@ -503,10 +512,7 @@ impl Server {
         crate::protocol::Response::GeneralError.encode(&mut c.out);
         c.closing = Some(Instant::now());
         let serial = c.serial;
-        let _ = c.flush(Instant::now());
-        if c.pending_output() == 0 {
-            self.close(key, serial, None);
-        }
+        self.drive(key, serial);
     }
 
     fn wake_budget_waiters(&mut self) {
@@ -544,7 +550,7 @@ impl Server {
         for (key, c) in self.conns.iter() {
             if let Some(t) = c.closing {
                 if now.duration_since(t) > CLOSE_GRACE {
-                    to_close.push((key, c.serial, "did not take its last reply".into()));
+                    to_close.push((key, c.serial, "closing connection timed out".into()));
                 }
                 continue;
             }
