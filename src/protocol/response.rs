@@ -6,6 +6,9 @@ use super::header::{ResponseCode, ResponseHeader, RESPONSE_HEADER_LEN};
 use super::{ClientId, CLIENT_ID_LEN, NAME_FIELD_LEN, VERSION};
 
 /// A response to send. Encoding appends to the connection's write buffer.
+/// (`FileReceived` carries the 255-byte name field inline: responses are
+/// short-lived values, so the size difference between variants is harmless.)
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
     RegistrationOk { id: ClientId },

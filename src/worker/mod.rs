@@ -301,11 +301,8 @@ impl Worker {
     /// Serve jobs until `Shutdown` or until the loop hangs up.
     pub fn run(mut self, jobs: Receiver<Job>, done: Sender<Completion>, waker: Arc<dyn Wake>) {
         let mut batch: Vec<Job> = Vec::new();
-        loop {
-            match jobs.recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
-            }
+        while let Ok(j) = jobs.recv() {
+            batch.push(j);
             while batch.len() < 512 {
                 match jobs.try_recv() {
                     Ok(j) => batch.push(j),
