@@ -418,7 +418,6 @@ impl Worker {
         let content = p.payload.get_mut(PACKET_HEADER_LEN..).unwrap_or(&mut []);
         u.ciphertext += content.len() as u64;
         let Upload { file, cksum, dec, .. } = u;
-        let dec = dec.as_mut().ok_or("packet outside a CBC stream")?;
         let mut err: Option<io::Error> = None;
         let mut sink = |pt: &[u8]| {
             if err.is_none() {
@@ -428,7 +427,12 @@ impl Worker {
                 }
             }
         };
-        dec.update(content, &mut sink);
+        match dec.as_mut() {
+            Some(dec) => dec.update(content, &mut sink),
+            // The empty last packet of convention 2 follows the completed stream.
+            None if content.is_empty() => {}
+            None => return Err("packet outside a CBC stream".into()),
+        }
         if let Some(expected) = p.end_segment {
             let d = u.dec.take().ok_or("no CBC stream to finish")?;
             let Upload { file, cksum, .. } = u;
