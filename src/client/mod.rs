@@ -25,6 +25,9 @@
 // response unboxed makes matching on it in tests simple.
 #![allow(clippy::result_large_err, clippy::large_enum_variant)]
 
+pub mod cli;
+pub mod identity;
+
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};

@@ -1,0 +1,878 @@
+//! The `backup-client` command line: argument parsing, identity handling,
+//! the per-file retry policy, progress and the summary output.
+//!
+//! Policy, in one place:
+//!
+//! * Session (once per connection): reconnect (1027) with `me.info`, or
+//!   register (1025) + send a fresh key (1026) and then save `me.info`
+//!   atomically. 1601 and 1606 end the run (exit 2) with a clear message.
+//! * Each file: [`Client::send_file`] (three cksum attempts, then 1031). On
+//!   1607, a network failure or a malformed reply, the file is retried up to
+//!   `--retries` more times (default 2) with a short backoff, on a new
+//!   connection when the old one is out of step; then it is reported failed
+//!   and the next file goes on. If a new connection cannot be set up at all
+//!   (server down), the remaining files are reported failed at once.
+//! * Every file gets exactly one summary line (or JSON object) on stdout.
+//!   The exit code is the largest of the files' codes.
+
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::io::{self, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rsa::RsaPrivateKey;
+
+use super::identity::{self, Identity};
+use super::{Client, ClientError, ClientOptions, ContentSizeField, PacketPlan, SendOutcome, UploadOptions};
+use crate::crypto::OaepHash;
+use crate::protocol::{id_hex, Response};
+
+/// Every file was verified.
+pub const EXIT_OK: i32 = 0;
+/// Usage or local error (bad arguments, missing file, bad me.info, file changed while read).
+pub const EXIT_LOCAL: i32 = 1;
+/// Refused by the server (name taken, reconnect denied, 1607 after retries, malformed reply).
+pub const EXIT_REFUSED: i32 = 2;
+/// The cksum was still wrong after three attempts.
+pub const EXIT_CKSUM: i32 = 3;
+/// Network failure or timeout.
+pub const EXIT_NETWORK: i32 = 4;
+
+const AFTER_HELP: &str = "\
+Modes:
+  backup-client send FILE... --server HOST:PORT --name NAME [--identity PATH]
+      Upload the files over one connection (each stored under its base name).
+  backup-client [OPTIONS]
+      With no subcommand, do what existing clients of protocol v3 do: read
+      ./transfer.info (line 1 host:port, line 2 user name, line 3 the file to
+      send, further lines more files) and keep the identity in ./me.info.
+
+Identity (me.info: name, 32-hex id, base64 of the RSA private key's DER):
+  Without me.info the client registers (1025), sends a new RSA key (1026) and
+  saves me.info (mode 0600, written atomically). With it, it reconnects (1027).
+
+Exit codes:
+  0  every file was verified by the server
+  1  usage or local error (bad arguments, missing file, bad me.info,
+     file changed while being read)
+  2  refused by the server (name taken, reconnect denied, 1607 after retries,
+     malformed reply)
+  3  cksum still wrong after three attempts (the upload was aborted with 1031)
+  4  network failure or timeout
+  When files fail for different reasons, the largest code is returned.";
+
+/// Command-line arguments.
+#[derive(Parser, Debug)]
+#[command(
+    name = "backup-client",
+    version,
+    about = "Send encrypted backups to a protocol-v3 server (backupd or any other)",
+    after_help = AFTER_HELP
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub opts: CommonOpts,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Upload one or more files over one connection
+    Send(SendArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SendArgs {
+    /// Files to upload; each is stored under its base name
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Server address
+    #[arg(long, value_name = "HOST:PORT", env = "BACKUP_SERVER")]
+    pub server: String,
+    /// User name to register or reconnect as (must match me.info's, unless --register)
+    #[arg(long, env = "BACKUP_NAME")]
+    pub name: String,
+}
+
+/// How file packets are cut and labelled (see PROTOCOL.md).
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Convention {
+    /// Whole-file ciphertext in pieces; content_size = this packet's length
+    ThisPacket,
+    /// Whole-file ciphertext in pieces; content_size = whole ciphertext length
+    WholeFile,
+    /// Each plaintext chunk encrypted separately
+    PerChunk,
+}
+
+#[derive(Args, Debug)]
+pub struct CommonOpts {
+    /// Identity file
+    #[arg(long, global = true, value_name = "PATH", default_value = "me.info")]
+    pub identity: PathBuf,
+    /// Register afresh even if the identity file exists; it is replaced only once registration succeeded
+    #[arg(long, global = true)]
+    pub register: bool,
+    /// RSA key size for a new registration (servers in the field may expect exactly 1024)
+    #[arg(long, global = true, value_name = "BITS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=4096))]
+    pub key_bits: u32,
+    /// Content bytes per file packet (suffixes K, KiB, M, MiB, G, GiB: binary multiples)
+    #[arg(long, global = true, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
+    pub packet_size: usize,
+    /// Send each file as one packet, for servers that only take one (streamed, not held in memory)
+    #[arg(long, global = true)]
+    pub single_packet: bool,
+    /// Packet convention
+    #[arg(long, global = true, value_enum, default_value = "this-packet")]
+    pub packet_convention: Convention,
+    /// RSA-OAEP hash the server uses for the session key (sha1 or sha256; the other is tried if it fails)
+    #[arg(long, global = true, value_name = "HASH", default_value = "sha1")]
+    pub oaep_hash: OaepHash,
+    /// Wait for the server's 1604 after 1030 (a stray 1604 is tolerated anyway)
+    #[arg(long, global = true)]
+    pub ack_retry: bool,
+    /// TCP connect timeout (e.g. 10s, 500ms; a bare number is seconds)
+    #[arg(long, global = true, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Timeout of each socket read and write (0 = none)
+    #[arg(long, global = true, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub read_timeout: Duration,
+    /// Extra attempts of a file after 1607, a dropped connection or a timeout
+    #[arg(long, global = true, value_name = "N", default_value_t = 2)]
+    pub retries: u32,
+    /// Print one JSON object per file on stdout instead of the summary lines
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress bar and no informational messages on stderr
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+}
+
+/// Parse a byte size: a number with an optional binary-multiple suffix.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 4096, 64KiB, 1MiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("unknown size unit in {s:?} (use K, KiB, M, MiB, G or GiB)")),
+    };
+    let v = n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))?;
+    if v == 0 {
+        return Err("the size must be at least 1 byte".into());
+    }
+    usize::try_from(v).map_err(|_| format!("{s:?} is too large"))
+}
+
+/// Parse a duration: `10`, `10s`, `500ms`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 10s, 500ms, 2m)"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" => n * 60.0,
+        _ => return Err(format!("unknown duration unit in {s:?} (use ms, s or m)")),
+    };
+    if !secs.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&secs) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+// ---------------------------------------------------------------------------
+// Failures and reports
+// ---------------------------------------------------------------------------
+
+/// Why a file was not verified.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub code: i32,
+    /// Short machine-readable kind for `--json`.
+    pub status: &'static str,
+    pub message: String,
+}
+
+impl Failure {
+    fn local(message: impl Into<String>) -> Failure {
+        Failure { code: EXIT_LOCAL, status: "local_error", message: message.into() }
+    }
+}
+
+/// How an error from the client library is handled.
+enum Disposition {
+    /// 1607, network failure, malformed reply: retry the file.
+    Retry(Failure),
+    /// Give up on this file.
+    Fail(Failure),
+}
+
+fn classify(e: &ClientError) -> Disposition {
+    let msg = e.to_string();
+    match e {
+        ClientError::Io(_) => Disposition::Retry(Failure {
+            code: EXIT_NETWORK,
+            status: if e.is_timeout() { "timeout" } else { "network_error" },
+            message: msg,
+        }),
+        ClientError::Refused(Response::GeneralError) => {
+            Disposition::Retry(Failure { code: EXIT_REFUSED, status: "server_error", message: msg })
+        }
+        ClientError::Protocol(_) => {
+            Disposition::Retry(Failure { code: EXIT_REFUSED, status: "protocol_error", message: msg })
+        }
+        ClientError::Refused(_) => {
+            Disposition::Fail(Failure { code: EXIT_REFUSED, status: "refused", message: msg })
+        }
+        ClientError::Crypto(_) => {
+            Disposition::Fail(Failure { code: EXIT_REFUSED, status: "crypto_error", message: msg })
+        }
+        ClientError::Local(_) => Disposition::Fail(Failure::local(msg)),
+        ClientError::FileChanged { .. } => {
+            Disposition::Fail(Failure { code: EXIT_LOCAL, status: "file_changed", message: msg })
+        }
+    }
+}
+
+/// The outcome of one file, as printed.
+#[derive(Debug, Clone)]
+pub struct FileReport {
+    pub path: PathBuf,
+    pub name: String,
+    pub size: Option<u64>,
+    pub cksum: Option<u32>,
+    pub server_cksum: Option<u32>,
+    pub attempts: u32,
+    pub elapsed: Duration,
+    pub result: Result<(), Failure>,
+}
+
+impl FileReport {
+    pub fn code(&self) -> i32 {
+        match &self.result {
+            Ok(()) => EXIT_OK,
+            Err(f) => f.code,
+        }
+    }
+
+    fn mb_per_s(&self) -> Option<f64> {
+        let secs = self.elapsed.as_secs_f64();
+        match (self.result.is_ok(), self.size) {
+            (true, Some(size)) if secs > 0.0 => Some(size as f64 / secs / 1e6),
+            _ => None,
+        }
+    }
+
+    /// The human summary line.
+    pub fn line(&self) -> String {
+        let mut s = format!("{}:", self.path.display());
+        if let (None, Err(f)) = (self.size, &self.result) {
+            let _ = write!(s, " NOT sent: {}", f.message);
+            return s;
+        }
+        match self.size {
+            Some(n) => {
+                let _ = write!(s, " {n} bytes,");
+            }
+            None => s.push_str(" - bytes,"),
+        }
+        match (self.cksum, self.server_cksum) {
+            (Some(c), Some(sc)) if c != sc => {
+                let _ = write!(s, " cksum {c} (server: {sc}),");
+            }
+            (Some(c), _) => {
+                let _ = write!(s, " cksum {c},");
+            }
+            (None, _) => s.push_str(" cksum -,"),
+        }
+        match &self.result {
+            Ok(()) if self.attempts > 1 => {
+                let _ = write!(s, " verified (attempt {}),", self.attempts);
+            }
+            Ok(()) => s.push_str(" verified,"),
+            Err(f) => {
+                let _ = write!(s, " NOT verified: {},", f.message);
+            }
+        }
+        let _ = write!(s, " {:.2} s", self.elapsed.as_secs_f64());
+        if let Some(r) = self.mb_per_s() {
+            let _ = write!(s, ", {r:.1} MB/s");
+        }
+        s
+    }
+
+    /// The `--json` object (one line).
+    pub fn json(&self) -> String {
+        fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+            v.map(|v| v.to_string()).unwrap_or_else(|| "null".into())
+        }
+        let (status, error) = match &self.result {
+            Ok(()) => ("verified", "null".to_string()),
+            Err(f) => (f.status, json_str(&f.message)),
+        };
+        format!(
+            "{{\"file\":{},\"name\":{},\"size\":{},\"cksum\":{},\"server_cksum\":{},\"verified\":{},\
+             \"status\":{},\"attempts\":{},\"error\":{},\"seconds\":{:.3},\"mb_per_s\":{},\"exit_code\":{}}}",
+            json_str(&self.path.to_string_lossy()),
+            json_str(&self.name),
+            opt(self.size),
+            opt(self.cksum),
+            opt(self.server_cksum),
+            self.result.is_ok(),
+            json_str(status),
+            self.attempts,
+            error,
+            self.elapsed.as_secs_f64(),
+            opt(self.mb_per_s().map(|r| format!("{r:.3}"))),
+            self.code(),
+        )
+    }
+}
+
+/// A JSON string literal with every character that needs it escaped.
+pub fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' || c == '\u{2028}' || c == '\u{2029}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+// ---------------------------------------------------------------------------
+// The run
+// ---------------------------------------------------------------------------
+
+/// What to do, from the arguments or transfer.info.
+struct Job {
+    server: String,
+    name: String,
+    files: Vec<PathBuf>,
+    /// Legacy mode: me.info's name wins over transfer.info's.
+    legacy: bool,
+}
+
+struct Ui {
+    json: bool,
+    quiet: bool,
+    progress: bool,
+}
+
+impl Ui {
+    fn info(&self, msg: &str) {
+        if !self.quiet {
+            let _ = writeln!(io::stderr(), "backup-client: {msg}");
+        }
+    }
+
+    fn error(&self, msg: &str) {
+        let _ = writeln!(io::stderr(), "backup-client: error: {msg}");
+    }
+
+    fn report(&self, r: &FileReport) {
+        let text = if self.json { r.json() } else { r.line() };
+        let mut out = io::stdout().lock();
+        let _ = writeln!(out, "{text}");
+        let _ = out.flush();
+    }
+}
+
+/// A session-level failure: it ends the run for all remaining files.
+struct Fatal(Failure);
+
+/// Connection + identity state across files.
+struct Session {
+    server: String,
+    name: String,
+    identity_path: PathBuf,
+    identity: Option<Identity>,
+    /// Key generated for a registration not completed yet (kept across retries).
+    new_key: Option<RsaPrivateKey>,
+    key_bits: u32,
+    client_opts: ClientOptions,
+    client: Option<Client>,
+}
+
+impl Session {
+    /// A usable, keyed connection; sets one up if needed.
+    fn ensure(&mut self, ui: &Ui) -> Result<&mut Client, ClientError> {
+        let usable = self.client.as_ref().is_some_and(|c| c.is_in_step() && c.aes_key().is_some());
+        if !usable {
+            self.client = None;
+            let client = self.setup(ui)?;
+            self.client = Some(client);
+        }
+        Ok(self.client.as_mut().expect("client set above"))
+    }
+
+    fn setup(&mut self, ui: &Ui) -> Result<Client, ClientError> {
+        if self.identity.is_none() && self.new_key.is_none() {
+            ui.info(&format!("generating a {}-bit RSA key", self.key_bits));
+            let key = RsaPrivateKey::new(&mut rand::rngs::OsRng, self.key_bits as usize)
+                .map_err(|e| ClientError::Crypto(format!("RSA key generation failed: {e}")))?;
+            self.new_key = Some(key);
+        }
+        let mut client = Client::connect(self.server.as_str(), &self.client_opts)?;
+        if let Some(ident) = &self.identity {
+            client.reconnect(ident.id, &ident.name, &ident.key)?;
+            ui.info(&format!("reconnected as {} (id {})", ident.name, id_hex(&ident.id)));
+            return Ok(client);
+        }
+        let id = client.register(&self.name)?;
+        let key = self.new_key.as_ref().expect("key generated above");
+        client.send_public_key(&self.name, key)?;
+        let ident = Identity { name: self.name.clone(), id, key: key.clone() };
+        match identity::save_identity(&self.identity_path, &ident) {
+            Ok(()) => ui.info(&format!(
+                "registered as {} (id {}); identity saved to {}",
+                ident.name,
+                id_hex(&id),
+                self.identity_path.display()
+            )),
+            Err(e) => ui.error(&format!(
+                "registered as {} (id {}) but could not save {}: {e}; this identity will be lost",
+                ident.name,
+                id_hex(&id),
+                self.identity_path.display()
+            )),
+        }
+        self.identity = Some(ident);
+        self.new_key = None;
+        Ok(client)
+    }
+}
+
+/// Run the command line of this process; returns the exit code.
+pub fn main() -> i32 {
+    main_with_args(std::env::args_os())
+}
+
+/// Run with explicit arguments (the first is the program name).
+pub fn main_with_args<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.exit_code() == 0 { EXIT_OK } else { EXIT_LOCAL };
+        }
+    };
+    run(cli)
+}
+
+fn job_from(cli: &Cli, ui: &Ui) -> Result<Job, String> {
+    match &cli.command {
+        Some(Command::Send(a)) => {
+            Ok(Job { server: a.server.clone(), name: a.name.clone(), files: a.files.clone(), legacy: false })
+        }
+        None => {
+            let path = Path::new("transfer.info");
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err("no transfer.info in the current directory; use \
+                                `backup-client send FILE... --server HOST:PORT --name NAME` (see --help)"
+                        .into())
+                }
+                Err(e) => return Err(format!("cannot read transfer.info: {e}")),
+            };
+            let t = identity::parse_transfer_info(&text).map_err(|e| format!("transfer.info: {e}"))?;
+            ui.info(&format!(
+                "transfer.info: sending {} file(s) to {} as {}",
+                t.files.len(),
+                t.server,
+                t.name
+            ));
+            Ok(Job { server: t.server, name: t.name, files: t.files, legacy: true })
+        }
+    }
+}
+
+fn check_server(s: &str) -> Result<(), String> {
+    let ok = s.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("server address {s:?} is not HOST:PORT"))
+    }
+}
+
+/// The whole run; returns the exit code.
+pub fn run(cli: Cli) -> i32 {
+    let o = &cli.opts;
+    let ui = Ui { json: o.json, quiet: o.quiet, progress: !o.quiet && io::stderr().is_terminal() };
+    let job = match job_from(&cli, &ui) {
+        Ok(j) => j,
+        Err(e) => {
+            ui.error(&e);
+            return EXIT_LOCAL;
+        }
+    };
+    let mut reports: Vec<FileReport> = Vec::new();
+    // Everything that ends the run before any upload: every file is reported with it.
+    let fail_all = |f: Failure, reports: &mut Vec<FileReport>| {
+        ui.error(&f.message);
+        for p in &job.files {
+            let r = not_sent(p, f.clone());
+            ui.report(&r);
+            reports.push(r);
+        }
+    };
+    let pre = (|| -> Result<(Option<Identity>, String), Failure> {
+        check_server(&job.server).map_err(Failure::local)?;
+        let mut name = job.name.clone();
+        super::name_field(&name).map_err(|e| Failure::local(format!("user name: {e}")))?;
+        let mut ident = None;
+        if !o.register && o.identity.exists() {
+            let id = identity::load_identity(&o.identity)
+                .map_err(|e| Failure::local(format!("bad identity: {e}")))?;
+            if id.name != name {
+                if job.legacy {
+                    ui.info(&format!(
+                        "{} belongs to {:?}; using that name instead of {:?} from transfer.info",
+                        o.identity.display(),
+                        id.name,
+                        name
+                    ));
+                    name = id.name.clone();
+                } else {
+                    return Err(Failure::local(format!(
+                        "{} belongs to {:?}, not {:?} (use --identity for another file, or --register)",
+                        o.identity.display(),
+                        id.name,
+                        name
+                    )));
+                }
+            }
+            ident = Some(id);
+        }
+        Ok((ident, name))
+    })();
+    let (ident, name) = match pre {
+        Ok(v) => v,
+        Err(f) => {
+            fail_all(f, &mut reports);
+            return exit_code(&reports);
+        }
+    };
+
+    let upload_opts = UploadOptions {
+        packet_size: if o.single_packet { usize::MAX } else { o.packet_size },
+        content_size: match o.packet_convention {
+            Convention::ThisPacket => ContentSizeField::ThisPacket,
+            Convention::WholeFile => ContentSizeField::WholeFile,
+            Convention::PerChunk => ContentSizeField::PerPacketEncrypted,
+        },
+        ack_retry: o.ack_retry,
+    };
+    let mut session = Session {
+        server: job.server.clone(),
+        name,
+        identity_path: o.identity.clone(),
+        identity: ident,
+        new_key: None,
+        key_bits: o.key_bits,
+        client_opts: ClientOptions {
+            connect_timeout: o.connect_timeout,
+            read_timeout: o.read_timeout,
+            oaep_hash: o.oaep_hash,
+        },
+        client: None,
+    };
+
+    for (i, path) in job.files.iter().enumerate() {
+        match send_one(&mut session, path, &upload_opts, o.retries, &ui) {
+            Ok(r) => {
+                ui.report(&r);
+                reports.push(r);
+            }
+            Err(Fatal(f)) => {
+                ui.error(&f.message);
+                for p in &job.files[i..] {
+                    let r = not_sent(p, f.clone());
+                    ui.report(&r);
+                    reports.push(r);
+                }
+                break;
+            }
+        }
+    }
+    exit_code(&reports)
+}
+
+fn exit_code(reports: &[FileReport]) -> i32 {
+    reports.iter().map(FileReport::code).max().unwrap_or(EXIT_OK)
+}
+
+fn base_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn not_sent(path: &Path, f: Failure) -> FileReport {
+    FileReport {
+        path: path.to_path_buf(),
+        name: base_name(path),
+        size: None,
+        cksum: None,
+        server_cksum: None,
+        attempts: 0,
+        elapsed: Duration::ZERO,
+        result: Err(f),
+    }
+}
+
+/// Checks that need no server: the file is a readable regular file whose
+/// name and size can be sent.
+fn precheck(path: &Path, opts: &UploadOptions) -> Result<(String, u64), Failure> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Failure::local(format!("cannot open {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(Failure::local(format!("{} is not a regular file", path.display())));
+    }
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Failure::local(format!("{}: the file name is not UTF-8", path.display())))?
+        .to_string();
+    super::name_field(&name).map_err(|e| Failure::local(e.to_string()))?;
+    PacketPlan::new(meta.len(), opts.packet_size, opts.content_size)
+        .map_err(|m| Failure::local(format!("{}: {m}", path.display())))?;
+    Ok((name, meta.len()))
+}
+
+fn session_failure(e: &ClientError, server: &str, name: &str) -> Disposition {
+    match e {
+        ClientError::Refused(Response::RegistrationFailed) => Disposition::Fail(Failure {
+            code: EXIT_REFUSED,
+            status: "name_taken",
+            message: format!(
+                "the server refused to register {name:?}: the name is already taken \
+                 (choose another --name, or use the me.info of that user)"
+            ),
+        }),
+        ClientError::Refused(Response::ReconnectDenied { .. }) => Disposition::Fail(Failure {
+            code: EXIT_REFUSED,
+            status: "reconnect_denied",
+            message: format!(
+                "the server denied reconnecting as {name:?} (it does not know this id and name, or has no key \
+                 for it); use --register to register afresh"
+            ),
+        }),
+        ClientError::Io(_) => Disposition::Retry(Failure {
+            code: EXIT_NETWORK,
+            status: if e.is_timeout() { "timeout" } else { "network_error" },
+            message: format!("{server}: {e}"),
+        }),
+        _ => classify(e),
+    }
+}
+
+fn send_one(
+    session: &mut Session,
+    path: &Path,
+    opts: &UploadOptions,
+    retries: u32,
+    ui: &Ui,
+) -> Result<FileReport, Fatal> {
+    let start = Instant::now();
+    let mut report = not_sent(path, Failure::local(""));
+    let (name, size) = match precheck(path, opts) {
+        Ok(v) => v,
+        Err(f) => {
+            report.result = Err(f);
+            return Ok(report);
+        }
+    };
+    report.name = name.clone();
+    report.size = Some(size);
+
+    let bar = (ui.progress && size >= 4 << 20).then(|| {
+        let style = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        let b = indicatif::ProgressBar::new(size).with_style(style);
+        b.set_message(name.clone());
+        b
+    });
+
+    let mut tries = 0;
+    let result = loop {
+        let backoff = Duration::from_millis(500 * u64::from(tries + 1));
+        let client = match session.ensure(ui) {
+            Ok(c) => c,
+            Err(e) => match session_failure(&e, &session.server, &session.name) {
+                Disposition::Retry(f) if tries < retries => {
+                    ui.info(&format!("{}; retrying in {:.1} s", f.message, backoff.as_secs_f64()));
+                    tries += 1;
+                    std::thread::sleep(backoff);
+                    continue;
+                }
+                Disposition::Retry(f) | Disposition::Fail(f) => {
+                    if let Some(b) = &bar {
+                        b.finish_and_clear();
+                    }
+                    return Err(Fatal(f));
+                }
+            },
+        };
+        let mut progress = |n: u64| {
+            if let Some(b) = &bar {
+                b.set_position(n);
+            }
+        };
+        let r = client.send_file(&name, path, opts, &mut progress);
+        if let Some(up) = client.last_upload() {
+            report.cksum = Some(up.local_cksum);
+            report.server_cksum = Some(up.server_cksum);
+        }
+        match r {
+            Ok(SendOutcome::Verified { attempts, cksum }) => {
+                report.attempts = attempts;
+                report.cksum = Some(cksum);
+                report.server_cksum = Some(cksum);
+                break Ok(());
+            }
+            Ok(SendOutcome::CksumMismatch { attempts }) => {
+                report.attempts = attempts;
+                break Err(Failure {
+                    code: EXIT_CKSUM,
+                    status: "cksum_mismatch",
+                    message: format!("cksum still wrong after {attempts} attempts; upload aborted (1031)"),
+                });
+            }
+            Err(e) => {
+                if !client.is_in_step() || e.is_network() {
+                    session.client = None;
+                }
+                match classify(&e) {
+                    Disposition::Retry(f) if tries < retries => {
+                        ui.info(&format!(
+                            "{}: {}; retrying in {:.1} s",
+                            path.display(),
+                            f.message,
+                            backoff.as_secs_f64()
+                        ));
+                        tries += 1;
+                        std::thread::sleep(backoff);
+                    }
+                    Disposition::Retry(f) | Disposition::Fail(f) => break Err(f),
+                }
+            }
+        }
+    };
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    report.elapsed = start.elapsed();
+    report.result = result;
+    if report.result.is_err() && report.attempts == 0 {
+        report.attempts = tries + 1;
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("2 MiB"), Ok(2 << 20));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("1x").is_err());
+        assert!(parse_size("").is_err());
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("3h").is_err());
+    }
+
+    #[test]
+    fn json_escaping() {
+        assert_eq!(json_str("a\"b\\c\nd\u{1}é"), "\"a\\\"b\\\\c\\nd\\u0001é\"");
+        let r = FileReport {
+            path: PathBuf::from("dir/\"x\".bin"),
+            name: "\"x\".bin".into(),
+            size: Some(10),
+            cksum: Some(1),
+            server_cksum: None,
+            attempts: 1,
+            elapsed: Duration::from_millis(1500),
+            result: Err(Failure::local("boom\t!")),
+        };
+        let j = r.json();
+        assert!(j.starts_with("{\"file\":\"dir/\\\"x\\\".bin\""), "{j}");
+        assert!(j.contains("\"server_cksum\":null"), "{j}");
+        assert!(j.contains("\"error\":\"boom\\t!\""), "{j}");
+        assert!(j.contains("\"exit_code\":1"), "{j}");
+        assert!(j.contains("\"mb_per_s\":null"), "{j}");
+        assert!(!j.contains('\n'));
+    }
+
+    #[test]
+    fn server_address_check() {
+        assert!(check_server("127.0.0.1:1256").is_ok());
+        assert!(check_server("[::1]:1256").is_ok());
+        assert!(check_server("host").is_err());
+        assert!(check_server(":1").is_err());
+        assert!(check_server("h:99999").is_err());
+    }
+
+    #[test]
+    fn cli_parses() {
+        let cli = Cli::try_parse_from([
+            "backup-client",
+            "send",
+            "a",
+            "b",
+            "--server",
+            "h:1",
+            "--name",
+            "n",
+            "--json",
+        ])
+        .unwrap();
+        assert!(cli.opts.json);
+        assert_eq!(cli.opts.key_bits, 1024);
+        assert_eq!(cli.opts.packet_size, 1 << 20);
+        let Some(Command::Send(s)) = cli.command else { panic!() };
+        assert_eq!(s.files.len(), 2);
+        let cli = Cli::try_parse_from(["backup-client", "--quiet"]).unwrap();
+        assert!(cli.command.is_none());
+        assert!(Cli::try_parse_from(["backup-client", "--key-bits", "512"]).is_err());
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
