@@ -6,7 +6,7 @@ use std::fs::OpenOptions;
 use std::process::ExitCode;
 
 use clap::Parser;
-use simplelog::{ColorChoice, ConfigBuilder, TermLogger, TerminalMode, WriteLogger};
+use simplelog::{ConfigBuilder, WriteLogger};
 
 use backupd::config::Config;
 use backupd::server::Server;
@@ -26,8 +26,7 @@ fn init_logging(cfg: &Config) -> Result<(), String> {
                 .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
             WriteLogger::init(cfg.log_level, log_cfg, f).map_err(|e| e.to_string())
         }
-        None => TermLogger::init(cfg.log_level, log_cfg, TerminalMode::Stderr, ColorChoice::Never)
-            .map_err(|e| e.to_string()),
+        None => WriteLogger::init(cfg.log_level, log_cfg, std::io::stderr()).map_err(|e| e.to_string()),
     }
 }
 
