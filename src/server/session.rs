@@ -344,7 +344,8 @@ impl Server {
             Err(why) => return self.refuse_packet(key, &ph, payload, &why),
         };
         r.touched = now;
-        r.next += 1;
+        // Saturating: after packet 65535 of 65535 there is no next packet (and `+=` would overflow).
+        r.next = r.next.saturating_add(1);
         let upload = r.upload;
         let last = ph.packet_number == ph.total_packets;
         if last {
