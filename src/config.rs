@@ -58,6 +58,11 @@ pub struct Config {
     #[arg(long, env = "BACKUPD_DB_BUSY_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub db_busy_timeout: Duration,
 
+    /// How a batch of confirmed files is made durable: `syncfs` (one
+    /// filesystem sync per batch step) or `fsync` (each file and directory)
+    #[arg(long, env = "BACKUPD_SYNC_MODE", value_enum, default_value = "syncfs")]
+    pub sync_mode: crate::worker::SyncMode,
+
     /// Hash used by RSA-OAEP for the session key (sha1 is what clients in the field use)
     #[arg(long, env = "BACKUPD_OAEP_HASH", default_value = "sha1")]
     pub oaep_hash: OaepHash,

@@ -132,8 +132,7 @@ impl Server {
         if cfg.max_packet > u32::MAX as u64 || cfg.max_packet < crate::protocol::PACKET_HEADER_LEN as u64 {
             return Err(StartError("--max-packet must be between 267 bytes and 4 GiB".into()));
         }
-        let opened = Worker::open(&cfg.data_dir, &cfg.db_path(), cfg.db_busy_timeout, cfg.keep_versions)
-            .map_err(StartError)?;
+        let opened = Worker::open(&cfg).map_err(StartError)?;
         let poll = Poll::new().map_err(|e| StartError(format!("cannot create poll: {e}")))?;
         let mut listener =
             bind_listener(addr).map_err(|e| StartError(format!("cannot listen on {addr}: {e}")))?;

@@ -26,6 +26,16 @@ use crate::protocol::{id_hex, ClientId, PACKET_HEADER_LEN};
 use db::{ClientRecord, Db, Intent, Write};
 use storage::{Publish, Storage};
 
+/// How the worker makes a batch durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SyncMode {
+    /// fdatasync every staged file and fsync every touched directory.
+    Fsync,
+    /// One syncfs(2) of the data directory's filesystem per step: the cost of
+    /// a batch no longer grows with its number of files and directories.
+    Syncfs,
+}
+
 /// A connection as the worker names it: the slab key plus a serial number
 /// unique for the life of the process, so that a completion for a closed
 /// connection never reaches the next connection that reuses its slab key.
@@ -173,6 +183,7 @@ pub struct Worker {
     storage: Storage,
     db: Db,
     keep_versions: u32,
+    sync_mode: SyncMode,
     uploads: HashMap<UploadId, Upload>,
 }
 
@@ -213,16 +224,14 @@ struct Staged {
 
 impl Worker {
     /// Open storage and database, and reconcile them after a crash.
-    pub fn open(
-        data_dir: &std::path::Path,
-        db_path: &std::path::Path,
-        busy: std::time::Duration,
-        keep_versions: u32,
-    ) -> Result<Opened, String> {
+    pub fn open(cfg: &crate::config::Config) -> Result<Opened, String> {
+        let (data_dir, db_path) = (&cfg.data_dir, &cfg.db_path());
+        let (keep_versions, sync_mode) = (cfg.keep_versions, cfg.sync_mode);
         let storage =
             Storage::open(data_dir).map_err(|e| format!("data directory {}: {e}", data_dir.display()))?;
-        let db = Db::open(db_path, busy).map_err(|e| format!("database {}: {e}", db_path.display()))?;
-        let mut w = Worker { storage, db, keep_versions, uploads: HashMap::new() };
+        let db = Db::open(db_path, cfg.db_busy_timeout)
+            .map_err(|e| format!("database {}: {e}", db_path.display()))?;
+        let mut w = Worker { storage, db, keep_versions, sync_mode, uploads: HashMap::new() };
         w.reconcile().map_err(|e| format!("reconciling {}: {e}", data_dir.display()))?;
         let clients = w.db.load_clients().map_err(|e| format!("database {}: {e}", db_path.display()))?;
         Ok(Opened { worker: w, clients })
@@ -466,8 +475,8 @@ impl Worker {
         Ok(PacketOutcome::Received { cksum: sum, ciphertext_len: u.ciphertext, plain_len })
     }
 
-    /// Make a batch durable: publish intents, renames, directory fsyncs, one
-    /// database transaction; then report each item.
+    /// Make a batch durable: publish intents, renames, syncs, one database
+    /// transaction; then report each item (see docs/ARCHITECTURE.md).
     fn group_commit(
         &mut self,
         commits: Vec<(ConnRef, UploadId, ClientId, String)>,
@@ -494,20 +503,27 @@ impl Worker {
             let publish = self.storage.plan_publish(&client, &name, self.keep_versions, base + i as u64);
             staged.push(Staged { conn, upload, client, name, file, temp, size, cksum, publish });
         }
-        // File contents first: fsync every staged file of the batch.
-        let mut synced = Vec::with_capacity(staged.len());
-        for s in staged.drain(..) {
-            match s.file.sync_data() {
-                Ok(()) => synced.push(s),
-                Err(e) => {
-                    log::error!("worker: cannot fsync staged {:?}: {e}", s.name);
-                    let _ = std::fs::remove_file(&s.temp);
-                    out.push(Completion::Committed { conn: s.conn, upload: s.upload, ok: false });
+        let fail = |s: Staged, out: &mut Vec<Completion>| {
+            let _ = std::fs::remove_file(&s.temp);
+            out.push(Completion::Committed { conn: s.conn, upload: s.upload, ok: false });
+        };
+
+        // 1. File contents (per-file mode; syncfs covers them below).
+        if self.sync_mode == SyncMode::Fsync {
+            let mut synced = Vec::with_capacity(staged.len());
+            for s in staged.drain(..) {
+                match s.file.sync_data() {
+                    Ok(()) => synced.push(s),
+                    Err(e) => {
+                        log::error!("worker: cannot fsync staged {:?}: {e}", s.name);
+                        fail(s, out);
+                    }
                 }
             }
+            staged = synced;
         }
-        staged = synced;
 
+        // 2. Intents, durable before anything is renamed.
         if !staged.is_empty() {
             let root = self.storage.root().to_path_buf();
             let rel = |p: &PathBuf| p.strip_prefix(&root).unwrap_or(p).to_string_lossy().into_owned();
@@ -522,35 +538,55 @@ impl Worker {
             if let Err(e) = self.db.add_intents(&intents) {
                 log::error!("worker: database error recording {} publish(es): {e}", staged.len());
                 for s in staged.drain(..) {
-                    let _ = std::fs::remove_file(&s.temp);
-                    out.push(Completion::Committed { conn: s.conn, upload: s.upload, ok: false });
+                    fail(s, out);
                 }
             }
         }
+
+        // 3. Keep previous versions, durably, then 4. rename into place.
         let mut dirty = Vec::new();
         let mut published = Vec::new();
+        let mut ok = true;
+        let mut linked = Vec::new();
         for s in staged {
-            match self.storage.publish(&s.temp, &s.publish, &mut dirty) {
+            match self.storage.save_previous(&s.publish, &mut dirty) {
+                Ok(()) => linked.push(s),
+                Err(e) => {
+                    log::error!(
+                        "worker: cannot keep the previous version of {}: {e}",
+                        s.publish.target.display()
+                    );
+                    writes.push((Pending::Silent, vec![Write::ClearIntent { upload: s.upload }]));
+                    fail(s, out);
+                }
+            }
+        }
+        if !dirty.is_empty() {
+            ok &= self.sync_dirs(&mut dirty);
+        }
+        for s in linked {
+            if !ok {
+                published.push(s);
+                continue;
+            }
+            match self.storage.install(&s.temp, &s.publish, &mut dirty) {
                 Ok(()) => published.push(s),
                 Err(e) => {
                     log::error!("worker: cannot publish {} of client {}: {e}", s.name, id_hex(&s.client));
                     if let Err(e) = s.publish.undo() {
                         log::error!("worker: cannot undo publish of {}: {e}", s.publish.target.display());
                     }
-                    let _ = std::fs::remove_file(&s.temp);
                     writes.push((Pending::Silent, vec![Write::ClearIntent { upload: s.upload }]));
-                    out.push(Completion::Committed { conn: s.conn, upload: s.upload, ok: false });
+                    fail(s, out);
                 }
             }
         }
-        let mut sync_failed = false;
-        for d in &dirty {
-            if let Err(e) = storage::sync_dir(d) {
-                log::error!("worker: cannot fsync {}: {e}", d.display());
-                sync_failed = true;
-            }
+        // 5. Directory entries (and, with syncfs, file contents) durable.
+        if ok && !published.is_empty() {
+            ok &= self.sync_dirs(&mut dirty);
         }
-        // Everything in one transaction; the publish rows go first.
+
+        // 6. One transaction records the files; the rest of the batch follows.
         let mut all: Vec<Write> = Vec::new();
         for s in &published {
             all.push(Write::FileVerified {
@@ -562,15 +598,19 @@ impl Worker {
             });
             all.push(Write::ClearIntent { upload: s.upload });
         }
-        let files_ok = !sync_failed && (published.is_empty() || self.db.apply(&all).is_ok());
-        let others_ok = if files_ok {
+        let files_ok = ok
+            && (published.is_empty()
+                || self
+                    .db
+                    .apply(&all)
+                    .map_err(|e| log::error!("worker: database commit failed: {e}"))
+                    .is_ok());
+        let others_ok = files_ok && {
             let rest: Vec<Write> = writes.iter().flat_map(|(_, w)| w.iter().cloned()).collect();
             self.db.apply(&rest).is_ok()
-        } else {
-            false
         };
-        if !files_ok {
-            self.unpublish(&published, &dirty);
+        if !files_ok && !published.is_empty() {
+            self.unpublish(&published);
         }
         for s in published {
             if files_ok {
@@ -585,8 +625,10 @@ impl Worker {
                 if let Err(e) = self.storage.prune_versions(&s.client, &s.name, keep) {
                     log::warn!("worker: cannot prune old versions of {}: {e}", s.name);
                 }
+                out.push(Completion::Committed { conn: s.conn, upload: s.upload, ok: true });
+            } else {
+                fail(s, out);
             }
-            out.push(Completion::Committed { conn: s.conn, upload: s.upload, ok: files_ok });
         }
         // Items whose writes did not go in with the batch get one transaction each,
         // so one bad item cannot fail the others.
@@ -604,17 +646,43 @@ impl Worker {
         }
     }
 
-    /// The database refused a batch of publishes: put every target back as it was.
-    fn unpublish(&mut self, published: &[Staged], dirty: &[PathBuf]) {
-        log::error!("worker: database commit failed; undoing {} publish(es)", published.len());
+    /// Make the listed directories durable (and clear the list): one fsync
+    /// each, or one syncfs for everything in `SyncMode::Syncfs`.
+    fn sync_dirs(&self, dirty: &mut Vec<PathBuf>) -> bool {
+        let mut ok = true;
+        match self.sync_mode {
+            SyncMode::Syncfs => {
+                if let Err(e) = self.storage.sync_filesystem() {
+                    log::error!("worker: syncfs failed: {e}");
+                    ok = false;
+                }
+            }
+            SyncMode::Fsync => {
+                for d in dirty.iter() {
+                    if let Err(e) = storage::sync_dir(d) {
+                        log::error!("worker: cannot fsync {}: {e}", d.display());
+                        ok = false;
+                    }
+                }
+            }
+        }
+        dirty.clear();
+        ok
+    }
+
+    /// A batch of publishes could not be made durable or recorded: put every
+    /// target back as it was.
+    fn unpublish(&mut self, published: &[Staged]) {
+        log::error!("worker: undoing {} publish(es)", published.len());
         for s in published.iter().rev() {
             if let Err(e) = s.publish.undo() {
                 log::error!("worker: cannot undo publish of {}: {e}", s.publish.target.display());
             }
         }
-        for d in dirty {
-            let _ = storage::sync_dir(d);
-        }
+        let mut dirty: Vec<PathBuf> =
+            published.iter().filter_map(|s| s.publish.target.parent().map(Into::into)).collect();
+        dirty.dedup();
+        let _ = self.sync_dirs(&mut dirty);
         let clear: Vec<Write> = published.iter().map(|s| Write::ClearIntent { upload: s.upload }).collect();
         if let Err(e) = self.db.apply(&clear) {
             log::warn!("worker: cannot clear publish intents ({e}); the next start will check them");

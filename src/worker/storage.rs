@@ -218,32 +218,49 @@ impl Storage {
         Publish { target, saved_previous }
     }
 
-    /// Carry out a planned publish of an already fsynced temp file:
-    /// link the previous version aside, then rename the temp file over the
-    /// target. Directories are NOT synced here (the caller syncs each one
-    /// once for a whole batch); the returned list names the ones touched.
-    pub fn publish(&self, temp: &Path, p: &Publish, dirty: &mut Vec<PathBuf>) -> io::Result<()> {
+    /// Publish step 1: keep the current version (if the plan says so) as a
+    /// hard link under versions/. Must be durable before step 2 replaces the
+    /// current file, or a crash could lose both. Directories touched are
+    /// added to `dirty` (the caller syncs them).
+    pub fn save_previous(&self, p: &Publish, dirty: &mut Vec<PathBuf>) -> io::Result<()> {
+        let Some(prev) = &p.saved_previous else { return Ok(()) };
+        let vdir = prev.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.join("versions"));
+        if !vdir.exists() {
+            create_private_dir(&vdir)?;
+            if let Some(pp) = vdir.parent() {
+                push_unique(dirty, pp.to_path_buf());
+                if let Some(ppp) = pp.parent() {
+                    push_unique(dirty, ppp.to_path_buf());
+                }
+            }
+        }
+        fs::hard_link(&p.target, prev)?;
+        push_unique(dirty, vdir);
+        Ok(())
+    }
+
+    /// Publish step 2: rename the staged temp file over the target.
+    /// Directories touched are added to `dirty` (the caller syncs them).
+    pub fn install(&self, temp: &Path, p: &Publish, dirty: &mut Vec<PathBuf>) -> io::Result<()> {
         let dir = p.target.parent().map(Path::to_path_buf).unwrap_or_else(|| self.files_dir());
         if !dir.exists() {
             create_private_dir(&dir)?;
             push_unique(dirty, self.files_dir());
         }
-        if let Some(prev) = &p.saved_previous {
-            let vdir = prev.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.join("versions"));
-            if !vdir.exists() {
-                create_private_dir(&vdir)?;
-                if let Some(pp) = vdir.parent() {
-                    push_unique(dirty, pp.to_path_buf());
-                    if let Some(ppp) = pp.parent() {
-                        push_unique(dirty, ppp.to_path_buf());
-                    }
-                }
-            }
-            fs::hard_link(&p.target, prev)?;
-            push_unique(dirty, vdir);
-        }
         fs::rename(temp, &p.target)?;
         push_unique(dirty, dir);
+        Ok(())
+    }
+
+    /// Make everything written to the data directory's filesystem durable
+    /// (file contents and directory entries) with one `syncfs(2)`.
+    pub fn sync_filesystem(&self) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let dir = File::open(&self.root)?;
+        // SAFETY: syncfs takes a valid open descriptor, owned by `dir` for the call.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(())
     }
 
@@ -299,11 +316,13 @@ mod tests {
         fs::write(&t1, b"one").unwrap();
         let p1 = s.plan_publish(&id, "f", 3, 10);
         assert_eq!(p1.saved_previous, None);
-        s.publish(&t1, &p1, &mut dirty).unwrap();
+        s.save_previous(&p1, &mut dirty).unwrap();
+        s.install(&t1, &p1, &mut dirty).unwrap();
         let t2 = s.temp_path(2);
         fs::write(&t2, b"two").unwrap();
         let p2 = s.plan_publish(&id, "f", 3, 11);
-        s.publish(&t2, &p2, &mut dirty).unwrap();
+        s.save_previous(&p2, &mut dirty).unwrap();
+        s.install(&t2, &p2, &mut dirty).unwrap();
         assert_eq!(fs::read(s.file_path(&id, "f")).unwrap(), b"two");
         assert_eq!(s.versions(&id, "f"), vec![11]);
         p2.undo().unwrap();
