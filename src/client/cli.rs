@@ -417,7 +417,10 @@ struct Session {
 impl Session {
     /// A usable, keyed connection; sets one up if needed.
     fn ensure(&mut self, ui: &Ui) -> Result<&mut Client, ClientError> {
-        let usable = self.client.as_ref().is_some_and(|c| c.is_in_step() && c.aes_key().is_some());
+        let usable = self
+            .client
+            .as_ref()
+            .is_some_and(|c| c.is_in_step() && c.aes_key().is_some() && !c.is_peer_closed());
         if !usable {
             self.client = None;
             let client = self.setup(ui)?;

@@ -652,6 +652,21 @@ impl Client {
         &self.stream
     }
 
+    /// Whether the server has closed the connection (or sent bytes nobody
+    /// asked for): checked without blocking, e.g. before retrying on this
+    /// connection after a 1607.
+    pub fn is_peer_closed(&self) -> bool {
+        if self.stream.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let mut b = [0u8; 1];
+        let closed = match self.stream.peek(&mut b) {
+            Ok(_) => true, // 0: EOF; >0: an unexpected reply, the framing is lost
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+        };
+        closed || self.stream.set_nonblocking(false).is_err()
+    }
+
     // -- raw access ---------------------------------------------------------
 
     /// Write raw bytes to the socket.

@@ -22,6 +22,7 @@ pub struct TestServer {
     dir: tempfile::TempDir,
     args: Vec<String>,
     log: Arc<Mutex<String>>,
+    launch: Launch,
 }
 
 /// Path of the server binary under test.
@@ -29,14 +30,24 @@ pub fn server_bin() -> &'static str {
     env!("CARGO_BIN_EXE_backupd")
 }
 
-fn spawn(data_dir: &Path, listen: &str, args: &[String], log: Arc<Mutex<String>>) -> (Child, SocketAddr) {
-    let mut child = Command::new(server_bin())
+fn spawn(
+    data_dir: &Path,
+    listen: &str,
+    args: &[String],
+    log: Arc<Mutex<String>>,
+    launch: &Launch,
+) -> (Child, SocketAddr) {
+    let mut cmd = Command::new(server_bin());
+    if let Some(tweak) = &launch.tweak {
+        tweak(&mut cmd);
+    }
+    let mut child = cmd
         .arg("--listen")
         .arg(listen)
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--log-level")
-        .arg("debug")
+        .arg(launch.log_level)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -72,11 +83,19 @@ fn spawn(data_dir: &Path, listen: &str, args: &[String], log: Arc<Mutex<String>>
 impl TestServer {
     /// Start on 127.0.0.1 with a free port and a fresh data directory.
     pub fn start(extra_args: &[&str]) -> TestServer {
+        TestServer::start_with(extra_args, Launch::default(), |_| {})
+    }
+
+    /// [`start`](Self::start) with control over the launch: `launch` is kept
+    /// for [`restart`](Self::restart); `prepare` runs once with the temp
+    /// directory before the server starts (e.g. to mount a tmpfs on `<temp>/data`).
+    pub fn start_with(extra_args: &[&str], launch: Launch, prepare: impl FnOnce(&Path)) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
+        prepare(dir.path());
         let args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
         let log = Arc::new(Mutex::new(String::new()));
-        let (child, addr) = spawn(&dir.path().join("data"), "127.0.0.1:0", &args, log.clone());
-        TestServer { child: Some(child), addr, dir, args, log }
+        let (child, addr) = spawn(&dir.path().join("data"), "127.0.0.1:0", &args, log.clone(), &launch);
+        TestServer { child: Some(child), addr, dir, args, log, launch }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -181,7 +200,7 @@ impl TestServer {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let (child, addr) = spawn(&self.data_dir(), &listen, &self.args, self.log.clone());
+        let (child, addr) = spawn(&self.data_dir(), &listen, &self.args, self.log.clone(), &self.launch);
         self.child = Some(child);
         self.addr = addr;
     }
@@ -254,4 +273,267 @@ pub fn walk_files(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+// ---------------------------------------------------------------------------
+// Raw frames, replies, sockets and the database (for flow and refusal tests)
+// ---------------------------------------------------------------------------
+
+/// A 255-byte name field: `raw` followed by zeros. `raw` may hold anything,
+/// including bytes after a NUL; 255 non-NUL bytes make an unterminated field.
+pub fn name_field_raw(raw: &[u8]) -> [u8; backupd::protocol::NAME_FIELD_LEN] {
+    let mut f = [0u8; backupd::protocol::NAME_FIELD_LEN];
+    f[..raw.len()].copy_from_slice(raw);
+    f
+}
+
+/// A request header with arbitrary fields (framing tests).
+pub fn raw_header(id: &ClientId, version: u8, code: u16, payload_size: u32) -> Vec<u8> {
+    backupd::protocol::RequestHeader { client_id: *id, version, code, payload_size }.encode().to_vec()
+}
+
+/// A whole request frame: header (version 3, size from the parts) and payload.
+pub fn frame(id: &ClientId, code: backupd::protocol::Code, parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    backupd::protocol::encode_frame(id, code, parts, &mut out);
+    out
+}
+
+/// A 1028 frame with every field given explicitly.
+pub fn packet_frame(
+    id: &ClientId,
+    content_size: u32,
+    orig_file_size: u32,
+    packet_number: u16,
+    total_packets: u16,
+    name: &[u8; backupd::protocol::NAME_FIELD_LEN],
+    content: &[u8],
+) -> Vec<u8> {
+    let mut fixed = Vec::with_capacity(backupd::protocol::PACKET_HEADER_LEN);
+    fixed.extend_from_slice(&content_size.to_le_bytes());
+    fixed.extend_from_slice(&orig_file_size.to_le_bytes());
+    fixed.extend_from_slice(&packet_number.to_le_bytes());
+    fixed.extend_from_slice(&total_packets.to_le_bytes());
+    fixed.extend_from_slice(name);
+    frame(id, backupd::protocol::Code::FilePacket, &[&fixed, content])
+}
+
+/// The whole-file ciphertext of `data` under `key` cut into `packet_size` pieces,
+/// as 1028 frames with `content_size` = the piece's length (convention 1).
+pub fn packet_frames(
+    id: &ClientId,
+    key: &[u8; 32],
+    name: &[u8; backupd::protocol::NAME_FIELD_LEN],
+    data: &[u8],
+    packet_size: usize,
+) -> Vec<Vec<u8>> {
+    let ct = backupd::crypto::encrypt_all(key, data);
+    let total = ct.chunks(packet_size).count() as u16;
+    ct.chunks(packet_size)
+        .enumerate()
+        .map(|(i, p)| packet_frame(id, p.len() as u32, data.len() as u32, i as u16 + 1, total, name, p))
+        .collect()
+}
+
+/// Read one reply and check its code (panics with the reply otherwise).
+pub fn expect_reply(c: &mut Client, code: backupd::protocol::ResponseCode) -> backupd::protocol::Response {
+    match c.read_response() {
+        Ok(r) if r.code() == code => r,
+        Ok(r) => panic!("expected {code:?}, got {r:?}"),
+        Err(e) => panic!("expected {code:?}, got error: {e}"),
+    }
+}
+
+/// Assert that the peer closes `stream` within `within`: a read returns 0 or
+/// fails with something other than a timeout. Bytes that arrive first are
+/// returned (callers usually expect none).
+pub fn assert_closed(stream: &std::net::TcpStream, within: Duration) -> Vec<u8> {
+    use std::io::Read;
+    let end = Instant::now() + within;
+    let mut extra = Vec::new();
+    let mut s = stream;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "connection still open after {within:?} (read {} bytes)", extra.len());
+        s.set_read_timeout(Some(left.max(Duration::from_millis(10)))).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return extra,
+            Ok(n) => extra.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                panic!("connection still open after {within:?} (read {} bytes)", extra.len())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return extra, // reset: closed too
+        }
+    }
+}
+
+/// Poll `f` every 20 ms until it returns true or `timeout` passes; returns its last answer.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The `Verified` column of the files row (id, name), opening the database read-only.
+/// None when there is no such row.
+pub fn db_verified(db: &Path, id: &ClientId, name: &str) -> Option<i64> {
+    use rusqlite::OptionalExtension;
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open database read-only");
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.query_row("SELECT Verified FROM files WHERE ID=?1 AND FileName=?2", (&id[..], name), |r| r.get(0))
+        .optional()
+        .expect("query files")
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `backupd` process started with exactly `args` in `cwd` (no harness flags),
+/// its standard error captured. Killed on drop.
+pub struct RawServer {
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+}
+
+impl RawServer {
+    pub fn spawn(cwd: &Path, args: &[&std::ffi::OsStr]) -> RawServer {
+        let mut cmd = Command::new(server_bin());
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("BACKUPD_") {
+                cmd.env_remove(k);
+            }
+        }
+        let mut child = cmd
+            .current_dir(cwd)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn backupd");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let l2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut l = l2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        RawServer { child: Some(child), log }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The exit status if the process ends within `timeout`, else None (still running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("running");
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(s) = child.try_wait().expect("try_wait") {
+                // Let the stderr reader catch the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return Some(s);
+            }
+            if Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RawServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Launch control, liveness and process sampling (hostile, fault and security tests)
+// ---------------------------------------------------------------------------
+
+/// How [`TestServer::start_with`] launches the server process.
+#[derive(Clone)]
+pub struct Launch {
+    /// Value of `--log-level` (the harness default is `debug`).
+    pub log_level: &'static str,
+    /// Applied to the command before every spawn (start and restart): resource
+    /// limits or a umask through `CommandExt::pre_exec`, environment variables.
+    pub tweak: Option<Arc<dyn Fn(&mut Command) + Send + Sync>>,
+}
+
+impl Default for Launch {
+    fn default() -> Self {
+        Launch { log_level: "debug", tweak: None }
+    }
+}
+
+impl Launch {
+    /// The default launch with one resource limit set in the server process.
+    pub fn with_rlimit(resource: libc::__rlimit_resource_t, limit: u64) -> Launch {
+        use std::os::unix::process::CommandExt;
+        let tweak = move |cmd: &mut Command| {
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+                    if libc::setrlimit(resource, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        };
+        Launch { tweak: Some(Arc::new(tweak)), ..Launch::default() }
+    }
+}
+
+impl TestServer {
+    /// Is the server process still alive (`kill(pid, 0)` succeeds and it is no zombie)?
+    pub fn is_alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => {
+                c.try_wait().map(|s| s.is_none()).unwrap_or(false)
+                    && unsafe { libc::kill(c.id() as i32, 0) } == 0
+            }
+            None => false,
+        }
+    }
+
+    /// The staging directory `<data>/tmp`.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.data_dir().join("tmp")
+    }
+
+    /// CPU time (user + system) the server process has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("read /proc/PID/stat");
+        // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_millis(ticks * 1000 / hz.max(1))
+    }
 }
