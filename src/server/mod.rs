@@ -54,6 +54,8 @@ const TICK: Duration = Duration::from_millis(500);
 const MIN_PAYLOAD_RATE: u64 = 32 * 1024;
 /// A closing connection gets this long to take its last reply.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Pending connections the kernel may queue (>= 128 by requirement).
+const LISTEN_BACKLOG: i32 = 1024;
 /// Recycled packet buffers kept for reuse.
 const POOL_BUFFERS: usize = 8;
 
@@ -598,6 +600,15 @@ impl Server {
 }
 
 fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    // mio's TcpListener::bind uses a backlog of 1024 (>= 128 as required) and SO_REUSEADDR.
-    TcpListener::bind(addr)
+    use std::os::fd::AsRawFd;
+    // std binds with SO_REUSEADDR and a backlog of 128; a second listen()
+    // raises the backlog (Linux caps it at net.core.somaxconn) so that a burst
+    // of connects is queued by the kernel rather than retried by clients.
+    let l = std::net::TcpListener::bind(addr)?;
+    // SAFETY: listen on a descriptor owned by `l` for the duration of the call.
+    if unsafe { libc::listen(l.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    l.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(l))
 }
