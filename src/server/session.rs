@@ -58,6 +58,12 @@ impl Server {
             }
             other => {
                 self.release(std::mem::take(&mut f.payload));
+                // Any request other than a file packet ends the skipping of a refused upload.
+                if let Some(c) = self.conns.get_mut(key) {
+                    if matches!(c.upload, Upload::Skipping { .. }) {
+                        c.upload = Upload::Idle;
+                    }
+                }
                 match other {
                     Request::Register { name } => self.on_register(key, name),
                     Request::PublicKey { name, key: der } => self.on_public_key(key, hid, name, der),
