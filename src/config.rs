@@ -67,7 +67,7 @@ pub struct Config {
     #[arg(long, env = "BACKUPD_OAEP_HASH", default_value = "sha1")]
     pub oaep_hash: OaepHash,
 
-    /// Answer 1030 (CRC bad, resending) with 1604, for clients that wait for it
+    /// Answer 1030 (CRC bad, resending) with 1604, for clients that wait for it [default: off]
     #[arg(long, env = "BACKUPD_ACK_RETRY")]
     pub ack_retry: bool,
 
@@ -91,7 +91,7 @@ pub struct Config {
     #[arg(long, env = "BACKUPD_LOG_LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,
 
-    /// Append log lines to this file instead of standard error
+    /// Append log lines to this file [default: standard error]
     #[arg(long, env = "BACKUPD_LOG_FILE")]
     pub log_file: Option<PathBuf>,
 }
