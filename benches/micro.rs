@@ -1,0 +1,249 @@
+//! Micro benchmarks of the server's per-byte and per-frame work (issue 5):
+//! the POSIX cksum (`crc` with `Table<16>`, the crate's [`Cksum`]), AES-256-CBC
+//! decryption ([`StreamDecryptor`]), and frame parsing
+//! (`RequestHeader::decode` + `check` + `Request::parse`).
+//!
+//! Plain timing loops (no criterion, to keep `cargo clippy --all-targets`
+//! cheap): each case runs several iterations and reports the median and the
+//! best. Run with `cargo bench --bench micro [-- --quick]`; the figures are
+//! printed and written to `target/bench/micro.json`. Under `cargo test` (no
+//! `--bench` argument) every case runs once, tiny, as a smoke check.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use backupd::crypto::{self, Cksum, StreamDecryptor, StreamEncryptor, AES_KEY_LEN};
+use backupd::protocol::{
+    encode_frame, Code, NameField, PacketHeader, Request, RequestHeader, REQUEST_HEADER_LEN, VERSION,
+};
+
+use common::pseudo_random;
+
+const MIB: usize = 1 << 20;
+
+struct Case {
+    name: String,
+    unit: &'static str,
+    /// Rates, one per iteration (higher is better).
+    rates: Vec<f64>,
+}
+
+impl Case {
+    fn median(&self) -> f64 {
+        let mut v = self.rates.clone();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n == 0 {
+            f64::NAN
+        } else if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    }
+
+    fn best(&self) -> f64 {
+        self.rates.iter().copied().fold(f64::NAN, f64::max)
+    }
+}
+
+/// Run `f` (which does `work` units) `iters` times; rate = work / time.
+fn measure(name: &str, unit: &'static str, iters: usize, work: f64, mut f: impl FnMut()) -> Case {
+    f(); // warm-up: page faults, caches
+    let rates = (0..iters)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            work / t0.elapsed().max(Duration::from_nanos(1)).as_secs_f64()
+        })
+        .collect();
+    let c = Case { name: name.to_string(), unit, rates };
+    println!("  {:<52} median {:>10.1} {:<9} best {:>10.1}", c.name, c.median(), c.unit, c.best());
+    c
+}
+
+/// Frames as a client sends them: 1029s and small 1028 packets, alternating.
+fn frames(n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let id = [7u8; 16];
+    let name = NameField::from_name(b"some-file-name.bin").expect("name");
+    for i in 0..n {
+        if i % 2 == 0 {
+            encode_frame(&id, Code::CrcOk, &[&name.0], &mut out);
+        } else {
+            let mut payload = Vec::new();
+            PacketHeader {
+                content_size: 16,
+                orig_file_size: 10,
+                packet_number: 1,
+                total_packets: 1,
+                file_name: name.clone(),
+            }
+            .encode(&mut payload);
+            payload.extend_from_slice(&[0xa5; 16]);
+            encode_frame(&id, Code::FilePacket, &[&payload], &mut out);
+        }
+    }
+    out
+}
+
+/// Parse every frame of `buf` as the server does; returns the frame count.
+fn parse_all(buf: &[u8]) -> usize {
+    let mut at = 0;
+    let mut n = 0;
+    while at + REQUEST_HEADER_LEN <= buf.len() {
+        let mut h = [0u8; REQUEST_HEADER_LEN];
+        h.copy_from_slice(&buf[at..at + REQUEST_HEADER_LEN]);
+        let header = RequestHeader::decode(&h);
+        let Ok(code) = header.check(16 << 20) else { break };
+        let start = at + REQUEST_HEADER_LEN;
+        let end = start + header.payload_size as usize;
+        let Ok(req) = Request::parse(code, &buf[start..end]) else { break };
+        black_box(&req);
+        at = end;
+        n += 1;
+    }
+    n
+}
+
+fn json_num(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.1}")
+    } else {
+        "null".into()
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let bench = args.iter().any(|a| a == "--bench");
+    let quick = args.iter().any(|a| a == "--quick");
+    // Under `cargo test`: one tiny iteration of everything.
+    let (iters, big) = match (bench, quick) {
+        (false, _) => (1, MIB),
+        (true, true) => (3, 32 * MIB),
+        (true, false) => (7, 256 * MIB),
+    };
+    let mb = |bytes: usize| bytes as f64 / 1e6;
+    println!("backupd micro benchmarks ({iters} iterations each; median and best)");
+    let mut cases = Vec::new();
+
+    // cksum: a cache-resident 1 MiB buffer many times, and one large buffer.
+    let data = pseudo_random(big, 1);
+    let one = &data[..MIB];
+    let reps = big / MIB;
+    cases.push(measure("cksum, Table<16> (Cksum), 1 MiB x reps (cache-hot)", "MB/s", iters, mb(big), || {
+        let mut c = Cksum::new();
+        for _ in 0..reps {
+            c.update(black_box(one));
+        }
+        black_box(c.finalize());
+    }));
+    cases.push(measure(
+        &format!("cksum, Table<16> (Cksum), {} MiB buffer", big / MIB),
+        "MB/s",
+        iters,
+        mb(big),
+        || {
+            black_box(crypto::cksum(black_box(&data)));
+        },
+    ));
+    let t1 = crc::Crc::<u32, crc::Table<1>>::new(&crc::CRC_32_CKSUM);
+    cases.push(measure("cksum, crc Table<1> (for comparison), same buffer", "MB/s", iters, mb(big), || {
+        black_box(t1.checksum(black_box(&data)));
+    }));
+
+    // AES-256-CBC decryption, in place, 1 MiB pieces (the server's packet size
+    // in the large scenarios) and 4 KiB pieces.
+    let key = [0x42u8; AES_KEY_LEN];
+    let mut ct = crypto::encrypt_all(&key, &data);
+    for piece in [MIB, 4096] {
+        let label =
+            format!("StreamDecryptor, {} pieces, in place", if piece == MIB { "1 MiB" } else { "4 KiB" });
+        cases.push(measure(&label, "MB/s", iters, mb(ct.len()), || {
+            let mut dec = StreamDecryptor::new(&key);
+            for p in ct.chunks_mut(piece) {
+                dec.update(p, |b| {
+                    black_box(b);
+                });
+            }
+            // After the first pass the bytes are no longer the ciphertext; the
+            // work is the same, the padding check may fail.
+            let _ = black_box(dec.finish(|b| {
+                black_box(b);
+            }));
+        }));
+    }
+    // The server's whole per-byte path: decrypt + cksum.
+    cases.push(measure("StreamDecryptor + Cksum, 1 MiB pieces", "MB/s", iters, mb(ct.len()), || {
+        let mut dec = StreamDecryptor::new(&key);
+        let mut c = Cksum::new();
+        for p in ct.chunks_mut(MIB) {
+            dec.update(p, |b| c.update(b));
+        }
+        let _ = dec.finish(|b| c.update(b));
+        black_box(c.finalize());
+    }));
+    // The client's side, for the load generator's cost.
+    let mut out = Vec::with_capacity(big + 16);
+    cases.push(measure("StreamEncryptor (client side), 1 MiB pieces", "MB/s", iters, mb(big), || {
+        out.clear();
+        let mut enc = StreamEncryptor::new(&key);
+        for p in data.chunks(MIB) {
+            enc.update(p, &mut out);
+        }
+        enc.finish(&mut out);
+        black_box(&out);
+    }));
+    drop(ct);
+
+    // Frame parsing.
+    let n = if bench { 200_000 } else { 1000 };
+    let buf = frames(n);
+    assert_eq!(parse_all(&buf), n, "every frame parses");
+    cases.push(measure(
+        "frames: decode+check+parse (1029 and 1028 alternating)",
+        "frames/s",
+        iters,
+        n as f64,
+        || {
+            black_box(parse_all(black_box(&buf)));
+        },
+    ));
+
+    // Sanity: the decryptor and cksum agree with the one-shot functions.
+    let small = pseudo_random(100_000, 2);
+    let mut c = crypto::encrypt_all(&key, &small);
+    let mut back = Vec::new();
+    let mut dec = StreamDecryptor::new(&key);
+    dec.update(&mut c, |b| back.extend_from_slice(b));
+    dec.finish(|b| back.extend_from_slice(b)).expect("padding");
+    assert_eq!(back, small);
+    assert_eq!(crypto::cksum(&small), t1.checksum(&[&small[..], &[0xa0, 0x86, 0x01][..]].concat()));
+    assert_eq!(VERSION, 3);
+
+    if bench {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+        let mut j = String::from("{\n  \"cases\": [\n");
+        for (i, c) in cases.iter().enumerate() {
+            let samples: Vec<String> = c.rates.iter().map(|r| json_num(*r)).collect();
+            j.push_str(&format!(
+                "    {{\"name\": \"{}\", \"unit\": \"{}\", \"median\": {}, \"best\": {}, \"samples\": [{}]}}{}\n",
+                c.name.replace('"', "'"),
+                c.unit,
+                json_num(c.median()),
+                json_num(c.best()),
+                samples.join(", "),
+                if i + 1 < cases.len() { "," } else { "" }
+            ));
+        }
+        j.push_str("  ]\n}\n");
+        if std::fs::create_dir_all(&dir).is_ok() && std::fs::write(dir.join("micro.json"), j).is_ok() {
+            println!("figures: {}", dir.join("micro.json").display());
+        }
+    }
+}
