@@ -1,0 +1,652 @@
+//! End-to-end tests of the `backup-client` binary against the real backupd
+//! (and, where a misbehaving server is needed, a small scripted server on a
+//! thread). Everything runs on 127.0.0.1 in temp directories, and every wait
+//! has a timeout.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backupd::client::identity::{load_identity, parse_me_info};
+use backupd::crypto::{self, Cksum, OaepHash, StreamDecryptor};
+use backupd::protocol::{
+    id_hex, PacketHeader, RequestHeader, Response, NAME_FIELD_LEN, PACKET_HEADER_LEN, REQUEST_HEADER_LEN,
+};
+use base64::Engine;
+use common::*;
+use rsa::pkcs1::EncodeRsaPrivateKey;
+use rsa::pkcs8::EncodePrivateKey;
+
+/// Builds the text of a `me.info` from the id's lowercase hex.
+type MeInfoFixture<'a> = Box<dyn Fn(&str) -> String + 'a>;
+
+const CLI_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn cli_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_backup-client")
+}
+
+/// The result of one run of the client.
+struct CliRun {
+    code: i32,
+    stdout: String,
+    stderr: String,
+    /// Largest VmHWM/VmRSS seen while it ran, in KiB (when asked for).
+    peak_rss_kib: u64,
+}
+
+impl std::fmt::Debug for CliRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
+    }
+}
+
+fn read_rss_kib(pid: u32) -> u64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };
+    s.lines()
+        .filter(|l| l.starts_with("VmHWM:") || l.starts_with("VmRSS:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Run the client in `dir` with `args`; kill it past the timeout.
+fn run_cli(dir: &Path, args: &[&str]) -> CliRun {
+    run_cli_with(dir, args, false)
+}
+
+fn run_cli_with(dir: &Path, args: &[&str], watch_rss: bool) -> CliRun {
+    let mut child = Command::new(cli_bin())
+        .args(args)
+        .current_dir(dir)
+        .env_remove("BACKUP_SERVER")
+        .env_remove("BACKUP_NAME")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn backup-client");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let pid = child.id();
+    let end = Instant::now() + CLI_TIMEOUT;
+    let mut peak = 0;
+    let status = loop {
+        if watch_rss {
+            peak = peak.max(read_rss_kib(pid));
+        }
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("backup-client {args:?} did not finish within {CLI_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(if watch_rss { 5 } else { 10 }));
+    };
+    CliRun {
+        code: status.code().unwrap_or(-1),
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+        peak_rss_kib: peak,
+    }
+}
+
+/// `send FILES --server ADDR --name NAME` plus extra flags.
+fn send_args<'a>(addr: &'a str, name: &'a str, files: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["send"];
+    v.extend_from_slice(files);
+    v.extend_from_slice(&["--server", addr, "--name", name, "--quiet"]);
+    v.extend_from_slice(extra);
+    v
+}
+
+fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+/// A fresh client directory inside a temp dir.
+fn client_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+/// The value of `"key":` in a one-line JSON object (numbers, booleans, simple strings).
+fn json_field<'a>(obj: &'a str, key: &str) -> &'a str {
+    let pat = format!("\"{key}\":");
+    let start = obj.find(&pat).unwrap_or_else(|| panic!("no {key} in {obj}")) + pat.len();
+    let rest = &obj[start..];
+    let end = if let Some(stripped) = rest.strip_prefix('"') {
+        stripped.find('"').unwrap() + 2
+    } else {
+        rest.find([',', '}']).unwrap()
+    };
+    rest[..end].trim_matches('"')
+}
+
+fn wait_log_count(server: &TestServer, needle: &str, n: usize) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        if server.log_text().matches(needle).count() >= n {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("log never showed {needle:?} {n} times:\n{}", server.log_text());
+}
+
+// ---------------------------------------------------------------------------
+// Against the real server
+// ---------------------------------------------------------------------------
+
+#[test]
+fn first_run_registers_second_run_reconnects() {
+    let server = TestServer::start(&[]);
+    let addr = server.addr().to_string();
+    let dir = client_dir();
+    let data = pseudo_random(100_000, 7);
+    write_file(dir.path(), "a.bin", &data);
+
+    let run = run_cli(dir.path(), &send_args(&addr, "alice", &["a.bin"], &[]));
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("a.bin: 100000 bytes"), "{run:?}");
+    assert!(run.stdout.contains("verified"), "{run:?}");
+
+    // me.info: name, 32 lowercase hex, one base64 line; mode 0600.
+    let me = dir.path().join("me.info");
+    let text = std::fs::read_to_string(&me).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines[0], "alice");
+    assert_eq!(lines[1].len(), 32);
+    assert!(lines[1].chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    assert_eq!(std::fs::metadata(&me).unwrap().permissions().mode() & 0o777, 0o600);
+    let ident = load_identity(&me).unwrap();
+    assert_eq!(std::fs::read(server.stored_path(&ident.id, "a.bin")).unwrap(), data);
+
+    // Second run: reconnects with the same identity (registering again would be refused).
+    let data2 = pseudo_random(5000, 8);
+    write_file(dir.path(), "a.bin", &data2);
+    let run = run_cli(dir.path(), &send_args(&addr, "alice", &["a.bin"], &[]));
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(std::fs::read_to_string(&me).unwrap(), text, "me.info unchanged");
+    assert_eq!(std::fs::read(server.stored_path(&ident.id, "a.bin")).unwrap(), data2);
+    server.wait_for_log(": reconnected", Duration::from_secs(10));
+
+    // A different --name than me.info's is a local error.
+    let run = run_cli(dir.path(), &send_args(&addr, "mallory", &["a.bin"], &[]));
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("belongs to \"alice\""), "{run:?}");
+}
+
+#[test]
+fn legacy_transfer_info_mode() {
+    let server = TestServer::start(&[]);
+    let dir = client_dir();
+    let a = pseudo_random(3000, 1);
+    let b = pseudo_random(70_000, 2);
+    write_file(dir.path(), "one.txt", &a);
+    let sub = dir.path().join("sub dir");
+    std::fs::create_dir(&sub).unwrap();
+    let b_path = write_file(&sub, "two.bin", &b);
+    let info = format!("{}\r\nlegacy user\r\none.txt\r\n{}\r\n", server.addr(), b_path.display());
+    std::fs::write(dir.path().join("transfer.info"), info).unwrap();
+
+    let run = run_cli(dir.path(), &["--quiet"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let ident = load_identity(&dir.path().join("me.info")).unwrap();
+    assert_eq!(ident.name, "legacy user");
+    assert_eq!(std::fs::read(server.stored_path(&ident.id, "one.txt")).unwrap(), a);
+    assert_eq!(std::fs::read(server.stored_path(&ident.id, "two.bin")).unwrap(), b);
+
+    // And again with no arguments at all: reconnects.
+    let run = run_cli(dir.path(), &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stderr.contains("reconnected"), "{run:?}");
+
+    // No transfer.info: a usage error with a hint.
+    let empty = client_dir();
+    let run = run_cli(empty.path(), &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("transfer.info"), "{run:?}");
+}
+
+#[test]
+fn several_files_over_one_connection_and_sizes_byte_identical() {
+    let server = TestServer::start(&[]);
+    let addr = server.addr().to_string();
+    let dir = client_dir();
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", Vec::new()),
+        ("one", vec![0x5a]),
+        ("sixteen", pseudo_random(16, 3)),
+        ("twenty-mib", pseudo_random(20 << 20, 4)),
+    ];
+    for (n, d) in &files {
+        write_file(dir.path(), n, d);
+    }
+    let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
+    let run = run_cli(dir.path(), &send_args(&addr, "carol", &names, &["--json"]));
+    assert_eq!(run.code, 0, "{run:?}");
+    let objs: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(objs.len(), files.len(), "{run:?}");
+    let ident = load_identity(&dir.path().join("me.info")).unwrap();
+    for ((n, d), obj) in files.iter().zip(&objs) {
+        assert_eq!(json_field(obj, "name"), *n);
+        assert_eq!(json_field(obj, "status"), "verified");
+        assert_eq!(json_field(obj, "verified"), "true");
+        assert_eq!(json_field(obj, "size"), d.len().to_string());
+        let stored = server.stored_path(&ident.id, n);
+        assert_eq!(json_field(obj, "cksum"), cksum_cmd(&stored).to_string(), "{n}");
+        assert!(std::fs::read(&stored).unwrap() == *d, "{n} differs");
+    }
+    wait_log_count(&server, "verified and stored", files.len());
+    assert_eq!(server.log_text().matches(": connected").count(), 1, "{}", server.log_text());
+}
+
+#[test]
+fn packet_options_and_conventions() {
+    let server = TestServer::start(&[]);
+    let addr = server.addr().to_string();
+    let dir = client_dir();
+    let d = pseudo_random(1_000_000, 9);
+    write_file(dir.path(), "f", &d);
+    let ident_path = dir.path().join("me.info");
+    for extra in [
+        &["--single-packet"][..],
+        &["--packet-size", "1000"],
+        &["--packet-size", "64KiB", "--packet-convention", "whole-file"],
+        &["--packet-size", "4000", "--packet-convention", "per-chunk"],
+    ] {
+        let run = run_cli(dir.path(), &send_args(&addr, "dave", &["f"], extra));
+        assert_eq!(run.code, 0, "{extra:?}: {run:?}");
+        let ident = load_identity(&ident_path).unwrap();
+        assert!(std::fs::read(server.stored_path(&ident.id, "f")).unwrap() == d, "{extra:?}");
+    }
+    // More than 65535 packets is refused locally.
+    let run = run_cli(dir.path(), &send_args(&addr, "dave", &["f"], &["--packet-size", "8"]));
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stdout.contains("65535"), "{run:?}");
+}
+
+#[test]
+fn foreign_me_info_formats() {
+    let server = TestServer::start(&[]);
+    let addr = server.addr().to_string();
+    let key = test_key();
+    let pkcs1 = key.to_pkcs1_der().unwrap();
+    let pkcs8 = key.to_pkcs8_der().unwrap();
+    let b64 = |der: &[u8]| base64::engine::general_purpose::STANDARD.encode(der);
+    let wrap = |s: &str, w: usize, eol: &str| -> String {
+        s.as_bytes().chunks(w).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join(eol)
+    };
+    let fixtures: Vec<(&str, MeInfoFixture)> = vec![
+        // Upper-case id, PKCS#1 on one line (PyCryptodome's default DER).
+        ("py", Box::new(|id: &str| format!("py\n{}\n{}\n", id.to_uppercase(), b64(pkcs1.as_bytes())))),
+        // Crypto++ Base64Encoder: PKCS#8 wrapped at 72 columns.
+        ("cpp", Box::new(|id: &str| format!("cpp\n{id}\n{}\n", wrap(&b64(pkcs8.as_bytes()), 72, "\n")))),
+        // Windows line ends, 64 columns, no padding, trailing blank line.
+        (
+            "win",
+            Box::new(|id: &str| {
+                let k = b64(pkcs1.as_bytes());
+                format!("win\r\n{id}\r\n{}\r\n\r\n", wrap(k.trim_end_matches('='), 64, "\r\n"))
+            }),
+        ),
+    ];
+    for (name, make) in &fixtures {
+        let (_c, id) = server.registered_client(name);
+        let dir = client_dir();
+        let text = make(&id_hex(&id));
+        std::fs::write(dir.path().join("me.info"), &text).unwrap();
+        assert_eq!(parse_me_info(&text).unwrap().id, id);
+        let d = pseudo_random(12_345, 5);
+        write_file(dir.path(), "x.bin", &d);
+        let run = run_cli(dir.path(), &send_args(&addr, name, &["x.bin"], &[]));
+        assert_eq!(run.code, 0, "{name}: {run:?}");
+        assert_eq!(std::fs::read(server.stored_path(&id, "x.bin")).unwrap(), d, "{name}");
+        // The foreign file is left as it was.
+        assert_eq!(std::fs::read_to_string(dir.path().join("me.info")).unwrap(), text);
+    }
+
+    // A broken me.info is a local error, reported for every file.
+    let dir = client_dir();
+    std::fs::write(dir.path().join("me.info"), "py\nnot-an-id\nAAAA\n").unwrap();
+    write_file(dir.path(), "x.bin", b"x");
+    let run = run_cli(dir.path(), &send_args(&addr, "py", &["x.bin"], &["--json"]));
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("bad identity"), "{run:?}");
+    assert_eq!(json_field(run.stdout.trim(), "status"), "local_error");
+}
+
+#[test]
+fn server_down_is_exit_4() {
+    // A port nobody listens on.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let dir = client_dir();
+    write_file(dir.path(), "a", b"abc");
+    write_file(dir.path(), "b", b"def");
+    let run =
+        run_cli(dir.path(), &send_args(&addr, "erin", &["a", "b"], &["--json", "--connect-timeout", "2s"]));
+    assert_eq!(run.code, 4, "{run:?}");
+    let objs: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(objs.len(), 2, "{run:?}");
+    for o in objs {
+        assert_eq!(json_field(o, "status"), "network_error", "{o}");
+        assert_eq!(json_field(o, "exit_code"), "4");
+    }
+    assert!(!dir.path().join("me.info").exists());
+}
+
+#[test]
+fn name_taken_is_exit_2_and_register_replaces_me_info_only_on_success() {
+    let server = TestServer::start(&[]);
+    let addr = server.addr().to_string();
+    let (_c, _id) = server.registered_client("frank");
+    let dir = client_dir();
+    write_file(dir.path(), "a", b"abc");
+    let run = run_cli(dir.path(), &send_args(&addr, "frank", &["a"], &[]));
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("already taken"), "{run:?}");
+    assert!(!dir.path().join("me.info").exists(), "no identity saved after 1601");
+
+    // --register with an existing me.info: refused -> the old file stays.
+    let run = run_cli(dir.path(), &send_args(&addr, "gina", &["a"], &[]));
+    assert_eq!(run.code, 0, "{run:?}");
+    let before = std::fs::read_to_string(dir.path().join("me.info")).unwrap();
+    let run = run_cli(dir.path(), &send_args(&addr, "frank", &["a"], &["--register"]));
+    assert_eq!(run.code, 2, "{run:?}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("me.info")).unwrap(), before);
+    // --register under a free name: replaced.
+    let run = run_cli(dir.path(), &send_args(&addr, "gina2", &["a"], &["--register", "--key-bits", "2048"]));
+    assert_eq!(run.code, 0, "{run:?}");
+    let ident = load_identity(&dir.path().join("me.info")).unwrap();
+    assert_eq!(ident.name, "gina2");
+    assert_eq!(rsa::traits::PublicKeyParts::size(&ident.key), 256);
+}
+
+#[test]
+fn reconnect_denied_is_exit_2() {
+    let server = TestServer::start(&[]);
+    let addr = server.addr().to_string();
+    let dir = client_dir();
+    let key = test_key().to_pkcs8_der().unwrap();
+    let text = format!(
+        "henry\n{}\n{}\n",
+        "00112233445566778899aabbccddeeff",
+        base64::engine::general_purpose::STANDARD.encode(key.as_bytes())
+    );
+    std::fs::write(dir.path().join("me.info"), &text).unwrap();
+    write_file(dir.path(), "a", b"abc");
+    let run = run_cli(dir.path(), &send_args(&addr, "henry", &["a"], &["--json"]));
+    assert_eq!(run.code, 2, "{run:?}");
+    assert_eq!(json_field(run.stdout.trim(), "status"), "reconnect_denied");
+    assert!(run.stderr.contains("--register"), "{run:?}");
+}
+
+#[test]
+fn missing_file_is_exit_1_and_others_still_go() {
+    let server = TestServer::start(&[]);
+    let addr = server.addr().to_string();
+    let dir = client_dir();
+    write_file(dir.path(), "ok", b"fine");
+    let run = run_cli(dir.path(), &send_args(&addr, "ivy", &["nope", "ok"], &[]));
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stdout.contains("nope: NOT sent"), "{run:?}");
+    assert!(run.stdout.contains("ok: 4 bytes"), "{run:?}");
+    let ident = load_identity(&dir.path().join("me.info")).unwrap();
+    assert_eq!(std::fs::read(server.stored_path(&ident.id, "ok")).unwrap(), b"fine");
+    // Usage errors are exit 1 too; --help and --version are 0.
+    assert_eq!(run_cli(dir.path(), &["send", "ok"]).code, 1);
+    assert_eq!(run_cli(dir.path(), &["--bogus"]).code, 1);
+    let help = run_cli(dir.path(), &["--help"]);
+    assert_eq!(help.code, 0);
+    assert!(help.stdout.contains("Exit codes"), "{help:?}");
+    assert_eq!(run_cli(dir.path(), &["--version"]).code, 0);
+}
+
+/// A 256 MiB upload: the client's peak RSS stays under 32 MiB.
+#[test]
+fn large_upload_memory_is_bounded() {
+    let server = TestServer::start(&[]);
+    let addr = server.addr().to_string();
+    let dir = client_dir();
+    let path = dir.path().join("big.bin");
+    let size: u64 = 256 << 20;
+    {
+        let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&path).unwrap());
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut block = vec![0u8; 1 << 20];
+        for _ in 0..(size >> 20) {
+            for chunk in block.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&block).unwrap();
+        }
+        f.flush().unwrap();
+    }
+    let run = run_cli_with(dir.path(), &send_args(&addr, "jack", &["big.bin"], &["--json"]), true);
+    assert_eq!(run.code, 0, "{run:?}");
+    let obj = run.stdout.trim();
+    let ident = load_identity(&dir.path().join("me.info")).unwrap();
+    let stored = server.stored_path(&ident.id, "big.bin");
+    assert_eq!(std::fs::metadata(&stored).unwrap().len(), size);
+    assert_eq!(json_field(obj, "cksum"), cksum_cmd(&stored).to_string());
+    assert_eq!(json_field(obj, "cksum"), cksum_cmd(&path).to_string());
+    eprintln!("client peak RSS: {} KiB; {obj}", run.peak_rss_kib);
+    assert!(run.peak_rss_kib > 0, "RSS was never sampled");
+    assert!(run.peak_rss_kib < 32 * 1024, "client peak RSS {} KiB >= 32 MiB", run.peak_rss_kib);
+}
+
+// ---------------------------------------------------------------------------
+// Against a scripted server
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Script {
+    /// Every 1603 carries a wrong cksum; `ack_retry`: answer 1030 with 1604.
+    WrongCksum { ack_retry: bool },
+    /// The first upload is answered 1607 and the connection closed.
+    FailFirstUpload,
+}
+
+/// A minimal protocol-v3 server on a thread. Records the request codes it
+/// sees, with 0 for each new connection.
+struct FakeServer {
+    addr: SocketAddr,
+    codes: Arc<Mutex<Vec<u16>>>,
+}
+
+impl FakeServer {
+    fn start(script: Script) -> FakeServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let codes = Arc::new(Mutex::new(Vec::new()));
+        let log = codes.clone();
+        std::thread::spawn(move || {
+            let mut public_key = None;
+            let mut failed_once = false;
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                log.lock().unwrap().push(0);
+                serve(stream, script, &log, &mut public_key, &mut failed_once);
+            }
+        });
+        FakeServer { addr, codes }
+    }
+
+    fn codes(&self) -> Vec<u16> {
+        self.codes.lock().unwrap().clone()
+    }
+}
+
+fn serve(
+    mut s: TcpStream,
+    script: Script,
+    log: &Mutex<Vec<u16>>,
+    public_key: &mut Option<rsa::RsaPublicKey>,
+    failed_once: &mut bool,
+) {
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let id = [0x42u8; 16];
+    let mut aes = [0u8; 32];
+    let mut upload: Option<(StreamDecryptor, Cksum, u32)> = None;
+    loop {
+        let mut h = [0u8; REQUEST_HEADER_LEN];
+        if s.read_exact(&mut h).is_err() {
+            return;
+        }
+        let hdr = RequestHeader::decode(&h);
+        let mut payload = vec![0u8; hdr.payload_size as usize];
+        if s.read_exact(&mut payload).is_err() {
+            return;
+        }
+        log.lock().unwrap().push(hdr.code);
+        let mut out = Vec::new();
+        let mut close = false;
+        match hdr.code {
+            1025 => Response::RegistrationOk { id }.encode(&mut out),
+            1026 => {
+                let (pk, _) = crypto::parse_public_key(&payload[NAME_FIELD_LEN..]).unwrap();
+                aes = crypto::random_aes_key();
+                let encrypted_key = crypto::encrypt_session_key(&pk, &aes, OaepHash::Sha1).unwrap();
+                *public_key = Some(pk);
+                Response::KeyAccepted { id, encrypted_key }.encode(&mut out)
+            }
+            1027 => match public_key {
+                Some(pk) if hdr.client_id == id => {
+                    aes = crypto::random_aes_key();
+                    let encrypted_key = crypto::encrypt_session_key(pk, &aes, OaepHash::Sha1).unwrap();
+                    Response::ReconnectOk { id, encrypted_key }.encode(&mut out)
+                }
+                _ => Response::ReconnectDenied { id: hdr.client_id }.encode(&mut out),
+            },
+            1028 => {
+                let ph = PacketHeader::decode(&payload).unwrap();
+                let (dec, ck, total) =
+                    upload.get_or_insert_with(|| (StreamDecryptor::new(&aes), Cksum::new(), 0));
+                *total += (payload.len() - PACKET_HEADER_LEN) as u32;
+                dec.update(&mut payload[PACKET_HEADER_LEN..], |b| ck.update(b));
+                if ph.packet_number == ph.total_packets {
+                    let (dec, mut ck, total) = upload.take().unwrap();
+                    dec.finish(|b| ck.update(b)).unwrap();
+                    let mut cksum = ck.finalize();
+                    match script {
+                        Script::WrongCksum { .. } => cksum = !cksum,
+                        Script::FailFirstUpload if !*failed_once => {
+                            *failed_once = true;
+                            Response::GeneralError.encode(&mut out);
+                            close = true;
+                        }
+                        Script::FailFirstUpload => {}
+                    }
+                    if !close {
+                        let file_name = ph.file_name.0;
+                        Response::FileReceived { id, content_size: total, file_name, cksum }.encode(&mut out);
+                    }
+                }
+            }
+            1030 => {
+                if script == (Script::WrongCksum { ack_retry: true }) {
+                    Response::Ack { id }.encode(&mut out)
+                }
+            }
+            1029 | 1031 => Response::Ack { id }.encode(&mut out),
+            _ => {
+                Response::GeneralError.encode(&mut out);
+                close = true;
+            }
+        }
+        if s.write_all(&out).is_err() || close {
+            return;
+        }
+    }
+}
+
+fn expected_attempts(packets: usize, attempts: usize) -> Vec<u16> {
+    let mut v = Vec::new();
+    for a in 0..attempts {
+        if a > 0 {
+            v.push(1030);
+        }
+        v.extend(std::iter::repeat_n(1028, packets));
+    }
+    v
+}
+
+#[test]
+fn wrong_cksum_three_attempts_then_abort_exit_3() {
+    for ack_retry in [false, true] {
+        let fake = FakeServer::start(Script::WrongCksum { ack_retry });
+        let addr = fake.addr.to_string();
+        let dir = client_dir();
+        write_file(dir.path(), "w.bin", &pseudo_random(2500, 11));
+        // The client does not need to know whether the server acks 1030.
+        let run =
+            run_cli(dir.path(), &send_args(&addr, "kim", &["w.bin"], &["--packet-size", "1000", "--json"]));
+        assert_eq!(run.code, 3, "ack_retry={ack_retry}: {run:?}");
+        let obj = run.stdout.trim();
+        assert_eq!(json_field(obj, "status"), "cksum_mismatch");
+        assert_eq!(json_field(obj, "attempts"), "3");
+        assert_eq!(json_field(obj, "verified"), "false");
+        let mut expect = vec![0, 1025, 1026];
+        expect.extend(expected_attempts(3, 3)); // 2512 bytes of ciphertext in 1000-byte packets
+        expect.push(1031);
+        assert_eq!(fake.codes(), expect, "ack_retry={ack_retry}");
+    }
+    // With --ack-retry the client waits for the 1604 before resending.
+    let fake = FakeServer::start(Script::WrongCksum { ack_retry: true });
+    let addr = fake.addr.to_string();
+    let dir = client_dir();
+    write_file(dir.path(), "w.bin", b"tiny");
+    let run =
+        run_cli(dir.path(), &send_args(&addr, "kim", &["w.bin"], &["--ack-retry", "--read-timeout", "10s"]));
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(run.stdout.contains("NOT verified: cksum still wrong after 3 attempts"), "{run:?}");
+}
+
+#[test]
+fn general_error_is_retried_on_a_new_connection() {
+    let fake = FakeServer::start(Script::FailFirstUpload);
+    let addr = fake.addr.to_string();
+    let dir = client_dir();
+    write_file(dir.path(), "r.bin", &pseudo_random(5000, 12));
+    let run = run_cli(dir.path(), &send_args(&addr, "lee", &["r.bin"], &["--packet-size", "4096"]));
+    assert_eq!(run.code, 0, "{run:?}");
+    // 1607 + close after the first upload: the client notices the closed
+    // connection and reconnects with the identity it has just saved.
+    let mut expect = vec![0, 1025, 1026, 1028, 1028, 0, 1027, 1028, 1028, 1029];
+    assert_eq!(fake.codes(), expect);
+    // With --retries 0 the 1607 is final: exit 2.
+    let fake = FakeServer::start(Script::FailFirstUpload);
+    let addr = fake.addr.to_string();
+    let dir = client_dir();
+    write_file(dir.path(), "r.bin", b"abc");
+    let run = run_cli(dir.path(), &send_args(&addr, "lee", &["r.bin"], &["--retries", "0", "--json"]));
+    assert_eq!(run.code, 2, "{run:?}");
+    assert_eq!(json_field(run.stdout.trim(), "status"), "server_error");
+    expect = vec![0, 1025, 1026, 1028];
+    assert_eq!(fake.codes(), expect);
+}
