@@ -464,12 +464,15 @@ fn large_upload_memory_is_bounded() {
 // Against a scripted server
 // ---------------------------------------------------------------------------
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 enum Script {
     /// Every 1603 carries a wrong cksum; `ack_retry`: answer 1030 with 1604.
     WrongCksum { ack_retry: bool },
     /// The first upload is answered 1607 and the connection closed.
     FailFirstUpload,
+    /// On the first file packet (before reading further), the file being
+    /// sent is truncated to 1 MiB or grown by a byte.
+    ChangeFile { path: PathBuf, grow: bool },
 }
 
 /// A minimal protocol-v3 server on a thread. Records the request codes it
@@ -491,7 +494,7 @@ impl FakeServer {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { return };
                 log.lock().unwrap().push(0);
-                serve(stream, script, &log, &mut public_key, &mut failed_once);
+                serve(stream, &script, &log, &mut public_key, &mut failed_once);
             }
         });
         FakeServer { addr, codes }
@@ -504,7 +507,7 @@ impl FakeServer {
 
 fn serve(
     mut s: TcpStream,
-    script: Script,
+    script: &Script,
     log: &Mutex<Vec<u16>>,
     public_key: &mut Option<rsa::RsaPublicKey>,
     failed_once: &mut bool,
@@ -545,6 +548,14 @@ fn serve(
             },
             1028 => {
                 let ph = PacketHeader::decode(&payload).unwrap();
+                if let (Script::ChangeFile { path, grow }, 1) = (script, ph.packet_number) {
+                    let f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+                    if *grow {
+                        (&f).write_all(b"!").unwrap();
+                    } else {
+                        f.set_len(1 << 20).unwrap();
+                    }
+                }
                 let (dec, ck, total) =
                     upload.get_or_insert_with(|| (StreamDecryptor::new(&aes), Cksum::new(), 0));
                 *total += (payload.len() - PACKET_HEADER_LEN) as u32;
@@ -560,7 +571,7 @@ fn serve(
                             Response::GeneralError.encode(&mut out);
                             close = true;
                         }
-                        Script::FailFirstUpload => {}
+                        Script::FailFirstUpload | Script::ChangeFile { .. } => {}
                     }
                     if !close {
                         let file_name = ph.file_name.0;
@@ -569,7 +580,7 @@ fn serve(
                 }
             }
             1030 => {
-                if script == (Script::WrongCksum { ack_retry: true }) {
+                if *script == (Script::WrongCksum { ack_retry: true }) {
                     Response::Ack { id }.encode(&mut out)
                 }
             }
@@ -649,4 +660,35 @@ fn general_error_is_retried_on_a_new_connection() {
     assert_eq!(json_field(run.stdout.trim(), "status"), "server_error");
     expect = vec![0, 1025, 1026, 1028];
     assert_eq!(fake.codes(), expect);
+}
+
+#[test]
+fn file_changing_size_while_read_is_reported_and_never_confirmed() {
+    for grow in [false, true] {
+        let dir = client_dir();
+        // Far larger than the socket buffers: the client cannot have read it all
+        // before the server, which stops reading at packet 1, changes it.
+        let path = dir.path().join("live.log");
+        {
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+            for i in 0..64u64 {
+                f.write_all(&pseudo_random(1 << 20, i + 100)).unwrap();
+            }
+            f.flush().unwrap();
+        }
+        let fake = FakeServer::start(Script::ChangeFile { path: path.clone(), grow });
+        let addr = fake.addr.to_string();
+        let run = run_cli(
+            dir.path(),
+            &send_args(&addr, "max", &["live.log"], &["--packet-size", "64KiB", "--json"]),
+        );
+        assert_eq!(run.code, 1, "grow={grow}: {run:?}");
+        let obj = run.stdout.trim();
+        assert_eq!(json_field(obj, "status"), "file_changed", "{obj}");
+        assert_eq!(json_field(obj, "verified"), "false");
+        let codes = fake.codes();
+        assert!(!codes.contains(&1029), "grow={grow}: {codes:?}");
+        // The upload was cut short: never all 1025 packets of the file.
+        assert!(codes.iter().filter(|&&c| c == 1028).count() < 1025, "grow={grow}");
+    }
 }

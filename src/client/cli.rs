@@ -702,6 +702,9 @@ fn send_one(
     ui: &Ui,
 ) -> Result<FileReport, Fatal> {
     let start = Instant::now();
+    // Time and rate count from the first byte of the file sent, not the
+    // connection and identity set-up (key generation can take seconds).
+    let mut upload_start: Option<Instant> = None;
     let mut report = not_sent(path, Failure::local(""));
     let (name, size) = match precheck(path, opts) {
         Ok(v) => v,
@@ -749,6 +752,7 @@ fn send_one(
                 b.set_position(n);
             }
         };
+        upload_start.get_or_insert_with(Instant::now);
         let r = client.send_file(&name, path, opts, &mut progress);
         if let Some(up) = client.last_upload() {
             report.cksum = Some(up.local_cksum);
@@ -792,7 +796,7 @@ fn send_one(
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    report.elapsed = start.elapsed();
+    report.elapsed = upload_start.unwrap_or(start).elapsed();
     report.result = result;
     if report.result.is_err() && report.attempts == 0 {
         report.attempts = tries + 1;
