@@ -107,6 +107,21 @@ pub struct Server {
     spare_fd: Option<std::fs::File>,
     refused_since_log: u64,
     last_refusal_log: Option<Instant>,
+    /// Loop rounds so far, and connections closed so far: see [`AcceptPause`].
+    round: u64,
+    closed_total: u64,
+    accept_paused: Option<AcceptPause>,
+}
+
+/// At the connection limit, accepting stops for one loop round and the rest
+/// of the backlog waits in the kernel: the slots may be held by peers that
+/// have already gone (a connect-and-close flood) whose EOF the next round
+/// reads. Only when a whole round frees no slot is the excess refused, so a
+/// client queued behind a flood of dead connections is served, not refused.
+#[derive(Clone, Copy)]
+struct AcceptPause {
+    round: u64,
+    closed_total: u64,
 }
 
 /// Why the server could not start.
@@ -197,6 +212,9 @@ impl Server {
             spare_fd: std::fs::File::open("/dev/null").ok(),
             refused_since_log: 0,
             last_refusal_log: None,
+            round: 0,
+            closed_total: 0,
+            accept_paused: None,
         })
     }
 
@@ -211,8 +229,11 @@ impl Server {
         let mut next_tick = Instant::now() + TICK;
         loop {
             let now = Instant::now();
-            let timeout =
-                if self.ready.is_empty() { next_tick.saturating_duration_since(now) } else { Duration::ZERO };
+            let timeout = if self.ready.is_empty() && self.accept_paused.is_none() {
+                next_tick.saturating_duration_since(now)
+            } else {
+                Duration::ZERO
+            };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -221,7 +242,8 @@ impl Server {
             }
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept(),
+                    LISTENER if self.accept_paused.is_none() => self.accept(),
+                    LISTENER => {}
                     WAKER => {}
                     SIGNALS => self.on_signal(),
                     Token(key) => {
@@ -241,6 +263,10 @@ impl Server {
                     self.drive(key, serial);
                 }
             }
+            if self.accept_paused.is_some_and(|p| p.round < self.round) {
+                self.accept();
+            }
+            self.round += 1;
             let now = Instant::now();
             if now >= next_tick {
                 self.housekeeping(now);
@@ -299,7 +325,22 @@ impl Server {
     }
 
     fn accept(&mut self) {
+        let paused = self.accept_paused.take();
+        if self.listener.is_none() {
+            return;
+        }
+        let mut refusing = false;
         loop {
+            if !refusing && self.conns.len() >= self.cfg.max_connections {
+                match paused {
+                    Some(p) if p.closed_total == self.closed_total => refusing = true,
+                    _ => {
+                        self.accept_paused =
+                            Some(AcceptPause { round: self.round, closed_total: self.closed_total });
+                        return;
+                    }
+                }
+            }
             let Some(listener) = self.listener.as_ref() else { return };
             match listener.accept() {
                 Ok((mut socket, peer)) => {
@@ -366,6 +407,7 @@ impl Server {
             return;
         }
         let mut c = self.conns.remove(key);
+        self.closed_total += 1;
         let _ = self.poll.registry().deregister(&mut c.socket);
         self.budget.used -= c.reserved;
         match why {
