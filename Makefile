@@ -37,5 +37,28 @@ bench-quick:
 	$(CARGO) bench --bench micro -- --quick
 	$(CARGO) bench --bench load -- --quick $(BENCH_ARGS)
 
+## Fuzzing (issue 4, fuzz/): each cargo-fuzz target for FUZZ_SECONDS seconds,
+## from the committed seeds (fuzz/corpus/; new inputs go to fuzz/target/corpus/).
+## Installs cargo-fuzz if missing. Only stable Rust is installed: RUSTC_BOOTSTRAP=1
+## lets it take cargo-fuzz's -Z flags. AddressSanitizer, or no sanitizer if that
+## build fails. Debug assertions (overflow checks) on. A crash fails the rule and
+## leaves its input in fuzz/artifacts/<target>/.
+FUZZ_SECONDS ?= 30
+FUZZ_SANITIZER ?= address
+FUZZ_TARGETS ?= frame_decoder payload_parsers packet_sequence stream_decrypt
+fuzz:
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz
+	@set -e; san=$(FUZZ_SANITIZER); \
+	if ! RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build -a --sanitizer $$san; then \
+	  echo "fuzz: the $$san sanitizer build failed; building without a sanitizer"; san=none; \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build -a --sanitizer none; \
+	fi; \
+	for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/target/corpus/$$t; \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS) s (sanitizer: $$san)"; \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -a --sanitizer $$san $$t fuzz/target/corpus/$$t fuzz/corpus/$$t \
+	    -- -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -print_final_stats=1; \
+	done
+
 clean:
 	$(CARGO) clean
