@@ -472,6 +472,9 @@ impl Drop for RawServer {
 // Launch control, liveness and process sampling (hostile, fault and security tests)
 // ---------------------------------------------------------------------------
 
+/// A change made to the server's command before it is spawned.
+pub type CommandTweak = Arc<dyn Fn(&mut Command) + Send + Sync>;
+
 /// How [`TestServer::start_with`] launches the server process.
 #[derive(Clone)]
 pub struct Launch {
@@ -479,7 +482,7 @@ pub struct Launch {
     pub log_level: &'static str,
     /// Applied to the command before every spawn (start and restart): resource
     /// limits or a umask through `CommandExt::pre_exec`, environment variables.
-    pub tweak: Option<Arc<dyn Fn(&mut Command) + Send + Sync>>,
+    pub tweak: Option<CommandTweak>,
 }
 
 impl Default for Launch {
