@@ -500,7 +500,7 @@ impl Worker {
                 out.push(Completion::Committed { conn, upload, ok: false });
                 continue;
             };
-            let publish = self.storage.plan_publish(&client, &name, self.keep_versions, base + i as u64);
+            let publish = self.storage.plan_publish(&client, &name, base + i as u64);
             staged.push(Staged { conn, upload, client, name, file, temp, size, cksum, publish });
         }
         let fail = |s: Staged, out: &mut Vec<Completion>| {

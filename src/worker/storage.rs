@@ -207,14 +207,13 @@ impl Publish {
 
 impl Storage {
     /// Plan a publish: decide where the previous version (if any) will be kept.
-    /// Nothing on disk changes.
-    pub fn plan_publish(&self, id: &ClientId, name: &str, keep_versions: u32, stamp: u64) -> Publish {
+    /// Nothing on disk changes. The previous version is kept even with
+    /// `--keep-versions 0`, so that the publish can be undone until its commit;
+    /// pruning removes it afterwards.
+    pub fn plan_publish(&self, id: &ClientId, name: &str, stamp: u64) -> Publish {
         let target = self.file_path(id, name);
-        let saved_previous = if keep_versions > 0 && target.exists() {
-            Some(self.versions_dir(id, name).join(stamp.to_string()))
-        } else {
-            None
-        };
+        let saved_previous =
+            if target.exists() { Some(self.versions_dir(id, name).join(stamp.to_string())) } else { None };
         Publish { target, saved_previous }
     }
 
@@ -314,13 +313,13 @@ mod tests {
         let mut dirty = Vec::new();
         let t1 = s.temp_path(1);
         fs::write(&t1, b"one").unwrap();
-        let p1 = s.plan_publish(&id, "f", 3, 10);
+        let p1 = s.plan_publish(&id, "f", 10);
         assert_eq!(p1.saved_previous, None);
         s.save_previous(&p1, &mut dirty).unwrap();
         s.install(&t1, &p1, &mut dirty).unwrap();
         let t2 = s.temp_path(2);
         fs::write(&t2, b"two").unwrap();
-        let p2 = s.plan_publish(&id, "f", 3, 11);
+        let p2 = s.plan_publish(&id, "f", 11);
         s.save_previous(&p2, &mut dirty).unwrap();
         s.install(&t2, &p2, &mut dirty).unwrap();
         assert_eq!(fs::read(s.file_path(&id, "f")).unwrap(), b"two");
@@ -330,5 +329,37 @@ mod tests {
         assert!(s.versions(&id, "f").is_empty());
         p1.undo().unwrap();
         assert!(!s.file_path(&id, "f").exists());
+    }
+
+    #[test]
+    fn undo_with_keep_versions_0_restores_the_verified_file() {
+        // With --keep-versions 0 a publish over a verified file must still be
+        // undoable (failed commit, or a crash before it): the previous file is
+        // linked for the duration of the publish and pruned only after commit.
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(&dir.path().join("data")).unwrap();
+        let id = [0xcd; 16];
+        let mut dirty = Vec::new();
+        let t1 = s.temp_path(1);
+        fs::write(&t1, b"verified").unwrap();
+        let p1 = s.plan_publish(&id, "f", 10);
+        s.save_previous(&p1, &mut dirty).unwrap();
+        s.install(&t1, &p1, &mut dirty).unwrap();
+        let t2 = s.temp_path(2);
+        fs::write(&t2, b"unconfirmed").unwrap();
+        let p2 = s.plan_publish(&id, "f", 11);
+        s.save_previous(&p2, &mut dirty).unwrap();
+        s.install(&t2, &p2, &mut dirty).unwrap();
+        p2.undo().unwrap();
+        assert_eq!(fs::read(s.file_path(&id, "f")).unwrap(), b"verified");
+        // After a successful commit, pruning to 0 leaves no version behind.
+        let p3 = s.plan_publish(&id, "f", 12);
+        s.save_previous(&p3, &mut dirty).unwrap();
+        fs::write(&t2, b"second").unwrap();
+        s.install(&t2, &p3, &mut dirty).unwrap();
+        s.prune_versions(&id, "f", 0).unwrap();
+        assert!(s.versions(&id, "f").is_empty());
+        assert!(!s.versions_dir(&id, "f").exists());
+        assert_eq!(fs::read(s.file_path(&id, "f")).unwrap(), b"second");
     }
 }
