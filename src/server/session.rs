@@ -435,20 +435,29 @@ impl Server {
                         }
                     }
                     PacketOutcome::Failed(why) => {
-                        match &c.upload {
+                        // Only the connection's current upload is answered: one the
+                        // loop already refused has had its 1607, and one abandoned
+                        // (new packet 1, new session key) gets no reply.
+                        let current = match &c.upload {
                             Upload::Receiving(r) if r.upload == upload => {
                                 let (name_field, next, total) = (r.name_field.clone(), r.next, r.total);
                                 c.upload = Upload::Skipping { name_field, next, total };
+                                true
                             }
                             Upload::Finishing { upload: u, .. } if *u == upload => {
                                 c.upload = Upload::Idle;
+                                true
                             }
-                            _ => {}
-                        }
+                            _ => false,
+                        };
                         if last && c.awaiting == Awaiting::LastPacket {
                             c.awaiting = Awaiting::Nothing;
                         }
-                        self.refuse(conn.key, &format!("upload failed: {why}"));
+                        if current {
+                            self.refuse(conn.key, &format!("upload failed: {why}"));
+                        } else {
+                            log::info!("{}: an abandoned or already refused upload failed: {why}", c.tag());
+                        }
                     }
                     PacketOutcome::Ignored => {
                         if last && c.awaiting == Awaiting::LastPacket {

@@ -1,0 +1,39 @@
+//! Regression tests for defects found in the code review of src/server and
+//! src/worker. Each test names the defect it pins down.
+mod common;
+
+use backupd::client::UploadOptions;
+use backupd::protocol::ResponseCode;
+use common::*;
+
+/// Two independent refusals of one upload must not give the client two 1607s.
+///
+/// Packet 1 of 2 is a complete CBC stream with bad padding (only the worker can
+/// tell), packet 2 breaks a size rule (the loop refuses it). When the worker's
+/// failure arrives first, packet 2 is swallowed (one 1607). When the loop
+/// reads packet 2 before the worker is done with packet 1 — the usual order,
+/// since packet 1 is large and both arrive back to back — the loop refused
+/// packet 2 and the late failure of packet 1 used to be answered with a
+/// second 1607 for an upload already refused.
+#[test]
+fn late_failure_of_an_already_refused_upload_gets_no_second_1607() {
+    let server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("late-failure");
+    let name = name_field_raw(b"bad.bin");
+    let orig: u32 = 4 << 20; // a multiple of 16: garbage ciphertext cannot pass the padding check
+    let whole = backupd::crypto::ciphertext_len(orig as u64) as usize;
+    let garbage = pseudo_random(whole, 7);
+    let mut both = packet_frame(&id, whole as u32, orig, 1, 2, &name, &garbage);
+    // Packet 2 begins a stream after packet 1 but carries 32 bytes for a 16-byte stream.
+    both.extend(packet_frame(&id, 32, 0, 2, 2, &name, &[0u8; 32]));
+    c.send_raw(&both).unwrap();
+    expect_reply(&mut c, ResponseCode::GeneralError);
+    // The next reply must answer the next request, not be a second 1607.
+    c.reconnect(id, "late-failure", test_key()).expect("the reply to 1027 must be 1605");
+    // The connection is still usable.
+    let data = pseudo_random(1000, 8);
+    let up = c.upload_bytes("good.bin", &data, &UploadOptions::default()).unwrap();
+    assert!(up.cksum_matches());
+    c.crc_ok("good.bin").unwrap();
+    assert_eq!(std::fs::read(server.stored_path(&id, "good.bin")).unwrap(), data);
+}
