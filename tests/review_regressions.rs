@@ -2,6 +2,8 @@
 //! src/worker. Each test names the defect it pins down.
 mod common;
 
+use std::time::Duration;
+
 use backupd::client::UploadOptions;
 use backupd::protocol::ResponseCode;
 use common::*;
@@ -36,4 +38,25 @@ fn late_failure_of_an_already_refused_upload_gets_no_second_1607() {
     assert!(up.cksum_matches());
     c.crc_ok("good.bin").unwrap();
     assert_eq!(std::fs::read(server.stored_path(&id, "good.bin")).unwrap(), data);
+}
+
+/// A 1029 refused by the worker (the staged upload belongs to another client:
+/// the connection switched identity with 1027 after the 1603) must not leave
+/// the staged temp file behind in tmp/ until the next restart.
+#[test]
+fn refused_commit_of_another_clients_upload_removes_its_temp_file() {
+    let server = TestServer::start(&[]);
+    let (mut alice, _alice_id) = server.registered_client("alice");
+    let (_bob_conn, bob_id) = server.registered_client("bob");
+    let data = pseudo_random(5000, 9);
+    let up = alice.upload_bytes("f.bin", &data, &UploadOptions::default()).unwrap();
+    assert!(up.cksum_matches());
+    assert_eq!(walk_files(&server.tmp_dir()).len(), 1, "the staged upload is in tmp/");
+    // Same connection, now as bob (the same test key is bob's key too).
+    alice.reconnect(bob_id, "bob", test_key()).unwrap();
+    let err = alice.crc_ok("f.bin").expect_err("bob cannot confirm alice's upload");
+    assert_eq!(err.refusal_code(), Some(ResponseCode::GeneralError), "{err}");
+    let cleaned = wait_until(Duration::from_secs(5), || walk_files(&server.tmp_dir()).is_empty());
+    assert!(cleaned, "temp files left: {:?}", walk_files(&server.tmp_dir()));
+    assert!(walk_files(&server.files_dir()).is_empty(), "nothing may be published");
 }

@@ -496,6 +496,9 @@ impl Worker {
             let Some(Upload { file, temp, received: Some((cksum, size)), .. }) =
                 self.uploads.remove(&upload).filter(|_| ready)
             else {
+                // Refused (e.g. another client's upload): the loop no longer
+                // tracks it, so its temp file goes now.
+                let _ = std::fs::remove_file(self.storage.temp_path(upload));
                 log::warn!("worker: commit of {name:?} for an upload that is not staged");
                 out.push(Completion::Committed { conn, upload, ok: false });
                 continue;
