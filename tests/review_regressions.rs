@@ -60,3 +60,40 @@ fn refused_commit_of_another_clients_upload_removes_its_temp_file() {
     assert!(cleaned, "temp files left: {:?}", walk_files(&server.tmp_dir()));
     assert!(walk_files(&server.files_dir()).is_empty(), "nothing may be published");
 }
+
+/// Files waiting for their 1029 must not hold a file descriptor each: with
+/// 16 staged files allowed per connection and 256 connections, the server
+/// would need over 4000 descriptors, and once out of them every client's
+/// uploads and commits fail. Here three connections stage 16 files each under
+/// a limit of 48 descriptors; every upload must get 1603 and every 1029 1604.
+/// Both sync modes (`fsync` reopens each staged file to sync it).
+#[test]
+fn staged_files_do_not_hold_file_descriptors() {
+    for mode in ["syncfs", "fsync"] {
+        let server = TestServer::start_with(
+            &["--sync-mode", mode],
+            Launch::with_rlimit(libc::RLIMIT_NOFILE, 48),
+            |_| {},
+        );
+        let mut conns: Vec<_> = (0..3).map(|i| server.registered_client(&format!("fd{i}"))).collect();
+        let data = pseudo_random(300, 10);
+        for (i, (c, _)) in conns.iter_mut().enumerate() {
+            for n in 0..16 {
+                let name = format!("c{i}-{n}.bin");
+                let up = c
+                    .upload_bytes(&name, &data, &UploadOptions::default())
+                    .unwrap_or_else(|e| panic!("{mode}: upload {name}: {e}\nlog:\n{}", server.log_text()));
+                assert!(up.cksum_matches());
+            }
+        }
+        for (i, (c, id)) in conns.iter_mut().enumerate() {
+            for n in 0..16 {
+                let name = format!("c{i}-{n}.bin");
+                c.crc_ok(&name)
+                    .unwrap_or_else(|e| panic!("{mode}: 1029 {name}: {e}\nlog:\n{}", server.log_text()));
+                assert_eq!(std::fs::read(server.stored_path(id, &name)).unwrap(), data);
+            }
+        }
+        assert!(walk_files(&server.tmp_dir()).is_empty());
+    }
+}

@@ -157,7 +157,9 @@ impl Wake for mio::Waker {
 struct Upload {
     client: ClientId,
     key: SessionKey,
-    file: File,
+    /// Open while packets arrive; closed once the upload is received, so that
+    /// staged files awaiting their 1029 hold no file descriptor.
+    file: Option<File>,
     temp: PathBuf,
     dec: Option<StreamDecryptor>,
     cksum: Cksum,
@@ -215,7 +217,6 @@ struct Staged {
     upload: UploadId,
     client: ClientId,
     name: String,
-    file: File,
     temp: PathBuf,
     size: u64,
     cksum: u32,
@@ -404,7 +405,7 @@ impl Worker {
                 Upload {
                     client: start.client,
                     key: SessionKey(start.key),
-                    file,
+                    file: Some(file),
                     temp,
                     dec: None,
                     cksum: Cksum::new(),
@@ -426,7 +427,9 @@ impl Worker {
         }
         let content = p.payload.get_mut(PACKET_HEADER_LEN..).unwrap_or(&mut []);
         u.ciphertext += content.len() as u64;
-        let Upload { file, cksum, dec, .. } = u;
+        let Upload { file: Some(file), cksum, dec, .. } = u else {
+            return Err("packet after the last one".into());
+        };
         let mut err: Option<io::Error> = None;
         let mut sink = |pt: &[u8]| {
             if err.is_none() {
@@ -444,7 +447,9 @@ impl Worker {
         }
         if let Some(expected) = p.end_segment {
             let d = u.dec.take().ok_or("no CBC stream to finish")?;
-            let Upload { file, cksum, .. } = u;
+            let Upload { file: Some(file), cksum, .. } = u else {
+                return Err("packet after the last one".into());
+            };
             let mut sink = |pt: &[u8]| {
                 if err.is_none() {
                     cksum.update(pt);
@@ -472,6 +477,7 @@ impl Worker {
         let plain_len = u.cksum.len();
         let sum = std::mem::take(&mut u.cksum).finalize();
         u.received = Some((sum, plain_len));
+        u.file = None;
         Ok(PacketOutcome::Received { cksum: sum, ciphertext_len: u.ciphertext, plain_len })
     }
 
@@ -493,7 +499,7 @@ impl Worker {
                 continue;
             }
             let ready = matches!(self.uploads.get(&upload), Some(u) if u.client == client);
-            let Some(Upload { file, temp, received: Some((cksum, size)), .. }) =
+            let Some(Upload { temp, received: Some((cksum, size)), .. }) =
                 self.uploads.remove(&upload).filter(|_| ready)
             else {
                 // Refused (e.g. another client's upload): the loop no longer
@@ -504,7 +510,7 @@ impl Worker {
                 continue;
             };
             let publish = self.storage.plan_publish(&client, &name, base + i as u64);
-            staged.push(Staged { conn, upload, client, name, file, temp, size, cksum, publish });
+            staged.push(Staged { conn, upload, client, name, temp, size, cksum, publish });
         }
         let fail = |s: Staged, out: &mut Vec<Completion>| {
             let _ = std::fs::remove_file(&s.temp);
@@ -515,7 +521,7 @@ impl Worker {
         if self.sync_mode == SyncMode::Fsync {
             let mut synced = Vec::with_capacity(staged.len());
             for s in staged.drain(..) {
-                match s.file.sync_data() {
+                match File::open(&s.temp).and_then(|f| f.sync_data()) {
                     Ok(()) => synced.push(s),
                     Err(e) => {
                         log::error!("worker: cannot fsync staged {:?}: {e}", s.name);
