@@ -140,9 +140,13 @@ impl Server {
     /// Open storage and database (reconciling them), bind the listener,
     /// register signals and start the worker.
     pub fn bind(cfg: Config, addr: SocketAddr) -> Result<Server, StartError> {
-        if cfg.memory_budget < cfg.max_packet {
+        // Every frame must fit the budget on its own, or it would wait for it forever:
+        // a file packet (--max-packet) and a 1026 (name + padded key) alike.
+        let largest_key_frame =
+            (crate::protocol::NAME_FIELD_LEN + crate::protocol::header::MAX_PUBLIC_KEY_LEN) as u64;
+        if cfg.memory_budget < cfg.max_packet.max(largest_key_frame) {
             return Err(StartError(format!(
-                "--memory-budget ({}) must be at least --max-packet ({})",
+                "--memory-budget ({}) must be at least --max-packet ({}) and {largest_key_frame} bytes",
                 cfg.memory_budget, cfg.max_packet
             )));
         }
@@ -653,4 +657,25 @@ fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     }
     l.set_nonblocking(true)?;
     Ok(TcpListener::from_std(l))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 1026 frame may carry 255 + 2048 bytes whatever --max-packet says: a
+    /// budget below that would leave such a frame waiting for budget forever.
+    #[test]
+    fn memory_budget_must_hold_the_largest_public_key_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::defaults();
+        cfg.data_dir = dir.path().join("data");
+        cfg.max_packet = 1024;
+        cfg.memory_budget = 1024;
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        match Server::bind(cfg, addr) {
+            Err(e) => assert!(e.0.contains("--memory-budget"), "{e}"),
+            Ok(_) => panic!("a 1 KiB budget cannot hold a 2303-byte 1026 frame; start must fail"),
+        }
+    }
 }
