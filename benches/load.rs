@@ -1763,7 +1763,7 @@ fn measure_limits(o: &Opts, bench_dir: &Path) -> Res<Limits> {
         ),
     ] {
         let mut s = Samples::default();
-        for it in 0..iters.min(3) {
+        for it in 0..iters {
             let d = dir.join(format!("{key}-{it}"));
             s.0.push(limit_durable(&d, o.fsync_files, batch, mode, db)?);
         }
@@ -1951,7 +1951,10 @@ fn run(o: &Opts) -> Res<bool> {
     top.set("loadavg_at_start", fs::read_to_string("/proc/loadavg").ok().map(|s| s.trim().to_string()));
     top.set("mode", if o.quick { "quick" } else { "full" });
     top.set("target", o.target.clone());
-    top.set("scenarios", o.scenarios.iter().map(|s| format!("{s:?}").to_lowercase()).collect::<Vec<_>>());
+    top.set(
+        "scenarios_selected",
+        o.scenarios.iter().map(|s| format!("{s:?}").to_lowercase()).collect::<Vec<_>>(),
+    );
     let mut fsj = J::obj();
     fsj.set("path", dir.display().to_string());
     fsj.set("fs_type", fs_kind.clone());
