@@ -124,6 +124,8 @@ pub enum Completion {
         conn: ConnRef,
         id: ClientId,
         ok: bool,
+        /// The key saved (DER), for the registry when the connection is gone.
+        der: Vec<u8>,
     },
     /// Every packet job gets exactly one; `buffer` comes back for reuse and
     /// its capacity is returned to the memory budget.
@@ -208,7 +210,7 @@ pub fn upload_id_seed() -> UploadId {
 /// report for it.
 enum Pending {
     Register { conn: ConnRef, id: ClientId },
-    SetKey { conn: ConnRef, id: ClientId },
+    SetKey { conn: ConnRef, id: ClientId, der: Vec<u8> },
     Silent,
 }
 
@@ -347,7 +349,8 @@ impl Worker {
                     writes.push((Pending::Register { conn, id }, vec![Write::InsertClient { id, name }]))
                 }
                 Job::SetKey { conn, id, der } => {
-                    writes.push((Pending::SetKey { conn, id }, vec![Write::SetPublicKey { id, der }]))
+                    let pending = Pending::SetKey { conn, id, der: der.clone() };
+                    writes.push((pending, vec![Write::SetPublicKey { id, der }]))
                 }
                 Job::Touch { id } => writes.push((Pending::Silent, vec![Write::Touch { id }])),
                 Job::Commit { conn, upload, client, name } => commits.push((conn, upload, client, name)),
@@ -623,7 +626,7 @@ impl Worker {
         }
         for s in published {
             if files_ok {
-                log::info!(
+                log::debug!(
                     "stored {} for client {} ({} bytes, cksum {})",
                     s.name,
                     id_hex(&s.client),
@@ -646,7 +649,7 @@ impl Worker {
                 || self.db.apply(&w).map_err(|e| log::error!("worker: database write failed: {e}")).is_ok();
             match pending {
                 Pending::Register { conn, id } => out.push(Completion::Registered { conn, id, ok }),
-                Pending::SetKey { conn, id } => out.push(Completion::KeySaved { conn, id, ok }),
+                Pending::SetKey { conn, id, der } => out.push(Completion::KeySaved { conn, id, ok, der }),
                 Pending::Silent => {}
             }
         }
