@@ -490,8 +490,15 @@ impl Server {
                 }
                 self.resume(conn.key, conn.serial);
             }
-            Completion::KeySaved { conn, id, ok } => {
+            Completion::KeySaved { conn, id, ok, der } => {
                 let Some(c) = self.conns.get_mut(conn.key).filter(|c| c.serial == conn.serial) else {
+                    // The connection is gone but the key is on file: a reconnect
+                    // must encrypt to it, as it will after a restart.
+                    if let (true, Some(e), Ok((k, _))) =
+                        (ok, self.registry.by_id.get_mut(&id), parse_public_key(&der))
+                    {
+                        e.key = Some(k);
+                    }
                     return;
                 };
                 let Awaiting::Key { encrypted_key, key, name, public } =
@@ -681,5 +688,57 @@ fn check_content_size(field: u32, content_len: u64, whole: u64) -> Result<(), St
         Err(format!(
             "content_size {field} is neither this packet's length {content_len} nor the file's ciphertext length {whole}"
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rsa::pkcs8::EncodePublicKey;
+
+    use super::super::connection::Connection;
+    use super::*;
+    use crate::config::Config;
+
+    /// The key a 1026 put on file must be the one a later 1027 encrypts to,
+    /// even when the connection that sent the 1026 closed before the worker
+    /// saved it: the registry in memory must follow the database.
+    #[test]
+    fn key_saved_after_its_connection_closed_still_reaches_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::defaults();
+        cfg.data_dir = dir.path().join("data");
+        let mut server = Server::bind(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let id = [7u8; 16];
+        server.registry.by_name.insert("kim".into(), id);
+        server.registry.by_id.insert(id, ClientEntry { name: "kim".into(), key: None, pending: false });
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (sock, peer) = listener.accept().unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let serial = server.next_serial;
+        server.next_serial += 1;
+        let key = server.conns.insert(Connection::new(
+            mio::net::TcpStream::from_std(sock),
+            peer,
+            serial,
+            Instant::now(),
+        ));
+
+        let private = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 1024).unwrap();
+        let der = private.to_public_key().to_public_key_der().unwrap().into_vec();
+        server.on_public_key(key, id, NameField::from_name(b"kim").unwrap(), der);
+        assert!(server.conns[key].awaiting != Awaiting::Nothing, "the key goes to the worker first");
+        server.close(key, serial, Some("peer went away"));
+        let done = server.done.recv_timeout(Duration::from_secs(10)).expect("the worker answers");
+        assert!(matches!(done, Completion::KeySaved { ok: true, .. }));
+        server.on_completion(done);
+        assert_eq!(
+            server.registry.by_id[&id].key.as_ref(),
+            Some(&private.to_public_key()),
+            "the database has the new key; a reconnect must encrypt to it"
+        );
     }
 }
