@@ -268,7 +268,11 @@ impl Storage {
     pub fn move_to_orphans(&self, path: &Path, stamp: u64) -> io::Result<PathBuf> {
         let rel = path.strip_prefix(self.files_dir()).unwrap_or(path);
         let mut flat: String = rel.to_string_lossy().replace('/', "_");
-        flat.truncate(200);
+        let mut cut = flat.len().min(200);
+        while !flat.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        flat.truncate(cut);
         let dest_dir = self.root.join("orphans");
         create_private_dir(&dest_dir)?;
         let dest = dest_dir.join(format!("{stamp}-{flat}"));
@@ -361,5 +365,24 @@ mod tests {
         assert!(s.versions(&id, "f").is_empty());
         assert!(!s.versions_dir(&id, "f").exists());
         assert_eq!(fs::read(s.file_path(&id, "f")).unwrap(), b"second");
+    }
+
+    /// Reconciliation moves files without a verified row to orphans/ under a
+    /// flattened name cut to 200 bytes; a client's UTF-8 file name must not
+    /// make that cut panic (the server could then never start).
+    #[test]
+    fn orphan_names_are_cut_on_a_character_boundary() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(&dir.path().join("data")).unwrap();
+        let id = [0x5a; 16];
+        let name = "é".repeat(125); // 250 bytes: byte 200 of "<hex>_<name>" falls inside an 'é'
+        assert!(validate_file_name(name.as_bytes()).is_ok());
+        create_private_dir(&s.client_dir(&id)).unwrap();
+        let path = s.file_path(&id, &name);
+        fs::write(&path, b"x").unwrap();
+        let dest = s.move_to_orphans(&path, 42).unwrap();
+        assert!(!path.exists());
+        assert_eq!(fs::read(&dest).unwrap(), b"x");
+        assert!(dest.starts_with(dir.path().join("data").join("orphans")));
     }
 }
