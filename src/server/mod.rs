@@ -497,7 +497,12 @@ impl Server {
             if let ReadState::AwaitBudget { header, code } = c.read {
                 let size = header.payload_size as usize;
                 if self.budget.used + size > self.budget.limit {
-                    return; // still queued in budget_waiters
+                    // Queued once: a waiter taken off the queue while it could not
+                    // proceed (replies over the limit) must not be lost.
+                    if !self.budget_waiters.contains(&(key, serial)) {
+                        self.budget_waiters.push_back((key, serial));
+                    }
+                    return;
                 }
                 self.budget.used += size;
                 let payload = self.take_buffer(size);
@@ -660,16 +665,35 @@ fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+
+    /// The defaults with a data directory under `dir`.
+    pub(in crate::server) fn test_config(dir: &std::path::Path) -> Config {
+        let mut cfg = Config::defaults();
+        cfg.data_dir = dir.join("data");
+        cfg
+    }
+
+    /// A connection inserted in the server's slab, and the client's end of it.
+    pub(in crate::server) fn add_connection(server: &mut Server) -> (usize, u64, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (sock, peer) = listener.accept().unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let serial = server.next_serial;
+        server.next_serial += 1;
+        let socket = mio::net::TcpStream::from_std(sock);
+        let key = server.conns.insert(Connection::new(socket, peer, serial, Instant::now()));
+        (key, serial, client)
+    }
 
     /// A 1026 frame may carry 255 + 2048 bytes whatever --max-packet says: a
     /// budget below that would leave such a frame waiting for budget forever.
     #[test]
     fn memory_budget_must_hold_the_largest_public_key_frame() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = Config::defaults();
-        cfg.data_dir = dir.path().join("data");
+        let mut cfg = test_config(dir.path());
         cfg.max_packet = 1024;
         cfg.memory_budget = 1024;
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
@@ -677,5 +701,67 @@ mod tests {
             Err(e) => assert!(e.0.contains("--memory-budget"), "{e}"),
             Ok(_) => panic!("a 1 KiB budget cannot hold a 2303-byte 1026 frame; start must fail"),
         }
+    }
+
+    /// A connection waiting for budget that is taken off `budget_waiters` but
+    /// cannot proceed at that moment (its unsent replies are over the limit)
+    /// must queue again when it next finds the budget short: nothing else
+    /// would ever resume it (its bytes are already known to be readable, so
+    /// no readiness event comes), and a connection in AwaitBudget is never
+    /// closed as idle.
+    #[test]
+    fn a_connection_waiting_for_budget_is_never_dropped_from_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = Server::bind(test_config(dir.path()), "127.0.0.1:0".parse().unwrap()).unwrap();
+        let (key, serial, mut client) = add_connection(&mut server);
+        let header = crate::protocol::RequestHeader {
+            client_id: [1; 16],
+            version: crate::protocol::VERSION,
+            code: crate::protocol::Code::FilePacket.as_u16(),
+            payload_size: 1000,
+        };
+        let unsent = 32 << 20; // more than the kernel buffers take: the flush leaves > 64 KiB
+        {
+            let c = &mut server.conns[key];
+            c.read = ReadState::AwaitBudget { header, code: crate::protocol::Code::FilePacket };
+            c.out = vec![0; unsent];
+        }
+        server.budget_waiters.push_back((key, serial));
+        server.wake_budget_waiters();
+        assert!(server.conns[key].pending_output() > connection::MAX_PENDING_OUTPUT);
+        assert!(matches!(server.conns[key].read, ReadState::AwaitBudget { .. }));
+
+        // Another connection takes the budget; the client reads its replies.
+        server.budget.used = server.budget.limit;
+        let reader = std::thread::spawn(move || {
+            use std::io::Read;
+            client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let (mut got, mut buf) = (0, vec![0u8; 1 << 16]);
+            while got < unsent {
+                match client.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+            (got, client)
+        });
+        for _ in 0..2000 {
+            server.drive(key, serial); // what a writable event does
+            if server.conns[key].pending_output() == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (got, _client) = reader.join().unwrap();
+        assert_eq!(got, unsent);
+        assert!(matches!(server.conns[key].read, ReadState::AwaitBudget { .. }));
+
+        // The budget is released (as by a completion): the connection must be served.
+        server.budget.used = 0;
+        server.wake_budget_waiters();
+        assert!(
+            matches!(server.conns[key].read, ReadState::AwaitPayload(_)),
+            "the connection is stuck in AwaitBudget with no way to be resumed"
+        );
     }
 }

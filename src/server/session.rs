@@ -697,9 +697,8 @@ mod tests {
 
     use rsa::pkcs8::EncodePublicKey;
 
-    use super::super::connection::Connection;
     use super::*;
-    use crate::config::Config;
+    use crate::server::tests::{add_connection, test_config};
 
     /// The key a 1026 put on file must be the one a later 1027 encrypts to,
     /// even when the connection that sent the 1026 closed before the worker
@@ -707,25 +706,12 @@ mod tests {
     #[test]
     fn key_saved_after_its_connection_closed_still_reaches_the_registry() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = Config::defaults();
-        cfg.data_dir = dir.path().join("data");
-        let mut server = Server::bind(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut server = Server::bind(test_config(dir.path()), "127.0.0.1:0".parse().unwrap()).unwrap();
         let id = [7u8; 16];
         server.registry.by_name.insert("kim".into(), id);
         server.registry.by_id.insert(id, ClientEntry { name: "kim".into(), key: None, pending: false });
 
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let _peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (sock, peer) = listener.accept().unwrap();
-        sock.set_nonblocking(true).unwrap();
-        let serial = server.next_serial;
-        server.next_serial += 1;
-        let key = server.conns.insert(Connection::new(
-            mio::net::TcpStream::from_std(sock),
-            peer,
-            serial,
-            Instant::now(),
-        ));
+        let (key, serial, _client) = add_connection(&mut server);
 
         let private = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 1024).unwrap();
         let der = private.to_public_key().to_public_key_der().unwrap().into_vec();
