@@ -156,14 +156,22 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    Ok(match unit.trim() {
+    let d = match unit.trim() {
         "ms" => Duration::from_millis(n),
         "" | "s" => Duration::from_secs(n),
-        "m" | "min" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+        "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
         _ => return Err(format!("invalid duration unit in {s:?} (use ms, s, m or h)")),
-    })
+    };
+    // Deadlines are computed as now + duration: keep them far from overflow.
+    if d > MAX_DURATION {
+        return Err(format!("duration {s:?} is longer than 30 days"));
+    }
+    Ok(d)
 }
+
+/// Longest duration accepted by any flag.
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 #[cfg(test)]
 mod tests {

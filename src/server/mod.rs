@@ -58,6 +58,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 const LISTEN_BACKLOG: i32 = 1024;
 /// Recycled packet buffers kept for reuse.
 const POOL_BUFFERS: usize = 8;
+/// ... holding at most this many bytes (the pool is outside the memory budget).
+const POOL_BYTES: usize = 4 << 20;
 
 /// A registered client, in memory for the life of the process.
 pub struct ClientEntry {
@@ -153,6 +155,10 @@ impl Server {
         if cfg.max_packet > u32::MAX as u64 || cfg.max_packet < crate::protocol::PACKET_HEADER_LEN as u64 {
             return Err(StartError("--max-packet must be between 267 bytes and 4 GiB".into()));
         }
+        if cfg.max_file_size > u32::MAX as u64 {
+            return Err(StartError("--max-file-size cannot exceed 4294967295 (a 32-bit field)".into()));
+        }
+        check_descriptor_limit(cfg.max_connections);
         let opened = Worker::open(&cfg).map_err(StartError)?;
         let poll = Poll::new().map_err(|e| StartError(format!("cannot create poll: {e}")))?;
         let mut listener =
@@ -267,6 +273,8 @@ impl Server {
                     self.drive(key, serial);
                 }
             }
+            // Small frames release their budget as they are handled: waiters may now fit.
+            self.wake_budget_waiters();
             if self.accept_paused.is_some_and(|p| p.round < self.round) {
                 self.accept();
             }
@@ -446,7 +454,8 @@ impl Server {
     }
 
     fn recycle(&mut self, buf: Vec<u8>) {
-        if self.pool.len() < POOL_BUFFERS && buf.capacity() <= 4 << 20 {
+        let pooled: usize = self.pool.iter().map(Vec::capacity).sum();
+        if self.pool.len() < POOL_BUFFERS && pooled + buf.capacity() <= POOL_BYTES {
             self.pool.push(buf);
         }
     }
@@ -471,7 +480,7 @@ impl Server {
                 // read and dropped meanwhile so that the close does not turn
                 // into a reset that could destroy the reply in flight.
                 let peer_done = c.discard_input();
-                if c.pending_output() == 0 {
+                if c.pending_output() == 0 && c.awaiting == connection::Awaiting::Nothing {
                     c.shut_write();
                     if peer_done {
                         self.close(key, serial, None);
@@ -519,12 +528,14 @@ impl Server {
                     return;
                 }
                 Ok(ReadOutcome::Closed) => {
-                    let why = if c.header_in_progress() || !matches!(c.read, ReadState::AwaitHeader) {
-                        Some("peer closed mid-frame")
-                    } else {
-                        None
-                    };
-                    self.close(key, serial, why);
+                    let mid_frame = c.header_in_progress() || !matches!(c.read, ReadState::AwaitHeader);
+                    if !mid_frame && (c.awaiting != connection::Awaiting::Nothing || c.pending_output() > 0) {
+                        // The peer half-closed after its last request: deliver the
+                        // reply it is owed, then close.
+                        c.closing = Some(now);
+                        continue;
+                    }
+                    self.close(key, serial, mid_frame.then_some("peer closed mid-frame"));
                     return;
                 }
                 Err(e) => {
@@ -540,7 +551,11 @@ impl Server {
                     Ok(code) => {
                         let c = &mut self.conns[key];
                         c.read = ReadState::AwaitBudget { header: h, code };
-                        if self.budget.used + h.payload_size as usize > self.budget.limit {
+                        // First come, first served: a new frame does not overtake
+                        // frames already waiting (a large packet would starve).
+                        if !self.budget_waiters.is_empty()
+                            || self.budget.used + h.payload_size as usize > self.budget.limit
+                        {
                             log::debug!("{}: waiting for memory budget", c.tag());
                             self.budget_waiters.push_back((key, serial));
                             return;
@@ -647,6 +662,32 @@ impl Server {
         for (key, serial) in stale {
             self.purge_stale(key, serial, now);
         }
+    }
+}
+
+/// Raise the soft descriptor limit to the hard one, and warn when even that
+/// cannot hold `--max-connections` (each connection needs a socket; the worker
+/// needs a few descriptors for files and the database).
+fn check_descriptor_limit(max_connections: usize) {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    let needed = max_connections as u64 + 64;
+    if (lim.rlim_cur as u64) < needed {
+        log::warn!(
+            "the descriptor limit ({}) is below --max-connections + 64 ({needed}): connections beyond it are refused",
+            lim.rlim_cur
+        );
     }
 }
 

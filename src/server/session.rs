@@ -181,7 +181,18 @@ impl Server {
     fn open_session(&mut self, key: usize, id: [u8; 16], name: String, aes: [u8; 32]) {
         let Some(c) = self.conns.get_mut(key) else { return };
         c.client_label = Some(name.clone());
+        // Files staged under another identity cannot be confirmed by this one.
+        let switched = c.session.as_ref().is_some_and(|s| s.id != id);
+        let dropped: Vec<u64> = if switched {
+            c.staged.drain(..).filter(|s| !s.retried).map(|s| s.upload).collect()
+        } else {
+            Vec::new()
+        };
         c.session = Some(Session { id, name, key: aes });
+        for upload in dropped {
+            self.send_job(Job::Discard { upload, failed: None });
+        }
+        let Some(c) = self.conns.get_mut(key) else { return };
         if let Upload::Receiving(r) = std::mem::replace(&mut c.upload, Upload::Idle) {
             self.send_job(Job::Discard { upload: r.upload, failed: None });
         }
@@ -647,6 +658,11 @@ pub fn plan_packet(
         None => {
             // A new CBC stream starts with this packet.
             let whole = ciphertext_len(orig as u64);
+            if whole > u32::MAX as u64 {
+                return Err(format!(
+                    "a ciphertext of {whole} bytes does not fit the 32-bit size of the 1603 reply"
+                ));
+            }
             if ph.packet_number > 1 && (r.multi_packet_stream || content_len != whole) {
                 return Err(format!(
                     "{content_len} bytes after the file's ciphertext was complete (packet {} of {})",
