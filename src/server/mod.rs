@@ -683,7 +683,7 @@ fn check_descriptor_limit(max_connections: usize) {
         }
     }
     let needed = max_connections as u64 + 64;
-    if (lim.rlim_cur as u64) < needed {
+    if lim.rlim_cur < needed {
         log::warn!(
             "the descriptor limit ({}) is below --max-connections + 64 ({needed}): connections beyond it are refused",
             lim.rlim_cur
