@@ -16,6 +16,10 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
+## Long hostile-client and crash-consistency variants (the #[ignore]d tests), release build.
+soak:
+	$(CARGO) test --release --test hostile --test faults -- --ignored --test-threads=1
+
 build:
 	$(CARGO) build
 
