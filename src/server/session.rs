@@ -624,6 +624,9 @@ pub fn plan_packet(
     let step = match r.segment {
         Some(mut seg) => {
             // Inside a stream that spans packets: same file, same sizes.
+            if content_len == 0 {
+                return Err("empty packet inside the file's ciphertext".into());
+            }
             if orig != seg.orig {
                 return Err(format!("orig_file_size changed from {} to {orig} within the file", seg.orig));
             }
