@@ -1,0 +1,704 @@
+//! End-to-end happy paths of issue 2 against the real `backupd` binary:
+//! real sockets on 127.0.0.1, real files in temp directories, no mocks.
+//! (Refusals live in `server_refusals.rs`.)
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backupd::client::{Client, ContentSizeField, PacketPlan, SendOutcome, UploadOptions};
+use backupd::crypto::{self, OaepHash};
+use backupd::protocol::{id_hex, ClientId, Code, Response, ResponseCode};
+use common::*;
+use rsa::pkcs8::EncodePublicKey;
+use rsa::traits::PublicKeyParts;
+use rsa::RsaPrivateKey;
+
+const MIB: usize = 1024 * 1024;
+
+fn opts(packet_size: usize, content_size: ContentSizeField) -> UploadOptions {
+    UploadOptions { packet_size, content_size, ..Default::default() }
+}
+
+/// Upload `data` as `name`, check the 1603 (size, echoed name, cksum), confirm
+/// with 1029 and check the stored file and its database row.
+fn upload_confirm_check(
+    server: &TestServer,
+    c: &mut Client,
+    id: &ClientId,
+    name: &str,
+    data: &[u8],
+    o: &UploadOptions,
+) {
+    let up = c.upload_bytes(name, data, o).unwrap();
+    let expect_size = match o.content_size {
+        ContentSizeField::PerPacketEncrypted => {
+            PacketPlan::new(data.len() as u64, o.packet_size, o.content_size).unwrap().wire_bytes
+        }
+        _ => ((data.len() / 16 + 1) * 16) as u64,
+    };
+    assert_eq!(u64::from(up.content_size), expect_size, "{name}: 1603 content_size");
+    assert_eq!(up.file_name_field, name_field_raw(name.as_bytes()), "{name}: 1603 name field");
+    assert_eq!(up.server_cksum, crypto::cksum(data), "{name}: server cksum");
+    assert!(up.cksum_matches());
+    c.crc_ok(name).unwrap();
+    let stored = std::fs::read(server.stored_path(id, name)).unwrap();
+    assert!(
+        stored == data,
+        "{name}: stored file ({} bytes) differs from the {} sent",
+        stored.len(),
+        data.len()
+    );
+    assert_eq!(db_verified(&server.db_path(), id, name), Some(1), "{name}: files row");
+}
+
+fn tmp_is_empty(server: &TestServer) -> bool {
+    walk_files(&server.data_dir().join("tmp")).is_empty()
+}
+
+#[test]
+fn uploads_of_0_1_15_16_17_bytes_1mib_and_64mib_are_stored_byte_identical() {
+    let server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("sizes");
+    let o = opts(MIB, ContentSizeField::ThisPacket);
+    for (i, n) in [0, 1, 15, 16, 17, MIB, 64 * MIB].into_iter().enumerate() {
+        let data = pseudo_random(n, 100 + i as u64);
+        upload_confirm_check(&server, &mut c, &id, &format!("size-{n}.bin"), &data, &o);
+    }
+    assert!(wait_until(Duration::from_secs(5), || tmp_is_empty(&server)), "staging files left in tmp/");
+    assert_eq!(walk_files(&server.files_dir()).len(), 7);
+}
+
+#[test]
+fn every_packet_convention_and_single_packet_uploads() {
+    use ContentSizeField::*;
+    let server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("conventions");
+    // (plaintext size, packet size, convention)
+    let cases = [
+        (5000, 1000, ThisPacket),           // 6 packets, boundaries off the 16-byte blocks
+        (300_000, 16 * MIB, ThisPacket),    // one packet holding the whole file
+        (2032, 1024, WholeFile),            // ciphertext 2048 = 2 * 1024: empty last packet
+        (5000, 1024, WholeFile),            // last packet partial
+        (1000, 1024, WholeFile),            // one packet
+        (0, 1024, WholeFile),               // empty file, one packet
+        (10_000, 4000, PerPacketEncrypted), // 4000 + 4000 + 2000, each its own CBC stream
+        (8000, 4000, PerPacketEncrypted),   // multiple of 4000: an extra packet of empty plaintext
+        (3999, 4000, PerPacketEncrypted),   // one packet
+        (0, 4000, PerPacketEncrypted),      // empty file
+    ];
+    let mut saw_empty_last = false;
+    for (i, (n, p, conv)) in cases.into_iter().enumerate() {
+        let plan = PacketPlan::new(n as u64, p, conv).unwrap();
+        let last = plan.packet(plan.total_packets);
+        saw_empty_last |= conv == WholeFile && last.content_len == 0 && plan.total_packets > 1;
+        let data = pseudo_random(n, 7 + i as u64);
+        let name = format!("conv-{i}-{n}.bin");
+        upload_confirm_check(&server, &mut c, &id, &name, &data, &opts(p, conv));
+    }
+    assert!(saw_empty_last, "the empty-last-packet case was not exercised");
+}
+
+#[test]
+fn public_key_variants_and_ascii_zero_register_id() {
+    let server = TestServer::start(&[]);
+    let key17 =
+        RsaPrivateKey::new_with_exp(&mut rand::rngs::OsRng, 1024, &rsa::BigUint::from(17u32)).unwrap();
+    let key2048 = RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
+    let der = |k: &RsaPrivateKey| k.to_public_key().to_public_key_der().unwrap().as_bytes().to_vec();
+    assert_eq!(der(&key17).len(), 160, "Crypto++-style key: 1024 bits, e=17");
+    assert_eq!(der(test_key()).len(), 162, "PyCryptodome-style key: 1024 bits, e=65537");
+    let mut padded = der(test_key());
+    padded.resize(padded.len() + 100, 0);
+    let cases: [(&str, &RsaPrivateKey, Vec<u8>); 4] = [
+        ("e17", &key17, der(&key17)),
+        ("e65537", test_key(), der(test_key())),
+        ("padded", test_key(), padded),
+        ("k2048", &key2048, der(&key2048)),
+    ];
+    for (name, key, field) in cases {
+        let mut c = server.connect();
+        // 1025 with sixteen ASCII '0' in the header id (a client in the field does this).
+        c.send_raw(&frame(&[b'0'; 16], Code::Register, &[&name_field_raw(name.as_bytes())])).unwrap();
+        let Response::RegistrationOk { id } = expect_reply(&mut c, ResponseCode::RegistrationOk) else {
+            unreachable!()
+        };
+        assert_ne!(id, [b'0'; 16]);
+        c.send_raw(&frame(&id, Code::PublicKey, &[&name_field_raw(name.as_bytes()), &field])).unwrap();
+        let Response::KeyAccepted { id: rid, encrypted_key } =
+            expect_reply(&mut c, ResponseCode::KeyAccepted)
+        else {
+            unreachable!()
+        };
+        assert_eq!(rid, id);
+        assert_eq!(encrypted_key.len(), key.to_public_key().size(), "{name}: RSA ciphertext size");
+        let aes =
+            crypto::decrypt_session_key(key, &encrypted_key, OaepHash::Sha1).expect("OAEP-SHA1 by default");
+        c.set_id(id);
+        c.set_aes_key(Some(aes));
+        let data = pseudo_random(777, 3);
+        upload_confirm_check(&server, &mut c, &id, "k.bin", &data, &UploadOptions::default());
+        // The key on file is the exact DER (padding stripped): a reconnect encrypts to it.
+        let mut c2 = server.connect();
+        c2.reconnect(id, name, key).unwrap();
+        upload_confirm_check(&server, &mut c2, &id, "k2.bin", &data, &UploadOptions::default());
+    }
+}
+
+#[test]
+fn oaep_sha256_setting() {
+    let server = TestServer::start(&["--oaep-hash", "sha256"]);
+    let mut c = server.connect();
+    let id = c.register("sha256").unwrap();
+    let spki = test_key().to_public_key().to_public_key_der().unwrap();
+    c.send_frame(Code::PublicKey, &[&name_field_raw(b"sha256"), spki.as_bytes()]).unwrap();
+    let Response::KeyAccepted { encrypted_key, .. } = expect_reply(&mut c, ResponseCode::KeyAccepted) else {
+        unreachable!()
+    };
+    assert!(crypto::decrypt_session_key(test_key(), &encrypted_key, OaepHash::Sha1).is_err());
+    let aes = crypto::decrypt_session_key(test_key(), &encrypted_key, OaepHash::Sha256).unwrap();
+    c.set_aes_key(Some(aes));
+    upload_confirm_check(&server, &mut c, &id, "s.bin", b"sha-256 session", &UploadOptions::default());
+}
+
+#[test]
+fn every_key_exchange_and_reconnect_gives_a_new_key() {
+    let server = TestServer::start(&[]);
+    let (mut c1, id) = server.registered_client("rekey");
+    let k1 = *c1.aes_key().unwrap();
+    let data = pseudo_random(4096, 11);
+    let o = opts(1000, ContentSizeField::ThisPacket);
+    // A second 1026 on the same connection: a new key, and uploads use it.
+    c1.send_public_key("rekey", test_key()).unwrap();
+    let k1b = *c1.aes_key().unwrap();
+    assert_ne!(k1, k1b);
+    upload_confirm_check(&server, &mut c1, &id, "a.bin", &data, &o);
+
+    // Reconnect on a new connection.
+    let mut c2 = server.connect();
+    c2.reconnect(id, "rekey", test_key()).unwrap();
+    let k2 = *c2.aes_key().unwrap();
+    assert!(k2 != k1 && k2 != k1b);
+    upload_confirm_check(&server, &mut c2, &id, "b.bin", &data, &o);
+
+    // Reconnect again on the same connection: another key; the previous one no longer decrypts.
+    c2.reconnect(id, "rekey", test_key()).unwrap();
+    let k3 = *c2.aes_key().unwrap();
+    assert!(k3 != k2 && k3 != k1b);
+    c2.set_aes_key(Some(k2));
+    match c2.upload_bytes("c.bin", &data, &o) {
+        Err(e) => assert_eq!(e.refusal_code(), Some(ResponseCode::GeneralError), "{e}"),
+        Ok(up) => panic!("upload under a replaced key accepted: {up:?}"),
+    }
+    c2.set_aes_key(Some(k3));
+    upload_confirm_check(&server, &mut c2, &id, "c.bin", &data, &o);
+}
+
+#[test]
+fn retry_without_ack_retry_gets_no_reply_and_the_resend_is_stored() {
+    let server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("retry");
+    let o = opts(1024, ContentSizeField::ThisPacket);
+    let attempts: Vec<Vec<u8>> = (0..3).map(|i| pseudo_random(3000, 40 + i)).collect();
+    for (i, data) in attempts.iter().enumerate() {
+        if i > 0 {
+            // 1030 sent raw: the client library would otherwise tolerate a stray 1604.
+            c.send_frame(Code::CrcRetry, &[&name_field_raw(b"r.bin")]).unwrap();
+        }
+        // The next reply must be this upload's 1603: a 1604 for the 1030 fails here.
+        let up = c.upload_bytes("r.bin", data, &o).unwrap();
+        assert_eq!(up.server_cksum, crypto::cksum(data));
+    }
+    c.crc_ok("r.bin").unwrap();
+    assert!(std::fs::read(server.stored_path(&id, "r.bin")).unwrap() == attempts[2]);
+    assert_eq!(db_verified(&server.db_path(), &id, "r.bin"), Some(1));
+    assert!(wait_until(Duration::from_secs(5), || tmp_is_empty(&server)), "discarded attempts left in tmp/");
+}
+
+#[test]
+fn retry_with_ack_retry_answers_1604() {
+    let server = TestServer::start(&["--ack-retry"]);
+    let (mut c, id) = server.registered_client("ackretry");
+    let o = opts(1024, ContentSizeField::ThisPacket);
+    let first = pseudo_random(2500, 1);
+    let second = pseudo_random(2500, 2);
+    c.upload_bytes("r.bin", &first, &o).unwrap();
+    c.crc_retry("r.bin", true).unwrap(); // reads the 1604
+    c.upload_bytes("r.bin", &second, &o).unwrap();
+    c.crc_ok("r.bin").unwrap();
+    assert!(std::fs::read(server.stored_path(&id, "r.bin")).unwrap() == second);
+    // 1031 after an acknowledged 1030.
+    c.upload_bytes("q.bin", &first, &o).unwrap();
+    c.crc_retry("q.bin", true).unwrap();
+    c.crc_abort("q.bin").unwrap();
+    assert!(!server.stored_path(&id, "q.bin").exists());
+    // send_file with ack_retry set waits for the 1604 and stays in step.
+    let path = server.temp_dir().join("plain.bin");
+    std::fs::write(&path, &first).unwrap();
+    let out = c.send_file("f.bin", &path, &UploadOptions { ack_retry: true, ..o }, &mut |_| {}).unwrap();
+    assert_eq!(out, SendOutcome::Verified { cksum: crypto::cksum(&first), attempts: 1 });
+}
+
+#[test]
+fn abort_stores_nothing_and_records_the_failure() {
+    let server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("abort");
+    let o = opts(1024, ContentSizeField::ThisPacket);
+    let data = pseudo_random(5000, 5);
+    let db = server.db_path();
+
+    // upload, 1031 -> 1604
+    c.upload_bytes("a.bin", &data, &o).unwrap();
+    c.crc_abort("a.bin").unwrap();
+    // upload, 1030 (no reply), 1031 -> 1604
+    c.upload_bytes("b.bin", &data, &o).unwrap();
+    c.send_frame(Code::CrcRetry, &[&name_field_raw(b"b.bin")]).unwrap();
+    c.crc_abort("b.bin").unwrap();
+    for name in ["a.bin", "b.bin"] {
+        assert!(
+            wait_until(Duration::from_secs(5), || db_verified(&db, &id, name).is_some()),
+            "{name}: no files row after 1031"
+        );
+        assert_eq!(db_verified(&db, &id, name), Some(0), "{name}");
+    }
+    assert_eq!(walk_files(&server.files_dir()), Vec::<std::path::PathBuf>::new(), "nothing under files/");
+    assert!(wait_until(Duration::from_secs(5), || tmp_is_empty(&server)), "aborted uploads left in tmp/");
+
+    // An abort never destroys an earlier verified version.
+    let v1 = pseudo_random(100, 8);
+    upload_confirm_check(&server, &mut c, &id, "keep.bin", &v1, &o);
+    c.upload_bytes("keep.bin", &pseudo_random(200, 9), &o).unwrap();
+    c.crc_abort("keep.bin").unwrap();
+    // The connection is in step and the worker has handled the abort once this round trip is done.
+    upload_confirm_check(&server, &mut c, &id, "after.bin", &v1, &o);
+    assert!(std::fs::read(server.stored_path(&id, "keep.bin")).unwrap() == v1);
+    assert_eq!(db_verified(&db, &id, "keep.bin"), Some(1));
+}
+
+#[test]
+fn registration_and_files_survive_a_restart() {
+    let mut server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("persist");
+    let data = pseudo_random(50_000, 21);
+    upload_confirm_check(&server, &mut c, &id, "p.bin", &data, &UploadOptions::default());
+    drop(c);
+    let status = server.stop();
+    assert_eq!(status.code(), Some(0), "clean shutdown exit status: {status:?}");
+    server.restart();
+
+    let mut c = server.connect();
+    c.reconnect(id, "persist", test_key()).unwrap();
+    assert!(std::fs::read(server.stored_path(&id, "p.bin")).unwrap() == data);
+    assert_eq!(db_verified(&server.db_path(), &id, "p.bin"), Some(1));
+    upload_confirm_check(&server, &mut c, &id, "q.bin", &data[..1000], &UploadOptions::default());
+    // The name is still taken after the restart.
+    let mut other = server.connect();
+    let e = other.register("persist").unwrap_err();
+    assert_eq!(e.refusal_code(), Some(ResponseCode::RegistrationFailed));
+}
+
+#[test]
+fn server_cksum_equals_cksum_command() {
+    let server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("cksum");
+    let o = opts(64 * 1024, ContentSizeField::ThisPacket);
+    for (i, n) in [0usize, 1, 100, 4096, 65_537, 1_000_003].into_iter().enumerate() {
+        let path = server.temp_dir().join(format!("plain-{n}"));
+        std::fs::write(&path, pseudo_random(n, 1000 + i as u64)).unwrap();
+        let expect = cksum_cmd(&path);
+        let name = format!("ck-{n}");
+        let out = c.send_file(&name, &path, &o, &mut |_| {}).unwrap();
+        assert_eq!(out, SendOutcome::Verified { cksum: expect, attempts: 1 }, "{n} bytes");
+        assert_eq!(c.last_upload().unwrap().server_cksum, expect, "server cksum of {n} bytes");
+        assert_eq!(cksum_cmd(&server.stored_path(&id, &name)), expect);
+    }
+}
+
+#[test]
+fn reuploads_keep_three_previous_versions() {
+    let server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("versions");
+    let o = opts(1024, ContentSizeField::ThisPacket);
+    let contents: Vec<Vec<u8>> = (0..5).map(|i| pseudo_random(1000 + 37 * i, 60 + i as u64)).collect();
+    let vdir = server.data_dir().join("versions").join(id_hex(&id)).join("v.txt");
+    for (k, data) in contents.iter().enumerate() {
+        upload_confirm_check(&server, &mut c, &id, "v.txt", data, &o);
+        // versions/<id>/v.txt/<n>, newest = largest n: the previous min(k, 3) uploads, in order.
+        let mut kept: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        for p in walk_files(&vdir) {
+            let n: u64 = p.file_name().unwrap().to_str().unwrap().parse().expect("numeric version name");
+            kept.insert(n, std::fs::read(&p).unwrap());
+        }
+        let kept: Vec<Vec<u8>> = kept.into_values().collect();
+        let expect: Vec<Vec<u8>> = contents[k.saturating_sub(3)..k].to_vec();
+        assert!(
+            kept == expect,
+            "after upload {k}: {} versions kept, not the previous {}",
+            kept.len(),
+            expect.len()
+        );
+    }
+}
+
+/// Write `bytes` one byte per write, pausing briefly now and then.
+fn trickle(c: &mut Client, bytes: &[u8]) {
+    for (i, b) in bytes.iter().enumerate() {
+        c.send_raw(std::slice::from_ref(b)).unwrap();
+        if i % 8 == 0 {
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+}
+
+#[test]
+fn a_client_writing_one_byte_at_a_time() {
+    let server = TestServer::start(&[]);
+    let mut c = server.connect();
+    let name = name_field_raw(b"trickle");
+    trickle(&mut c, &frame(&[0; 16], Code::Register, &[&name]));
+    let Response::RegistrationOk { id } = expect_reply(&mut c, ResponseCode::RegistrationOk) else {
+        unreachable!()
+    };
+    let spki = test_key().to_public_key().to_public_key_der().unwrap();
+    trickle(&mut c, &frame(&id, Code::PublicKey, &[&name, spki.as_bytes()]));
+    let Response::KeyAccepted { encrypted_key, .. } = expect_reply(&mut c, ResponseCode::KeyAccepted) else {
+        unreachable!()
+    };
+    let key = crypto::decrypt_session_key(test_key(), &encrypted_key, OaepHash::Sha1).unwrap();
+    let data = pseudo_random(100, 1);
+    let file = name_field_raw(b"t.bin");
+    for p in packet_frames(&id, &key, &file, &data, 64) {
+        trickle(&mut c, &p);
+    }
+    let Response::FileReceived { content_size, file_name, cksum, .. } =
+        expect_reply(&mut c, ResponseCode::FileReceived)
+    else {
+        unreachable!()
+    };
+    assert_eq!((content_size, file_name, cksum), (112, file, crypto::cksum(&data)));
+    trickle(&mut c, &frame(&id, Code::CrcOk, &[&file]));
+    expect_reply(&mut c, ResponseCode::Ack);
+    assert_eq!(std::fs::read(server.stored_path(&id, "t.bin")).unwrap(), data);
+}
+
+#[test]
+fn several_frames_in_one_write_and_frames_split_across_writes() {
+    let server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("batch");
+    let key = *c.aes_key().unwrap();
+    let a = pseudo_random(500, 1);
+    let b = pseudo_random(3000, 2);
+    c.upload_bytes("a.bin", &a, &UploadOptions::default()).unwrap();
+
+    // One write: 1029 a.bin, three packets of b.bin, 1029 b.bin, 1025 with a taken name.
+    let mut bytes = frame(&id, Code::CrcOk, &[&name_field_raw(b"a.bin")]);
+    for p in packet_frames(&id, &key, &name_field_raw(b"b.bin"), &b, 1024) {
+        bytes.extend_from_slice(&p);
+    }
+    bytes.extend_from_slice(&frame(&id, Code::CrcOk, &[&name_field_raw(b"b.bin")]));
+    bytes.extend_from_slice(&frame(&[0; 16], Code::Register, &[&name_field_raw(b"batch")]));
+    c.send_raw(&bytes).unwrap();
+    expect_reply(&mut c, ResponseCode::Ack);
+    let Response::FileReceived { cksum, .. } = expect_reply(&mut c, ResponseCode::FileReceived) else {
+        unreachable!()
+    };
+    assert_eq!(cksum, crypto::cksum(&b));
+    expect_reply(&mut c, ResponseCode::Ack);
+    expect_reply(&mut c, ResponseCode::RegistrationFailed);
+    assert_eq!(std::fs::read(server.stored_path(&id, "a.bin")).unwrap(), a);
+    assert_eq!(std::fs::read(server.stored_path(&id, "b.bin")).unwrap(), b);
+
+    // The same kind of stream cut at awkward places: inside a header, inside a payload.
+    let mut bytes = frame(&[0; 16], Code::Register, &[&name_field_raw(b"batch")]);
+    bytes.extend_from_slice(&frame(&[0; 16], Code::Register, &[&name_field_raw(b"batch-2")]));
+    bytes.extend_from_slice(&frame(&[0; 16], Code::Register, &[&name_field_raw(b"batch")]));
+    for cut in [[0, 10, 150, 290, 300, 560, bytes.len()]] {
+        for w in cut.windows(2) {
+            c.send_raw(&bytes[w[0]..w[1]]).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    expect_reply(&mut c, ResponseCode::RegistrationFailed);
+    expect_reply(&mut c, ResponseCode::RegistrationOk);
+    expect_reply(&mut c, ResponseCode::RegistrationFailed);
+}
+
+#[test]
+fn a_reader_that_stops_reading_loses_no_reply() {
+    // A quiet server: logging every refusal would dominate the run time here.
+    let dir = tempfile::tempdir().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let data = dir.path().join("data");
+    let listen = addr.to_string();
+    let args = ["--listen", &listen, "--log-level", "warn", "--data-dir"].map(OsStr::new);
+    let mut server = RawServer::spawn(dir.path(), &[&args[..], &[data.as_os_str()]].concat());
+    assert!(
+        wait_until(Duration::from_secs(20), || TcpStream::connect(addr).is_ok()),
+        "{}",
+        server.log_text()
+    );
+    let mut c = Client::connect(addr, &test_client_options()).unwrap();
+    let mut writer = c.stream().try_clone().unwrap();
+    writer.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    // Reconnects (1027) with unknown ids: each 1606 echoes the id sent, so order and loss both show.
+    let id_of = |i: usize| -> ClientId { (((i as u128 + 1) << 64) | 0xfeed).to_le_bytes() };
+    const MAX_FRAMES: usize = 1_000_000;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent2, stop2) = (sent.clone(), stop.clone());
+    let w = std::thread::spawn(move || {
+        let name = name_field_raw(b"nobody");
+        for i in 0..MAX_FRAMES {
+            if stop2.load(Ordering::SeqCst) {
+                break;
+            }
+            writer.write_all(&frame(&id_of(i), Code::Reconnect, &[&name])).expect("write");
+            sent2.store(i + 1, Ordering::SeqCst);
+        }
+    });
+    // Wait until writes stall for good: the server has stopped reading this connection
+    // (the kernel buffers both ways are full, and so is the server's 64 KiB of output).
+    let t0 = Instant::now();
+    let mut last = (0, Instant::now());
+    let paused = loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let n = sent.load(Ordering::SeqCst);
+        if w.is_finished() || t0.elapsed() > Duration::from_secs(40) {
+            break false;
+        }
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() > Duration::from_millis(700) && n * 23 > 64 * 1024 {
+            break true;
+        }
+    };
+    stop.store(true, Ordering::SeqCst);
+    assert!(paused, "the server never stopped reading: {} frames went in", sent.load(Ordering::SeqCst));
+    // Now read every reply; the writer finishes its frame once the server reads again.
+    c.stream().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = 0;
+    loop {
+        let finished = w.is_finished();
+        if got < sent.load(Ordering::SeqCst) {
+            match c.read_response() {
+                Ok(Response::ReconnectDenied { id }) => {
+                    assert_eq!(id, id_of(got), "reply {got} out of order")
+                }
+                other => panic!("reply {got} of {}: {other:?}", sent.load(Ordering::SeqCst)),
+            }
+            got += 1;
+        } else if finished {
+            break;
+        } else {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    w.join().unwrap();
+    assert_eq!(got, sent.load(Ordering::SeqCst));
+    // The connection still works, and so does the server.
+    c.register("after-backlog").unwrap();
+    assert!(server.wait_exit(Duration::ZERO).is_none(), "server exited: {}", server.log_text());
+}
+
+#[test]
+fn connections_over_the_limit_are_closed_at_once() {
+    let server = TestServer::start(&["--max-connections", "4"]);
+    let held: Vec<(Client, ClientId)> =
+        (0..4).map(|i| server.registered_client(&format!("held-{i}"))).collect();
+    let fifth = TcpStream::connect(server.addr()).unwrap();
+    let extra = assert_closed(&fifth, Duration::from_secs(5));
+    assert!(extra.is_empty(), "the refused connection got {} bytes", extra.len());
+    server.wait_for_log("connection limit reached", Duration::from_secs(5));
+    drop(held);
+    // Once the others have left, a client gets in (the server notices the closes asynchronously).
+    let mut ok = None;
+    for _ in 0..100 {
+        let mut c = server.connect();
+        match c.register("late") {
+            Ok(id) => {
+                ok = Some((c, id));
+                break;
+            }
+            Err(e) => assert!(e.is_network(), "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (mut c, id) = ok.expect("no connection accepted after the others left");
+    c.send_public_key("late", test_key()).unwrap();
+    upload_confirm_check(&server, &mut c, &id, "late.bin", b"in at last", &UploadOptions::default());
+}
+
+#[test]
+fn two_clients_uploading_the_same_file_name_are_kept_apart() {
+    let server = TestServer::start(&[]);
+    let handles: Vec<_> = ["alice", "bob"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, who)| {
+            let (mut c, id) = server.registered_client(who);
+            std::thread::spawn(move || {
+                let data = pseudo_random(700_000, 90 + i as u64);
+                let up = c
+                    .upload_bytes("same.txt", &data, &opts(64 * 1024, ContentSizeField::ThisPacket))
+                    .unwrap();
+                assert!(up.cksum_matches());
+                c.crc_ok("same.txt").unwrap();
+                (id, data)
+            })
+        })
+        .collect();
+    let results: Vec<(ClientId, Vec<u8>)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_ne!(results[0].0, results[1].0);
+    for (id, data) in &results {
+        assert!(std::fs::read(server.stored_path(id, "same.txt")).unwrap() == *data);
+        assert_eq!(db_verified(&server.db_path(), id, "same.txt"), Some(1));
+    }
+    assert_eq!(walk_files(&server.files_dir()).len(), 2);
+}
+
+#[test]
+fn port_info_in_the_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = [OsStr::new("--data-dir"), data.as_os_str(), OsStr::new("--log-level"), OsStr::new("info")];
+
+    // A valid port.info: the server listens on 0.0.0.0 at that port.
+    let port = free_port();
+    std::fs::write(dir.path().join("port.info"), format!("{port}\n")).unwrap();
+    let p = RawServer::spawn(dir.path(), &args);
+    let want = format!("listening on 0.0.0.0:{port}");
+    assert!(wait_until(Duration::from_secs(20), || p.log_text().contains(&want)), "log:\n{}", p.log_text());
+    let mut c = Client::connect(("127.0.0.1", port), &test_client_options()).unwrap();
+    c.register("port-info").unwrap();
+    drop(c);
+    drop(p);
+
+    // An invalid port.info: a warning, then port 1256 (which may be taken on this machine).
+    std::fs::write(dir.path().join("port.info"), "not-a-port\n").unwrap();
+    let mut p = RawServer::spawn(dir.path(), &args);
+    let settled = |p: &RawServer| {
+        let l = p.log_text();
+        l.contains("listening on") || l.contains("cannot start")
+    };
+    let end = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(s) = p.wait_exit(Duration::from_millis(100)) {
+            break Some(s);
+        }
+        if settled(&p) || Instant::now() > end {
+            break None;
+        }
+    };
+    let log = p.log_text();
+    assert!(log.contains("WARN") && log.contains("port.info") && log.contains("1256"), "log:\n{log}");
+    match exit {
+        None => assert!(log.contains("listening on 0.0.0.0:1256"), "log:\n{log}"),
+        Some(s) => {
+            assert!(!s.success(), "{s:?}");
+            assert!(log.contains("cannot listen on 0.0.0.0:1256"), "log:\n{log}");
+        }
+    }
+}
+
+#[test]
+fn startup_failures_exit_non_zero_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&OsStr]| -> (std::process::ExitStatus, String) {
+        let mut p = RawServer::spawn(dir.path(), args);
+        let s = p
+            .wait_exit(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("still running:\n{}", p.log_text()));
+        (s, p.log_text())
+    };
+
+    // Port in use.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let data = dir.path().join("data");
+    let (s, log) =
+        run(&[OsStr::new("--listen"), OsStr::new(&addr), OsStr::new("--data-dir"), data.as_os_str()]);
+    assert!(!s.success(), "{s:?}");
+    assert!(log.contains(&format!("cannot listen on {addr}")) && log.contains("in use"), "stderr:\n{log}");
+
+    // Data directory below a regular file.
+    std::fs::write(dir.path().join("file"), b"x").unwrap();
+    let bad = dir.path().join("file").join("data");
+    let (s, log) =
+        run(&[OsStr::new("--listen"), OsStr::new("127.0.0.1:0"), OsStr::new("--data-dir"), bad.as_os_str()]);
+    assert!(!s.success(), "{s:?}");
+    assert!(log.contains("cannot start") && log.contains(&bad.display().to_string()), "stderr:\n{log}");
+
+    // A database file that is not a database.
+    let d2 = dir.path().join("d2");
+    std::fs::create_dir(&d2).unwrap();
+    std::fs::write(d2.join("backupd.db"), vec![0x5a; 8192]).unwrap();
+    let (s, log) =
+        run(&[OsStr::new("--listen"), OsStr::new("127.0.0.1:0"), OsStr::new("--data-dir"), d2.as_os_str()]);
+    assert!(!s.success(), "{s:?}");
+    assert!(log.contains("cannot start") && log.contains("database"), "stderr:\n{log}");
+}
+
+#[test]
+fn help_lists_every_flag_with_its_default() {
+    let out = std::process::Command::new(server_bin()).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let flags = [
+        ("--listen", "1256"),
+        ("--data-dir", "backupd-data"),
+        ("--db", "backupd.db"),
+        ("--max-connections", "256"),
+        ("--max-packet", "16MiB"),
+        ("--max-file-size", "4294967295"),
+        ("--memory-budget", "64MiB"),
+        ("--keep-versions", "3"),
+        ("--db-busy-timeout", "5s"),
+        ("--sync-mode", "syncfs"),
+        ("--oaep-hash", "sha1"),
+        ("--ack-retry", "off"),
+        ("--idle-timeout", "60s"),
+        ("--header-timeout", "10s"),
+        ("--stale-upload-timeout", "15m"),
+        ("--shutdown-timeout", "10s"),
+        ("--log-level", "info"),
+        ("--log-file", "standard error"),
+    ];
+    // Each option's block runs from its "  --flag" line to the next option line.
+    let mut blocks: BTreeMap<String, String> = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        let t = line.trim_start();
+        // Option lines are indented 2 ("  -h, --help") or 6 ("      --listen <LISTEN>");
+        // deeper lines starting with '-' are lists of possible values.
+        if (2..=6).contains(&(line.len() - t.len())) && t.starts_with('-') {
+            let flag = t.split([' ', ',']).find(|w| w.starts_with("--")).unwrap_or(t).to_string();
+            current = Some(flag.clone());
+            blocks.insert(flag, String::new());
+        }
+        if let Some(f) = &current {
+            let b = blocks.get_mut(f).unwrap();
+            b.push_str(line);
+            b.push('\n');
+        }
+    }
+    for (flag, default) in flags {
+        let block = blocks.get(flag).unwrap_or_else(|| panic!("{flag} missing from --help:\n{text}"));
+        assert!(
+            block.contains("[default: ") && block.contains(default),
+            "{flag}: no default {default:?}:\n{block}"
+        );
+    }
+    let documented: Vec<&str> = flags.iter().map(|f| f.0).collect();
+    for flag in blocks.keys() {
+        assert!(
+            documented.contains(&flag.as_str()) || flag == "--help" || flag == "--version",
+            "untested flag {flag}"
+        );
+    }
+}
