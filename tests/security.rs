@@ -237,3 +237,38 @@ fn data_directory_is_private_even_with_umask_0() {
     assert_eq!(mode(&data), 0o700);
     assert_private(&data, "after restart");
 }
+
+/// Ids and names travel in clear: a 1026 from anyone else must not replace a
+/// key already on file (that would hand the client over to the sender).
+#[test]
+fn a_key_on_file_cannot_be_replaced_by_another_connection() {
+    let server = TestServer::start(&[]);
+    let (mut victim, id) = server.registered_client("victim");
+    let data = pseudo_random(1000, 7);
+    let up = victim.upload_bytes("a.bin", &data, &UploadOptions::default()).unwrap();
+    assert!(up.cksum_matches());
+    victim.crc_ok("a.bin").unwrap();
+    drop(victim);
+
+    // The attacker knows id and name and sends its own key on a new connection.
+    let attacker_key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 1024).unwrap();
+    let mut attacker = server.connect();
+    attacker.set_id(id);
+    match attacker.send_public_key("victim", &attacker_key) {
+        Err(backupd::client::ClientError::Refused(Response::GeneralError)) => {}
+        other => panic!("a foreign 1026 must be refused with 1607, got {other:?}"),
+    }
+    // The attacker's connection has no session: its packets are refused too.
+    assert!(attacker.upload_bytes("a.bin", b"evil", &UploadOptions::default()).is_err());
+    assert_eq!(std::fs::read(server.stored_path(&id, "a.bin")).unwrap(), data);
+
+    // The real client still reconnects with its key, and may rotate it there.
+    let mut victim = server.connect();
+    victim.reconnect(id, "victim", test_key()).unwrap();
+    let new_key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 1024).unwrap();
+    victim.send_public_key("victim", &new_key).unwrap();
+    drop(victim);
+    let mut victim = server.connect();
+    victim.reconnect(id, "victim", &new_key).unwrap();
+    assert!(server.log_text().contains("already has a key"));
+}

@@ -151,6 +151,8 @@ pub struct Connection {
     pub closing: Option<Instant>,
     write_shut: bool,
     pub session: Option<Session>,
+    /// The id this connection registered (1600), which may send its first key.
+    pub registered_id: Option<ClientId>,
     /// The client named by the last request that carried a known id (for log lines).
     pub client_label: Option<String>,
     pub upload: Upload,
@@ -191,6 +193,7 @@ impl Connection {
             closing: None,
             write_shut: false,
             session: None,
+            registered_id: None,
             client_label: None,
             upload: Upload::Idle,
             staged: VecDeque::new(),

@@ -118,10 +118,27 @@ impl Server {
     }
 
     fn on_public_key(&mut self, key: usize, id: [u8; 16], name: NameField, der: Vec<u8>) {
-        if self.known_client(&id, &name).is_none() {
+        let Some(entry) = self.known_client(&id, &name) else {
             self.refuse(
                 key,
                 &format!("public key: unknown id {} or wrong name {:?}", id_hex(&id), name.display()),
+            );
+            return;
+        };
+        // Ids and names travel in clear: replacing a key already on file would
+        // let anyone who saw them take the client over. Only the connection that
+        // registered the id, or one that proved the current key by reconnecting,
+        // may set it again.
+        let has_key = entry.key.is_some();
+        let c = &self.conns[key];
+        let entitled = c.registered_id == Some(id) || c.session.as_ref().is_some_and(|s| s.id == id);
+        if has_key && !entitled {
+            self.refuse(
+                key,
+                &format!(
+                    "public key: client {} already has a key; reconnect (1027) to replace it",
+                    id_hex(&id)
+                ),
             );
             return;
         }
@@ -494,6 +511,7 @@ impl Server {
                 };
                 c.awaiting = Awaiting::Nothing;
                 if ok {
+                    c.registered_id = Some(id);
                     log::info!("{}: registered as {}", c.tag(), id_hex(&id));
                     self.reply(conn.key, Response::RegistrationOk { id });
                 } else {
