@@ -167,7 +167,24 @@ struct Upload {
     cksum: Cksum,
     ciphertext: u64,
     segment_start: u64,
+    /// Bytes of the temp file before this offset have been handed to writeback.
+    writeback_from: u64,
     received: Option<(u32, u64)>,
+}
+
+/// How much an upload writes between two writeback kicks.
+const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// Ask the kernel to start writing a range of a file back (asynchronously).
+fn start_writeback(f: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid descriptor owned by `f`; SYNC_FILE_RANGE_WRITE only starts I/O.
+    let r = unsafe {
+        libc::sync_file_range(f.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE)
+    };
+    if r != 0 {
+        log::debug!("worker: sync_file_range: {}", std::io::Error::last_os_error());
+    }
 }
 
 /// A session key held by the worker; zeroed when dropped so that it does
@@ -414,6 +431,7 @@ impl Worker {
                     cksum: Cksum::new(),
                     ciphertext: 0,
                     segment_start: 0,
+                    writeback_from: 0,
                     received: None,
                 },
             );
@@ -468,6 +486,16 @@ impl Worker {
         }
         if let Some(e) = err {
             return Err(format!("cannot write temp file: {e}"));
+        }
+        // Start writeback every WRITEBACK_STEP bytes: the sync at commit time
+        // then has little left to flush, and dirty pages do not pile up in the
+        // memory of a small box.
+        let written = u.cksum.len();
+        if written - u.writeback_from >= WRITEBACK_STEP {
+            if let Some(f) = &u.file {
+                start_writeback(f, u.writeback_from, written - u.writeback_from);
+            }
+            u.writeback_from = written;
         }
         if !p.last {
             return Ok(PacketOutcome::Accepted);
