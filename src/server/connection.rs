@@ -1,5 +1,5 @@
-//! One client connection: its socket, its read and write buffers, and where
-//! it stands in the protocol.
+//! One client connection: its socket, its read and write buffers
+//! ([`Connection`]), and where it stands in the protocol ([`Protocol`], no I/O).
 //!
 //! Reads never take more bytes than the current frame needs: first exactly
 //! the 23 header bytes, then (once the header has been checked and the
@@ -133,23 +133,15 @@ pub enum Awaiting {
     LastPacket,
 }
 
-pub struct Connection {
-    pub socket: TcpStream,
+/// One connection's place in the protocol: everything the state machine of
+/// `session.rs` reads and changes, and nothing about sockets, so that it can
+/// run without one (the fuzz target `session` drives it with bytes).
+pub struct Protocol {
+    /// Names the connection in jobs and completions (slab key + unique serial).
+    pub conn: ConnRef,
     pub peer: SocketAddr,
-    pub serial: u64,
-    pub read: ReadState,
-    header: [u8; REQUEST_HEADER_LEN],
-    header_len: usize,
-    /// When the first byte of the current header arrived.
-    pub header_started: Option<Instant>,
+    /// Encoded replies not yet written (the loop writes from `Connection`'s position).
     pub out: Vec<u8>,
-    out_pos: usize,
-    /// The socket may have unread bytes (edge-triggered readiness).
-    pub readable: bool,
-    pub last_activity: Instant,
-    /// Close once the output is flushed (and the peer has closed, or after a grace period).
-    pub closing: Option<Instant>,
-    write_shut: bool,
     pub session: Option<Session>,
     /// The id this connection registered (1600), which may send its first key.
     pub registered_id: Option<ClientId>,
@@ -160,8 +152,72 @@ pub struct Connection {
     pub awaiting: Awaiting,
     /// File packets handed to the worker and not yet completed.
     pub packets_in_flight: usize,
+}
+
+impl Protocol {
+    pub fn new(conn: ConnRef, peer: SocketAddr) -> Protocol {
+        Protocol {
+            conn,
+            peer,
+            out: Vec::new(),
+            session: None,
+            registered_id: None,
+            client_label: None,
+            upload: Upload::Idle,
+            staged: VecDeque::new(),
+            awaiting: Awaiting::Nothing,
+            packets_in_flight: 0,
+        }
+    }
+
+    /// "peer name" or "peer" for log lines.
+    pub fn tag(&self) -> String {
+        match &self.client_label {
+            Some(l) => format!("{} {}", self.peer, l),
+            None => self.peer.to_string(),
+        }
+    }
+
+    /// May the loop parse this connection's next request? Not while a reply
+    /// is owed by the worker (replies leave in request order) nor with
+    /// `PIPELINE_DEPTH` packets at the worker.
+    pub fn may_read(&self) -> bool {
+        self.awaiting == Awaiting::Nothing && self.packets_in_flight < super::PIPELINE_DEPTH
+    }
+
+    /// Nothing at the worker and no transfer that a close would lose.
+    pub fn is_idle(&self) -> bool {
+        self.awaiting == Awaiting::Nothing
+            && self.packets_in_flight == 0
+            && matches!(self.upload, Upload::Idle | Upload::Skipping { .. })
+            && self.staged.iter().all(|s| s.retried)
+    }
+
+    /// Find a staged file by name.
+    pub fn staged_index(&self, name: &str) -> Option<usize> {
+        self.staged.iter().position(|s| s.name == name)
+    }
+}
+
+/// A client connection: the socket and its I/O state around a [`Protocol`].
+pub struct Connection {
+    pub socket: TcpStream,
+    pub read: ReadState,
+    header: [u8; REQUEST_HEADER_LEN],
+    header_len: usize,
+    /// When the first byte of the current header arrived.
+    pub header_started: Option<Instant>,
+    /// How much of `proto.out` has been written.
+    out_pos: usize,
+    /// The socket may have unread bytes (edge-triggered readiness).
+    pub readable: bool,
+    pub last_activity: Instant,
+    /// Close once the output is flushed (and the peer has closed, or after a grace period).
+    pub closing: Option<Instant>,
+    write_shut: bool,
     /// Budget reserved for the payload being read.
     pub reserved: usize,
+    pub proto: Protocol,
 }
 
 /// Result of one read attempt.
@@ -177,42 +233,30 @@ pub enum ReadOutcome {
 }
 
 impl Connection {
-    pub fn new(socket: TcpStream, peer: SocketAddr, serial: u64, now: Instant) -> Connection {
+    pub fn new(socket: TcpStream, peer: SocketAddr, conn: ConnRef, now: Instant) -> Connection {
         Connection {
             socket,
-            peer,
-            serial,
             read: ReadState::AwaitHeader,
             header: [0; REQUEST_HEADER_LEN],
             header_len: 0,
             header_started: None,
-            out: Vec::new(),
             out_pos: 0,
             readable: true,
             last_activity: now,
             closing: None,
             write_shut: false,
-            session: None,
-            registered_id: None,
-            client_label: None,
-            upload: Upload::Idle,
-            staged: VecDeque::new(),
-            awaiting: Awaiting::Nothing,
-            packets_in_flight: 0,
             reserved: 0,
+            proto: Protocol::new(conn, peer),
         }
     }
 
-    pub fn conn_ref(&self, key: usize) -> ConnRef {
-        ConnRef { key, serial: self.serial }
+    pub fn serial(&self) -> u64 {
+        self.proto.conn.serial
     }
 
     /// "peer name" or "peer" for log lines.
     pub fn tag(&self) -> String {
-        match &self.client_label {
-            Some(l) => format!("{} {}", self.peer, l),
-            None => self.peer.to_string(),
-        }
+        self.proto.tag()
     }
 
     /// Some bytes of a header have arrived, but not all 23.
@@ -221,24 +265,22 @@ impl Connection {
     }
 
     pub fn pending_output(&self) -> usize {
-        self.out.len() - self.out_pos
+        self.proto.out.len() - self.out_pos
     }
 
     /// Is the connection between frames with nothing outstanding?
     pub fn is_quiet(&self) -> bool {
         matches!(self.read, ReadState::AwaitHeader)
             && self.header_len == 0
-            && self.awaiting == Awaiting::Nothing
-            && self.packets_in_flight == 0
             && self.pending_output() == 0
-            && matches!(self.upload, Upload::Idle | Upload::Skipping { .. })
-            && self.staged.iter().all(|s| s.retried)
+            && self.proto.is_idle()
     }
 
     /// Write pending output until done or WouldBlock.
     pub fn flush(&mut self, now: Instant) -> io::Result<()> {
-        while self.out_pos < self.out.len() {
-            match self.socket.write(&self.out[self.out_pos..]) {
+        let out = &mut self.proto.out;
+        while self.out_pos < out.len() {
+            match self.socket.write(&out[self.out_pos..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.out_pos += n;
@@ -249,10 +291,10 @@ impl Connection {
                 Err(e) => return Err(e),
             }
         }
-        self.out.clear();
+        out.clear();
         self.out_pos = 0;
-        if self.out.capacity() > 4096 {
-            self.out.shrink_to(4096);
+        if out.capacity() > 4096 {
+            out.shrink_to(4096);
         }
         Ok(())
     }
@@ -344,10 +386,5 @@ impl Connection {
             self.write_shut = true;
             let _ = self.socket.shutdown(std::net::Shutdown::Write);
         }
-    }
-
-    /// Find a staged file by name.
-    pub fn staged_index(&self, name: &str) -> Option<usize> {
-        self.staged.iter().position(|s| s.name == name)
     }
 }

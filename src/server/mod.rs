@@ -1,7 +1,11 @@
 //! The event loop: one thread, one `mio::Poll`, every socket nonblocking.
 //!
-//! The loop owns the listener, the [`Slab`] of [`Connection`]s, the in-memory
-//! client registry and the memory budget. It never touches a file or the
+//! The loop ([`Server`]) owns the listener, the [`Slab`] of [`Connection`]s
+//! and the timers; it does the I/O only. What requests and completions mean
+//! is decided by [`Core`] (the in-memory client registry, the memory budget,
+//! the job sink; its protocol logic is in `session.rs`) acting on each
+//! connection's [`connection::Protocol`]. Neither touches a socket: the
+//! fuzz target `session` runs them on bytes. The loop never touches a file or the
 //! database and never sleeps: disk and database work goes to the worker as
 //! [`Job`]s, and the worker's [`Completion`]s come back over a channel with a
 //! `mio::Waker` wake-up. See docs/ARCHITECTURE.md for the whole lifecycle.
@@ -15,7 +19,7 @@
 pub mod connection;
 mod session;
 
-pub use session::{plan_packet, PacketStep};
+pub use session::{plan_packet, Flow, PacketStep};
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -33,7 +37,7 @@ use slab::Slab;
 
 use crate::config::Config;
 use crate::protocol::ClientId;
-use crate::worker::{Completion, Job, Worker};
+use crate::worker::{Completion, ConnRef, Job, Worker};
 use connection::{Connection, ReadOutcome, ReadState};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -82,6 +86,79 @@ pub struct Budget {
     pub used: usize,
 }
 
+/// Where the loop's jobs go: the worker's channel, or a plain `Vec` when the
+/// state machine runs without a worker (the fuzz harness).
+pub trait JobSink {
+    /// Hand over a job; false when the worker is gone.
+    fn send(&mut self, job: Job) -> bool;
+}
+
+impl JobSink for Sender<Job> {
+    fn send(&mut self, job: Job) -> bool {
+        Sender::send(self, job).is_ok()
+    }
+}
+
+impl JobSink for Vec<Job> {
+    fn send(&mut self, job: Job) -> bool {
+        self.push(job);
+        true
+    }
+}
+
+/// What the protocol logic (`session.rs`) shares between connections, with
+/// no socket, poll or timer in it: configuration, client registry, memory
+/// budget and buffer pool, upload ids, and where jobs go.
+pub struct Core<J: JobSink = Sender<Job>> {
+    pub cfg: Arc<Config>,
+    pub registry: Registry,
+    pub budget: Budget,
+    pool: Vec<Vec<u8>>,
+    pub next_upload: u64,
+    pub jobs: J,
+}
+
+impl<J: JobSink> Core<J> {
+    /// `next_upload`: the first upload id (ids must not repeat across restarts).
+    pub fn new(cfg: Arc<Config>, registry: Registry, jobs: J, next_upload: u64) -> Core<J> {
+        let budget = Budget { limit: cfg.memory_budget as usize, used: 0 };
+        Core { cfg, registry, budget, pool: Vec::new(), next_upload, jobs }
+    }
+
+    /// Reserve `len` bytes of the memory budget and take a buffer of exactly
+    /// `len` bytes for a payload; None when the budget cannot hold it now.
+    pub fn try_reserve(&mut self, len: usize) -> Option<Vec<u8>> {
+        if self.budget.used + len > self.budget.limit {
+            return None;
+        }
+        self.budget.used += len;
+        Some(self.take_buffer(len))
+    }
+
+    /// Take a buffer of exactly `len` bytes, reusing a recycled one when possible.
+    fn take_buffer(&mut self, len: usize) -> Vec<u8> {
+        let mut buf = match self.pool.iter().position(|b| b.capacity() >= len) {
+            Some(i) => self.pool.swap_remove(i),
+            None => Vec::with_capacity(len),
+        };
+        buf.resize(len, 0);
+        buf
+    }
+
+    fn recycle(&mut self, buf: Vec<u8>) {
+        let pooled: usize = self.pool.iter().map(Vec::capacity).sum();
+        if self.pool.len() < POOL_BUFFERS && pooled + buf.capacity() <= POOL_BYTES {
+            self.pool.push(buf);
+        }
+    }
+
+    /// Return a payload buffer and its budget.
+    pub fn release(&mut self, buf: Vec<u8>) {
+        self.budget.used -= buf.len();
+        self.recycle(buf);
+    }
+}
+
 /// A running server: bound, storage open, worker started. Built by
 /// [`Server::bind`], then [`Server::run`] serves until shutdown.
 pub struct Server {
@@ -91,18 +168,13 @@ pub struct Server {
     signals: Option<Signals>,
     conns: Slab<Connection>,
     next_serial: u64,
-    cfg: Arc<Config>,
-    jobs: Sender<Job>,
+    core: Core,
     done: Receiver<Completion>,
     worker: Option<JoinHandle<()>>,
-    registry: Registry,
-    budget: Budget,
     /// Connections waiting for budget, in arrival order.
     budget_waiters: VecDeque<(usize, u64)>,
     /// Connections that stopped for fairness and must be driven again.
     ready: VecDeque<(usize, u64)>,
-    pool: Vec<Vec<u8>>,
-    next_upload: u64,
     shutdown: Option<Instant>,
     /// A descriptor held in reserve so that, out of descriptors, the loop can
     /// still accept and close a pending connection instead of spinning.
@@ -200,7 +272,6 @@ impl Server {
             .spawn(move || worker.run(jobs_rx, done_tx, wk))
             .map_err(|e| StartError(format!("cannot start worker thread: {e}")))?;
 
-        let budget = Budget { limit: cfg.memory_budget as usize, used: 0 };
         Ok(Server {
             poll,
             listener: Some(listener),
@@ -208,16 +279,11 @@ impl Server {
             signals: Some(signals),
             conns: Slab::new(),
             next_serial: 1,
-            cfg: Arc::new(cfg),
-            jobs: jobs_tx,
+            core: Core::new(Arc::new(cfg), registry, jobs_tx, crate::worker::upload_id_seed()),
             done: done_rx,
             worker: Some(handle),
-            registry,
-            budget,
             budget_waiters: VecDeque::new(),
             ready: VecDeque::new(),
-            pool: Vec::new(),
-            next_upload: crate::worker::upload_id_seed(),
             shutdown: None,
             spare_fd: std::fs::File::open("/dev/null").ok(),
             refused_since_log: 0,
@@ -261,7 +327,7 @@ impl Server {
                             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                                 c.readable = true;
                             }
-                            let serial = c.serial;
+                            let serial = c.serial();
                             self.drive(key, serial);
                         }
                     }
@@ -304,28 +370,28 @@ impl Server {
         }
         log::info!(
             "signal received: no new connections; finishing in-flight work (up to {:?})",
-            self.cfg.shutdown_timeout
+            self.core.cfg.shutdown_timeout
         );
-        self.shutdown = Some(Instant::now() + self.cfg.shutdown_timeout);
+        self.shutdown = Some(Instant::now() + self.core.cfg.shutdown_timeout);
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
         let quiet: Vec<(usize, u64)> =
-            self.conns.iter().filter(|(_, c)| c.is_quiet()).map(|(k, c)| (k, c.serial)).collect();
+            self.conns.iter().filter(|(_, c)| c.is_quiet()).map(|(k, c)| (k, c.serial())).collect();
         for (k, s) in quiet {
             self.close(k, s, None);
         }
     }
 
     fn finish_shutdown(mut self) -> io::Result<()> {
-        let keys: Vec<(usize, u64)> = self.conns.iter().map(|(k, c)| (k, c.serial)).collect();
+        let keys: Vec<(usize, u64)> = self.conns.iter().map(|(k, c)| (k, c.serial())).collect();
         if !keys.is_empty() {
             log::warn!("shutdown timeout: closing {} connection(s) with unfinished work", keys.len());
         }
         for (k, s) in keys {
             self.close(k, s, None);
         }
-        let _ = self.jobs.send(Job::Shutdown);
+        let _ = self.core.jobs.send(Job::Shutdown);
         if let Some(h) = self.worker.take() {
             if h.join().is_err() {
                 log::error!("worker thread panicked");
@@ -343,7 +409,7 @@ impl Server {
         }
         let mut refusing = false;
         loop {
-            if !refusing && self.conns.len() >= self.cfg.max_connections {
+            if !refusing && self.conns.len() >= self.core.cfg.max_connections {
                 match paused {
                     Some(p) if p.closed_total == self.closed_total => refusing = true,
                     _ => {
@@ -356,7 +422,7 @@ impl Server {
             let Some(listener) = self.listener.as_ref() else { return };
             match listener.accept() {
                 Ok((mut socket, peer)) => {
-                    if self.conns.len() >= self.cfg.max_connections {
+                    if self.conns.len() >= self.core.cfg.max_connections {
                         self.note_refusal(peer, "connection limit reached");
                         drop(socket);
                         continue;
@@ -374,7 +440,7 @@ impl Server {
                     }
                     let serial = self.next_serial;
                     self.next_serial += 1;
-                    entry.insert(Connection::new(socket, peer, serial, Instant::now()));
+                    entry.insert(Connection::new(socket, peer, ConnRef { key, serial }, Instant::now()));
                     log::debug!("{peer}: connected");
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -415,48 +481,20 @@ impl Server {
     /// Close a connection: deregister it and drop its uploads at the worker.
     /// `why`, when given, is logged.
     fn close(&mut self, key: usize, serial: u64, why: Option<&str>) {
-        if self.conns.get(key).is_none_or(|c| c.serial != serial) {
+        if self.conns.get(key).is_none_or(|c| c.serial() != serial) {
             return;
         }
         let mut c = self.conns.remove(key);
         self.closed_total += 1;
         let _ = self.poll.registry().deregister(&mut c.socket);
-        self.budget.used -= c.reserved;
+        self.core.budget.used -= c.reserved;
         match why {
             Some(w) => log::info!("{}: closed: {w}", c.tag()),
             None => log::debug!("{}: closed", c.tag()),
         }
-        let mut uploads: Vec<u64> = c.staged.iter().filter(|s| !s.retried).map(|s| s.upload).collect();
-        match &c.upload {
-            connection::Upload::Receiving(r) => uploads.push(r.upload),
-            connection::Upload::Finishing { upload, .. } => uploads.push(*upload),
-            _ => {}
-        }
-        for upload in uploads {
-            let _ = self.jobs.send(Job::Discard { upload, failed: None });
-        }
-        if self.budget.used < self.budget.limit {
+        self.core.closed(&c.proto);
+        if self.core.budget.used < self.core.budget.limit {
             self.wake_budget_waiters();
-        }
-        if self.listener.is_none() && self.shutdown.is_none() {
-            // (listener is only dropped at shutdown)
-        }
-    }
-
-    /// Take a buffer of exactly `len` bytes, reusing a recycled one when possible.
-    fn take_buffer(&mut self, len: usize) -> Vec<u8> {
-        let mut buf = match self.pool.iter().position(|b| b.capacity() >= len) {
-            Some(i) => self.pool.swap_remove(i),
-            None => Vec::with_capacity(len),
-        };
-        buf.resize(len, 0);
-        buf
-    }
-
-    fn recycle(&mut self, buf: Vec<u8>) {
-        let pooled: usize = self.pool.iter().map(Vec::capacity).sum();
-        if self.pool.len() < POOL_BUFFERS && pooled + buf.capacity() <= POOL_BYTES {
-            self.pool.push(buf);
         }
     }
 
@@ -467,7 +505,7 @@ impl Server {
         let mut frames = 0;
         loop {
             let Some(c) = self.conns.get_mut(key) else { return };
-            if c.serial != serial {
+            if c.serial() != serial {
                 return;
             }
             if let Err(e) = c.flush(now) {
@@ -480,7 +518,7 @@ impl Server {
                 // read and dropped meanwhile so that the close does not turn
                 // into a reset that could destroy the reply in flight.
                 let peer_done = c.discard_input();
-                if c.pending_output() == 0 && c.awaiting == connection::Awaiting::Nothing {
+                if c.pending_output() == 0 && c.proto.awaiting == connection::Awaiting::Nothing {
                     c.shut_write();
                     if peer_done {
                         self.close(key, serial, None);
@@ -492,11 +530,7 @@ impl Server {
                 self.close(key, serial, Some("server shutting down"));
                 return;
             }
-            if !c.readable
-                || c.awaiting != connection::Awaiting::Nothing
-                || c.packets_in_flight >= PIPELINE_DEPTH
-                || c.pending_output() > connection::MAX_PENDING_OUTPUT
-            {
+            if !c.readable || !c.proto.may_read() || c.pending_output() > connection::MAX_PENDING_OUTPUT {
                 return;
             }
             if frames >= FRAMES_PER_TURN {
@@ -505,16 +539,14 @@ impl Server {
             }
             if let ReadState::AwaitBudget { header, code } = c.read {
                 let size = header.payload_size as usize;
-                if self.budget.used + size > self.budget.limit {
+                let Some(payload) = self.core.try_reserve(size) else {
                     // Queued once: a waiter taken off the queue while it could not
                     // proceed (replies over the limit) must not be lost.
                     if !self.budget_waiters.contains(&(key, serial)) {
                         self.budget_waiters.push_back((key, serial));
                     }
                     return;
-                }
-                self.budget.used += size;
-                let payload = self.take_buffer(size);
+                };
                 let Some(c) = self.conns.get_mut(key) else { return };
                 c.reserved = size;
                 // The payload deadline counts from now, not from a wait for budget.
@@ -529,7 +561,9 @@ impl Server {
                 }
                 Ok(ReadOutcome::Closed) => {
                     let mid_frame = c.header_in_progress() || !matches!(c.read, ReadState::AwaitHeader);
-                    if !mid_frame && (c.awaiting != connection::Awaiting::Nothing || c.pending_output() > 0) {
+                    if !mid_frame
+                        && (c.proto.awaiting != connection::Awaiting::Nothing || c.pending_output() > 0)
+                    {
                         // The peer half-closed after its last request: deliver the
                         // reply it is owed, then close.
                         c.closing = Some(now);
@@ -543,18 +577,17 @@ impl Server {
                     self.close(key, serial, Some(&why));
                     return;
                 }
-                Ok(ReadOutcome::Header(h)) => match h.check(self.cfg.max_packet as u32) {
-                    Err(e) => {
-                        self.refuse_and_close(key, &e.to_string());
-                        return;
+                Ok(ReadOutcome::Header(h)) => match self.core.check_header(&mut c.proto, &h) {
+                    None => {
+                        c.closing = Some(now);
+                        continue;
                     }
-                    Ok(code) => {
-                        let c = &mut self.conns[key];
+                    Some(code) => {
                         c.read = ReadState::AwaitBudget { header: h, code };
                         // First come, first served: a new frame does not overtake
                         // frames already waiting (a large packet would starve).
                         if !self.budget_waiters.is_empty()
-                            || self.budget.used + h.payload_size as usize > self.budget.limit
+                            || self.core.budget.used + h.payload_size as usize > self.core.budget.limit
                         {
                             log::debug!("{}: waiting for memory budget", c.tag());
                             self.budget_waiters.push_back((key, serial));
@@ -564,28 +597,43 @@ impl Server {
                 },
                 Ok(ReadOutcome::Frame(f)) => {
                     frames += 1;
-                    let c = &mut self.conns[key];
                     c.reserved = 0;
-                    self.handle_frame(key, f);
+                    match self.core.handle_frame(&mut c.proto, f) {
+                        Flow::Continue | Flow::Resume => {}
+                        Flow::Close => c.closing = Some(now),
+                    }
                 }
             }
         }
     }
 
-    /// Answer 1607 and close: the framing can no longer be trusted.
-    fn refuse_and_close(&mut self, key: usize, why: &str) {
-        let Some(c) = self.conns.get_mut(key) else { return };
-        log::warn!("{}: protocol error, closing: {why}", c.tag());
-        crate::protocol::Response::GeneralError.encode(&mut c.out);
-        c.closing = Some(Instant::now());
-        let serial = c.serial;
-        self.drive(key, serial);
+    /// Hand a worker completion to the state machine of its connection (if
+    /// that connection is still open) and do what it asks.
+    fn on_completion(&mut self, done: Completion) {
+        let conn = match &done {
+            Completion::Registered { conn, .. }
+            | Completion::KeySaved { conn, .. }
+            | Completion::Packet { conn, .. }
+            | Completion::Committed { conn, .. } => *conn,
+        };
+        let proto = self.conns.get_mut(conn.key).filter(|c| c.serial() == conn.serial).map(|c| &mut c.proto);
+        match self.core.on_completion(proto, done) {
+            Flow::Continue => {}
+            // A wait ended: flush the replies and read on.
+            Flow::Resume => self.drive(conn.key, conn.serial),
+            Flow::Close => {
+                if let Some(c) = self.conns.get_mut(conn.key) {
+                    c.closing = Some(Instant::now());
+                }
+                self.drive(conn.key, conn.serial);
+            }
+        }
     }
 
     fn wake_budget_waiters(&mut self) {
         while let Some(&(key, serial)) = self.budget_waiters.front() {
             let need = match self.conns.get(key) {
-                Some(c) if c.serial == serial => match c.read {
+                Some(c) if c.serial() == serial => match c.read {
                     ReadState::AwaitBudget { header, .. } => header.payload_size as usize,
                     _ => 0,
                 },
@@ -594,7 +642,7 @@ impl Server {
                     continue;
                 }
             };
-            if self.budget.used + need > self.budget.limit {
+            if self.core.budget.used + need > self.core.budget.limit {
                 return;
             }
             self.budget_waiters.pop_front();
@@ -611,13 +659,13 @@ impl Server {
 
     /// Deadlines, checked every tick.
     fn housekeeping(&mut self, now: Instant) {
-        let cfg = self.cfg.clone();
+        let cfg = self.core.cfg.clone();
         let mut to_close: Vec<(usize, u64, String)> = Vec::new();
         let mut stale: Vec<(usize, u64)> = Vec::new();
         for (key, c) in self.conns.iter() {
             if let Some(t) = c.closing {
                 if now.duration_since(t) > CLOSE_GRACE {
-                    to_close.push((key, c.serial, "closing connection timed out".into()));
+                    to_close.push((key, c.serial(), "closing connection timed out".into()));
                 }
                 continue;
             }
@@ -625,7 +673,7 @@ impl Server {
                 if now.duration_since(start) > cfg.header_timeout {
                     to_close.push((
                         key,
-                        c.serial,
+                        c.serial(),
                         format!("header not complete within {:?}", cfg.header_timeout),
                     ));
                     continue;
@@ -635,32 +683,34 @@ impl Server {
                 let allowed =
                     cfg.header_timeout + Duration::from_secs(f.payload.len() as u64 / MIN_PAYLOAD_RATE);
                 if now.duration_since(start) > allowed {
-                    to_close.push((key, c.serial, format!("frame not complete within {allowed:?}")));
+                    to_close.push((key, c.serial(), format!("frame not complete within {allowed:?}")));
                     continue;
                 }
             }
-            let busy_here = c.awaiting != connection::Awaiting::Nothing
-                || c.packets_in_flight > 0
+            let busy_here = c.proto.awaiting != connection::Awaiting::Nothing
+                || c.proto.packets_in_flight > 0
                 || matches!(c.read, ReadState::AwaitBudget { .. });
             if !busy_here && now.duration_since(c.last_activity) > cfg.idle_timeout {
-                to_close.push((key, c.serial, format!("idle for {:?}", cfg.idle_timeout)));
+                to_close.push((key, c.serial(), format!("idle for {:?}", cfg.idle_timeout)));
                 continue;
             }
-            let stale_upload = match &c.upload {
+            let stale_upload = match &c.proto.upload {
                 connection::Upload::Receiving(r) => now.duration_since(r.touched) > cfg.stale_upload_timeout,
                 _ => false,
             };
             if stale_upload
-                || c.staged.iter().any(|s| now.duration_since(s.touched) > cfg.stale_upload_timeout)
+                || c.proto.staged.iter().any(|s| now.duration_since(s.touched) > cfg.stale_upload_timeout)
             {
-                stale.push((key, c.serial));
+                stale.push((key, c.serial()));
             }
         }
         for (key, serial, why) in to_close {
             self.close(key, serial, Some(&why));
         }
         for (key, serial) in stale {
-            self.purge_stale(key, serial, now);
+            if let Some(c) = self.conns.get_mut(key).filter(|c| c.serial() == serial) {
+                self.core.purge_stale(&mut c.proto, now);
+            }
         }
     }
 }
@@ -725,7 +775,9 @@ pub(super) mod tests {
         let serial = server.next_serial;
         server.next_serial += 1;
         let socket = mio::net::TcpStream::from_std(sock);
-        let key = server.conns.insert(Connection::new(socket, peer, serial, Instant::now()));
+        let entry = server.conns.vacant_entry();
+        let key = entry.key();
+        entry.insert(Connection::new(socket, peer, ConnRef { key, serial }, Instant::now()));
         (key, serial, client)
     }
 
@@ -765,7 +817,7 @@ pub(super) mod tests {
         {
             let c = &mut server.conns[key];
             c.read = ReadState::AwaitBudget { header, code: crate::protocol::Code::FilePacket };
-            c.out = vec![0; unsent];
+            c.proto.out = vec![0; unsent];
         }
         server.budget_waiters.push_back((key, serial));
         server.wake_budget_waiters();
@@ -773,7 +825,7 @@ pub(super) mod tests {
         assert!(matches!(server.conns[key].read, ReadState::AwaitBudget { .. }));
 
         // Another connection takes the budget; the client reads its replies.
-        server.budget.used = server.budget.limit;
+        server.core.budget.used = server.core.budget.limit;
         let reader = std::thread::spawn(move || {
             use std::io::Read;
             client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -798,7 +850,7 @@ pub(super) mod tests {
         assert!(matches!(server.conns[key].read, ReadState::AwaitBudget { .. }));
 
         // The budget is released (as by a completion): the connection must be served.
-        server.budget.used = 0;
+        server.core.budget.used = 0;
         server.wake_budget_waiters();
         assert!(
             matches!(server.conns[key].read, ReadState::AwaitPayload(_)),
