@@ -150,24 +150,25 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
 }
 
-/// Parse a duration: a number with unit ms, s, m or h (a plain number is seconds).
+/// Parse a duration: a number (decimals allowed) with unit ms, s, m or h;
+/// a plain number is seconds. At most 30 days.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    let d = match unit.trim() {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?} (e.g. 10s, 500ms, 2m)"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
         _ => return Err(format!("invalid duration unit in {s:?} (use ms, s, m or h)")),
     };
     // Deadlines are computed as now + duration: keep them far from overflow.
-    if d > MAX_DURATION {
-        return Err(format!("duration {s:?} is longer than 30 days"));
+    if !(0.0..=MAX_DURATION.as_secs_f64()).contains(&secs) {
+        return Err(format!("duration {s:?} is out of range (at most 30 days)"));
     }
-    Ok(d)
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Longest duration accepted by any flag.

@@ -152,42 +152,18 @@ pub struct CommonOpts {
     pub quiet: bool,
 }
 
-/// Parse a byte size: a number with an optional binary-multiple suffix.
+/// Parse a byte size (the server's syntax: `4096`, `64KiB`, `1MiB`), at least 1 byte.
 pub fn parse_size(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 4096, 64KiB, 1MiB)"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(format!("unknown size unit in {s:?} (use K, KiB, M, MiB, G or GiB)")),
-    };
-    let v = n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))?;
+    let v = crate::config::parse_size(s)?;
     if v == 0 {
         return Err("the size must be at least 1 byte".into());
     }
     usize::try_from(v).map_err(|_| format!("{s:?} is too large"))
 }
 
-/// Parse a duration: `10`, `10s`, `500ms`, `2m`.
+/// Parse a duration (the server's syntax: `10`, `10s`, `500ms`, `2m`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 10s, 500ms, 2m)"))?;
-    let secs = match unit.trim() {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" | "min" => n * 60.0,
-        _ => return Err(format!("unknown duration unit in {s:?} (use ms, s or m)")),
-    };
-    if !secs.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&secs) {
-        return Err(format!("{s:?} is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    crate::config::parse_duration(s)
 }
 
 // ---------------------------------------------------------------------------
@@ -823,7 +799,8 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("-1").is_err());
-        assert!(parse_duration("3h").is_err());
+        assert!(parse_duration("3d").is_err());
+        assert!(parse_duration("31d").is_err());
     }
 
     #[test]
