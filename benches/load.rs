@@ -491,8 +491,8 @@ fn clk_tck() -> f64 {
     }
 }
 
-/// utime + stime (ticks) and the name of a /proc task from its stat file.
-fn stat_ticks(path: &Path) -> Option<(String, u64)> {
+/// Name, utime and stime (ticks) of a /proc task from its stat file.
+fn stat_ticks(path: &Path) -> Option<(String, u64, u64)> {
     let s = fs::read_to_string(path).ok()?;
     let open = s.find('(')?;
     let close = s.rfind(')')?;
@@ -501,7 +501,7 @@ fn stat_ticks(path: &Path) -> Option<(String, u64)> {
     // Fields after the command: state is field 3, utime 14, stime 15.
     let ut: u64 = f.get(11)?.parse().ok()?;
     let st: u64 = f.get(12)?.parse().ok()?;
-    Some((comm, ut + st))
+    Some((comm, ut, st))
 }
 
 /// Busy ticks of the whole machine (all CPUs) from /proc/stat.
@@ -517,8 +517,8 @@ fn machine_busy_ticks() -> u64 {
 #[derive(Debug, Clone)]
 struct CpuSnap {
     at: Instant,
-    /// Server threads by tid: (name, ticks).
-    threads: HashMap<String, (String, u64)>,
+    /// Server threads by tid: (name, user ticks, system ticks).
+    threads: HashMap<String, (String, u64, u64)>,
     harness: u64,
     machine: u64,
 }
@@ -537,7 +537,7 @@ fn cpu_snap(server: Option<u32>) -> CpuSnap {
     CpuSnap {
         at: Instant::now(),
         threads,
-        harness: stat_ticks(Path::new("/proc/self/stat")).map_or(0, |t| t.1),
+        harness: stat_ticks(Path::new("/proc/self/stat")).map_or(0, |t| t.1 + t.2),
         machine: machine_busy_ticks(),
     }
 }
@@ -546,8 +546,9 @@ fn cpu_snap(server: Option<u32>) -> CpuSnap {
 #[derive(Debug, Clone)]
 struct CpuUse {
     wall: f64,
-    /// Server threads by role ("loop", "worker", other names), CPU seconds.
-    server: Vec<(String, f64)>,
+    /// Server threads by role ("loop", "worker", other names): user and
+    /// system CPU seconds.
+    server: Vec<(String, f64, f64)>,
     harness: f64,
     machine: f64,
 }
@@ -555,18 +556,21 @@ struct CpuUse {
 impl CpuUse {
     fn between(a: &CpuSnap, b: &CpuSnap) -> CpuUse {
         let hz = clk_tck();
-        let mut by_role: Vec<(String, f64)> = Vec::new();
-        for (tid, (name, ticks)) in &b.threads {
-            let before = a.threads.get(tid).map_or(0, |t| t.1);
+        let mut by_role: Vec<(String, f64, f64)> = Vec::new();
+        for (tid, (name, user, sys)) in &b.threads {
+            let (u0, s0) = a.threads.get(tid).map_or((0, 0), |t| (t.1, t.2));
             let role = match name.as_str() {
                 "backupd" => "loop".to_string(),
                 "backupd-worker" => "worker".to_string(),
                 other => other.to_string(),
             };
-            let secs = ticks.saturating_sub(before) as f64 / hz;
+            let (us, ss) = (user.saturating_sub(u0) as f64 / hz, sys.saturating_sub(s0) as f64 / hz);
             match by_role.iter_mut().find(|r| r.0 == role) {
-                Some(r) => r.1 += secs,
-                None => by_role.push((role, secs)),
+                Some(r) => {
+                    r.1 += us;
+                    r.2 += ss;
+                }
+                None => by_role.push((role, us, ss)),
             }
         }
         by_role.sort_by(|x, y| x.0.cmp(&y.0));
@@ -579,7 +583,7 @@ impl CpuUse {
     }
 
     fn server_total(&self) -> f64 {
-        self.server.iter().map(|r| r.1).sum()
+        self.server.iter().map(|r| r.1 + r.2).sum()
     }
 
     fn others(&self) -> f64 {
@@ -590,8 +594,11 @@ impl CpuUse {
         let mut o = J::obj();
         o.set("wall_s", self.wall);
         let mut s = J::obj();
-        for (role, secs) in &self.server {
-            s.set(role, *secs);
+        for (role, user, sys) in &self.server {
+            let mut t = J::obj();
+            t.set("user", *user);
+            t.set("system", *sys);
+            s.set(role, t);
         }
         o.set("server_cpu_s", s);
         o.set("server_cores", self.server_total() / self.wall);
@@ -603,8 +610,8 @@ impl CpuUse {
     fn show(&self, with_server: bool) -> String {
         let mut s = String::new();
         if with_server {
-            for (role, secs) in &self.server {
-                s.push_str(&format!("{role} {:.2}  ", secs / self.wall));
+            for (role, user, sys) in &self.server {
+                s.push_str(&format!("{role} {:.2} (sys {:.2})  ", (user + sys) / self.wall, sys / self.wall));
             }
         }
         s.push_str(&format!(
@@ -648,12 +655,17 @@ impl Server {
                 bin.display()
             ));
         }
-        let mut args: Vec<String> = vec![
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--data-dir".into(),
-            data_dir.display().to_string(),
-        ];
+        // The address comes from the "listening on" line, logged at INFO. With
+        // a quieter --log-level the harness picks a free port itself instead.
+        let quiet_log = hides_info(extra);
+        let listen = if quiet_log {
+            let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("free port: {e}"))?;
+            l.local_addr().map_err(|e| e.to_string())?.to_string()
+        } else {
+            "127.0.0.1:0".to_string()
+        };
+        let mut args: Vec<String> =
+            vec!["--listen".into(), listen.clone(), "--data-dir".into(), data_dir.display().to_string()];
         // Defaults of the harness, unless given with --server-arg (clap refuses a flag twice).
         for (flag, v) in [("--max-connections", "2000"), ("--idle-timeout", "30m")] {
             if !extra.iter().any(|a| a == flag || a.starts_with(&format!("{flag}="))) {
@@ -699,6 +711,22 @@ impl Server {
             data_dir: data_dir.to_path_buf(),
             log,
         };
+        if quiet_log {
+            let addr: SocketAddr = listen.parse().map_err(|_| format!("bad address {listen}"))?;
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(30) {
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    server.addr = addr;
+                    return Ok(server);
+                }
+                if server.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_)))) {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            server.kill();
+            return Err(format!("backupd did not accept connections on {addr}; log:\n{}", server.log_tail()));
+        }
         match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(a) => {
                 server.addr = a.parse().map_err(|_| format!("cannot parse listen address {a:?}"))?;
@@ -763,6 +791,19 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Whether the server arguments set a log level that hides INFO lines.
+fn hides_info(args: &[String]) -> bool {
+    let mut level = None;
+    for (i, a) in args.iter().enumerate() {
+        if a == "--log-level" {
+            level = args.get(i + 1).cloned();
+        } else if let Some(v) = a.strip_prefix("--log-level=") {
+            level = Some(v.to_string());
+        }
+    }
+    level.is_some_and(|l| matches!(l.to_ascii_lowercase().as_str(), "off" | "error" | "warn"))
 }
 
 /// What a scenario cost the server: memory and CPU.
@@ -1239,19 +1280,21 @@ impl SmallOutcome {
         let r = self.rate.median();
         line("throughput", self.rate.show("files/s"));
         let of = |l: Option<f64>| format!("{} of {:.0}", frac(r, l), l.unwrap_or(f64::NAN));
-        line(
-            "  / limits: fsync mode",
-            format!(
-                "per file {}   16 per dir fsync {}   + SQLite {}",
-                of(limits.fsync1),
-                of(limits.fsync16),
-                of(limits.fsync16_db)
-            ),
-        );
-        line(
-            "  / limits: syncfs mode",
-            format!("16 per syncfs {}   + SQLite {}", of(limits.syncfs16), of(limits.syncfs16_db)),
-        );
+        if limits.fsync1.is_some() {
+            line(
+                "  / limits: fsync mode",
+                format!(
+                    "per file {}   16 per dir fsync {}   + SQLite {}",
+                    of(limits.fsync1),
+                    of(limits.fsync16),
+                    of(limits.fsync16_db)
+                ),
+            );
+            line(
+                "  / limits: syncfs mode",
+                format!("16 per syncfs {}   + SQLite {}", of(limits.syncfs16), of(limits.syncfs16_db)),
+            );
+        }
         line("latency per file (1028..1604)", self.total.show());
         line("  of which 1028 -> 1603", self.upload.show());
         line("  of which 1029 -> 1604", self.commit.show());
@@ -1379,16 +1422,18 @@ impl LargeOutcome {
     fn print(&self, limits: &Limits, server: bool) {
         let r = self.rate.median();
         line("throughput", self.rate.show("MB/s"));
-        line(
-            "  / limits",
-            format!(
-                "loopback TCP {}   decrypt+cksum {}   write+fsync {}   all three in series {}",
-                frac(r, limits.tcp),
-                frac(r, limits.pipeline),
-                frac(r, limits.seq_write),
-                frac(r, limits.serial()),
-            ),
-        );
+        if limits.tcp.is_some() {
+            line(
+                "  / limits",
+                format!(
+                    "loopback TCP {}   decrypt+cksum {}   write+fsync {}   all three in series {}",
+                    frac(r, limits.tcp),
+                    frac(r, limits.pipeline),
+                    frac(r, limits.seq_write),
+                    frac(r, limits.serial()),
+                ),
+            );
+        }
         if let Some(max_commit) = self.parts.iter().map(|p| p.1).reduce(f64::max) {
             line("1029 -> 1604 (publish + commit)", format!("max {:.1} ms", max_commit * 1000.0));
         }
@@ -1694,12 +1739,11 @@ fn limit_durable(dir: &Path, n: usize, batch: usize, mode: Durability, db: bool)
         }
         i = end;
     }
-    let rate = n as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-    drop(conn);
-    let _ = fs::remove_dir_all(dir);
-    Ok(rate)
+    Ok(n as f64 / t0.elapsed().as_secs_f64().max(1e-9))
 }
 
+/// The limits. What they write is left in `bench_dir/limits-PID` for the
+/// caller to delete at the end of the run (see [`run`]).
 fn measure_limits(o: &Opts, bench_dir: &Path) -> Res<Limits> {
     println!("\n== machine limits (measured now, same run) ==");
     let iters = o.limit_iters;
@@ -1773,7 +1817,6 @@ fn measure_limits(o: &Opts, bench_dir: &Path) -> Res<Limits> {
         j.set(key, t);
         fs_rates.push(s.median());
     }
-    let _ = fs::remove_dir_all(&dir);
     Ok(Limits {
         tcp: Some(tcp.median()),
         pipeline: Some(pipe.median()),
@@ -1927,6 +1970,19 @@ fn bench_dir() -> PathBuf {
 }
 
 fn run(o: &Opts) -> Res<bool> {
+    let mut cleanup = Vec::new();
+    let r = run_measured(o, &mut cleanup);
+    // Deleting many files makes the next file creations on the same ext4
+    // block groups slow for about 30 s when the filesystem has no journal
+    // (ext4 then skips recently deleted inodes, reading each one's inode
+    // table block), so nothing is deleted before the last measurement.
+    for d in cleanup {
+        let _ = fs::remove_dir_all(d);
+    }
+    r
+}
+
+fn run_measured(o: &Opts, cleanup: &mut Vec<PathBuf>) -> Res<bool> {
     let dir = bench_dir();
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let (nofile, nofile_max) =
@@ -2019,6 +2075,7 @@ fn run(o: &Opts) -> Res<bool> {
     if want(Scn::Limits) && o.wait_quiet > 0 {
         wait_quiet(o.wait_quiet, "limits");
     }
+    cleanup.push(dir.join(format!("limits-{}", std::process::id())));
     let limits = if want(Scn::Limits) { measure_limits(o, &dir)? } else { Limits::default() };
     top.set("limits", limits.json.clone());
 
@@ -2219,7 +2276,7 @@ fn run(o: &Opts) -> Res<bool> {
             j.set("server_process", sj);
             scen.set(run_name, j);
             if !o.keep_data {
-                let _ = fs::remove_dir_all(&data_dir);
+                cleanup.push(data_dir);
             }
         }
     }
@@ -2358,6 +2415,10 @@ fn self_check() {
     assert_eq!(o.large_mib, 64);
     assert!(parse_opts(&["--large-mib".to_string(), "5000".to_string()]).is_err());
     assert!(parse_opts(&["--nope".to_string()]).is_err());
+    assert!(hides_info(&["--log-level".to_string(), "WARN".to_string()]));
+    assert!(hides_info(&["--log-level=error".to_string()]));
+    assert!(!hides_info(&["--log-level=debug".to_string()]));
+    assert!(!hides_info(&[]));
 }
 
 fn main() {
