@@ -517,8 +517,8 @@ fn machine_busy_ticks() -> u64 {
 #[derive(Debug, Clone)]
 struct CpuSnap {
     at: Instant,
-    /// Server threads by tid: (name, user ticks, system ticks).
-    threads: HashMap<String, (String, u64, u64)>,
+    /// Server threads by tid: (name, user ticks, system ticks, run-queue wait ns).
+    threads: HashMap<String, (String, u64, u64, u64)>,
     harness: u64,
     machine: u64,
 }
@@ -528,8 +528,13 @@ fn cpu_snap(server: Option<u32>) -> CpuSnap {
     if let Some(pid) = server {
         if let Ok(rd) = fs::read_dir(format!("/proc/{pid}/task")) {
             for e in rd.flatten() {
-                if let Some(t) = stat_ticks(&e.path().join("stat")) {
-                    threads.insert(e.file_name().to_string_lossy().into_owned(), t);
+                if let Some((name, user, sys)) = stat_ticks(&e.path().join("stat")) {
+                    // schedstat: ns on CPU, ns runnable but waiting for a CPU, slices.
+                    let wait = fs::read_to_string(e.path().join("schedstat"))
+                        .ok()
+                        .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
+                        .unwrap_or(0);
+                    threads.insert(e.file_name().to_string_lossy().into_owned(), (name, user, sys, wait));
                 }
             }
         }
@@ -547,8 +552,8 @@ fn cpu_snap(server: Option<u32>) -> CpuSnap {
 struct CpuUse {
     wall: f64,
     /// Server threads by role ("loop", "worker", other names): user and
-    /// system CPU seconds.
-    server: Vec<(String, f64, f64)>,
+    /// system CPU seconds, seconds runnable but waiting for a CPU.
+    server: Vec<(String, f64, f64, f64)>,
     harness: f64,
     machine: f64,
 }
@@ -556,21 +561,23 @@ struct CpuUse {
 impl CpuUse {
     fn between(a: &CpuSnap, b: &CpuSnap) -> CpuUse {
         let hz = clk_tck();
-        let mut by_role: Vec<(String, f64, f64)> = Vec::new();
-        for (tid, (name, user, sys)) in &b.threads {
-            let (u0, s0) = a.threads.get(tid).map_or((0, 0), |t| (t.1, t.2));
+        let mut by_role: Vec<(String, f64, f64, f64)> = Vec::new();
+        for (tid, (name, user, sys, wait)) in &b.threads {
+            let (u0, s0, w0) = a.threads.get(tid).map_or((0, 0, 0), |t| (t.1, t.2, t.3));
             let role = match name.as_str() {
                 "backupd" => "loop".to_string(),
                 "backupd-worker" => "worker".to_string(),
                 other => other.to_string(),
             };
             let (us, ss) = (user.saturating_sub(u0) as f64 / hz, sys.saturating_sub(s0) as f64 / hz);
+            let ws = wait.saturating_sub(w0) as f64 / 1e9;
             match by_role.iter_mut().find(|r| r.0 == role) {
                 Some(r) => {
                     r.1 += us;
                     r.2 += ss;
+                    r.3 += ws;
                 }
-                None => by_role.push((role, us, ss)),
+                None => by_role.push((role, us, ss, ws)),
             }
         }
         by_role.sort_by(|x, y| x.0.cmp(&y.0));
@@ -594,10 +601,11 @@ impl CpuUse {
         let mut o = J::obj();
         o.set("wall_s", self.wall);
         let mut s = J::obj();
-        for (role, user, sys) in &self.server {
+        for (role, user, sys, wait) in &self.server {
             let mut t = J::obj();
             t.set("user", *user);
             t.set("system", *sys);
+            t.set("runqueue_wait", *wait);
             s.set(role, t);
         }
         o.set("server_cpu_s", s);
@@ -610,8 +618,14 @@ impl CpuUse {
     fn show(&self, with_server: bool) -> String {
         let mut s = String::new();
         if with_server {
-            for (role, user, sys) in &self.server {
-                s.push_str(&format!("{role} {:.2} (sys {:.2})  ", (user + sys) / self.wall, sys / self.wall));
+            for (role, user, sys, wait) in &self.server {
+                let w = self.wall;
+                s.push_str(&format!(
+                    "{role} {:.2} (sys {:.2}, runq {:.2})  ",
+                    (user + sys) / w,
+                    sys / w,
+                    wait / w
+                ));
             }
         }
         s.push_str(&format!(
