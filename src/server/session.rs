@@ -417,7 +417,10 @@ impl<J: JobSink> Core<J> {
     ) {
         self.release(payload);
         if let Upload::Receiving(r) = std::mem::replace(&mut p.upload, Upload::Idle) {
-            self.send_job(Job::Discard { upload: r.upload, failed: None });
+            // An upload whose packet 1 is being refused never reached the worker.
+            if r.next > 1 {
+                self.send_job(Job::Discard { upload: r.upload, failed: None });
+            }
         }
         if ph.packet_number >= 1 && ph.packet_number < ph.total_packets {
             p.upload = Upload::Skipping {
