@@ -33,6 +33,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("payload_parsers", payload_parsers),
     ("packet_sequence", packet_sequence),
     ("stream_decrypt", stream_decrypt),
+    ("session", session),
 ];
 
 /// Reads fixed-size values from the fuzz input; zeros once it is used up.
@@ -674,4 +675,1621 @@ fn check_decrypt(key: &[u8; AES_KEY_LEN], ct: &[u8], cuts: &mut [usize], plain: 
         }
         Err(_) => assert!(plain.is_none(), "the encryption of {} bytes did not decrypt", ct.len()),
     }
+}
+
+// ---------------------------------------------------------------------------
+// 5. The per-connection state machine
+// ---------------------------------------------------------------------------
+//
+// `session` runs the server's protocol state machine (`Core` acting on each
+// connection's `Protocol`, see src/server/session.rs) with no socket and no
+// worker thread: two connection slots are fed request bytes the way the loop
+// reads them (23 header bytes, the header check, the budget reservation, the
+// payload, `handle_frame`), and an in-harness fake worker answers each job in
+// FIFO order with the completion the real worker would give, the outcome
+// (ok, failed, decryption failure, cksum) chosen by the input. A model of each
+// connection, built only from the requests sent and the replies and jobs
+// seen, predicts what each step must produce.
+//
+// Input: one flag byte (--ack-retry, --oaep-hash, --max-packet,
+// --max-file-size, --memory-budget, check a session key), then operations, each a selector byte
+// and its parameters: well-formed frames (the client's natural next step, or
+// any of the 7 codes with chosen fields; packets following the size rules or
+// not), raw bytes and lying headers, completion deliveries, closes, stale
+// purges. At the end every completion is delivered and both connections close.
+//
+// Invariants: no panic; every reply is a well-formed response; each request
+// gets exactly the replies the rules demand (one for those that require one,
+// none for a 1030 without --ack-retry or a swallowed packet), in order; a
+// 1604 for a 1029 only after its Commit job completed ok; no Job::Packet
+// without this connection's session key (and packet 1 carries that key); the
+// budget in use is always exactly the payload bytes at the worker plus those
+// of half-read frames, so it is 0 when nothing is in flight; packets_in_flight
+// is the number of this connection's packets at the worker and `awaiting` is
+// set exactly while its reply-bearing job is there (so both return to
+// 0/Nothing once completions are delivered); an upload is never discarded or
+// committed twice, nor used after; and at the end every upload that got a
+// Job::Packet{start} got a Commit or a Discard, or failed at the worker.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use backupd::config::Config;
+use backupd::crypto::{decrypt_session_key, OaepHash};
+use backupd::protocol::ClientId;
+use backupd::server::connection::{Awaiting, Frame, Protocol};
+use backupd::server::{completion_conn, Core, Flow, Registry};
+use backupd::worker::{Completion, ConnRef, Job, PacketJob, PacketOutcome, UploadId};
+use rsa::RsaPrivateKey;
+
+/// `SESSION_TRACE=1`: print each step of the `session` target (to debug a crash input).
+fn tracing() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("SESSION_TRACE").is_some())
+}
+
+macro_rules! trace {
+    ($($arg:tt)*) => {
+        if tracing() {
+            eprintln!($($arg)*);
+        }
+    };
+}
+
+/// The client key of the `session` target: generated once per process from a
+/// fixed seed (so runs are reproducible), 1024 bits like the field's clients.
+pub struct ClientKey {
+    pub private: RsaPrivateKey,
+    /// Its SubjectPublicKeyInfo DER, as a 1026 carries it.
+    pub der: Vec<u8>,
+}
+
+/// A deterministic generator for the one key generation (xorshift; key
+/// quality is irrelevant here).
+struct SeededRng(u64);
+
+impl rsa::rand_core::RngCore for SeededRng {
+    fn next_u32(&mut self) -> u32 {
+        self.next_u64() as u32
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        for chunk in dest.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rsa::rand_core::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+impl rsa::rand_core::CryptoRng for SeededRng {}
+
+pub fn client_key() -> &'static ClientKey {
+    static KEY: OnceLock<ClientKey> = OnceLock::new();
+    KEY.get_or_init(|| {
+        use rsa::pkcs8::EncodePublicKey;
+        let private =
+            RsaPrivateKey::new(&mut SeededRng(0x0DDB_A11C_0FFE_E5ED), 1024).expect("key generation");
+        let der = private.to_public_key().to_public_key_der().expect("DER").into_vec();
+        ClientKey { private, der }
+    })
+}
+
+fn base_config() -> &'static Config {
+    static CFG: OnceLock<Config> = OnceLock::new();
+    CFG.get_or_init(Config::defaults)
+}
+
+const CLIENT_NAMES: [&[u8]; 6] = [b"alice", b"bob", b"carol", b"", b"ctl\x01", b"\xff\xfe"];
+const FILE_NAMES: [&[u8]; 8] = [b"a.bin", b"b.bin", b"c.txt", b"../x", b"", b"a/b", b"x\x01y", b"..\\x"];
+
+/// What one run of [`session`] saw (used to pick meaningful seeds).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SessionStats {
+    pub registered: u32,
+    pub keys_accepted: u32,
+    pub reconnected: u32,
+    /// 1603 replies.
+    pub received: u32,
+    /// 1604 replies to 1029.
+    pub stored: u32,
+    /// 1030 accepted (no reply without --ack-retry).
+    pub retried: u32,
+    /// 1031 answered 1604.
+    pub aborted: u32,
+    /// Packets refused by the loop (1607).
+    pub packets_refused: u32,
+    /// Packets swallowed after a refusal.
+    pub packets_skipped: u32,
+    /// Packets failed at the (fake) worker.
+    pub worker_failures: u32,
+    /// Framing errors (1607, then close).
+    pub framing_errors: u32,
+    /// Connections closed with work at the worker or staged files.
+    pub busy_closes: u32,
+    /// Frames that waited for memory budget.
+    pub budget_waits: u32,
+    /// Session keys decrypted and compared with packet 1's.
+    pub keys_checked: u32,
+}
+
+impl SessionStats {
+    pub fn add(&mut self, o: &SessionStats) {
+        self.registered += o.registered;
+        self.keys_accepted += o.keys_accepted;
+        self.reconnected += o.reconnected;
+        self.received += o.received;
+        self.stored += o.stored;
+        self.retried += o.retried;
+        self.aborted += o.aborted;
+        self.packets_refused += o.packets_refused;
+        self.packets_skipped += o.packets_skipped;
+        self.worker_failures += o.worker_failures;
+        self.framing_errors += o.framing_errors;
+        self.busy_closes += o.busy_closes;
+        self.budget_waits += o.budget_waits;
+        self.keys_checked += o.keys_checked;
+    }
+}
+
+/// The model's view of a connection's upload (mirrors `Upload`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum MUpload {
+    Idle,
+    Receiving { id: UploadId, field: NameField, total: u16, next: u16, conforming: bool },
+    Finishing { id: UploadId, field: NameField },
+    Skipping { field: NameField, next: u16, total: u16 },
+}
+
+#[derive(Debug, Clone)]
+struct MStaged {
+    name: String,
+    upload: UploadId,
+    retried: bool,
+}
+
+/// The reply-bearing job this connection waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Owed {
+    Nothing,
+    Register(ClientId),
+    Key(ClientId),
+    Commit { name: String, upload: UploadId },
+    LastPacket(UploadId),
+}
+
+/// The model of one connection, from what was sent and what came back.
+struct MConn {
+    conn: ConnRef,
+    /// The session: its id and, once decrypted, the AES key.
+    session: Option<(ClientId, Option<[u8; 32]>)>,
+    /// The session key as the 1602/1605 carried it, when the key on file is
+    /// ours; decrypted (slow) only when a packet 1 needs it.
+    sealed: Option<Vec<u8>>,
+    registered: Option<ClientId>,
+    upload: MUpload,
+    staged: VecDeque<MStaged>,
+    owed: Owed,
+}
+
+/// How the fake client cuts its current upload (the generator's plan).
+#[derive(Debug, Clone)]
+struct Plan {
+    field: NameField,
+    total: u16,
+    next: u16,
+    /// 0: content_size = packet length; 1: = whole ciphertext (sometimes
+    /// with an empty last packet); 2: every packet a complete stream.
+    convention: u8,
+    orig: u32,
+    whole: u64,
+    packet: u64,
+    sent: u64,
+}
+
+enum ReadPhase {
+    Header,
+    Budget(RequestHeader, Code),
+    Payload(Frame),
+}
+
+struct Slot {
+    proto: Protocol,
+    model: MConn,
+    inbuf: Vec<u8>,
+    pos: usize,
+    read: ReadPhase,
+    /// Offset in `inbuf` of the frame being read.
+    frame_start: usize,
+    /// Frames the generator built to follow the packet rules: (start, end).
+    conforming: HashSet<(usize, usize)>,
+    /// A framing error: the 1607 is queued, nothing more is read.
+    closing: bool,
+    plan: Option<Plan>,
+}
+
+impl Slot {
+    fn new(key: usize, serial: u64) -> Slot {
+        let conn = ConnRef { key, serial };
+        let peer = std::net::SocketAddr::from(([192, 0, 2, 1], 40000 + key as u16));
+        Slot {
+            proto: Protocol::new(conn, peer),
+            model: MConn {
+                conn,
+                session: None,
+                sealed: None,
+                registered: None,
+                upload: MUpload::Idle,
+                staged: VecDeque::new(),
+                owed: Owed::Nothing,
+            },
+            inbuf: Vec::new(),
+            pos: 0,
+            read: ReadPhase::Header,
+            frame_start: 0,
+            conforming: HashSet::new(),
+            closing: false,
+            plan: None,
+        }
+    }
+
+    fn reserved(&self) -> usize {
+        match &self.read {
+            ReadPhase::Payload(f) => f.payload.len(),
+            _ => 0,
+        }
+    }
+}
+
+struct MClient {
+    name: String,
+    durable: bool,
+    /// The key on file (exact DER), if any.
+    key: Option<Vec<u8>>,
+}
+
+/// Where an upload stands, as the loop issued its jobs.
+#[derive(Debug, Default, Clone, Copy)]
+struct Ledger {
+    discarded: bool,
+    committed: bool,
+}
+
+/// The fake worker's upload state (the real worker's `Upload`).
+struct WUpload {
+    client: ClientId,
+    ciphertext: u64,
+    received: bool,
+}
+
+struct Sim<'a> {
+    input: Input<'a>,
+    core: Core<Vec<Job>>,
+    slots: Vec<Slot>,
+    next_serial: u64,
+    oaep: OaepHash,
+    /// Decrypt one session key a 1602/1605 carried and compare it with the
+    /// key packet 1 takes to the worker (flag 0x80; RSA decryption is slow,
+    /// so only once per input).
+    check_key: bool,
+    ack_retry: bool,
+    max_file_size: u64,
+    max_payload: u64,
+    /// Jobs at the fake worker, in order.
+    queue: VecDeque<Job>,
+    worker: HashMap<UploadId, WUpload>,
+    failed: HashSet<UploadId>,
+    ledger: HashMap<UploadId, Ledger>,
+    clients: HashMap<ClientId, MClient>,
+    /// Client ids in registration order (ids are random: picks go by position).
+    order: Vec<ClientId>,
+    names: HashMap<String, ClientId>,
+    stats: SessionStats,
+}
+
+/// Target 5: the protocol state machine of one server (two connections)
+/// driven by arbitrary frame sequences, with a fake worker.
+pub fn session(data: &[u8]) {
+    session_stats(data);
+}
+
+/// [`session`], reporting what it saw.
+pub fn session_stats(data: &[u8]) -> SessionStats {
+    let mut input = Input::new(data);
+    let flags = input.u8();
+    let mut cfg = base_config().clone();
+    cfg.ack_retry = flags & 1 != 0;
+    cfg.oaep_hash = if flags & 2 != 0 { OaepHash::Sha256 } else { OaepHash::Sha1 };
+    cfg.max_packet = match (flags >> 2) & 3 {
+        0 => 267 + 1024,
+        1 => 267 + 64,
+        2 => 267 + 4096,
+        _ => 267 + 16,
+    };
+    cfg.max_file_size = match (flags >> 4) & 3 {
+        0 | 1 => u64::from(u32::MAX),
+        2 => 100,
+        _ => 3000,
+    };
+    // The smallest budget the server accepts (a 1026 frame or a packet),
+    // so that frames wait for it; or plenty.
+    cfg.memory_budget = if flags & 0x40 != 0 { cfg.max_packet.max(255 + 2048) } else { 1 << 20 };
+    let mut sim = Sim {
+        input,
+        ack_retry: cfg.ack_retry,
+        oaep: cfg.oaep_hash,
+        check_key: flags & 0x80 != 0,
+        max_file_size: cfg.max_file_size,
+        max_payload: cfg.max_packet,
+        core: Core::new(Arc::new(cfg), Registry::default(), Vec::new(), 1000),
+        slots: vec![Slot::new(0, 1), Slot::new(1, 2)],
+        next_serial: 3,
+        queue: VecDeque::new(),
+        worker: HashMap::new(),
+        failed: HashSet::new(),
+        ledger: HashMap::new(),
+        clients: HashMap::new(),
+        order: Vec::new(),
+        names: HashMap::new(),
+        stats: SessionStats::default(),
+    };
+    let mut ops = 0;
+    while !sim.input.is_empty() && ops < 2000 {
+        ops += 1;
+        sim.step();
+        sim.check_global();
+    }
+    sim.finish();
+    sim.stats
+}
+
+/// Parse every reply in `out` (which is emptied): each must be a complete,
+/// well-formed response that encodes back to the same bytes.
+fn take_replies(out: &mut Vec<u8>) -> Vec<Response> {
+    let mut replies = Vec::new();
+    let mut rest = &out[..];
+    while !rest.is_empty() {
+        assert!(rest.len() >= RESPONSE_HEADER_LEN, "a truncated reply header: {rest:?}");
+        let mut raw = [0u8; RESPONSE_HEADER_LEN];
+        raw.copy_from_slice(&rest[..RESPONSE_HEADER_LEN]);
+        let h = ResponseHeader::decode(&raw);
+        assert_eq!(h.version, 3, "reply version");
+        let end = RESPONSE_HEADER_LEN + h.payload_size as usize;
+        assert!(rest.len() >= end, "a reply shorter than its header says");
+        let r = Response::decode(&h, &rest[RESPONSE_HEADER_LEN..end])
+            .unwrap_or_else(|| panic!("malformed reply {:?}", &rest[..end]));
+        let mut again = Vec::new();
+        r.encode(&mut again);
+        assert_eq!(&again[..], &rest[..end], "reply does not encode back to its bytes");
+        replies.push(r);
+        rest = &rest[end..];
+    }
+    out.clear();
+    replies
+}
+
+fn is_packet_job(j: &Job) -> bool {
+    matches!(j, Job::Packet(_))
+}
+
+/// The uploads of Discard jobs (without a failure record), sorted; panics on anything else.
+fn discards_only(jobs: &[Job]) -> Vec<UploadId> {
+    let mut v: Vec<UploadId> = jobs
+        .iter()
+        .map(|j| match j {
+            Job::Discard { upload, failed: None } => *upload,
+            other => panic!("unexpected job {}", job_name(other)),
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+fn job_name(j: &Job) -> &'static str {
+    match j {
+        Job::Register { .. } => "Register",
+        Job::SetKey { .. } => "SetKey",
+        Job::Touch { .. } => "Touch",
+        Job::Packet(_) => "Packet",
+        Job::Commit { .. } => "Commit",
+        Job::Discard { .. } => "Discard",
+        Job::Shutdown => "Shutdown",
+    }
+}
+
+fn sorted(mut v: Vec<UploadId>) -> Vec<UploadId> {
+    v.sort_unstable();
+    v
+}
+
+fn valid_client_name(n: &NameField) -> Option<&str> {
+    n.as_str().filter(|s| !s.is_empty() && s.len() <= 254 && !s.chars().any(char::is_control))
+}
+
+impl Sim<'_> {
+    // -- the operations ----------------------------------------------------
+
+    fn step(&mut self) {
+        let op = self.input.u8();
+        let s = usize::from(op >> 7);
+        trace!("op {} on slot {s}", op & 0x7f);
+        match op & 0x7f {
+            0..=47 => self.natural(s),
+            48..=71 => {
+                let code = ALL_CODES[usize::from(self.input.u8() % 7)];
+                self.chosen_frame(s, code);
+            }
+            72..=85 => {
+                let n = usize::from(self.input.u8() % 4) + 1;
+                self.deliver(n);
+            }
+            86..=90 => self.deliver(usize::MAX),
+            91..=95 => {
+                let n = usize::from(self.input.u8() % 48);
+                let bytes = self.input.bytes(n).to_vec();
+                self.send_bytes(s, &bytes, false);
+            }
+            96..=99 => {
+                let h = RequestHeader {
+                    client_id: self.pick_id(s),
+                    version: if self.input.u8().is_multiple_of(4) { self.input.u8() } else { 3 },
+                    code: 1024 + u16::from(self.input.u8() % 10),
+                    payload_size: match self.input.u8() % 4 {
+                        0 => self.input.u32(),
+                        1 => 255,
+                        2 => u32::from(self.input.u16()),
+                        _ => 266,
+                    },
+                };
+                self.send_bytes(s, &h.encode(), false);
+            }
+            100..=104 => self.close(s),
+            105..=107 => {
+                let future = self.input.u8().is_multiple_of(2);
+                self.purge(s, future);
+            }
+            _ => self.deliver(1),
+        }
+    }
+
+    /// What a well-behaved client of this connection would send next.
+    fn natural(&mut self, s: usize) {
+        let p = self.input.u8();
+        if p & 1 == 0 {
+            // A client waiting for its reply before sending more.
+            self.deliver(usize::MAX);
+        }
+        let m = &self.slots[s].model;
+        let has_session = m.session.is_some();
+        let registered = m.registered;
+        let staged = m.staged.iter().find(|f| !f.retried).map(|f| f.name.clone());
+        if !has_session {
+            match registered {
+                None if p & 6 == 6 => self.reconnect_frame(s),
+                None => self.register_frame(s, (p >> 3) % 3),
+                Some(id) => self.key_frame(s, id, 0),
+            }
+        } else if let (Some(name), 0..=2) = (staged, (p >> 1) % 8) {
+            let code = match p >> 5 {
+                0..=5 => Code::CrcOk,
+                6 => Code::CrcRetry,
+                _ => Code::CrcAbort,
+            };
+            let id = self.session_id(s);
+            let field = NameField::from_name(name.as_bytes()).expect("a staged name fits its field");
+            self.frame(s, id, code, &field.0, false);
+        } else {
+            self.packet(s, p >> 3);
+        }
+    }
+
+    fn session_id(&self, s: usize) -> ClientId {
+        self.slots[s].model.session.map(|(id, _)| id).unwrap_or_default()
+    }
+
+    fn pick_id(&mut self, s: usize) -> ClientId {
+        let m = &self.slots[s].model;
+        match self.input.u8() % 8 {
+            0..=3 => m.session.map(|(id, _)| id).or(m.registered).unwrap_or_default(),
+            4 => self.slots[1 - s].model.session.map(|(id, _)| id).unwrap_or_default(),
+            5 => {
+                let i = usize::from(self.input.u8());
+                self.order.get(i % self.order.len().max(1)).copied().unwrap_or_default()
+            }
+            6 => [0; 16],
+            _ => {
+                let mut id = [0u8; 16];
+                let b = self.input.bytes(16);
+                id[..b.len()].copy_from_slice(b);
+                id
+            }
+        }
+    }
+
+    fn client_name_field(&mut self, id: &ClientId) -> NameField {
+        let sel = self.input.u8();
+        let name: Vec<u8> = match (self.clients.get(id), sel % 8) {
+            (Some(c), 0..=5) => c.name.as_bytes().to_vec(),
+            (_, 6) => vec![b'n'; 254],
+            _ => CLIENT_NAMES[usize::from(sel >> 3) % CLIENT_NAMES.len()].to_vec(),
+        };
+        NameField::from_name(&name).unwrap_or(NameField([b'x'; NAME_FIELD_LEN]))
+    }
+
+    fn register_frame(&mut self, s: usize, which: u8) {
+        let name = NameField::from_name(CLIENT_NAMES[usize::from(which)]).expect("fits");
+        self.frame(s, [0; 16], Code::Register, &name.0, false);
+    }
+
+    fn reconnect_frame(&mut self, s: usize) {
+        let ids: Vec<ClientId> =
+            self.order.iter().filter(|id| self.clients[*id].key.is_some()).copied().collect();
+        let i = usize::from(self.input.u8());
+        let id = ids.get(i % ids.len().max(1)).copied().unwrap_or_default();
+        let name = self.client_name_field(&id);
+        self.frame(s, id, Code::Reconnect, &name.0, false);
+    }
+
+    fn key_frame(&mut self, s: usize, id: ClientId, variant: u8) {
+        let name = self.client_name_field(&id);
+        let der = &client_key().der;
+        let mut field = der.clone();
+        match variant % 6 {
+            0..=2 => {}
+            3 => field.extend_from_slice(&[0; 40]),
+            4 => {
+                let at = usize::from(self.input.u8()) % field.len();
+                field[at] ^= 1 << (self.input.u8() % 8);
+            }
+            _ => {
+                let n = 160 + usize::from(self.input.u8());
+                field = self.input.bytes(n).to_vec();
+                field.resize(n, 0x30);
+            }
+        }
+        self.frame(s, id, Code::PublicKey, &[&name.0[..], &field].concat(), false);
+    }
+
+    /// One frame of `code` with fields chosen by the input.
+    fn chosen_frame(&mut self, s: usize, code: Code) {
+        let id = self.pick_id(s);
+        match code {
+            Code::Register => {
+                let which = self.input.u8() % CLIENT_NAMES.len() as u8;
+                self.frame(
+                    s,
+                    id,
+                    code,
+                    &NameField::from_name(CLIENT_NAMES[usize::from(which)]).expect("fits").0,
+                    false,
+                );
+            }
+            Code::PublicKey => {
+                let v = self.input.u8();
+                self.key_frame(s, id, v);
+            }
+            Code::Reconnect => {
+                let name = self.client_name_field(&id);
+                self.frame(s, id, code, &name.0, false);
+            }
+            Code::FilePacket => {
+                let v = self.input.u8();
+                self.packet(s, v);
+            }
+            _ => {
+                let sel = self.input.u8();
+                let m = &self.slots[s].model;
+                let name: Vec<u8> =
+                    match (sel % 4, m.staged.get(usize::from(sel >> 2) % m.staged.len().max(1))) {
+                        (0..=2, Some(f)) => f.name.as_bytes().to_vec(),
+                        _ => FILE_NAMES[usize::from(sel >> 2) % FILE_NAMES.len()].to_vec(),
+                    };
+                let field = NameField::from_name(&name).expect("fits");
+                self.frame(s, id, code, &field.0, false);
+            }
+        }
+    }
+
+    /// A file packet: the next one of the plan (started when there is none),
+    /// or one with fields chosen by the input.
+    fn packet(&mut self, s: usize, v: u8) {
+        let id = match v % 16 {
+            15 => self.pick_id(s),
+            _ => self.session_id(s),
+        };
+        if v % 16 >= 13 {
+            return self.wild_packet(s, id);
+        }
+        if self.slots[s].plan.is_none() || v % 16 == 12 {
+            self.new_plan(s);
+        }
+        let Some(plan) = self.slots[s].plan.as_mut() else { return };
+        let k = plan.next;
+        let (content_len, content_size, orig) = match plan.convention {
+            2 => {
+                // Every packet is a complete stream of its own size; `sent`
+                // counts plaintext here, which must stay within --max-file-size.
+                let room = self.max_file_size.saturating_sub(plan.sent);
+                let orig = u64::from(self.input.u8() % 40).min(room);
+                plan.sent += orig;
+                let whole = ciphertext_len(orig);
+                (whole, whole as u32, orig as u32)
+            }
+            c => {
+                let len = plan.packet.min(plan.whole - plan.sent);
+                let size = if c == 0 { len } else { plan.whole };
+                (len, size as u32, plan.orig)
+            }
+        };
+        if plan.convention != 2 {
+            plan.sent += content_len;
+        }
+        plan.next += 1;
+        let ph = PacketHeader {
+            content_size,
+            orig_file_size: orig,
+            packet_number: k,
+            total_packets: plan.total,
+            file_name: plan.field.clone(),
+        };
+        if plan.next > plan.total {
+            self.slots[s].plan = None;
+        }
+        let mut payload = Vec::new();
+        ph.encode(&mut payload);
+        payload.resize(PACKET_HEADER_LEN + content_len as usize, 0xA5);
+        self.frame(s, id, Code::FilePacket, &payload, true);
+    }
+
+    fn new_plan(&mut self, s: usize) {
+        let sel = self.input.u8();
+        // Mostly good names; now and then a bad one ("../x", "", "a/b").
+        let i = match sel % 16 {
+            n @ 13..=15 => usize::from(n) - 10,
+            n => usize::from(n % 3),
+        };
+        let field = NameField::from_name(FILE_NAMES[i]).expect("fits");
+        let room = self.max_payload - PACKET_HEADER_LEN as u64;
+        let convention = (sel >> 4) % 3;
+        let orig = u32::from(self.input.u16() % 9000);
+        let whole = ciphertext_len(u64::from(orig));
+        let packet = 1 + u64::from(self.input.u16()) % room;
+        let tail = sel & 0x80 != 0 && convention == 1;
+        let total = match convention {
+            2 => 1 + u16::from(self.input.u8() % 5),
+            _ => whole.div_ceil(packet) as u16 + u16::from(tail),
+        };
+        self.slots[s].plan = Some(Plan { field, total, next: 1, convention, orig, whole, packet, sent: 0 });
+    }
+
+    /// A packet with fields chosen by the input (any of them may break the rules).
+    fn wild_packet(&mut self, s: usize, id: ClientId) {
+        let m = &self.slots[s].model;
+        let (field, next, total) = match &m.upload {
+            MUpload::Receiving { field, next, total, .. } => (field.clone(), *next, *total),
+            MUpload::Skipping { field, next, total } => (field.clone(), *next, *total),
+            _ => (NameField::from_name(b"a.bin").expect("fits"), 1, 1),
+        };
+        let sel = self.input.u8();
+        let small = self.input.u16();
+        let packet_number = match sel % 4 {
+            0 | 1 => next,
+            2 => 1,
+            _ => small % 6,
+        };
+        let total_packets = match (sel >> 2) % 4 {
+            0 | 1 => total,
+            2 => packet_number.max(1),
+            _ => small % 5,
+        };
+        let field = if (sel >> 4).is_multiple_of(4) {
+            NameField::from_name(FILE_NAMES[usize::from(small) % FILE_NAMES.len()]).expect("fits")
+        } else {
+            field
+        };
+        let orig = u32::from(self.input.u8()) * 3;
+        let len =
+            usize::from(self.input.u8() % 64).min((self.max_payload - PACKET_HEADER_LEN as u64) as usize);
+        let content_size = match sel >> 6 {
+            0 => len as u32,
+            1 => ciphertext_len(u64::from(orig)) as u32,
+            2 => 0,
+            _ => self.input.u32(),
+        };
+        let ph = PacketHeader {
+            content_size,
+            orig_file_size: orig,
+            packet_number,
+            total_packets,
+            file_name: field,
+        };
+        let mut payload = Vec::new();
+        ph.encode(&mut payload);
+        payload.resize(PACKET_HEADER_LEN + len, 0x5A);
+        self.frame(s, id, Code::FilePacket, &payload, false);
+    }
+
+    fn frame(&mut self, s: usize, id: ClientId, code: Code, payload: &[u8], conforming: bool) {
+        let h = RequestHeader {
+            client_id: id,
+            version: 3,
+            code: code.as_u16(),
+            payload_size: payload.len() as u32,
+        };
+        let mut bytes = h.encode().to_vec();
+        bytes.extend_from_slice(payload);
+        self.send_bytes(s, &bytes, conforming);
+    }
+
+    /// The peer sends bytes; the loop reads what it may.
+    fn send_bytes(&mut self, s: usize, bytes: &[u8], conforming: bool) {
+        let slot = &mut self.slots[s];
+        let start = slot.inbuf.len();
+        slot.inbuf.extend_from_slice(bytes);
+        if conforming {
+            slot.conforming.insert((start, slot.inbuf.len()));
+        }
+        self.pump(s);
+    }
+
+    // -- the loop's reading, as `Server::drive` does it -------------------------
+
+    fn pump(&mut self, s: usize) {
+        loop {
+            let slot = &mut self.slots[s];
+            if slot.closing || !slot.proto.may_read() {
+                return;
+            }
+            let avail = slot.inbuf.len() - slot.pos;
+            match &mut slot.read {
+                ReadPhase::Header => {
+                    if avail < REQUEST_HEADER_LEN {
+                        return;
+                    }
+                    let mut raw = [0u8; REQUEST_HEADER_LEN];
+                    raw.copy_from_slice(&slot.inbuf[slot.pos..slot.pos + REQUEST_HEADER_LEN]);
+                    slot.frame_start = slot.pos;
+                    slot.pos += REQUEST_HEADER_LEN;
+                    let h = RequestHeader::decode(&raw);
+                    match self.core.check_header(&mut slot.proto, &h) {
+                        None => {
+                            assert!(h.check(self.max_payload as u32).is_err());
+                            let replies = take_replies(&mut slot.proto.out);
+                            assert_eq!(replies, vec![Response::GeneralError], "framing error");
+                            assert!(self.core.jobs.is_empty());
+                            slot.closing = true;
+                            self.stats.framing_errors += 1;
+                            return;
+                        }
+                        Some(code) => {
+                            assert_eq!(code.as_u16(), h.code);
+                            slot.read = ReadPhase::Budget(h, code);
+                        }
+                    }
+                }
+                ReadPhase::Budget(h, code) => {
+                    let (h, code) = (*h, *code);
+                    let Some(payload) = self.core.try_reserve(h.payload_size as usize) else {
+                        let other = self.slots[1 - s].reserved();
+                        assert!(
+                            self.queue.iter().any(is_packet_job) || other > 0,
+                            "a frame waits for budget ({} of {} used) with nothing in flight",
+                            self.core.budget.used,
+                            self.core.budget.limit
+                        );
+                        self.stats.budget_waits += 1;
+                        return;
+                    };
+                    self.slots[s].read = ReadPhase::Payload(Frame { header: h, code, payload, filled: 0 });
+                }
+                ReadPhase::Payload(f) => {
+                    let n = avail.min(f.payload.len() - f.filled);
+                    f.payload[f.filled..f.filled + n].copy_from_slice(&slot.inbuf[slot.pos..slot.pos + n]);
+                    f.filled += n;
+                    slot.pos += n;
+                    if f.filled < f.payload.len() {
+                        return;
+                    }
+                    let ReadPhase::Payload(f) = std::mem::replace(&mut slot.read, ReadPhase::Header) else {
+                        unreachable!()
+                    };
+                    let conforming = slot.conforming.remove(&(slot.frame_start, slot.pos));
+                    self.handle(s, f, conforming);
+                }
+            }
+        }
+    }
+
+    /// One complete frame through `handle_frame`, checked against the model.
+    fn handle(&mut self, s: usize, f: Frame, conforming: bool) {
+        let payload = f.payload.clone();
+        let hid = f.header.client_id;
+        let parsed = Request::parse(f.code, &payload);
+        let slot = &mut self.slots[s];
+        trace!("  slot {s} handles {:?} (conforming {conforming}): model {:?}", parsed, slot.model.upload);
+        let flow = self.core.handle_frame(&mut slot.proto, f);
+        let replies = take_replies(&mut slot.proto.out);
+        let jobs = std::mem::take(&mut self.core.jobs);
+        trace!("    -> {replies:?}, jobs {:?}", jobs.iter().map(job_name).collect::<Vec<_>>());
+        let req = match parsed {
+            Ok(r) => r,
+            Err(_) => {
+                assert_eq!(flow, Flow::Close);
+                assert_eq!(replies, vec![Response::GeneralError]);
+                assert!(jobs.is_empty());
+                slot.closing = true;
+                self.stats.framing_errors += 1;
+                return;
+            }
+        };
+        assert_eq!(flow, Flow::Continue);
+        match req {
+            Request::FilePacket(ph) => self.on_packet(s, hid, ph, &payload, conforming, replies, &jobs),
+            other => {
+                // Any other request ends the skipping of a refused upload.
+                let m = &mut self.slots[s].model;
+                if matches!(m.upload, MUpload::Skipping { .. }) {
+                    m.upload = MUpload::Idle;
+                }
+                match other {
+                    Request::Register { name } => self.on_register(s, name, replies, &jobs),
+                    Request::PublicKey { name, key } => {
+                        self.on_public_key(s, hid, name, &key, replies, &jobs)
+                    }
+                    Request::Reconnect { name } => self.on_reconnect(s, hid, name, replies, &jobs),
+                    Request::CrcOk { name } => self.on_crc(s, hid, name, Code::CrcOk, replies, &jobs),
+                    Request::CrcRetry { name } => self.on_crc(s, hid, name, Code::CrcRetry, replies, &jobs),
+                    Request::CrcAbort { name } => self.on_crc(s, hid, name, Code::CrcAbort, replies, &jobs),
+                    Request::FilePacket(_) => unreachable!(),
+                }
+            }
+        }
+        self.enqueue(jobs);
+    }
+
+    /// Jobs go to the fake worker, after the ledger checks of the loop's side.
+    fn enqueue(&mut self, jobs: Vec<Job>) {
+        for j in jobs {
+            match &j {
+                Job::Packet(p) => {
+                    let l = self.ledger.entry(p.upload).or_default();
+                    assert!(!l.discarded && !l.committed, "a packet for upload {} after its end", p.upload);
+                }
+                Job::Discard { upload, failed } => {
+                    let l = self.ledger.get_mut(upload).expect("a discard of an upload never started");
+                    // A 1031 after a 1030 discards again: that one records the failure.
+                    let record_only = failed.is_some() && l.discarded;
+                    assert!(
+                        record_only || (!l.discarded && !l.committed),
+                        "upload {upload} discarded twice or after its commit"
+                    );
+                    l.discarded = true;
+                }
+                Job::Commit { upload, .. } => {
+                    let l = self.ledger.get_mut(upload).expect("a commit of an upload never started");
+                    assert!(
+                        !l.discarded && !l.committed,
+                        "upload {upload} committed twice or after its discard"
+                    );
+                    l.committed = true;
+                }
+                Job::Shutdown => panic!("the state machine sent Shutdown"),
+                _ => {}
+            }
+            self.queue.push_back(j);
+        }
+    }
+
+    // -- the model, request by request ------------------------------------
+
+    fn on_register(&mut self, s: usize, name: NameField, replies: Vec<Response>, jobs: &[Job]) {
+        let m = &mut self.slots[s].model;
+        match valid_client_name(&name) {
+            None => {
+                assert_eq!(replies, vec![Response::GeneralError], "invalid client name {}", name.display());
+                assert!(jobs.is_empty());
+            }
+            Some(n) if self.names.contains_key(n) => {
+                assert_eq!(replies, vec![Response::RegistrationFailed], "name {n:?} is taken");
+                assert!(jobs.is_empty());
+            }
+            Some(n) => {
+                assert!(replies.is_empty(), "1025 answered before the database: {replies:?}");
+                let [Job::Register { conn, id, name: jn }] = jobs else {
+                    panic!("1025 of a free name: no Register job")
+                };
+                assert_eq!((*conn, jn.as_str()), (m.conn, n));
+                assert!(*id != [0; 16] && !self.clients.contains_key(id), "a new id must be fresh");
+                self.clients.insert(*id, MClient { name: n.to_string(), durable: false, key: None });
+                self.order.push(*id);
+                self.names.insert(n.to_string(), *id);
+                m.owed = Owed::Register(*id);
+            }
+        }
+    }
+
+    fn on_public_key(
+        &mut self,
+        s: usize,
+        hid: ClientId,
+        name: NameField,
+        field: &[u8],
+        replies: Vec<Response>,
+        jobs: &[Job],
+    ) {
+        let m = &mut self.slots[s].model;
+        let known = self.clients.get(&hid).filter(|c| c.durable && name.as_str() == Some(c.name.as_str()));
+        let entitled = m.registered == Some(hid) || m.session.is_some_and(|(id, _)| id == hid);
+        let parsed = parse_public_key(field).ok();
+        let accept = known.is_some_and(|c| c.key.is_none() || entitled) && parsed.is_some();
+        if !accept {
+            assert_eq!(replies, vec![Response::GeneralError], "1026 that must be refused");
+            assert!(jobs.is_empty());
+            return;
+        }
+        assert!(replies.is_empty(), "1026 answered before the database: {replies:?}");
+        let [Job::SetKey { conn, id, der }] = jobs else { panic!("1026 accepted without a SetKey job") };
+        let exact = parsed.map(|(_, d)| d).unwrap_or_default();
+        assert_eq!((*conn, *id, der), (m.conn, hid, &exact));
+        m.owed = Owed::Key(hid);
+    }
+
+    fn on_reconnect(
+        &mut self,
+        s: usize,
+        hid: ClientId,
+        name: NameField,
+        replies: Vec<Response>,
+        jobs: &[Job],
+    ) {
+        let known = self
+            .clients
+            .get(&hid)
+            .filter(|c| c.durable && name.as_str() == Some(c.name.as_str()))
+            .and_then(|c| c.key.clone());
+        let Some(der) = known else {
+            assert_eq!(replies, vec![Response::ReconnectDenied { id: hid }]);
+            assert!(jobs.is_empty());
+            return;
+        };
+        let [Response::ReconnectOk { id, encrypted_key }] = &replies[..] else {
+            panic!("1027 of a known client with a key: {replies:?}")
+        };
+        assert_eq!(*id, hid);
+        let key = self.session_key(&der, encrypted_key);
+        let touches = jobs.iter().filter(|j| matches!(j, Job::Touch { id } if *id == hid)).count();
+        assert_eq!(touches, 1, "a reconnect records the client's last contact once");
+        let rest: Vec<UploadId> = discards_only(
+            &jobs.iter().filter(|j| !matches!(j, Job::Touch { .. })).map(clone_discard).collect::<Vec<_>>(),
+        );
+        self.open_session(s, hid, key, rest);
+        self.stats.reconnected += 1;
+    }
+
+    /// The session key of a 1602/1605 (encrypted), to be checked, when the key on file is ours.
+    fn session_key(&self, der: &[u8], encrypted: &[u8]) -> Option<Vec<u8>> {
+        (self.check_key && der == client_key().der.as_slice()).then(|| encrypted.to_vec())
+    }
+
+    /// A 1602 or 1605: the new session replaces the old one; files staged under
+    /// another id and an upload in progress are discarded (`discards`, seen).
+    fn open_session(&mut self, s: usize, id: ClientId, sealed: Option<Vec<u8>>, discards: Vec<UploadId>) {
+        let m = &mut self.slots[s].model;
+        let mut expected = Vec::new();
+        if m.session.is_some_and(|(old, _)| old != id) {
+            expected.extend(m.staged.drain(..).filter(|f| !f.retried).map(|f| f.upload));
+        }
+        if let MUpload::Receiving { id: u, .. } = m.upload {
+            expected.push(u);
+        }
+        assert!(!matches!(m.upload, MUpload::Finishing { .. }), "a new session while the last packet is out");
+        m.upload = MUpload::Idle;
+        m.session = Some((id, None));
+        m.sealed = sealed;
+        assert_eq!(discards, sorted(expected), "discards of a new session");
+        assert!(self.slots[s].proto.session.as_ref().is_some_and(|x| x.id == id));
+    }
+
+    fn on_crc(
+        &mut self,
+        s: usize,
+        hid: ClientId,
+        name: NameField,
+        code: Code,
+        replies: Vec<Response>,
+        jobs: &[Job],
+    ) {
+        let ack_retry = self.ack_retry;
+        let m = &mut self.slots[s].model;
+        let idx = name.as_str().and_then(|n| m.staged.iter().position(|f| f.name == n));
+        let (Some(idx), true) = (idx, m.session.is_some_and(|(id, _)| id == hid)) else {
+            assert_eq!(replies, vec![Response::GeneralError], "{code:?} without a session or a staged file");
+            assert!(jobs.is_empty());
+            return;
+        };
+        let f = m.staged[idx].clone();
+        match code {
+            Code::CrcOk if f.retried => {
+                assert_eq!(replies, vec![Response::GeneralError], "1029 after 1030");
+                assert!(jobs.is_empty());
+            }
+            Code::CrcOk => {
+                assert!(replies.is_empty(), "1029 answered before the commit: {replies:?}");
+                let [Job::Commit { conn, upload, client, name: n }] = jobs else {
+                    panic!("1029 without a Commit job")
+                };
+                assert_eq!((*conn, *upload, *client, n), (m.conn, f.upload, hid, &f.name));
+                m.staged.remove(idx);
+                m.owed = Owed::Commit { name: f.name, upload: f.upload };
+            }
+            Code::CrcRetry => {
+                let want = if ack_retry { vec![Response::Ack { id: hid }] } else { vec![] };
+                assert_eq!(replies, want, "1030 (--ack-retry {ack_retry})");
+                let expected = if f.retried { vec![] } else { vec![f.upload] };
+                assert_eq!(discards_only(jobs), expected);
+                m.staged[idx].retried = true;
+                self.stats.retried += 1;
+            }
+            _ => {
+                assert_eq!(replies, vec![Response::Ack { id: hid }], "1031");
+                let [Job::Discard { upload, failed: Some((client, n)) }] = jobs else {
+                    panic!("1031 without a Discard recording the failure")
+                };
+                assert_eq!((*upload, *client, n), (f.upload, hid, &f.name));
+                m.staged.remove(idx);
+                self.stats.aborted += 1;
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_packet(
+        &mut self,
+        s: usize,
+        hid: ClientId,
+        ph: PacketHeader,
+        payload: &[u8],
+        conforming: bool,
+        replies: Vec<Response>,
+        jobs: &[Job],
+    ) {
+        let (max_file_size, oaep) = (self.max_file_size, self.oaep);
+        let slot = &mut self.slots[s];
+        let m = &mut slot.model;
+        let (k, n) = (ph.packet_number, ph.total_packets);
+        if let MUpload::Skipping { field, next, total } = &m.upload {
+            if *field == ph.file_name && k == *next && n == *total && *next > 1 {
+                assert!(replies.is_empty() && jobs.is_empty(), "a swallowed packet was answered or sent on");
+                m.upload = if k == n {
+                    MUpload::Idle
+                } else {
+                    MUpload::Skipping { field: field.clone(), next: k + 1, total: n }
+                };
+                self.stats.packets_skipped += 1;
+                return;
+            }
+            m.upload = MUpload::Idle;
+        }
+        let session = m.session.filter(|(id, _)| *id == hid);
+        let in_range = n > 0 && k > 0 && k <= n;
+        let name = validate_file_name(ph.file_name.bytes()).ok().map(str::to_string);
+        let receiving = match &m.upload {
+            MUpload::Receiving { id, field, total, next, conforming } => {
+                Some((*id, field.clone(), *total, *next, *conforming))
+            }
+            _ => None,
+        };
+        // When the packet must be accepted: the rules the model knows, and sizes
+        // that the generator built to follow the packet conventions.
+        let must_accept = session.is_some()
+            && in_range
+            && conforming
+            && if k == 1 {
+                name.is_some() && u64::from(ph.orig_file_size) <= max_file_size
+            } else {
+                receiving
+                    .as_ref()
+                    .is_some_and(|(_, f, t, nx, c)| *c && *f == ph.file_name && *t == n && *nx == k)
+            };
+        let packet_jobs: Vec<&PacketJob> = jobs
+            .iter()
+            .filter_map(|j| match j {
+                Job::Packet(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        let others: Vec<Job> = jobs.iter().filter(|j| !is_packet_job(j)).map(clone_discard).collect();
+        let discards = discards_only(&others);
+        if !replies.is_empty() {
+            // Refused: one 1607, the upload in progress dropped, the rest of this one skipped.
+            assert_eq!(replies, vec![Response::GeneralError], "a refused packet");
+            assert!(packet_jobs.is_empty(), "a refused packet went to the worker");
+            assert!(!must_accept, "packet {k}/{n} follows the rules but was refused");
+            let mut expected: Vec<UploadId> = receiving.iter().map(|r| r.0).collect();
+            // A packet 1 that passes the session, numbering, name and size checks
+            // replaces a staged copy of its name even if its sizes are then refused
+            // (the client has started that file over).
+            let starts =
+                session.is_some() && k == 1 && in_range && u64::from(ph.orig_file_size) <= max_file_size;
+            if let (Some(name), true) = (&name, starts) {
+                if let Some(i) = m.staged.iter().position(|f| f.name == *name) {
+                    let old = m.staged.remove(i).expect("index");
+                    if !old.retried {
+                        expected.push(old.upload);
+                    }
+                }
+            }
+            assert_eq!(discards, sorted(expected), "a refused packet drops the upload in progress");
+            m.upload = if k >= 1 && k < n {
+                MUpload::Skipping { field: ph.file_name.clone(), next: k + 1, total: n }
+            } else {
+                MUpload::Idle
+            };
+            self.stats.packets_refused += 1;
+            return;
+        }
+        let [p] = packet_jobs[..] else { panic!("packet {k}/{n}: neither refused nor sent to the worker") };
+        let Some((sid, skey)) = session else {
+            panic!("a Job::Packet without this connection's session key")
+        };
+        let proto_session = slot.proto.session.as_ref().expect("the state machine has the session");
+        assert_eq!(proto_session.id, sid);
+        assert!(in_range, "packet {k} of {n} accepted");
+        assert_eq!(p.conn, m.conn);
+        assert_eq!(&p.payload[..], payload, "the payload goes to the worker as it came");
+        assert_eq!(p.last, k == n);
+        if k == 1 {
+            let Some(name) = name else { panic!("a packet 1 with a bad file name was accepted") };
+            assert!(
+                u64::from(ph.orig_file_size) <= max_file_size,
+                "a file over --max-file-size was accepted"
+            );
+            let start = p.start.as_ref().expect("packet 1 starts the upload");
+            assert_eq!(start.client, sid);
+            assert_eq!(start.key, proto_session.key, "packet 1 carries this connection's session key");
+            let key = match (skey, m.sealed.take()) {
+                (Some(k), _) => Some(k),
+                (None, Some(ct)) if self.check_key => {
+                    self.check_key = false;
+                    self.stats.keys_checked += 1;
+                    Some(
+                        decrypt_session_key(&client_key().private, &ct, oaep)
+                            .expect("the session key decrypts with the client's key"),
+                    )
+                }
+                (None, _) => None,
+            };
+            if let Some(key) = key {
+                assert_eq!(start.key, key, "packet 1 carries the key the client was sent");
+                m.session = Some((sid, Some(key)));
+            }
+            assert!(!self.ledger.contains_key(&p.upload), "upload id {} reused", p.upload);
+            let mut expected: Vec<UploadId> = receiving.iter().map(|r| r.0).collect();
+            if let Some(i) = m.staged.iter().position(|f| f.name == name) {
+                let old = m.staged.remove(i).expect("index");
+                if !old.retried {
+                    expected.push(old.upload);
+                }
+            }
+            assert_eq!(discards, sorted(expected), "a new upload drops the previous one and the staged copy");
+            m.upload = MUpload::Receiving {
+                id: p.upload,
+                field: ph.file_name.clone(),
+                total: n,
+                next: 2,
+                conforming,
+            };
+        } else {
+            assert!(p.start.is_none());
+            assert!(discards.is_empty());
+            let Some((id, field, total, next, was)) = receiving else {
+                panic!("packet {k} with no upload in progress")
+            };
+            assert_eq!(
+                (p.upload, &field, total, next),
+                (id, &ph.file_name, n, k),
+                "packet out of sequence accepted"
+            );
+            m.upload = MUpload::Receiving {
+                id,
+                field,
+                total,
+                next: next.saturating_add(1),
+                conforming: was && conforming,
+            };
+        }
+        if k == n {
+            let MUpload::Receiving { id, field, .. } = m.upload.clone() else { unreachable!() };
+            m.upload = MUpload::Finishing { id, field };
+            m.owed = Owed::LastPacket(id);
+        }
+    }
+
+    // -- the fake worker ---------------------------------------------------------
+
+    /// Process up to `n` jobs in order and hand their completions to the loop.
+    fn deliver(&mut self, n: usize) {
+        for _ in 0..n {
+            let Some(job) = self.queue.pop_front() else { return };
+            if let Some(done) = self.work(job) {
+                self.complete(done);
+            }
+            self.check_global();
+        }
+    }
+
+    /// What the real worker answers (src/worker/mod.rs), the outcome chosen by the input.
+    fn work(&mut self, job: Job) -> Option<Completion> {
+        let fail = |input: &mut Input<'_>| input.u8() % 8 == 7;
+        match job {
+            Job::Register { conn, id, name: _ } => {
+                Some(Completion::Registered { conn, id, ok: !fail(&mut self.input) })
+            }
+            Job::SetKey { conn, id, der } => {
+                Some(Completion::KeySaved { conn, id, ok: !fail(&mut self.input), der })
+            }
+            Job::Touch { .. } => None,
+            Job::Packet(p) => {
+                let content = (p.payload.len() - PACKET_HEADER_LEN) as u64;
+                if let Some(start) = &p.start {
+                    assert!(!self.worker.contains_key(&p.upload));
+                    self.worker
+                        .insert(p.upload, WUpload { client: start.client, ciphertext: 0, received: false });
+                }
+                let outcome = match self.worker.get_mut(&p.upload) {
+                    None => {
+                        assert!(
+                            self.failed.contains(&p.upload),
+                            "a packet of upload {} the worker never had",
+                            p.upload
+                        );
+                        PacketOutcome::Ignored
+                    }
+                    Some(u) => {
+                        assert!(!u.received, "a packet after the last one reached the worker");
+                        u.ciphertext += content;
+                        if fail(&mut self.input) {
+                            self.worker.remove(&p.upload);
+                            self.failed.insert(p.upload);
+                            PacketOutcome::Failed("decryption failed".into())
+                        } else if p.last {
+                            u.received = true;
+                            let cksum = self.input.u32();
+                            PacketOutcome::Received {
+                                cksum,
+                                ciphertext_len: u.ciphertext,
+                                plain_len: u.ciphertext.saturating_sub(1),
+                            }
+                        } else {
+                            PacketOutcome::Accepted
+                        }
+                    }
+                };
+                Some(Completion::Packet {
+                    conn: p.conn,
+                    upload: p.upload,
+                    buffer: p.payload,
+                    last: p.last,
+                    outcome,
+                })
+            }
+            Job::Commit { conn, upload, client, name: _ } => {
+                let u = self.worker.remove(&upload);
+                assert!(
+                    u.is_some_and(|u| u.client == client && u.received),
+                    "a commit of upload {upload}, which is not staged for this client"
+                );
+                Some(Completion::Committed { conn, upload, ok: !fail(&mut self.input) })
+            }
+            Job::Discard { upload, failed: _ } => {
+                self.worker.remove(&upload);
+                None
+            }
+            Job::Shutdown => unreachable!(),
+        }
+    }
+
+    /// A completion reaches the loop: its connection, if still open, is
+    /// checked against the model and read on.
+    fn complete(&mut self, done: Completion) {
+        let conn = completion_conn(&done);
+        // The registry follows the database whether or not the connection is open.
+        match &done {
+            Completion::Registered { id, ok, .. } => {
+                if *ok {
+                    if let Some(c) = self.clients.get_mut(id) {
+                        c.durable = true;
+                    }
+                } else if let Some(c) = self.clients.remove(id) {
+                    self.names.remove(&c.name);
+                    self.order.retain(|x| x != id);
+                }
+            }
+            Completion::KeySaved { id, ok: true, der, .. } => {
+                if let Some(c) = self.clients.get_mut(id) {
+                    c.key = Some(der.clone());
+                }
+            }
+            _ => {}
+        }
+        let live = self.slots[conn.key].model.conn == conn;
+        let summary = match &done {
+            Completion::Packet { upload, last, outcome, .. } => Some((*upload, *last, outcome.clone())),
+            _ => None,
+        };
+        let kind = match &done {
+            Completion::Registered { id, ok, .. } => (0, *id, *ok),
+            Completion::KeySaved { id, ok, .. } => (1, *id, *ok),
+            Completion::Packet { .. } => (2, [0; 16], true),
+            Completion::Committed { ok, .. } => (3, [0; 16], *ok),
+        };
+        let slot = &mut self.slots[conn.key];
+        trace!("  completion {kind:?} {summary:?} for {conn:?} (live {live})");
+        let flow = self.core.on_completion(live.then_some(&mut slot.proto), done);
+        let jobs = std::mem::take(&mut self.core.jobs);
+        if !live {
+            assert_eq!(flow, Flow::Continue, "a completion for a closed connection");
+            assert!(jobs.is_empty(), "a completion for a closed connection issued jobs");
+            return;
+        }
+        assert_eq!(flow, Flow::Resume);
+        let replies = take_replies(&mut slot.proto.out);
+        let m = &mut slot.model;
+        match kind {
+            (0, id, ok) => {
+                assert_eq!(m.owed, Owed::Register(id));
+                m.owed = Owed::Nothing;
+                assert!(jobs.is_empty());
+                if ok {
+                    assert_eq!(replies, vec![Response::RegistrationOk { id }]);
+                    m.registered = Some(id);
+                    self.stats.registered += 1;
+                } else {
+                    assert_eq!(replies, vec![Response::GeneralError]);
+                }
+            }
+            (1, id, ok) => {
+                assert_eq!(m.owed, Owed::Key(id));
+                m.owed = Owed::Nothing;
+                if ok {
+                    let [Response::KeyAccepted { id: rid, encrypted_key }] = &replies[..] else {
+                        panic!("a saved key not answered 1602: {replies:?}")
+                    };
+                    assert_eq!(*rid, id);
+                    let der = self.clients.get(&id).and_then(|c| c.key.clone()).expect("the key is on file");
+                    let key = self.session_key(&der, encrypted_key);
+                    self.open_session(conn.key, id, key, discards_only(&jobs));
+                    self.stats.keys_accepted += 1;
+                } else {
+                    assert_eq!(replies, vec![Response::GeneralError]);
+                    assert!(jobs.is_empty());
+                }
+            }
+            (3, _, ok) => {
+                let Owed::Commit { .. } = m.owed else { panic!("a commit completion nobody waits for") };
+                m.owed = Owed::Nothing;
+                assert!(jobs.is_empty());
+                if ok {
+                    let (sid, _) = m.session.expect("a commit needs a session");
+                    assert_eq!(replies, vec![Response::Ack { id: sid }], "1029 committed: 1604");
+                    self.stats.stored += 1;
+                } else {
+                    assert_eq!(replies, vec![Response::GeneralError], "1029 not committed: 1607");
+                }
+            }
+            _ => {
+                let (upload, last, outcome) = summary.expect("a packet completion");
+                if last {
+                    assert_eq!(m.owed, Owed::LastPacket(upload), "the last packet's outcome is awaited");
+                }
+                match outcome {
+                    PacketOutcome::Accepted => {
+                        assert!(replies.is_empty() && jobs.is_empty());
+                    }
+                    PacketOutcome::Received { cksum, ciphertext_len, .. } => {
+                        let MUpload::Finishing { id, field } = m.upload.clone() else {
+                            panic!("a file received while the model has no upload finishing")
+                        };
+                        assert_eq!(id, upload);
+                        let (sid, _) = m.session.expect("an upload needs a session");
+                        assert_eq!(
+                            replies,
+                            vec![Response::FileReceived {
+                                id: sid,
+                                content_size: ciphertext_len as u32,
+                                file_name: field.0,
+                                cksum
+                            }]
+                        );
+                        let name =
+                            validate_file_name(field.bytes()).expect("accepted at packet 1").to_string();
+                        m.staged.push_back(MStaged { name, upload, retried: false });
+                        let mut expected = vec![];
+                        if m.staged.len() > 16 {
+                            let old = m.staged.pop_front().expect("non-empty");
+                            if !old.retried {
+                                expected.push(old.upload);
+                            }
+                        }
+                        assert_eq!(discards_only(&jobs), expected);
+                        m.upload = MUpload::Idle;
+                        m.owed = Owed::Nothing;
+                        self.stats.received += 1;
+                    }
+                    PacketOutcome::Failed(_) => {
+                        assert!(jobs.is_empty());
+                        self.stats.worker_failures += 1;
+                        let current = match &m.upload {
+                            MUpload::Receiving { id, field, total, next, .. } if *id == upload => {
+                                m.upload =
+                                    MUpload::Skipping { field: field.clone(), next: *next, total: *total };
+                                true
+                            }
+                            MUpload::Finishing { id, .. } if *id == upload => {
+                                m.upload = MUpload::Idle;
+                                true
+                            }
+                            _ => false,
+                        };
+                        let want = if current { vec![Response::GeneralError] } else { vec![] };
+                        assert_eq!(replies, want, "a failed upload is answered once, if it is current");
+                        if last {
+                            m.owed = Owed::Nothing;
+                        }
+                    }
+                    PacketOutcome::Ignored => {
+                        assert!(replies.is_empty() && jobs.is_empty());
+                        if last {
+                            m.owed = Owed::Nothing;
+                            if matches!(&m.upload, MUpload::Finishing { id, .. } if *id == upload) {
+                                m.upload = MUpload::Idle;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.enqueue(jobs);
+        self.pump(conn.key);
+    }
+
+    // -- closes, purges, the end -------------------------------------------------
+
+    /// The connection closes (EOF, error, deadline): its uploads are discarded
+    /// and a new connection takes the slot.
+    fn close(&mut self, s: usize) {
+        trace!("  close slot {s}");
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        let old = std::mem::replace(&mut self.slots[s], Slot::new(s, serial));
+        self.core.closed(&old.proto);
+        let jobs = std::mem::take(&mut self.core.jobs);
+        let m = &old.model;
+        let mut expected: Vec<UploadId> = m.staged.iter().filter(|f| !f.retried).map(|f| f.upload).collect();
+        if let MUpload::Receiving { id, .. } | MUpload::Finishing { id, .. } = m.upload {
+            expected.push(id);
+        }
+        assert_eq!(discards_only(&jobs), sorted(expected), "a close discards the connection's uploads");
+        if !expected_is_quiet(m) {
+            self.stats.busy_closes += 1;
+        }
+        if let ReadPhase::Payload(f) = old.read {
+            self.core.release(f.payload);
+        }
+        self.enqueue(jobs);
+    }
+
+    /// The stale-upload deadline, now (nothing is stale) or a day later (everything is).
+    fn purge(&mut self, s: usize, future: bool) {
+        let now = Instant::now() + if future { Duration::from_secs(86_400) } else { Duration::ZERO };
+        let slot = &mut self.slots[s];
+        self.core.purge_stale(&mut slot.proto, now);
+        let jobs = std::mem::take(&mut self.core.jobs);
+        assert!(take_replies(&mut slot.proto.out).is_empty());
+        let m = &mut slot.model;
+        let mut expected = Vec::new();
+        if future {
+            expected.extend(m.staged.drain(..).filter(|f| !f.retried).map(|f| f.upload));
+            if let MUpload::Receiving { id, .. } = m.upload {
+                expected.push(id);
+                m.upload = MUpload::Idle;
+            }
+        }
+        assert_eq!(discards_only(&jobs), sorted(expected), "stale purge");
+        self.enqueue(jobs);
+    }
+
+    /// Invariants that hold between any two steps.
+    fn check_global(&self) {
+        let at_worker: usize = self
+            .queue
+            .iter()
+            .map(|j| match j {
+                Job::Packet(p) => p.payload.len(),
+                _ => 0,
+            })
+            .sum();
+        let held: usize = self.slots.iter().map(Slot::reserved).sum();
+        assert_eq!(self.core.budget.used, at_worker + held, "budget in use vs payload bytes held");
+        for slot in &self.slots {
+            let (p, m) = (&slot.proto, &slot.model);
+            let mine = |j: &&Job| match j {
+                Job::Packet(x) => x.conn == m.conn,
+                _ => false,
+            };
+            assert_eq!(p.packets_in_flight, self.queue.iter().filter(mine).count(), "packets_in_flight");
+            assert_eq!(p.awaiting == Awaiting::Nothing, m.owed == Owed::Nothing, "awaiting vs the model");
+            let waited = match &m.owed {
+                Owed::Nothing => true,
+                Owed::Register(id) => self
+                    .queue
+                    .iter()
+                    .any(|j| matches!(j, Job::Register { conn, id: x, .. } if *conn == m.conn && x == id)),
+                Owed::Key(id) => self
+                    .queue
+                    .iter()
+                    .any(|j| matches!(j, Job::SetKey { conn, id: x, .. } if *conn == m.conn && x == id)),
+                Owed::Commit { upload, .. } => {
+                    self.queue.iter().any(|j| matches!(j, Job::Commit { upload: u, .. } if u == upload))
+                }
+                Owed::LastPacket(u) => {
+                    self.queue.iter().any(|j| matches!(j, Job::Packet(x) if x.upload == *u && x.last))
+                }
+            };
+            assert!(waited, "the connection waits for a reply no job will bring: {:?}", m.owed);
+        }
+    }
+
+    fn finish(&mut self) {
+        // Every completion delivered (a delivery may read frames still buffered).
+        for _ in 0..100_000 {
+            if self.queue.is_empty() {
+                break;
+            }
+            self.deliver(1);
+        }
+        assert!(self.queue.is_empty());
+        for slot in &self.slots {
+            assert!(slot.proto.awaiting == Awaiting::Nothing, "awaiting after every completion");
+            assert_eq!(slot.proto.packets_in_flight, 0);
+        }
+        assert_eq!(self.core.budget.used, self.slots.iter().map(Slot::reserved).sum::<usize>());
+        self.close(0);
+        self.close(1);
+        self.deliver(usize::MAX);
+        self.check_global();
+        assert_eq!(self.core.budget.used, 0, "budget left in use with nothing in flight");
+        assert!(
+            self.worker.is_empty(),
+            "uploads left at the worker: {:?}",
+            self.worker.keys().collect::<Vec<_>>()
+        );
+        for (u, l) in &self.ledger {
+            assert!(l.discarded || l.committed || self.failed.contains(u), "upload {u} never ended");
+        }
+    }
+}
+
+/// A Discard or Touch job, copied (jobs are not `Clone`: packets own buffers).
+fn clone_discard(j: &Job) -> Job {
+    match j {
+        Job::Discard { upload, failed } => Job::Discard { upload: *upload, failed: failed.clone() },
+        Job::Touch { id } => Job::Touch { id: *id },
+        other => panic!("unexpected job {}", job_name(other)),
+    }
+}
+
+fn expected_is_quiet(m: &MConn) -> bool {
+    m.owed == Owed::Nothing
+        && matches!(m.upload, MUpload::Idle | MUpload::Skipping { .. })
+        && m.staged.iter().all(|f| f.retried)
 }

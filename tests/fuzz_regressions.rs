@@ -18,7 +18,7 @@ use backupd::client::{ContentSizeField, UploadOptions};
 use backupd::crypto::encrypt_all;
 use backupd::protocol::{Code, PacketHeader, Response, NAME_FIELD_LEN};
 use common::*;
-use harness::{packet_sequence_stats, SequenceStats, TARGETS};
+use harness::{packet_sequence_stats, session_stats, SequenceStats, SessionStats, TARGETS};
 
 fn corpus_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join("corpus").join(target)
@@ -104,6 +104,32 @@ fn packet_sequence_seeds_reach_every_convention() {
         total.spanning > 0 && total.per_packet > 0 && total.empty_tail > 0 && total.refused > 0,
         "{total:?}"
     );
+}
+
+#[test]
+fn session_seeds_reach_every_outcome() {
+    let mut total = SessionStats::default();
+    for (_, data) in corpus("session") {
+        total.add(&session_stats(&data));
+    }
+    let s = total;
+    let counts = [
+        s.registered,
+        s.keys_accepted,
+        s.reconnected,
+        s.received,
+        s.stored,
+        s.retried,
+        s.aborted,
+        s.packets_refused,
+        s.packets_skipped,
+        s.worker_failures,
+        s.framing_errors,
+        s.busy_closes,
+        s.budget_waits,
+        s.keys_checked,
+    ];
+    assert!(counts.iter().all(|&n| n > 0), "{total:?}");
 }
 
 /// Every target over mutations of its seeds and over random bytes.
@@ -301,9 +327,54 @@ fn find_sequence(seed: u64, want: impl Fn(&SequenceStats) -> bool) -> Vec<u8> {
     panic!("no input found for seed {seed}");
 }
 
+/// A `session` input with the given flag byte that reaches at least what
+/// `want` asks, found by a seeded search.
+fn find_session(flags: u8, seed: u64, want: impl Fn(&SessionStats) -> bool) -> Vec<u8> {
+    let mut rng = Rng(seed);
+    for _ in 0..200_000 {
+        let len = 32 + rng.below(480);
+        let mut input = pseudo_random(len, rng.next());
+        input[0] = flags;
+        if want(&session_stats(&input)) {
+            return input;
+        }
+    }
+    panic!("no session input found for seed {seed}");
+}
+
+/// Flag bits (see `harness::session`): 1 --ack-retry, 2 OAEP SHA-256, 0x0c
+/// --max-packet (0: 267+1024, 4: 267+64, 8: 267+4096), 0x30 --max-file-size
+/// (0x20: 100, 0x30: 3000), 0x40 the smallest memory budget, 0x80 decrypt a
+/// session key (slow).
+fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("store_key_checked", find_session(0x80, 11, |s| s.stored > 0 && s.keys_checked > 0)),
+        ("retry_then_abort", find_session(0x00, 12, |s| s.retried > 0 && s.aborted > 0)),
+        (
+            "ack_retry_sha256_key_checked",
+            find_session(0x83, 13, |s| s.retried > 0 && s.stored > 0 && s.keys_checked > 0),
+        ),
+        ("skip_after_failure", find_session(0x00, 14, |s| s.packets_skipped > 0 && s.worker_failures > 0)),
+        ("budget_wait", find_session(0x40, 15, |s| s.budget_waits > 0 && s.received > 0)),
+        ("small_limits", find_session(0x34, 16, |s| s.packets_refused > 0 && s.received > 0)),
+        (
+            "busy_close_reconnect",
+            find_session(0x00, 17, |s| s.busy_closes > 0 && s.reconnected > 0 && s.received > 0),
+        ),
+        ("framing_error", find_session(0x00, 18, |s| s.framing_errors > 0 && s.keys_accepted > 0)),
+    ]
+}
+
+#[test]
+#[ignore = "writes fuzz/corpus/session; run by hand when the session input format changes"]
+fn write_session_seed_corpus() {
+    write_seeds("session", &session_seeds());
+}
+
 #[test]
 #[ignore = "writes fuzz/corpus; run by hand when the harness input formats change"]
 fn write_seed_corpus() {
+    write_session_seed_corpus();
     let (der65537, der17) = public_key_ders();
     let id = [7u8; 16];
     let file = name_field_raw(b"a.txt");

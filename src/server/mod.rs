@@ -610,12 +610,7 @@ impl Server {
     /// Hand a worker completion to the state machine of its connection (if
     /// that connection is still open) and do what it asks.
     fn on_completion(&mut self, done: Completion) {
-        let conn = match &done {
-            Completion::Registered { conn, .. }
-            | Completion::KeySaved { conn, .. }
-            | Completion::Packet { conn, .. }
-            | Completion::Committed { conn, .. } => *conn,
-        };
+        let conn = completion_conn(&done);
         let proto = self.conns.get_mut(conn.key).filter(|c| c.serial() == conn.serial).map(|c| &mut c.proto);
         match self.core.on_completion(proto, done) {
             Flow::Continue => {}
@@ -712,6 +707,16 @@ impl Server {
                 self.core.purge_stale(&mut c.proto, now);
             }
         }
+    }
+}
+
+/// The connection a worker completion is for.
+pub fn completion_conn(done: &Completion) -> ConnRef {
+    match done {
+        Completion::Registered { conn, .. }
+        | Completion::KeySaved { conn, .. }
+        | Completion::Packet { conn, .. }
+        | Completion::Committed { conn, .. } => *conn,
     }
 }
 
