@@ -1440,10 +1440,11 @@ impl LargeOutcome {
             line(
                 "  / limits",
                 format!(
-                    "loopback TCP {}   decrypt+cksum {}   write+fsync {}   all three in series {}",
+                    "loopback TCP {}   decrypt+cksum {}   write+fsync {}   new memory {}   all in series {}",
                     frac(r, limits.tcp),
                     frac(r, limits.pipeline),
                     frac(r, limits.seq_write),
+                    frac(r, limits.fresh_memory),
                     frac(r, limits.serial()),
                 ),
             );
@@ -1580,6 +1581,7 @@ struct Limits {
     tcp: Option<f64>,
     pipeline: Option<f64>,
     seq_write: Option<f64>,
+    fresh_memory: Option<f64>,
     fsync1: Option<f64>,
     fsync16: Option<f64>,
     fsync16_db: Option<f64>,
@@ -1651,8 +1653,12 @@ fn limit_pipeline(buf: &mut [u8], key: &[u8; AES_KEY_LEN], check: Option<u32>) -
 }
 
 /// Sequential write of `total_mib` in 1 MiB writes, then one fsync.
-fn limit_seq_write(dir: &Path, total_mib: u64) -> Res<f64> {
-    let p = dir.join("seq.bin");
+/// Sequential write of `total_mib` in 1 MiB writes, then one fsync. The file
+/// is kept until the end of the run, as the server keeps what it stores:
+/// deleting it would hand its page-cache pages, already backed by the
+/// host, to the next iteration (see [`limit_fresh_memory`]).
+fn limit_seq_write(dir: &Path, total_mib: u64, iteration: usize) -> Res<f64> {
+    let p = dir.join(format!("seq-{iteration}.bin"));
     let buf = pseudo_random(PERIOD, 9);
     let t0 = Instant::now();
     let mut f = File::create(&p).map_err(|e| format!("{}: {e}", p.display()))?;
@@ -1660,10 +1666,48 @@ fn limit_seq_write(dir: &Path, total_mib: u64) -> Res<f64> {
         f.write_all(&buf).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     f.sync_data().map_err(|e| format!("fsync {}: {e}", p.display()))?;
-    let d = t0.elapsed();
-    drop(f);
-    let _ = fs::remove_file(&p);
-    Ok(mb_s(total_mib * MIB, d))
+    Ok(mb_s(total_mib * MIB, t0.elapsed()))
+}
+
+/// First write to memory the process has never touched: anonymous mappings
+/// of `mib` MiB, one per iteration, each filled once and all kept until the
+/// end so that no iteration reuses another's pages. New page-cache pages
+/// cost the same first touch. In a VM whose host backs guest memory lazily
+/// (or takes back free pages: virtio-balloon free page reporting) this is
+/// far slower than writing memory a second time, and it bounds how fast a
+/// large new file can enter the page cache.
+fn limit_fresh_memory(mib: u64, iters: usize) -> Res<Samples> {
+    let len = (mib * MIB) as usize;
+    let mut maps = Vec::new();
+    let mut s = Samples::default();
+    let mut result = Ok(());
+    for _ in 0..iters {
+        // SAFETY: a fresh private anonymous mapping, checked for failure.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            result = Err(format!("mmap of {mib} MiB failed"));
+            break;
+        }
+        maps.push(p);
+        let t0 = Instant::now();
+        // SAFETY: p is a writable mapping of len bytes.
+        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0x5a, len) };
+        s.0.push(mb_s(len as u64, t0.elapsed()));
+    }
+    for p in maps {
+        // SAFETY: unmapping what was mapped above, with its length.
+        unsafe { libc::munmap(p, len) };
+    }
+    result.map(|()| s)
 }
 
 fn fsync_dir(p: &Path) -> Res<()> {
@@ -1792,13 +1836,20 @@ fn measure_limits(o: &Opts, bench_dir: &Path) -> Res<Limits> {
     let dir = bench_dir.join(format!("limits-{}", std::process::id()));
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut seq = Samples::default();
-    for _ in 0..iters.min(3) {
-        seq.0.push(limit_seq_write(&dir, o.seq_mib)?);
+    for i in 0..iters.min(3) {
+        seq.0.push(limit_seq_write(&dir, o.seq_mib, i)?);
     }
     line(&format!("sequential write+fsync ({} MiB)", o.seq_mib), seq.show("MB/s"));
     let mut t = seq.json();
     t.set("mib_per_iteration", o.seq_mib);
     j.set("seq_write_fsync_mb_s", t);
+
+    let fresh_mib = o.seq_mib.min(512);
+    let fresh = limit_fresh_memory(fresh_mib, iters.min(3))?;
+    line(&format!("first write to new memory ({fresh_mib} MiB)"), fresh.show("MB/s"));
+    let mut t = fresh.json();
+    t.set("mib_per_iteration", fresh_mib);
+    j.set("fresh_memory_write_mb_s", t);
 
     let mut fs_rates = Vec::new();
     for (batch, mode, db, key, label) in [
@@ -1835,6 +1886,7 @@ fn measure_limits(o: &Opts, bench_dir: &Path) -> Res<Limits> {
         tcp: Some(tcp.median()),
         pipeline: Some(pipe.median()),
         seq_write: Some(seq.median()),
+        fresh_memory: Some(fresh.median()),
         fsync1: Some(fs_rates[0]),
         fsync16: Some(fs_rates[1]),
         fsync16_db: Some(fs_rates[2]),
