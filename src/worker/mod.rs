@@ -573,18 +573,25 @@ impl Worker {
             staged = synced;
         }
 
-        // 2. Intents, durable before anything is renamed.
-        if !staged.is_empty() {
-            let root = self.storage.root().to_path_buf();
-            let rel = |p: &PathBuf| p.strip_prefix(&root).unwrap_or(p).to_string_lossy().into_owned();
-            let intents: Vec<Intent> = staged
-                .iter()
-                .map(|s| Intent {
+        // 2. Intents, durable before anything is renamed, for the publishes
+        // that replace a verified file. A new file needs none: after a crash
+        // before step 6 it has no verified row, and startup moves it out of
+        // files/ (see `reconcile`); a replaced one must get its previous
+        // version back, which only the intent can tell.
+        let root = self.storage.root().to_path_buf();
+        let rel = |p: &PathBuf| p.strip_prefix(&root).unwrap_or(p).to_string_lossy().into_owned();
+        let intents: Vec<Intent> = staged
+            .iter()
+            .filter_map(|s| {
+                let prev = s.publish.saved_previous.as_ref()?;
+                Some(Intent {
                     upload: s.upload,
                     target: rel(&s.publish.target),
-                    saved_previous: s.publish.saved_previous.as_ref().map(rel),
+                    saved_previous: Some(rel(prev)),
                 })
-                .collect();
+            })
+            .collect();
+        if !intents.is_empty() {
             if let Err(e) = self.db.add_intents(&intents) {
                 log::error!("worker: database error recording {} publish(es): {e}", staged.len());
                 for s in staged.drain(..) {
@@ -646,7 +653,9 @@ impl Worker {
                 size: s.size,
                 cksum: s.cksum,
             });
-            all.push(Write::ClearIntent { upload: s.upload });
+            if s.publish.saved_previous.is_some() {
+                all.push(Write::ClearIntent { upload: s.upload });
+            }
         }
         let files_ok = ok
             && (published.is_empty()
