@@ -669,9 +669,10 @@ impl Server {
                 bin.display()
             ));
         }
-        // The address comes from the "listening on" line, logged at INFO. With
-        // a quieter --log-level the harness picks a free port itself instead.
-        let quiet_log = hides_info(extra);
+        // The address comes from the "listening on" line, logged at INFO on
+        // standard error. With a quieter --log-level, or a --log-file, the
+        // harness picks a free port itself instead.
+        let quiet_log = hides_info(extra) || extra.iter().any(|a| a.starts_with("--log-file"));
         let listen = if quiet_log {
             let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("free port: {e}"))?;
             l.local_addr().map_err(|e| e.to_string())?.to_string()
