@@ -1727,9 +1727,9 @@ enum Durability {
 
 /// The server's durable path for small files, without the server: write
 /// 4 KiB to tmp/, rename into files/, made durable per `batch` files as
-/// `mode` says; with `db`, also the two SQLite transactions (WAL,
-/// synchronous=FULL) the worker makes per batch (publish intents, then the
-/// files rows).
+/// `mode` says; with `db`, also the SQLite transaction (WAL,
+/// synchronous=FULL) the worker makes per batch of new files (their files
+/// rows; replacements add a publish-intent transaction before the renames).
 fn limit_durable(dir: &Path, n: usize, batch: usize, mode: Durability, db: bool) -> Res<f64> {
     let tmp = dir.join("tmp");
     let files = dir.join("files");
@@ -1742,7 +1742,6 @@ fn limit_durable(dir: &Path, n: usize, batch: usize, mode: Durability, db: bool)
         c.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(())).map_err(sql)?;
         c.execute_batch(
             "PRAGMA synchronous=FULL;
-             CREATE TABLE intents(Upload INTEGER PRIMARY KEY, Target TEXT);
              CREATE TABLE files(Name TEXT PRIMARY KEY, Verified INTEGER);",
         )
         .map_err(sql)?;
@@ -1756,14 +1755,6 @@ fn limit_durable(dir: &Path, n: usize, batch: usize, mode: Durability, db: bool)
     let mut i = 0;
     while i < n {
         let end = (i + batch).min(n);
-        if let Some(c) = conn.as_mut() {
-            let tx = c.transaction().map_err(sql)?;
-            for k in i..end {
-                tx.execute("INSERT INTO intents VALUES (?1, ?2)", (k as i64, format!("f{k}")))
-                    .map_err(sql)?;
-            }
-            tx.commit().map_err(sql)?;
-        }
         for k in i..end {
             let t = tmp.join(format!("{k}.part"));
             let mut f = OpenOptions::new()
@@ -1792,7 +1783,6 @@ fn limit_durable(dir: &Path, n: usize, batch: usize, mode: Durability, db: bool)
             let tx = c.transaction().map_err(sql)?;
             for k in i..end {
                 tx.execute("INSERT INTO files VALUES (?1, 1)", [format!("f{k}")]).map_err(sql)?;
-                tx.execute("DELETE FROM intents WHERE Upload = ?1", [k as i64]).map_err(sql)?;
             }
             tx.commit().map_err(sql)?;
         }
@@ -1862,15 +1852,9 @@ fn measure_limits(o: &Opts, bench_dir: &Path) -> Res<Limits> {
             "fsync_batched16_files_per_s",
             "  the same, one dir fsync per 16 files",
         ),
-        (16, Durability::Fsync, true, "fsync_batched16_sqlite_files_per_s", "    + 2 SQLite commits per 16"),
+        (16, Durability::Fsync, true, "fsync_batched16_sqlite_files_per_s", "    + 1 SQLite commit per 16"),
         (16, Durability::Syncfs, false, "syncfs_batched16_files_per_s", "  write+rename, one syncfs per 16"),
-        (
-            16,
-            Durability::Syncfs,
-            true,
-            "syncfs_batched16_sqlite_files_per_s",
-            "    + 2 SQLite commits per 16",
-        ),
+        (16, Durability::Syncfs, true, "syncfs_batched16_sqlite_files_per_s", "    + 1 SQLite commit per 16"),
     ] {
         let mut s = Samples::default();
         for it in 0..iters {
