@@ -1441,10 +1441,11 @@ impl LargeOutcome {
             line(
                 "  / limits",
                 format!(
-                    "loopback TCP {}   decrypt+cksum {}   write+fsync {}   new memory {}   all in series {}",
+                    "loopback TCP {}   decrypt+cksum {}   write+fsync {} (write-behind {})   new memory {}   all in series {}",
                     frac(r, limits.tcp),
                     frac(r, limits.pipeline),
                     frac(r, limits.seq_write),
+                    frac(r, limits.seq_write_behind),
                     frac(r, limits.fresh_memory),
                     frac(r, limits.serial()),
                 ),
@@ -1582,6 +1583,7 @@ struct Limits {
     tcp: Option<f64>,
     pipeline: Option<f64>,
     seq_write: Option<f64>,
+    seq_write_behind: Option<f64>,
     fresh_memory: Option<f64>,
     fsync1: Option<f64>,
     fsync16: Option<f64>,
@@ -1658,13 +1660,35 @@ fn limit_pipeline(buf: &mut [u8], key: &[u8; AES_KEY_LEN], check: Option<u32>) -
 /// is kept until the end of the run, as the server keeps what it stores:
 /// deleting it would hand its page-cache pages, already backed by the
 /// host, to the next iteration (see [`limit_fresh_memory`]).
-fn limit_seq_write(dir: &Path, total_mib: u64, iteration: usize) -> Res<f64> {
-    let p = dir.join(format!("seq-{iteration}.bin"));
+///
+/// With `behind`, writeback of every 8 MiB is started as it is written, and
+/// the 8 MiB before it is waited for and dropped from the page cache
+/// (sync_file_range + POSIX_FADV_DONTNEED), so that the file's pages are
+/// recycled instead of the page cache growing into new memory.
+fn limit_seq_write(dir: &Path, total_mib: u64, iteration: usize, behind: bool) -> Res<f64> {
+    use std::os::fd::AsRawFd;
+    const CHUNK: i64 = 8 << 20;
+    let p = dir.join(format!("seq-{}{iteration}.bin", if behind { "behind-" } else { "" }));
     let buf = pseudo_random(PERIOD, 9);
     let t0 = Instant::now();
     let mut f = File::create(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-    for _ in 0..total_mib {
+    let fd = f.as_raw_fd();
+    for i in 1..=total_mib as i64 {
         f.write_all(&buf).map_err(|e| format!("{}: {e}", p.display()))?;
+        let off = i * PERIOD as i64;
+        if behind && off % CHUNK == 0 {
+            // SAFETY: plain syscalls on a descriptor we own; failures only cost speed.
+            unsafe {
+                libc::sync_file_range(fd, off - CHUNK, CHUNK, libc::SYNC_FILE_RANGE_WRITE);
+                if off >= 2 * CHUNK {
+                    let all = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                        | libc::SYNC_FILE_RANGE_WRITE
+                        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+                    libc::sync_file_range(fd, off - 2 * CHUNK, CHUNK, all);
+                    libc::posix_fadvise(fd, off - 2 * CHUNK, CHUNK, libc::POSIX_FADV_DONTNEED);
+                }
+            }
+        }
     }
     f.sync_data().map_err(|e| format!("fsync {}: {e}", p.display()))?;
     Ok(mb_s(total_mib * MIB, t0.elapsed()))
@@ -1827,13 +1851,19 @@ fn measure_limits(o: &Opts, bench_dir: &Path) -> Res<Limits> {
     let dir = bench_dir.join(format!("limits-{}", std::process::id()));
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut seq = Samples::default();
+    let mut behind = Samples::default();
     for i in 0..iters.min(3) {
-        seq.0.push(limit_seq_write(&dir, o.seq_mib, i)?);
+        seq.0.push(limit_seq_write(&dir, o.seq_mib, i, false)?);
+        behind.0.push(limit_seq_write(&dir, o.seq_mib, i, true)?);
     }
     line(&format!("sequential write+fsync ({} MiB)", o.seq_mib), seq.show("MB/s"));
     let mut t = seq.json();
     t.set("mib_per_iteration", o.seq_mib);
     j.set("seq_write_fsync_mb_s", t);
+    line("  the same, write-behind + DONTNEED", behind.show("MB/s"));
+    let mut t = behind.json();
+    t.set("mib_per_iteration", o.seq_mib);
+    j.set("seq_write_behind_dontneed_mb_s", t);
 
     let fresh_mib = o.seq_mib.min(512);
     let fresh = limit_fresh_memory(fresh_mib, iters.min(3))?;
@@ -1871,6 +1901,7 @@ fn measure_limits(o: &Opts, bench_dir: &Path) -> Res<Limits> {
         tcp: Some(tcp.median()),
         pipeline: Some(pipe.median()),
         seq_write: Some(seq.median()),
+        seq_write_behind: Some(behind.median()),
         fresh_memory: Some(fresh.median()),
         fsync1: Some(fs_rates[0]),
         fsync16: Some(fs_rates[1]),
