@@ -3,6 +3,7 @@
 //! or fails).
 
 use std::fs::OpenOptions;
+use std::io::LineWriter;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -24,9 +25,12 @@ fn init_logging(cfg: &Config) -> Result<(), String> {
                 .append(true)
                 .open(path)
                 .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
-            WriteLogger::init(cfg.log_level, log_cfg, f).map_err(|e| e.to_string())
+            WriteLogger::init(cfg.log_level, log_cfg, LineWriter::new(f)).map_err(|e| e.to_string())
         }
-        None => WriteLogger::init(cfg.log_level, log_cfg, std::io::stderr()).map_err(|e| e.to_string()),
+        // simplelog writes a line in many small pieces: buffer them into one
+        // write(2) per line (the loop logs from its own thread).
+        None => WriteLogger::init(cfg.log_level, log_cfg, LineWriter::new(std::io::stderr()))
+            .map_err(|e| e.to_string()),
     }
 }
 

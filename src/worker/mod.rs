@@ -167,8 +167,10 @@ struct Upload {
     cksum: Cksum,
     ciphertext: u64,
     segment_start: u64,
-    /// Bytes of the temp file before this offset have been handed to writeback.
+    /// Bytes of the temp file before this offset have been handed to writeback,
     writeback_from: u64,
+    /// ... and before this one written out and dropped from the page cache.
+    dropped_to: u64,
     received: Option<(u32, u64)>,
 }
 
@@ -178,15 +180,36 @@ const CACHE_PIECE: usize = 128 * 1024;
 /// How much an upload writes between two writeback kicks.
 const WRITEBACK_STEP: u64 = 8 << 20;
 
-/// Ask the kernel to start writing a range of a file back (asynchronously).
-fn start_writeback(f: &File, offset: u64, len: u64) {
+/// Write-behind for a large upload, every WRITEBACK_STEP bytes: start
+/// writeback of the range just written, then wait for the range before it
+/// and drop it from the page cache. Dirty pages stay bounded (two steps),
+/// their pages are recycled instead of the page cache growing into new
+/// memory (costly in a VM, scarce on a small box), and the sync at commit
+/// time has at most two steps left to flush.
+fn write_behind(f: &File, dropped_to: u64, kicked_from: u64, written: u64) {
     use std::os::fd::AsRawFd;
-    // SAFETY: a valid descriptor owned by `f`; SYNC_FILE_RANGE_WRITE only starts I/O.
-    let r = unsafe {
-        libc::sync_file_range(f.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE)
-    };
-    if r != 0 {
-        log::debug!("worker: sync_file_range: {}", std::io::Error::last_os_error());
+    let fd = f.as_raw_fd();
+    // SAFETY: plain syscalls on a descriptor owned by `f`; a failure only costs speed.
+    unsafe {
+        if libc::sync_file_range(
+            fd,
+            kicked_from as i64,
+            (written - kicked_from) as i64,
+            libc::SYNC_FILE_RANGE_WRITE,
+        ) != 0
+        {
+            log::debug!("worker: sync_file_range: {}", std::io::Error::last_os_error());
+            return;
+        }
+        if kicked_from > dropped_to {
+            let all = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+            let len = (kicked_from - dropped_to) as i64;
+            if libc::sync_file_range(fd, dropped_to as i64, len, all) == 0 {
+                libc::posix_fadvise(fd, dropped_to as i64, len, libc::POSIX_FADV_DONTNEED);
+            }
+        }
     }
 }
 
@@ -435,6 +458,7 @@ impl Worker {
                     ciphertext: 0,
                     segment_start: 0,
                     writeback_from: 0,
+                    dropped_to: 0,
                     received: None,
                 },
             );
@@ -497,14 +521,13 @@ impl Worker {
         if let Some(e) = err {
             return Err(format!("cannot write temp file: {e}"));
         }
-        // Start writeback every WRITEBACK_STEP bytes: the sync at commit time
-        // then has little left to flush, and dirty pages do not pile up in the
-        // memory of a small box.
+        // Write-behind (see `write_behind`).
         let written = u.cksum.len();
         if written - u.writeback_from >= WRITEBACK_STEP {
             if let Some(f) = &u.file {
-                start_writeback(f, u.writeback_from, written - u.writeback_from);
+                write_behind(f, u.dropped_to, u.writeback_from, written);
             }
+            u.dropped_to = u.writeback_from;
             u.writeback_from = written;
         }
         if !p.last {
