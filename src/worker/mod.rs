@@ -232,6 +232,17 @@ pub struct Worker {
     keep_versions: u32,
     sync_mode: SyncMode,
     uploads: HashMap<UploadId, Upload>,
+    /// The channels, once `run` has them (see `stage_arrivals`).
+    io: Option<WorkerIo>,
+    /// Jobs taken off the channel during a group commit that must wait for
+    /// the next batch (everything but file packets), in arrival order.
+    carry: Vec<Job>,
+}
+
+struct WorkerIo {
+    jobs: Receiver<Job>,
+    done: Sender<Completion>,
+    waker: Arc<dyn Wake>,
 }
 
 /// Startup report: what reconciliation fixed and the known clients.
@@ -277,7 +288,15 @@ impl Worker {
             Storage::open(data_dir).map_err(|e| format!("data directory {}: {e}", data_dir.display()))?;
         let db = Db::open(db_path, cfg.db_busy_timeout)
             .map_err(|e| format!("database {}: {e}", db_path.display()))?;
-        let mut w = Worker { storage, db, keep_versions, sync_mode, uploads: HashMap::new() };
+        let mut w = Worker {
+            storage,
+            db,
+            keep_versions,
+            sync_mode,
+            uploads: HashMap::new(),
+            io: None,
+            carry: Vec::new(),
+        };
         w.reconcile().map_err(|e| format!("reconciling {}: {e}", data_dir.display()))?;
         let clients = w.db.load_clients().map_err(|e| format!("database {}: {e}", db_path.display()))?;
         Ok(Opened { worker: w, clients })
@@ -355,17 +374,24 @@ impl Worker {
 
     /// Serve jobs until `Shutdown` or until the loop hangs up.
     pub fn run(mut self, jobs: Receiver<Job>, done: Sender<Completion>, waker: Arc<dyn Wake>) {
+        self.io = Some(WorkerIo { jobs, done, waker });
         let mut batch: Vec<Job> = Vec::new();
-        while let Ok(j) = jobs.recv() {
-            batch.push(j);
-            while batch.len() < 512 {
-                match jobs.try_recv() {
+        loop {
+            batch.append(&mut self.carry);
+            let Some(io) = self.io.as_ref() else { break };
+            if batch.is_empty() {
+                match io.jobs.recv() {
                     Ok(j) => batch.push(j),
                     Err(_) => break,
                 }
             }
-            let stop = self.handle_batch(&mut batch, &done, &*waker);
-            if stop {
+            while batch.len() < 512 {
+                match io.jobs.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            if self.handle_batch(&mut batch) {
                 break;
             }
         }
@@ -376,18 +402,43 @@ impl Worker {
         log::debug!("worker: stopped");
     }
 
-    fn handle_batch(&mut self, batch: &mut Vec<Job>, done: &Sender<Completion>, waker: &dyn Wake) -> bool {
+    /// Send completions and wake the loop.
+    fn send(&self, completions: impl IntoIterator<Item = Completion>) {
+        if let Some(io) = &self.io {
+            for c in completions {
+                let _ = io.done.send(c);
+            }
+            io.waker.wake();
+        }
+    }
+
+    /// Called while a group commit waits for the disk: stage the file packets
+    /// that arrived meanwhile, so that a small upload's 1603 does not wait for
+    /// another batch's sync. Every other job is kept, in order, for the next
+    /// batch. (Reordering packets ahead of those is safe: the loop sends no job
+    /// for an upload after its Commit or Discard, and a connection sends
+    /// nothing after a Commit, Register or SetKey until that job's reply.)
+    fn stage_arrivals(&mut self) {
+        let mut staged = Vec::new();
+        while let Some(j) = self.io.as_ref().and_then(|io| io.jobs.try_recv().ok()) {
+            match j {
+                Job::Packet(p) => staged.push(self.packet(p)),
+                other => self.carry.push(other),
+            }
+        }
+        if !staged.is_empty() {
+            self.send(staged);
+        }
+    }
+
+    fn handle_batch(&mut self, batch: &mut Vec<Job>) -> bool {
         let mut stop = false;
         let mut writes: Vec<(Pending, Vec<Write>)> = Vec::new();
         let mut commits: Vec<(ConnRef, UploadId, ClientId, String)> = Vec::new();
-        let mut sent = false;
+        let mut staged = Vec::new();
         for job in batch.drain(..) {
             match job {
-                Job::Packet(p) => {
-                    let c = self.packet(p);
-                    let _ = done.send(c);
-                    sent = true;
-                }
+                Job::Packet(p) => staged.push(self.packet(p)),
                 Job::Register { conn, id, name } => {
                     writes.push((Pending::Register { conn, id }, vec![Write::InsertClient { id, name }]))
                 }
@@ -411,18 +462,15 @@ impl Worker {
                 Job::Shutdown => stop = true,
             }
         }
-        if sent {
-            waker.wake();
+        if !staged.is_empty() {
+            self.send(staged);
         }
         if writes.is_empty() && commits.is_empty() {
             return stop;
         }
         let mut out = Vec::new();
         self.group_commit(commits, writes, &mut out);
-        for c in out {
-            let _ = done.send(c);
-        }
-        waker.wake();
+        self.send(out);
         stop
     }
 
@@ -665,6 +713,9 @@ impl Worker {
         if ok && !published.is_empty() {
             ok &= self.sync_dirs(&mut dirty);
         }
+
+        // Packets that arrived during the syncs are staged now, not after the commit.
+        self.stage_arrivals();
 
         // 6. One transaction records the files; the rest of the batch follows.
         let mut all: Vec<Write> = Vec::new();
