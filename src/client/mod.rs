@@ -306,29 +306,20 @@ impl PacketPlan {
         packet_size: usize,
         convention: ContentSizeField,
     ) -> Result<PacketPlan, String> {
+        if convention != ContentSizeField::PerPacketEncrypted {
+            // Conventions 1 and 2 cut the whole-file ciphertext.
+            let ct = crypto::ciphertext_len(orig_size);
+            return Self::for_ciphertext(ct, orig_size, packet_size, convention);
+        }
         let p = packet_size as u64;
         if p == 0 {
             return Err("packet size must be at least 1 byte".into());
         }
-        let (wire_bytes, total, max_content) = match convention {
-            ContentSizeField::ThisPacket => {
-                let ct = crypto::ciphertext_len(orig_size);
-                (ct, ct.div_ceil(p), ct.min(p))
-            }
-            ContentSizeField::WholeFile => {
-                let ct = crypto::ciphertext_len(orig_size);
-                (ct, ct / p + 1, ct.min(p))
-            }
-            ContentSizeField::PerPacketEncrypted => {
-                let full = orig_size / p;
-                let chunk_ct = crypto::ciphertext_len(p);
-                let wire =
-                    full.saturating_mul(chunk_ct).saturating_add(crypto::ciphertext_len(orig_size % p));
-                let max_content = if full > 0 { chunk_ct } else { crypto::ciphertext_len(orig_size) };
-                (wire, full + 1, max_content)
-            }
-        };
-        Self::checked(convention, p, orig_size, wire_bytes, total, max_content)
+        let full = orig_size / p;
+        let chunk_ct = crypto::ciphertext_len(p);
+        let wire = full.saturating_mul(chunk_ct).saturating_add(crypto::ciphertext_len(orig_size % p));
+        let max_content = if full > 0 { chunk_ct } else { crypto::ciphertext_len(orig_size) };
+        Self::checked(convention, p, orig_size, wire, full + 1, max_content)
     }
 
     /// Plan the upload of an already encrypted whole-file ciphertext of
