@@ -34,9 +34,9 @@ use std::time::{Duration, Instant};
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use backupd::client::cli::json_str;
 use backupd::client::{Client, ClientOptions, UploadOptions};
 use backupd::crypto::{self, Cksum, StreamDecryptor, AES_KEY_LEN};
+use backupd::json::json_str;
 use backupd::protocol::{
     ClientId, Code, NameField, PacketHeader, RequestHeader, Response, PACKET_HEADER_LEN, REQUEST_HEADER_LEN,
     VERSION,

@@ -27,6 +27,7 @@ use rsa::RsaPrivateKey;
 use super::identity::{self, Identity};
 use super::{Client, ClientError, ClientOptions, ContentSizeField, PacketPlan, SendOutcome, UploadOptions};
 use crate::crypto::OaepHash;
+use crate::json::{json_opt_num, json_str};
 use crate::protocol::{id_hex, Response};
 
 /// Every file was verified.
@@ -289,9 +290,6 @@ impl FileReport {
 
     /// The `--json` object (one line).
     pub fn json(&self) -> String {
-        fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
-            v.map(|v| v.to_string()).unwrap_or_else(|| "null".into())
-        }
         let (status, error) = match &self.result {
             Ok(()) => ("verified", "null".to_string()),
             Err(f) => (f.status, json_str(&f.message)),
@@ -301,39 +299,18 @@ impl FileReport {
              \"status\":{},\"attempts\":{},\"error\":{},\"seconds\":{:.3},\"mb_per_s\":{},\"exit_code\":{}}}",
             json_str(&self.path.to_string_lossy()),
             json_str(&self.name),
-            opt(self.size),
-            opt(self.cksum),
-            opt(self.server_cksum),
+            json_opt_num(self.size),
+            json_opt_num(self.cksum),
+            json_opt_num(self.server_cksum),
             self.result.is_ok(),
             json_str(status),
             self.attempts,
             error,
             self.elapsed.as_secs_f64(),
-            opt(self.mb_per_s().map(|r| format!("{r:.3}"))),
+            json_opt_num(self.mb_per_s().map(|r| format!("{r:.3}"))),
             self.code(),
         )
     }
-}
-
-/// A JSON string literal with every character that needs it escaped.
-pub fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' || c == '\u{2028}' || c == '\u{2029}' => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 // ---------------------------------------------------------------------------
@@ -805,7 +782,6 @@ mod tests {
 
     #[test]
     fn json_escaping() {
-        assert_eq!(json_str("a\"b\\c\nd\u{1}é"), "\"a\\\"b\\\\c\\nd\\u0001é\"");
         let r = FileReport {
             path: PathBuf::from("dir/\"x\".bin"),
             name: "\"x\".bin".into(),
