@@ -1,6 +1,9 @@
+pub mod admin;
 pub mod client;
 pub mod config;
 pub mod crypto;
+pub mod datadir;
+pub mod json;
 pub mod protocol;
 pub mod server;
 pub mod worker;

@@ -1,6 +1,6 @@
-//! `backupd`: parse the flags, set up logging, start the server, map the
-//! outcome to an exit code (0 after a clean shutdown, 1 when it cannot start
-//! or fails).
+//! `backupd`: parse the command line; run an admin command (`src/admin/`),
+//! or set up logging, start the server and map the outcome to an exit code
+//! (0 after a clean shutdown, 1 when it cannot start or fails).
 
 use std::fs::OpenOptions;
 use std::io::LineWriter;
@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use simplelog::{ConfigBuilder, WriteLogger};
 
+use backupd::admin::{self, Cli};
 use backupd::config::Config;
 use backupd::server::Server;
 
@@ -35,7 +36,10 @@ fn init_logging(cfg: &Config) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let cfg = Config::parse();
+    let cfg = match Cli::parse().into_server() {
+        Ok(cfg) => cfg,
+        Err(cmd) => return admin::run(&cmd),
+    };
     // A file-size limit (RLIMIT_FSIZE) must fail the write with EFBIG, which
     // the worker turns into a 1607 for that upload, not kill the server.
     // SAFETY: setting a signal disposition to SIG_IGN before any thread starts.

@@ -99,6 +99,12 @@ impl Storage {
         Ok(s)
     }
 
+    /// The layout of an existing data directory, without touching the disk
+    /// (the admin commands read a directory that a server may be using).
+    pub fn at(root: &Path) -> Storage {
+        Storage { root: root.to_path_buf() }
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -125,7 +131,17 @@ impl Storage {
     }
 
     pub fn versions_dir(&self, id: &ClientId, name: &str) -> PathBuf {
-        self.root.join("versions").join(id_hex(id)).join(name)
+        self.versions_root().join(id_hex(id)).join(name)
+    }
+
+    /// Where the earlier versions of every file of every client live.
+    pub fn versions_root(&self) -> PathBuf {
+        self.root.join("versions")
+    }
+
+    /// Path of version `n` of a file (see [`Storage::versions`]).
+    pub fn version_path(&self, id: &ClientId, name: &str, n: u64) -> PathBuf {
+        self.versions_dir(id, name).join(n.to_string())
     }
 
     pub fn temp_path(&self, upload: u64) -> PathBuf {

@@ -1,0 +1,204 @@
+//! `backupd clients` and `backupd files`: what the store holds, from the
+//! database (read-only) and the sizes of the stored versions.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use super::output::{json_array, or_dash, table};
+use super::store::{mtime_nanos, ClientInfo, FileInfo, Store, StoreArgs};
+use super::time::format_nanos;
+use crate::json::{json_opt_num, json_opt_str, json_str};
+use crate::protocol::{id_hex, ClientId};
+
+/// List the registered clients.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClientsArgs {
+    /// One JSON array of objects instead of a table
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// List the files of one client, or of all clients.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FilesArgs {
+    /// The client: its name or its id (32 hex characters) [default: every client]
+    pub client: Option<String>,
+
+    /// Also list each earlier version kept of every file
+    #[arg(long)]
+    pub versions: bool,
+
+    /// One JSON array of objects instead of a table
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// An earlier version of a file as listed.
+struct VersionInfo {
+    index: usize,
+    size: Option<u64>,
+    received: Option<String>,
+}
+
+fn versions_of(store: &Store, f: &FileInfo) -> Vec<VersionInfo> {
+    store
+        .copies(f)
+        .into_iter()
+        .skip(1)
+        .map(|c| VersionInfo {
+            index: c.index,
+            size: std::fs::metadata(&c.path).ok().map(|m| m.len()),
+            received: mtime_nanos(&c.path).ok().map(format_nanos),
+        })
+        .collect()
+}
+
+/// What one client has stored.
+#[derive(Default)]
+struct Usage {
+    files: u64,
+    versions: u64,
+    bytes: u64,
+    last_backup: Option<String>,
+}
+
+fn usage(store: &Store, files: &[FileInfo]) -> HashMap<ClientId, Usage> {
+    let mut out: HashMap<ClientId, Usage> = HashMap::new();
+    for f in files.iter().filter(|f| f.verified) {
+        let u = out.entry(f.id).or_default();
+        u.files += 1;
+        u.bytes += f.size.unwrap_or(0);
+        for v in versions_of(store, f) {
+            u.versions += 1;
+            u.bytes += v.size.unwrap_or(0);
+        }
+        // ISO-8601 UTC strings sort as the times they name.
+        if f.received > u.last_backup {
+            u.last_backup = f.received.clone();
+        }
+    }
+    out
+}
+
+pub fn clients(args: &ClientsArgs) -> Result<ExitCode, String> {
+    let store = Store::open_read_only(&args.store)?;
+    let clients = store.clients()?;
+    let usage = usage(&store, &store.files(None)?);
+    let none = Usage::default();
+    let mut rows = Vec::new();
+    let mut objects = Vec::new();
+    for c in &clients {
+        let u = usage.get(&c.id).unwrap_or(&none);
+        if args.json {
+            objects.push(format!(
+                "{{\"id\":{},\"name\":{},\"has_key\":{},\"last_seen\":{},\"files\":{},\"versions\":{},\
+                 \"bytes\":{},\"last_backup\":{},\"quota\":null}}",
+                json_str(&id_hex(&c.id)),
+                json_str(&c.name),
+                c.has_key,
+                json_opt_str(c.last_seen.as_deref()),
+                u.files,
+                u.versions,
+                u.bytes,
+                json_opt_str(u.last_backup.as_deref()),
+            ));
+        } else {
+            rows.push(vec![
+                id_hex(&c.id),
+                c.name.clone(),
+                or_dash(c.last_seen.as_ref()),
+                u.files.to_string(),
+                u.bytes.to_string(),
+                or_dash(u.last_backup.as_ref()),
+                "-".into(),
+            ]);
+        }
+    }
+    if args.json {
+        print!("{}", json_array(&objects));
+    } else {
+        let headers = ["ID", "NAME", "LAST SEEN", "FILES", "BYTES", "LAST BACKUP", "QUOTA"];
+        print!("{}", table(&headers, &rows, &[3, 4]));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn files(args: &FilesArgs) -> Result<ExitCode, String> {
+    let store = Store::open_read_only(&args.store)?;
+    let client = args.client.as_deref().map(|c| store.resolve(c)).transpose()?;
+    let names: HashMap<ClientId, String> = match &client {
+        Some(c) => HashMap::from([(c.id, c.name.clone())]),
+        None => store.clients()?.into_iter().map(|c: ClientInfo| (c.id, c.name)).collect(),
+    };
+    let files = store.files(client.as_ref().map(|c| &c.id))?;
+    let mut rows = Vec::new();
+    let mut objects = Vec::new();
+    for f in &files {
+        let owner = names.get(&f.id).map(String::as_str);
+        let versions = if f.verified { versions_of(&store, f) } else { Vec::new() };
+        if args.json {
+            let mut o = format!(
+                "{{\"client_id\":{},\"client\":{},\"name\":{},\"verified\":{},\"size\":{},\"cksum\":{},\
+                 \"received\":{},\"versions\":{}",
+                json_str(&id_hex(&f.id)),
+                json_opt_str(owner),
+                json_str(&f.name),
+                f.verified,
+                json_opt_num(f.size),
+                json_opt_num(f.cksum),
+                json_opt_str(f.received.as_deref()),
+                versions.len(),
+            );
+            if args.versions {
+                let list: Vec<String> = versions
+                    .iter()
+                    .map(|v| {
+                        format!(
+                            "{{\"version\":{},\"size\":{},\"received\":{}}}",
+                            v.index,
+                            json_opt_num(v.size),
+                            json_opt_str(v.received.as_deref())
+                        )
+                    })
+                    .collect();
+                o.push_str(&format!(",\"history\":[{}]", list.join(",")));
+            }
+            o.push('}');
+            objects.push(o);
+            continue;
+        }
+        rows.push(vec![
+            owner.unwrap_or("?").to_string(),
+            f.name.clone(),
+            or_dash(f.size),
+            or_dash(f.cksum),
+            f.received.clone().unwrap_or_else(|| "-".into()),
+            if f.verified { versions.len().to_string() } else { "not verified".into() },
+        ]);
+        if args.versions {
+            for v in &versions {
+                rows.push(vec![
+                    String::new(),
+                    format!("  version {}", v.index),
+                    or_dash(v.size),
+                    String::new(),
+                    or_dash(v.received.as_ref()),
+                    String::new(),
+                ]);
+            }
+        }
+    }
+    if args.json {
+        print!("{}", json_array(&objects));
+    } else {
+        let headers = ["CLIENT", "NAME", "SIZE", "CKSUM", "RECEIVED", "VERSIONS"];
+        print!("{}", table(&headers, &rows, &[2, 3]));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,127 @@
+//! The `backupd` command line: the server (no subcommand, or `serve`) and
+//! the admin commands an operator runs on the data directory.
+//!
+//! | module | commands |
+//! |---|---|
+//! | [`list`] | `clients`, `files` |
+//! | [`verify`] | `verify` |
+//! | [`restore`] | `restore` |
+//! | [`manage`] | `remove-client`, `reset-key` (they write: they take the data directory's lock) |
+//! | [`snapshot`] | `snapshot` |
+//! | [`store`] | the data directory as they read it (database read-only, stored copies) |
+//!
+//! Read-only commands open the database with `SQLITE_OPEN_READ_ONLY` and
+//! work while the server runs. Exit codes: 0 success, 1 failure, 2 usage
+//! error (clap's), 3 `verify` found a problem.
+
+pub mod list;
+pub mod manage;
+pub mod output;
+pub mod restore;
+pub mod snapshot;
+pub mod store;
+pub mod time;
+pub mod verify;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+/// backupd: receives protocol-v3 encrypted backups and stores them safely.
+///
+/// With no subcommand (or `serve`) it runs the server: with no arguments it
+/// listens on 0.0.0.0 at the port in ./port.info (1256 if that file is
+/// missing or invalid) and keeps its data in ./backupd-data. The other
+/// subcommands inspect and manage the data directory; see docs/OPERATIONS.md.
+#[derive(Parser, Debug)]
+#[command(name = "backupd", version, about, long_about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub server: Config,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server (the same as no subcommand)
+    Serve(Config),
+    /// List the clients: id, name, last seen, files, bytes stored, last backup, quota
+    Clients(list::ClientsArgs),
+    /// List the files of one client, or of all: size, cksum, received time, versions
+    Files(list::FilesArgs),
+    /// Recompute the cksum of every stored file and version; exit 3 on any problem
+    Verify(verify::VerifyArgs),
+    /// Copy a client's files (or the named files and folders) out into a directory
+    Restore(restore::RestoreArgs),
+    /// Remove a client's registration and (unless --keep-files) its files; server stopped
+    RemoveClient(manage::RemoveClientArgs),
+    /// Forget a client's public key so that it can send a new one; server stopped
+    ResetKey(manage::ResetKeyArgs),
+    /// Copy the database (online backup) and hard-link the stored files into DIR
+    Snapshot(snapshot::SnapshotArgs),
+}
+
+impl Cli {
+    /// The server's configuration when the command line runs the server.
+    pub fn into_server(self) -> Result<Config, Box<Command>> {
+        match self.command {
+            None => Ok(self.server),
+            Some(Command::Serve(cfg)) => Ok(cfg),
+            Some(other) => Err(Box::new(other)),
+        }
+    }
+}
+
+/// Run an admin command; errors are printed as `backupd: ...` with exit 1.
+pub fn run(cmd: &Command) -> ExitCode {
+    let result = match cmd {
+        Command::Serve(_) => Err("serve is not an admin command".to_string()),
+        Command::Clients(a) => list::clients(a),
+        Command::Files(a) => list::files(a),
+        Command::Verify(a) => verify::verify(a),
+        Command::Restore(a) => restore::restore(a),
+        Command::RemoveClient(a) => manage::remove_client(a),
+        Command::ResetKey(a) => manage::reset_key(a),
+        Command::Snapshot(a) => snapshot::snapshot(a),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("backupd: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_subcommand_runs_the_server_with_its_flags() {
+        let cli = Cli::try_parse_from(["backupd", "--data-dir", "d", "--keep-versions", "5"]).unwrap();
+        let cfg = cli.into_server().unwrap();
+        assert_eq!(cfg.keep_versions, 5);
+        let cli = Cli::try_parse_from(["backupd", "serve", "--data-dir", "d"]).unwrap();
+        assert_eq!(cli.into_server().unwrap().data_dir, std::path::PathBuf::from("d"));
+        let cli =
+            Cli::try_parse_from(["backupd", "files", "alice", "--versions", "--data-dir", "d"]).unwrap();
+        let Err(cmd) = cli.into_server() else { panic!("files must not run the server") };
+        assert!(matches!(&*cmd, Command::Files(f) if f.versions && f.client.as_deref() == Some("alice")));
+        // Usage errors are clap's (exit 2).
+        assert!(Cli::try_parse_from(["backupd", "restore", "alice"]).is_err());
+        assert!(Cli::try_parse_from([
+            "backupd",
+            "restore",
+            "a",
+            "--to",
+            "x",
+            "--version",
+            "1",
+            "--before",
+            "@0"
+        ])
+        .is_err());
+    }
+}

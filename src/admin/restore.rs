@@ -1,0 +1,227 @@
+//! `backupd restore`: copy a client's files (all, or the named files and
+//! folders) out of the store into a directory, with their relative paths.
+//!
+//! Read-only on the store (it works while the server runs). Each file is
+//! written to a temp file beside its destination, checked against the
+//! database's cksum when it is the current copy, synced, then renamed into
+//! place; an existing file is never replaced without `--force`. The exit
+//! status is 1 when anything asked for was missing or could not be written.
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Component, Path, PathBuf};
+use std::process::ExitCode;
+
+use super::store::{copy_with_cksum, mtime_nanos, Copy, FileInfo, Store, StoreArgs};
+use super::time::{format_nanos, parse_time};
+
+/// Copy a client's files out of the store into DIR.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RestoreArgs {
+    /// The client: its name or its id (32 hex characters)
+    pub client: String,
+
+    /// Stored files or folders to restore (`/`-separated, as `backupd files`
+    /// lists them; a folder restores everything below it) [default: every file]
+    pub paths: Vec<String>,
+
+    /// Directory to restore into (created if missing); files keep their relative paths
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+
+    /// Restore copy N of each file: 0 is the current one, 1 the newest
+    /// earlier version, and so on (as `backupd files --versions` numbers them)
+    #[arg(long, value_name = "N", conflicts_with = "before")]
+    pub version: Option<usize>,
+
+    /// Restore the newest copy of each file received before TIME (UTC:
+    /// 2026-11-25, 2026-11-25T17:56:33Z or @SECONDS)
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub before: Option<i128>,
+
+    /// Replace files that already exist in DIR
+    #[arg(long)]
+    pub force: bool,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// A stored name as a relative path, refusing anything that could leave DIR.
+fn relative(name: &str) -> Option<PathBuf> {
+    let p = Path::new(name);
+    let ok = !name.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)));
+    ok.then(|| p.to_path_buf())
+}
+
+/// When a copy was received: the database's time for the current copy, the
+/// file's modification time (when its upload was written) for a version.
+fn received_nanos(f: &FileInfo, c: &Copy) -> Option<i128> {
+    let db = (c.index == 0).then(|| f.received.as_deref().and_then(|r| parse_time(r).ok())).flatten();
+    db.or_else(|| mtime_nanos(&c.path).ok())
+}
+
+/// Which copy of `f` the arguments ask for.
+fn choose(store: &Store, args: &RestoreArgs, f: &FileInfo) -> Result<Copy, String> {
+    let copies = store.copies(f);
+    if let Some(n) = args.version {
+        return copies.into_iter().nth(n).ok_or_else(|| format!("{}: no version {n} is kept", f.name));
+    }
+    if let Some(t) = args.before {
+        return copies
+            .into_iter()
+            .find(|c| received_nanos(f, c).is_some_and(|r| r < t))
+            .ok_or_else(|| format!("{}: no copy received before {}", f.name, format_nanos(t)));
+    }
+    copies.into_iter().next().ok_or_else(|| format!("{}: no stored copy", f.name))
+}
+
+/// The files the arguments name: every verified file, or those equal to or
+/// below each PATH. Names that match nothing are returned apart.
+fn select<'a>(files: &'a [FileInfo], paths: &[String]) -> (BTreeMap<&'a str, &'a FileInfo>, Vec<String>) {
+    let mut chosen = BTreeMap::new();
+    let mut unmatched = Vec::new();
+    if paths.is_empty() {
+        chosen.extend(files.iter().map(|f| (f.name.as_str(), f)));
+        return (chosen, unmatched);
+    }
+    for p in paths {
+        let want = p.trim_matches('/');
+        let mut found = false;
+        for f in files {
+            let below = f.name.strip_prefix(want).is_some_and(|rest| rest.starts_with('/'));
+            if want.is_empty() || f.name == want || below {
+                chosen.insert(f.name.as_str(), f);
+                found = true;
+            }
+        }
+        if !found {
+            unmatched.push(p.clone());
+        }
+    }
+    (chosen, unmatched)
+}
+
+/// Write one copy to `dest` through a temp file and a rename. Returns the size.
+fn write_copy(store: &Store, f: &FileInfo, c: &Copy, dest: &Path) -> Result<u64, String> {
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    let base = dest.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
+    let temp = parent.join(format!(".{base}.restore-{}", std::process::id()));
+    let result = (|| {
+        let mut src =
+            fs::File::open(&c.path).map_err(|e| format!("cannot read {}: {e}", c.path.display()))?;
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(|e| format!("cannot create {}: {e}", temp.display()))?;
+        let (size, sum) = copy_with_cksum(&mut src, &mut out)
+            .map_err(|e| format!("cannot copy {} to {}: {e}", c.path.display(), temp.display()))?;
+        if c.index == 0 && f.cksum.is_some_and(|e| e != sum) {
+            // The server may have replaced the file since its row was read.
+            let now = store.files(Some(&f.id))?.into_iter().find(|r| r.name == f.name);
+            if now.and_then(|r| r.cksum) != Some(sum) {
+                return Err(format!(
+                    "{}: the stored copy is damaged (cksum {sum}, the database says {}); not restored \
+                     (see `backupd verify`)",
+                    f.name,
+                    f.cksum.unwrap_or(0)
+                ));
+            }
+        }
+        out.sync_all().map_err(|e| format!("cannot write {}: {e}", temp.display()))?;
+        fs::rename(&temp, dest).map_err(|e| format!("cannot rename to {}: {e}", dest.display()))?;
+        Ok(size)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
+pub fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
+    let store = Store::open_read_only(&args.store)?;
+    let client = store.resolve(&args.client)?;
+    let files: Vec<FileInfo> = store.files(Some(&client.id))?.into_iter().filter(|f| f.verified).collect();
+    let (chosen, unmatched) = select(&files, &args.paths);
+    let mut failed = 0usize;
+    for p in &unmatched {
+        eprintln!("backupd: restore: {p:?} is not a stored file or folder of {}", client.name);
+        failed += 1;
+    }
+    fs::create_dir_all(&args.to).map_err(|e| format!("cannot create {}: {e}", args.to.display()))?;
+    let mut restored = 0usize;
+    for (name, f) in chosen {
+        let outcome = (|| {
+            let rel = relative(name).ok_or_else(|| format!("{name:?}: not a relative path; skipped"))?;
+            let dest = args.to.join(rel);
+            if let Ok(m) = fs::symlink_metadata(&dest) {
+                if m.is_dir() || !args.force {
+                    return Err(format!("{} exists; not replaced (use --force)", dest.display()));
+                }
+            }
+            let copy = choose(&store, args, f)?;
+            let size = write_copy(&store, f, &copy, &dest)?;
+            Ok((dest, size, copy.index))
+        })();
+        match outcome {
+            Ok((dest, size, index)) => {
+                let which = if index == 0 { String::new() } else { format!(", version {index}") };
+                println!("restored {name} ({size} bytes{which}) to {}", dest.display());
+                restored += 1;
+            }
+            Err(e) => {
+                eprintln!("backupd: restore: {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        println!("restored {restored} file(s) into {}; {failed} failed", args.to.display());
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("restored {restored} file(s) into {}", args.to.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str) -> FileInfo {
+        FileInfo {
+            id: [1; 16],
+            name: name.into(),
+            path: format!("files/x/{name}"),
+            verified: true,
+            size: None,
+            cksum: None,
+            received: None,
+        }
+    }
+
+    #[test]
+    fn folders_select_what_is_below_them() {
+        let files = [row("a.txt"), row("docs/2026/report.pdf"), row("docs/2026x"), row("docs/notes")];
+        let names = |paths: &[&str]| {
+            let p: Vec<String> = paths.iter().map(|s| s.to_string()).collect();
+            let (c, u) = select(&files, &p);
+            (c.keys().map(|k| k.to_string()).collect::<Vec<_>>(), u)
+        };
+        assert_eq!(names(&["docs/2026"]).0, ["docs/2026/report.pdf"]);
+        assert_eq!(names(&["docs/"]).0, ["docs/2026/report.pdf", "docs/2026x", "docs/notes"]);
+        assert_eq!(names(&["a.txt", "nope"]), (vec!["a.txt".to_string()], vec!["nope".to_string()]));
+        assert_eq!(names(&[]).0.len(), 4);
+    }
+
+    #[test]
+    fn names_never_leave_the_directory() {
+        assert!(relative("docs/a").is_some());
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "./a"] {
+            assert!(relative(bad).is_none(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! The data directory as the admin commands see it: the database opened
+//! read-only (a WAL reader beside a running server) or, under the data
+//! directory's lock, for writing; clients, file rows and the stored copies
+//! of each file (current and earlier versions).
+//!
+//! This is the one place in the admin commands that knows where a file's
+//! versions are kept ([`Store::copies`], [`Store::stored_files`]): the
+//! layout itself is [`Storage`]'s.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OpenFlags};
+
+use crate::protocol::{id_hex, parse_id_hex, ClientId, CLIENT_ID_LEN};
+use crate::worker::storage::Storage;
+
+/// Where the data is: the same flags and environment variables as the server.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// Directory that holds files/, versions/ and the database
+    #[arg(long, env = "BACKUPD_DATA_DIR", default_value = "backupd-data")]
+    pub data_dir: PathBuf,
+
+    /// SQLite database file [default: <data-dir>/backupd.db]
+    #[arg(long, env = "BACKUPD_DB")]
+    pub db: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    pub fn db_path(&self) -> PathBuf {
+        self.db.clone().unwrap_or_else(|| self.data_dir.join("backupd.db"))
+    }
+
+    /// Fail, with a hint, when the data directory does not exist.
+    pub fn check_data_dir(&self) -> Result<(), String> {
+        if self.data_dir.is_dir() {
+            return Ok(());
+        }
+        Err(format!("no data directory at {} (see --data-dir)", self.data_dir.display()))
+    }
+}
+
+/// A registered client.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub id: ClientId,
+    pub name: String,
+    pub has_key: bool,
+    pub last_seen: Option<String>,
+}
+
+/// A row of the files table.
+#[derive(Debug, Clone)]
+pub struct FileInfo {
+    pub id: ClientId,
+    /// A `/`-separated relative path.
+    pub name: String,
+    /// Relative to the data directory.
+    pub path: String,
+    pub verified: bool,
+    pub size: Option<u64>,
+    pub cksum: Option<u32>,
+    pub received: Option<String>,
+}
+
+/// One stored copy of a file: the current one (`index` 0) or an earlier
+/// version (`index` 1 is the newest earlier one).
+#[derive(Debug, Clone)]
+pub struct Copy {
+    pub index: usize,
+    pub path: PathBuf,
+}
+
+/// How long a reader or writer waits for a busy database.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Store {
+    pub storage: Storage,
+    pub conn: Connection,
+    db_path: PathBuf,
+}
+
+fn blob_id(b: &[u8]) -> Option<ClientId> {
+    (b.len() == CLIENT_ID_LEN).then(|| {
+        let mut id = [0u8; CLIENT_ID_LEN];
+        id.copy_from_slice(b);
+        id
+    })
+}
+
+impl Store {
+    /// Open for reading only: never writes, never takes the lock, works
+    /// while the server runs.
+    pub fn open_read_only(args: &StoreArgs) -> Result<Store, String> {
+        Store::open(args, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+    }
+
+    /// Open for writing (the caller holds the data directory's lock).
+    pub fn open_read_write(args: &StoreArgs) -> Result<Store, String> {
+        Store::open(args, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+    }
+
+    fn open(args: &StoreArgs, flags: OpenFlags) -> Result<Store, String> {
+        let db_path = args.db_path();
+        args.check_data_dir()?;
+        if !db_path.is_file() {
+            return Err(format!("no database at {} (see --data-dir and --db)", db_path.display()));
+        }
+        let err = |e: rusqlite::Error| format!("database {}: {e}", db_path.display());
+        let conn = Connection::open_with_flags(&db_path, flags).map_err(err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+        let store = Store { storage: Storage::at(&args.data_dir), conn, db_path };
+        // Fail early, with the path, on a file that is not our database.
+        store.conn.query_row("SELECT count(*) FROM clients", [], |_| Ok(())).map_err(|e| store.err(e))?;
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        self.storage.root()
+    }
+
+    /// A database error with the database's path.
+    pub fn err(&self, e: rusqlite::Error) -> String {
+        format!("database {}: {e}", self.db_path.display())
+    }
+
+    pub fn clients(&self) -> Result<Vec<ClientInfo>, String> {
+        let mut st = self
+            .conn
+            .prepare("SELECT ID, Name, PublicKey IS NOT NULL, LastSeen FROM clients ORDER BY Name")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?, r.get::<_, bool>(2)?, r.get(3)?))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, name, has_key, last_seen) = row.map_err(|e| self.err(e))?;
+            if let Some(id) = blob_id(&id) {
+                out.push(ClientInfo { id, name, has_key, last_seen });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The client named by `spec`: its name, or its id as 32 hex characters.
+    pub fn resolve(&self, spec: &str) -> Result<ClientInfo, String> {
+        let clients = self.clients()?;
+        let id = parse_id_hex(spec);
+        clients.into_iter().find(|c| c.name == spec || Some(c.id) == id).ok_or_else(|| {
+            format!("no client named {spec:?} (give a name or a 32-hex id; see `backupd clients`)")
+        })
+    }
+
+    /// The file rows of one client, or of all, sorted by client and name.
+    pub fn files(&self, client: Option<&ClientId>) -> Result<Vec<FileInfo>, String> {
+        let sql = "SELECT ID, FileName, PathName, Verified, Size, Cksum, ReceivedAt FROM files
+                   WHERE ?1 IS NULL OR ID = ?1 ORDER BY ID, FileName";
+        let mut st = self.conn.prepare(sql).map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![client.map(|c| &c[..])], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, name, path, verified, size, cksum, received) = row.map_err(|e| self.err(e))?;
+            if let Some(id) = blob_id(&id) {
+                out.push(FileInfo {
+                    id,
+                    name,
+                    path,
+                    verified: verified != 0,
+                    size: size.and_then(|s| u64::try_from(s).ok()),
+                    cksum: cksum.and_then(|c| u32::try_from(c).ok()),
+                    received,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every stored copy of a verified file: the current one first, then the
+    /// earlier versions, newest first.
+    pub fn copies(&self, f: &FileInfo) -> Vec<Copy> {
+        let mut out = vec![Copy { index: 0, path: self.root().join(&f.path) }];
+        let versions = self.storage.versions(&f.id, &f.name);
+        for (i, n) in versions.iter().rev().enumerate() {
+            out.push(Copy { index: i + 1, path: self.storage.version_path(&f.id, &f.name, *n) });
+        }
+        out
+    }
+
+    /// Every regular file or other non-directory entry stored for a client
+    /// (or for every client directory): `(client dir name, file name, is a
+    /// version, path)`. Unknown entries are listed too, so that `verify` can
+    /// report them.
+    pub fn stored_files(&self, client: Option<&ClientId>) -> io::Result<Vec<StoredEntry>> {
+        let mut out = Vec::new();
+        for (top, version) in [(self.storage.files_dir(), false), (self.storage.versions_root(), true)] {
+            let dirs: Vec<PathBuf> = match client {
+                Some(id) => vec![top.join(id_hex(id))],
+                None => match fs::read_dir(&top) {
+                    Ok(rd) => rd.map(|e| e.map(|e| e.path())).collect::<io::Result<_>>()?,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+                    Err(e) => return Err(e),
+                },
+            };
+            for dir in dirs {
+                let client_dir =
+                    dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                if !dir.is_dir() {
+                    if dir.symlink_metadata().is_ok() {
+                        out.push(StoredEntry { client_dir, name: String::new(), version: None, path: dir });
+                    }
+                    continue;
+                }
+                let mut files = Vec::new();
+                walk(&dir, &mut files)?;
+                for path in files {
+                    let rel = path.strip_prefix(&dir).unwrap_or(&path).to_string_lossy().into_owned();
+                    let (name, v) = if version {
+                        // versions/<id>/<name>/<n>
+                        match rel.rsplit_once('/') {
+                            Some((name, n)) => (name.to_string(), Some(n.parse::<u64>().ok())),
+                            None => (rel, Some(None)),
+                        }
+                    } else {
+                        (rel, None)
+                    };
+                    out.push(StoredEntry { client_dir: client_dir.clone(), name, version: v, path });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A file found on disk under files/ or versions/.
+#[derive(Debug, Clone)]
+pub struct StoredEntry {
+    /// The directory name under files/ or versions/ (a client id in hex when well formed).
+    pub client_dir: String,
+    /// The file's name (a relative path).
+    pub name: String,
+    /// None under files/; under versions/, Some(version number) or Some(None)
+    /// when the entry is not a numbered version.
+    pub version: Option<Option<u64>>,
+    pub path: PathBuf,
+}
+
+/// Every non-directory entry below `dir` (symbolic links are not followed).
+pub fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            walk(&e.path(), out)?;
+        } else {
+            out.push(e.path());
+        }
+    }
+    Ok(())
+}
+
+/// Nanoseconds since the epoch of a file's modification time: when its
+/// upload was written (a stored file is never modified afterwards).
+pub fn mtime_nanos(path: &Path) -> io::Result<i128> {
+    let m = fs::metadata(path)?.modified()?;
+    Ok(match m.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i128,
+        Err(e) => -(e.duration().as_nanos() as i128),
+    })
+}
+
+/// Copy `src` to `dst` and return the bytes copied and their cksum.
+pub fn copy_with_cksum(src: &mut dyn io::Read, dst: &mut dyn io::Write) -> io::Result<(u64, u32)> {
+    let mut sum = crate::crypto::Cksum::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        sum.update(&buf[..n]);
+        dst.write_all(&buf[..n])?;
+    }
+    Ok((sum.len(), sum.finalize()))
+}
+
+/// The size and cksum of a stored file.
+pub fn cksum_file(path: &Path) -> io::Result<(u64, u32)> {
+    copy_with_cksum(&mut fs::File::open(path)?, &mut io::sink())
+}

@@ -1,0 +1,258 @@
+//! `backupd verify`: read every stored file and version back, recompute its
+//! POSIX cksum and compare it with the database; report mismatched, missing,
+//! unreadable and unregistered files. Exit 0 when all is well, 3 otherwise.
+//!
+//! Read-only: it works while the server runs. A file the server replaces or
+//! publishes during the check can look wrong for a moment, so every problem
+//! is checked a second time against a fresh read of the database before it
+//! is reported.
+//!
+//! The database records the cksum of the current copy of each file only: an
+//! earlier version is read in full (so an unreadable one is found) and its
+//! cksum reported, but there is nothing recorded to compare it with.
+
+use std::collections::{HashMap, HashSet};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use super::output::or_dash;
+use super::store::{cksum_file, FileInfo, Store, StoreArgs};
+use crate::json::{json_opt_num, json_opt_str, json_str};
+use crate::protocol::{id_hex, ClientId};
+
+/// Check every stored file and version against the database.
+#[derive(clap::Args, Debug, Clone)]
+pub struct VerifyArgs {
+    /// The client: its name or its id (32 hex characters) [default: every client]
+    pub client: Option<String>,
+
+    /// One JSON array with an object per file and version checked (and per problem)
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// Exit status when verify found a problem.
+pub const EXIT_PROBLEMS: u8 = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Ok,
+    Mismatched,
+    Missing,
+    Unreadable,
+    Unregistered,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Mismatched => "mismatched",
+            Status::Missing => "missing",
+            Status::Unreadable => "unreadable",
+            Status::Unregistered => "unregistered",
+        }
+    }
+}
+
+/// The verdict on one file, version or stray entry.
+#[derive(Debug, Clone)]
+struct Item {
+    status: Status,
+    /// The client's id in hex (or the directory name of a stray entry).
+    client: String,
+    name: String,
+    /// 0 for a current file, 1.. for earlier versions, None for a stray entry.
+    version: Option<usize>,
+    path: PathBuf,
+    size: Option<u64>,
+    cksum: Option<u32>,
+    expected: Option<u32>,
+    expected_size: Option<u64>,
+    error: Option<String>,
+}
+
+/// Check `rows` (verified rows only are read) and the entries on disk. With
+/// `only`, check just those paths (the second look at problems).
+fn check(
+    store: &Store,
+    client: Option<&ClientId>,
+    only: Option<&HashSet<PathBuf>>,
+    bar: &indicatif::ProgressBar,
+) -> Result<Vec<Item>, String> {
+    let rows: Vec<FileInfo> = store.files(client)?.into_iter().filter(|f| f.verified).collect();
+    let wanted = |p: &PathBuf| only.is_none_or(|o| o.contains(p));
+    let mut copies = Vec::new();
+    let mut known: HashSet<PathBuf> = HashSet::new();
+    for f in &rows {
+        for c in store.copies(f) {
+            known.insert(c.path.clone());
+            if wanted(&c.path) {
+                copies.push((f, c));
+            }
+        }
+    }
+    let entries =
+        store.stored_files(client).map_err(|e| format!("cannot list {}: {e}", store.root().display()))?;
+    let mut items = Vec::new();
+    for e in entries.into_iter().filter(|e| !known.contains(&e.path) && wanted(&e.path)) {
+        items.push(Item {
+            status: Status::Unregistered,
+            client: e.client_dir,
+            name: e.name,
+            version: None,
+            path: e.path,
+            size: None,
+            cksum: None,
+            expected: None,
+            expected_size: None,
+            error: None,
+        });
+    }
+    if only.is_none() {
+        bar.set_length(copies.len() as u64);
+    }
+    for (f, c) in copies {
+        let current = c.index == 0;
+        let mut item = Item {
+            status: Status::Ok,
+            client: id_hex(&f.id),
+            name: f.name.clone(),
+            version: Some(c.index),
+            path: c.path,
+            size: None,
+            cksum: None,
+            expected: if current { f.cksum } else { None },
+            expected_size: if current { f.size } else { None },
+            error: None,
+        };
+        match cksum_file(&item.path) {
+            Ok((size, sum)) => {
+                item.size = Some(size);
+                item.cksum = Some(sum);
+                let size_wrong = item.expected_size.is_some_and(|s| s != size);
+                if size_wrong || item.expected.is_some_and(|e| e != sum) {
+                    item.status = Status::Mismatched;
+                }
+            }
+            // A version pruned since it was listed is no problem.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !current => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => item.status = Status::Missing,
+            Err(e) => {
+                item.status = Status::Unreadable;
+                item.error = Some(e.to_string());
+            }
+        }
+        bar.inc(1);
+        items.push(item);
+    }
+    Ok(items)
+}
+
+pub fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
+    let store = Store::open_read_only(&args.store)?;
+    let client = args.client.as_deref().map(|c| store.resolve(c)).transpose()?;
+    let id = client.as_ref().map(|c| c.id);
+    let bar = if std::io::stderr().is_terminal() && !args.json {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "verify {bar:40} {pos}/{len} files and versions, {eta} left",
+            )
+            .map_err(|e| e.to_string())?,
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut items = check(&store, id.as_ref(), None, &bar)?;
+    bar.finish_and_clear();
+    let suspects: HashSet<PathBuf> =
+        items.iter().filter(|i| i.status != Status::Ok).map(|i| i.path.clone()).collect();
+    if !suspects.is_empty() {
+        // A second look, with what the database says now.
+        let again = check(&store, id.as_ref(), Some(&suspects), &bar)?;
+        items.retain(|i| !suspects.contains(&i.path));
+        items.extend(again);
+    }
+    items.sort_by(|a, b| (&a.client, &a.name, a.version).cmp(&(&b.client, &b.name, b.version)));
+    let names: HashMap<String, String> =
+        store.clients()?.into_iter().map(|c| (id_hex(&c.id), c.name)).collect();
+    let problems: Vec<&Item> = items.iter().filter(|i| i.status != Status::Ok).collect();
+    if args.json {
+        let objects: Vec<String> = items.iter().map(|i| json_item(i, names.get(&i.client))).collect();
+        print!("{}", super::output::json_array(&objects));
+    } else {
+        for i in &problems {
+            println!("{}", text_item(i, names.get(&i.client)));
+        }
+        println!("{}", summary(&items));
+    }
+    Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_PROBLEMS) })
+}
+
+fn label(i: &Item, owner: Option<&String>) -> String {
+    let who = owner.cloned().unwrap_or_else(|| i.client.clone());
+    match i.version {
+        Some(v) if v > 0 => format!("{who}/{} (version {v})", i.name),
+        _ if i.name.is_empty() => who,
+        _ => format!("{who}/{}", i.name),
+    }
+}
+
+fn text_item(i: &Item, owner: Option<&String>) -> String {
+    let what = label(i, owner);
+    let path = i.path.display();
+    match i.status {
+        Status::Mismatched => format!(
+            "mismatched    {what}: cksum {} ({} bytes), database says {} ({} bytes) [{path}]",
+            i.cksum.unwrap_or(0),
+            i.size.unwrap_or(0),
+            or_dash(i.expected),
+            or_dash(i.expected_size),
+        ),
+        Status::Missing => format!("missing       {what} [{path}]"),
+        Status::Unreadable => {
+            format!("unreadable    {what}: {} [{path}]", i.error.as_deref().unwrap_or("read error"))
+        }
+        Status::Unregistered => format!("unregistered  {path} (no database row)"),
+        Status::Ok => format!("ok            {what}"),
+    }
+}
+
+fn json_item(i: &Item, owner: Option<&String>) -> String {
+    format!(
+        "{{\"status\":{},\"client_id\":{},\"client\":{},\"name\":{},\"version\":{},\"path\":{},\"size\":{},\
+         \"cksum\":{},\"expected_cksum\":{},\"error\":{}}}",
+        json_str(i.status.as_str()),
+        json_str(&i.client),
+        json_opt_str(owner.map(String::as_str)),
+        json_str(&i.name),
+        json_opt_num(i.version),
+        json_str(&i.path.to_string_lossy()),
+        json_opt_num(i.size),
+        json_opt_num(i.cksum),
+        json_opt_num(i.expected),
+        json_opt_str(i.error.as_deref()),
+    )
+}
+
+fn summary(items: &[Item]) -> String {
+    let files = items.iter().filter(|i| i.version == Some(0)).count();
+    let versions = items.iter().filter(|i| i.version.is_some_and(|v| v > 0)).count();
+    let bytes: u64 = items.iter().filter_map(|i| i.size).sum();
+    let count = |s: Status| items.iter().filter(|i| i.status == s).count();
+    let bad = [Status::Mismatched, Status::Missing, Status::Unreadable, Status::Unregistered];
+    let total: usize = bad.iter().map(|s| count(*s)).sum();
+    let head = format!("checked {files} files and {versions} versions ({bytes} bytes)");
+    if total == 0 {
+        return format!("{head}: all well");
+    }
+    let parts: Vec<String> =
+        bad.iter().filter(|s| count(**s) > 0).map(|s| format!("{} {}", count(*s), s.as_str())).collect();
+    format!("{head}: {total} problem(s): {}", parts.join(", "))
+}
