@@ -12,9 +12,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
-use rusqlite::{params, Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags};
 
-use crate::protocol::{id_hex, parse_id_hex, ClientId, CLIENT_ID_LEN};
+use crate::protocol::{id_hex, parse_id_hex, ClientId};
+pub use crate::worker::db::FileRow as FileInfo;
+use crate::worker::db::{blob_id, read_file_rows};
 use crate::worker::storage::Storage;
 
 /// Where the data is: the same flags and environment variables as the server.
@@ -52,20 +54,6 @@ pub struct ClientInfo {
     pub last_seen: Option<String>,
 }
 
-/// A row of the files table.
-#[derive(Debug, Clone)]
-pub struct FileInfo {
-    pub id: ClientId,
-    /// A `/`-separated relative path.
-    pub name: String,
-    /// Relative to the data directory.
-    pub path: String,
-    pub verified: bool,
-    pub size: Option<u64>,
-    pub cksum: Option<u32>,
-    pub received: Option<String>,
-}
-
 /// One stored copy of a file: the current one (`index` 0) or an earlier
 /// version (`index` 1 is the newest earlier one).
 #[derive(Debug, Clone)]
@@ -81,14 +69,6 @@ pub struct Store {
     pub storage: Storage,
     pub conn: Connection,
     db_path: PathBuf,
-}
-
-fn blob_id(b: &[u8]) -> Option<ClientId> {
-    (b.len() == CLIENT_ID_LEN).then(|| {
-        let mut id = [0u8; CLIENT_ID_LEN];
-        id.copy_from_slice(b);
-        id
-    })
 }
 
 impl Store {
@@ -158,38 +138,7 @@ impl Store {
 
     /// The file rows of one client, or of all, sorted by client and name.
     pub fn files(&self, client: Option<&ClientId>) -> Result<Vec<FileInfo>, String> {
-        let sql = "SELECT ID, FileName, PathName, Verified, Size, Cksum, ReceivedAt FROM files
-                   WHERE ?1 IS NULL OR ID = ?1 ORDER BY ID, FileName";
-        let mut st = self.conn.prepare(sql).map_err(|e| self.err(e))?;
-        let rows = st
-            .query_map(params![client.map(|c| &c[..])], |r| {
-                Ok((
-                    r.get::<_, Vec<u8>>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, Option<i64>>(4)?,
-                    r.get::<_, Option<i64>>(5)?,
-                    r.get::<_, Option<String>>(6)?,
-                ))
-            })
-            .map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, name, path, verified, size, cksum, received) = row.map_err(|e| self.err(e))?;
-            if let Some(id) = blob_id(&id) {
-                out.push(FileInfo {
-                    id,
-                    name,
-                    path,
-                    verified: verified != 0,
-                    size: size.and_then(|s| u64::try_from(s).ok()),
-                    cksum: cksum.and_then(|c| u32::try_from(c).ok()),
-                    received,
-                });
-            }
-        }
-        Ok(out)
+        read_file_rows(&self.conn, client).map_err(|e| self.err(e))
     }
 
     /// Every stored copy of a verified file: the current one first, then the

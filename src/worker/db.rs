@@ -31,6 +31,9 @@ pub struct FileRow {
     pub path: String,
     pub verified: bool,
     pub size: Option<u64>,
+    pub cksum: Option<u32>,
+    /// When it was recorded (ISO-8601 UTC).
+    pub received: Option<String>,
 }
 
 /// One write of a batch.
@@ -128,13 +131,46 @@ fn is_retryable(e: &rusqlite::Error) -> bool {
     matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked))
 }
 
-fn blob_id(b: Vec<u8>) -> Option<ClientId> {
+/// A client id from a database blob (None when it is not 16 bytes).
+pub fn blob_id(b: &[u8]) -> Option<ClientId> {
     if b.len() != CLIENT_ID_LEN {
         return None;
     }
     let mut id = [0u8; CLIENT_ID_LEN];
-    id.copy_from_slice(&b);
+    id.copy_from_slice(b);
     Some(id)
+}
+
+/// The rows of the files table, of one client or of all, by client and name
+/// (also used by the admin commands on a read-only connection).
+pub fn read_file_rows(conn: &Connection, client: Option<&ClientId>) -> rusqlite::Result<Vec<FileRow>> {
+    let mut st = conn.prepare(
+        "SELECT ID, FileName, PathName, Verified, Size, Cksum, ReceivedAt FROM files
+         WHERE ?1 IS NULL OR ID = ?1 ORDER BY ID, FileName",
+    )?;
+    let rows = st.query_map(params![client.map(|c| &c[..])], |r| {
+        Ok((
+            r.get::<_, Vec<u8>>(0)?,
+            FileRow {
+                id: [0; CLIENT_ID_LEN],
+                name: r.get(1)?,
+                path: r.get(2)?,
+                verified: r.get::<_, i64>(3)? != 0,
+                size: r.get::<_, Option<i64>>(4)?.and_then(|s| u64::try_from(s).ok()),
+                cksum: r.get::<_, Option<i64>>(5)?.and_then(|c| u32::try_from(c).ok()),
+                received: r.get(6)?,
+            },
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, mut f) = row?;
+        if let Some(id) = blob_id(&id) {
+            f.id = id;
+            out.push(f);
+        }
+    }
+    Ok(out)
 }
 
 impl Db {
@@ -202,7 +238,7 @@ impl Db {
         let mut out = Vec::new();
         for row in rows {
             let (id, name, public_key) = row?;
-            match blob_id(id) {
+            match blob_id(&id) {
                 Some(id) => out.push(ClientRecord { id, name, public_key }),
                 None => log::warn!("database: client {name:?} has a malformed id; ignored"),
             }
@@ -211,24 +247,7 @@ impl Db {
     }
 
     pub fn file_rows(&self) -> rusqlite::Result<Vec<FileRow>> {
-        let mut st = self.conn.prepare("SELECT ID, FileName, PathName, Verified, Size FROM files")?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, Option<i64>>(4)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, name, path, verified, size) = row?;
-            if let Some(id) = blob_id(id) {
-                out.push(FileRow { id, name, path, verified: verified != 0, size: size.map(|s| s as u64) });
-            }
-        }
-        Ok(out)
+        read_file_rows(&self.conn, None)
     }
 
     /// Is there a verified row for this file?
