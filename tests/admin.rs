@@ -35,6 +35,13 @@ impl std::fmt::Debug for Run {
 /// Run `backupd ARGS --data-dir DATA` (no BACKUPD_* variables from outside);
 /// killed past the timeout.
 fn admin(data: &Path, args: &[&str]) -> Run {
+    let mut all: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    all.extend([std::ffi::OsStr::new("--data-dir"), data.as_os_str()]);
+    admin_env(&all, &[])
+}
+
+/// Run `backupd ARGS` with exactly the BACKUPD_* variables given.
+fn admin_env(args: &[&std::ffi::OsStr], env: &[(&str, &Path)]) -> Run {
     let mut cmd = Command::new(server_bin());
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("BACKUPD_") {
@@ -43,8 +50,7 @@ fn admin(data: &Path, args: &[&str]) -> Run {
     }
     let child = cmd
         .args(args)
-        .arg("--data-dir")
-        .arg(data)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -329,6 +335,14 @@ fn clients_and_files_in_text_and_json_while_the_server_runs() {
     let text = admin_ok(&data, &["files", "alice", "--versions"], 0).stdout;
     assert!(text.contains("doc.txt") && text.contains("version 1") && text.contains("b.bin"), "{text}");
     assert!(!text.contains("bob"), "{text}");
+
+    // The server's environment variables name the store too.
+    let clients = [std::ffi::OsStr::new("clients"), std::ffi::OsStr::new("--json")];
+    let r = admin_env(&clients, &[("BACKUPD_DATA_DIR", &data)]);
+    assert_eq!(json(&r.stdout).arr().len(), 2, "{r:?}");
+    let elsewhere = f.server.temp_dir().join("elsewhere.db");
+    let r = admin_env(&clients, &[("BACKUPD_DATA_DIR", &data), ("BACKUPD_DB", &elsewhere)]);
+    assert!(r.code == 1 && r.stderr.contains("no database at"), "{r:?}");
 
     let r = admin_ok(&data, &["files", "nobody"], 1);
     assert!(r.stderr.contains("no client named \"nobody\""), "{r:?}");
