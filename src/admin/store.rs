@@ -152,13 +152,12 @@ impl Store {
         out
     }
 
-    /// Every regular file or other non-directory entry stored for a client
-    /// (or for every client directory): `(client dir name, file name, is a
-    /// version, path)`. Unknown entries are listed too, so that `verify` can
-    /// report them.
+    /// Every non-directory entry under files/ and versions/, for a client or
+    /// for every client directory, known or not (`verify` reports the ones
+    /// that are no stored copy).
     pub fn stored_files(&self, client: Option<&ClientId>) -> io::Result<Vec<StoredEntry>> {
         let mut out = Vec::new();
-        for (top, version) in [(self.storage.files_dir(), false), (self.storage.versions_root(), true)] {
+        for top in [self.storage.files_dir(), self.storage.versions_root()] {
             let dirs: Vec<PathBuf> = match client {
                 Some(id) => vec![top.join(id_hex(id))],
                 None => match fs::read_dir(&top) {
@@ -172,24 +171,15 @@ impl Store {
                     dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
                 if !dir.is_dir() {
                     if dir.symlink_metadata().is_ok() {
-                        out.push(StoredEntry { client_dir, name: String::new(), version: None, path: dir });
+                        out.push(StoredEntry { client_dir, name: String::new(), path: dir });
                     }
                     continue;
                 }
                 let mut files = Vec::new();
                 walk(&dir, &mut files)?;
                 for path in files {
-                    let rel = path.strip_prefix(&dir).unwrap_or(&path).to_string_lossy().into_owned();
-                    let (name, v) = if version {
-                        // versions/<id>/<name>/<n>
-                        match rel.rsplit_once('/') {
-                            Some((name, n)) => (name.to_string(), Some(n.parse::<u64>().ok())),
-                            None => (rel, Some(None)),
-                        }
-                    } else {
-                        (rel, None)
-                    };
-                    out.push(StoredEntry { client_dir: client_dir.clone(), name, version: v, path });
+                    let name = path.strip_prefix(&dir).unwrap_or(&path).to_string_lossy().into_owned();
+                    out.push(StoredEntry { client_dir: client_dir.clone(), name, path });
                 }
             }
         }
@@ -202,11 +192,8 @@ impl Store {
 pub struct StoredEntry {
     /// The directory name under files/ or versions/ (a client id in hex when well formed).
     pub client_dir: String,
-    /// The file's name (a relative path).
+    /// Its path below that directory (for a version: `<name>/<n>`).
     pub name: String,
-    /// None under files/; under versions/, Some(version number) or Some(None)
-    /// when the entry is not a numbered version.
-    pub version: Option<Option<u64>>,
     pub path: PathBuf,
 }
 
