@@ -647,3 +647,82 @@ fn read_only_commands_leave_the_stored_files_alone() {
         assert!(!data.join("backupd.lock").exists(), "a read-only command took the lock");
     }
 }
+
+#[test]
+fn snapshots_and_verify_during_uploads_are_consistent() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let server = TestServer::start(&[]);
+    let data = server.data_dir();
+    let (mut c, _) = server.registered_client("busy");
+    send(&mut c, "seed", b"seed");
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let uploader = {
+        let (stop, done) = (stop.clone(), done.clone());
+        std::thread::spawn(move || {
+            // Replacements (versions, intents) and new names, until told to stop.
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) && i < 5000 {
+                let name = if i.is_multiple_of(3) { format!("new-{i}") } else { format!("f{}", i % 4) };
+                send(&mut c, &name, &pseudo_random(4096 + i as usize, i));
+                i += 1;
+                done.store(i, Ordering::Relaxed);
+            }
+            i
+        })
+    };
+    // Snapshots until a hundred uploads ran alongside (bounded either way).
+    let mut k = 0;
+    while k < 40 && (k < 4 || done.load(Ordering::Relaxed) < 100) {
+        let snap = server.temp_dir().join(format!("snap-{k}"));
+        admin_ok(&data, &["snapshot", snap.to_str().unwrap()], 0);
+        let r = admin(&snap, &["verify"]);
+        assert_eq!(r.code, 0, "snapshot {k} is not consistent: {r:?}");
+        if k % 8 == 0 {
+            // The live store, verified while files are published.
+            let r = admin(&data, &["verify"]);
+            assert_eq!(r.code, 0, "verify during uploads: {r:?}");
+        }
+        k += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let uploads = uploader.join().unwrap();
+    assert!(uploads > 0);
+}
+
+#[test]
+fn a_snapshot_of_a_publish_caught_half_way_is_repaired_as_after_a_crash() {
+    let mut f = fixture();
+    f.server.stop();
+    let data = f.server.data_dir();
+    // Replace doc.txt as a publish does before its commit: intent row,
+    // previous version linked, new content renamed over the file; plus a new
+    // file renamed into files/ whose row never came.
+    let doc = f.server.stored_path(&f.alice, "doc.txt");
+    let hex = id_hex(&f.alice);
+    let saved = format!("versions/{hex}/doc.txt/99999999999999999999");
+    std::fs::hard_link(&doc, data.join(&saved)).unwrap();
+    let staged = data.join("tmp").join("1.part");
+    std::fs::write(&staged, b"not committed").unwrap();
+    std::fs::rename(&staged, &doc).unwrap();
+    std::fs::write(f.server.stored_path(&f.alice, "uncommitted.bin"), b"?").unwrap();
+    let conn = rusqlite::Connection::open(f.server.db_path()).unwrap();
+    conn.execute(
+        "INSERT INTO publish_intents(Upload, Target, SavedPrevious) VALUES (1, ?1, ?2)",
+        (format!("files/{hex}/doc.txt"), &saved),
+    )
+    .unwrap();
+    drop(conn);
+    admin_ok(&data, &["verify", "alice"], 3);
+
+    let snap = f.server.temp_dir().join("snap");
+    admin_ok(&data, &["snapshot", snap.to_str().unwrap()], 0);
+    admin_ok(&snap, &["verify"], 0);
+    let out = f.server.temp_dir().join("out");
+    admin_ok(&snap, &["restore", "alice", "doc.txt", "--to", out.to_str().unwrap()], 0);
+    assert!(std::fs::read(out.join("doc.txt")).unwrap() == f.files["doc.txt"]);
+    assert!(!snap.join("files").join(&hex).join("uncommitted.bin").exists());
+    // The store itself is untouched (the server repairs it at its start).
+    assert_eq!(std::fs::read(&doc).unwrap(), b"not committed");
+}

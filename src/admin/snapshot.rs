@@ -1,28 +1,37 @@
 //! `backupd snapshot DIR`: a consistent image of the store while the server
-//! runs. The database is copied with SQLite's online backup API (one read
-//! transaction), then files/ and versions/ are mirrored into DIR as hard
-//! links (no data is copied; stored files are never modified in place, only
-//! replaced by rename, so the links keep the content they had).
+//! runs. files/ and versions/ are mirrored into DIR as hard links (no data is
+//! copied; stored files are never modified in place, only replaced by
+//! rename, so the links keep the content they had), then the database is
+//! copied with SQLite's online backup API (one read transaction).
 //!
-//! Consistency: the copy is kept only if no write was committed to the
-//! database between the start of the backup and the last link
-//! (`PRAGMA data_version`); otherwise it is made again. A publish caught
-//! half way is then in the copy exactly as after a crash at that moment:
-//! its intent row is in the database and the next start on DIR undoes it.
+//! Consistency, file by file, against the copied database:
+//! - a file still the same inode in the store as the one linked was not
+//!   replaced between its link and the copy of the database: its row and
+//!   its content agree, or its publish was in progress, and then its intent
+//!   row (committed before the rename) is in the copy and is undone in DIR
+//!   here, as the server undoes one after a crash;
+//! - a file replaced since it was linked is checked by cksum against its
+//!   row: the linked copy or the store's current file must be the one the
+//!   row describes, or the snapshot is made again (at most five times);
+//! - a file linked without a verified row in the copy (a publish that had
+//!   not committed) is left out, as the server would move it out of files/.
+//!
 //! DIR is a data directory: `backupd --data-dir DIR` serves it,
 //! `backupd verify --data-dir DIR` checks it.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use rusqlite::backup::{Backup, StepResult};
 use rusqlite::Connection;
 
-use super::store::{Store, StoreArgs};
-use crate::worker::storage::create_private_dir;
+use super::store::{cksum_file, walk, FileInfo, Store, StoreArgs};
+use crate::worker::storage::{create_private_dir, Publish};
 
 /// Write a consistent copy of the database and hard links of the stored files into DIR.
 #[derive(clap::Args, Debug, Clone)]
@@ -36,10 +45,6 @@ pub struct SnapshotArgs {
 
 /// Attempts before giving up on a database that keeps changing.
 const ATTEMPTS: usize = 5;
-
-fn data_version(store: &Store) -> Result<i64, String> {
-    store.conn.query_row("PRAGMA data_version", [], |r| r.get(0)).map_err(|e| store.err(e))
-}
 
 /// Copy the database into `dest` (one step: one read transaction).
 fn backup_db(store: &Store, dest: &Path) -> Result<(), String> {
@@ -66,30 +71,23 @@ fn backup_db(store: &Store, dest: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot set permissions of {}: {e}", dest.display()))
 }
 
-/// Mirror `from` into `to` with hard links; returns (files, bytes).
-fn link_tree(from: &Path, to: &Path) -> io::Result<(u64, u64)> {
+/// Mirror `from` into `to` with hard links.
+fn link_tree(from: &Path, to: &Path) -> io::Result<()> {
     create_private_dir(to)?;
     let rd = match fs::read_dir(from) {
         Ok(rd) => rd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    let (mut files, mut bytes) = (0, 0);
     for e in rd {
         let e = e?;
         let (src, dst) = (e.path(), to.join(e.file_name()));
         if e.file_type()?.is_dir() {
-            let (f, b) = link_tree(&src, &dst)?;
-            files += f;
-            bytes += b;
+            link_tree(&src, &dst)?;
             continue;
         }
         match fs::hard_link(&src, &dst) {
-            Ok(()) => {
-                files += 1;
-                bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
-            }
-            // Pruned or moved since it was listed: the version check decides.
+            // Pruned or replaced since it was listed: `settle` decides.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
                 return Err(io::Error::new(
@@ -101,9 +99,10 @@ fn link_tree(from: &Path, to: &Path) -> io::Result<(u64, u64)> {
                 ))
             }
             Err(e) => return Err(io::Error::new(e.kind(), format!("cannot link {}: {e}", src.display()))),
+            Ok(()) => {}
         }
     }
-    Ok((files, bytes))
+    Ok(())
 }
 
 /// DIR must be new or empty, and outside the data directory.
@@ -128,6 +127,72 @@ fn prepare(dir: &Path, root: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Does the file at `path` hold what `row` describes?
+fn holds(path: &Path, row: &FileInfo) -> bool {
+    let (Some(size), Some(sum)) = (row.size, row.cksum) else { return false };
+    cksum_file(path).ok() == Some((size, sum))
+}
+
+fn same_inode(a: &Path, b: &Path) -> bool {
+    match (fs::symlink_metadata(a), fs::symlink_metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
+/// Make every verified row of the copy agree with its file in DIR (see the
+/// module doc). False when one cannot be made to agree: start again.
+fn settle(live: &Store, snap: &Store) -> Result<bool, String> {
+    let rows: Vec<FileInfo> = snap.files(None)?.into_iter().filter(|f| f.verified).collect();
+    for row in &rows {
+        let (copy, current) = (snap.root().join(&row.path), live.root().join(&row.path));
+        // Missing from the store as well: a damage `verify` reports, not a race.
+        let absent = || copy.symlink_metadata().is_err() && current.symlink_metadata().is_err();
+        if same_inode(&copy, &current) || absent() || holds(&copy, row) {
+            continue;
+        }
+        let Some(parent) = copy.parent() else { return Ok(false) };
+        create_private_dir(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        let temp = parent.join(format!(".snapshot-{}", std::process::id()));
+        let _ = fs::remove_file(&temp);
+        let fixed = fs::hard_link(&current, &temp).is_ok() && holds(&temp, row);
+        if fixed {
+            fs::rename(&temp, &copy).map_err(|e| format!("cannot rename to {}: {e}", copy.display()))?;
+            continue;
+        }
+        let _ = fs::remove_file(&temp);
+        return Ok(false);
+    }
+    // Publishes caught in progress: undone as at the server's start.
+    let mut st =
+        snap.conn.prepare("SELECT Target, SavedPrevious FROM publish_intents").map_err(|e| snap.err(e))?;
+    let intents = st
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)))
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(|e| snap.err(e))?;
+    drop(st);
+    for (target, previous) in intents {
+        let verified = rows.iter().any(|r| r.path == target);
+        if previous.is_none() && verified {
+            continue;
+        }
+        let p = Publish {
+            target: snap.root().join(&target),
+            saved_previous: previous.map(|p| snap.root().join(p)),
+        };
+        p.undo().map_err(|e| format!("cannot undo the publish of {target} in the snapshot: {e}"))?;
+    }
+    snap.conn.execute("DELETE FROM publish_intents", []).map_err(|e| snap.err(e))?;
+    // Files whose publish had not committed.
+    let keep: HashSet<PathBuf> = rows.iter().map(|r| snap.root().join(&r.path)).collect();
+    let mut linked = Vec::new();
+    walk(&snap.root().join("files"), &mut linked).map_err(|e| e.to_string())?;
+    for path in linked.into_iter().filter(|p| !keep.contains(p)) {
+        fs::remove_file(&path).map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
+    }
+    Ok(true)
+}
+
 pub fn snapshot(args: &SnapshotArgs) -> Result<ExitCode, String> {
     let store = Store::open_read_only(&args.store)?;
     let root = store.root().to_path_buf();
@@ -143,27 +208,29 @@ pub fn snapshot(args: &SnapshotArgs) -> Result<ExitCode, String> {
             }
         }
         let _ = fs::remove_file(&part);
-        let before = data_version(&store)?;
-        backup_db(&store, &part)?;
-        let mut linked = (0, 0);
         for sub in ["files", "versions"] {
-            let (f, b) = link_tree(&root.join(sub), &args.dir.join(sub)).map_err(|e| e.to_string())?;
-            linked = (linked.0 + f, linked.1 + b);
+            link_tree(&root.join(sub), &args.dir.join(sub)).map_err(|e| e.to_string())?;
         }
-        if data_version(&store)? == before {
+        backup_db(&store, &part)?;
+        let snap = Store::open_read_write(&StoreArgs { data_dir: args.dir.clone(), db: Some(part.clone()) })?;
+        let settled = settle(&store, &snap)?;
+        drop(snap);
+        if settled {
             let db = args.dir.join("backupd.db");
             fs::rename(&part, &db).map_err(|e| format!("cannot rename to {}: {e}", db.display()))?;
+            let mut files = Vec::new();
+            for sub in ["files", "versions"] {
+                walk(&args.dir.join(sub), &mut files).map_err(|e| e.to_string())?;
+            }
+            let bytes: u64 = files.iter().filter_map(|p| fs::metadata(p).ok()).map(|m| m.len()).sum();
             println!(
-                "snapshot in {}: database and {} stored file(s) ({} bytes) as hard links",
+                "snapshot in {}: database and {} stored file(s) ({bytes} bytes) as hard links",
                 args.dir.display(),
-                linked.0,
-                linked.1
+                files.len()
             );
             return Ok(ExitCode::SUCCESS);
         }
-        eprintln!("backupd: snapshot: the database changed during attempt {attempt}; again");
+        eprintln!("backupd: snapshot: a file changed while attempt {attempt} was made; again");
     }
-    Err(format!(
-        "the database kept changing during {ATTEMPTS} attempts; try again when the server is less busy"
-    ))
+    Err(format!("files kept changing during {ATTEMPTS} attempts; try again when the server is less busy"))
 }

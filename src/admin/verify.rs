@@ -3,8 +3,9 @@
 //! unreadable and unregistered files. Exit 0 when all is well, 3 otherwise.
 //!
 //! Read-only: it works while the server runs. A file the server replaces or
-//! publishes during the check can look wrong for a moment, so every problem
-//! is checked a second time against a fresh read of the database before it
+//! publishes during the check can look wrong for a moment (between its
+//! rename and its commit), so a problem is looked at again, against a fresh
+//! read of the database, every half second for up to five seconds before it
 //! is reported.
 //!
 //! The database records the cksum of the current copy of each file only: an
@@ -34,6 +35,10 @@ pub struct VerifyArgs {
     #[command(flatten)]
     pub store: StoreArgs,
 }
+
+/// How often, and after what pause, a problem is looked at again.
+const RECHECKS: usize = 10;
+const RECHECK_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Exit status when verify found a problem.
 pub const EXIT_PROBLEMS: u8 = 3;
@@ -171,10 +176,16 @@ pub fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
     };
     let mut items = check(&store, id.as_ref(), None, &bar)?;
     bar.finish_and_clear();
-    let suspects: HashSet<PathBuf> =
-        items.iter().filter(|i| i.status != Status::Ok).map(|i| i.path.clone()).collect();
-    if !suspects.is_empty() {
-        // A second look, with what the database says now.
+    // A publish between its rename and its commit looks like a problem for
+    // a moment: look again, with what the database says then, until nothing
+    // is left or the problems stay for RECHECKS pauses.
+    for _ in 0..RECHECKS {
+        let suspects: HashSet<PathBuf> =
+            items.iter().filter(|i| i.status != Status::Ok).map(|i| i.path.clone()).collect();
+        if suspects.is_empty() {
+            break;
+        }
+        std::thread::sleep(RECHECK_PAUSE);
         let again = check(&store, id.as_ref(), Some(&suspects), &bar)?;
         items.retain(|i| !suspects.contains(&i.path));
         items.extend(again);
