@@ -43,7 +43,7 @@ pub struct SnapshotArgs {
     pub store: StoreArgs,
 }
 
-/// Attempts before giving up on a database that keeps changing.
+/// Attempts before giving up on files that keep changing.
 const ATTEMPTS: usize = 5;
 
 /// Copy the database into `dest` (one step: one read transaction).
