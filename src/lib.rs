@@ -1,6 +1,9 @@
+pub mod budget;
 pub mod client;
 pub mod config;
 pub mod crypto;
+pub mod logging;
 pub mod protocol;
+pub mod ratelimit;
 pub mod server;
 pub mod worker;

@@ -21,8 +21,9 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::budget::Piece;
 use crate::crypto::{Cksum, StreamDecryptor, AES_KEY_LEN};
-use crate::protocol::{id_hex, ClientId, PACKET_HEADER_LEN};
+use crate::protocol::{id_hex, ClientId};
 use db::{ClientRecord, Db, Intent, Write};
 use storage::{Publish, Storage};
 
@@ -55,19 +56,21 @@ pub struct StartUpload {
     pub key: [u8; AES_KEY_LEN],
 }
 
-/// One file packet, validated by the loop.
+/// A piece of one file packet's content (the loop checked the packet's
+/// fixed fields; a packet's content comes in one or more pieces, in order).
 pub struct PacketJob {
     pub conn: ConnRef,
     pub upload: UploadId,
-    /// The whole frame payload; the content starts at [`PACKET_HEADER_LEN`].
-    pub payload: Vec<u8>,
-    /// Set on packet 1.
+    /// The content bytes, with the budget grant that pays for them (returned
+    /// when the piece is dropped or recycled).
+    pub content: Piece,
+    /// Set on the first piece of packet 1.
     pub start: Option<StartUpload>,
-    /// This packet begins a new CBC stream (packet 1, or a per-packet-encrypted packet).
+    /// This piece begins a new CBC stream (packet 1, or a per-packet-encrypted packet).
     pub new_segment: bool,
-    /// This packet ends a CBC stream whose plaintext must be exactly this long.
+    /// This piece ends a CBC stream whose plaintext must be exactly this long.
     pub end_segment: Option<u64>,
-    /// The upload's last packet: fsync the temp file and report the cksum.
+    /// The upload's last piece: report the cksum.
     pub last: bool,
 }
 
@@ -127,12 +130,12 @@ pub enum Completion {
         /// The key saved (DER), for the registry when the connection is gone.
         der: Vec<u8>,
     },
-    /// Every packet job gets exactly one; `buffer` comes back for reuse and
-    /// its capacity is returned to the memory budget.
+    /// Every packet job gets exactly one; `buffer` comes back for reuse, and
+    /// its grant to the memory budget when the loop recycles it.
     Packet {
         conn: ConnRef,
         upload: UploadId,
-        buffer: Vec<u8>,
+        buffer: Piece,
         last: bool,
         outcome: PacketOutcome,
     },
@@ -486,7 +489,7 @@ impl Worker {
                 PacketOutcome::Failed(reason)
             }
         };
-        Completion::Packet { conn, upload, buffer: p.payload, last, outcome }
+        Completion::Packet { conn, upload, buffer: p.content, last, outcome }
     }
 
     fn packet_inner(&mut self, p: &mut PacketJob) -> Result<PacketOutcome, String> {
@@ -521,7 +524,7 @@ impl Worker {
             u.dec = Some(StreamDecryptor::new(&u.key.0));
             u.segment_start = u.cksum.len();
         }
-        let content = p.payload.get_mut(PACKET_HEADER_LEN..).unwrap_or(&mut []);
+        let content = &mut p.content.bytes[..];
         u.ciphertext += content.len() as u64;
         let Upload { file: Some(file), cksum, dec, .. } = u else {
             return Err("packet after the last one".into());
