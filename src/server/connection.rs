@@ -106,6 +106,25 @@ pub struct Receiving {
     pub touched: Instant,
 }
 
+impl Receiving {
+    /// The state of a new upload, at its packet 1.
+    pub fn new(upload: UploadId, name: String, name_field: NameField, total: u16, now: Instant) -> Receiving {
+        Receiving {
+            upload,
+            name,
+            name_field,
+            total,
+            next: 1,
+            segment: None,
+            last_stream_len: 0,
+            plain_total: 0,
+            ciphertext_total: 0,
+            multi_packet_stream: false,
+            touched: now,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
     pub orig: u32,

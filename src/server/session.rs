@@ -375,19 +375,8 @@ impl<J: JobSink> Core<J> {
             }
             let upload = self.next_upload;
             self.next_upload += 1;
-            p.upload = Upload::Receiving(Receiving {
-                upload,
-                name,
-                name_field: ph.file_name.clone(),
-                total: ph.total_packets,
-                next: 1,
-                segment: None,
-                last_stream_len: 0,
-                plain_total: 0,
-                ciphertext_total: 0,
-                multi_packet_stream: false,
-                touched: now,
-            });
+            p.upload =
+                Upload::Receiving(Receiving::new(upload, name, ph.file_name.clone(), ph.total_packets, now));
         }
 
         let Upload::Receiving(r) = &mut p.upload else {
