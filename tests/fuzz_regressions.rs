@@ -373,10 +373,50 @@ fn write_session_seed_corpus() {
     write_seeds("session", &session_seeds());
 }
 
+/// File paths as clients send them (the bytes before the name field's NUL).
+fn path_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    [
+        ("unix_absolute", "/home/user/docs/report.pdf"),
+        ("relative", "docs/2026/report.pdf"),
+        ("windows_drive", "C:\\Users\\me\\cv.docx"),
+        ("drive_relative", "d:notes.txt"),
+        ("unc", "\\\\server\\share\\f.txt"),
+        ("empty_components", "a//b\\\\c\\"),
+        ("traversal", "../../secret.txt"),
+        ("hidden_dot", "a/./b"),
+        ("windows_traversal", "C:..\\x"),
+        ("root_only", "/"),
+        ("bidi", "invoice\u{202E}fdp.exe"),
+        ("utf8", "caf\u{e9}/\u{e9}t\u{e9}.txt"),
+    ]
+    .into_iter()
+    .map(|(name, path)| (name, path.as_bytes().to_vec()))
+    .chain([("not_utf8", b"dir/\xff\xfe.txt".to_vec()), ("control", b"dir/a\tb".to_vec())])
+    .collect()
+}
+
+#[test]
+#[ignore = "writes fuzz/corpus/path_normalize; run by hand when the path rules change"]
+fn write_path_seed_corpus() {
+    write_seeds("path_normalize", &path_seeds());
+}
+
+#[test]
+fn path_seeds_reach_every_outcome() {
+    use backupd::protocol::{normalize_path, NameError};
+    let results: Vec<_> = corpus("path_normalize").iter().map(|(_, data)| normalize_path(data)).collect();
+    assert!(results.iter().any(|r| r.as_ref().is_ok_and(|p| p.stripped())));
+    assert!(results.iter().any(|r| r.as_ref().is_ok_and(|p| !p.stripped())));
+    for e in [NameError::Dots, NameError::Empty, NameError::Bidi, NameError::NotUtf8, NameError::Control] {
+        assert!(results.contains(&Err(e.clone())), "no seed is refused with {e:?}");
+    }
+}
+
 #[test]
 #[ignore = "writes fuzz/corpus; run by hand when the harness input formats change"]
 fn write_seed_corpus() {
     write_session_seed_corpus();
+    write_path_seed_corpus();
     let (der65537, der17) = public_key_ders();
     let id = [7u8; 16];
     let file = name_field_raw(b"a.txt");

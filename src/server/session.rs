@@ -16,8 +16,9 @@ use crate::budget::Piece;
 use crate::crypto::{ciphertext_len, encrypt_session_key, parse_public_key, random_aes_key};
 use crate::logging::Esc;
 use crate::peer_log;
-use crate::protocol::{id_hex, Code, NameField, Request, RequestHeader, Response, PACKET_HEADER_LEN};
-use crate::worker::storage::validate_file_name;
+use crate::protocol::{
+    id_hex, validate_file_name, Code, NameField, Request, RequestHeader, Response, PACKET_HEADER_LEN,
+};
 use crate::worker::{Completion, Job, PacketJob, PacketOutcome, StartUpload};
 
 use super::connection::{
