@@ -49,7 +49,7 @@ bench-quick:
 ## leaves its input in fuzz/artifacts/<target>/.
 FUZZ_SECONDS ?= 30
 FUZZ_SANITIZER ?= address
-FUZZ_TARGETS ?= frame_decoder payload_parsers packet_sequence stream_decrypt session
+FUZZ_TARGETS ?= frame_decoder payload_parsers packet_sequence stream_decrypt session path_normalize
 fuzz:
 	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz
 	@set -e; san=$(FUZZ_SANITIZER); \

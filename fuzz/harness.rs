@@ -14,12 +14,12 @@ use std::time::Instant;
 
 use backupd::crypto::{ciphertext_len, encrypt_all, parse_public_key, StreamDecryptor, AES_KEY_LEN};
 use backupd::protocol::{
-    Code, HeaderError, NameField, PacketHeader, PayloadError, Request, RequestHeader, Response,
-    ResponseHeader, NAME_FIELD_LEN, PACKET_HEADER_LEN, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN,
+    normalize_path, validate_file_name, Code, HeaderError, NameError, NameField, NormalizedPath,
+    PacketHeader, PayloadError, Request, RequestHeader, Response, ResponseHeader, MAX_FILE_NAME,
+    MAX_PATH_LEN, NAME_FIELD_LEN, PACKET_HEADER_LEN, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN,
 };
 use backupd::server::connection::Receiving;
 use backupd::server::plan_packet;
-use backupd::worker::storage::{validate_file_name, MAX_FILE_NAME};
 
 /// The server's default `--max-packet` (16 MiB).
 pub const MAX_PACKET: u32 = 16 << 20;
@@ -34,6 +34,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("packet_sequence", packet_sequence),
     ("stream_decrypt", stream_decrypt),
     ("session", session),
+    ("path_normalize", path_normalize),
 ];
 
 /// Reads fixed-size values from the fuzz input; zeros once it is used up.
@@ -365,18 +366,8 @@ fn packet_name(sel: u8) -> NameField {
 
 /// The upload state the server creates at packet 1 of a file named `name`.
 pub fn new_receiving(upload: u64, name: &str, total: u16) -> Receiving {
-    Receiving {
-        upload,
-        name: name.to_string(),
-        name_field: NameField::from_name(name.as_bytes()).expect("a valid file name fits its field"),
-        total,
-        next: 1,
-        segment: None,
-        last_stream_len: 0,
-        plain_total: 0,
-        multi_packet_stream: false,
-        touched: Instant::now(),
-    }
+    let field = NameField::from_name(name.as_bytes()).expect("a valid file name fits its field");
+    Receiving::new(upload, name.to_string(), field, total, Instant::now())
 }
 
 /// Target 3: `plan_packet` driven by arbitrary packet sequences, with the
@@ -684,8 +675,9 @@ fn check_decrypt(key: &[u8; AES_KEY_LEN], ct: &[u8], cuts: &mut [usize], plain: 
 // `session` runs the server's protocol state machine (`Core` acting on each
 // connection's `Protocol`, see src/server/session.rs) with no socket and no
 // worker thread: two connection slots are fed request bytes the way the loop
-// reads them (23 header bytes, the header check, the budget reservation, the
-// payload, `handle_frame`), and an in-harness fake worker answers each job in
+// reads them (23 header bytes, the header check, the control payload or a
+// packet's fixed fields, `handle_frame`, then a packet's content in pieces
+// granted by the budget, `content_piece`), and an in-harness fake worker answers each job in
 // FIFO order with the completion the real worker would give, the outcome
 // (ok, failed, decryption failure, cksum) chosen by the input. A model of each
 // connection, built only from the requests sent and the replies and jobs
@@ -703,9 +695,9 @@ fn check_decrypt(key: &[u8; AES_KEY_LEN], ct: &[u8], cuts: &mut [usize], plain: 
 // none for a 1030 without --ack-retry or a swallowed packet), in order; a
 // 1604 for a 1029 only after its Commit job completed ok; no Job::Packet
 // without this connection's session key (and packet 1 carries that key); the
-// budget in use is always exactly the payload bytes at the worker plus those
-// of half-read frames, so it is 0 when nothing is in flight; packets_in_flight
-// is the number of this connection's packets at the worker and `awaiting` is
+// budget in use is always exactly the content bytes at the worker plus those
+// of granted pieces being read, so it is 0 when nothing is in flight; packets_in_flight
+// is the number of this connection's pieces at the worker and `awaiting` is
 // set exactly while its reply-bearing job is there (so both return to
 // 0/Nothing once completions are delivered); an upload is never discarded or
 // committed twice, nor used after; and at the end every upload that got a
@@ -715,11 +707,12 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use backupd::budget::Piece;
 use backupd::config::Config;
 use backupd::crypto::{decrypt_session_key, OaepHash};
 use backupd::protocol::ClientId;
-use backupd::server::connection::{Awaiting, Frame, Protocol};
-use backupd::server::{completion_conn, Core, Flow, Registry};
+use backupd::server::connection::{Awaiting, Frame, Incoming, Protocol, Upload};
+use backupd::server::{completion_conn, frame_len, Core, Flow, Registry};
 use backupd::worker::{Completion, ConnRef, Job, PacketJob, PacketOutcome, UploadId};
 use rsa::RsaPrivateKey;
 
@@ -786,7 +779,12 @@ pub fn client_key() -> &'static ClientKey {
 
 fn base_config() -> &'static Config {
     static CFG: OnceLock<Config> = OnceLock::new();
-    CFG.get_or_init(Config::defaults)
+    CFG.get_or_init(|| {
+        let mut c = Config::defaults();
+        // Inputs may register many clients from the one peer address.
+        c.registration_rate = 0.0;
+        c
+    })
 }
 
 const CLIENT_NAMES: [&[u8]; 6] = [b"alice", b"bob", b"carol", b"", b"ctl\x01", b"\xff\xfe"];
@@ -898,8 +896,27 @@ struct Plan {
 
 enum ReadPhase {
     Header,
-    Budget(RequestHeader, Code),
+    /// A control frame's payload or a file packet's fixed fields.
     Payload(Frame),
+    /// An admitted packet's content: a piece once the budget granted it.
+    Content {
+        remaining: u64,
+        piece: Option<Piece>,
+        filled: usize,
+    },
+    /// A refused packet's content, dropped.
+    Drain {
+        remaining: u64,
+    },
+}
+
+/// The admitted packet whose content is streaming to the worker.
+struct Streaming {
+    upload: UploadId,
+    k: u16,
+    n: u16,
+    /// No piece has gone yet.
+    first: bool,
 }
 
 struct Slot {
@@ -915,6 +932,7 @@ struct Slot {
     /// A framing error: the 1607 is queued, nothing more is read.
     closing: bool,
     plan: Option<Plan>,
+    streaming: Option<Streaming>,
 }
 
 impl Slot {
@@ -939,12 +957,14 @@ impl Slot {
             conforming: HashSet::new(),
             closing: false,
             plan: None,
+            streaming: None,
         }
     }
 
+    /// Budget granted to the piece being read.
     fn reserved(&self) -> usize {
         match &self.read {
-            ReadPhase::Payload(f) => f.payload.len(),
+            ReadPhase::Content { piece: Some(p), .. } => p.len(),
             _ => 0,
         }
     }
@@ -1020,9 +1040,9 @@ pub fn session_stats(data: &[u8]) -> SessionStats {
         2 => 100,
         _ => 3000,
     };
-    // The smallest budget the server accepts (a 1026 frame or a packet),
-    // so that frames wait for it; or plenty.
-    cfg.memory_budget = if flags & 0x40 != 0 { cfg.max_packet.max(255 + 2048) } else { 1 << 20 };
+    // The smallest budget the server accepts (4 KiB: content pieces then
+    // wait for each other), or plenty.
+    cfg.memory_budget = if flags & 0x40 != 0 { 4096 } else { 1 << 20 };
     let mut sim = Sim {
         input,
         ack_retry: cfg.ack_retry,
@@ -1075,6 +1095,15 @@ fn take_replies(out: &mut Vec<u8>) -> Vec<Response> {
     }
     out.clear();
     replies
+}
+
+fn packet_jobs(jobs: &[Job]) -> Vec<&PacketJob> {
+    jobs.iter()
+        .filter_map(|j| match j {
+            Job::Packet(p) => Some(p),
+            _ => None,
+        })
+        .collect()
 }
 
 fn is_packet_job(j: &Job) -> bool {
@@ -1445,6 +1474,7 @@ impl Sim<'_> {
 
     fn pump(&mut self, s: usize) {
         loop {
+            let piece_size = self.core.piece_size();
             let slot = &mut self.slots[s];
             if slot.closing || !slot.proto.may_read() {
                 return;
@@ -1472,24 +1502,10 @@ impl Sim<'_> {
                         }
                         Some(code) => {
                             assert_eq!(code.as_u16(), h.code);
-                            slot.read = ReadPhase::Budget(h, code);
+                            let payload = vec![0; frame_len(code, &h)];
+                            slot.read = ReadPhase::Payload(Frame { header: h, code, payload, filled: 0 });
                         }
                     }
-                }
-                ReadPhase::Budget(h, code) => {
-                    let (h, code) = (*h, *code);
-                    let Some(payload) = self.core.try_reserve(h.payload_size as usize) else {
-                        let other = self.slots[1 - s].reserved();
-                        assert!(
-                            self.queue.iter().any(is_packet_job) || other > 0,
-                            "a frame waits for budget ({} of {} used) with nothing in flight",
-                            self.core.budget.used,
-                            self.core.budget.limit
-                        );
-                        self.stats.budget_waits += 1;
-                        return;
-                    };
-                    self.slots[s].read = ReadPhase::Payload(Frame { header: h, code, payload, filled: 0 });
                 }
                 ReadPhase::Payload(f) => {
                     let n = avail.min(f.payload.len() - f.filled);
@@ -1502,16 +1518,148 @@ impl Sim<'_> {
                     let ReadPhase::Payload(f) = std::mem::replace(&mut slot.read, ReadPhase::Header) else {
                         unreachable!()
                     };
-                    let conforming = slot.conforming.remove(&(slot.frame_start, slot.pos));
+                    let end = slot.frame_start + REQUEST_HEADER_LEN + f.header.payload_size as usize;
+                    let conforming = slot.conforming.remove(&(slot.frame_start, end));
                     self.handle(s, f, conforming);
+                    let slot = &mut self.slots[s];
+                    match slot.proto.incoming.take() {
+                        _ if slot.closing => {}
+                        None => {}
+                        Some(Incoming::Stream { len }) => {
+                            assert!(slot.streaming.is_some(), "content streams for no admitted packet");
+                            slot.read = ReadPhase::Content { remaining: len, piece: None, filled: 0 };
+                        }
+                        Some(Incoming::Drain { len }) => slot.read = ReadPhase::Drain { remaining: len },
+                    }
+                }
+                ReadPhase::Drain { remaining } => {
+                    let n = (avail as u64).min(*remaining);
+                    slot.pos += n as usize;
+                    *remaining -= n;
+                    if *remaining > 0 {
+                        return;
+                    }
+                    slot.read = ReadPhase::Header;
+                }
+                ReadPhase::Content { remaining, piece, filled } => {
+                    if piece.is_none() {
+                        let len = (*remaining).min(piece_size as u64) as usize;
+                        let Some(granted) = self.core.grant_piece(len) else {
+                            let other = self.slots[1 - s].reserved();
+                            assert!(
+                                self.queue.iter().any(is_packet_job) || other > 0,
+                                "a piece waits for budget ({} of {} used) with nothing in flight",
+                                self.core.budget.used(),
+                                self.core.budget.limit()
+                            );
+                            self.stats.budget_waits += 1;
+                            return;
+                        };
+                        *piece = Some(granted);
+                    }
+                    let Some(p) = piece.as_mut() else { unreachable!() };
+                    let n = avail.min(p.len() - *filled);
+                    p.bytes[*filled..*filled + n].copy_from_slice(&slot.inbuf[slot.pos..slot.pos + n]);
+                    *filled += n;
+                    slot.pos += n;
+                    if *filled < p.len() {
+                        return;
+                    }
+                    let Some(p) = piece.take() else { unreachable!() };
+                    *remaining -= p.len() as u64;
+                    *filled = 0;
+                    let last = *remaining == 0;
+                    if last {
+                        slot.read = ReadPhase::Header;
+                    }
+                    self.on_piece(s, p, last);
                 }
             }
+        }
+    }
+
+    /// A piece of an admitted packet's content was read: it goes to the
+    /// worker with the packet's flags, unless the upload failed meanwhile.
+    fn on_piece(&mut self, s: usize, piece: Piece, last: bool) {
+        let bytes = piece.bytes.clone();
+        let slot = &mut self.slots[s];
+        self.core.content_piece(&mut slot.proto, piece, last);
+        let jobs = std::mem::take(&mut self.core.jobs);
+        assert!(take_replies(&mut slot.proto.out).is_empty(), "content is not answered");
+        assert!(jobs.len() <= 1 && jobs.iter().all(is_packet_job), "a piece makes one packet job at most");
+        self.check_piece(s, packet_jobs(&jobs).first().copied(), &bytes, last);
+        self.enqueue(jobs);
+    }
+
+    /// The jobs of one piece, against the model.
+    fn check_piece(&mut self, s: usize, job: Option<&PacketJob>, bytes: &[u8], last: bool) {
+        let slot = &mut self.slots[s];
+        let x = slot.streaming.as_mut().expect("a piece of no admitted packet");
+        let m = &mut slot.model;
+        let current = matches!(&m.upload, MUpload::Receiving { id, .. } if *id == x.upload);
+        let (first, k, n, upload) = (x.first, x.k, x.n, x.upload);
+        x.first = false;
+        if last {
+            slot.streaming = None;
+        }
+        if !current {
+            assert!(job.is_none(), "content of a failed upload went to the worker");
+            return;
+        }
+        let Some(p) = job else { panic!("a piece of packet {k}/{n} did not go to the worker") };
+        assert_eq!((p.conn, p.upload), (m.conn, upload));
+        assert_eq!(&p.content.bytes[..], bytes, "the content goes to the worker as it came");
+        assert_eq!(p.last, last && k == n, "only the last piece of the last packet ends the upload");
+        assert!(!p.new_segment || first, "only a packet's first piece starts a CBC stream");
+        assert!(p.end_segment.is_none() || last, "only a packet's last piece ends a CBC stream");
+        if first && k == 1 {
+            let start = p.start.as_ref().expect("packet 1 starts the upload");
+            self.check_start(s, start);
+        } else {
+            assert!(p.start.is_none(), "only packet 1's first piece opens the upload");
+        }
+        let m = &mut self.slots[s].model;
+        if p.last {
+            let MUpload::Receiving { id, field, .. } = m.upload.clone() else { unreachable!() };
+            m.upload = MUpload::Finishing { id, field };
+            m.owed = Owed::LastPacket(id);
+        }
+    }
+
+    /// Packet 1's first piece carries this connection's session key.
+    fn check_start(&mut self, s: usize, start: &backupd::worker::StartUpload) {
+        let oaep = self.oaep;
+        let slot = &mut self.slots[s];
+        let m = &mut slot.model;
+        let Some((sid, skey)) = m.session else {
+            panic!("a Job::Packet without this connection's session key")
+        };
+        let proto_session = slot.proto.session.as_ref().expect("the state machine has the session");
+        assert_eq!(proto_session.id, sid);
+        assert_eq!(start.client, sid);
+        assert_eq!(start.key, proto_session.key, "packet 1 carries this connection's session key");
+        let key = match (skey, m.sealed.take()) {
+            (Some(k), _) => Some(k),
+            (None, Some(ct)) if self.check_key => {
+                self.check_key = false;
+                self.stats.keys_checked += 1;
+                Some(
+                    decrypt_session_key(&client_key().private, &ct, oaep)
+                        .expect("the session key decrypts with the client's key"),
+                )
+            }
+            (None, _) => None,
+        };
+        if let Some(key) = key {
+            assert_eq!(start.key, key, "packet 1 carries the key the client was sent");
+            m.session = Some((sid, Some(key)));
         }
     }
 
     /// One complete frame through `handle_frame`, checked against the model.
     fn handle(&mut self, s: usize, f: Frame, conforming: bool) {
         let payload = f.payload.clone();
+        let f_payload_size = f.header.payload_size;
         let hid = f.header.client_id;
         let parsed = Request::parse(f.code, &payload);
         let slot = &mut self.slots[s];
@@ -1533,7 +1681,10 @@ impl Sim<'_> {
         };
         assert_eq!(flow, Flow::Continue);
         match req {
-            Request::FilePacket(ph) => self.on_packet(s, hid, ph, &payload, conforming, replies, &jobs),
+            Request::FilePacket(ph) => {
+                let content_len = u64::from(f_payload_size).saturating_sub(PACKET_HEADER_LEN as u64);
+                self.on_packet(s, hid, ph, content_len, conforming, replies, &jobs)
+            }
             other => {
                 // Any other request ends the skipping of a refused upload.
                 let m = &mut self.slots[s].model;
@@ -1628,7 +1779,8 @@ impl Sim<'_> {
     ) {
         let m = &mut self.slots[s].model;
         let known = self.clients.get(&hid).filter(|c| c.durable && name.as_str() == Some(c.name.as_str()));
-        let entitled = m.registered == Some(hid) || m.session.is_some_and(|(id, _)| id == hid);
+        // A key on file is replaced only by the connection that registered the id (issue 8).
+        let entitled = m.registered == Some(hid);
         let parsed = parse_public_key(field).ok();
         let accept = known.is_some_and(|c| c.key.is_none() || entitled) && parsed.is_some();
         if !accept {
@@ -1752,23 +1904,25 @@ impl Sim<'_> {
     }
 
     #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)]
     fn on_packet(
         &mut self,
         s: usize,
         hid: ClientId,
         ph: PacketHeader,
-        payload: &[u8],
+        content_len: u64,
         conforming: bool,
         replies: Vec<Response>,
         jobs: &[Job],
     ) {
-        let (max_file_size, oaep) = (self.max_file_size, self.oaep);
+        let max_file_size = self.max_file_size;
         let slot = &mut self.slots[s];
         let m = &mut slot.model;
         let (k, n) = (ph.packet_number, ph.total_packets);
         if let MUpload::Skipping { field, next, total } = &m.upload {
             if *field == ph.file_name && k == *next && n == *total && *next > 1 {
                 assert!(replies.is_empty() && jobs.is_empty(), "a swallowed packet was answered or sent on");
+                assert_eq!(slot.proto.incoming, Some(Incoming::Drain { len: content_len }));
                 m.upload = if k == n {
                     MUpload::Idle
                 } else {
@@ -1800,20 +1954,19 @@ impl Sim<'_> {
                     .as_ref()
                     .is_some_and(|(_, f, t, nx, c)| *c && *f == ph.file_name && *t == n && *nx == k)
             };
-        let packet_jobs: Vec<&PacketJob> = jobs
-            .iter()
-            .filter_map(|j| match j {
-                Job::Packet(p) => Some(p),
-                _ => None,
-            })
-            .collect();
+        let pjobs = packet_jobs(jobs);
         let others: Vec<Job> = jobs.iter().filter(|j| !is_packet_job(j)).map(clone_discard).collect();
         let discards = discards_only(&others);
         if !replies.is_empty() {
             // Refused: one 1607, the upload in progress dropped, the rest of this one skipped.
             assert_eq!(replies, vec![Response::GeneralError], "a refused packet");
-            assert!(packet_jobs.is_empty(), "a refused packet went to the worker");
+            assert!(pjobs.is_empty(), "a refused packet went to the worker");
             assert!(!must_accept, "packet {k}/{n} follows the rules but was refused");
+            assert_eq!(
+                slot.proto.incoming,
+                Some(Incoming::Drain { len: content_len }),
+                "refused content is dropped"
+            );
             let mut expected: Vec<UploadId> = receiving.iter().map(|r| r.0).collect();
             // A packet 1 that passes the session, numbering, name and size checks
             // replaces a staged copy of its name even if its sizes are then refused
@@ -1837,42 +1990,23 @@ impl Sim<'_> {
             self.stats.packets_refused += 1;
             return;
         }
-        let [p] = packet_jobs[..] else { panic!("packet {k}/{n}: neither refused nor sent to the worker") };
-        let Some((sid, skey)) = session else {
-            panic!("a Job::Packet without this connection's session key")
+        let Some((sid, _)) = session else {
+            panic!("a packet admitted without this connection's session key")
         };
-        let proto_session = slot.proto.session.as_ref().expect("the state machine has the session");
-        assert_eq!(proto_session.id, sid);
         assert!(in_range, "packet {k} of {n} accepted");
-        assert_eq!(p.conn, m.conn);
-        assert_eq!(&p.payload[..], payload, "the payload goes to the worker as it came");
-        assert_eq!(p.last, k == n);
+        // The upload the state machine streams this packet's content to.
+        let upload = match &slot.proto.upload {
+            Upload::Receiving(r) => r.upload,
+            Upload::Finishing { upload, .. } => *upload,
+            _ => panic!("packet {k}/{n} admitted with no upload in the state machine"),
+        };
         if k == 1 {
             let Some(name) = name else { panic!("a packet 1 with a bad file name was accepted") };
             assert!(
                 u64::from(ph.orig_file_size) <= max_file_size,
                 "a file over --max-file-size was accepted"
             );
-            let start = p.start.as_ref().expect("packet 1 starts the upload");
-            assert_eq!(start.client, sid);
-            assert_eq!(start.key, proto_session.key, "packet 1 carries this connection's session key");
-            let key = match (skey, m.sealed.take()) {
-                (Some(k), _) => Some(k),
-                (None, Some(ct)) if self.check_key => {
-                    self.check_key = false;
-                    self.stats.keys_checked += 1;
-                    Some(
-                        decrypt_session_key(&client_key().private, &ct, oaep)
-                            .expect("the session key decrypts with the client's key"),
-                    )
-                }
-                (None, _) => None,
-            };
-            if let Some(key) = key {
-                assert_eq!(start.key, key, "packet 1 carries the key the client was sent");
-                m.session = Some((sid, Some(key)));
-            }
-            assert!(!self.ledger.contains_key(&p.upload), "upload id {} reused", p.upload);
+            assert!(!self.ledger.contains_key(&upload), "upload id {upload} reused");
             let mut expected: Vec<UploadId> = receiving.iter().map(|r| r.0).collect();
             if let Some(i) = m.staged.iter().position(|f| f.name == name) {
                 let old = m.staged.remove(i).expect("index");
@@ -1881,21 +2015,15 @@ impl Sim<'_> {
                 }
             }
             assert_eq!(discards, sorted(expected), "a new upload drops the previous one and the staged copy");
-            m.upload = MUpload::Receiving {
-                id: p.upload,
-                field: ph.file_name.clone(),
-                total: n,
-                next: 2,
-                conforming,
-            };
+            m.upload =
+                MUpload::Receiving { id: upload, field: ph.file_name.clone(), total: n, next: 2, conforming };
         } else {
-            assert!(p.start.is_none());
             assert!(discards.is_empty());
             let Some((id, field, total, next, was)) = receiving else {
                 panic!("packet {k} with no upload in progress")
             };
             assert_eq!(
-                (p.upload, &field, total, next),
+                (upload, &field, total, next),
                 (id, &ph.file_name, n, k),
                 "packet out of sequence accepted"
             );
@@ -1907,10 +2035,16 @@ impl Sim<'_> {
                 conforming: was && conforming,
             };
         }
-        if k == n {
-            let MUpload::Receiving { id, field, .. } = m.upload.clone() else { unreachable!() };
-            m.upload = MUpload::Finishing { id, field };
-            m.owed = Owed::LastPacket(id);
+        let _ = sid;
+        slot.streaming = Some(Streaming { upload, k, n, first: true });
+        if content_len == 0 {
+            // An empty packet goes to the worker at once, as one empty piece.
+            assert_eq!(slot.proto.incoming, None);
+            assert!(pjobs.len() == 1, "an empty packet makes one packet job");
+            self.check_piece(s, pjobs.first().copied(), &[], true);
+        } else {
+            assert!(pjobs.is_empty(), "content went to the worker before it was read");
+            assert_eq!(slot.proto.incoming, Some(Incoming::Stream { len: content_len }));
         }
     }
 
@@ -1939,7 +2073,7 @@ impl Sim<'_> {
             }
             Job::Touch { .. } => None,
             Job::Packet(p) => {
-                let content = (p.payload.len() - PACKET_HEADER_LEN) as u64;
+                let content = p.content.len() as u64;
                 if let Some(start) = &p.start {
                     assert!(!self.worker.contains_key(&p.upload));
                     self.worker
@@ -1977,7 +2111,7 @@ impl Sim<'_> {
                 Some(Completion::Packet {
                     conn: p.conn,
                     upload: p.upload,
-                    buffer: p.payload,
+                    buffer: p.content,
                     last: p.last,
                     outcome,
                 })
@@ -2182,9 +2316,8 @@ impl Sim<'_> {
         if !expected_is_quiet(m) {
             self.stats.busy_closes += 1;
         }
-        if let ReadPhase::Payload(f) = old.read {
-            self.core.release(f.payload);
-        }
+        // A piece being read returns its grant as the old slot is dropped.
+        drop(old);
         self.enqueue(jobs);
     }
 
@@ -2214,12 +2347,12 @@ impl Sim<'_> {
             .queue
             .iter()
             .map(|j| match j {
-                Job::Packet(p) => p.payload.len(),
+                Job::Packet(p) => p.content.len(),
                 _ => 0,
             })
             .sum();
         let held: usize = self.slots.iter().map(Slot::reserved).sum();
-        assert_eq!(self.core.budget.used, at_worker + held, "budget in use vs payload bytes held");
+        assert_eq!(self.core.budget.used(), at_worker + held, "budget in use vs content bytes held");
         for slot in &self.slots {
             let (p, m) = (&slot.proto, &slot.model);
             let mine = |j: &&Job| match j {
@@ -2262,12 +2395,12 @@ impl Sim<'_> {
             assert!(slot.proto.awaiting == Awaiting::Nothing, "awaiting after every completion");
             assert_eq!(slot.proto.packets_in_flight, 0);
         }
-        assert_eq!(self.core.budget.used, self.slots.iter().map(Slot::reserved).sum::<usize>());
+        assert_eq!(self.core.budget.used(), self.slots.iter().map(Slot::reserved).sum::<usize>());
         self.close(0);
         self.close(1);
         self.deliver(usize::MAX);
         self.check_global();
-        assert_eq!(self.core.budget.used, 0, "budget left in use with nothing in flight");
+        assert_eq!(self.core.budget.used(), 0, "budget left in use with nothing in flight");
         assert!(
             self.worker.is_empty(),
             "uploads left at the worker: {:?}",
@@ -2292,4 +2425,88 @@ fn expected_is_quiet(m: &MConn) -> bool {
     m.owed == Owed::Nothing
         && matches!(m.upload, MUpload::Idle | MUpload::Skipping { .. })
         && m.staged.iter().all(|f| f.retried)
+}
+
+// ---------------------------------------------------------------------------
+// 6. Path normalization
+// ---------------------------------------------------------------------------
+//
+// Input: the bytes of a file name field before its NUL, as a client sends a
+// path (issue 10: `/home/u/a.txt`, `C:\Users\a.txt`, `docs/a.txt`).
+//
+// Invariants: no panic; invalid UTF-8 is refused; an input with a `.` or `..`
+// component (split on either separator) is always refused; an accepted path
+// has the shape `check_normalized_path` demands, was made from the input only
+// by dropping leading roots and drive prefixes and empty components (and
+// `stripped` says whether a root or drive was dropped); normalizing it again
+// gives it back unchanged.
+
+/// Leading roots or drive prefixes: `/`, `\`, `C:` in any repetition.
+fn starts_like_root(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.first().is_some_and(|&c| c == b'/' || c == b'\\')
+        || (b.len() >= 2 && b[0].is_ascii_alphabetic() && b[1] == b':')
+}
+
+/// Only drive prefixes (`C:D:`), or nothing.
+fn only_drives(s: &str) -> bool {
+    s.as_bytes().chunks(2).all(|c| c.len() == 2 && c[0].is_ascii_alphabetic() && c[1] == b':')
+}
+
+/// The shape of every accepted path, checked without the module's helpers.
+pub fn check_normalized_path(p: &NormalizedPath) {
+    let s = p.as_str();
+    assert!(!s.is_empty() && s.len() <= MAX_PATH_LEN, "{s:?}");
+    assert!(!s.starts_with('/') && !s.contains('\\'), "{s:?}");
+    assert!(!starts_like_root(s), "a root or drive left at the start: {s:?}");
+    assert!(!s.chars().any(char::is_control), "a control character (or NUL) in {s:?}");
+    let bidi = |c: char| ('\u{202A}'..='\u{202E}').contains(&c) || ('\u{2066}'..='\u{2069}').contains(&c);
+    assert!(!s.chars().any(bidi), "a bidi control in {s:?}");
+    let comps: Vec<&str> = p.components().collect();
+    assert_eq!(comps, s.split('/').collect::<Vec<_>>());
+    for c in &comps {
+        assert!(!c.is_empty() && c.len() <= MAX_FILE_NAME, "component {c:?} of {s:?}");
+        assert!(*c != "." && *c != "..", "a dot component in {s:?}");
+        assert_eq!(validate_file_name(c.as_bytes()), Ok(*c));
+    }
+    // Joined under files/<id>/, only ordinary components follow the base: it
+    // cannot climb out of it, lexically.
+    let base = Path::new("files/0123456789abcdef0123456789abcdef");
+    let joined = base.join(s);
+    let below = joined.strip_prefix(base).expect("the join stays under the base");
+    let kinds: Vec<Component<'_>> = below.components().collect();
+    assert_eq!(kinds.len(), comps.len(), "{s:?}");
+    assert!(kinds.iter().all(|k| matches!(k, Component::Normal(_))), "{s:?}: {kinds:?}");
+}
+
+/// Target 6: see above.
+pub fn path_normalize(data: &[u8]) {
+    let result = normalize_path(data);
+    let Ok(text) = std::str::from_utf8(data) else {
+        assert_eq!(result, Err(NameError::NotUtf8));
+        return;
+    };
+    let input: Vec<&str> = text.split(['/', '\\']).filter(|c| !c.is_empty()).collect();
+    if input.iter().any(|c| *c == "." || *c == "..") {
+        assert!(result.is_err(), "a dot component accepted: {text:?} -> {result:?}");
+    }
+    let p = match result {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = e.to_string();
+            return;
+        }
+    };
+    check_normalized_path(&p);
+    assert_eq!(p.stripped(), starts_like_root(text), "{text:?}");
+    // The output is the input's last components; what went before them was
+    // drive prefixes (the roots and empty components are not in `input`).
+    let out: Vec<&str> = p.components().collect();
+    let cut = input.len().checked_sub(out.len()).expect("no component added");
+    assert_eq!(out[1..], input[cut + 1..], "{text:?}");
+    let dropped = input[cut].strip_suffix(out[0]).expect("the first component is kept whole");
+    assert!(input[..cut].iter().all(|c| only_drives(c)) && only_drives(dropped), "{text:?}");
+    let again = normalize_path(p.as_str().as_bytes()).expect("a normalized path is accepted again");
+    assert_eq!(again.as_str(), p.as_str());
+    assert!(!again.stripped());
 }

@@ -38,6 +38,30 @@ pub struct Config {
     #[arg(long, env = "BACKUPD_MAX_CONNECTIONS", default_value_t = 256)]
     pub max_connections: usize,
 
+    /// Most connections from one address; more are closed at accept (0: no limit)
+    #[arg(long, env = "BACKUPD_MAX_CONNECTIONS_PER_IP", default_value_t = 64)]
+    pub max_connections_per_ip: usize,
+
+    /// Most connections from one address that have no session yet (0: no limit)
+    #[arg(long, env = "BACKUPD_MAX_UNAUTHENTICATED_PER_IP", default_value_t = 32)]
+    pub max_unauthenticated_per_ip: usize,
+
+    /// Close a connection that has no session (1602 or 1605) this long after it connected
+    #[arg(long, env = "BACKUPD_LOGIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub login_timeout: Duration,
+
+    /// Most registered clients; further registrations get 1601
+    #[arg(long, env = "BACKUPD_MAX_CLIENTS", default_value_t = 100_000)]
+    pub max_clients: usize,
+
+    /// Registrations allowed per second from one address, on average (0: no limit)
+    #[arg(long, env = "BACKUPD_REGISTRATION_RATE", default_value_t = 10.0)]
+    pub registration_rate: f64,
+
+    /// Registrations one address may make at once before the rate applies
+    #[arg(long, env = "BACKUPD_REGISTRATION_BURST", default_value_t = 100)]
+    pub registration_burst: u32,
+
     /// Largest request frame accepted (a file packet's payload), e.g. 16MiB
     #[arg(long, env = "BACKUPD_MAX_PACKET", default_value = "16MiB", value_parser = parse_size)]
     pub max_packet: u64,
@@ -86,6 +110,18 @@ pub struct Config {
     /// On SIGINT/SIGTERM, how long in-flight work may take to finish
     #[arg(long, env = "BACKUPD_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Write metrics in the Prometheus text format to this file (for node_exporter's textfile collector) [default: off]
+    #[arg(long, env = "BACKUPD_METRICS_FILE")]
+    pub metrics_file: Option<PathBuf>,
+
+    /// How often the metrics file is rewritten
+    #[arg(long, env = "BACKUPD_METRICS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub metrics_interval: Duration,
+
+    /// Most clients given their own "last verified backup" series in the metrics
+    #[arg(long, env = "BACKUPD_METRICS_MAX_CLIENTS", default_value_t = 1000)]
+    pub metrics_max_clients: usize,
 
     /// error, warn, info, debug or trace
     #[arg(long, env = "BACKUPD_LOG_LEVEL", default_value = "info")]
@@ -207,6 +243,12 @@ mod tests {
     fn defaults_match_the_issue() {
         let c = Config::defaults();
         assert_eq!(c.max_connections, 256);
+        assert_eq!(c.max_connections_per_ip, 64);
+        assert_eq!(c.max_unauthenticated_per_ip, 32);
+        assert_eq!(c.login_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_clients, 100_000);
+        assert_eq!(c.registration_rate, 10.0);
+        assert_eq!(c.registration_burst, 100);
         assert_eq!(c.max_packet, 16 << 20);
         assert_eq!(c.max_file_size, u32::MAX as u64);
         assert_eq!(c.memory_budget, 64 << 20);

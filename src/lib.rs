@@ -1,9 +1,13 @@
 pub mod admin;
+pub mod budget;
 pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod datadir;
 pub mod json;
+pub mod logging;
+pub mod metrics;
 pub mod protocol;
+pub mod ratelimit;
 pub mod server;
 pub mod worker;

@@ -208,8 +208,8 @@ fn regression_65535_packets_do_not_overflow() {
     assert_eq!(std::fs::read(server.stored_path(&id, "many.bin")).unwrap(), data);
 }
 
-/// Feed one complete frame to the state machine as the loop does (budget
-/// reserved first); returns the flow and the replies it queued.
+/// Feed one complete frame to the state machine as the loop does (a packet's
+/// fixed fields only); returns the flow and the replies it queued.
 fn feed(
     core: &mut backupd::server::Core<Vec<backupd::worker::Job>>,
     p: &mut backupd::server::connection::Protocol,
@@ -220,8 +220,10 @@ fn feed(
     raw.copy_from_slice(&frame_bytes[..REQUEST_HEADER_LEN]);
     let header = RequestHeader::decode(&raw);
     let code = core.check_header(p, &header).expect("a well-formed header");
-    let mut payload = core.try_reserve(header.payload_size as usize).expect("budget");
-    payload.copy_from_slice(&frame_bytes[REQUEST_HEADER_LEN..]);
+    // The frame is the control payload or the packet's fixed fields; a
+    // packet's content is then dropped here (this helper checks the replies).
+    let len = backupd::server::frame_len(code, &header);
+    let payload = frame_bytes[REQUEST_HEADER_LEN..REQUEST_HEADER_LEN + len].to_vec();
     let filled = payload.len();
     let flow = core.handle_frame(p, backupd::server::connection::Frame { header, code, payload, filled });
     let mut replies = Vec::new();
@@ -269,7 +271,7 @@ fn regression_refused_packet_1_discards_no_upload_it_never_started() {
     let (flow, replies) = feed(&mut core, &mut p, &packet);
     assert_eq!((flow, replies), (Flow::Continue, vec![Response::GeneralError]));
     assert!(core.jobs.is_empty(), "jobs: {} (no packet of this upload reached the worker)", core.jobs.len());
-    assert_eq!(core.budget.used, 0);
+    assert_eq!(core.budget.used(), 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -371,10 +373,50 @@ fn write_session_seed_corpus() {
     write_seeds("session", &session_seeds());
 }
 
+/// File paths as clients send them (the bytes before the name field's NUL).
+fn path_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    [
+        ("unix_absolute", "/home/user/docs/report.pdf"),
+        ("relative", "docs/2026/report.pdf"),
+        ("windows_drive", "C:\\Users\\me\\cv.docx"),
+        ("drive_relative", "d:notes.txt"),
+        ("unc", "\\\\server\\share\\f.txt"),
+        ("empty_components", "a//b\\\\c\\"),
+        ("traversal", "../../secret.txt"),
+        ("hidden_dot", "a/./b"),
+        ("windows_traversal", "C:..\\x"),
+        ("root_only", "/"),
+        ("bidi", "invoice\u{202E}fdp.exe"),
+        ("utf8", "caf\u{e9}/\u{e9}t\u{e9}.txt"),
+    ]
+    .into_iter()
+    .map(|(name, path)| (name, path.as_bytes().to_vec()))
+    .chain([("not_utf8", b"dir/\xff\xfe.txt".to_vec()), ("control", b"dir/a\tb".to_vec())])
+    .collect()
+}
+
+#[test]
+#[ignore = "writes fuzz/corpus/path_normalize; run by hand when the path rules change"]
+fn write_path_seed_corpus() {
+    write_seeds("path_normalize", &path_seeds());
+}
+
+#[test]
+fn path_seeds_reach_every_outcome() {
+    use backupd::protocol::{normalize_path, NameError};
+    let results: Vec<_> = corpus("path_normalize").iter().map(|(_, data)| normalize_path(data)).collect();
+    assert!(results.iter().any(|r| r.as_ref().is_ok_and(|p| p.stripped())));
+    assert!(results.iter().any(|r| r.as_ref().is_ok_and(|p| !p.stripped())));
+    for e in [NameError::Dots, NameError::Empty, NameError::Bidi, NameError::NotUtf8, NameError::Control] {
+        assert!(results.contains(&Err(e.clone())), "no seed is refused with {e:?}");
+    }
+}
+
 #[test]
 #[ignore = "writes fuzz/corpus; run by hand when the harness input formats change"]
 fn write_seed_corpus() {
     write_session_seed_corpus();
+    write_path_seed_corpus();
     let (der65537, der17) = public_key_ders();
     let id = [7u8; 16];
     let file = name_field_raw(b"a.txt");

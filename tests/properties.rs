@@ -1,15 +1,16 @@
 //! Property tests (issue 4): codec round trips, the POSIX cksum against a
 //! bitwise reference, streaming decryption over arbitrary splits, and the
 //! packet-sequence validator against every packet plan the client library
-//! makes. Case counts are kept moderate so that the file runs in seconds.
+//! makes, and file path normalization (issue 10) against its invariants and a
+//! model. Case counts are kept moderate so that the file runs in seconds.
 
 use std::ops::Range;
 
 use backupd::client::{ContentSizeField, PacketPlan};
 use backupd::crypto::{cksum, encrypt_all, Cksum, StreamDecryptor, StreamEncryptor};
 use backupd::protocol::{
-    Code, NameField, PacketHeader, Request, RequestHeader, Response, ResponseHeader, NAME_FIELD_LEN,
-    PACKET_HEADER_LEN, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN,
+    normalize_path, Code, NameError, NameField, PacketHeader, Request, RequestHeader, Response,
+    ResponseHeader, NAME_FIELD_LEN, PACKET_HEADER_LEN, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN,
 };
 use backupd::server::{plan_packet, PacketStep};
 use proptest::collection::vec;
@@ -390,5 +391,78 @@ proptest! {
             prop_assert!(run_plan(&plan, orig - 1).is_err());
         }
         prop_assert!(run_plan(&plan, orig).is_ok());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// File path normalization (issue 10)
+// ---------------------------------------------------------------------------
+
+// `harness::path_normalize` asserts the invariants: invalid UTF-8 and any `.`
+// or `..` component are refused; an accepted path has no `.`, `..` or empty
+// component, no leading `/`, no `\`, no control character or NUL, stays under
+// `files/<id>/` when joined to it, and normalizes to itself.
+
+/// What clients put in a path: roots, drives, dots, odd but legal names.
+const PATH_PREFIXES: [&str; 8] = ["", "/", "//", "\\", "\\\\", "C:", "C:\\", "d:/"];
+const PATH_PARTS: [&str; 11] = ["", ".", "..", "a", "b c", "C:", "z:", ".x", "\u{e9}t\u{e9}", "x:y", "a.."];
+const PATH_SEPARATORS: [&str; 4] = ["/", "\\", "//", "\\/"];
+
+/// A drive prefix at the start of `c` (`C:`).
+fn starts_with_drive(c: &str) -> bool {
+    let b = c.as_bytes();
+    b.len() >= 2 && b[0].is_ascii_alphabetic() && b[1] == b':'
+}
+
+/// The rules over whole components: `(path, stripped)` or the error.
+fn path_model(built: &str) -> Result<(String, bool), NameError> {
+    let mut comps: Vec<&str> = built.split(['/', '\\']).filter(|c| !c.is_empty()).collect();
+    // Leading drives go: whole components, or the start of the first one.
+    while comps.first().is_some_and(|c| starts_with_drive(c)) {
+        comps[0] = &comps[0][2..];
+        if comps[0].is_empty() {
+            comps.remove(0);
+        }
+    }
+    if comps.iter().any(|c| *c == "." || *c == "..") {
+        return Err(NameError::Dots);
+    }
+    if comps.is_empty() {
+        return Err(NameError::Empty);
+    }
+    let stripped = built.starts_with(['/', '\\']) || starts_with_drive(built);
+    Ok((comps.join("/"), stripped))
+}
+
+fn built_path() -> impl Strategy<Value = (usize, Vec<(usize, usize)>)> {
+    (0..PATH_PREFIXES.len(), vec((0..PATH_PARTS.len(), 0..PATH_SEPARATORS.len()), 0..8))
+}
+
+proptest! {
+    #![proptest_config(config(512))]
+
+    #[test]
+    fn path_normalization_holds_for_any_bytes(raw in vec(any::<u8>(), 0..300)) {
+        harness::path_normalize(&raw);
+    }
+
+    #[test]
+    fn path_normalization_holds_for_path_like_strings(s in "[ab./\\\\:Cé\u{202E}\n]{0,40}") {
+        harness::path_normalize(s.as_bytes());
+    }
+
+    /// Paths built from roots, drives, dots and separators, against the model.
+    #[test]
+    fn path_normalization_matches_the_model((prefix, parts) in built_path()) {
+        let mut built = PATH_PREFIXES[prefix].to_string();
+        for (i, (part, sep)) in parts.iter().enumerate() {
+            if i > 0 {
+                built.push_str(PATH_SEPARATORS[*sep]);
+            }
+            built.push_str(PATH_PARTS[*part]);
+        }
+        harness::path_normalize(built.as_bytes());
+        let got = normalize_path(built.as_bytes()).map(|p| (p.as_str().to_string(), p.stripped()));
+        prop_assert_eq!(got, path_model(&built), "{:?}", built);
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use backupd::client::UploadOptions;
 use backupd::crypto::encrypt_all;
-use backupd::protocol::{id_hex, Response};
+use backupd::protocol::{id_hex, Response, ResponseCode};
 use base64::Engine;
 use common::*;
 use rsa::pkcs1::EncodeRsaPrivateKey;
@@ -262,13 +262,29 @@ fn a_key_on_file_cannot_be_replaced_by_another_connection() {
     assert!(attacker.upload_bytes("a.bin", b"evil", &UploadOptions::default()).is_err());
     assert_eq!(std::fs::read(server.stored_path(&id, "a.bin")).unwrap(), data);
 
-    // The real client still reconnects with its key, and may rotate it there.
+    // The attack of issue 8: reconnect (1027) as the victim, which anyone can
+    // ask for, then send a key on that connection. Refused: a 1605 proves nothing.
+    let mut attacker = server.connect();
+    let reconnect = frame(&id, backupd::protocol::Code::Reconnect, &[&name_field_raw(b"victim")]);
+    attacker.send_raw(&reconnect).unwrap();
+    assert_eq!(attacker.read_response().unwrap().code(), ResponseCode::ReconnectOk);
+    attacker.set_id(id);
+    match attacker.send_public_key("victim", &attacker_key) {
+        Err(backupd::client::ClientError::Refused(Response::GeneralError)) => {}
+        other => panic!("a 1026 after a 1027 must be refused with 1607, got {other:?}"),
+    }
+
+    // Not even the real client replaces its key after a reconnect: only its
+    // registration connection sets it (an operator resets it otherwise).
     let mut victim = server.connect();
     victim.reconnect(id, "victim", test_key()).unwrap();
     let new_key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 1024).unwrap();
-    victim.send_public_key("victim", &new_key).unwrap();
+    assert!(victim.send_public_key("victim", &new_key).is_err());
     drop(victim);
     let mut victim = server.connect();
-    victim.reconnect(id, "victim", &new_key).unwrap();
+    victim.reconnect(id, "victim", test_key()).unwrap();
+    let up = victim.upload_bytes("b.bin", &data, &UploadOptions::default()).unwrap();
+    assert!(up.cksum_matches());
+    victim.crc_ok("b.bin").unwrap();
     assert!(server.log_text().contains("already has a key"));
 }

@@ -507,31 +507,23 @@ fn a_reader_that_stops_reading_loses_no_reply() {
 }
 
 #[test]
-fn connections_over_the_limit_are_closed_at_once() {
+fn at_the_limit_a_new_connection_takes_the_slot_of_one_that_never_uploaded() {
     let server = TestServer::start(&["--max-connections", "4"]);
+    let (mut uploader, uid) = server.registered_client("uploader");
+    upload_confirm_check(&server, &mut uploader, &uid, "u.bin", b"progress", &UploadOptions::default());
     let held: Vec<(Client, ClientId)> =
-        (0..4).map(|i| server.registered_client(&format!("held-{i}"))).collect();
-    let fifth = TcpStream::connect(server.addr()).unwrap();
-    let extra = assert_closed(&fifth, Duration::from_secs(5));
-    assert!(extra.is_empty(), "the refused connection got {} bytes", extra.len());
-    server.wait_for_log("connection limit reached", Duration::from_secs(5));
-    drop(held);
-    // Once the others have left, a client gets in (the server notices the closes asynchronously).
-    let mut ok = None;
-    for _ in 0..100 {
-        let mut c = server.connect();
-        match c.register("late") {
-            Ok(id) => {
-                ok = Some((c, id));
-                break;
-            }
-            Err(e) => assert!(e.is_network(), "{e}"),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (mut c, id) = ok.expect("no connection accepted after the others left");
+        (0..3).map(|i| server.registered_client(&format!("held-{i}"))).collect();
+    // The table is full: the fifth connection is served, in place of the
+    // oldest connection that never uploaded (held-0).
+    let mut c = server.connect();
+    let id = c.register("late").unwrap();
     c.send_public_key("late", test_key()).unwrap();
+    let extra = assert_closed(held[0].0.stream(), Duration::from_secs(5));
+    assert!(extra.is_empty(), "the evicted connection got {} bytes", extra.len());
+    server.wait_for_log("evicted", Duration::from_secs(5));
     upload_confirm_check(&server, &mut c, &id, "late.bin", b"in at last", &UploadOptions::default());
+    // The uploader kept its slot.
+    upload_confirm_check(&server, &mut uploader, &uid, "u2.bin", b"still here", &UploadOptions::default());
 }
 
 #[test]
@@ -654,6 +646,12 @@ fn help_lists_every_flag_with_its_default() {
         ("--data-dir", "backupd-data"),
         ("--db", "backupd.db"),
         ("--max-connections", "256"),
+        ("--max-connections-per-ip", "64"),
+        ("--max-unauthenticated-per-ip", "32"),
+        ("--login-timeout", "10s"),
+        ("--max-clients", "100000"),
+        ("--registration-rate", "10"),
+        ("--registration-burst", "100"),
         ("--max-packet", "16MiB"),
         ("--max-file-size", "4294967295"),
         ("--memory-budget", "64MiB"),
@@ -666,6 +664,9 @@ fn help_lists_every_flag_with_its_default() {
         ("--header-timeout", "10s"),
         ("--stale-upload-timeout", "15m"),
         ("--shutdown-timeout", "10s"),
+        ("--metrics-file", "off"),
+        ("--metrics-interval", "10s"),
+        ("--metrics-max-clients", "1000"),
         ("--log-level", "info"),
         ("--log-file", "standard error"),
     ];

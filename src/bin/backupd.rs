@@ -2,38 +2,14 @@
 //! or set up logging, start the server and map the outcome to an exit code
 //! (0 after a clean shutdown, 1 when it cannot start or fails).
 
-use std::fs::OpenOptions;
-use std::io::LineWriter;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
-use simplelog::{ConfigBuilder, WriteLogger};
 
 use backupd::admin::{self, Cli};
-use backupd::config::Config;
+use backupd::logging::{self, Sink};
 use backupd::server::Server;
-
-fn init_logging(cfg: &Config) -> Result<(), String> {
-    let log_cfg = ConfigBuilder::new()
-        .set_time_format_rfc3339()
-        .set_thread_level(log::LevelFilter::Off)
-        .set_target_level(log::LevelFilter::Off)
-        .build();
-    match &cfg.log_file {
-        Some(path) => {
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
-            WriteLogger::init(cfg.log_level, log_cfg, LineWriter::new(f)).map_err(|e| e.to_string())
-        }
-        // simplelog writes a line in many small pieces: buffer them into one
-        // write(2) per line (the loop logs from its own thread).
-        None => WriteLogger::init(cfg.log_level, log_cfg, LineWriter::new(std::io::stderr()))
-            .map_err(|e| e.to_string()),
-    }
-}
 
 fn main() -> ExitCode {
     let cfg = match Cli::parse().into_server() {
@@ -46,7 +22,8 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-    if let Err(e) = init_logging(&cfg) {
+    let sink = cfg.log_file.clone().map_or(Sink::Stderr, Sink::File);
+    if let Err(e) = logging::init(cfg.log_level, sink) {
         eprintln!("backupd: {e}");
         return ExitCode::FAILURE;
     }
@@ -60,19 +37,21 @@ fn main() -> ExitCode {
         cfg.data_dir.display(),
         cfg.db_path().display()
     );
-    let server = match Server::bind(cfg, addr) {
-        Ok(s) => s,
+    let code = match Server::bind(cfg, addr) {
+        Ok(server) => match server.run() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                log::error!("server failed: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Err(e) => {
             log::error!("cannot start: {e}");
+            logging::flush(Duration::from_secs(2));
             eprintln!("backupd: cannot start: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match server.run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("server failed: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    logging::flush(Duration::from_secs(2));
+    code
 }

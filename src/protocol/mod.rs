@@ -8,17 +8,21 @@
 //!   per-code payload bounds checked from the header alone.
 //! * [`request`]: payload parsers for the seven request codes.
 //! * [`response`]: encoders for the eight response codes.
+//! * [`path`]: which file names and paths are accepted, and the relative path
+//!   an accepted one stands for.
 //!
 //! All integers are little-endian. Strings live in fixed 255-byte fields,
 //! terminated by the first NUL byte.
 
 pub mod header;
+pub mod path;
 pub mod request;
 pub mod response;
 
 pub use header::{
     Code, HeaderError, RequestHeader, ResponseCode, ResponseHeader, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN,
 };
+pub use path::{normalize_path, validate_file_name, NameError, NormalizedPath, MAX_FILE_NAME, MAX_PATH_LEN};
 pub use request::{encode_frame, NameField, PacketHeader, PayloadError, Request, PACKET_HEADER_LEN};
 pub use response::Response;
 

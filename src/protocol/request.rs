@@ -56,7 +56,7 @@ impl NameField {
     /// A printable form for log lines (escapes anything odd, bounded length).
     pub fn display(&self) -> String {
         let b = self.bytes();
-        let mut s: String = String::from_utf8_lossy(&b[..b.len().min(64)]).escape_debug().collect();
+        let mut s = crate::logging::escape_bytes(&b[..b.len().min(64)]);
         if b.len() > 64 {
             s.push_str("...");
         }

@@ -2,10 +2,15 @@
 //! ([`Connection`]), and where it stands in the protocol ([`Protocol`], no I/O).
 //!
 //! Reads never take more bytes than the current frame needs: first exactly
-//! the 23 header bytes, then (once the header has been checked and the
-//! payload's size reserved from the memory budget) exactly the payload. So a
-//! refused header never causes a payload byte to be buffered, and a
-//! connection's memory is bounded by one frame plus its pending replies.
+//! the 23 header bytes, then (once the header has been checked) the payload
+//! of a control frame, or the 267 fixed bytes of a file packet. Those are
+//! small (at most 2,303 bytes) and come from the connection's own allowance,
+//! never from the memory budget, so a full budget cannot delay a
+//! registration, a key exchange or a 1029. A file packet's content is then
+//! read one [`Piece`] at a time, each paid for by a grant from the budget
+//! taken just before it is read; the content of a refused packet is read and
+//! dropped. So an announced size reserves nothing: a connection holds at most
+//! one piece being filled plus what the worker has not yet consumed.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -14,6 +19,8 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
+use crate::budget::Piece;
+use crate::metrics::Closed;
 use crate::protocol::{ClientId, Code, NameField, RequestHeader, REQUEST_HEADER_LEN};
 use crate::worker::{ConnRef, UploadId};
 
@@ -34,7 +41,8 @@ impl Drop for Session {
     }
 }
 
-/// A frame whose header has been checked and whose payload is being read.
+/// A frame whose header has been checked and whose payload is being read:
+/// a control frame's whole payload, or a file packet's fixed fields.
 pub struct Frame {
     pub header: RequestHeader,
     pub code: Code,
@@ -42,14 +50,37 @@ pub struct Frame {
     pub filled: usize,
 }
 
+/// An admitted file packet's content, read one piece at a time.
+pub struct ContentRead {
+    /// Content bytes of this packet not yet read.
+    pub remaining: u64,
+    /// The piece being filled, once the budget granted it (None: waiting for budget).
+    pub piece: Option<Piece>,
+    pub filled: usize,
+    /// The piece must be complete by then (set with the grant).
+    pub deadline: Option<Instant>,
+}
+
 /// Where the read side stands.
 pub enum ReadState {
     /// Collecting the 23 header bytes.
     AwaitHeader,
-    /// The header is checked; waiting for the memory budget to admit the payload.
-    AwaitBudget { header: RequestHeader, code: Code },
-    /// Reading the payload.
+    /// Reading a control frame's payload, or a file packet's fixed fields.
     AwaitPayload(Frame),
+    /// Reading an admitted file packet's content.
+    Content(ContentRead),
+    /// Reading and dropping a refused file packet's content, by `deadline`.
+    Drain { remaining: u64, deadline: Instant },
+}
+
+/// What the protocol logic decided about a file packet's content (see
+/// [`Protocol::incoming`]); the loop reads it accordingly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Incoming {
+    /// Read it and hand it to the worker, piece by piece.
+    Stream { len: u64 },
+    /// Read it and drop it (the packet was refused).
+    Drain { len: u64 },
 }
 
 /// How a CBC stream is being received (see docs/PROTOCOL.md, "file packets").
@@ -68,9 +99,31 @@ pub struct Receiving {
     pub last_stream_len: u64,
     /// Plaintext bytes of all streams begun so far.
     pub plain_total: u64,
+    /// Ciphertext bytes of all streams begun so far (whole stream lengths):
+    /// the 1603 reports it in 32 bits, so it may not exceed u32::MAX.
+    pub ciphertext_total: u64,
     /// Some stream spanned more than one packet: per-packet encryption is then ruled out.
     pub multi_packet_stream: bool,
     pub touched: Instant,
+}
+
+impl Receiving {
+    /// The state of a new upload, at its packet 1.
+    pub fn new(upload: UploadId, name: String, name_field: NameField, total: u16, now: Instant) -> Receiving {
+        Receiving {
+            upload,
+            name,
+            name_field,
+            total,
+            next: 1,
+            segment: None,
+            last_stream_len: 0,
+            plain_total: 0,
+            ciphertext_total: 0,
+            multi_packet_stream: false,
+            touched: now,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,8 +203,30 @@ pub struct Protocol {
     pub upload: Upload,
     pub staged: VecDeque<StagedFile>,
     pub awaiting: Awaiting,
-    /// File packets handed to the worker and not yet completed.
+    /// Content pieces handed to the worker and not yet completed.
     pub packets_in_flight: usize,
+    /// Set by a file packet's fixed fields: what to do with its content.
+    pub incoming: Option<Incoming>,
+    /// The packet whose content is streaming: the worker flags of its pieces.
+    pub streaming: Option<PacketStream>,
+    /// When this connection last made upload progress: content received, or
+    /// a 1603/1604 sent. Requests that cost nothing (register, reconnect) do
+    /// not count: this decides who is evicted when the table is full.
+    pub last_progress: Option<Instant>,
+}
+
+/// The content of one admitted file packet on its way to the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PacketStream {
+    pub upload: UploadId,
+    /// No piece has gone yet (the first carries `new_segment`, and `start` on packet 1).
+    pub first: bool,
+    /// The first piece is the upload's first (packet 1): it opens the temp file.
+    pub opens_upload: bool,
+    pub new_segment: bool,
+    pub end_segment: Option<u64>,
+    /// The upload's last packet.
+    pub last_packet: bool,
 }
 
 impl Protocol {
@@ -167,13 +242,16 @@ impl Protocol {
             staged: VecDeque::new(),
             awaiting: Awaiting::Nothing,
             packets_in_flight: 0,
+            incoming: None,
+            streaming: None,
+            last_progress: None,
         }
     }
 
     /// "peer name" or "peer" for log lines.
     pub fn tag(&self) -> String {
         match &self.client_label {
-            Some(l) => format!("{} {}", self.peer, l),
+            Some(l) => format!("{} {}", self.peer, crate::logging::Esc(l)),
             None => self.peer.to_string(),
         }
     }
@@ -214,9 +292,14 @@ pub struct Connection {
     pub last_activity: Instant,
     /// Close once the output is flushed (and the peer has closed, or after a grace period).
     pub closing: Option<Instant>,
+    /// Why, for the metrics: a half-close by the peer, or a framing error.
+    pub closing_kind: Closed,
     write_shut: bool,
-    /// Budget reserved for the payload being read.
-    pub reserved: usize,
+    /// When the connection was accepted (for the login timeout and eviction order).
+    pub accepted: Instant,
+    /// The connection has had a session (1602 or 1605): it no longer counts
+    /// against the per-address cap on connections without one.
+    pub authed: bool,
     pub proto: Protocol,
 }
 
@@ -230,6 +313,10 @@ pub enum ReadOutcome {
     Header(RequestHeader),
     /// A frame is complete.
     Frame(Frame),
+    /// A piece of file content is complete; `last`: the packet's last.
+    Piece { piece: Piece, last: bool },
+    /// A refused packet's content has been read and dropped.
+    Drained,
 }
 
 impl Connection {
@@ -244,8 +331,10 @@ impl Connection {
             readable: true,
             last_activity: now,
             closing: None,
+            closing_kind: Closed::Peer,
             write_shut: false,
-            reserved: 0,
+            accepted: now,
+            authed: false,
             proto: Protocol::new(conn, peer),
         }
     }
@@ -257,6 +346,12 @@ impl Connection {
     /// "peer name" or "peer" for log lines.
     pub fn tag(&self) -> String {
         self.proto.tag()
+    }
+
+    /// The framing can no longer be trusted: close once the 1607 is out.
+    pub fn close_protocol(&mut self, now: Instant) {
+        self.closing = Some(now);
+        self.closing_kind = Closed::Protocol;
     }
 
     /// Some bytes of a header have arrived, but not all 23.
@@ -299,17 +394,31 @@ impl Connection {
         Ok(())
     }
 
-    /// Read toward the current frame. In `AwaitBudget` nothing is read.
+    /// Read toward the current frame. Nothing is read while a content piece
+    /// waits for its grant.
     pub fn read_some(&mut self, now: Instant) -> io::Result<ReadOutcome> {
+        let mut scratch = [0u8; 16 * 1024];
         loop {
             let res = match &mut self.read {
-                ReadState::AwaitBudget { .. } => return Ok(ReadOutcome::WouldBlock),
                 ReadState::AwaitHeader => self.socket.read(&mut self.header[self.header_len..]),
                 ReadState::AwaitPayload(f) => {
                     if f.filled == f.payload.len() {
                         return Ok(self.take_frame());
                     }
                     self.socket.read(&mut f.payload[f.filled..])
+                }
+                ReadState::Content(c) => match &mut c.piece {
+                    None => return Ok(ReadOutcome::WouldBlock),
+                    Some(p) if c.filled == p.len() => return Ok(self.take_piece()),
+                    Some(p) => self.socket.read(&mut p.bytes[c.filled..]),
+                },
+                ReadState::Drain { remaining: 0, .. } => {
+                    self.read = ReadState::AwaitHeader;
+                    return Ok(ReadOutcome::Drained);
+                }
+                ReadState::Drain { remaining, .. } => {
+                    let n = scratch.len().min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+                    self.socket.read(&mut scratch[..n])
                 }
             };
             match res {
@@ -333,7 +442,14 @@ impl Connection {
                                 return Ok(self.take_frame());
                             }
                         }
-                        ReadState::AwaitBudget { .. } => {}
+                        ReadState::Content(c) => {
+                            c.filled += n;
+                            self.proto.last_progress = Some(now);
+                            if c.piece.as_ref().is_some_and(|p| c.filled == p.len()) {
+                                return Ok(self.take_piece());
+                            }
+                        }
+                        ReadState::Drain { remaining, .. } => *remaining -= n as u64,
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadOutcome::WouldBlock),
@@ -361,6 +477,31 @@ impl Connection {
                 self.read = other;
                 ReadOutcome::WouldBlock
             }
+        }
+    }
+
+    /// A full piece leaves the read state; the next piece waits for its own grant.
+    fn take_piece(&mut self) -> ReadOutcome {
+        let ReadState::Content(c) = &mut self.read else { return ReadOutcome::WouldBlock };
+        let Some(piece) = c.piece.take() else { return ReadOutcome::WouldBlock };
+        c.remaining -= piece.len() as u64;
+        c.filled = 0;
+        c.deadline = None;
+        let last = c.remaining == 0;
+        if last {
+            self.read = ReadState::AwaitHeader;
+        }
+        ReadOutcome::Piece { piece, last }
+    }
+
+    /// The size of the next content piece to ask the budget for, if the
+    /// connection is reading content and has none granted.
+    pub fn wants_piece(&self, piece_size: usize) -> Option<usize> {
+        match &self.read {
+            ReadState::Content(c) if c.piece.is_none() => {
+                Some(usize::try_from(c.remaining).unwrap_or(usize::MAX).min(piece_size))
+            }
+            _ => None,
         }
     }
 

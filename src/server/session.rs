@@ -10,13 +10,21 @@
 
 use std::time::Instant;
 
+use log::Level;
+
+use crate::budget::Piece;
 use crate::crypto::{ciphertext_len, encrypt_session_key, parse_public_key, random_aes_key};
-use crate::protocol::{id_hex, Code, NameField, Request, RequestHeader, Response, PACKET_HEADER_LEN};
-use crate::worker::storage::validate_file_name;
+use crate::logging::Esc;
+use crate::metrics::Unstored;
+use crate::peer_log;
+use crate::protocol::{
+    id_hex, validate_file_name, Code, NameField, Request, RequestHeader, Response, PACKET_HEADER_LEN,
+};
 use crate::worker::{Completion, Job, PacketJob, PacketOutcome, StartUpload};
 
 use super::connection::{
-    Awaiting, Frame, Protocol, Receiving, Segment, Session, StagedFile, Upload, MAX_STAGED,
+    Awaiting, Frame, Incoming, PacketStream, Protocol, Receiving, Segment, Session, StagedFile, Upload,
+    MAX_STAGED,
 };
 use super::{ClientEntry, Core, JobSink};
 
@@ -40,24 +48,37 @@ impl Protocol {
         r.encode(&mut self.out);
     }
 
-    /// Refuse a request whose framing was fine: 1607, one log line, keep the connection.
+    /// Refuse a request whose framing was fine: 1607, one log line (rate-limited
+    /// per peer address), keep the connection.
     fn refuse(&mut self, why: &str) {
-        log::warn!("{}: refused: {why}", self.tag());
+        peer_log!(Level::Warn, self.peer.ip(), "{}: refused: {why}", self.tag());
         self.reply(Response::GeneralError);
     }
 
     /// Answer 1607 before a close: the framing can no longer be trusted.
     fn refuse_and_close(&mut self, why: &str) -> Flow {
-        log::warn!("{}: protocol error, closing: {why}", self.tag());
+        peer_log!(Level::Warn, self.peer.ip(), "{}: protocol error, closing: {why}", self.tag());
         self.reply(Response::GeneralError);
         Flow::Close
     }
 }
 
+/// The payload length to read as a frame after a checked header: a
+/// control frame's whole payload, or only a file packet's fixed fields
+/// (its content is read afterwards, piece by piece, see [`Incoming`]).
+pub fn frame_len(code: Code, h: &RequestHeader) -> usize {
+    match code {
+        Code::FilePacket => PACKET_HEADER_LEN,
+        _ => h.payload_size as usize,
+    }
+}
+
 impl<J: JobSink> Core<J> {
     fn send_job(&mut self, job: Job) {
+        self.metrics.worker_queue.inc();
         if !self.jobs.send(job) {
             log::error!("worker thread is gone; cannot continue");
+            crate::logging::flush(std::time::Duration::from_secs(1));
             std::process::exit(1);
         }
     }
@@ -74,25 +95,21 @@ impl<J: JobSink> Core<J> {
         }
     }
 
-    /// Handle one complete frame (its payload reserved from the budget, see
-    /// [`Core::try_reserve`]): the payload goes to the worker or back to the pool.
-    pub fn handle_frame(&mut self, p: &mut Protocol, mut f: Frame) -> Flow {
-        let parsed = Request::parse(f.code, &f.payload);
-        let req = match parsed {
+    /// Handle one complete frame (a control frame, or a file packet's fixed
+    /// fields, after which `p.incoming` says what to do with the content).
+    pub fn handle_frame(&mut self, p: &mut Protocol, f: Frame) -> Flow {
+        self.metrics.request(f.header.code);
+        let req = match Request::parse(f.code, &f.payload) {
             Ok(r) => r,
-            Err(e) => {
-                self.release(f.payload);
-                return p.refuse_and_close(&e.to_string());
-            }
+            Err(e) => return p.refuse_and_close(&e.to_string()),
         };
         let hid = f.header.client_id;
         match req {
             Request::FilePacket(ph) => {
-                let payload = std::mem::take(&mut f.payload);
-                self.on_packet(p, hid, ph, payload);
+                let content_len = (f.header.payload_size as u64).saturating_sub(PACKET_HEADER_LEN as u64);
+                self.on_packet(p, hid, ph, content_len);
             }
             other => {
-                self.release(std::mem::take(&mut f.payload));
                 // Any request other than a file packet ends the skipping of a refused upload.
                 if matches!(p.upload, Upload::Skipping { .. }) {
                     p.upload = Upload::Idle;
@@ -113,11 +130,32 @@ impl<J: JobSink> Core<J> {
 
     fn on_register(&mut self, p: &mut Protocol, name: NameField) {
         let Some(n) = name.as_str().filter(|n| valid_client_name(n)) else {
-            p.refuse(&format!("register: invalid client name {:?}", name.display()));
+            p.refuse(&format!("register: invalid client name \"{}\"", name.display()));
             return;
         };
         if self.registry.by_name.contains_key(n) {
-            log::info!("{}: register: name {n:?} is taken", p.tag());
+            peer_log!(Level::Info, p.peer.ip(), "{}: register: name \"{}\" is taken", p.tag(), Esc(n));
+            p.reply(Response::RegistrationFailed);
+            return;
+        }
+        if self.registry.by_id.len() >= self.cfg.max_clients {
+            peer_log!(
+                Level::Warn,
+                p.peer.ip(),
+                "{}: register: refused, --max-clients ({}) reached",
+                p.tag(),
+                self.cfg.max_clients
+            );
+            p.reply(Response::RegistrationFailed);
+            return;
+        }
+        if !self.registrations.allow(p.peer.ip(), Instant::now()) {
+            peer_log!(
+                Level::Warn,
+                p.peer.ip(),
+                "{}: register: refused, over the rate of registrations from this address",
+                p.tag()
+            );
             p.reply(Response::RegistrationFailed);
             return;
         }
@@ -144,18 +182,17 @@ impl<J: JobSink> Core<J> {
     /// Exposed for the unit tests of the loop.
     pub(super) fn on_public_key(&mut self, p: &mut Protocol, id: [u8; 16], name: NameField, der: Vec<u8>) {
         let Some(entry) = self.known_client(&id, &name) else {
-            p.refuse(&format!("public key: unknown id {} or wrong name {:?}", id_hex(&id), name.display()));
+            p.refuse(&format!("public key: unknown id {} or wrong name \"{}\"", id_hex(&id), name.display()));
             return;
         };
-        // Ids and names travel in clear: replacing a key already on file would
-        // let anyone who saw them take the client over. Only the connection that
-        // registered the id, or one that proved the current key by reconnecting,
-        // may set it again.
-        let has_key = entry.key.is_some();
-        let entitled = p.registered_id == Some(id) || p.session.as_ref().is_some_and(|s| s.id == id);
-        if has_key && !entitled {
+        // Ids and names travel in clear, and a 1605 proves nothing about who
+        // asked for it: replacing a key already on file would let anyone who saw
+        // them take the client over. Only the connection that registered the id
+        // sets its key; a key is replaced only after an operator reset it
+        // (`backupd reset-key`). See docs/SECURITY.md.
+        if entry.key.is_some() && p.registered_id != Some(id) {
             p.refuse(&format!(
-                "public key: client {} already has a key; reconnect (1027) to replace it",
+                "public key: client {} already has a key; only its registration connection sets one",
                 id_hex(&id)
             ));
             return;
@@ -184,8 +221,10 @@ impl<J: JobSink> Core<J> {
     fn on_reconnect(&mut self, p: &mut Protocol, id: [u8; 16], name: NameField) {
         let found = self.known_client(&id, &name).and_then(|e| e.key.clone().map(|k| (e.name.clone(), k)));
         let Some((label, public)) = found else {
-            log::info!(
-                "{}: reconnect denied: id {} with name {:?} is unknown or has no key",
+            peer_log!(
+                Level::Info,
+                p.peer.ip(),
+                "{}: reconnect denied: id {} with name \"{}\" is unknown or has no key",
                 p.tag(),
                 id_hex(&id),
                 name.display()
@@ -197,7 +236,7 @@ impl<J: JobSink> Core<J> {
         match encrypt_session_key(&public, &aes, self.cfg.oaep_hash) {
             Ok(encrypted_key) => {
                 self.open_session(p, id, label.clone(), aes);
-                log::info!("{}: reconnected", p.tag());
+                peer_log!(Level::Info, p.peer.ip(), "{}: reconnected", p.tag());
                 p.reply(Response::ReconnectOk { id, encrypted_key });
                 self.send_job(Job::Touch { id });
             }
@@ -235,7 +274,7 @@ impl<J: JobSink> Core<J> {
             }
         };
         let Some(idx) = name.as_str().and_then(|n| p.staged_index(n)) else {
-            p.refuse(&format!("{what} for {:?}, which this connection has not uploaded", name.display()));
+            p.refuse(&format!("{what} for \"{}\", which this connection has not uploaded", name.display()));
             return;
         };
         let conn = p.conn;
@@ -245,7 +284,7 @@ impl<J: JobSink> Core<J> {
         let (upload, retried, fname) = (s.upload, s.retried, s.name.clone());
         match kind {
             CrcKind::Ok if retried => {
-                p.refuse(&format!("1029 for {fname:?} after 1030: the file was discarded"));
+                p.refuse(&format!("1029 for \"{}\" after 1030: the file was discarded", Esc(&fname)));
             }
             CrcKind::Ok => {
                 p.staged.remove(idx);
@@ -254,7 +293,7 @@ impl<J: JobSink> Core<J> {
             }
             CrcKind::Retry => {
                 s.retried = true;
-                log::info!("{}: cksum mismatch reported for {fname:?}; awaiting resend", p.tag());
+                log::info!("{}: cksum mismatch reported for \"{}\"; awaiting resend", p.tag(), Esc(&fname));
                 if !retried {
                     self.send_job(Job::Discard { upload, failed: None });
                 }
@@ -264,21 +303,23 @@ impl<J: JobSink> Core<J> {
             }
             CrcKind::Abort => {
                 p.staged.remove(idx);
-                log::warn!("{}: client gave up on {fname:?} (cksum mismatch); not stored", p.tag());
+                log::warn!("{}: client gave up on \"{}\" (cksum mismatch); not stored", p.tag(), Esc(&fname));
+                self.metrics.unstored(Unstored::Aborted);
                 self.send_job(Job::Discard { upload, failed: Some((client, fname)) });
                 p.reply(Response::Ack { id });
             }
         }
     }
 
+    /// A file packet's fixed fields: check them against the upload and decide
+    /// what happens to its `content_len` content bytes (`p.incoming`).
     fn on_packet(
         &mut self,
         p: &mut Protocol,
         id: [u8; 16],
         ph: crate::protocol::PacketHeader,
-        payload: Vec<u8>,
+        content_len: u64,
     ) {
-        let content_len = (payload.len() - PACKET_HEADER_LEN) as u64;
         let now = Instant::now();
 
         // Swallow the rest of an upload that was already refused.
@@ -294,27 +335,23 @@ impl<J: JobSink> Core<J> {
                 } else {
                     Upload::Skipping { name_field: name_field.clone(), next: next + 1, total: *total }
                 };
-                self.release(payload);
+                p.incoming = Some(Incoming::Drain { len: content_len });
                 return;
             }
             p.upload = Upload::Idle;
         }
 
-        let (session_id, session_key) = match &p.session {
-            Some(s) if s.id == id => (s.id, s.key),
-            _ => {
-                let why =
-                    format!("file packet without a session key for id {} on this connection", id_hex(&id));
-                return self.refuse_packet(p, &ph, payload, &why);
-            }
-        };
+        if p.session.as_ref().is_none_or(|s| s.id != id) {
+            let why = format!("file packet without a session key for id {} on this connection", id_hex(&id));
+            return self.refuse_packet(p, &ph, content_len, &why);
+        }
         if ph.total_packets == 0 || ph.packet_number == 0 || ph.packet_number > ph.total_packets {
             let why = format!("packet {} of {} is out of range", ph.packet_number, ph.total_packets);
-            return self.refuse_packet(p, &ph, payload, &why);
+            return self.refuse_packet(p, &ph, content_len, &why);
         }
 
-        let mut start = None;
-        if ph.packet_number == 1 {
+        let opens_upload = ph.packet_number == 1;
+        if opens_upload {
             // A new upload; one in progress is abandoned (clients restart from packet 1).
             if let Upload::Receiving(r) = std::mem::replace(&mut p.upload, Upload::Idle) {
                 self.send_job(Job::Discard { upload: r.upload, failed: None });
@@ -322,8 +359,8 @@ impl<J: JobSink> Core<J> {
             let name = match validate_file_name(ph.file_name.bytes()) {
                 Ok(n) => n.to_string(),
                 Err(e) => {
-                    let why = format!("file name {:?}: {e}", ph.file_name.display());
-                    return self.refuse_packet(p, &ph, payload, &why);
+                    let why = format!("file name \"{}\": {e}", ph.file_name.display());
+                    return self.refuse_packet(p, &ph, content_len, &why);
                 }
             };
             if ph.orig_file_size as u64 > self.cfg.max_file_size {
@@ -331,7 +368,7 @@ impl<J: JobSink> Core<J> {
                     "file of {} bytes exceeds the {}-byte limit",
                     ph.orig_file_size, self.cfg.max_file_size
                 );
-                return self.refuse_packet(p, &ph, payload, &why);
+                return self.refuse_packet(p, &ph, content_len, &why);
             }
             // A new upload of a staged name replaces the staged copy.
             if let Some(i) = p.staged_index(&name) {
@@ -343,35 +380,24 @@ impl<J: JobSink> Core<J> {
             }
             let upload = self.next_upload;
             self.next_upload += 1;
-            start = Some(StartUpload { client: session_id, key: session_key });
-            p.upload = Upload::Receiving(Receiving {
-                upload,
-                name,
-                name_field: ph.file_name.clone(),
-                total: ph.total_packets,
-                next: 1,
-                segment: None,
-                last_stream_len: 0,
-                plain_total: 0,
-                multi_packet_stream: false,
-                touched: now,
-            });
+            p.upload =
+                Upload::Receiving(Receiving::new(upload, name, ph.file_name.clone(), ph.total_packets, now));
         }
 
         let Upload::Receiving(r) = &mut p.upload else {
             let why = format!(
-                "packet {} of {:?} with no upload in progress",
+                "packet {} of \"{}\" with no upload in progress",
                 ph.packet_number,
                 ph.file_name.display()
             );
-            return self.refuse_packet(p, &ph, payload, &why);
+            return self.refuse_packet(p, &ph, content_len, &why);
         };
         if r.name_field.bytes() != ph.file_name.bytes()
             || r.total != ph.total_packets
             || r.next != ph.packet_number
         {
             let why = format!(
-                "packet {}/{} of {:?} does not follow packet {}/{} of {:?}",
+                "packet {}/{} of \"{}\" does not follow packet {}/{} of \"{}\"",
                 ph.packet_number,
                 ph.total_packets,
                 ph.file_name.display(),
@@ -379,43 +405,79 @@ impl<J: JobSink> Core<J> {
                 r.total,
                 r.name_field.display()
             );
-            return self.refuse_packet(p, &ph, payload, &why);
+            return self.refuse_packet(p, &ph, content_len, &why);
         }
         let step = match plan_packet(r, &ph, content_len, self.cfg.max_file_size) {
             Ok(s) => s,
-            Err(why) => return self.refuse_packet(p, &ph, payload, &why),
+            Err(why) => return self.refuse_packet(p, &ph, content_len, &why),
         };
         r.touched = now;
         // Saturating: after packet 65535 of 65535 there is no next packet (and `+=` would overflow).
         r.next = r.next.saturating_add(1);
-        let upload = r.upload;
-        let last = ph.packet_number == ph.total_packets;
+        p.streaming = Some(PacketStream {
+            upload: r.upload,
+            first: true,
+            opens_upload,
+            new_segment: step.new_segment,
+            end_segment: step.end_segment,
+            last_packet: ph.packet_number == ph.total_packets,
+        });
+        if content_len == 0 {
+            self.content_piece(p, Piece::empty(), true);
+        } else {
+            p.incoming = Some(Incoming::Stream { len: content_len });
+        }
+    }
+
+    /// A piece of the streaming packet's content has been read (`last`: the
+    /// packet's last piece): it goes to the worker with its grant.
+    pub fn content_piece(&mut self, p: &mut Protocol, piece: Piece, last: bool) {
+        let Some(s) = p.streaming.as_mut() else { return };
+        let stream = *s;
+        s.first = false;
         if last {
-            let (name, name_field) = (r.name.clone(), r.name_field.clone());
-            p.upload = Upload::Finishing { upload, name, name_field };
+            p.streaming = None;
+        }
+        // The upload failed at the worker meanwhile (its 1607 is sent): the
+        // rest of this packet's content is dropped, not sent.
+        let current = matches!(&p.upload, Upload::Receiving(r) if r.upload == stream.upload);
+        if !current {
+            return;
+        }
+        let start = match (&p.session, stream.first && stream.opens_upload) {
+            (Some(s), true) => Some(StartUpload { client: s.id, key: s.key }),
+            _ => None,
+        };
+        let last_of_upload = last && stream.last_packet;
+        if last_of_upload {
+            if let Upload::Receiving(r) = std::mem::replace(&mut p.upload, Upload::Idle) {
+                p.upload = Upload::Finishing { upload: r.upload, name: r.name, name_field: r.name_field };
+            }
             p.awaiting = Awaiting::LastPacket;
         }
         p.packets_in_flight += 1;
         self.send_job(Job::Packet(PacketJob {
             conn: p.conn,
-            upload,
-            payload,
+            upload: stream.upload,
+            content: piece,
             start,
-            new_segment: step.new_segment,
-            end_segment: step.end_segment,
-            last,
+            new_segment: stream.first && stream.new_segment,
+            end_segment: if last { stream.end_segment } else { None },
+            last: last_of_upload,
         }));
     }
 
-    /// Refuse a file packet: 1607 once, drop the upload, skip its remaining packets.
+    /// Refuse a file packet: 1607 once, drop the upload, skip its remaining
+    /// packets; its content is read and dropped.
     fn refuse_packet(
         &mut self,
         p: &mut Protocol,
         ph: &crate::protocol::PacketHeader,
-        payload: Vec<u8>,
+        content_len: u64,
         why: &str,
     ) {
-        self.release(payload);
+        p.incoming = Some(Incoming::Drain { len: content_len });
+        self.metrics.unstored(Unstored::Refused);
         if let Upload::Receiving(r) = std::mem::replace(&mut p.upload, Upload::Idle) {
             // An upload whose packet 1 is being refused never reached the worker.
             if r.next > 1 {
@@ -437,7 +499,7 @@ impl<J: JobSink> Core<J> {
     pub fn on_completion(&mut self, p: Option<&mut Protocol>, done: Completion) -> Flow {
         match done {
             Completion::Packet { conn: _, upload, buffer, last, outcome } => {
-                self.release(buffer);
+                self.recycle(buffer.into_buffer());
                 let Some(p) = p else { return Flow::Continue };
                 p.packets_in_flight -= 1;
                 match outcome {
@@ -449,7 +511,11 @@ impl<J: JobSink> Core<J> {
                             if u == upload {
                                 p.awaiting = Awaiting::Nothing;
                                 let id = p.session.as_ref().map(|s| s.id).unwrap_or_default();
-                                log::info!("{}: received {name:?} ({plain_len} bytes, cksum {cksum}); awaiting confirmation", p.tag());
+                                log::info!(
+                                    "{}: received \"{}\" ({plain_len} bytes, cksum {cksum}); awaiting confirmation",
+                                    p.tag(),
+                                    Esc(&name)
+                                );
                                 p.staged.push_back(StagedFile {
                                     name,
                                     upload,
@@ -463,9 +529,11 @@ impl<J: JobSink> Core<J> {
                                         }
                                     }
                                 }
+                                p.last_progress = Some(Instant::now());
                                 p.reply(Response::FileReceived {
                                     id,
-                                    content_size: ciphertext_len as u32,
+                                    // plan_packet refuses uploads whose total exceeds 32 bits.
+                                    content_size: u32::try_from(ciphertext_len).unwrap_or(u32::MAX),
                                     file_name: name_field.0,
                                     cksum,
                                 });
@@ -492,6 +560,7 @@ impl<J: JobSink> Core<J> {
                             p.awaiting = Awaiting::Nothing;
                         }
                         if current {
+                            self.metrics.unstored(Unstored::Failed);
                             p.refuse(&format!("upload failed: {why}"));
                         } else {
                             log::info!("{}: an abandoned or already refused upload failed: {why}", p.tag());
@@ -516,11 +585,12 @@ impl<J: JobSink> Core<J> {
                 } else if let Some(e) = self.registry.by_id.get_mut(&id) {
                     e.pending = false;
                 }
+                self.metrics.clients.set(self.registry.by_id.len() as i64);
                 let Some(p) = p else { return Flow::Continue };
                 p.awaiting = Awaiting::Nothing;
                 if ok {
                     p.registered_id = Some(id);
-                    log::info!("{}: registered as {}", p.tag(), id_hex(&id));
+                    peer_log!(Level::Info, p.peer.ip(), "{}: registered as {}", p.tag(), id_hex(&id));
                     p.reply(Response::RegistrationOk { id });
                 } else {
                     p.refuse("registration could not be saved");
@@ -563,10 +633,16 @@ impl<J: JobSink> Core<J> {
                 };
                 let id = p.session.as_ref().map(|s| s.id).unwrap_or_default();
                 if ok {
-                    log::info!("{}: {name:?} verified and stored", p.tag());
+                    log::info!("{}: \"{}\" verified and stored", p.tag(), Esc(&name));
+                    self.metrics.uploads_verified.inc();
+                    if let Some(s) = &p.session {
+                        self.metrics.verified_at(&s.name, crate::metrics::now_secs());
+                    }
+                    p.last_progress = Some(Instant::now());
                     p.reply(Response::Ack { id });
                 } else {
-                    p.refuse(&format!("{name:?} could not be stored; upload it again"));
+                    self.metrics.unstored(Unstored::CommitFailed);
+                    p.refuse(&format!("\"{}\" could not be stored; upload it again", Esc(&name)));
                 }
                 Flow::Resume
             }
@@ -712,6 +788,14 @@ pub fn plan_packet(
                 return Err("first packet carries no content".into());
             }
             check_content_size(ph.content_size, content_len, whole)?;
+            // Known as soon as the stream starts: refused before any of it is used.
+            if r.ciphertext_total + whole > u32::MAX as u64 {
+                return Err(format!(
+                    "the upload's ciphertext would exceed {} bytes, the 32-bit size of the 1603 reply",
+                    u32::MAX
+                ));
+            }
+            r.ciphertext_total += whole;
             r.plain_total += orig as u64;
             if r.plain_total > max_file_size {
                 return Err(format!("file exceeds the {max_file_size}-byte limit"));
@@ -769,7 +853,7 @@ mod tests {
         let p = &mut server.conns[key].proto;
         server.core.on_public_key(p, id, NameField::from_name(b"kim").unwrap(), der);
         assert!(server.conns[key].proto.awaiting != Awaiting::Nothing, "the key goes to the worker first");
-        server.close(key, serial, Some("peer went away"));
+        server.close(key, serial, crate::metrics::Closed::Peer, Some("peer went away"));
         let done = server.done.recv_timeout(Duration::from_secs(10)).expect("the worker answers");
         assert!(matches!(done, Completion::KeySaved { ok: true, .. }));
         server.on_completion(done);

@@ -21,8 +21,10 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::budget::Piece;
 use crate::crypto::{Cksum, StreamDecryptor, AES_KEY_LEN};
-use crate::protocol::{id_hex, ClientId, PACKET_HEADER_LEN};
+use crate::metrics::Metrics;
+use crate::protocol::{id_hex, ClientId};
 use db::{ClientRecord, Db, Intent, Write};
 use storage::{Publish, Storage};
 
@@ -55,19 +57,21 @@ pub struct StartUpload {
     pub key: [u8; AES_KEY_LEN],
 }
 
-/// One file packet, validated by the loop.
+/// A piece of one file packet's content (the loop checked the packet's
+/// fixed fields; a packet's content comes in one or more pieces, in order).
 pub struct PacketJob {
     pub conn: ConnRef,
     pub upload: UploadId,
-    /// The whole frame payload; the content starts at [`PACKET_HEADER_LEN`].
-    pub payload: Vec<u8>,
-    /// Set on packet 1.
+    /// The content bytes, with the budget grant that pays for them (returned
+    /// when the piece is dropped or recycled).
+    pub content: Piece,
+    /// Set on the first piece of packet 1.
     pub start: Option<StartUpload>,
-    /// This packet begins a new CBC stream (packet 1, or a per-packet-encrypted packet).
+    /// This piece begins a new CBC stream (packet 1, or a per-packet-encrypted packet).
     pub new_segment: bool,
-    /// This packet ends a CBC stream whose plaintext must be exactly this long.
+    /// This piece ends a CBC stream whose plaintext must be exactly this long.
     pub end_segment: Option<u64>,
-    /// The upload's last packet: fsync the temp file and report the cksum.
+    /// The upload's last piece: report the cksum.
     pub last: bool,
 }
 
@@ -127,12 +131,12 @@ pub enum Completion {
         /// The key saved (DER), for the registry when the connection is gone.
         der: Vec<u8>,
     },
-    /// Every packet job gets exactly one; `buffer` comes back for reuse and
-    /// its capacity is returned to the memory budget.
+    /// Every packet job gets exactly one; `buffer` comes back for reuse, and
+    /// its grant to the memory budget when the loop recycles it.
     Packet {
         conn: ConnRef,
         upload: UploadId,
-        buffer: Vec<u8>,
+        buffer: Piece,
         last: bool,
         outcome: PacketOutcome,
     },
@@ -237,6 +241,7 @@ pub struct Worker {
     /// Jobs taken off the channel during a group commit that must wait for
     /// the next batch (everything but file packets), in arrival order.
     carry: Vec<Job>,
+    metrics: Arc<Metrics>,
 }
 
 struct WorkerIo {
@@ -249,6 +254,10 @@ struct WorkerIo {
 pub struct Opened {
     pub worker: Worker,
     pub clients: Vec<ClientRecord>,
+    /// Verified files on record (for the metrics).
+    pub verified_files: usize,
+    /// Each client's last verified file, seconds since the epoch (for the metrics).
+    pub last_verified: Vec<(String, u64)>,
 }
 
 fn stamp() -> u64 {
@@ -296,10 +305,13 @@ impl Worker {
             uploads: HashMap::new(),
             io: None,
             carry: Vec::new(),
+            metrics: Arc::new(Metrics::new()),
         };
         w.reconcile().map_err(|e| format!("reconciling {}: {e}", data_dir.display()))?;
         let clients = w.db.load_clients().map_err(|e| format!("database {}: {e}", db_path.display()))?;
-        Ok(Opened { worker: w, clients })
+        let verified_files = w.db.file_rows().map(|r| r.iter().filter(|r| r.verified).count()).unwrap_or(0);
+        let last_verified = w.db.last_verified().unwrap_or_default();
+        Ok(Opened { worker: w, clients, verified_files, last_verified })
     }
 
     /// Repair what a crash can leave behind. Each fix is logged.
@@ -372,6 +384,11 @@ impl Worker {
         self.db.file_rows().map(|rows| rows.iter().any(|r| r.verified && r.path == rel)).unwrap_or(false)
     }
 
+    /// Report to these metrics (shared with the loop).
+    pub fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = metrics;
+    }
+
     /// Serve jobs until `Shutdown` or until the loop hangs up.
     pub fn run(mut self, jobs: Receiver<Job>, done: Sender<Completion>, waker: Arc<dyn Wake>) {
         self.io = Some(WorkerIo { jobs, done, waker });
@@ -391,6 +408,7 @@ impl Worker {
                     Err(_) => break,
                 }
             }
+            self.metrics.worker_queue.add(-(batch.len() as i64));
             if self.handle_batch(&mut batch) {
                 break;
             }
@@ -421,6 +439,7 @@ impl Worker {
     fn stage_arrivals(&mut self) {
         let mut staged = Vec::new();
         while let Some(j) = self.io.as_ref().and_then(|io| io.jobs.try_recv().ok()) {
+            self.metrics.worker_queue.add(-1);
             match j {
                 Job::Packet(p) => staged.push(self.packet(p)),
                 other => self.carry.push(other),
@@ -486,7 +505,7 @@ impl Worker {
                 PacketOutcome::Failed(reason)
             }
         };
-        Completion::Packet { conn, upload, buffer: p.payload, last, outcome }
+        Completion::Packet { conn, upload, buffer: p.content, last, outcome }
     }
 
     fn packet_inner(&mut self, p: &mut PacketJob) -> Result<PacketOutcome, String> {
@@ -521,7 +540,7 @@ impl Worker {
             u.dec = Some(StreamDecryptor::new(&u.key.0));
             u.segment_start = u.cksum.len();
         }
-        let content = p.payload.get_mut(PACKET_HEADER_LEN..).unwrap_or(&mut []);
+        let content = &mut p.content.bytes[..];
         u.ciphertext += content.len() as u64;
         let Upload { file: Some(file), cksum, dec, .. } = u else {
             return Err("packet after the last one".into());
@@ -601,6 +620,7 @@ impl Worker {
         mut writes: Vec<(Pending, Vec<Write>)>,
         out: &mut Vec<Completion>,
     ) {
+        let started = std::time::Instant::now();
         let mut staged: Vec<Staged> = Vec::new();
         let mut deferred = Vec::new();
         let base = stamp();
@@ -745,8 +765,16 @@ impl Worker {
         if !files_ok && !published.is_empty() {
             self.unpublish(&published);
         }
+        if files_ok && !published.is_empty() {
+            self.metrics.commit_batch_size.observe(published.len() as f64);
+            self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+        }
         for s in published {
             if files_ok {
+                if s.publish.saved_previous.is_none() {
+                    self.metrics.files_stored.inc();
+                }
+                self.metrics.bytes_stored.add(s.size as i64);
                 log::debug!(
                     "stored {} for client {} ({} bytes, cksum {})",
                     s.name,

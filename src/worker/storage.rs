@@ -21,54 +21,8 @@ use std::path::{Path, PathBuf};
 
 use crate::protocol::{id_hex, ClientId};
 
-/// Longest accepted file name in bytes (leaves room under NAME_MAX = 255).
-pub const MAX_FILE_NAME: usize = 250;
-
-/// Why a file name was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NameError {
-    Empty,
-    Dots,
-    Separator,
-    Control,
-    NotUtf8,
-    TooLong(usize),
-}
-
-impl std::fmt::Display for NameError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            NameError::Empty => write!(f, "file name is empty"),
-            NameError::Dots => write!(f, "file name is '.' or '..'"),
-            NameError::Separator => write!(f, "file name contains a path separator"),
-            NameError::Control => write!(f, "file name contains a control character"),
-            NameError::NotUtf8 => write!(f, "file name is not valid UTF-8"),
-            NameError::TooLong(n) => write!(f, "file name is {n} bytes, over the {MAX_FILE_NAME}-byte limit"),
-        }
-    }
-}
-
-/// Judge a file name (the bytes before the field's NUL). A valid name is a
-/// single path component: it can never climb out of its directory.
-pub fn validate_file_name(name: &[u8]) -> Result<&str, NameError> {
-    if name.is_empty() {
-        return Err(NameError::Empty);
-    }
-    if name.len() > MAX_FILE_NAME {
-        return Err(NameError::TooLong(name.len()));
-    }
-    let s = std::str::from_utf8(name).map_err(|_| NameError::NotUtf8)?;
-    if s == "." || s == ".." {
-        return Err(NameError::Dots);
-    }
-    if s.contains(['/', '\\']) {
-        return Err(NameError::Separator);
-    }
-    if s.chars().any(|c| c.is_control()) {
-        return Err(NameError::Control);
-    }
-    Ok(s)
-}
+// The name rules live in the protocol module; re-exported for the worker.
+pub use crate::protocol::path::{validate_file_name, NameError, MAX_FILE_NAME};
 
 /// The data directory and the paths inside it.
 #[derive(Debug, Clone)]
@@ -306,24 +260,6 @@ pub fn push_unique(v: &mut Vec<PathBuf>, p: PathBuf) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names() {
-        assert_eq!(validate_file_name(b"report.pdf"), Ok("report.pdf"));
-        assert_eq!(validate_file_name(b".hidden"), Ok(".hidden"));
-        assert_eq!(validate_file_name("été.txt".as_bytes()), Ok("été.txt"));
-        assert_eq!(validate_file_name(b""), Err(NameError::Empty));
-        assert_eq!(validate_file_name(b"."), Err(NameError::Dots));
-        assert_eq!(validate_file_name(b".."), Err(NameError::Dots));
-        for bad in [&b"../x"[..], b"..\\x", b"/abs", b"a/b", b"a\\b"] {
-            assert_eq!(validate_file_name(bad), Err(NameError::Separator), "{bad:?}");
-        }
-        assert_eq!(validate_file_name(b"a\nb"), Err(NameError::Control));
-        assert_eq!(validate_file_name(b"a\x7fb"), Err(NameError::Control));
-        assert_eq!(validate_file_name(b"\xff\xfe"), Err(NameError::NotUtf8));
-        assert_eq!(validate_file_name(&[b'a'; 251]), Err(NameError::TooLong(251)));
-        assert!(validate_file_name(&[b'a'; 250]).is_ok());
-    }
 
     #[test]
     fn publish_and_undo_keep_the_previous_version() {

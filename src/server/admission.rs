@@ -1,0 +1,182 @@
+//! Admission control: who gets a connection slot and who may register.
+//!
+//! * [`PerAddress`] counts each peer address's connections, and those of them
+//!   without a session yet, against `--max-connections-per-ip` and
+//!   `--max-unauthenticated-per-ip` (like nginx's limit_conn and sshd's
+//!   MaxStartups): over a cap, a new connection is closed at accept.
+//! * [`eviction_rank`] orders connections for eviction when the table is
+//!   full: the one whose last upload progress is oldest goes first, those that
+//!   never made any (only cheap requests: registering, reconnecting) before all
+//!   others, and among those the ones without a session first, oldest first.
+//! * [`RateLimiter`] is a token bucket per address for registrations.
+//!
+//! Pure bookkeeping: no sockets, no clock of its own (callers pass `now`).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Instant;
+
+use crate::ratelimit::TokenBucket;
+
+/// Connections of one address.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Counts {
+    total: usize,
+    unauthenticated: usize,
+}
+
+/// Connections per peer address.
+#[derive(Debug, Default)]
+pub struct PerAddress {
+    counts: HashMap<IpAddr, Counts>,
+}
+
+impl PerAddress {
+    /// May a new connection from `ip` be accepted? `Err` names the cap it
+    /// would cross. A cap of 0 is off.
+    pub fn check(
+        &self,
+        ip: IpAddr,
+        max_total: usize,
+        max_unauthenticated: usize,
+    ) -> Result<(), &'static str> {
+        let c = self.counts.get(&ip).copied().unwrap_or_default();
+        if max_total > 0 && c.total >= max_total {
+            return Err("--max-connections-per-ip reached");
+        }
+        if max_unauthenticated > 0 && c.unauthenticated >= max_unauthenticated {
+            return Err("--max-unauthenticated-per-ip reached");
+        }
+        Ok(())
+    }
+
+    /// A connection from `ip` was accepted (it has no session yet).
+    pub fn opened(&mut self, ip: IpAddr) {
+        let c = self.counts.entry(ip).or_default();
+        c.total += 1;
+        c.unauthenticated += 1;
+    }
+
+    /// A connection from `ip` established its first session.
+    pub fn authenticated(&mut self, ip: IpAddr) {
+        if let Some(c) = self.counts.get_mut(&ip) {
+            c.unauthenticated = c.unauthenticated.saturating_sub(1);
+        }
+    }
+
+    /// A connection from `ip` closed; `authed`: it had had a session.
+    pub fn closed(&mut self, ip: IpAddr, authed: bool) {
+        if let Some(c) = self.counts.get_mut(&ip) {
+            c.total = c.total.saturating_sub(1);
+            if !authed {
+                c.unauthenticated = c.unauthenticated.saturating_sub(1);
+            }
+            if c.total == 0 {
+                self.counts.remove(&ip);
+            }
+        }
+    }
+
+    /// (total, without a session) for `ip`.
+    pub fn get(&self, ip: IpAddr) -> (usize, usize) {
+        let c = self.counts.get(&ip).copied().unwrap_or_default();
+        (c.total, c.unauthenticated)
+    }
+}
+
+/// The order in which connections are evicted when the table is full: the
+/// smallest rank goes first. `last_progress`: the last upload progress (None:
+/// never); `authed`: has had a session; `accepted`: when it connected.
+pub fn eviction_rank(
+    last_progress: Option<Instant>,
+    authed: bool,
+    accepted: Instant,
+) -> (bool, Option<Instant>, bool, Instant) {
+    (last_progress.is_some(), last_progress, authed, accepted)
+}
+
+/// A token bucket per address: `rate` per second, up to `burst` at once.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: HashMap<IpAddr, TokenBucket>,
+}
+
+/// Addresses remembered before full buckets are forgotten.
+const MAX_TRACKED: usize = 4096;
+
+impl RateLimiter {
+    /// `rate` 0 turns the limit off.
+    pub fn new(rate: f64, burst: f64) -> RateLimiter {
+        RateLimiter { rate, burst: burst.max(1.0), buckets: HashMap::new() }
+    }
+
+    /// Take one token for `ip`, if it has one.
+    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        if self.buckets.len() >= MAX_TRACKED && !self.buckets.contains_key(&ip) {
+            // Full buckets are the same as new ones.
+            self.buckets.retain(|_, b| !b.is_full(now, rate, burst));
+        }
+        self.buckets.entry(ip).or_insert(TokenBucket::full(burst, now)).take(now, rate, burst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn caps_per_address_count_sessions_apart() {
+        let mut p = PerAddress::default();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        for _ in 0..2 {
+            assert!(p.check(a, 3, 2).is_ok());
+            p.opened(a);
+        }
+        assert_eq!(p.check(a, 3, 2), Err("--max-unauthenticated-per-ip reached"));
+        assert!(p.check(b, 3, 2).is_ok(), "another address is not affected");
+        assert!(p.check(a, 0, 0).is_ok(), "0 turns both caps off");
+        p.authenticated(a);
+        assert!(p.check(a, 3, 2).is_ok());
+        p.opened(a);
+        assert_eq!(p.check(a, 3, 2), Err("--max-connections-per-ip reached"));
+        p.closed(a, true);
+        p.closed(a, false);
+        p.closed(a, false);
+        assert_eq!(p.get(a), (0, 0));
+    }
+
+    #[test]
+    fn never_uploaded_connections_are_evicted_first() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        let uploader = eviction_rank(Some(t0), true, t0);
+        let reconnecting = eviction_rank(None, true, t1);
+        let fresh = eviction_rank(None, false, t1);
+        let old_fresh = eviction_rank(None, false, t0);
+        let mut v = vec![uploader, reconnecting, fresh, old_fresh];
+        v.sort();
+        assert_eq!(v, vec![old_fresh, fresh, reconnecting, uploader]);
+        assert!(eviction_rank(Some(t0), true, t1) < eviction_rank(Some(t1), true, t0));
+    }
+
+    #[test]
+    fn registrations_are_rate_limited_per_address() {
+        let mut r = RateLimiter::new(10.0, 100.0);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let t = Instant::now();
+        assert_eq!((0..150).filter(|_| r.allow(a, t)).count(), 100);
+        assert!(r.allow("10.0.0.2".parse().unwrap(), t));
+        assert_eq!((0..20).filter(|_| r.allow(a, t + Duration::from_secs(1))).count(), 10);
+        let mut off = RateLimiter::new(0.0, 0.0);
+        assert!((0..1000).all(|_| off.allow(a, t)));
+    }
+}
