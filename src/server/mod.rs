@@ -179,6 +179,10 @@ pub struct Server {
     /// A descriptor held in reserve so that, out of descriptors, the loop can
     /// still accept and close a pending connection instead of spinning.
     spare_fd: Option<std::fs::File>,
+    /// Out of descriptors, the backlog was left pending: the listener is
+    /// edge-triggered and may not report it again, so the housekeeping tick
+    /// tries once more (no busy loop, at most one tick of delay).
+    accept_retry: bool,
     refused_since_log: u64,
     last_refusal_log: Option<Instant>,
     /// Loop rounds so far, and connections closed so far: see [`AcceptPause`].
@@ -286,6 +290,7 @@ impl Server {
             ready: VecDeque::new(),
             shutdown: None,
             spare_fd: std::fs::File::open("/dev/null").ok(),
+            accept_retry: false,
             refused_since_log: 0,
             last_refusal_log: None,
             round: 0,
@@ -457,6 +462,7 @@ impl Server {
                         }
                     }
                     self.spare_fd = std::fs::File::open("/dev/null").ok();
+                    self.accept_retry = true;
                     return;
                 }
                 Err(e) => {
@@ -654,6 +660,9 @@ impl Server {
 
     /// Deadlines, checked every tick.
     fn housekeeping(&mut self, now: Instant) {
+        if std::mem::take(&mut self.accept_retry) && self.accept_paused.is_none() {
+            self.accept();
+        }
         let cfg = self.core.cfg.clone();
         let mut to_close: Vec<(usize, u64, String)> = Vec::new();
         let mut stale: Vec<(usize, u64)> = Vec::new();
