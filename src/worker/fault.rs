@@ -7,20 +7,21 @@
 //! `BACKUPD_FAULTS` is a comma-separated list of rules:
 //!
 //! - `trace`: log `fault point <point> <file>` at info level each time a
-//!   point is passed (after the step it names succeeded), so a test can check
-//!   the order of the durability steps;
+//!   point is reached, so a test can check the order of the durability steps;
 //! - `fail@<point>[:<file>]`: the step fails with EIO (for that file name only
 //!   when one is given);
 //! - `crash@<point>[:<file>]`: the process ends at once (`_exit(86)`, no
 //!   destructor runs, nothing is flushed), as a kill -9 would end it.
 //!
-//! Points, in the order a commit passes them (see docs/ARCHITECTURE.md):
-//! `write` and `write-behind` (each temp-file write and writeback wait, while
-//! packets arrive), `fdatasync` (step 1, `--sync-mode fsync`), `intent`
-//! (step 2 committed), `link` (step 3), `sync-previous` (the sync after
-//! step 3), `rename` (step 4), `sync-publish` (step 5's sync), `after-rename`
-//! (just before the database commit), `commit` (step 6 committed, before
-//! the 1604). Sync points fail or trace each real sync call (syncfs, or each
+//! Points, in the order an upload and its commit pass them (see "Lifecycle
+//! of a file" in docs/ARCHITECTURE.md): `write` and `write-behind` (each
+//! temp-file write and writeback call while packets arrive; no file name),
+//! `fdatasync` (the temp file's data, `--sync-mode fsync`), `intent` (the
+//! publish intents committed), `link` (the previous version's hard link),
+//! `sync-previous` (the sync after the links), `rename`, `sync-publish` (the
+//! sync after the renames), `after-rename` (just before the database
+//! commit), `commit` (committed, before the 1604; `fail` is ignored there).
+//! Sync points are checked at each real sync call (the syncfs, or each
 //! fdatasync/fsync), so that a removed sync step shows in a test.
 
 use std::io;

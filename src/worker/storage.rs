@@ -227,7 +227,7 @@ impl Storage {
             } else {
                 let rel = format!("tmp/{}", name.to_string_lossy());
                 let dest = orphan(&self.dir, &self.tmp, &name, &rel)?;
-                log::error!("startup: unexpected {:?} {rel} moved to {dest}", meta.kind);
+                log::error!("startup: unexpected {:?} {rel:?} moved to {dest:?}", meta.kind);
                 moved += 1;
             }
         }
@@ -437,25 +437,27 @@ impl Storage {
     /// Walk files/ (every folder, nested names included): regular files for
     /// which `keep(path, size)` says no, links and anything else unexpected
     /// are moved to orphans/ (each logged). Returns how many were moved.
+    /// Depth first: one descriptor open per level.
     pub fn scan_files(&self, mut keep: impl FnMut(&str, u64) -> bool) -> io::Result<usize> {
+        self.scan(&self.files, "files", &mut keep)
+    }
+
+    fn scan(&self, dir: &Dir, rel: &str, keep: &mut impl FnMut(&str, u64) -> bool) -> io::Result<usize> {
         let mut moved = 0;
-        let mut stack = vec![("files".to_string(), self.files.try_clone()?)];
-        while let Some((rel, dir)) = stack.pop() {
-            for (name, meta) in dir.entries()? {
-                let path = format!("{rel}/{}", name.to_string_lossy());
-                match meta.kind {
-                    Kind::Dir => stack.push((path, dir.open_dir(&name)?)),
-                    Kind::File if keep(&path, meta.size) => {}
-                    Kind::File => {
-                        let dest = orphan(&self.dir, &dir, &name, &path)?;
-                        log::warn!("startup: {path} has no verified database row; moved to {dest}");
-                        moved += 1;
-                    }
-                    kind => {
-                        let dest = orphan(&self.dir, &dir, &name, &path)?;
-                        log::error!("startup: unexpected {kind:?} {path} moved to {dest}");
-                        moved += 1;
-                    }
+        for (name, meta) in dir.entries()? {
+            let path = format!("{rel}/{}", name.to_string_lossy());
+            match meta.kind {
+                Kind::Dir => moved += self.scan(&dir.open_dir(&name)?, &path, keep)?,
+                Kind::File if keep(&path, meta.size) => {}
+                Kind::File => {
+                    let dest = orphan(&self.dir, dir, &name, &path)?;
+                    log::warn!("startup: {path:?} has no verified database row; moved to {dest:?}");
+                    moved += 1;
+                }
+                kind => {
+                    let dest = orphan(&self.dir, dir, &name, &path)?;
+                    log::error!("startup: unexpected {kind:?} {path:?} moved to {dest:?}");
+                    moved += 1;
                 }
             }
         }
