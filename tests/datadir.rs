@@ -112,7 +112,8 @@ fn a_second_server_on_the_same_directory_exits_1_and_the_first_keeps_its_upload(
     assert_eq!(status.code(), Some(1), "{}", second.log_text());
     let want =
         format!("data directory {} is in use by process {}", server.data_dir().display(), server.pid());
-    assert!(second.log_text().contains(&want), "expected {want:?} in:\n{}", second.log_text());
+    let said = wait_until(Duration::from_secs(5), || second.log_text().contains(&want));
+    assert!(said, "expected {want:?} in:\n{}", second.log_text());
     c.crc_ok("staged").unwrap();
     assert_verified(&server, &id, "staged", &data, "after the second server");
     assert!(server.is_alive());
@@ -205,7 +206,7 @@ fn a_client_folder_replaced_by_a_link_is_never_written_through() {
     }
     assert_eq!(std::fs::read(other.join("a")).unwrap(), b"not the server's");
     assert_eq!(std::fs::read_dir(&other).unwrap().count(), 1, "nothing new in the link's target");
-    assert!(server.log_text().contains("cannot publish"), "logged as an error");
+    server.wait_for_log("cannot publish", Duration::from_secs(5));
     assert!(row(&server.db_path(), &id, "b").is_none());
     assert!(wait_until(Duration::from_secs(5), || walk_files(&server.tmp_dir()).is_empty()));
     // At the next start the link is moved aside, the verified row whose file is gone unverified.
@@ -326,7 +327,7 @@ fn crashes_around_the_commit_are_repaired_at_the_next_start() {
         assert_eq!(server.wait(Duration::from_secs(10)).code(), Some(86), "{point}: not the injected crash");
         *faults.lock().unwrap() = String::new();
         server.restart();
-        assert!(server.log_text().contains(&format!("fault injection: crash at {point} {name}")));
+        server.wait_for_log(&format!("fault injection: crash at {point} {name}"), Duration::from_secs(5));
     };
     let orphans = |server: &TestServer| walk_files(&server.data_dir().join("orphans"));
     // Replacing a verified file, crash after the rename, before the commit:
@@ -402,6 +403,8 @@ fn the_durability_steps_come_in_order_before_the_1604() {
                 "1604",
             ])
             .collect();
+        // The log is read from the server's stderr by a thread: wait for the second 1604's line.
+        wait_until(Duration::from_secs(5), || steps(&server.log_text(), "t").len() >= 2);
         let got = steps(&server.log_text(), "t");
         assert_eq!(got, vec![new, replace], "{mode}");
     }
