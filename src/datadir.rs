@@ -1,7 +1,8 @@
 //! The data directory as a whole: who owns it, what it is, and how anything
 //! inside it is opened.
 //!
-//! - **One owner** ([`acquire`], [`DirLock`]): an exclusive `flock` on
+//! - **One owner** ([`acquire`] for the server, [`acquire_existing`] for an
+//!   admin command, [`DirLock`]): an exclusive `flock` on
 //!   `<data-dir>/backupd.lock`, taken before anything else in the directory is
 //!   touched and held for the life of the process (or of an admin command). The
 //!   holder's pid is written into the file, so that a second server (or a
@@ -367,8 +368,21 @@ fn check_marked_or_empty(dir: &Dir, path: &Path) -> Result<bool, String> {
 /// into it. The error is the message for the user, e.g. "data directory D is
 /// in use by process N".
 pub fn acquire(data_dir: &Path) -> Result<DirLock, String> {
+    lock(data_dir, true)
+}
+
+/// [`acquire`] for a data directory that must exist already (an admin
+/// command): a missing one is an error, not created.
+pub fn acquire_existing(data_dir: &Path) -> Result<DirLock, String> {
+    lock(data_dir, false)
+}
+
+fn lock(data_dir: &Path, create: bool) -> Result<DirLock, String> {
     let d = data_dir.display();
     match std::fs::symlink_metadata(data_dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !create => {
+            return Err(format!("data directory {d} does not exist"))
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -492,8 +506,11 @@ mod tests {
     #[test]
     fn lock_marker_and_refusal() {
         let t = tempfile::tempdir().unwrap();
-        // A missing directory is created and marked; a second lock is refused.
+        // A missing directory is created and marked (by the server, not by an
+        // admin command); a second lock is refused.
         let data = t.path().join("new").join("data");
+        assert!(acquire_existing(&data).unwrap_err().contains("does not exist"));
+        assert!(!data.exists());
         let lock = acquire(&data).unwrap();
         prepare(&lock).unwrap();
         let msg = acquire(&data).unwrap_err();
