@@ -1,73 +1,545 @@
-//! The data directory's lock: one process at a time may write to a data
-//! directory. `flock(LOCK_EX | LOCK_NB)` on `<data-dir>/backupd.lock`, which
-//! then holds the owner's pid (for the message of the next one refused). The
-//! kernel releases the lock when the process ends, however it ends; a stale
-//! file left behind locks nothing.
+//! The data directory as a whole: who owns it, what it is, and how anything
+//! inside it is opened.
+//!
+//! - **One owner** ([`acquire`] for the server, [`acquire_existing`] for an
+//!   admin command, [`DirLock`]): an exclusive `flock` on
+//!   `<data-dir>/backupd.lock`, taken before anything else in the directory is
+//!   touched and held for the life of the process (or of an admin command). The
+//!   holder's pid is written into the file, so that a second server (or a
+//!   writing admin command) can say who holds it and exit at once.
+//! - **A marker, not a guess** ([`prepare`]): backupd creates a data directory
+//!   only when it does not exist or is empty, and marks it with
+//!   `backupd.layout` (the layout version). A non-empty folder without the
+//!   marker is refused, its mode and contents untouched.
+//! - **Nothing is followed** ([`Dir`]): every entry inside the data directory
+//!   is reached relative to a directory descriptor, one component at a time,
+//!   with no symbolic link followed (`openat` with `O_NOFOLLOW`, `O_DIRECTORY`
+//!   for folders; `mkdirat`, `renameat`, `linkat`, `unlinkat`, `fstatat`
+//!   with `AT_SYMLINK_NOFOLLOW`). Only the data directory's own path (given by
+//!   the operator) is resolved normally.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 
-/// Name of the lock file inside the data directory.
+/// The lock file, in the data directory.
 pub const LOCK_FILE: &str = "backupd.lock";
+/// The marker file, in the data directory.
+pub const MARKER_FILE: &str = "backupd.layout";
+/// The layout this backupd writes and understands.
+pub const LAYOUT_VERSION: u32 = 1;
+/// What the marker holds, before the version number.
+const MARKER_PREFIX: &str = "backupd data directory, layout ";
 
-/// The data directory's lock, held until dropped.
+/// What an entry is, seen without following it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    /// A socket, fifo or device.
+    Other,
+}
+
+/// An entry's kind and size (`fstatat` with `AT_SYMLINK_NOFOLLOW`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    pub kind: Kind,
+    pub size: u64,
+    /// Device and inode: two names of one file have the same.
+    pub ino: (u64, u64),
+}
+
+/// An open directory: every operation names a single component inside it and
+/// follows no symbolic link.
+#[derive(Debug)]
+pub struct Dir {
+    fd: OwnedFd,
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// One path component as a C string: not empty, not `..`, no `/` and no NUL,
+/// so that an operation on it can never leave its directory.
+fn component(name: &OsStr) -> io::Result<CString> {
+    let b = name.as_bytes();
+    if b.is_empty() || b == b".." || b.contains(&b'/') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("not a single path component: {name:?}"),
+        ));
+    }
+    CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path component"))
+}
+
+/// The components of a relative `/`-separated path; each must be a valid
+/// single component (no empty, `.` or `..`).
+pub fn components(rel: &str) -> io::Result<Vec<&str>> {
+    let parts: Vec<&str> = rel.split('/').collect();
+    if parts.iter().any(|p| p.is_empty() || *p == "." || *p == ".." || p.contains('\0')) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("not a plain relative path: {rel:?}"),
+        ));
+    }
+    Ok(parts)
+}
+
+impl Dir {
+    /// Open a directory by path (the data directory itself: the operator's
+    /// path is resolved normally, links included).
+    pub fn open(path: &Path) -> io::Result<Dir> {
+        let c = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))?;
+        // SAFETY: a valid C string; the returned descriptor is owned below.
+        let fd =
+            cvt(unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) })?;
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        Ok(Dir { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    fn openat(&self, name: &CStr, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+        // SAFETY: valid descriptor and C string; the result is owned at once.
+        let fd = cvt(unsafe {
+            libc::openat(self.fd.as_raw_fd(), name.as_ptr(), flags | libc::O_NOFOLLOW | libc::O_CLOEXEC, mode)
+        })?;
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Open the sub-directory `name` (fails with ENOTDIR on a link or a file).
+    pub fn open_dir(&self, name: impl AsRef<OsStr>) -> io::Result<Dir> {
+        let c = component(name.as_ref())?;
+        Ok(Dir { fd: self.openat(&c, libc::O_RDONLY | libc::O_DIRECTORY, 0)? })
+    }
+
+    /// Open the sub-directory `name`, creating it (mode 0700) if missing.
+    /// Returns whether it was created.
+    pub fn ensure_dir(&self, name: impl AsRef<OsStr>) -> io::Result<(Dir, bool)> {
+        let c = component(name.as_ref())?;
+        // SAFETY: valid descriptor and C string.
+        let created = match cvt(unsafe { libc::mkdirat(self.fd.as_raw_fd(), c.as_ptr(), 0o700) }) {
+            Ok(_) => true,
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => false,
+            Err(e) => return Err(e),
+        };
+        Ok((Dir { fd: self.openat(&c, libc::O_RDONLY | libc::O_DIRECTORY, 0)? }, created))
+    }
+
+    /// Open a chain of sub-directories, one component at a time, never
+    /// following a link.
+    pub fn open_path(&self, parts: &[&str]) -> io::Result<Dir> {
+        let mut d = self.try_clone()?;
+        for p in parts {
+            d = d.open_dir(p)?;
+        }
+        Ok(d)
+    }
+
+    /// Create a new file (`O_EXCL`: never an existing entry, never through a link).
+    pub fn create_file(&self, name: impl AsRef<OsStr>, mode: u32) -> io::Result<File> {
+        let c = component(name.as_ref())?;
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL;
+        Ok(File::from(self.openat(&c, flags, mode as libc::mode_t)?))
+    }
+
+    /// Open an existing regular file for reading (fails on a link).
+    pub fn open_file(&self, name: impl AsRef<OsStr>) -> io::Result<File> {
+        let c = component(name.as_ref())?;
+        let f = File::from(self.openat(&c, libc::O_RDONLY | libc::O_NONBLOCK, 0)?);
+        if !f.metadata()?.is_file() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+        }
+        Ok(f)
+    }
+
+    /// What `name` is, without following it; None when it does not exist.
+    pub fn stat(&self, name: impl AsRef<OsStr>) -> io::Result<Option<Meta>> {
+        let c = component(name.as_ref())?;
+        // SAFETY: stat is plain data; valid descriptor and C string.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::fstatat(self.fd.as_raw_fd(), c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(e) };
+        }
+        let kind = match st.st_mode & libc::S_IFMT {
+            libc::S_IFREG => Kind::File,
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            _ => Kind::Other,
+        };
+        Ok(Some(Meta { kind, size: st.st_size as u64, ino: (st.st_dev, st.st_ino) }))
+    }
+
+    /// Remove the entry `name` (a link is removed itself, never its target).
+    pub fn remove_file(&self, name: impl AsRef<OsStr>) -> io::Result<()> {
+        let c = component(name.as_ref())?;
+        // SAFETY: valid descriptor and C string.
+        cvt(unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), 0) }).map(drop)
+    }
+
+    /// Remove the empty sub-directory `name`.
+    pub fn remove_dir(&self, name: impl AsRef<OsStr>) -> io::Result<()> {
+        let c = component(name.as_ref())?;
+        // SAFETY: valid descriptor and C string.
+        cvt(unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) }).map(drop)
+    }
+
+    /// Rename `name` to `to/to_name` (the entry itself moves, whatever it is).
+    pub fn rename(&self, name: impl AsRef<OsStr>, to: &Dir, to_name: impl AsRef<OsStr>) -> io::Result<()> {
+        let (a, b) = (component(name.as_ref())?, component(to_name.as_ref())?);
+        // SAFETY: valid descriptors and C strings.
+        cvt(unsafe { libc::renameat(self.fd.as_raw_fd(), a.as_ptr(), to.fd.as_raw_fd(), b.as_ptr()) })
+            .map(drop)
+    }
+
+    /// Hard-link `name` as `to/to_name` (no flag: a link is not followed).
+    pub fn hard_link(&self, name: impl AsRef<OsStr>, to: &Dir, to_name: impl AsRef<OsStr>) -> io::Result<()> {
+        let (a, b) = (component(name.as_ref())?, component(to_name.as_ref())?);
+        // SAFETY: valid descriptors and C strings.
+        cvt(unsafe { libc::linkat(self.fd.as_raw_fd(), a.as_ptr(), to.fd.as_raw_fd(), b.as_ptr(), 0) })
+            .map(drop)
+    }
+
+    /// The entries of this directory (without `.` and `..`), each with its
+    /// kind and size: one `fstatat` per entry.
+    pub fn entries(&self) -> io::Result<Vec<(OsString, Meta)>> {
+        let dot = CString::new(".").map_err(|_| io::ErrorKind::InvalidInput)?;
+        // A new open file description, so that reading it moves no shared offset.
+        let fd = self.openat(&dot, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        let raw: RawFd = std::os::fd::IntoRawFd::into_raw_fd(fd);
+        // SAFETY: raw is an open directory descriptor; on success the stream owns it.
+        let stream = unsafe { libc::fdopendir(raw) };
+        if stream.is_null() {
+            let e = io::Error::last_os_error();
+            // SAFETY: fdopendir failed, so raw is still ours to close.
+            unsafe { libc::close(raw) };
+            return Err(e);
+        }
+        let mut names = Vec::new();
+        let result = loop {
+            // SAFETY: errno is thread-local; readdir on a valid stream.
+            unsafe { *libc::__errno_location() = 0 };
+            let ent = unsafe { libc::readdir(stream) };
+            if ent.is_null() {
+                let e = io::Error::last_os_error();
+                break if e.raw_os_error().unwrap_or(0) == 0 { Ok(()) } else { Err(e) };
+            }
+            // SAFETY: d_name is a NUL-terminated array inside the entry readdir returned.
+            let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes();
+            if name != b"." && name != b".." {
+                names.push(OsString::from_vec(name.to_vec()));
+            }
+        };
+        // SAFETY: the stream is valid and closed once.
+        unsafe { libc::closedir(stream) };
+        result?;
+        let mut out = Vec::with_capacity(names.len());
+        for n in names {
+            // An entry removed meanwhile is simply not listed.
+            if let Some(m) = self.stat(&n)? {
+                out.push((n, m));
+            }
+        }
+        Ok(out)
+    }
+
+    /// fsync the directory (its entries become durable).
+    pub fn sync(&self) -> io::Result<()> {
+        // SAFETY: valid descriptor.
+        cvt(unsafe { libc::fsync(self.fd.as_raw_fd()) }).map(drop)
+    }
+
+    /// syncfs(2) of the filesystem holding this directory. Reports writeback
+    /// errors of that filesystem since the last syncfs through this same
+    /// descriptor (so keep the descriptor: a new one would not see them).
+    pub fn syncfs(&self) -> io::Result<()> {
+        // SAFETY: valid descriptor.
+        cvt(unsafe { libc::syncfs(self.fd.as_raw_fd()) }).map(drop)
+    }
+
+    /// Set this directory's mode.
+    pub fn set_mode(&self, mode: u32) -> io::Result<()> {
+        // SAFETY: valid descriptor.
+        cvt(unsafe { libc::fchmod(self.fd.as_raw_fd(), mode as libc::mode_t) }).map(drop)
+    }
+
+    pub fn try_clone(&self) -> io::Result<Dir> {
+        Ok(Dir { fd: self.fd.try_clone()? })
+    }
+}
+
+/// Holds the data directory's lock; released when dropped (or when the
+/// process ends, however it ends).
 #[derive(Debug)]
 pub struct DirLock {
     _file: File,
+    dir: Dir,
+    path: PathBuf,
 }
 
-/// Take the lock of `data_dir` without waiting. Fails with "data directory D
-/// is in use by process N" when another process holds it.
-pub fn acquire(data_dir: &Path) -> Result<DirLock, String> {
-    let path = data_dir.join(LOCK_FILE);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    // SAFETY: flock on a descriptor owned by `file` for the duration of the call.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
-            let pid = pid.trim();
-            let pid = if pid.is_empty() { "unknown" } else { pid };
-            return Err(format!("data directory {} is in use by process {pid}", data_dir.display()));
-        }
-        return Err(format!("cannot lock {}: {err}", path.display()));
+impl DirLock {
+    /// The data directory this lock holds.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
-    let written = file
-        .set_len(0)
-        .and_then(|_| file.seek(SeekFrom::Start(0)))
-        .and_then(|_| writeln!(file, "{}", std::process::id()));
-    written.map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    Ok(DirLock { _file: file })
+
+    /// The data directory, opened (see [`Dir`]).
+    pub fn dir(&self) -> &Dir {
+        &self.dir
+    }
+}
+
+/// Entries of a directory that do not make it "in use": the lock file (made
+/// by [`acquire`]) and a filesystem's `lost+found`.
+fn counts_as_content(name: &OsStr, meta: &Meta) -> bool {
+    !(name == OsStr::new(LOCK_FILE) && meta.kind == Kind::File
+        || name == OsStr::new("lost+found") && meta.kind == Kind::Dir)
+}
+
+/// Is the directory ours (marked) or free to take (empty)? Reads only.
+/// `Ok(true)`: marked; `Ok(false)`: empty; `Err`: the message that refuses it.
+fn check_marked_or_empty(dir: &Dir, path: &Path) -> Result<bool, String> {
+    let d = path.display();
+    match dir.stat(MARKER_FILE).map_err(|e| format!("data directory {d}: {MARKER_FILE}: {e}"))? {
+        Some(Meta { kind: Kind::File, .. }) => {
+            let mut s = String::new();
+            dir.open_file(MARKER_FILE)
+                .and_then(|mut f| Read::by_ref(&mut f).take(256).read_to_string(&mut s))
+                .map_err(|e| format!("data directory {d}: cannot read {MARKER_FILE}: {e}"))?;
+            let version = s.trim().strip_prefix(MARKER_PREFIX).and_then(|v| v.parse::<u32>().ok());
+            return match version {
+                Some(v) if v <= LAYOUT_VERSION => Ok(true),
+                Some(v) => Err(format!(
+                    "data directory {d} has layout {v}, newer than this backupd understands ({LAYOUT_VERSION}); \
+                     run a newer backupd"
+                )),
+                None => Err(format!(
+                    "data directory {d}: {MARKER_FILE} is not a backupd marker ({:?}); \
+                     check the folder before starting",
+                    s.chars().take(60).collect::<String>()
+                )),
+            };
+        }
+        Some(_) => {
+            return Err(format!("data directory {d}: {MARKER_FILE} is not a regular file; check the folder"));
+        }
+        None => {}
+    }
+    let entries = dir.entries().map_err(|e| format!("data directory {d}: cannot list it: {e}"))?;
+    let mut found: Vec<String> = entries
+        .iter()
+        .filter(|(n, m)| counts_as_content(n, m))
+        .map(|(n, _)| n.to_string_lossy().into_owned())
+        .collect();
+    if found.is_empty() {
+        return Ok(false);
+    }
+    found.sort();
+    let more = found.len().saturating_sub(5);
+    found.truncate(5);
+    let mut list = found.join(", ");
+    if more > 0 {
+        list.push_str(&format!(" and {more} more"));
+    }
+    Err(format!(
+        "data directory {d} is not empty and has no {MARKER_FILE} marker (it holds {list}); \
+         backupd will not take over a folder that may not be its own. Point --data-dir at a new or \
+         empty folder; if this is the data directory of an earlier backupd, mark it with \
+         `echo '{MARKER_PREFIX}{LAYOUT_VERSION}' > {}` and start again",
+        Path::new(path).join(MARKER_FILE).display()
+    ))
+}
+
+/// Take the data directory's lock: create the directory (mode 0700) if it
+/// does not exist, refuse a non-empty folder without the marker (untouched),
+/// then lock `backupd.lock` (`flock(LOCK_EX | LOCK_NB)`) and write our pid
+/// into it. The error is the message for the user, e.g. "data directory D is
+/// in use by process N".
+pub fn acquire(data_dir: &Path) -> Result<DirLock, String> {
+    lock(data_dir, true)
+}
+
+/// [`acquire`] for a data directory that must exist already (an admin
+/// command): a missing one is an error, not created.
+pub fn acquire_existing(data_dir: &Path) -> Result<DirLock, String> {
+    lock(data_dir, false)
+}
+
+fn lock(data_dir: &Path, create: bool) -> Result<DirLock, String> {
+    let d = data_dir.display();
+    match std::fs::symlink_metadata(data_dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !create => {
+            return Err(format!("data directory {d} does not exist"))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(|e| format!("cannot create data directory {d}: {e}"))?,
+        Err(e) => return Err(format!("data directory {d}: {e}")),
+        Ok(_) => {}
+    }
+    let dir = Dir::open(data_dir).map_err(|e| format!("data directory {d}: {e}"))?;
+    check_marked_or_empty(&dir, data_dir)?;
+    let c = component(OsStr::new(LOCK_FILE)).map_err(|e| e.to_string())?;
+    let fd = dir.openat(&c, libc::O_RDWR | libc::O_CREAT, 0o600).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            format!("data directory {d}: {LOCK_FILE} is a symbolic link; remove it")
+        } else {
+            format!("data directory {d}: cannot open {LOCK_FILE}: {e}")
+        }
+    })?;
+    let mut file = File::from(fd);
+    match file.metadata() {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Err(format!("data directory {d}: {LOCK_FILE} is not a regular file")),
+        Err(e) => return Err(format!("data directory {d}: {LOCK_FILE}: {e}")),
+    }
+    // SAFETY: valid descriptor owned by `file`.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let mut s = String::new();
+            let _ = Read::by_ref(&mut file).take(32).read_to_string(&mut s);
+            let holder = s.trim().parse::<u32>().map(|p| p.to_string()).unwrap_or_else(|_| "?".into());
+            return Err(format!("data directory {d} is in use by process {holder}"));
+        }
+        return Err(format!("data directory {d}: cannot lock {LOCK_FILE}: {e}"));
+    }
+    let pid = format!("{}\n", std::process::id());
+    file.set_len(0)
+        .and_then(|_| file.rewind())
+        .and_then(|_| file.write_all(pid.as_bytes()))
+        .map_err(|e| format!("data directory {d}: cannot write {LOCK_FILE}: {e}"))?;
+    Ok(DirLock { _file: file, dir, path: data_dir.to_path_buf() })
+}
+
+/// Mark a locked data directory as backupd's if it is still empty (a marker
+/// naming the layout version, made durable), or check the marker it has.
+pub fn prepare(lock: &DirLock) -> Result<(), String> {
+    let (dir, d) = (&lock.dir, lock.path.display());
+    if check_marked_or_empty(dir, &lock.path)? {
+        return Ok(());
+    }
+    let tmp = format!("{MARKER_FILE}.new");
+    let _ = dir.remove_file(&tmp);
+    dir.create_file(&tmp, 0o600)
+        .and_then(|mut f| {
+            f.write_all(format!("{MARKER_PREFIX}{LAYOUT_VERSION}\n").as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|_| dir.rename(&tmp, dir, MARKER_FILE))
+        .and_then(|_| dir.sync())
+        .map_err(|e| format!("data directory {d}: cannot write {MARKER_FILE}: {e}"))?;
+    log::info!("data directory {d} created (layout {LAYOUT_VERSION})");
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::{symlink, PermissionsExt};
 
     #[test]
-    fn a_second_holder_is_refused_until_the_first_drops() {
-        let dir = tempfile::tempdir().unwrap();
-        let lock = acquire(dir.path()).unwrap();
-        let pid = std::fs::read_to_string(dir.path().join(LOCK_FILE)).unwrap();
-        assert_eq!(pid.trim(), std::process::id().to_string());
-        // A second open file description conflicts, even in the same process.
-        let err = acquire(dir.path()).unwrap_err();
+    fn nothing_is_followed() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("victim"), b"keep").unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        symlink(&outside, root.join("link")).unwrap();
+        symlink(outside.join("victim"), root.join("flink")).unwrap();
+        std::fs::write(root.join("plain"), b"x").unwrap();
+        let d = Dir::open(&root).unwrap();
+
+        // O_DIRECTORY | O_NOFOLLOW on a link: ENOTDIR, as on a file.
+        assert_eq!(d.open_dir("link").unwrap_err().raw_os_error(), Some(libc::ENOTDIR));
+        assert_eq!(d.ensure_dir("link").unwrap_err().raw_os_error(), Some(libc::ENOTDIR));
+        assert_eq!(d.open_dir("plain").unwrap_err().raw_os_error(), Some(libc::ENOTDIR));
+        assert_eq!(d.ensure_dir("plain").unwrap_err().raw_os_error(), Some(libc::ENOTDIR));
+        assert!(d.open_path(&["link", "x"]).is_err());
+        assert!(d.create_file("flink", 0o600).is_err());
+        assert!(d.open_file("flink").is_err());
+        assert_eq!(d.stat("link").unwrap().unwrap().kind, Kind::Symlink);
+        let m = d.stat("plain").unwrap().unwrap();
+        assert_eq!((m.kind, m.size), (Kind::File, 1));
+        assert_eq!(d.stat("missing").unwrap(), None);
+        for bad in ["..", "a/b", "", "/etc"] {
+            assert_eq!(d.stat(bad).unwrap_err().kind(), io::ErrorKind::InvalidInput, "{bad}");
+        }
+        // Removing, renaming and linking act on the link itself.
+        let (sub, created) = d.ensure_dir("sub").unwrap();
+        assert!(created);
+        assert!(!d.ensure_dir("sub").unwrap().1);
+        d.rename("link", &sub, "moved").unwrap();
+        assert_eq!(sub.stat("moved").unwrap().unwrap().kind, Kind::Symlink);
+        d.hard_link("flink", &sub, "hl").unwrap();
+        assert_eq!(sub.stat("hl").unwrap().unwrap().kind, Kind::Symlink);
+        d.remove_file("flink").unwrap();
+        sub.remove_file("hl").unwrap();
+        sub.remove_file("moved").unwrap();
+        assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"keep");
+        let mut names: Vec<_> = d.entries().unwrap().into_iter().map(|(n, m)| (n, m.kind)).collect();
+        names.sort();
+        assert_eq!(names, vec![("plain".into(), Kind::File), ("sub".into(), Kind::Dir)]);
+        assert_eq!(std::fs::metadata(root.join("sub")).unwrap().permissions().mode() & 0o777, 0o700);
+        d.remove_dir("sub").unwrap();
+        assert!(components("a/b/c").is_ok());
+        for bad in ["a//b", "/a", "a/", "a/./b", "a/../b", "."] {
+            assert!(components(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lock_marker_and_refusal() {
+        let t = tempfile::tempdir().unwrap();
+        // A missing directory is created and marked (by the server, not by an
+        // admin command); a second lock is refused.
+        let data = t.path().join("new").join("data");
+        assert!(acquire_existing(&data).unwrap_err().contains("does not exist"));
+        assert!(!data.exists());
+        let lock = acquire(&data).unwrap();
+        prepare(&lock).unwrap();
+        let msg = acquire(&data).unwrap_err();
         assert_eq!(
-            err,
-            format!("data directory {} is in use by process {}", dir.path().display(), std::process::id())
+            msg,
+            format!("data directory {} is in use by process {}", data.display(), std::process::id())
         );
         drop(lock);
-        assert!(acquire(dir.path()).is_ok());
+        let lock = acquire(&data).unwrap();
+        prepare(&lock).unwrap();
+        drop(lock);
+        // An empty existing directory is accepted.
+        let empty = t.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        prepare(&acquire(&empty).unwrap()).unwrap();
+        assert!(empty.join(MARKER_FILE).is_file());
+        // A non-empty unmarked one is refused, untouched.
+        let home = t.path().join("home");
+        std::fs::create_dir_all(home.join("tmp")).unwrap();
+        std::fs::write(home.join("notes.txt"), b"mine").unwrap();
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let msg = acquire(&home).unwrap_err();
+        assert!(msg.contains("notes.txt, tmp") && msg.contains("not empty"), "{msg}");
+        let mut left: Vec<_> = std::fs::read_dir(&home).unwrap().map(|e| e.unwrap().file_name()).collect();
+        left.sort();
+        assert_eq!(left, vec![OsString::from("notes.txt"), OsString::from("tmp")]);
+        assert_eq!(std::fs::metadata(&home).unwrap().permissions().mode() & 0o777, 0o755);
+        // A marker from the future is refused.
+        std::fs::write(empty.join(MARKER_FILE), "backupd data directory, layout 99\n").unwrap();
+        assert!(acquire(&empty).unwrap_err().contains("layout 99"));
     }
 }

@@ -496,22 +496,24 @@ fn verify_finds_a_flipped_byte_a_missing_file_an_unreadable_one_and_a_stray() {
 
 #[test]
 fn writing_commands_refuse_while_the_data_directory_is_locked() {
+    // The running server holds the data directory's lock.
     let mut f = fixture();
-    f.server.stop();
     let data = f.server.data_dir();
-    // Stands for a running server (the lock is the server's once it takes it).
-    let lock = backupd::datadir::acquire(&data).unwrap();
-    let pid = std::process::id().to_string();
+    let held = format!("in use by process {}", f.server.pid());
     for args in [&["remove-client", "bob"][..], &["reset-key", "alice"]] {
         let r = admin_ok(&data, args, 1);
-        assert!(r.stderr.contains("in use by process") && r.stderr.contains(&pid), "{r:?}");
+        assert!(r.stderr.contains(&held) && r.stderr.contains("stop the server first"), "{r:?}");
     }
     // Nothing changed; read-only commands still work.
     let list = json(&admin_ok(&data, &["clients", "--json"], 0).stdout);
     assert_eq!(list.arr().len(), 2);
     assert!(list.arr().iter().all(|c| c.get("has_key") == &J::Bool(true)));
-    drop(lock);
+    f.server.stop();
     admin_ok(&data, &["reset-key", "alice"], 0);
+    // A missing data directory is an error, not created.
+    let missing = f.server.temp_dir().join("missing");
+    admin_ok(&missing, &["reset-key", "alice"], 1);
+    assert!(!missing.exists());
 }
 
 #[test]
@@ -523,9 +525,18 @@ fn remove_client_deletes_or_keeps_the_files() {
     f.server.stop();
     let data = f.server.data_dir();
 
+    // A link in bob's folder, and bob's versions folder a link: removed
+    // themselves, never what they point to.
+    let outside = f.server.temp_dir().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("precious"), b"not bob's").unwrap();
+    std::os::unix::fs::symlink(outside.join("precious"), f.server.stored_path(&f.bob, "link")).unwrap();
+    std::os::unix::fs::symlink(&outside, data.join("versions").join(id_hex(&f.bob))).unwrap();
     let r = admin_ok(&data, &["remove-client", &id_hex(&f.bob)], 0);
     assert!(r.stdout.contains("removed client bob"), "{r:?}");
     assert!(!data.join("files").join(id_hex(&f.bob)).exists());
+    assert!(data.join("versions").join(id_hex(&f.bob)).symlink_metadata().is_err());
+    assert_eq!(std::fs::read(outside.join("precious")).unwrap(), b"not bob's");
     admin_ok(&data, &["remove-client", "carol", "--keep-files"], 0);
     assert!(!data.join("files").join(id_hex(&carol)).exists());
     let kept: Vec<PathBuf> = walk_files(&data.join("orphans"));
@@ -610,6 +621,9 @@ fn snapshot_copies_the_database_and_links_the_files_while_the_server_runs() {
     assert!(r.stdout.contains("checked 4 files and 1 versions"), "{r:?}");
     let rows = json(&admin_ok(&snap, &["files", "--json"], 0).stdout);
     assert_eq!(rows.arr().len(), 4);
+    // Marked as one (a server or a writing command takes it), and no longer locked.
+    assert!(snap.join("backupd.layout").is_file());
+    admin_ok(&snap, &["reset-key", "bob"], 0);
     // Only into a new or empty directory.
     let r = admin_ok(&data, &["snapshot", s], 1);
     assert!(r.stderr.contains("not empty"), "{r:?}");
@@ -631,6 +645,7 @@ fn read_only_commands_leave_the_stored_files_alone() {
         v.sort();
         v
     };
+    let server_pid = f.server.pid();
     for running in [true, false] {
         if !running {
             f.server.stop();
@@ -644,7 +659,9 @@ fn read_only_commands_leave_the_stored_files_alone() {
         admin_ok(&data, &["restore", "alice", "--to", out.to_str().unwrap()], 0);
         admin_ok(&data, &["snapshot", snap.to_str().unwrap()], 0);
         assert_eq!(listing(), before, "running: {running}");
-        assert!(!data.join("backupd.lock").exists(), "a read-only command took the lock");
+        // The lock file still names the server: no read-only command took it.
+        let holder = std::fs::read_to_string(data.join("backupd.lock")).unwrap();
+        assert_eq!(holder.trim(), server_pid.to_string(), "a read-only command took the lock");
     }
 }
 

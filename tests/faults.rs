@@ -141,14 +141,31 @@ fn check_consistent(server: &TestServer, ledger: &Ledger, tag: &str) {
     assert_eq!(integrity, "ok", "{tag}: integrity_check");
     let intents: i64 = db.query_row("SELECT count(*) FROM publish_intents", [], |r| r.get(0)).unwrap();
     assert_eq!(intents, 0, "{tag}: publish intents left after the restart");
-    let mut st = db.prepare("SELECT ID, FileName, PathName FROM files WHERE Verified=1").unwrap();
+    let mut st =
+        db.prepare("SELECT ID, FileName, PathName, Size, Cksum FROM files WHERE Verified=1").unwrap();
     let rows: BTreeSet<String> = st
-        .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })
         .unwrap()
         .map(|r| {
-            let (id, name, path) = r.unwrap();
+            let (id, name, path, size, cksum) = r.unwrap();
             let id: ClientId = id.try_into().unwrap();
             assert_eq!(path, format!("files/{}/{name}", id_hex(&id)), "{tag}: row path");
+            // The row describes the very file on disk: its size and its cksum.
+            let got = std::fs::read(data.join(&path)).unwrap_or_default();
+            assert_eq!(got.len() as i64, size, "{tag}: {path}: size on disk and in its row differ");
+            assert_eq!(
+                backupd::crypto::cksum(&got) as i64,
+                cksum,
+                "{tag}: {path}: cksum differs from its row"
+            );
             path
         })
         .collect();

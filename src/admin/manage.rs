@@ -1,20 +1,19 @@
 //! The commands that write: `backupd remove-client` and `backupd reset-key`.
 //!
-//! Both take the data directory's lock first ([`crate::datadir::acquire`])
+//! Both take the data directory's lock first ([`crate::datadir::acquire_existing`])
 //! and refuse, exit 1, while a server (or another writing command) holds
 //! it: the server keeps its clients in memory and would not see the change.
 
-use std::fs;
-use std::path::Path;
+use std::ffi::OsStr;
+use std::io;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::params;
 
 use super::store::{ClientInfo, Store, StoreArgs};
-use crate::datadir::{self, DirLock};
+use crate::datadir::{self, Dir, DirLock, Kind};
 use crate::protocol::id_hex;
-use crate::worker::storage::create_private_dir;
 
 /// Remove a client's registration and, unless --keep-files, its files and versions.
 #[derive(clap::Args, Debug, Clone)]
@@ -44,8 +43,13 @@ pub struct ResetKeyArgs {
 /// The lock, then the database for writing, then the client.
 fn open_locked(args: &StoreArgs, spec: &str) -> Result<(DirLock, Store, ClientInfo), String> {
     args.check_data_dir()?;
-    let lock = datadir::acquire(&args.data_dir)
-        .map_err(|e| format!("{e}; stop the server first (this command changes the data directory)"))?;
+    let lock = datadir::acquire_existing(&args.data_dir).map_err(|e| {
+        if e.contains(" is in use by process ") {
+            format!("{e}; stop the server first (this command changes the data directory)")
+        } else {
+            e
+        }
+    })?;
     let store = Store::open_read_write(args)?;
     let client = store.resolve(spec)?;
     Ok((lock, store, client))
@@ -67,7 +71,7 @@ pub fn reset_key(args: &ResetKeyArgs) -> Result<ExitCode, String> {
 }
 
 pub fn remove_client(args: &RemoveClientArgs) -> Result<ExitCode, String> {
-    let (_lock, mut store, client) = open_locked(&args.store, &args.client)?;
+    let (lock, mut store, client) = open_locked(&args.store, &args.client)?;
     let hex = id_hex(&client.id);
     // The rows go first: files left behind by a crash after this are found
     // without a row at the next start and moved to orphans/, never served.
@@ -77,39 +81,64 @@ pub fn remove_client(args: &RemoveClientArgs) -> Result<ExitCode, String> {
         .and_then(|n| tx.execute("DELETE FROM clients WHERE ID=?1", params![&client.id[..]]).map(|_| n))
         .map_err(|e| format!("database: {e}"))?;
     tx.commit().map_err(|e| format!("database: {e}"))?;
-    let storage = &store.storage;
-    let dirs = [storage.client_dir(&client.id), storage.versions_root().join(&hex)];
+    // Through the data directory's descriptors, as the server: the client's
+    // entries are moved or removed themselves, never anything through a link.
+    let root = lock.dir();
+    let d = lock.path().display();
+    let err = |what: &str, e: io::Error| format!("data directory {d}: cannot {what}: {e}");
+    let mut tops = Vec::new();
+    for sub in ["files", "versions"] {
+        match root.open_dir(sub) {
+            Ok(top) => tops.push((sub, top)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(&format!("open {sub}/"), e)),
+        }
+    }
     if args.keep_files {
         let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let dest = storage.root().join("orphans").join(format!("removed-{hex}-{stamp}"));
-        create_private_dir(&dest).map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
-        for (dir, sub) in dirs.iter().zip(["files", "versions"]) {
-            move_if_present(dir, &dest.join(sub))?;
+        let name = format!("removed-{hex}-{stamp}");
+        let kept = format!("orphans/{name}");
+        let (orphans, _) = root.ensure_dir("orphans").map_err(|e| err("create orphans/", e))?;
+        let (dest, _) = orphans.ensure_dir(&name).map_err(|e| err(&format!("create {kept}"), e))?;
+        for (sub, top) in &tops {
+            match top.rename(&hex, &dest, sub) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(err(&format!("move {sub}/{hex} to {kept}/{sub}"), e))
+                }
+                _ => {}
+            }
+        }
+        for dir in tops.iter().map(|(_, t)| t).chain([&dest, &orphans, root]) {
+            dir.sync().map_err(|e| err("sync", e))?;
         }
         println!(
             "removed client {} ({hex}) and {files} file row(s); its files are kept in {}",
             client.name,
-            dest.display()
+            lock.path().join(&kept).display()
         );
     } else {
-        for dir in &dirs {
-            match fs::remove_dir_all(dir) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(format!("cannot remove {}: {e}", dir.display()))
-                }
-                _ => {}
-            }
+        for (sub, top) in &tops {
+            remove_tree(top, OsStr::new(&hex)).map_err(|e| err(&format!("remove {sub}/{hex}"), e))?;
+            top.sync().map_err(|e| err("sync", e))?;
         }
         println!("removed client {} ({hex}), its {files} file row(s), files and versions", client.name);
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn move_if_present(from: &Path, to: &Path) -> Result<(), String> {
-    match fs::rename(from, to) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(format!("cannot move {} to {}: {e}", from.display(), to.display()))
+/// Remove the entry `name` of `parent` and, for a folder, everything in it:
+/// a link (or anything that is not a folder) is removed itself, never what
+/// it points to. Missing: nothing to do.
+fn remove_tree(parent: &Dir, name: &OsStr) -> io::Result<()> {
+    match parent.stat(name)? {
+        None => Ok(()),
+        Some(m) if m.kind == Kind::Dir => {
+            let dir = parent.open_dir(name)?;
+            for (entry, _) in dir.entries()? {
+                remove_tree(&dir, &entry)?;
+            }
+            parent.remove_dir(name)
         }
-        _ => Ok(()),
+        Some(_) => parent.remove_file(name),
     }
 }

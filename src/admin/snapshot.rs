@@ -31,7 +31,8 @@ use rusqlite::backup::{Backup, StepResult};
 use rusqlite::Connection;
 
 use super::store::{cksum_file, walk, FileInfo, Store, StoreArgs};
-use crate::worker::storage::{create_private_dir, Publish};
+use crate::datadir::{self, DirLock};
+use crate::worker::storage::{Publish, Storage};
 
 /// Write a consistent copy of the database and hard links of the stored files into DIR.
 #[derive(clap::Args, Debug, Clone)]
@@ -71,9 +72,15 @@ fn backup_db(store: &Store, dest: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot set permissions of {}: {e}", dest.display()))
 }
 
+/// Create a folder (and its parents) of the snapshot, mode 0700.
+fn private_dir(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
+}
+
 /// Mirror `from` into `to` with hard links.
 fn link_tree(from: &Path, to: &Path) -> io::Result<()> {
-    create_private_dir(to)?;
+    private_dir(to)?;
     let rd = match fs::read_dir(from) {
         Ok(rd) => rd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -105,26 +112,28 @@ fn link_tree(from: &Path, to: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// DIR must be new or empty, and outside the data directory.
-fn prepare(dir: &Path, root: &Path) -> Result<(), String> {
+/// DIR must be new or empty, and outside the data directory. It is made
+/// a data directory (created if missing, locked while the snapshot is made,
+/// then marked), so that a server started on it meanwhile refuses it.
+fn prepare(dir: &Path, root: &Path) -> Result<DirLock, String> {
     match fs::read_dir(dir) {
         Ok(mut rd) => {
             if rd.next().is_some() {
                 return Err(format!("{} is not empty", dir.display()));
             }
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            create_private_dir(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("{}: {e}", dir.display())),
     }
+    let lock = datadir::acquire(dir)?;
     let (d, r) = (fs::canonicalize(dir), fs::canonicalize(root));
     if let (Ok(d), Ok(r)) = (d, r) {
         if d.starts_with(&r) {
             return Err(format!("{} is inside the data directory", dir.display()));
         }
     }
-    Ok(())
+    datadir::prepare(&lock)?;
+    Ok(lock)
 }
 
 /// Does the file at `path` hold what `row` describes?
@@ -152,7 +161,7 @@ fn settle(live: &Store, snap: &Store) -> Result<bool, String> {
             continue;
         }
         let Some(parent) = copy.parent() else { return Ok(false) };
-        create_private_dir(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        private_dir(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         let temp = parent.join(format!(".snapshot-{}", std::process::id()));
         let _ = fs::remove_file(&temp);
         let fixed = fs::hard_link(&current, &temp).is_ok() && holds(&temp, row);
@@ -163,7 +172,10 @@ fn settle(live: &Store, snap: &Store) -> Result<bool, String> {
         let _ = fs::remove_file(&temp);
         return Ok(false);
     }
-    // Publishes caught in progress: undone as at the server's start.
+    // Publishes caught in progress: undone as at the server's start, by the
+    // server's own code on the snapshot (no link followed there either).
+    let storage =
+        Storage::open(snap.root()).map_err(|e| format!("snapshot {}: {e}", snap.root().display()))?;
     let mut st =
         snap.conn.prepare("SELECT Target, SavedPrevious FROM publish_intents").map_err(|e| snap.err(e))?;
     let intents = st
@@ -176,11 +188,8 @@ fn settle(live: &Store, snap: &Store) -> Result<bool, String> {
         if previous.is_none() && verified {
             continue;
         }
-        let p = Publish {
-            target: snap.root().join(&target),
-            saved_previous: previous.map(|p| snap.root().join(p)),
-        };
-        p.undo().map_err(|e| format!("cannot undo the publish of {target} in the snapshot: {e}"))?;
+        let p = Publish { target: target.clone(), saved_previous: previous };
+        storage.undo(&p).map_err(|e| format!("cannot undo the publish of {target} in the snapshot: {e}"))?;
     }
     snap.conn.execute("DELETE FROM publish_intents", []).map_err(|e| snap.err(e))?;
     // Files whose publish had not committed.
@@ -196,7 +205,7 @@ fn settle(live: &Store, snap: &Store) -> Result<bool, String> {
 pub fn snapshot(args: &SnapshotArgs) -> Result<ExitCode, String> {
     let store = Store::open_read_only(&args.store)?;
     let root = store.root().to_path_buf();
-    prepare(&args.dir, &root)?;
+    let _lock = prepare(&args.dir, &root)?;
     let part = args.dir.join("backupd.db.part");
     for attempt in 1..=ATTEMPTS {
         for sub in ["files", "versions"] {

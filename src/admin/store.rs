@@ -5,7 +5,9 @@
 //!
 //! This is the one place in the admin commands that knows where a file's
 //! versions are kept ([`Store::copies`], [`Store::stored_files`]): the
-//! layout itself is [`Storage`]'s.
+//! layout itself is [`Storage`]'s (its relative paths). The reading
+//! commands use plain paths and never write; the writing ones go through
+//! the data directory's descriptors (see [`super::manage`]).
 
 use std::fs;
 use std::io;
@@ -66,7 +68,7 @@ pub struct Copy {
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Store {
-    pub storage: Storage,
+    root: PathBuf,
     pub conn: Connection,
     db_path: PathBuf,
 }
@@ -92,14 +94,14 @@ impl Store {
         let err = |e: rusqlite::Error| format!("database {}: {e}", db_path.display());
         let conn = Connection::open_with_flags(&db_path, flags).map_err(err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
-        let store = Store { storage: Storage::at(&args.data_dir), conn, db_path };
+        let store = Store { root: args.data_dir.clone(), conn, db_path };
         // Fail early, with the path, on a file that is not our database.
         store.conn.query_row("SELECT count(*) FROM clients", [], |_| Ok(())).map_err(|e| store.err(e))?;
         Ok(store)
     }
 
     pub fn root(&self) -> &Path {
-        self.storage.root()
+        &self.root
     }
 
     /// A database error with the database's path.
@@ -144,10 +146,13 @@ impl Store {
     /// Every stored copy of a verified file: the current one first, then the
     /// earlier versions, newest first.
     pub fn copies(&self, f: &FileInfo) -> Vec<Copy> {
-        let mut out = vec![Copy { index: 0, path: self.root().join(&f.path) }];
-        let versions = self.storage.versions(&f.id, &f.name);
+        let mut out = vec![Copy { index: 0, path: self.root.join(&f.path) }];
+        let versions = version_numbers(&self.root.join(Storage::relative_versions_dir(&f.id, &f.name)));
         for (i, n) in versions.iter().rev().enumerate() {
-            out.push(Copy { index: i + 1, path: self.storage.version_path(&f.id, &f.name, *n) });
+            out.push(Copy {
+                index: i + 1,
+                path: self.root.join(Storage::relative_version_path(&f.id, &f.name, *n)),
+            });
         }
         out
     }
@@ -157,7 +162,7 @@ impl Store {
     /// that are no stored copy).
     pub fn stored_files(&self, client: Option<&ClientId>) -> io::Result<Vec<StoredEntry>> {
         let mut out = Vec::new();
-        for top in [self.storage.files_dir(), self.storage.versions_root()] {
+        for top in ["files", "versions"].map(|t| self.root.join(t)) {
             let dirs: Vec<PathBuf> = match client {
                 Some(id) => vec![top.join(id_hex(id))],
                 None => match fs::read_dir(&top) {
@@ -185,6 +190,21 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// The versions kept in a file's versions folder, ascending: its regular
+/// files named by a number (a folder there belongs to a deeper name).
+fn version_numbers(dir: &Path) -> Vec<u64> {
+    let mut v: Vec<u64> = match fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort_unstable();
+    v
 }
 
 /// A file found on disk under files/ or versions/.

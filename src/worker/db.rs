@@ -39,33 +39,11 @@ pub struct FileRow {
 /// One write of a batch.
 #[derive(Debug, Clone)]
 pub enum Write {
-    InsertClient {
-        id: ClientId,
-        name: String,
-    },
-    SetPublicKey {
-        id: ClientId,
-        der: Vec<u8>,
-    },
-    Touch {
-        id: ClientId,
-    },
-    FileVerified {
-        id: ClientId,
-        name: String,
-        path: String,
-        size: u64,
-        cksum: u32,
-    },
-    /// An upload that was aborted (1031): recorded only where no verified version exists.
-    FileFailed {
-        id: ClientId,
-        name: String,
-        path: String,
-    },
-    ClearIntent {
-        upload: u64,
-    },
+    InsertClient { id: ClientId, name: String },
+    SetPublicKey { id: ClientId, der: Vec<u8> },
+    Touch { id: ClientId },
+    FileVerified { id: ClientId, name: String, path: String, size: u64, cksum: u32 },
+    ClearIntent { upload: u64 },
 }
 
 /// A publish in progress, recorded before any rename so that a crash in the
@@ -361,13 +339,6 @@ impl Db {
                         )?
                         .execute(params![&id[..], name, path, *size as i64, *cksum as i64, now])?;
                     }
-                    Write::FileFailed { id, name, path } => {
-                        tx.prepare_cached(
-                            "INSERT INTO files(ID, FileName, PathName, Verified, ReceivedAt)
-                             VALUES (?1, ?2, ?3, 0, ?4) ON CONFLICT(ID, FileName) DO NOTHING",
-                        )?
-                        .execute(params![&id[..], name, path, now])?;
-                    }
                     Write::ClearIntent { upload } => {
                         tx.prepare_cached("DELETE FROM publish_intents WHERE Upload=?1")?
                             .execute(params![*upload as i64])?;
@@ -439,13 +410,11 @@ mod tests {
             Write::InsertClient { id, name: "alice".into() },
             Write::SetPublicKey { id, der: vec![1, 2, 3] },
             Write::FileVerified { id, name: "a".into(), path: "files/x/a".into(), size: 3, cksum: 7 },
-            Write::FileFailed { id, name: "a".into(), path: "files/x/a".into() },
-            Write::FileFailed { id, name: "b".into(), path: "files/x/b".into() },
         ])
         .unwrap();
         let clients = db.load_clients().unwrap();
         assert_eq!(clients, vec![ClientRecord { id, name: "alice".into(), public_key: Some(vec![1, 2, 3]) }]);
-        assert!(db.is_verified(&id, "a").unwrap(), "a failed attempt must not unverify a verified file");
+        assert!(db.is_verified(&id, "a").unwrap());
         assert!(!db.is_verified(&id, "b").unwrap());
         assert!(db.apply(&[Write::InsertClient { id: [2; 16], name: "alice".into() }]).is_err());
         drop(db);

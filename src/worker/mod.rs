@@ -11,22 +11,24 @@
 //! database transaction (group commit).
 
 pub mod db;
+mod fault;
 pub mod storage;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Write as _};
-use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::budget::Piece;
 use crate::crypto::{Cksum, StreamDecryptor, AES_KEY_LEN};
+use crate::datadir::{self, DirLock, Kind};
 use crate::metrics::Metrics;
 use crate::protocol::{id_hex, ClientId};
 use db::{ClientRecord, Db, Intent, Write};
-use storage::{Publish, Storage};
+use fault::Point;
+use storage::{Dirty, Publish, Storage};
 
 /// How the worker makes a batch durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -97,7 +99,8 @@ pub enum Job {
         client: ClientId,
         name: String,
     },
-    /// Drop a staged or in-progress upload; with `failed`, record the abort (1031).
+    /// Drop a staged or in-progress upload; `failed` names an abort (1031),
+    /// which writes nothing: an aborted upload leaves no `files` row.
     Discard {
         upload: UploadId,
         failed: Option<(ClientId, String)>,
@@ -166,7 +169,6 @@ struct Upload {
     /// Open while packets arrive; closed once the upload is received, so that
     /// staged files awaiting their 1029 hold no file descriptor.
     file: Option<File>,
-    temp: PathBuf,
     dec: Option<StreamDecryptor>,
     cksum: Cksum,
     ciphertext: u64,
@@ -189,32 +191,42 @@ const WRITEBACK_STEP: u64 = 8 << 20;
 /// and drop it from the page cache. Dirty pages stay bounded (two steps),
 /// their pages are recycled instead of the page cache growing into new
 /// memory (costly in a VM, scarce on a small box), and the sync at commit
-/// time has at most two steps left to flush.
-fn write_behind(f: &File, dropped_to: u64, kicked_from: u64, written: u64) {
+/// time has at most two steps left to flush. A writeback error is reported
+/// here (and consumed: a later fsync may not see it again), so it fails the
+/// upload; only "not supported" is ignored.
+fn write_behind(f: &File, dropped_to: u64, kicked_from: u64, written: u64) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let fd = f.as_raw_fd();
-    // SAFETY: plain syscalls on a descriptor owned by `f`; a failure only costs speed.
-    unsafe {
-        if libc::sync_file_range(
-            fd,
-            kicked_from as i64,
-            (written - kicked_from) as i64,
-            libc::SYNC_FILE_RANGE_WRITE,
-        ) != 0
-        {
-            log::debug!("worker: sync_file_range: {}", std::io::Error::last_os_error());
-            return;
+    fault::check(Point::WriteBehind, "")?;
+    let unsupported = |e: &io::Error| {
+        matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL | libc::ESPIPE | libc::EOPNOTSUPP))
+    };
+    let range = |from: u64, len: u64, flags| {
+        // SAFETY: a plain syscall on a descriptor owned by `f`.
+        if unsafe { libc::sync_file_range(fd, from as i64, len as i64, flags) } == 0 {
+            return Ok(true);
         }
-        if kicked_from > dropped_to {
-            let all = libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                | libc::SYNC_FILE_RANGE_WRITE
-                | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-            let len = (kicked_from - dropped_to) as i64;
-            if libc::sync_file_range(fd, dropped_to as i64, len, all) == 0 {
-                libc::posix_fadvise(fd, dropped_to as i64, len, libc::POSIX_FADV_DONTNEED);
-            }
+        let e = io::Error::last_os_error();
+        if unsupported(&e) {
+            log::debug!("worker: sync_file_range: {e}");
+            return Ok(false);
+        }
+        Err(e)
+    };
+    if !range(kicked_from, written - kicked_from, libc::SYNC_FILE_RANGE_WRITE)? {
+        return Ok(());
+    }
+    if kicked_from > dropped_to {
+        let all = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        let len = kicked_from - dropped_to;
+        if range(dropped_to, len, all)? {
+            // SAFETY: advice only, on a descriptor owned by `f`.
+            unsafe { libc::posix_fadvise(fd, dropped_to as i64, len as i64, libc::POSIX_FADV_DONTNEED) };
         }
     }
+    Ok(())
 }
 
 /// A session key held by the worker; zeroed when dropped so that it does
@@ -231,6 +243,8 @@ impl Drop for SessionKey {
 /// startup failure can end the process with a clear message), then moved
 /// into its thread by [`Worker::run`].
 pub struct Worker {
+    /// The data directory's lock, held as long as the worker owns the directory.
+    _lock: DirLock,
     storage: Storage,
     db: Db,
     keep_versions: u32,
@@ -282,22 +296,46 @@ struct Staged {
     upload: UploadId,
     client: ClientId,
     name: String,
-    temp: PathBuf,
     size: u64,
     cksum: u32,
     publish: Publish,
 }
 
 impl Worker {
-    /// Open storage and database, and reconcile them after a crash.
+    /// Lock and check the data directory (see [`datadir`]), open storage
+    /// and database, and reconcile them after a crash.
     pub fn open(cfg: &crate::config::Config) -> Result<Opened, String> {
         let (data_dir, db_path) = (&cfg.data_dir, &cfg.db_path());
         let (keep_versions, sync_mode) = (cfg.keep_versions, cfg.sync_mode);
+        let lock = datadir::acquire(data_dir)?;
+        datadir::prepare(&lock)?;
+        // SQLite opens its files by path: check that none of them is a link
+        // (or anything but a file) where the database belongs.
+        if db_path.parent() == Some(data_dir.as_path()) {
+            if let Some(db_name) = db_path.file_name().and_then(|n| n.to_str()) {
+                for suffix in ["", "-wal", "-shm", "-journal"] {
+                    let name = format!("{db_name}{suffix}");
+                    match lock.dir().stat(&name) {
+                        Ok(None) | Ok(Some(datadir::Meta { kind: Kind::File, .. })) => {}
+                        Ok(Some(m)) => {
+                            return Err(format!(
+                                "database {}: {name} is a {:?}, not a file; backupd follows no link \
+                                 inside its data directory (move it away, keep the real file there)",
+                                db_path.display(),
+                                m.kind
+                            ))
+                        }
+                        Err(e) => return Err(format!("database {}: {name}: {e}", db_path.display())),
+                    }
+                }
+            }
+        }
         let storage =
             Storage::open(data_dir).map_err(|e| format!("data directory {}: {e}", data_dir.display()))?;
         let db = Db::open(db_path, cfg.db_busy_timeout)
             .map_err(|e| format!("database {}: {e}", db_path.display()))?;
         let mut w = Worker {
+            _lock: lock,
             storage,
             db,
             keep_versions,
@@ -316,66 +354,70 @@ impl Worker {
 
     /// Repair what a crash can leave behind. Each fix is logged.
     fn reconcile(&mut self) -> Result<(), String> {
-        let n = self.storage.clear_tmp().map_err(|e| e.to_string())?;
-        if n > 0 {
-            log::info!("startup: removed {n} unfinished upload(s) left in tmp/");
+        let (removed, moved) = self.storage.clear_tmp().map_err(|e| format!("tmp/: {e}"))?;
+        if removed > 0 {
+            log::info!("startup: removed {removed} unfinished upload(s) left in tmp/");
         }
-        let root = self.storage.root().to_path_buf();
+        if moved > 0 {
+            log::error!("startup: moved {moved} unexpected entr(ies) out of tmp/ into orphans/");
+        }
         // Publishes interrupted between their renames and their database commit.
         let intents = self.db.intents().map_err(|e| e.to_string())?;
         for i in &intents {
-            let p = Publish {
-                target: root.join(&i.target),
-                saved_previous: i.saved_previous.as_ref().map(|s| root.join(s)),
-            };
+            let p = Publish { target: i.target.clone(), saved_previous: i.saved_previous.clone() };
             let verified_elsewhere = p.saved_previous.is_none() && self.verified_path(&i.target);
             if !verified_elsewhere {
-                match p.undo() {
+                match self.storage.undo(&p) {
                     Ok(()) => log::warn!("startup: undid unacknowledged publish of {}", i.target),
                     Err(e) => log::error!("startup: cannot undo publish of {}: {e}", i.target),
                 }
             }
         }
         if !intents.is_empty() {
+            // The undo must be durable before its intents go.
+            self.storage.sync_filesystem().map_err(|e| format!("syncfs: {e}"))?;
             let clear: Vec<Write> = intents.iter().map(|i| Write::ClearIntent { upload: i.upload }).collect();
             self.db.apply(&clear).map_err(|e| e.to_string())?;
         }
-        // Verified rows must have their file.
+        // Files must have a verified row (one walk of files/, one stat per entry) ...
         let rows = self.db.file_rows().map_err(|e| e.to_string())?;
+        let verified: HashSet<&str> = rows.iter().filter(|r| r.verified).map(|r| r.path.as_str()).collect();
+        let mut found: HashMap<String, u64> = HashMap::new();
+        self.storage
+            .scan_files(|path, size| {
+                let keep = verified.contains(path);
+                if keep {
+                    found.insert(path.to_string(), size);
+                }
+                keep
+            })
+            .map_err(|e| format!("files/: {e}"))?;
+        // ... and verified rows their file, of the size recorded.
+        let mut torn = 0;
         for r in rows.iter().filter(|r| r.verified) {
-            if !root.join(&r.path).is_file() {
-                log::error!(
-                    "startup: verified file {} of client {} is missing; marked unverified",
-                    r.path,
-                    id_hex(&r.id)
-                );
-                self.db.mark_unverified(&r.id, &r.name).map_err(|e| e.to_string())?;
+            match (found.get(&r.path), r.size) {
+                (None, _) => {
+                    log::error!(
+                        "startup: verified file {} of client {} is missing; marked unverified",
+                        r.path,
+                        id_hex(&r.id)
+                    );
+                    self.db.mark_unverified(&r.id, &r.name).map_err(|e| e.to_string())?;
+                }
+                (Some(&on_disk), Some(size)) if on_disk != size => {
+                    log::error!(
+                        "startup: verified file {} of client {} is {on_disk} bytes on disk but {size} \
+                         in its database row; left in place for the operator",
+                        r.path,
+                        id_hex(&r.id)
+                    );
+                    torn += 1;
+                }
+                _ => {}
             }
         }
-        // Files must have a verified row.
-        let verified: std::collections::HashSet<&str> =
-            rows.iter().filter(|r| r.verified).map(|r| r.path.as_str()).collect();
-        let files_dir = self.storage.files_dir();
-        for client in std::fs::read_dir(&files_dir).map_err(|e| e.to_string())? {
-            let client = client.map_err(|e| e.to_string())?;
-            if !client.file_type().map_err(|e| e.to_string())?.is_dir() {
-                let dest =
-                    self.storage.move_to_orphans(&client.path(), stamp()).map_err(|e| e.to_string())?;
-                log::warn!("startup: moved stray {} to {}", client.path().display(), dest.display());
-                continue;
-            }
-            for f in std::fs::read_dir(client.path()).map_err(|e| e.to_string())? {
-                let f = f.map_err(|e| e.to_string())?;
-                let rel = format!(
-                    "files/{}/{}",
-                    client.file_name().to_string_lossy(),
-                    f.file_name().to_string_lossy()
-                );
-                if !verified.contains(rel.as_str()) {
-                    let dest = self.storage.move_to_orphans(&f.path(), stamp()).map_err(|e| e.to_string())?;
-                    log::warn!("startup: {rel} has no verified database row; moved to {}", dest.display());
-                }
-            }
+        if torn > 0 {
+            log::error!("startup: {torn} verified file(s) differ in size from their database rows");
         }
         Ok(())
     }
@@ -414,8 +456,8 @@ impl Worker {
             }
         }
         // Anything still staged was never confirmed: remove it.
-        for (_, u) in self.uploads.drain() {
-            let _ = std::fs::remove_file(&u.temp);
+        for (upload, _) in std::mem::take(&mut self.uploads) {
+            let _ = self.storage.remove_temp(upload);
         }
         log::debug!("worker: stopped");
     }
@@ -468,14 +510,19 @@ impl Worker {
                 Job::Touch { id } => writes.push((Pending::Silent, vec![Write::Touch { id }])),
                 Job::Commit { conn, upload, client, name } => commits.push((conn, upload, client, name)),
                 Job::Discard { upload, failed } => {
-                    if let Some(u) = self.uploads.remove(&upload) {
-                        if let Err(e) = std::fs::remove_file(&u.temp) {
-                            log::warn!("worker: cannot remove {}: {e}", u.temp.display());
+                    if self.uploads.remove(&upload).is_some() {
+                        if let Err(e) = self.storage.remove_temp(upload) {
+                            log::warn!(
+                                "worker: cannot remove {}: {e}",
+                                self.storage.temp_path(upload).display()
+                            );
                         }
                     }
-                    if let Some((id, name)) = failed {
-                        let path = Storage::relative_path(&id, &name);
-                        writes.push((Pending::Silent, vec![Write::FileFailed { id, name, path }]));
+                    if let Some((id, _)) = failed {
+                        log::debug!(
+                            "worker: upload {upload} of client {} aborted; nothing recorded",
+                            id_hex(&id)
+                        );
                     }
                 }
                 Job::Shutdown => stop = true,
@@ -499,8 +546,8 @@ impl Worker {
         let outcome = match self.packet_inner(&mut p) {
             Ok(o) => o,
             Err(reason) => {
-                if let Some(u) = self.uploads.remove(&upload) {
-                    let _ = std::fs::remove_file(&u.temp);
+                if self.uploads.remove(&upload).is_some() {
+                    let _ = self.storage.remove_temp(upload);
                 }
                 PacketOutcome::Failed(reason)
             }
@@ -512,14 +559,12 @@ impl Worker {
         if let Some(start) = p.start.take() {
             let file =
                 self.storage.create_temp(p.upload).map_err(|e| format!("cannot create temp file: {e}"))?;
-            let temp = self.storage.temp_path(p.upload);
             self.uploads.insert(
                 p.upload,
                 Upload {
                     client: start.client,
                     key: SessionKey(start.key),
                     file: Some(file),
-                    temp,
                     dec: None,
                     cksum: Cksum::new(),
                     ciphertext: 0,
@@ -549,7 +594,7 @@ impl Worker {
         let mut sink = |pt: &[u8]| {
             if err.is_none() {
                 cksum.update(pt);
-                if let Err(e) = file.write_all(pt) {
+                if let Err(e) = fault::check(Point::Write, "").and_then(|_| file.write_all(pt)) {
                     err = Some(e);
                 }
             }
@@ -575,7 +620,7 @@ impl Worker {
             let mut sink = |pt: &[u8]| {
                 if err.is_none() {
                     cksum.update(pt);
-                    if let Err(e) = file.write_all(pt) {
+                    if let Err(e) = fault::check(Point::Write, "").and_then(|_| file.write_all(pt)) {
                         err = Some(e);
                     }
                 }
@@ -592,7 +637,8 @@ impl Worker {
         let written = u.cksum.len();
         if written - u.writeback_from >= WRITEBACK_STEP {
             if let Some(f) = &u.file {
-                write_behind(f, u.dropped_to, u.writeback_from, written);
+                write_behind(f, u.dropped_to, u.writeback_from, written)
+                    .map_err(|e| format!("cannot write temp file (writeback): {e}"))?;
             }
             u.dropped_to = u.writeback_from;
             u.writeback_from = written;
@@ -613,7 +659,9 @@ impl Worker {
     }
 
     /// Make a batch durable: publish intents, renames, syncs, one database
-    /// transaction; then report each item (see docs/ARCHITECTURE.md).
+    /// transaction; then report each item (see docs/ARCHITECTURE.md). Any
+    /// error of a write, sync or rename fails the files it concerns (1607) and
+    /// leaves their previous versions in place.
     fn group_commit(
         &mut self,
         commits: Vec<(ConnRef, UploadId, ClientId, String)>,
@@ -631,33 +679,39 @@ impl Worker {
                 continue;
             }
             let ready = matches!(self.uploads.get(&upload), Some(u) if u.client == client);
-            let Some(Upload { temp, received: Some((cksum, size)), .. }) =
+            let Some(Upload { received: Some((cksum, size)), .. }) =
                 self.uploads.remove(&upload).filter(|_| ready)
             else {
                 // Refused (e.g. another client's upload): the loop no longer
                 // tracks it, so its temp file goes now.
-                let _ = std::fs::remove_file(self.storage.temp_path(upload));
+                let _ = self.storage.remove_temp(upload);
                 log::warn!("worker: commit of {name:?} for an upload that is not staged");
                 out.push(Completion::Committed { conn, upload, ok: false });
                 continue;
             };
-            let publish = self.storage.plan_publish(&client, &name, base + i as u64);
-            staged.push(Staged { conn, upload, client, name, temp, size, cksum, publish });
+            match self.storage.plan_publish(&client, &name, base + i as u64) {
+                Ok(publish) => staged.push(Staged { conn, upload, client, name, size, cksum, publish }),
+                Err(e) => {
+                    log::error!("worker: cannot publish {name:?} of client {}: {e}", id_hex(&client));
+                    let _ = self.storage.remove_temp(upload);
+                    out.push(Completion::Committed { conn, upload, ok: false });
+                }
+            }
         }
-        let fail = |s: Staged, out: &mut Vec<Completion>| {
-            let _ = std::fs::remove_file(&s.temp);
-            out.push(Completion::Committed { conn: s.conn, upload: s.upload, ok: false });
-        };
 
         // 1. File contents (per-file mode; syncfs covers them below).
         if self.sync_mode == SyncMode::Fsync {
             let mut synced = Vec::with_capacity(staged.len());
             for s in staged.drain(..) {
-                match File::open(&s.temp).and_then(|f| f.sync_data()) {
+                let r = self.storage.open_temp(s.upload).and_then(|f| {
+                    fault::check(Point::Fdatasync, &s.name)?;
+                    f.sync_data()
+                });
+                match r {
                     Ok(()) => synced.push(s),
                     Err(e) => {
                         log::error!("worker: cannot fsync staged {:?}: {e}", s.name);
-                        fail(s, out);
+                        fail(&self.storage, s, out);
                     }
                 }
             }
@@ -669,69 +723,76 @@ impl Worker {
         // before step 6 it has no verified row, and startup moves it out of
         // files/ (see `reconcile`); a replaced one must get its previous
         // version back, which only the intent can tell.
-        let root = self.storage.root().to_path_buf();
-        let rel = |p: &PathBuf| p.strip_prefix(&root).unwrap_or(p).to_string_lossy().into_owned();
         let intents: Vec<Intent> = staged
             .iter()
             .filter_map(|s| {
-                let prev = s.publish.saved_previous.as_ref()?;
                 Some(Intent {
                     upload: s.upload,
-                    target: rel(&s.publish.target),
-                    saved_previous: Some(rel(prev)),
+                    target: s.publish.target.clone(),
+                    saved_previous: Some(s.publish.saved_previous.clone()?),
                 })
             })
             .collect();
         if !intents.is_empty() {
-            if let Err(e) = self.db.add_intents(&intents) {
+            let names = staged.iter().filter(|s| s.publish.saved_previous.is_some()).map(|s| s.name.as_str());
+            let r = self.db.add_intents(&intents).map_err(|e| e.to_string());
+            if let Err(e) = r.and_then(|_| fault::check_all(Point::Intent, names).map_err(|e| e.to_string()))
+            {
                 log::error!("worker: database error recording {} publish(es): {e}", staged.len());
+                let clear = intents.iter().map(|i| Write::ClearIntent { upload: i.upload }).collect();
+                writes.push((Pending::Silent, clear));
                 for s in staged.drain(..) {
-                    fail(s, out);
+                    fail(&self.storage, s, out);
                 }
             }
         }
 
         // 3. Keep previous versions, durably, then 4. rename into place.
-        let mut dirty = Vec::new();
+        let mut dirty = Dirty::default();
         let mut published = Vec::new();
         let mut ok = true;
         let mut linked = Vec::new();
         for s in staged {
-            match self.storage.save_previous(&s.publish, &mut dirty) {
+            match self.storage.save_previous(&s.publish, &s.name, &mut dirty) {
                 Ok(()) => linked.push(s),
                 Err(e) => {
-                    log::error!(
-                        "worker: cannot keep the previous version of {}: {e}",
-                        s.publish.target.display()
-                    );
+                    log::error!("worker: cannot keep the previous version of {}: {e}", s.publish.target);
+                    if let Err(e) = self.storage.undo(&s.publish) {
+                        log::error!("worker: cannot undo publish of {}: {e}", s.publish.target);
+                    }
                     writes.push((Pending::Silent, vec![Write::ClearIntent { upload: s.upload }]));
-                    fail(s, out);
+                    fail(&self.storage, s, out);
                 }
             }
         }
         if !dirty.is_empty() {
-            ok &= self.sync_dirs(&mut dirty);
+            let names: Vec<&str> = linked.iter().map(|s| s.name.as_str()).collect();
+            ok &= self.sync_dirs(&mut dirty, Point::SyncPrevious, &names);
         }
         for s in linked {
             if !ok {
                 published.push(s);
                 continue;
             }
-            match self.storage.install(&s.temp, &s.publish, &mut dirty) {
+            match self.storage.install(s.upload, &s.publish, &s.name, &mut dirty) {
                 Ok(()) => published.push(s),
                 Err(e) => {
-                    log::error!("worker: cannot publish {} of client {}: {e}", s.name, id_hex(&s.client));
-                    if let Err(e) = s.publish.undo() {
-                        log::error!("worker: cannot undo publish of {}: {e}", s.publish.target.display());
+                    log::error!("worker: cannot publish {:?} of client {}: {e}", s.name, id_hex(&s.client));
+                    if let Err(e) = self.storage.undo(&s.publish) {
+                        log::error!("worker: cannot undo publish of {}: {e}", s.publish.target);
                     }
                     writes.push((Pending::Silent, vec![Write::ClearIntent { upload: s.upload }]));
-                    fail(s, out);
+                    fail(&self.storage, s, out);
                 }
             }
         }
         // 5. Directory entries (and, with syncfs, file contents) durable.
+        let names: Vec<&str> = published.iter().map(|s| s.name.as_str()).collect();
         if ok && !published.is_empty() {
-            ok &= self.sync_dirs(&mut dirty);
+            ok &= self.sync_dirs(&mut dirty, Point::SyncPublish, &names);
+        }
+        if ok && !published.is_empty() {
+            ok = fault::check_all(Point::AfterRename, names.iter().copied()).is_ok();
         }
 
         // Packets that arrived during the syncs are staged now, not after the commit.
@@ -743,7 +804,7 @@ impl Worker {
             all.push(Write::FileVerified {
                 id: s.client,
                 name: s.name.clone(),
-                path: Storage::relative_path(&s.client, &s.name),
+                path: s.publish.target.clone(),
                 size: s.size,
                 cksum: s.cksum,
             });
@@ -758,6 +819,10 @@ impl Worker {
                     .apply(&all)
                     .map_err(|e| log::error!("worker: database commit failed: {e}"))
                     .is_ok());
+        if files_ok && !published.is_empty() {
+            // Committed: from here only a crash (for the tests) can interrupt.
+            let _ = fault::check_all(Point::Commit, published.iter().map(|s| s.name.as_str()));
+        }
         let others_ok = files_ok && {
             let rest: Vec<Write> = writes.iter().flat_map(|(_, w)| w.iter().cloned()).collect();
             self.db.apply(&rest).is_ok()
@@ -788,7 +853,7 @@ impl Worker {
                 }
                 out.push(Completion::Committed { conn: s.conn, upload: s.upload, ok: true });
             } else {
-                fail(s, out);
+                fail(&self.storage, s, out);
             }
         }
         // Items whose writes did not go in with the batch get one transaction each,
@@ -808,20 +873,23 @@ impl Worker {
     }
 
     /// Make the listed directories durable (and clear the list): one fsync
-    /// each, or one syncfs for everything in `SyncMode::Syncfs`.
-    fn sync_dirs(&self, dirty: &mut Vec<PathBuf>) -> bool {
+    /// each, or one syncfs for everything in `SyncMode::Syncfs`. `point`
+    /// and `names` are the step and the files it is for (fault injection).
+    fn sync_dirs(&self, dirty: &mut Dirty, point: Point, names: &[&str]) -> bool {
         let mut ok = true;
         match self.sync_mode {
             SyncMode::Syncfs => {
-                if let Err(e) = self.storage.sync_filesystem() {
+                let r = fault::check_all(point, names.iter().copied())
+                    .and_then(|_| self.storage.sync_filesystem());
+                if let Err(e) = r {
                     log::error!("worker: syncfs failed: {e}");
                     ok = false;
                 }
             }
             SyncMode::Fsync => {
-                for d in dirty.iter() {
-                    if let Err(e) = storage::sync_dir(d) {
-                        log::error!("worker: cannot fsync {}: {e}", d.display());
+                for (rel, d) in dirty.iter() {
+                    if let Err(e) = fault::check_all(point, names.iter().copied()).and_then(|_| d.sync()) {
+                        log::error!("worker: cannot fsync {rel}: {e}");
                         ok = false;
                     }
                 }
@@ -836,17 +904,21 @@ impl Worker {
     fn unpublish(&mut self, published: &[Staged]) {
         log::error!("worker: undoing {} publish(es)", published.len());
         for s in published.iter().rev() {
-            if let Err(e) = s.publish.undo() {
-                log::error!("worker: cannot undo publish of {}: {e}", s.publish.target.display());
+            if let Err(e) = self.storage.undo(&s.publish) {
+                log::error!("worker: cannot undo publish of {}: {e}", s.publish.target);
             }
         }
-        let mut dirty: Vec<PathBuf> =
-            published.iter().filter_map(|s| s.publish.target.parent().map(Into::into)).collect();
-        dirty.dedup();
-        let _ = self.sync_dirs(&mut dirty);
+        let mut dirty = self.storage.parent_dirs(published.iter().map(|s| s.publish.target.as_str()));
+        let _ = self.sync_dirs(&mut dirty, Point::SyncPublish, &[]);
         let clear: Vec<Write> = published.iter().map(|s| Write::ClearIntent { upload: s.upload }).collect();
         if let Err(e) = self.db.apply(&clear) {
             log::warn!("worker: cannot clear publish intents ({e}); the next start will check them");
         }
     }
+}
+
+/// A staged file that will not be published: its temp file goes, its 1029 gets 1607.
+fn fail(storage: &Storage, s: Staged, out: &mut Vec<Completion>) {
+    let _ = storage.remove_temp(s.upload);
+    out.push(Completion::Committed { conn: s.conn, upload: s.upload, ok: false });
 }

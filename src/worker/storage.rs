@@ -1,78 +1,144 @@
-//! The data directory: where files live, how names are judged, how an upload
-//! is staged and how it is published atomically.
+//! The data directory's layout: where files live, how names are judged, how
+//! an upload is staged, published atomically and undone, and what startup
+//! finds in `tmp/` and `files/`.
 //!
-//! Layout under `<data-dir>`:
+//! Layout under `<data-dir>` (the lock and the marker: see [`crate::datadir`]):
 //!
 //! ```text
-//! files/<client-id-hex>/<name>            verified files, current version
-//! versions/<client-id-hex>/<name>/<n>     earlier verified versions (hard links), newest = largest n
+//! files/<client-id-hex>/<path>            verified files, current version
+//! versions/<client-id-hex>/<path>/<n>     earlier verified versions (hard links), newest = largest n
 //! tmp/<upload>.part                       uploads being received or waiting for 1029
-//! orphans/                                anything reconciliation moved out of files/
+//! orphans/                                anything startup moved out of the way
 //! ```
 //!
-//! Every path is built from the data directory, a hex client id and a name
-//! that passed [`validate_file_name`], so nothing can be written outside the
-//! data directory. Only the worker thread calls into this module.
+//! `<path>` is the file's name as stored in the database (`FileName`): one
+//! component, or a normalized relative path such as `docs/2026/report.pdf`
+//! whose components the protocol layer validated. It is stored nested: every
+//! folder on the way is created with `mkdirat` (0700, no link followed). In
+//! `versions/`, the folder `versions/<id>/<path>/` holds the versions of
+//! `<path>` as *regular files* named by a number, and the folders of the
+//! files below `<path>/` (if `<path>` was once a file and later a folder) as
+//! *directories*: the kind of the entry tells which is which, so nothing is
+//! ambiguous. (A child whose name equals a version number cannot be linked
+//! there: that one commit fails with 1607.)
+//!
+//! Everything is reached through descriptors held from start ([`Dir`]):
+//! one component at a time, no symbolic link followed. An unexpected entry
+//! (a link, a file where a folder belongs or the reverse) is never written or
+//! removed through: the operation fails, and startup moves the entry itself
+//! to `orphans/`. Only the worker thread calls into this module.
 
-use std::fs::{self, File, OpenOptions};
+use std::ffi::OsStr;
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use super::fault::{self, Point};
+use crate::datadir::{components, Dir, Kind, Meta};
 use crate::protocol::{id_hex, ClientId};
 
 // The name rules live in the protocol module; re-exported for the worker.
 pub use crate::protocol::path::{validate_file_name, NameError, MAX_FILE_NAME};
 
-/// The data directory and the paths inside it.
-#[derive(Debug, Clone)]
+/// The data directory and the descriptors of its folders, held for the life
+/// of the process (syncfs reports writeback errors through the descriptor
+/// that asked last, so the root's must stay open).
+#[derive(Debug)]
 pub struct Storage {
     root: PathBuf,
+    dir: Dir,
+    files: Dir,
+    versions: Dir,
+    tmp: Dir,
 }
 
-/// Create a directory (and parents) with mode 0700.
-pub fn create_private_dir(path: &Path) -> io::Result<()> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
+/// Directories whose entries changed and must be made durable.
+#[derive(Debug, Default)]
+pub struct Dirty(Vec<(String, Dir)>);
+
+impl Dirty {
+    fn push(&mut self, rel: &str, dir: &Dir) -> io::Result<()> {
+        if !self.0.iter().any(|(r, _)| r == rel) {
+            self.0.push((rel.to_string(), dir.try_clone()?));
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The directories (relative to the data directory) and their descriptors.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Dir)> {
+        self.0.iter().map(|(r, d)| (r.as_str(), d))
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
 }
 
-/// fsync a directory so that renames and new entries in it are durable.
-pub fn sync_dir(path: &Path) -> io::Result<()> {
-    File::open(path)?.sync_all()
+fn unexpected(what: &str, kind: Kind) -> io::Error {
+    io::Error::other(format!("{what} is a {kind:?}, not what backupd put there"))
+}
+
+fn not_found(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound
+}
+
+/// The temp-file name of an upload; startup removes only names of this form.
+fn temp_name(upload: u64) -> String {
+    format!("{upload}.part")
+}
+
+fn is_temp_name(name: &OsStr) -> bool {
+    name.to_str()
+        .and_then(|n| n.strip_suffix(".part"))
+        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn now_stamp() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// Split "a/b/c" into (["a", "b"], "c"), checking every component.
+fn split_leaf(rel: &str) -> io::Result<(Vec<&str>, &str)> {
+    let mut parts = components(rel)?;
+    let leaf = parts.pop().unwrap_or_default();
+    Ok((parts, leaf))
 }
 
 impl Storage {
-    /// Open (creating if needed) the data directory layout.
+    /// Open (creating what is missing) the layout in a data directory that
+    /// [`crate::datadir`] locked and marked. A link or file where one of its
+    /// folders belongs is moved to `orphans/` and the folder made anew.
     pub fn open(root: &Path) -> io::Result<Storage> {
-        let s = Storage { root: root.to_path_buf() };
-        create_private_dir(root)?;
-        // Tighten a pre-existing directory too: backups are private.
-        fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-        for d in ["files", "versions", "tmp"] {
-            create_private_dir(&root.join(d))?;
+        if !root.exists() {
+            std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+                .recursive(true)
+                .create(root)?;
         }
-        Ok(s)
-    }
-
-    /// The layout of an existing data directory, without touching the disk
-    /// (the admin commands read a directory that a server may be using).
-    pub fn at(root: &Path) -> Storage {
-        Storage { root: root.to_path_buf() }
+        let dir = Dir::open(root)?;
+        // Backups are private: tighten a pre-existing (empty or marked) directory too.
+        dir.set_mode(0o700)?;
+        let own = |name: &str| -> io::Result<Dir> {
+            match dir.ensure_dir(name) {
+                Ok((d, _)) => Ok(d),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) => {
+                    let dest = orphan(&dir, &dir, OsStr::new(name), name)?;
+                    log::error!("startup: {name} in the data directory is not a folder; moved to {dest}");
+                    Ok(dir.ensure_dir(name)?.0)
+                }
+                Err(e) => Err(e),
+            }
+        };
+        let (files, versions, tmp) = (own("files")?, own("versions")?, own("tmp")?);
+        Ok(Storage { root: root.to_path_buf(), dir, files, versions, tmp })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
-    }
-
-    pub fn tmp_dir(&self) -> PathBuf {
-        self.root.join("tmp")
-    }
-
-    pub fn files_dir(&self) -> PathBuf {
-        self.root.join("files")
-    }
-
-    pub fn client_dir(&self, id: &ClientId) -> PathBuf {
-        self.files_dir().join(id_hex(id))
     }
 
     /// Path of a verified file, relative to the data directory (as stored in the DB).
@@ -80,70 +146,139 @@ impl Storage {
         format!("files/{}/{}", id_hex(id), name)
     }
 
-    pub fn file_path(&self, id: &ClientId, name: &str) -> PathBuf {
-        self.client_dir(id).join(name)
+    /// The folder of a file's earlier versions, relative to the data directory
+    /// (its regular files are the versions, see [`Storage::versions`]).
+    pub fn relative_versions_dir(id: &ClientId, name: &str) -> String {
+        format!("versions/{}/{}", id_hex(id), name)
     }
 
-    pub fn versions_dir(&self, id: &ClientId, name: &str) -> PathBuf {
-        self.versions_root().join(id_hex(id)).join(name)
+    /// Version `n` of a file, relative to the data directory.
+    pub fn relative_version_path(id: &ClientId, name: &str, n: u64) -> String {
+        format!("{}/{n}", Storage::relative_versions_dir(id, name))
     }
 
-    /// Where the earlier versions of every file of every client live.
-    pub fn versions_root(&self) -> PathBuf {
-        self.root.join("versions")
-    }
-
-    /// Path of version `n` of a file (see [`Storage::versions`]).
-    pub fn version_path(&self, id: &ClientId, name: &str, n: u64) -> PathBuf {
-        self.versions_dir(id, name).join(n.to_string())
-    }
-
+    /// Where a temp file is (for messages and tests; it is opened through `tmp/`'s descriptor).
     pub fn temp_path(&self, upload: u64) -> PathBuf {
-        self.tmp_dir().join(format!("{upload}.part"))
+        self.root.join("tmp").join(temp_name(upload))
     }
 
-    /// Create a new temp file for an upload, mode 0600.
+    /// Create a new temp file for an upload, mode 0600 (never through a link).
     pub fn create_temp(&self, upload: u64) -> io::Result<File> {
-        OpenOptions::new().write(true).create_new(true).mode(0o600).open(self.temp_path(upload))
+        self.tmp.create_file(temp_name(upload), 0o600)
     }
 
-    /// Remove every leftover temp file (called at start: they belong to uploads
-    /// that a crash interrupted and that were never acknowledged).
-    pub fn clear_tmp(&self) -> io::Result<usize> {
-        let mut n = 0;
-        for e in fs::read_dir(self.tmp_dir())? {
-            let e = e?;
-            let p = e.path();
-            if e.file_type()?.is_dir() {
-                fs::remove_dir_all(&p)?;
-            } else {
-                fs::remove_file(&p)?;
-            }
-            n += 1;
+    /// Open a staged temp file (to sync it).
+    pub fn open_temp(&self, upload: u64) -> io::Result<File> {
+        self.tmp.open_file(temp_name(upload))
+    }
+
+    /// Remove an upload's temp file, if there is one.
+    pub fn remove_temp(&self, upload: u64) -> io::Result<()> {
+        match self.tmp.remove_file(temp_name(upload)) {
+            Err(e) if !not_found(&e) => Err(e),
+            _ => Ok(()),
         }
-        Ok(n)
     }
 
-    /// Existing version numbers of a file, ascending.
+    /// Empty tmp/ at start: its uploads were never acknowledged. Only regular
+    /// files named like our temp files are removed; anything else is moved to
+    /// orphans/ (a link itself, never its target). Returns (removed, moved).
+    pub fn clear_tmp(&self) -> io::Result<(usize, usize)> {
+        let (mut removed, mut moved) = (0, 0);
+        for (name, meta) in self.tmp.entries()? {
+            if meta.kind == Kind::File && is_temp_name(&name) {
+                self.tmp.remove_file(&name)?;
+                removed += 1;
+            } else {
+                let rel = format!("tmp/{}", name.to_string_lossy());
+                let dest = orphan(&self.dir, &self.tmp, &name, &rel)?;
+                log::error!("startup: unexpected {:?} {rel:?} moved to {dest:?}", meta.kind);
+                moved += 1;
+            }
+        }
+        Ok((removed, moved))
+    }
+
+    /// The folder `top/<parts...>`, opened without creating anything; None
+    /// when a component does not exist.
+    fn find(&self, top: &Dir, parts: &[&str]) -> io::Result<Option<Dir>> {
+        match top.open_path(parts) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The folder `top/<parts...>`, creating what is missing (0700); each
+    /// folder whose entries changed is added to `dirty`.
+    fn make(&self, top_rel: &str, top: &Dir, parts: &[&str], dirty: &mut Dirty) -> io::Result<(String, Dir)> {
+        let (mut rel, mut cur) = (top_rel.to_string(), top.try_clone()?);
+        for p in parts {
+            let (d, created) = cur.ensure_dir(p)?;
+            if created {
+                dirty.push(&rel, &cur)?;
+            }
+            rel = format!("{rel}/{p}");
+            cur = d;
+        }
+        Ok((rel, cur))
+    }
+
+    /// The top folder and the components below it of a data-directory-relative path.
+    fn top<'a>(&self, rel: &'a str) -> io::Result<(&Dir, Vec<&'a str>, &'a str)> {
+        let (parts, leaf) = split_leaf(rel)?;
+        let top = match parts.first() {
+            Some(&"files") => &self.files,
+            Some(&"versions") => &self.versions,
+            _ => {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("not a stored path: {rel}")))
+            }
+        };
+        Ok((top, parts[1..].to_vec(), leaf))
+    }
+
+    /// Existing version numbers of a file, ascending (regular files only).
     pub fn versions(&self, id: &ClientId, name: &str) -> Vec<u64> {
-        let mut v: Vec<u64> = match fs::read_dir(self.versions_dir(id, name)) {
-            Ok(rd) => rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect(),
-            Err(_) => Vec::new(),
+        let hex = id_hex(id);
+        let mut parts = vec![hex.as_str()];
+        parts.extend(name.split('/'));
+        let mut v: Vec<u64> = match self.find(&self.versions, &parts) {
+            Ok(Some(d)) => d
+                .entries()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(_, m)| m.kind == Kind::File)
+                .filter_map(|(n, _)| n.to_str()?.parse().ok())
+                .collect(),
+            _ => Vec::new(),
         };
         v.sort_unstable();
         v
     }
 
-    /// Delete the oldest versions so that at most `keep` remain. Returns how many were removed.
+    /// Delete the oldest versions so that at most `keep` remain. Returns how
+    /// many were removed. Folders left empty are removed, versions/<id> included.
     pub fn prune_versions(&self, id: &ClientId, name: &str, keep: usize) -> io::Result<usize> {
         let v = self.versions(id, name);
         let excess = v.len().saturating_sub(keep);
-        let dir = self.versions_dir(id, name);
-        for n in &v[..excess] {
-            fs::remove_file(dir.join(n.to_string()))?;
+        if excess == 0 {
+            return Ok(0);
         }
-        if keep == 0 && excess == v.len() && !v.is_empty() {
-            let _ = fs::remove_dir(&dir);
+        let hex = id_hex(id);
+        let mut parts = vec![hex.as_str()];
+        parts.extend(components(name)?);
+        let Some(dir) = self.find(&self.versions, &parts)? else { return Ok(0) };
+        for n in &v[..excess] {
+            dir.remove_file(n.to_string())?;
+        }
+        if excess == v.len() {
+            // Best effort: a folder still holding something stays.
+            for depth in (0..parts.len()).rev() {
+                let Ok(Some(parent)) = self.find(&self.versions, &parts[..depth]) else { break };
+                if parent.remove_dir(parts[depth]).is_err() {
+                    break;
+                }
+            }
         }
         Ok(excess)
     }
@@ -151,140 +286,229 @@ impl Storage {
 
 /// What publishing one file changed, so that it can be undone when the
 /// database commit that must follow it fails (or after a crash, from the
-/// intent recorded in the database).
+/// intent recorded in the database). Paths are relative to the data directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Publish {
-    /// The final path.
-    pub target: PathBuf,
-    /// Where the previous version was preserved (a hard link), if there was one.
-    pub saved_previous: Option<PathBuf>,
-}
-
-impl Publish {
-    /// Undo a publish: put the previous version back, or remove the new file.
-    /// Safe to call whether or not the rename itself happened.
-    pub fn undo(&self) -> io::Result<()> {
-        match &self.saved_previous {
-            Some(prev) if prev.exists() => fs::rename(prev, &self.target),
-            Some(_) => Ok(()), // the link was never made, so the rename was not either
-            None => match fs::remove_file(&self.target) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            },
-        }
-    }
+    /// The final path, `files/<id>/<name>`.
+    pub target: String,
+    /// Where the previous version is preserved (a hard link), if there is one:
+    /// `versions/<id>/<name>/<n>`.
+    pub saved_previous: Option<String>,
 }
 
 impl Storage {
     /// Plan a publish: decide where the previous version (if any) will be kept.
     /// Nothing on disk changes. The previous version is kept even with
     /// `--keep-versions 0`, so that the publish can be undone until its commit;
-    /// pruning removes it afterwards.
-    pub fn plan_publish(&self, id: &ClientId, name: &str, stamp: u64) -> Publish {
-        let target = self.file_path(id, name);
-        let saved_previous =
-            if target.exists() { Some(self.versions_dir(id, name).join(stamp.to_string())) } else { None };
-        Publish { target, saved_previous }
+    /// pruning removes it afterwards. Fails when something other than a file
+    /// (a link, a folder) is at the target or a component on its way is not a folder.
+    pub fn plan_publish(&self, id: &ClientId, name: &str, stamp: u64) -> io::Result<Publish> {
+        let target = Storage::relative_path(id, name);
+        let (top, parts, leaf) = self.top(&target)?;
+        let existing = match self.find(top, &parts)? {
+            Some(d) => d.stat(leaf)?,
+            None => None,
+        };
+        let saved_previous = match existing {
+            None => None,
+            Some(Meta { kind: Kind::File, .. }) => Some(Storage::relative_version_path(id, name, stamp)),
+            Some(m) => return Err(unexpected(&target, m.kind)),
+        };
+        Ok(Publish { target, saved_previous })
     }
 
     /// Publish step 1: keep the current version (if the plan says so) as a
     /// hard link under versions/. Must be durable before step 2 replaces the
     /// current file, or a crash could lose both. Directories touched are
     /// added to `dirty` (the caller syncs them).
-    pub fn save_previous(&self, p: &Publish, dirty: &mut Vec<PathBuf>) -> io::Result<()> {
+    pub fn save_previous(&self, p: &Publish, name: &str, dirty: &mut Dirty) -> io::Result<()> {
         let Some(prev) = &p.saved_previous else { return Ok(()) };
-        let vdir = prev.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.join("versions"));
-        if !vdir.exists() {
-            create_private_dir(&vdir)?;
-            if let Some(pp) = vdir.parent() {
-                push_unique(dirty, pp.to_path_buf());
-                if let Some(ppp) = pp.parent() {
-                    push_unique(dirty, ppp.to_path_buf());
+        let (_, vparts, n) = self.top(prev)?;
+        let (vrel, vdir) = self.make("versions", &self.versions, &vparts, dirty)?;
+        let (top, parts, leaf) = self.top(&p.target)?;
+        let src = top.open_path(&parts)?;
+        fault::check(Point::Link, name)?;
+        src.hard_link(leaf, &vdir, n)?;
+        dirty.push(&vrel, &vdir)
+    }
+
+    /// Publish step 2: rename the staged temp file over the target, creating
+    /// the folders on its way. Directories touched are added to `dirty`.
+    pub fn install(&self, upload: u64, p: &Publish, name: &str, dirty: &mut Dirty) -> io::Result<()> {
+        let (_, parts, leaf) = self.top(&p.target)?;
+        let (rel, dir) = self.make("files", &self.files, &parts, dirty)?;
+        fault::check(Point::Rename, name)?;
+        self.tmp.rename(temp_name(upload), &dir, leaf)?;
+        dirty.push(&rel, &dir)
+    }
+
+    /// Undo a publish: put the previous version back, or remove the new file.
+    /// Safe to call whether or not the rename itself happened, and again.
+    /// Never removes or renames anything that is not a regular file.
+    pub fn undo(&self, p: &Publish) -> io::Result<()> {
+        let (top, parts, leaf) = self.top(&p.target)?;
+        let target_dir = self.find(top, &parts)?;
+        let current = match &target_dir {
+            Some(d) => d.stat(leaf)?,
+            None => None,
+        };
+        if let Some(m) = current.filter(|m| m.kind != Kind::File) {
+            return Err(unexpected(&p.target, m.kind));
+        }
+        match &p.saved_previous {
+            Some(prev) => {
+                let (vtop, vparts, n) = self.top(prev)?;
+                let Some(vdir) = self.find(vtop, &vparts)? else { return Ok(()) };
+                let saved = match vdir.stat(n)? {
+                    Some(m) if m.kind == Kind::File => m,
+                    // The link was never made, so the rename was not either.
+                    None => return Ok(()),
+                    Some(m) => return Err(unexpected(prev, m.kind)),
+                };
+                match (target_dir, current) {
+                    // The rename did not happen: the link is a second name of the current file.
+                    (_, Some(cur)) if cur.ino == saved.ino => vdir.remove_file(n),
+                    (Some(d), _) => vdir.rename(n, &d, leaf),
+                    (None, _) => Err(io::Error::other(format!("the folder of {} is gone", p.target))),
+                }
+            }
+            None => match (target_dir, current) {
+                (Some(d), Some(_)) => d.remove_file(leaf),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// The folders holding these stored paths (those that can be opened), to sync.
+    pub fn parent_dirs<'a>(&self, targets: impl IntoIterator<Item = &'a str>) -> Dirty {
+        let mut dirty = Dirty::default();
+        for t in targets {
+            if let Ok((top, parts, _)) = self.top(t) {
+                if let Ok(Some(d)) = self.find(top, &parts) {
+                    let rel = t.rsplit_once('/').map_or(t, |(p, _)| p);
+                    let _ = dirty.push(rel, &d);
                 }
             }
         }
-        fs::hard_link(&p.target, prev)?;
-        push_unique(dirty, vdir);
-        Ok(())
-    }
-
-    /// Publish step 2: rename the staged temp file over the target.
-    /// Directories touched are added to `dirty` (the caller syncs them).
-    pub fn install(&self, temp: &Path, p: &Publish, dirty: &mut Vec<PathBuf>) -> io::Result<()> {
-        let dir = p.target.parent().map(Path::to_path_buf).unwrap_or_else(|| self.files_dir());
-        if !dir.exists() {
-            create_private_dir(&dir)?;
-            push_unique(dirty, self.files_dir());
-        }
-        fs::rename(temp, &p.target)?;
-        push_unique(dirty, dir);
-        Ok(())
+        dirty
     }
 
     /// Make everything written to the data directory's filesystem durable
     /// (file contents and directory entries) with one `syncfs(2)`.
     pub fn sync_filesystem(&self) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        let dir = File::open(&self.root)?;
-        // SAFETY: syncfs takes a valid open descriptor, owned by `dir` for the call.
-        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        self.dir.syncfs()
     }
 
-    /// Move a file found under files/ without a verified database row out of
-    /// the way, into orphans/ (kept for the operator, never served as verified).
-    pub fn move_to_orphans(&self, path: &Path, stamp: u64) -> io::Result<PathBuf> {
-        let rel = path.strip_prefix(self.files_dir()).unwrap_or(path);
-        let mut flat: String = rel.to_string_lossy().replace('/', "_");
-        let mut cut = flat.len().min(200);
-        while !flat.is_char_boundary(cut) {
-            cut -= 1;
+    /// Walk files/ (every folder, nested names included): regular files for
+    /// which `keep(path, size)` says no, links and anything else unexpected
+    /// are moved to orphans/ (each logged). Returns how many were moved.
+    /// Depth first: one descriptor open per level.
+    pub fn scan_files(&self, mut keep: impl FnMut(&str, u64) -> bool) -> io::Result<usize> {
+        self.scan(&self.files, "files", &mut keep)
+    }
+
+    fn scan(&self, dir: &Dir, rel: &str, keep: &mut impl FnMut(&str, u64) -> bool) -> io::Result<usize> {
+        let mut moved = 0;
+        for (name, meta) in dir.entries()? {
+            let path = format!("{rel}/{}", name.to_string_lossy());
+            match meta.kind {
+                Kind::Dir => moved += self.scan(&dir.open_dir(&name)?, &path, keep)?,
+                Kind::File if keep(&path, meta.size) => {}
+                Kind::File => {
+                    let dest = orphan(&self.dir, dir, &name, &path)?;
+                    log::warn!("startup: {path:?} has no verified database row; moved to {dest:?}");
+                    moved += 1;
+                }
+                kind => {
+                    let dest = orphan(&self.dir, dir, &name, &path)?;
+                    log::error!("startup: unexpected {kind:?} {path:?} moved to {dest:?}");
+                    moved += 1;
+                }
+            }
         }
-        flat.truncate(cut);
-        let dest_dir = self.root.join("orphans");
-        create_private_dir(&dest_dir)?;
-        let dest = dest_dir.join(format!("{stamp}-{flat}"));
-        fs::rename(path, &dest)?;
-        Ok(dest)
+        Ok(moved)
     }
 }
 
-pub fn push_unique(v: &mut Vec<PathBuf>, p: PathBuf) {
-    if !v.contains(&p) {
-        v.push(p);
+/// Move the entry `name` of `parent` (known as `rel` in the data directory)
+/// into `<root>/orphans/` under a flattened name cut to 200 bytes. The entry
+/// itself moves (a link, not its target). Returns where it went.
+fn orphan(root: &Dir, parent: &Dir, name: &OsStr, rel: &str) -> io::Result<String> {
+    let mut flat: String = rel.strip_prefix("files/").unwrap_or(rel).replace('/', "_");
+    let mut cut = flat.len().min(200);
+    while !flat.is_char_boundary(cut) {
+        cut -= 1;
     }
+    flat.truncate(cut);
+    let orphans = match root.ensure_dir("orphans") {
+        Ok((d, _)) => d,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) => {
+            // orphans itself is not a folder: set it aside in the data directory.
+            let aside = format!("orphans.unexpected-{}", now_stamp());
+            root.rename("orphans", root, &aside)?;
+            log::error!("startup: orphans in the data directory is not a folder; renamed to {aside}");
+            root.ensure_dir("orphans")?.0
+        }
+        Err(e) => return Err(e),
+    };
+    let mut stamp = now_stamp();
+    while orphans.stat(format!("{stamp}-{flat}"))?.is_some() {
+        stamp += 1;
+    }
+    let dest = format!("{stamp}-{flat}");
+    parent.rename(name, &orphans, &dest)?;
+    Ok(format!("orphans/{dest}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    fn open() -> (tempfile::TempDir, Storage) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(&dir.path().join("data")).unwrap();
+        (dir, s)
+    }
+
+    /// Stage `content` as upload `upload` and publish it as `name` (no commit).
+    fn publish(s: &Storage, id: &ClientId, name: &str, upload: u64, content: &[u8]) -> io::Result<Publish> {
+        use std::io::Write;
+        s.create_temp(upload)?.write_all(content)?;
+        let mut dirty = Dirty::default();
+        let p = s.plan_publish(id, name, upload)?;
+        s.save_previous(&p, name, &mut dirty)?;
+        s.install(upload, &p, name, &mut dirty)?;
+        Ok(p)
+    }
+
+    fn stored(s: &Storage, id: &ClientId, name: &str) -> PathBuf {
+        s.root().join(Storage::relative_path(id, name))
+    }
 
     #[test]
     fn publish_and_undo_keep_the_previous_version() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Storage::open(&dir.path().join("data")).unwrap();
+        let (_t, s) = open();
         let id = [0xab; 16];
-        let mut dirty = Vec::new();
-        let t1 = s.temp_path(1);
-        fs::write(&t1, b"one").unwrap();
-        let p1 = s.plan_publish(&id, "f", 10);
+        let p1 = publish(&s, &id, "f", 1, b"one").unwrap();
         assert_eq!(p1.saved_previous, None);
-        s.save_previous(&p1, &mut dirty).unwrap();
-        s.install(&t1, &p1, &mut dirty).unwrap();
-        let t2 = s.temp_path(2);
-        fs::write(&t2, b"two").unwrap();
-        let p2 = s.plan_publish(&id, "f", 11);
-        s.save_previous(&p2, &mut dirty).unwrap();
-        s.install(&t2, &p2, &mut dirty).unwrap();
-        assert_eq!(fs::read(s.file_path(&id, "f")).unwrap(), b"two");
-        assert_eq!(s.versions(&id, "f"), vec![11]);
-        p2.undo().unwrap();
-        assert_eq!(fs::read(s.file_path(&id, "f")).unwrap(), b"one");
+        let p2 = publish(&s, &id, "f", 2, b"two").unwrap();
+        assert_eq!(fs::read(stored(&s, &id, "f")).unwrap(), b"two");
+        assert_eq!(s.versions(&id, "f"), vec![2]);
+        s.undo(&p2).unwrap();
+        s.undo(&p2).unwrap(); // idempotent
+        assert_eq!(fs::read(stored(&s, &id, "f")).unwrap(), b"one");
         assert!(s.versions(&id, "f").is_empty());
-        p1.undo().unwrap();
-        assert!(!s.file_path(&id, "f").exists());
+        s.undo(&p1).unwrap();
+        assert!(!stored(&s, &id, "f").exists());
+        // Undo after the link but before the rename leaves the current file alone.
+        publish(&s, &id, "f", 3, b"three").unwrap();
+        let p = s.plan_publish(&id, "f", 4).unwrap();
+        s.save_previous(&p, "f", &mut Dirty::default()).unwrap();
+        s.undo(&p).unwrap();
+        assert_eq!(fs::read(stored(&s, &id, "f")).unwrap(), b"three");
+        assert!(s.versions(&id, "f").is_empty(), "the extra link is removed");
     }
 
     #[test]
@@ -292,31 +516,110 @@ mod tests {
         // With --keep-versions 0 a publish over a verified file must still be
         // undoable (failed commit, or a crash before it): the previous file is
         // linked for the duration of the publish and pruned only after commit.
-        let dir = tempfile::tempdir().unwrap();
-        let s = Storage::open(&dir.path().join("data")).unwrap();
+        let (_t, s) = open();
         let id = [0xcd; 16];
-        let mut dirty = Vec::new();
-        let t1 = s.temp_path(1);
-        fs::write(&t1, b"verified").unwrap();
-        let p1 = s.plan_publish(&id, "f", 10);
-        s.save_previous(&p1, &mut dirty).unwrap();
-        s.install(&t1, &p1, &mut dirty).unwrap();
-        let t2 = s.temp_path(2);
-        fs::write(&t2, b"unconfirmed").unwrap();
-        let p2 = s.plan_publish(&id, "f", 11);
-        s.save_previous(&p2, &mut dirty).unwrap();
-        s.install(&t2, &p2, &mut dirty).unwrap();
-        p2.undo().unwrap();
-        assert_eq!(fs::read(s.file_path(&id, "f")).unwrap(), b"verified");
+        publish(&s, &id, "f", 1, b"verified").unwrap();
+        let p2 = publish(&s, &id, "f", 2, b"unconfirmed").unwrap();
+        s.undo(&p2).unwrap();
+        assert_eq!(fs::read(stored(&s, &id, "f")).unwrap(), b"verified");
         // After a successful commit, pruning to 0 leaves no version behind.
-        let p3 = s.plan_publish(&id, "f", 12);
-        s.save_previous(&p3, &mut dirty).unwrap();
-        fs::write(&t2, b"second").unwrap();
-        s.install(&t2, &p3, &mut dirty).unwrap();
+        publish(&s, &id, "f", 3, b"second").unwrap();
         s.prune_versions(&id, "f", 0).unwrap();
         assert!(s.versions(&id, "f").is_empty());
-        assert!(!s.versions_dir(&id, "f").exists());
-        assert_eq!(fs::read(s.file_path(&id, "f")).unwrap(), b"second");
+        assert!(!s.root().join("versions").join(id_hex(&id)).join("f").exists());
+        assert_eq!(fs::read(stored(&s, &id, "f")).unwrap(), b"second");
+    }
+
+    #[test]
+    fn nested_names_are_stored_nested_and_versioned() {
+        let (_t, s) = open();
+        let id = [0x11; 16];
+        let name = "docs/2026/report.pdf";
+        publish(&s, &id, name, 1, b"v1").unwrap();
+        let p = publish(&s, &id, name, 2, b"v2").unwrap();
+        let hex = id_hex(&id);
+        assert_eq!(p.target, format!("files/{hex}/docs/2026/report.pdf"));
+        assert_eq!(p.saved_previous, Some(format!("versions/{hex}/docs/2026/report.pdf/2")));
+        assert_eq!(fs::read(stored(&s, &id, name)).unwrap(), b"v2");
+        assert_eq!(fs::read(s.root().join(p.saved_previous.as_ref().unwrap())).unwrap(), b"v1");
+        // A file and a folder below a name that once was a file: told apart by kind.
+        publish(&s, &id, "docs/2026/report.pdf.d", 3, b"x").unwrap();
+        assert_eq!(s.versions(&id, name), vec![2]);
+        for d in ["files", "versions"] {
+            let mode =
+                fs::metadata(s.root().join(d).join(&hex).join("docs/2026")).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{d}");
+        }
+        s.prune_versions(&id, name, 0).unwrap();
+        assert!(!s.root().join("versions").join(&hex).exists(), "empty version folders are removed");
+        // A component that is a file where a folder is needed, and the reverse: that file fails.
+        let e = publish(&s, &id, "docs/2026/report.pdf/inner", 4, b"y").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTDIR), "{e}");
+        assert!(publish(&s, &id, "docs/2026", 5, b"z").is_err());
+        assert_eq!(fs::read(stored(&s, &id, name)).unwrap(), b"v2");
+        assert!(fs::metadata(stored(&s, &id, "docs/2026")).unwrap().is_dir());
+        // Bad paths never reach the disk.
+        for bad in ["a//b", "../x", "a/../../x", "/abs", "a/."] {
+            assert!(s.plan_publish(&id, bad, 6).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn nothing_is_written_or_removed_through_a_link() {
+        let (t, s) = open();
+        let id = [0x22; 16];
+        let outside = t.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("f"), b"not yours").unwrap();
+        let hex = id_hex(&id);
+        symlink(&outside, s.root().join("files").join(&hex)).unwrap();
+        assert_eq!(publish(&s, &id, "f", 1, b"evil").unwrap_err().raw_os_error(), Some(libc::ENOTDIR));
+        assert_eq!(publish(&s, &id, "new", 2, b"evil").unwrap_err().raw_os_error(), Some(libc::ENOTDIR));
+        let p = Publish { target: format!("files/{hex}/f"), saved_previous: None };
+        assert!(s.undo(&p).is_err());
+        assert_eq!(fs::read(outside.join("f")).unwrap(), b"not yours");
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
+        // A link where the file itself is expected.
+        fs::remove_file(s.root().join("files").join(&hex)).unwrap();
+        fs::create_dir(s.root().join("files").join(&hex)).unwrap();
+        symlink(outside.join("f"), stored(&s, &id, "f")).unwrap();
+        assert!(publish(&s, &id, "f", 3, b"evil").is_err());
+        assert!(s.undo(&Publish { target: format!("files/{hex}/f"), saved_previous: None }).is_err());
+        assert_eq!(fs::read(outside.join("f")).unwrap(), b"not yours");
+        // Startup moves the link itself aside.
+        let moved = s.scan_files(|_, _| true).unwrap();
+        assert_eq!(moved, 1);
+        assert!(fs::symlink_metadata(stored(&s, &id, "f")).is_err());
+        assert_eq!(fs::read(outside.join("f")).unwrap(), b"not yours");
+        let orphans: Vec<_> =
+            fs::read_dir(s.root().join("orphans")).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(orphans.len(), 1);
+        assert!(fs::symlink_metadata(&orphans[0]).unwrap().file_type().is_symlink());
+    }
+
+    #[test]
+    fn tmp_cleanup_removes_only_our_temp_files() {
+        let t = tempfile::tempdir().unwrap();
+        let data = t.path().join("data");
+        let outside = t.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("7.part"), b"keep").unwrap();
+        // tmp/ itself a link: moved aside at open, its target untouched.
+        fs::create_dir(&data).unwrap();
+        symlink(&outside, data.join("tmp")).unwrap();
+        let s = Storage::open(&data).unwrap();
+        assert!(fs::symlink_metadata(data.join("tmp")).unwrap().is_dir());
+        assert_eq!(s.clear_tmp().unwrap(), (0, 0));
+        assert_eq!(fs::read(outside.join("7.part")).unwrap(), b"keep");
+        // Inside tmp/: ours removed, anything else moved to orphans/.
+        fs::write(data.join("tmp/12.part"), b"x").unwrap();
+        fs::write(data.join("tmp/notes.txt"), b"x").unwrap();
+        fs::create_dir(data.join("tmp/9.part")).unwrap();
+        symlink(outside.join("7.part"), data.join("tmp/8.part")).unwrap();
+        assert_eq!(s.clear_tmp().unwrap(), (1, 3));
+        assert_eq!(fs::read_dir(data.join("tmp")).unwrap().count(), 0);
+        assert_eq!(fs::read(outside.join("7.part")).unwrap(), b"keep");
+        assert_eq!(fs::read_dir(data.join("orphans")).unwrap().count(), 4);
     }
 
     /// Reconciliation moves files without a verified row to orphans/ under a
@@ -324,17 +627,24 @@ mod tests {
     /// make that cut panic (the server could then never start).
     #[test]
     fn orphan_names_are_cut_on_a_character_boundary() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Storage::open(&dir.path().join("data")).unwrap();
+        let (_t, s) = open();
         let id = [0x5a; 16];
         let name = "é".repeat(125); // 250 bytes: byte 200 of "<hex>_<name>" falls inside an 'é'
         assert!(validate_file_name(name.as_bytes()).is_ok());
-        create_private_dir(&s.client_dir(&id)).unwrap();
-        let path = s.file_path(&id, &name);
-        fs::write(&path, b"x").unwrap();
-        let dest = s.move_to_orphans(&path, 42).unwrap();
-        assert!(!path.exists());
-        assert_eq!(fs::read(&dest).unwrap(), b"x");
-        assert!(dest.starts_with(dir.path().join("data").join("orphans")));
+        publish(&s, &id, &name, 1, b"x").unwrap();
+        publish(&s, &id, "a/b/kept", 2, b"k").unwrap();
+        let mut seen = Vec::new();
+        let moved = s
+            .scan_files(|p, size| {
+                seen.push((p.to_string(), size));
+                p.ends_with("kept")
+            })
+            .unwrap();
+        assert_eq!(moved, 1);
+        seen.sort();
+        assert_eq!(seen[0], (Storage::relative_path(&id, "a/b/kept"), 1));
+        assert!(!stored(&s, &id, &name).exists());
+        let o: Vec<_> = fs::read_dir(s.root().join("orphans")).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(fs::read(&o[0]).unwrap(), b"x");
     }
 }

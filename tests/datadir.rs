@@ -1,0 +1,434 @@
+//! The data directory has one owner and holds no surprises (issue 9): the
+//! lock, the marker, no link followed, every write error reaching the
+//! client, no dangling row after an abort, crash points repaired at the next
+//! start, torn files noticed. Real binary (a debug build, so the
+//! `BACKUPD_FAULTS` seam is active), real SQLite, temp directories.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backupd::client::{Client, UploadOptions};
+use backupd::protocol::{id_hex, ClientId, ResponseCode};
+use common::*;
+
+/// A launch whose `BACKUPD_FAULTS` is whatever `faults` holds at each (re)start.
+fn with_faults(faults: &Arc<Mutex<String>>) -> Launch {
+    let cell = faults.clone();
+    let tweak = move |cmd: &mut std::process::Command| {
+        let f = cell.lock().unwrap().clone();
+        if f.is_empty() {
+            cmd.env_remove("BACKUPD_FAULTS");
+        } else {
+            cmd.env("BACKUPD_FAULTS", f);
+        }
+    };
+    Launch { tweak: Some(Arc::new(tweak)), ..Launch::default() }
+}
+
+/// Restart with these faults and a reconnected client.
+fn restart_with(
+    server: &mut TestServer,
+    faults: &Arc<Mutex<String>>,
+    spec: &str,
+    who: (ClientId, &str),
+) -> Client {
+    *faults.lock().unwrap() = spec.to_string();
+    server.restart();
+    let mut c = server.connect();
+    c.reconnect(who.0, who.1, test_key()).unwrap();
+    c
+}
+
+fn upload_confirm(c: &mut Client, name: &str, data: &[u8]) {
+    assert!(c.upload_bytes(name, data, &UploadOptions::default()).unwrap().cksum_matches());
+    c.crc_ok(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+}
+
+/// The files row (Verified, Size, Cksum, PathName) of a name.
+fn row(db: &Path, id: &ClientId, name: &str) -> Option<(i64, Option<i64>, Option<i64>, String)> {
+    use rusqlite::OptionalExtension;
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.query_row(
+        "SELECT Verified, Size, Cksum, PathName FROM files WHERE ID=?1 AND FileName=?2",
+        (&id[..], name),
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )
+    .optional()
+    .unwrap()
+}
+
+fn intents(db: &Path) -> i64 {
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    conn.query_row("SELECT count(*) FROM publish_intents", [], |r| r.get(0)).unwrap()
+}
+
+/// The verified row of `name` describes exactly `data`, which is the file on disk.
+fn assert_verified(server: &TestServer, id: &ClientId, name: &str, data: &[u8], tag: &str) {
+    assert_eq!(std::fs::read(server.stored_path(id, name)).unwrap(), data, "{tag}: {name} on disk");
+    let (verified, size, cksum, path) = row(&server.db_path(), id, name).expect("a files row");
+    assert_eq!(verified, 1, "{tag}: {name} verified");
+    assert_eq!(size, Some(data.len() as i64), "{tag}: {name} size");
+    assert_eq!(cksum, Some(backupd::crypto::cksum(data) as i64), "{tag}: {name} cksum");
+    assert_eq!(path, format!("files/{}/{name}", id_hex(id)), "{tag}: {name} path");
+}
+
+/// Every file and folder below `dir` with its mode and (for files) content.
+fn tree(dir: &Path) -> BTreeMap<PathBuf, (u32, Option<Vec<u8>>)> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        let content = meta.is_file().then(|| std::fs::read(&p).unwrap());
+        out.insert(p.clone(), (meta.permissions().mode(), content));
+        if meta.is_dir() {
+            out.extend(tree(&p));
+        }
+    }
+    out
+}
+
+fn raw_server(cwd: &Path, data: &Path) -> RawServer {
+    let args: Vec<&OsStr> =
+        vec![OsStr::new("--listen"), OsStr::new("127.0.0.1:0"), OsStr::new("--data-dir"), data.as_os_str()];
+    RawServer::spawn(cwd, &args)
+}
+
+#[test]
+fn a_second_server_on_the_same_directory_exits_1_and_the_first_keeps_its_upload() {
+    let mut server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("first");
+    let data = pseudo_random(20_000, 1);
+    // Staged in tmp/, awaiting its 1029 while the second server tries to start.
+    assert!(c.upload_bytes("staged", &data, &UploadOptions::default()).unwrap().cksum_matches());
+    let mut second = raw_server(server.temp_dir(), &server.data_dir());
+    let status = second.wait_exit(Duration::from_secs(10)).expect("the second server must exit at once");
+    assert_eq!(status.code(), Some(1), "{}", second.log_text());
+    let want =
+        format!("data directory {} is in use by process {}", server.data_dir().display(), server.pid());
+    let said = wait_until(Duration::from_secs(5), || second.log_text().contains(&want));
+    assert!(said, "expected {want:?} in:\n{}", second.log_text());
+    c.crc_ok("staged").unwrap();
+    assert_verified(&server, &id, "staged", &data, "after the second server");
+    assert!(server.is_alive());
+    // Once the first is gone, the directory can be taken again.
+    assert!(server.stop().success());
+    let mut third = raw_server(server.temp_dir(), &server.data_dir());
+    assert!(third.wait_exit(Duration::from_millis(1500)).is_none(), "{}", third.log_text());
+}
+
+#[test]
+fn a_non_empty_folder_without_the_marker_is_refused_untouched() {
+    let temp = tempfile::tempdir().unwrap();
+    let home = temp.path().join("home");
+    std::fs::create_dir_all(home.join("tmp")).unwrap();
+    std::fs::create_dir_all(home.join("files")).unwrap();
+    std::fs::write(home.join("tmp/draft.txt"), b"draft").unwrap();
+    std::fs::write(home.join("files/stray"), b"mine").unwrap();
+    std::fs::write(home.join("notes.txt"), b"notes").unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let before = tree(&home);
+    let mut s = raw_server(temp.path(), &home);
+    let status = s.wait_exit(Duration::from_secs(10)).expect("must refuse at once");
+    assert_eq!(status.code(), Some(1));
+    let log = s.log_text();
+    assert!(log.contains("is not empty and has no backupd.layout marker"), "{log}");
+    assert!(log.contains("files, notes.txt, tmp"), "the message names what it found: {log}");
+    assert!(log.contains("--data-dir"), "the message says how to proceed: {log}");
+    assert_eq!(tree(&home), before, "the folder was changed");
+    assert_eq!(std::fs::metadata(&home).unwrap().permissions().mode() & 0o777, 0o755);
+}
+
+#[test]
+fn an_empty_existing_folder_is_taken_and_marked() {
+    let server = TestServer::start_with(&[], Launch::default(), |temp| {
+        std::fs::create_dir(temp.join("data")).unwrap();
+    });
+    let marker = std::fs::read_to_string(server.data_dir().join("backupd.layout")).unwrap();
+    assert_eq!(marker, "backupd data directory, layout 1\n");
+    let lock = std::fs::read_to_string(server.data_dir().join("backupd.lock")).unwrap();
+    assert_eq!(lock.trim(), server.pid().to_string());
+}
+
+#[test]
+fn tmp_as_a_link_to_another_folder_is_moved_aside_and_that_folder_survives() {
+    let mut server = TestServer::start(&[]);
+    let (c, id) = server.registered_client("tmp-link");
+    drop(c);
+    assert!(server.stop().success());
+    let other = server.temp_dir().join("other");
+    std::fs::create_dir(&other).unwrap();
+    for f in ["1.part", "2.part", "precious.txt"] {
+        std::fs::write(other.join(f), f.as_bytes()).unwrap();
+    }
+    std::fs::remove_dir(server.tmp_dir()).unwrap();
+    symlink(&other, server.tmp_dir()).unwrap();
+    server.restart();
+    for f in ["1.part", "2.part", "precious.txt"] {
+        assert_eq!(std::fs::read(other.join(f)).unwrap(), f.as_bytes(), "{f} in the link's target");
+    }
+    assert!(std::fs::symlink_metadata(server.tmp_dir()).unwrap().is_dir(), "a real tmp/ again");
+    let orphans: Vec<_> = std::fs::read_dir(server.data_dir().join("orphans")).unwrap().flatten().collect();
+    assert_eq!(orphans.len(), 1);
+    assert!(orphans[0].file_type().unwrap().is_symlink(), "the link itself is set aside");
+    assert!(server.log_text().contains("tmp in the data directory is not a folder"));
+    // And uploads go to the real tmp/.
+    let mut c = server.connect();
+    c.reconnect(id, "tmp-link", test_key()).unwrap();
+    upload_confirm(&mut c, "after", b"after");
+    assert_eq!(std::fs::read_dir(&other).unwrap().count(), 3);
+}
+
+#[test]
+fn a_client_folder_replaced_by_a_link_is_never_written_through() {
+    let mut server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("victim");
+    upload_confirm(&mut c, "a", b"first");
+    let client_dir = server.files_dir().join(id_hex(&id));
+    let other = server.temp_dir().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("a"), b"not the server's").unwrap();
+    std::fs::rename(&client_dir, server.temp_dir().join("saved")).unwrap();
+    symlink(&other, &client_dir).unwrap();
+    for name in ["a", "b"] {
+        assert!(c
+            .upload_bytes(name, b"through the link?", &UploadOptions::default())
+            .unwrap()
+            .cksum_matches());
+        let err = c.crc_ok(name).expect_err("publishing through a link must fail");
+        assert_eq!(err.refusal_code(), Some(ResponseCode::GeneralError), "{err}");
+    }
+    assert_eq!(std::fs::read(other.join("a")).unwrap(), b"not the server's");
+    assert_eq!(std::fs::read_dir(&other).unwrap().count(), 1, "nothing new in the link's target");
+    server.wait_for_log("cannot publish", Duration::from_secs(5));
+    assert!(row(&server.db_path(), &id, "b").is_none());
+    assert!(wait_until(Duration::from_secs(5), || walk_files(&server.tmp_dir()).is_empty()));
+    // At the next start the link is moved aside, the verified row whose file is gone unverified.
+    drop(c);
+    server.restart();
+    assert!(std::fs::symlink_metadata(&client_dir).is_err());
+    assert_eq!(std::fs::read(other.join("a")).unwrap(), b"not the server's");
+    assert_eq!(row(&server.db_path(), &id, "a").unwrap().0, 0);
+}
+
+/// Each write, sync and rename step made to fail: 1607, no published file,
+/// the previous version and its row in place; the server goes on serving.
+fn failing_steps(mode: &str) {
+    let faults = Arc::new(Mutex::new(String::new()));
+    let mut server = TestServer::start_with(&["--sync-mode", mode], with_faults(&faults), |_| {});
+    let (mut c, id) = server.registered_client("steps");
+    let v1 = pseudo_random(30_000, 1);
+    upload_confirm(&mut c, "victim", &v1);
+    drop(c);
+    let mut points = vec!["link", "sync-previous", "rename", "sync-publish", "after-rename"];
+    if mode == "fsync" {
+        points.push("fdatasync");
+    }
+    for (i, point) in points.iter().enumerate() {
+        let tag = format!("{mode} fail@{point}");
+        let fresh = format!("fresh-{i}");
+        let spec = format!("fail@{point}:victim,fail@{point}:{fresh}");
+        let replace_only = matches!(*point, "link" | "sync-previous");
+        let mut c = restart_with(&mut server, &faults, &spec, (id, "steps"));
+        let v2 = pseudo_random(20_000, 100 + i as u64);
+        for name in ["victim", fresh.as_str()] {
+            assert!(c.upload_bytes(name, &v2, &UploadOptions::default()).unwrap().cksum_matches());
+            match c.crc_ok(name) {
+                Err(e) => assert_eq!(e.refusal_code(), Some(ResponseCode::GeneralError), "{tag} {name}: {e}"),
+                // A new file has no previous version to link and sync.
+                Ok(()) if replace_only && name != "victim" => {}
+                Ok(()) => panic!("{tag}: {name} got 1604"),
+            }
+        }
+        assert_verified(&server, &id, "victim", &v1, &tag);
+        if !replace_only {
+            assert!(!server.stored_path(&id, &fresh).exists(), "{tag}: {fresh} published");
+            assert!(row(&server.db_path(), &id, &fresh).is_none(), "{tag}: {fresh} has a row");
+        }
+        let versions = walk_files(&server.data_dir().join("versions"));
+        assert!(versions.iter().all(|v| std::fs::read(v).unwrap() == v1), "{tag}: versions {versions:?}");
+        assert!(
+            wait_until(Duration::from_secs(5), || walk_files(&server.tmp_dir()).is_empty()),
+            "{tag}: tmp/"
+        );
+        assert_eq!(intents(&server.db_path()), 0, "{tag}: intents left");
+        upload_confirm(&mut c, &format!("ok-{i}"), b"still serving");
+    }
+}
+
+#[test]
+fn every_failed_sync_rename_or_link_gives_1607_with_syncfs() {
+    failing_steps("syncfs");
+}
+
+#[test]
+fn every_failed_sync_rename_or_link_gives_1607_with_fsync() {
+    failing_steps("fsync");
+}
+
+#[test]
+fn a_failed_write_or_writeback_fails_the_upload() {
+    for (point, len) in [("write", 50_000), ("write-behind", (8 << 20) + 100_000)] {
+        for mode in ["syncfs", "fsync"] {
+            let spec = format!("fail@{point}");
+            let launch = with_faults(&Arc::new(Mutex::new(spec.clone())));
+            let server = TestServer::start_with(&["--sync-mode", mode], launch, |_| {});
+            let (mut c, id) = server.registered_client("writer");
+            let opts = UploadOptions { packet_size: 1 << 20, ..Default::default() };
+            let err = c.upload_bytes("big", &pseudo_random(len, 3), &opts).expect_err(&spec);
+            assert_eq!(err.refusal_code(), Some(ResponseCode::GeneralError), "{spec} {mode}: {err}");
+            assert!(c.crc_ok("big").is_err(), "{spec} {mode}: 1604 for a failed upload");
+            assert!(!server.stored_path(&id, "big").exists());
+            assert!(wait_until(Duration::from_secs(5), || walk_files(&server.tmp_dir()).is_empty()));
+            server.wait_for_log("cannot write temp file", Duration::from_secs(5));
+        }
+    }
+}
+
+#[test]
+fn an_abort_leaves_no_row_pointing_at_nothing() {
+    let server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("aborter");
+    assert!(c.upload_bytes("never", b"x", &UploadOptions::default()).unwrap().cksum_matches());
+    c.crc_abort("never").unwrap();
+    let v1 = pseudo_random(1000, 1);
+    upload_confirm(&mut c, "kept", &v1);
+    assert!(c
+        .upload_bytes("kept", &pseudo_random(2000, 2), &UploadOptions::default())
+        .unwrap()
+        .cksum_matches());
+    c.crc_abort("kept").unwrap();
+    upload_confirm(&mut c, "sync", b"round trip: the worker has handled the aborts");
+    assert!(row(&server.db_path(), &id, "never").is_none(), "a row for an aborted upload");
+    assert_verified(&server, &id, "kept", &v1, "after an aborted second version");
+}
+
+/// Crash points between the rename and the commit, and between the commit
+/// and the 1604: the next start repairs them as docs/ARCHITECTURE.md says.
+#[test]
+fn crashes_around_the_commit_are_repaired_at_the_next_start() {
+    let faults = Arc::new(Mutex::new(String::new()));
+    let mut server = TestServer::start_with(&[], with_faults(&faults), |_| {});
+    let (mut c, id) = server.registered_client("crashy");
+    let v1 = pseudo_random(10_000, 1);
+    upload_confirm(&mut c, "victim", &v1);
+    drop(c);
+    let crash = |server: &mut TestServer, point: &str, name: &str, data: &[u8]| {
+        let mut c = restart_with(server, &faults, &format!("crash@{point}:{name}"), (id, "crashy"));
+        assert!(c.upload_bytes(name, data, &UploadOptions::default()).unwrap().cksum_matches());
+        let r = c.crc_ok(name);
+        assert!(r.as_ref().is_err_and(|e| e.is_network()), "{point} {name}: {r:?}");
+        assert_eq!(server.wait(Duration::from_secs(10)).code(), Some(86), "{point}: not the injected crash");
+        *faults.lock().unwrap() = String::new();
+        server.restart();
+        server.wait_for_log(&format!("fault injection: crash at {point} {name}"), Duration::from_secs(5));
+    };
+    let orphans = |server: &TestServer| walk_files(&server.data_dir().join("orphans"));
+    // Replacing a verified file, crash after the rename, before the commit:
+    // the intent puts the previous version back.
+    for point in ["intent", "link", "after-rename"] {
+        crash(&mut server, point, "victim", &pseudo_random(12_000, 2));
+        assert_verified(&server, &id, "victim", &v1, point);
+        assert_eq!(intents(&server.db_path()), 0, "{point}: intents");
+    }
+    assert!(server.log_text().contains("undid unacknowledged publish"));
+    // A new file, crash before the commit: it has no verified row, so it goes to orphans/.
+    let fresh = pseudo_random(5_000, 3);
+    crash(&mut server, "after-rename", "fresh", &fresh);
+    assert!(!server.stored_path(&id, "fresh").exists());
+    assert!(row(&server.db_path(), &id, "fresh").is_none());
+    assert!(orphans(&server).iter().any(|p| std::fs::read(p).unwrap() == fresh), "fresh not in orphans/");
+    // Crash after the commit, before the 1604: the new version stands, recorded.
+    let v2 = pseudo_random(14_000, 4);
+    crash(&mut server, "commit", "victim", &v2);
+    assert_verified(&server, &id, "victim", &v2, "commit");
+    assert_eq!(intents(&server.db_path()), 0);
+    let versions = walk_files(&server.data_dir().join("versions"));
+    assert!(versions.iter().any(|v| std::fs::read(v).unwrap() == v1), "previous version kept");
+    let mut c = server.connect();
+    c.reconnect(id, "crashy", test_key()).unwrap();
+    upload_confirm(&mut c, "victim", b"v3");
+}
+
+/// The steps of each commit, in order, as the trace shows them (repeats of
+/// one step, e.g. one fsync per folder, folded).
+fn steps(log: &str, name: &str) -> Vec<Vec<String>> {
+    let mut commits = Vec::new();
+    let mut cur: Vec<String> = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("fault point ").nth(1) {
+            let (point, file) = rest.split_once(' ').unwrap_or((rest, ""));
+            if file.trim() == name && cur.last().map(String::as_str) != Some(point) {
+                cur.push(point.to_string());
+            }
+        } else if line.contains(&format!("{name:?} verified and stored")) {
+            cur.push("1604".into());
+            commits.push(std::mem::take(&mut cur));
+        }
+    }
+    commits
+}
+
+#[test]
+fn the_durability_steps_come_in_order_before_the_1604() {
+    for mode in ["syncfs", "fsync"] {
+        let launch = with_faults(&Arc::new(Mutex::new("trace".into())));
+        let server = TestServer::start_with(&["--sync-mode", mode], launch, |_| {});
+        let (mut c, _) = server.registered_client("tracer");
+        upload_confirm(&mut c, "t", b"one");
+        upload_confirm(&mut c, "t", b"two");
+        let first = if mode == "fsync" { vec!["fdatasync"] } else { vec![] };
+        let new: Vec<&str> = first
+            .iter()
+            .copied()
+            .chain(["rename", "sync-publish", "after-rename", "commit", "1604"])
+            .collect();
+        let replace: Vec<&str> = first
+            .iter()
+            .copied()
+            .chain([
+                "intent",
+                "link",
+                "sync-previous",
+                "rename",
+                "sync-publish",
+                "after-rename",
+                "commit",
+                "1604",
+            ])
+            .collect();
+        // The log is read from the server's stderr by a thread: wait for the second 1604's line.
+        wait_until(Duration::from_secs(5), || steps(&server.log_text(), "t").len() >= 2);
+        let got = steps(&server.log_text(), "t");
+        assert_eq!(got, vec![new, replace], "{mode}");
+    }
+}
+
+#[test]
+fn a_torn_file_is_reported_at_start_and_left_in_place() {
+    let mut server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("torn");
+    upload_confirm(&mut c, "whole", &pseudo_random(4000, 1));
+    upload_confirm(&mut c, "cut", &pseudo_random(4000, 2));
+    drop(c);
+    assert!(server.stop().success());
+    let cut = server.stored_path(&id, "cut");
+    std::fs::OpenOptions::new().write(true).open(&cut).unwrap().set_len(1000).unwrap();
+    server.restart();
+    let want = format!(
+        "verified file files/{}/cut of client {} is 1000 bytes on disk but 4000",
+        id_hex(&id),
+        id_hex(&id)
+    );
+    server.wait_for_log(&want, Duration::from_secs(5));
+    server.wait_for_log("1 verified file(s) differ in size", Duration::from_secs(5));
+    assert_eq!(std::fs::metadata(&cut).unwrap().len(), 1000, "left in place");
+    assert_eq!(row(&server.db_path(), &id, "cut").unwrap().0, 1);
+    assert!(!server.log_text().contains(&format!("files/{}/whole of client", id_hex(&id))));
+}
