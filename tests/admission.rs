@@ -384,7 +384,7 @@ fn reconnect_then_public_key_cannot_take_over_a_client() {
     drop(attacker);
     drop(other);
     assert_eq!((contents(&files), contents(&versions)), before, "the victim's data changed");
-    server.wait_for_log("already has a key", IO_TIMEOUT);
+    server.wait_for_log("only the connection that registered client", IO_TIMEOUT);
 
     // The victim's own key still works, and the name is still its own.
     let mut victim = Client::connect(addr, &quick()).unwrap();
@@ -788,11 +788,8 @@ fn control_frames_are_answered_while_the_budget_is_full() {
 
 /// Between a registration's 1600 and its 1026 the client has no key; the
 /// id is in clear in the 1600. Issue 8: "a client's public key is set only
-/// on the connection that registered it". Today a 1026 from any connection
-/// sets a missing key (1602), and the registrant, if it does not send its
-/// own 1026 on its registration connection, is locked out.
+/// on the connection that registered it", even while it has none yet.
 #[test]
-#[ignore = "server gap (reported): a 1026 from another connection sets the key of a client that has none"]
 fn a_key_is_set_only_on_the_registration_connection_even_before_the_first() {
     let server = TestServer::start(&[]);
     let addr = server.addr();
@@ -809,4 +806,77 @@ fn a_key_is_set_only_on_the_registration_connection_even_before_the_first() {
     drop(registrant);
     let mut again = Client::connect(addr, &quick()).unwrap();
     again.reconnect(id, "newcomer", test_key()).expect("the registrant reconnects with its own key");
+}
+
+/// A client whose registration connection closed before its 1026 has no key
+/// and can never reconnect; the key rule above must not strand it. Its name
+/// may be registered again (same id) once no registration connection of it is
+/// open; while one is, the name is taken.
+#[test]
+fn a_registration_without_a_key_resumes_by_name_once_its_connection_is_gone() {
+    let server = TestServer::start(&[]);
+    let addr = server.addr();
+    let mut first = Client::connect(addr, &quick()).unwrap();
+    let id = first.register("halfway").unwrap();
+    let mut other = client_from(2, addr);
+    match other.register("halfway") {
+        Err(e) if e.refusal_code() == Some(ResponseCode::RegistrationFailed) => {}
+        r => panic!("the name is taken while its registration connection is open: {r:?}"),
+    }
+    drop(first);
+    let resumed = wait_until(IO_TIMEOUT, || {
+        let mut c = Client::connect(addr, &quick()).unwrap();
+        match c.register("halfway") {
+            Ok(again) => {
+                assert_eq!(again, id, "the registration resumes with the same id");
+                c.send_public_key("halfway", test_key()).unwrap();
+                true
+            }
+            Err(_) => false,
+        }
+    });
+    assert!(resumed, "the registration never resumed:\n{}", tail(&server.log_text(), 20));
+    let mut c = Client::connect(addr, &quick()).unwrap();
+    c.reconnect(id, "halfway", test_key()).unwrap();
+    // With a key on file, the name is taken for good.
+    let mut late = Client::connect(addr, &quick()).unwrap();
+    assert_eq!(late.register("halfway").unwrap_err().refusal_code(), Some(ResponseCode::RegistrationFailed));
+}
+
+/// One who knows a client's id and name can reconnect (1605) and send
+/// ciphertext it cannot make; one such upload in 256 would decrypt to a valid
+/// padding and replace the client's file. Each decryption failure costs the
+/// client a token: past 10, the session ends and reconnects are refused for a
+/// while, so forging a file takes days instead of milliseconds.
+#[test]
+fn uploads_that_fail_to_decrypt_cost_the_client_its_reconnects() {
+    let server = TestServer::start(&[]);
+    let (mut victim, id) = server.registered_client("victim");
+    let data = pseudo_random(FILE_LEN, 41);
+    assert!(victim.upload_bytes("doc.bin", &data, &UploadOptions::default()).unwrap().cksum_matches());
+    victim.crc_ok("doc.bin").unwrap();
+    drop(victim);
+    let mut forger = client_from(3, server.addr());
+    forger.send_raw(&frame(&id, Code::Reconnect, &[&name_field_raw(b"victim")])).unwrap();
+    assert_eq!(forger.read_response().unwrap().code(), ResponseCode::ReconnectOk);
+    // 16 bytes of ciphertext for an empty file: it decrypts only if all 16
+    // plaintext bytes are 0x10, so every try fails.
+    let mut failures = 0;
+    for i in 0..12u8 {
+        let packet = packet_frame(&id, 16, 0, 1, 1, &name_field_raw(b"doc.bin"), &[i; 16]);
+        forger.send_raw(&packet).unwrap();
+        assert_eq!(forger.read_response().unwrap().code(), ResponseCode::GeneralError);
+        failures += 1;
+    }
+    assert_eq!(failures, 12);
+    server.wait_for_log("failed to decrypt", IO_TIMEOUT);
+    // The session is gone from the forger's connection, and reconnects are refused.
+    let packet = packet_frame(&id, 16, 0, 1, 1, &name_field_raw(b"doc.bin"), &[0; 16]);
+    forger.send_raw(&packet).unwrap();
+    assert_eq!(forger.read_response().unwrap().code(), ResponseCode::GeneralError);
+    let mut again = client_from(4, server.addr());
+    again.send_raw(&frame(&id, Code::Reconnect, &[&name_field_raw(b"victim")])).unwrap();
+    assert_eq!(again.read_response().unwrap().code(), ResponseCode::ReconnectDenied);
+    // The file is untouched.
+    assert_eq!(std::fs::read(server.stored_path(&id, "doc.bin")).unwrap(), data);
 }
