@@ -975,6 +975,10 @@ struct MClient {
     durable: bool,
     /// The key on file (exact DER), if any.
     key: Option<Vec<u8>>,
+    /// The connection that sent a key, which alone may send another.
+    owner: Option<ConnRef>,
+    /// The open connection that got this client's 1600.
+    registrant: Option<ConnRef>,
 }
 
 /// Where an upload stands, as the loop issued its jobs.
@@ -1013,8 +1017,14 @@ struct Sim<'a> {
     /// Client ids in registration order (ids are random: picks go by position).
     order: Vec<ClientId>,
     names: HashMap<String, ClientId>,
+    /// Decryption failures per client (the server's token bucket, which does
+    /// not refill noticeably during a run).
+    decrypt_failures: HashMap<ClientId, u32>,
     stats: SessionStats,
 }
+
+/// The server's burst of decryption failures per client (src/server/mod.rs).
+const DECRYPT_FAILURE_BURST: u32 = 10;
 
 /// Target 5: the protocol state machine of one server (two connections)
 /// driven by arbitrary frame sequences, with a fake worker.
@@ -1060,6 +1070,7 @@ pub fn session_stats(data: &[u8]) -> SessionStats {
         clients: HashMap::new(),
         order: Vec::new(),
         names: HashMap::new(),
+        decrypt_failures: HashMap::new(),
         stats: SessionStats::default(),
     };
     let mut ops = 0;
@@ -1750,8 +1761,26 @@ impl Sim<'_> {
                 assert!(jobs.is_empty());
             }
             Some(n) if self.names.contains_key(n) => {
-                assert_eq!(replies, vec![Response::RegistrationFailed], "name {n:?} is taken");
                 assert!(jobs.is_empty());
+                let id = self.names[n];
+                // A client with no key, none on its way and no open registration
+                // connection may register again (issue 8).
+                let resumable = self.clients.get(&id).is_some_and(|c| {
+                    c.durable && c.key.is_none() && c.owner.is_none() && c.registrant.is_none()
+                });
+                if resumable {
+                    assert_eq!(
+                        replies,
+                        vec![Response::RegistrationOk { id }],
+                        "name {n:?} resumes its registration"
+                    );
+                    m.registered = Some(id);
+                    let conn = m.conn;
+                    self.set_registrant(conn, id);
+                    self.stats.registered += 1;
+                } else {
+                    assert_eq!(replies, vec![Response::RegistrationFailed], "name {n:?} is taken");
+                }
             }
             Some(n) => {
                 assert!(replies.is_empty(), "1025 answered before the database: {replies:?}");
@@ -1760,11 +1789,25 @@ impl Sim<'_> {
                 };
                 assert_eq!((*conn, jn.as_str()), (m.conn, n));
                 assert!(*id != [0; 16] && !self.clients.contains_key(id), "a new id must be fresh");
-                self.clients.insert(*id, MClient { name: n.to_string(), durable: false, key: None });
+                self.clients.insert(
+                    *id,
+                    MClient { name: n.to_string(), durable: false, key: None, owner: None, registrant: None },
+                );
                 self.order.push(*id);
                 self.names.insert(n.to_string(), *id);
                 m.owed = Owed::Register(*id);
             }
+        }
+    }
+
+    /// `conn` got client `id`'s 1600: the one connection that may send its
+    /// first key (a connection is the registrant of one client at most).
+    fn set_registrant(&mut self, conn: ConnRef, id: ClientId) {
+        for c in self.clients.values_mut().filter(|c| c.registrant == Some(conn)) {
+            c.registrant = None;
+        }
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.registrant = Some(conn);
         }
     }
 
@@ -1779,10 +1822,17 @@ impl Sim<'_> {
     ) {
         let m = &mut self.slots[s].model;
         let known = self.clients.get(&hid).filter(|c| c.durable && name.as_str() == Some(c.name.as_str()));
-        // A key on file is replaced only by the connection that registered the id (issue 8).
-        let entitled = m.registered == Some(hid);
+        // Only the connection that registered the id sets its key, and once one
+        // has sent a key only that one may send another (issue 8).
+        let owner_ok = known.is_some_and(|c| match c.owner {
+            Some(o) => o == m.conn,
+            None => c.key.is_none(),
+        });
         let parsed = parse_public_key(field).ok();
-        let accept = known.is_some_and(|c| c.key.is_none() || entitled) && parsed.is_some();
+        let accept = m.registered == Some(hid) && owner_ok && parsed.is_some();
+        if let (true, Some(c)) = (accept, self.clients.get_mut(&hid)) {
+            c.owner = Some(m.conn);
+        }
         if !accept {
             assert_eq!(replies, vec![Response::GeneralError], "1026 that must be refused");
             assert!(jobs.is_empty());
@@ -1808,7 +1858,8 @@ impl Sim<'_> {
             .get(&hid)
             .filter(|c| c.durable && name.as_str() == Some(c.name.as_str()))
             .and_then(|c| c.key.clone());
-        let Some(der) = known else {
+        let too_many_failures = self.decrypt_failures.get(&hid).is_some_and(|n| *n >= DECRYPT_FAILURE_BURST);
+        let Some(der) = known.filter(|_| !too_many_failures) else {
             assert_eq!(replies, vec![Response::ReconnectDenied { id: hid }]);
             assert!(jobs.is_empty());
             return;
@@ -2138,10 +2189,13 @@ impl Sim<'_> {
         let conn = completion_conn(&done);
         // The registry follows the database whether or not the connection is open.
         match &done {
-            Completion::Registered { id, ok, .. } => {
+            Completion::Registered { conn, id, ok } => {
                 if *ok {
                     if let Some(c) = self.clients.get_mut(id) {
                         c.durable = true;
+                    }
+                    if self.slots[conn.key].model.conn == *conn {
+                        self.set_registrant(*conn, *id);
                     }
                 } else if let Some(c) = self.clients.remove(id) {
                     self.names.remove(&c.name);
@@ -2151,6 +2205,13 @@ impl Sim<'_> {
             Completion::KeySaved { id, ok: true, der, .. } => {
                 if let Some(c) = self.clients.get_mut(id) {
                     c.key = Some(der.clone());
+                }
+            }
+            Completion::KeySaved { conn, id, ok: false, .. } => {
+                if let Some(c) =
+                    self.clients.get_mut(id).filter(|c| c.owner == Some(*conn) && c.key.is_none())
+                {
+                    c.owner = None;
                 }
             }
             _ => {}
@@ -2259,8 +2320,30 @@ impl Sim<'_> {
                         m.owed = Owed::Nothing;
                         self.stats.received += 1;
                     }
-                    PacketOutcome::Failed(_) => {
-                        assert!(jobs.is_empty());
+                    PacketOutcome::Failed(why) => {
+                        // Decryption failures cost the client a token each (issue 8:
+                        // forged ciphertext); past 10, the session ends and files
+                        // staged under it are dropped.
+                        let mut expected = Vec::new();
+                        if let (true, Some((sid, _))) = (why.starts_with("decryption failed"), m.session) {
+                            let n = self.decrypt_failures.entry(sid).or_insert(0);
+                            *n += 1;
+                            if *n > DECRYPT_FAILURE_BURST {
+                                m.session = None;
+                                m.sealed = None;
+                                expected.extend(m.staged.drain(..).filter(|f| !f.retried).map(|f| f.upload));
+                            }
+                        }
+                        assert_eq!(
+                            discards_only(&jobs),
+                            sorted(expected),
+                            "discards of a decryption failure"
+                        );
+                        assert_eq!(
+                            slot.proto.session.is_some(),
+                            m.session.is_some(),
+                            "session after a failure"
+                        );
                         self.stats.worker_failures += 1;
                         let current = match &m.upload {
                             MUpload::Receiving { id, field, total, next, .. } if *id == upload => {
@@ -2306,6 +2389,9 @@ impl Sim<'_> {
         self.next_serial += 1;
         let old = std::mem::replace(&mut self.slots[s], Slot::new(s, serial));
         self.core.closed(&old.proto);
+        for c in self.clients.values_mut().filter(|c| c.registrant == Some(old.model.conn)) {
+            c.registrant = None;
+        }
         let jobs = std::mem::take(&mut self.core.jobs);
         let m = &old.model;
         let mut expected: Vec<UploadId> = m.staged.iter().filter(|f| !f.retried).map(|f| f.upload).collect();

@@ -208,18 +208,23 @@ struct PeerLines {
     reported: Instant,
 }
 
-fn peers() -> &'static Mutex<HashMap<IpAddr, PeerLines>> {
-    static PEERS: OnceLock<Mutex<HashMap<IpAddr, PeerLines>>> = OnceLock::new();
+/// Lines are limited per peer address and per kind of line (the format
+/// string of the `peer_log!` call): a flood of one kind cannot hide another.
+type PeerKey = (IpAddr, &'static str);
+
+fn peers() -> &'static Mutex<HashMap<PeerKey, PeerLines>> {
+    static PEERS: OnceLock<Mutex<HashMap<PeerKey, PeerLines>>> = OnceLock::new();
     PEERS.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// May a line caused by `ip` be logged now? [`PEER_LINES_BURST`] lines at
-/// once, then [`PEER_LINES_PER_SEC`] per second and address; the rest are
-/// counted and reported by [`report_suppressed`], at most once a second.
-pub fn peer_allows(ip: IpAddr) -> bool {
+/// May a line of kind `what` caused by `ip` be logged now?
+/// [`PEER_LINES_BURST`] lines at once, then [`PEER_LINES_PER_SEC`] per
+/// second, per address and kind; the rest are counted and reported by
+/// [`report_suppressed`], at most once a second.
+pub fn peer_allows(ip: IpAddr, what: &'static str) -> bool {
     let now = Instant::now();
     let Ok(mut map) = peers().lock() else { return true };
-    let p = map.entry(ip).or_insert(PeerLines {
+    let p = map.entry((ip, what)).or_insert(PeerLines {
         bucket: TokenBucket::full(PEER_LINES_BURST, now),
         suppressed: 0,
         reported: now,
@@ -238,25 +243,25 @@ pub fn report_suppressed() {
     let now = Instant::now();
     let mut reports = Vec::new();
     if let Ok(mut map) = peers().lock() {
-        map.retain(|ip, p| {
+        map.retain(|(ip, what), p| {
             if p.suppressed > 0 && now.duration_since(p.reported) >= Duration::from_secs(1) {
-                reports.push((*ip, std::mem::take(&mut p.suppressed)));
+                reports.push((*ip, *what, std::mem::take(&mut p.suppressed)));
                 p.reported = now;
             }
             p.suppressed > 0 || !p.bucket.is_full(now, PEER_LINES_PER_SEC, PEER_LINES_BURST)
         });
     }
-    for (ip, n) in reports {
-        log::warn!("{ip}: {n} similar line(s) suppressed");
+    for (ip, what, n) in reports {
+        log::warn!("{ip}: {n} similar line(s) suppressed, like \"{}\"", Esc(what));
     }
 }
 
 /// Log a line caused by a peer, rate-limited per address (see [`peer_allows`]).
 #[macro_export]
 macro_rules! peer_log {
-    ($lvl:expr, $ip:expr, $($arg:tt)+) => {
-        if log::log_enabled!($lvl) && $crate::logging::peer_allows($ip) {
-            log::log!($lvl, $($arg)+);
+    ($lvl:expr, $ip:expr, $fmt:literal $($arg:tt)*) => {
+        if log::log_enabled!($lvl) && $crate::logging::peer_allows($ip, $fmt) {
+            log::log!($lvl, $fmt $($arg)*);
         }
     };
 }
@@ -313,10 +318,11 @@ mod tests {
     #[test]
     fn a_peer_gets_a_few_lines_per_second() {
         let ip: IpAddr = "192.0.2.77".parse().unwrap();
-        let allowed = (0..1000).filter(|_| peer_allows(ip)).count();
+        let allowed = (0..1000).filter(|_| peer_allows(ip, "a")).count();
         assert!((64..=70).contains(&allowed), "{allowed}");
         let other: IpAddr = "192.0.2.78".parse().unwrap();
-        assert!(peer_allows(other), "another address has its own allowance");
+        assert!(peer_allows(other, "a"), "another address has its own allowance");
+        assert!(peer_allows(ip, "b"), "another kind of line has its own allowance");
     }
 
     #[test]

@@ -253,7 +253,13 @@ fn regression_refused_packet_1_discards_no_upload_it_never_started() {
     registry.by_name.insert("alice".into(), id);
     registry.by_id.insert(
         id,
-        ClientEntry { name: "alice".into(), key: Some(test_key().to_public_key()), pending: false },
+        ClientEntry {
+            name: "alice".into(),
+            key: Some(test_key().to_public_key()),
+            key_owner: None,
+            registrant: None,
+            pending: false,
+        },
     );
     let cfg = std::sync::Arc::new(backupd::config::Config::defaults());
     let mut core = Core::new(cfg, registry, Vec::<Job>::new(), 1);

@@ -286,5 +286,5 @@ fn a_key_on_file_cannot_be_replaced_by_another_connection() {
     let up = victim.upload_bytes("b.bin", &data, &UploadOptions::default()).unwrap();
     assert!(up.cksum_matches());
     victim.crc_ok("b.bin").unwrap();
-    assert!(server.log_text().contains("already has a key"));
+    assert!(server.log_text().contains("only the connection that registered client"));
 }

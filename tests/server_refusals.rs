@@ -565,6 +565,8 @@ fn header_and_idle_timeouts_close_the_connection() {
     // Idle after a request.
     let mut idle = server.connect();
     idle.register("idle").unwrap();
+    // With its key, so that the name stays taken once this connection is gone.
+    idle.send_public_key("idle", test_key()).unwrap();
     // A connection that keeps talking stays open past both limits.
     let mut busy = server.connect();
     for _ in 0..6 {

@@ -95,34 +95,44 @@ pub fn eviction_rank(
     (last_progress.is_some(), last_progress, authed, accepted)
 }
 
-/// A token bucket per address: `rate` per second, up to `burst` at once.
+/// A token bucket per key (an address, a client id): `rate` per second, up
+/// to `burst` at once.
 #[derive(Debug)]
-pub struct RateLimiter {
+pub struct RateLimiter<K = IpAddr> {
     rate: f64,
     burst: f64,
-    buckets: HashMap<IpAddr, TokenBucket>,
+    buckets: HashMap<K, TokenBucket>,
 }
 
 /// Addresses remembered before full buckets are forgotten.
 const MAX_TRACKED: usize = 4096;
 
-impl RateLimiter {
+impl<K: std::hash::Hash + Eq + Copy> RateLimiter<K> {
     /// `rate` 0 turns the limit off.
-    pub fn new(rate: f64, burst: f64) -> RateLimiter {
+    pub fn new(rate: f64, burst: f64) -> RateLimiter<K> {
         RateLimiter { rate, burst: burst.max(1.0), buckets: HashMap::new() }
     }
 
-    /// Take one token for `ip`, if it has one.
-    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+    /// Take one token for `key`, if it has one.
+    pub fn allow(&mut self, key: K, now: Instant) -> bool {
         if self.rate <= 0.0 {
             return true;
         }
         let (rate, burst) = (self.rate, self.burst);
-        if self.buckets.len() >= MAX_TRACKED && !self.buckets.contains_key(&ip) {
+        if self.buckets.len() >= MAX_TRACKED && !self.buckets.contains_key(&key) {
             // Full buckets are the same as new ones.
             self.buckets.retain(|_, b| !b.is_full(now, rate, burst));
         }
-        self.buckets.entry(ip).or_insert(TokenBucket::full(burst, now)).take(now, rate, burst)
+        self.buckets.entry(key).or_insert(TokenBucket::full(burst, now)).take(now, rate, burst)
+    }
+
+    /// Has `key` a token left (without taking it)?
+    pub fn has_token(&self, key: K, now: Instant) -> bool {
+        self.rate <= 0.0
+            || self.buckets.get(&key).is_none_or(|b| {
+                let mut b = *b;
+                b.take(now, self.rate, self.burst)
+            })
     }
 }
 

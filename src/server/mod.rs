@@ -91,6 +91,11 @@ const POOL_BYTES: usize = 4 << 20;
 pub struct ClientEntry {
     pub name: String,
     pub key: Option<rsa::RsaPublicKey>,
+    /// The connection that sent the key (or whose 1026 is at the worker):
+    /// only it may send another. None after a restart or a failed save.
+    pub key_owner: Option<ConnRef>,
+    /// The open connection that registered the client (got its 1600), if any.
+    pub registrant: Option<ConnRef>,
     /// The registration is not yet durable (its 1600 has not been sent).
     pub pending: bool,
 }
@@ -134,8 +139,17 @@ pub struct Core<J: JobSink = Sender<Job>> {
     pub next_upload: u64,
     pub jobs: J,
     pub registrations: RateLimiter,
+    /// Decryption failures per client: a legitimate client never fails to
+    /// decrypt, a forger (1027 then ciphertext it cannot make) fails 255 times
+    /// in 256. Out of tokens, the client's reconnects are refused for a while.
+    pub decrypt_failures: RateLimiter<ClientId>,
     pub metrics: Arc<Metrics>,
 }
+
+/// Decryption failures a client may cause at once, and per second after that
+/// (10 an hour): a forger needs ~256 tries per file it could replace.
+const DECRYPT_FAILURE_BURST: f64 = 10.0;
+const DECRYPT_FAILURES_PER_SEC: f64 = 10.0 / 3600.0;
 
 impl<J: JobSink> Core<J> {
     /// `next_upload`: the first upload id (ids must not repeat across restarts).
@@ -144,7 +158,18 @@ impl<J: JobSink> Core<J> {
         let registrations = RateLimiter::new(cfg.registration_rate, cfg.registration_burst as f64);
         let metrics = Arc::new(Metrics::new());
         metrics.clients.set(registry.by_id.len() as i64);
-        Core { cfg, registry, budget, pool: Vec::new(), next_upload, jobs, registrations, metrics }
+        let decrypt_failures = RateLimiter::new(DECRYPT_FAILURES_PER_SEC, DECRYPT_FAILURE_BURST);
+        Core {
+            cfg,
+            registry,
+            budget,
+            pool: Vec::new(),
+            next_upload,
+            jobs,
+            registrations,
+            decrypt_failures,
+            metrics,
+        }
     }
 
     /// The size of the content pieces: [`CONTENT_PIECE`], or the whole budget if smaller.
@@ -286,7 +311,10 @@ impl Server {
                 }
             });
             registry.by_name.insert(c.name.clone(), c.id);
-            registry.by_id.insert(c.id, ClientEntry { name: c.name, key, pending: false });
+            registry.by_id.insert(
+                c.id,
+                ClientEntry { name: c.name, key, key_owner: None, registrant: None, pending: false },
+            );
         }
         log::info!("{} registered client(s) loaded", registry.by_id.len());
 

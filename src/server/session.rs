@@ -133,12 +133,21 @@ impl<J: JobSink> Core<J> {
             p.refuse(&format!("register: invalid client name \"{}\"", name.display()));
             return;
         };
-        if self.registry.by_name.contains_key(n) {
+        let existing = self.registry.by_name.get(n).copied();
+        // A client that has no key, none on its way and no registration
+        // connection open (it closed before its 1026, or an operator reset the
+        // key) may be registered again: the registration resumes with its id.
+        let resumable = existing.filter(|id| {
+            self.registry.by_id.get(id).is_some_and(|e| {
+                !e.pending && e.key.is_none() && e.key_owner.is_none() && e.registrant.is_none()
+            })
+        });
+        if existing.is_some() && resumable.is_none() {
             peer_log!(Level::Info, p.peer.ip(), "{}: register: name \"{}\" is taken", p.tag(), Esc(n));
             p.reply(Response::RegistrationFailed);
             return;
         }
-        if self.registry.by_id.len() >= self.cfg.max_clients {
+        if resumable.is_none() && self.registry.by_id.len() >= self.cfg.max_clients {
             peer_log!(
                 Level::Warn,
                 p.peer.ip(),
@@ -159,6 +168,19 @@ impl<J: JobSink> Core<J> {
             p.reply(Response::RegistrationFailed);
             return;
         }
+        if let Some(id) = resumable {
+            self.set_registrant(p, id);
+            p.client_label = Some(n.to_string());
+            peer_log!(
+                Level::Info,
+                p.peer.ip(),
+                "{}: register: client {} has no key; its registration resumes here",
+                p.tag(),
+                id_hex(&id)
+            );
+            p.reply(Response::RegistrationOk { id });
+            return;
+        }
         let mut id = [0u8; 16];
         loop {
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id);
@@ -167,7 +189,10 @@ impl<J: JobSink> Core<J> {
             }
         }
         self.registry.by_name.insert(n.to_string(), id);
-        self.registry.by_id.insert(id, ClientEntry { name: n.to_string(), key: None, pending: true });
+        self.registry.by_id.insert(
+            id,
+            ClientEntry { name: n.to_string(), key: None, key_owner: None, registrant: None, pending: true },
+        );
         p.awaiting = Awaiting::Register;
         p.client_label = Some(n.to_string());
         self.send_job(Job::Register { conn: p.conn, id, name: n.to_string() });
@@ -186,13 +211,19 @@ impl<J: JobSink> Core<J> {
             return;
         };
         // Ids and names travel in clear, and a 1605 proves nothing about who
-        // asked for it: replacing a key already on file would let anyone who saw
-        // them take the client over. Only the connection that registered the id
-        // sets its key; a key is replaced only after an operator reset it
-        // (`backupd reset-key`). See docs/SECURITY.md.
-        if entry.key.is_some() && p.registered_id != Some(id) {
+        // asked for it: setting or replacing a key from any other connection
+        // would let anyone who saw them take the client over. Only the
+        // connection that registered the id (1600 on it) sets its key, and once
+        // one connection has sent a key, only that one may send another; a key
+        // on file from before a restart is replaced only after an operator
+        // reset it (`backupd reset-key`). See docs/SECURITY.md.
+        let owner_ok = match entry.key_owner {
+            Some(owner) => owner == p.conn,
+            None => entry.key.is_none(),
+        };
+        if p.registered_id != Some(id) || !owner_ok {
             p.refuse(&format!(
-                "public key: client {} already has a key; only its registration connection sets one",
+                "public key: only the connection that registered client {} sets its key",
                 id_hex(&id)
             ));
             return;
@@ -212,13 +243,30 @@ impl<J: JobSink> Core<J> {
                 return;
             }
         };
-        let label = self.registry.by_id.get(&id).map(|e| e.name.clone()).unwrap_or_default();
+        let label = match self.registry.by_id.get_mut(&id) {
+            Some(e) => {
+                e.key_owner = Some(p.conn);
+                e.name.clone()
+            }
+            None => String::new(),
+        };
         p.client_label = Some(label.clone());
         p.awaiting = Awaiting::Key { encrypted_key, key: aes, name: label, public };
         self.send_job(Job::SetKey { conn: p.conn, id, der: exact });
     }
 
     fn on_reconnect(&mut self, p: &mut Protocol, id: [u8; 16], name: NameField) {
+        if !self.decrypt_failures.has_token(id, Instant::now()) {
+            peer_log!(
+                Level::Error,
+                p.peer.ip(),
+                "{}: reconnect denied: client {} had too many uploads that failed to decrypt (forged ciphertext?); try again later",
+                p.tag(),
+                id_hex(&id)
+            );
+            p.reply(Response::ReconnectDenied { id });
+            return;
+        }
         let found = self.known_client(&id, &name).and_then(|e| e.key.clone().map(|k| (e.name.clone(), k)));
         let Some((label, public)) = found else {
             peer_log!(
@@ -559,6 +607,9 @@ impl<J: JobSink> Core<J> {
                         if last && p.awaiting == Awaiting::LastPacket {
                             p.awaiting = Awaiting::Nothing;
                         }
+                        if why.starts_with("decryption failed") {
+                            self.decryption_failed(p);
+                        }
                         if current {
                             self.metrics.unstored(Unstored::Failed);
                             p.refuse(&format!("upload failed: {why}"));
@@ -589,7 +640,7 @@ impl<J: JobSink> Core<J> {
                 let Some(p) = p else { return Flow::Continue };
                 p.awaiting = Awaiting::Nothing;
                 if ok {
-                    p.registered_id = Some(id);
+                    self.set_registrant(p, id);
                     peer_log!(Level::Info, p.peer.ip(), "{}: registered as {}", p.tag(), id_hex(&id));
                     p.reply(Response::RegistrationOk { id });
                 } else {
@@ -597,7 +648,14 @@ impl<J: JobSink> Core<J> {
                 }
                 Flow::Resume
             }
-            Completion::KeySaved { conn: _, id, ok, der } => {
+            Completion::KeySaved { conn, id, ok, der } => {
+                if let Some(e) = self.registry.by_id.get_mut(&id).filter(|e| !ok && e.key_owner == Some(conn))
+                {
+                    // Not saved: the claim on the key goes (a key on file keeps its owner).
+                    if e.key.is_none() {
+                        e.key_owner = None;
+                    }
+                }
                 let Some(p) = p else {
                     // The connection is gone but the key is on file: a reconnect
                     // must encrypt to it, as it will after a restart.
@@ -649,9 +707,57 @@ impl<J: JobSink> Core<J> {
         }
     }
 
+    /// An upload of this connection's session did not decrypt. A legitimate
+    /// client never sends such an upload, but one who only knows a client's id
+    /// and name can reconnect (1027) and send ciphertext it cannot make, which
+    /// decrypts to a valid padding about once in 256 tries and would then
+    /// replace the client's file. So each failure costs the client one of a
+    /// few tokens (`Core::decrypt_failures`); out of them, the session ends on
+    /// this connection (its staged files can no longer be confirmed) and the
+    /// client's reconnects are refused until tokens come back.
+    fn decryption_failed(&mut self, p: &mut Protocol) {
+        let Some(id) = p.session.as_ref().map(|s| s.id) else { return };
+        if self.decrypt_failures.allow(id, Instant::now()) {
+            return;
+        }
+        p.session = None;
+        peer_log!(
+            Level::Error,
+            p.peer.ip(),
+            "{}: too many uploads of client {} failed to decrypt (forged ciphertext?); its session on this connection ends",
+            p.tag(),
+            id_hex(&id)
+        );
+        for f in p.staged.drain(..) {
+            if !f.retried {
+                self.send_job(Job::Discard { upload: f.upload, failed: None });
+            }
+        }
+    }
+
+    /// `p` registered client `id` (a 1600 goes out): it is the one
+    /// connection that may send the client's first key. A connection is the
+    /// registrant of one client at most.
+    fn set_registrant(&mut self, p: &mut Protocol, id: [u8; 16]) {
+        self.release_registrant(p);
+        if let Some(e) = self.registry.by_id.get_mut(&id) {
+            e.registrant = Some(p.conn);
+        }
+        p.registered_id = Some(id);
+    }
+
+    fn release_registrant(&mut self, p: &Protocol) {
+        if let Some(e) = p.registered_id.and_then(|id| self.registry.by_id.get_mut(&id)) {
+            if e.registrant == Some(p.conn) {
+                e.registrant = None;
+            }
+        }
+    }
+
     /// The connection has closed: its staged and in-progress uploads are
     /// discarded at the worker.
     pub fn closed(&mut self, p: &Protocol) {
+        self.release_registrant(p);
         let mut uploads: Vec<u64> = p.staged.iter().filter(|s| !s.retried).map(|s| s.upload).collect();
         match &p.upload {
             Upload::Receiving(r) => uploads.push(r.upload),
@@ -844,13 +950,17 @@ mod tests {
         let mut server = Server::bind(test_config(dir.path()), "127.0.0.1:0".parse().unwrap()).unwrap();
         let id = [7u8; 16];
         server.core.registry.by_name.insert("kim".into(), id);
-        server.core.registry.by_id.insert(id, ClientEntry { name: "kim".into(), key: None, pending: false });
+        server.core.registry.by_id.insert(
+            id,
+            ClientEntry { name: "kim".into(), key: None, key_owner: None, registrant: None, pending: false },
+        );
 
         let (key, serial, _client) = add_connection(&mut server);
 
         let private = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 1024).unwrap();
         let der = private.to_public_key().to_public_key_der().unwrap().into_vec();
         let p = &mut server.conns[key].proto;
+        p.registered_id = Some(id); // this connection registered kim
         server.core.on_public_key(p, id, NameField::from_name(b"kim").unwrap(), der);
         assert!(server.conns[key].proto.awaiting != Awaiting::Nothing, "the key goes to the worker first");
         server.close(key, serial, crate::metrics::Closed::Peer, Some("peer went away"));
