@@ -26,7 +26,10 @@
 #![allow(clippy::result_large_err, clippy::large_enum_variant)]
 
 pub mod cli;
+pub mod exclude;
 pub mod identity;
+pub mod record;
+pub mod walk;
 
 use std::fmt;
 use std::fs::File;
