@@ -72,6 +72,30 @@ pub fn record_path(identity_path: &Path, id: &ClientId) -> PathBuf {
     identity_path.with_file_name(format!("{file}.{}.sent", id_hex(id)))
 }
 
+/// (device, inode) of the identity file and of every record beside it, so
+/// that a folder holding them does not send them (the key is private).
+pub fn own_files(identity_path: &Path) -> Vec<(u64, u64)> {
+    let key = |p: &Path| fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let mut out: Vec<(u64, u64)> = key(identity_path).into_iter().collect();
+    let Some(file) = identity_path.file_name().map(|n| format!("{}.", n.to_string_lossy())) else {
+        return out;
+    };
+    let dir = match identity_path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            if n.starts_with(&file) && n.ends_with(".sent") {
+                out.extend(key(&e.path()));
+            }
+        }
+    }
+    out
+}
+
 impl Record {
     /// Read a record file; a missing file is an empty record.
     pub fn load(path: &Path) -> io::Result<Record> {
@@ -250,6 +274,14 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file left");
+        fs::write(&me, "x").unwrap();
+        fs::write(dir.path().join("other"), "y").unwrap();
+        let key = |p: &Path| fs::metadata(p).map(|m| (m.dev(), m.ino())).unwrap();
+        let mut own = own_files(&me);
+        own.sort();
+        let mut expect = vec![key(&me), key(&p)];
+        expect.sort();
+        assert_eq!(own, expect);
     }
 
     #[test]

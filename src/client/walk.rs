@@ -22,7 +22,8 @@
 //! Symlinks named on the command line are followed. Symlinks met inside a
 //! folder are skipped (reported, not sent) unless `follow_symlinks`; then a
 //! link to a folder that is already being walked (a loop) is skipped with a
-//! warning. Fifos, sockets and devices are skipped with a warning. Entries
+//! warning. Fifos, sockets and devices are skipped with a warning, and so
+//! are the client's own identity and record files (no warning). Entries
 //! of a folder are walked in byte order of their names, so runs are
 //! repeatable.
 
@@ -48,6 +49,8 @@ pub struct WalkOptions {
     pub naming: Naming,
     pub follow_symlinks: bool,
     pub excludes: Excludes,
+    /// (device, inode) of the client's own files (identity, records): never sent.
+    pub own_files: Vec<(u64, u64)>,
 }
 
 /// What was found at one place of the walk.
@@ -151,7 +154,9 @@ fn visit(
         return;
     }
     let ft = meta.file_type();
-    let found = if ft.is_file() {
+    let found = if ft.is_file() && opts.own_files.contains(&(meta.dev(), meta.ino())) {
+        skipped("own_file", "the client's own identity or record file is not sent".into(), false)
+    } else if ft.is_file() {
         Found::File(Stamp::of(meta))
     } else if ft.is_dir() {
         let key = (meta.dev(), meta.ino());
@@ -226,7 +231,12 @@ mod tests {
 
     fn opts(naming: Naming, follow: bool, ex: &[&str]) -> WalkOptions {
         let ex: Vec<String> = ex.iter().map(|s| s.to_string()).collect();
-        WalkOptions { naming, follow_symlinks: follow, excludes: Excludes::new(&ex).unwrap() }
+        WalkOptions {
+            naming,
+            follow_symlinks: follow,
+            excludes: Excludes::new(&ex).unwrap(),
+            own_files: vec![],
+        }
     }
 
     /// (name, status) of every entry: "file", an error, or the skip status.
@@ -336,5 +346,11 @@ mod tests {
             Found::Error(e) => assert!(e.contains("dangling symlink"), "{e}"),
             other => panic!("{other:?}"),
         }
+        // The same file as one of the client's own is skipped, under any name.
+        let meta = fs::metadata(tmp.path().join("f")).unwrap();
+        let own =
+            WalkOptions { own_files: vec![(meta.dev(), meta.ino())], ..opts(Naming::AsGiven, false, &[]) };
+        let w = walk(&[tmp.path().join("l")], &own);
+        assert_eq!(summary(&w)[0].1, "own_file");
     }
 }
