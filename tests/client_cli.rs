@@ -901,6 +901,74 @@ fn paths_are_named_like_tar() {
     assert_eq!(names, ["b.txt", "deeper/c.bin", "deeper/sixteen"], "{run:?}");
 }
 
+#[test]
+fn legacy_mode_names_by_base_name_also_for_folders() {
+    let (store, _fake, addr) = storing_fake();
+    let dir = client_dir();
+    let data = client_dir();
+    make_tree(&data.path().join("docs"));
+    let single = write_file(data.path(), "single.txt", b"one");
+    let info = format!("{addr}\nlegacy\n{}\n{}\n", data.path().join("docs").display(), single.display());
+    std::fs::write(dir.path().join("transfer.info"), info).unwrap();
+    let run = run_cli(dir.path(), &["--json"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let mut expect = tree_files(&data.path().join("docs"), "docs/");
+    expect.insert("single.txt".into(), b"one".to_vec());
+    assert_eq!(
+        json_by_name(&run).into_keys().collect::<Vec<_>>(),
+        expect.keys().cloned().collect::<Vec<_>>()
+    );
+    assert_eq!(tree_files(store.path(), ""), expect);
+}
+
+/// The progress bar is drawn only on a terminal: under `script(1)` (a pty)
+/// it shows the files and bytes of the run; with stderr on a pipe, nothing.
+#[test]
+fn progress_bar_only_on_a_terminal() {
+    let (_store, _fake, addr) = storing_fake();
+    let dir = client_dir();
+    write_file(dir.path(), "a.bin", &pseudo_random(3 << 20, 31));
+    write_file(dir.path(), "b.bin", &pseudo_random(1 << 20, 32));
+    let run = run_cli(dir.path(), &["send", "a.bin", "b.bin", "--server", &addr, "--name", "pty"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(!run.stderr.contains("files [") && !run.stderr.contains('\x1b'), "{run:?}");
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("no script(1) here: the terminal half is not checked");
+        return;
+    }
+    let cmd = format!("{} send a.bin b.bin --all --server {addr} --name pty", cli_bin());
+    let mut child = Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        String::from_utf8_lossy(&v).into_owned()
+    });
+    let end = Instant::now() + CLI_TIMEOUT;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("script did not finish within {CLI_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let screen = reader.join().unwrap();
+    assert!(status.success(), "{status:?}: {screen}");
+    assert!(screen.contains("/2 files ["), "{screen}");
+    assert!(screen.contains("/4.00 MiB"), "{screen}");
+    assert!(screen.contains("b.bin: 1048576 bytes") && screen.contains("verified"), "{screen}");
+}
+
 /// The name of each path in the record beside `me.info` (there must be one record).
 fn record_names(dir: &Path) -> Vec<String> {
     let records: Vec<PathBuf> = std::fs::read_dir(dir)

@@ -406,7 +406,7 @@ fn job_from(cli: &Cli, ui: &Ui) -> Result<Job, String> {
                 Ok(t) => t,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     return Err("no transfer.info in the current directory; use \
-                                `backup-client send FILE... --server HOST:PORT --name NAME` (see --help)"
+                                `backup-client send PATH... --server HOST:PORT --name NAME` (see --help)"
                         .into())
                 }
                 Err(e) => return Err(format!("cannot read transfer.info: {e}")),
