@@ -12,22 +12,34 @@
 //!   connection when the old one is out of step; then it is reported failed
 //!   and the next file goes on. If a new connection cannot be set up at all
 //!   (server down), the remaining files are reported failed at once.
-//! * Every file gets exactly one summary line (or JSON object) on stdout.
-//!   The exit code is the largest of the files' codes.
+//! * The arguments are walked first (`walk.rs`, `--exclude` in
+//!   `exclude.rs`); files unchanged since the server verified them
+//!   (`record.rs`) are skipped without connecting for them. Nothing to send:
+//!   no connection at all.
+//! * With `--json` every file gets one JSON object on stdout (sent, skipped
+//!   and why, failed and why); otherwise every file sent or failed gets one
+//!   line, symlinks and special files a warning on stderr, and a closing
+//!   count goes to stderr. The exit code is the largest of the files' codes
+//!   (skipped files count as 0).
 
+use std::cell::RefCell;
 use std::ffi::OsString;
-use std::fmt::Write as _;
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::ProgressBar;
 use rsa::RsaPrivateKey;
 
+use super::exclude::Excludes;
 use super::identity::{self, Identity};
+use super::record::{self, Record, Verified};
+use super::report::Tally;
+pub use super::report::{Done, Failure, FileReport};
+use super::walk::{self, Entry, Found, Naming, WalkOptions};
 use super::{Client, ClientError, ClientOptions, ContentSizeField, PacketPlan, SendOutcome, UploadOptions};
 use crate::crypto::OaepHash;
-use crate::json::{json_opt_num, json_str};
 use crate::protocol::{id_hex, Response};
 
 /// Every file was verified.
@@ -43,12 +55,26 @@ pub const EXIT_NETWORK: i32 = 4;
 
 const AFTER_HELP: &str = "\
 Modes:
-  backup-client send FILE... --server HOST:PORT --name NAME [--identity PATH]
-      Upload the files over one connection (each stored under its base name).
+  backup-client send PATH... --server HOST:PORT --name NAME [--identity PATH]
+      Upload files and folders (recursively) over one connection, each file
+      named by its path as given, like tar: `send docs` sends docs/a.txt and
+      docs/sub/b.txt; a leading /, `.` components and everything up to a `..`
+      are removed (`send /srv/docs` sends srv/docs/a.txt).
   backup-client [OPTIONS]
       With no subcommand, do what existing clients of protocol v3 do: read
       ./transfer.info (line 1 host:port, line 2 user name, line 3 the file to
-      send, further lines more files) and keep the identity in ./me.info.
+      send, further lines more files or folders) and keep the identity in
+      ./me.info. Each file is named by its base name (in a folder: the
+      folder's base name and the path below it).
+
+Folders: symlinks inside them are skipped unless --follow-symlinks (then
+  loops are skipped); fifos, sockets and devices are skipped with a warning;
+  --exclude GLOB (repeatable) leaves out what matches the relative path or
+  the base name (`*` does not cross /, `**` does).
+
+Incremental: files the server verified are recorded beside me.info
+  (me.info.<id>.sent); a file whose size and mtime are unchanged is skipped
+  without being read. --all sends everything.
 
 Identity (me.info: name, 32-hex id, base64 of the RSA private key's DER):
   Without me.info the client registers (1025), sends a new RSA key (1026) and
@@ -87,8 +113,8 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct SendArgs {
-    /// Files to upload; each is stored under its base name
-    #[arg(required = true, value_name = "FILE")]
+    /// Files and folders to upload (folders recursively), named as given, like tar
+    #[arg(required = true, value_name = "PATH")]
     pub files: Vec<PathBuf>,
     /// Server address
     #[arg(long, value_name = "HOST:PORT", env = "BACKUP_SERVER")]
@@ -145,6 +171,15 @@ pub struct CommonOpts {
     /// Extra attempts of a file after 1607, a dropped connection or a timeout
     #[arg(long, global = true, value_name = "N", default_value_t = 2)]
     pub retries: u32,
+    /// Leave out files and folders whose relative path or base name matches GLOB (repeatable)
+    #[arg(long, global = true, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Follow symlinks inside folders (loops are skipped); without it they are skipped
+    #[arg(long, global = true)]
+    pub follow_symlinks: bool,
+    /// Send every file, also those unchanged since the server verified them
+    #[arg(long, global = true)]
+    pub all: bool,
     /// Print one JSON object per file on stdout instead of the summary lines
     #[arg(long, global = true)]
     pub json: bool,
@@ -168,23 +203,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 // ---------------------------------------------------------------------------
-// Failures and reports
+// The retry policy
 // ---------------------------------------------------------------------------
-
-/// Why a file was not verified.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    pub code: i32,
-    /// Short machine-readable kind for `--json`.
-    pub status: &'static str,
-    pub message: String,
-}
-
-impl Failure {
-    fn local(message: impl Into<String>) -> Failure {
-        Failure { code: EXIT_LOCAL, status: "local_error", message: message.into() }
-    }
-}
 
 /// How an error from the client library is handled.
 enum Disposition {
@@ -221,98 +241,6 @@ fn classify(e: &ClientError) -> Disposition {
     }
 }
 
-/// The outcome of one file, as printed.
-#[derive(Debug, Clone)]
-pub struct FileReport {
-    pub path: PathBuf,
-    pub name: String,
-    pub size: Option<u64>,
-    pub cksum: Option<u32>,
-    pub server_cksum: Option<u32>,
-    pub attempts: u32,
-    pub elapsed: Duration,
-    pub result: Result<(), Failure>,
-}
-
-impl FileReport {
-    pub fn code(&self) -> i32 {
-        match &self.result {
-            Ok(()) => EXIT_OK,
-            Err(f) => f.code,
-        }
-    }
-
-    fn mb_per_s(&self) -> Option<f64> {
-        let secs = self.elapsed.as_secs_f64();
-        match (self.result.is_ok(), self.size) {
-            (true, Some(size)) if secs > 0.0 => Some(size as f64 / secs / 1e6),
-            _ => None,
-        }
-    }
-
-    /// The human summary line.
-    pub fn line(&self) -> String {
-        let mut s = format!("{}:", self.path.display());
-        if let (None, Err(f)) = (self.size, &self.result) {
-            let _ = write!(s, " NOT sent: {}", f.message);
-            return s;
-        }
-        match self.size {
-            Some(n) => {
-                let _ = write!(s, " {n} bytes,");
-            }
-            None => s.push_str(" - bytes,"),
-        }
-        match (self.cksum, self.server_cksum) {
-            (Some(c), Some(sc)) if c != sc => {
-                let _ = write!(s, " cksum {c} (server: {sc}),");
-            }
-            (Some(c), _) => {
-                let _ = write!(s, " cksum {c},");
-            }
-            (None, _) => s.push_str(" cksum -,"),
-        }
-        match &self.result {
-            Ok(()) if self.attempts > 1 => {
-                let _ = write!(s, " verified (attempt {}),", self.attempts);
-            }
-            Ok(()) => s.push_str(" verified,"),
-            Err(f) => {
-                let _ = write!(s, " NOT verified: {},", f.message);
-            }
-        }
-        let _ = write!(s, " {:.2} s", self.elapsed.as_secs_f64());
-        if let Some(r) = self.mb_per_s() {
-            let _ = write!(s, ", {r:.1} MB/s");
-        }
-        s
-    }
-
-    /// The `--json` object (one line).
-    pub fn json(&self) -> String {
-        let (status, error) = match &self.result {
-            Ok(()) => ("verified", "null".to_string()),
-            Err(f) => (f.status, json_str(&f.message)),
-        };
-        format!(
-            "{{\"file\":{},\"name\":{},\"size\":{},\"cksum\":{},\"server_cksum\":{},\"verified\":{},\
-             \"status\":{},\"attempts\":{},\"error\":{},\"seconds\":{:.3},\"mb_per_s\":{},\"exit_code\":{}}}",
-            json_str(&self.path.to_string_lossy()),
-            json_str(&self.name),
-            json_opt_num(self.size),
-            json_opt_num(self.cksum),
-            json_opt_num(self.server_cksum),
-            self.result.is_ok(),
-            json_str(status),
-            self.attempts,
-            error,
-            self.elapsed.as_secs_f64(),
-            json_opt_num(self.mb_per_s().map(|r| format!("{r:.3}"))),
-            self.code(),
-        )
-    }
-}
-
 // ---------------------------------------------------------------------------
 // The run
 // ---------------------------------------------------------------------------
@@ -330,24 +258,51 @@ struct Ui {
     json: bool,
     quiet: bool,
     progress: bool,
+    /// The run's progress bar while files are being sent (terminal only).
+    bar: RefCell<Option<ProgressBar>>,
 }
 
 impl Ui {
-    fn info(&self, msg: &str) {
-        if !self.quiet {
-            let _ = writeln!(io::stderr(), "backup-client: {msg}");
+    /// Write to stderr/stdout without tearing the progress bar.
+    fn suspend(&self, f: impl FnOnce()) {
+        match &*self.bar.borrow() {
+            Some(b) => b.suspend(f),
+            None => f(),
         }
     }
 
-    fn error(&self, msg: &str) {
-        let _ = writeln!(io::stderr(), "backup-client: error: {msg}");
+    fn info(&self, msg: &str) {
+        if !self.quiet {
+            self.suspend(|| {
+                let _ = writeln!(io::stderr(), "backup-client: {msg}");
+            });
+        }
     }
 
+    fn warn(&self, msg: &str) {
+        self.suspend(|| {
+            let _ = writeln!(io::stderr(), "backup-client: warning: {msg}");
+        });
+    }
+
+    fn error(&self, msg: &str) {
+        self.suspend(|| {
+            let _ = writeln!(io::stderr(), "backup-client: error: {msg}");
+        });
+    }
+
+    /// `--json`: every file; otherwise one line per file sent or failed
+    /// (skipped files are counted at the end, symlinks and special files warned about).
     fn report(&self, r: &FileReport) {
+        if !self.json && matches!(r.result, Ok(Done::Skipped { .. })) {
+            return;
+        }
         let text = if self.json { r.json() } else { r.line() };
-        let mut out = io::stdout().lock();
-        let _ = writeln!(out, "{text}");
-        let _ = out.flush();
+        self.suspend(|| {
+            let mut out = io::stdout().lock();
+            let _ = writeln!(out, "{text}");
+            let _ = out.flush();
+        });
     }
 }
 
@@ -451,7 +406,7 @@ fn job_from(cli: &Cli, ui: &Ui) -> Result<Job, String> {
                 Ok(t) => t,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     return Err("no transfer.info in the current directory; use \
-                                `backup-client send FILE... --server HOST:PORT --name NAME` (see --help)"
+                                `backup-client send PATH... --server HOST:PORT --name NAME` (see --help)"
                         .into())
                 }
                 Err(e) => return Err(format!("cannot read transfer.info: {e}")),
@@ -480,24 +435,29 @@ fn check_server(s: &str) -> Result<(), String> {
 /// The whole run; returns the exit code.
 pub fn run(cli: Cli) -> i32 {
     let o = &cli.opts;
-    let ui = Ui { json: o.json, quiet: o.quiet, progress: !o.quiet && io::stderr().is_terminal() };
-    let job = match job_from(&cli, &ui) {
-        Ok(j) => j,
+    let ui = Ui {
+        json: o.json,
+        quiet: o.quiet,
+        progress: !o.quiet && io::stderr().is_terminal(),
+        bar: RefCell::new(None),
+    };
+    let (job, excludes) = match job_from(&cli, &ui).and_then(|j| Ok((j, Excludes::new(&o.exclude)?))) {
+        Ok(v) => v,
         Err(e) => {
             ui.error(&e);
             return EXIT_LOCAL;
         }
     };
-    let mut reports: Vec<FileReport> = Vec::new();
-    // Everything that ends the run before any upload: every file is reported with it.
-    let fail_all = |f: Failure, reports: &mut Vec<FileReport>| {
-        ui.error(&f.message);
-        for p in &job.files {
-            let r = not_sent(p, f.clone());
-            ui.report(&r);
-            reports.push(r);
-        }
+    let naming = if job.legacy { Naming::BaseName } else { Naming::AsGiven };
+    let own_files = record::own_files(&o.identity);
+    let walk_opts = WalkOptions { naming, follow_symlinks: o.follow_symlinks, excludes, own_files };
+    let entries = walk::walk(&job.files, &walk_opts);
+    let mut tally = Tally::default();
+    let finish = |r: FileReport, tally: &mut Tally| {
+        ui.report(&r);
+        tally.add(&r);
     };
+
     let pre = (|| -> Result<(Option<Identity>, String), Failure> {
         check_server(&job.server).map_err(Failure::local)?;
         let mut name = job.name.clone();
@@ -531,10 +491,44 @@ pub fn run(cli: Cli) -> i32 {
     let (ident, name) = match pre {
         Ok(v) => v,
         Err(f) => {
-            fail_all(f, &mut reports);
-            return exit_code(&reports);
+            // Nothing can be sent: every file is reported with the reason.
+            ui.error(&f.message);
+            for e in &entries {
+                finish(settle(e, Some(&f), &ui), &mut tally);
+            }
+            return tally.code;
         }
     };
+
+    let mut record = match &ident {
+        Some(id) => {
+            let path = record::record_path(&o.identity, &id.id);
+            Record::load(&path).unwrap_or_else(|e| {
+                ui.warn(&format!("cannot read {}: {e}; every file is sent", path.display()));
+                Record::default()
+            })
+        }
+        None => Record::default(),
+    };
+    // Decided once, before anything is sent: what goes and what is unchanged.
+    let unchanged: Vec<Option<Verified>> = entries
+        .iter()
+        .map(|e| match &e.found {
+            Found::File(stamp) if !o.all => record.unchanged(&e.name, stamp).copied(),
+            _ => None,
+        })
+        .collect();
+    let (n_send, bytes_send) = entries
+        .iter()
+        .zip(&unchanged)
+        .filter_map(|(e, u)| match (&e.found, u) {
+            (Found::File(stamp), None) => Some(stamp.size),
+            _ => None,
+        })
+        .fold((0usize, 0u64), |(n, b), size| (n + 1, b + size));
+    if ui.progress && n_send > 0 {
+        *ui.bar.borrow_mut() = Some(run_bar(bytes_send));
+    }
 
     let upload_opts = UploadOptions {
         packet_size: if o.single_packet { usize::MAX } else { o.packet_size },
@@ -560,64 +554,132 @@ pub fn run(cli: Cli) -> i32 {
         client: None,
     };
 
-    for (i, path) in job.files.iter().enumerate() {
-        match send_one(&mut session, path, &upload_opts, o.retries, &ui) {
-            Ok(r) => {
-                ui.report(&r);
-                reports.push(r);
+    let mut fatal: Option<Failure> = None;
+    let (mut i_send, mut bytes_done) = (0usize, 0u64);
+    let mut last_save = Instant::now();
+    for (e, unchanged) in entries.iter().zip(unchanged) {
+        let report = match (&e.found, unchanged, &fatal) {
+            (Found::File(stamp), Some(v), _) => {
+                let mut r =
+                    report_for(e, Ok(Done::Skipped { status: "unchanged", reason: UNCHANGED.into() }));
+                (r.size, r.cksum) = (Some(stamp.size), Some(v.cksum));
+                r
             }
-            Err(Fatal(f)) => {
-                ui.error(&f.message);
-                for p in &job.files[i..] {
-                    let r = not_sent(p, f.clone());
-                    ui.report(&r);
-                    reports.push(r);
+            (Found::File(stamp), None, None) => {
+                i_send += 1;
+                if let Some(b) = &*ui.bar.borrow() {
+                    b.set_prefix(format!("{i_send}/{n_send} files"));
+                    b.set_message(e.name.clone());
                 }
-                break;
+                let r = match send_one(&mut session, e, stamp.size, &upload_opts, o.retries, &ui, bytes_done)
+                {
+                    Ok(r) => r,
+                    Err(Fatal(f)) => {
+                        ui.error(&f.message);
+                        fatal = Some(f.clone());
+                        report_for(e, Err(f))
+                    }
+                };
+                if let (Ok(Done::Verified), Some(ck)) = (&r.result, r.cksum) {
+                    record.insert(&e.name, *stamp, ck);
+                    if last_save.elapsed() >= RECORD_SAVE_EVERY {
+                        save_record(&mut record, &session, &ui);
+                        last_save = Instant::now();
+                    }
+                }
+                bytes_done += stamp.size;
+                if let Some(b) = &*ui.bar.borrow() {
+                    b.set_position(bytes_done);
+                }
+                r
             }
+            (_, _, fatal) => settle(e, fatal.as_ref(), &ui),
+        };
+        finish(report, &mut tally);
+    }
+    if let Some(b) = ui.bar.borrow_mut().take() {
+        b.finish_and_clear();
+    }
+    save_record(&mut record, &session, &ui);
+    ui.info(&format!(
+        "{} file(s): {} sent, {} unchanged, {} skipped, {} failed",
+        tally.sent + tally.unchanged + tally.skipped + tally.failed,
+        tally.sent,
+        tally.unchanged,
+        tally.skipped,
+        tally.failed
+    ));
+    tally.code
+}
+
+const UNCHANGED: &str = "unchanged since the server verified it (--all sends it anyway)";
+
+/// How often the record is saved during a run (and always at its end), so
+/// that an interrupted run does not send again what was verified.
+const RECORD_SAVE_EVERY: Duration = Duration::from_secs(5);
+
+/// Save the record of the session's identity (if there is one yet); a
+/// failure is a warning: files are then only sent again next time.
+fn save_record(record: &mut Record, session: &Session, ui: &Ui) {
+    let Some(ident) = &session.identity else { return };
+    let path = record::record_path(&session.identity_path, &ident.id);
+    if let Err(e) = record.save(&path) {
+        ui.warn(&format!("cannot save {}: {e}; verified files will be sent again next time", path.display()));
+    }
+}
+
+/// The progress bar of a whole run: files (prefix), bytes, rate, ETA.
+fn run_bar(total_bytes: u64) -> ProgressBar {
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {wide_msg}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    ProgressBar::new(total_bytes).with_style(style)
+}
+
+/// The report of an entry that is not sent: skipped as the walk found it,
+/// its walk error, or (a regular file) the failure that ended the run.
+fn settle(e: &Entry, fatal: Option<&Failure>, ui: &Ui) -> FileReport {
+    match &e.found {
+        Found::Skipped { status, reason, warn } => {
+            if *warn {
+                ui.warn(&format!("{}: {reason}", e.path.display()));
+            }
+            report_for(e, Ok(Done::Skipped { status, reason: reason.clone() }))
+        }
+        Found::Error(msg) => report_for(e, Err(Failure::local(msg.clone()))),
+        Found::File(stamp) => {
+            let f = fatal.cloned().unwrap_or_else(|| Failure::local("not sent"));
+            let mut r = report_for(e, Err(f));
+            r.size = Some(stamp.size);
+            r
         }
     }
-    exit_code(&reports)
 }
 
-fn exit_code(reports: &[FileReport]) -> i32 {
-    reports.iter().map(FileReport::code).max().unwrap_or(EXIT_OK)
-}
-
-fn base_name(path: &Path) -> String {
-    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-}
-
-fn not_sent(path: &Path, f: Failure) -> FileReport {
+fn report_for(e: &Entry, result: Result<Done, Failure>) -> FileReport {
     FileReport {
-        path: path.to_path_buf(),
-        name: base_name(path),
+        path: e.path.clone(),
+        name: e.name.clone(),
         size: None,
         cksum: None,
         server_cksum: None,
         attempts: 0,
         elapsed: Duration::ZERO,
-        result: Err(f),
+        result,
     }
 }
 
-/// Checks that need no server: the file is a readable regular file whose
-/// name and size can be sent.
-fn precheck(path: &Path, opts: &UploadOptions) -> Result<(String, u64), Failure> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| Failure::local(format!("cannot open {}: {e}", path.display())))?;
-    if !meta.is_file() {
-        return Err(Failure::local(format!("{} is not a regular file", path.display())));
+/// Checks that need no server: the name and size can be sent.
+fn precheck(e: &Entry, size: u64, opts: &UploadOptions) -> Result<(), Failure> {
+    if e.name.is_empty() {
+        return Err(Failure::local(format!("{}: no file name to send it under", e.path.display())));
     }
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| Failure::local(format!("{}: the file name is not UTF-8", path.display())))?
-        .to_string();
-    super::name_field(&name).map_err(|e| Failure::local(e.to_string()))?;
-    PacketPlan::new(meta.len(), opts.packet_size, opts.content_size)
-        .map_err(|m| Failure::local(format!("{}: {m}", path.display())))?;
-    Ok((name, meta.len()))
+    super::name_field(&e.name).map_err(|err| Failure::local(format!("{}: {err}", e.path.display())))?;
+    PacketPlan::new(size, opts.packet_size, opts.content_size)
+        .map_err(|m| Failure::local(format!("{}: {m}", e.path.display())))?;
+    Ok(())
 }
 
 fn session_failure(e: &ClientError, server: &str, name: &str) -> Disposition {
@@ -647,67 +709,54 @@ fn session_failure(e: &ClientError, server: &str, name: &str) -> Disposition {
     }
 }
 
+/// Send one file (with the retry policy); `bytes_before` is what the run's
+/// progress bar had reached before it.
 fn send_one(
     session: &mut Session,
-    path: &Path,
+    e: &Entry,
+    size: u64,
     opts: &UploadOptions,
     retries: u32,
     ui: &Ui,
+    bytes_before: u64,
 ) -> Result<FileReport, Fatal> {
     let start = Instant::now();
     // Time and rate count from the first byte of the file sent, not the
     // connection and identity set-up (key generation can take seconds).
     let mut upload_start: Option<Instant> = None;
-    let mut report = not_sent(path, Failure::local(""));
-    let (name, size) = match precheck(path, opts) {
-        Ok(v) => v,
-        Err(f) => {
-            report.result = Err(f);
-            return Ok(report);
-        }
-    };
-    report.name = name.clone();
+    let mut report = report_for(e, Ok(Done::Verified));
     report.size = Some(size);
-
-    let bar = (ui.progress && size >= 4 << 20).then(|| {
-        let style = indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> ");
-        let b = indicatif::ProgressBar::new(size).with_style(style);
-        b.set_message(name.clone());
-        b
-    });
+    if let Err(f) = precheck(e, size, opts) {
+        report.result = Err(f);
+        return Ok(report);
+    }
+    let (name, path) = (e.name.as_str(), e.path.as_path());
 
     let mut tries = 0;
     let result = loop {
         let backoff = Duration::from_millis(500 * u64::from(tries + 1));
         let client = match session.ensure(ui) {
             Ok(c) => c,
-            Err(e) => match session_failure(&e, &session.server, &session.name) {
+            Err(err) => match session_failure(&err, &session.server, &session.name) {
                 Disposition::Retry(f) if tries < retries => {
                     ui.info(&format!("{}; retrying in {:.1} s", f.message, backoff.as_secs_f64()));
                     tries += 1;
                     std::thread::sleep(backoff);
                     continue;
                 }
-                Disposition::Retry(f) | Disposition::Fail(f) => {
-                    if let Some(b) = &bar {
-                        b.finish_and_clear();
-                    }
-                    return Err(Fatal(f));
-                }
+                Disposition::Retry(f) | Disposition::Fail(f) => return Err(Fatal(f)),
             },
         };
         let mut progress = |n: u64| {
-            if let Some(b) = &bar {
-                b.set_position(n);
+            if let Some(b) = &*ui.bar.borrow() {
+                b.set_position(bytes_before + n);
             }
         };
         upload_start.get_or_insert_with(Instant::now);
-        let r = client.send_file(&name, path, opts, &mut progress);
-        if let Some(up) = client.last_upload() {
+        // Only a 1603 of this file counts (not one of an earlier file on this connection).
+        let earlier = client.last_upload().cloned();
+        let r = client.send_file(name, path, opts, &mut progress);
+        if let Some(up) = client.last_upload().filter(|&up| Some(up) != earlier.as_ref()) {
             report.cksum = Some(up.local_cksum);
             report.server_cksum = Some(up.server_cksum);
         }
@@ -716,7 +765,7 @@ fn send_one(
                 report.attempts = attempts;
                 report.cksum = Some(cksum);
                 report.server_cksum = Some(cksum);
-                break Ok(());
+                break Ok(Done::Verified);
             }
             Ok(SendOutcome::CksumMismatch { attempts }) => {
                 report.attempts = attempts;
@@ -726,11 +775,11 @@ fn send_one(
                     message: format!("cksum still wrong after {attempts} attempts; upload aborted (1031)"),
                 });
             }
-            Err(e) => {
-                if !client.is_in_step() || e.is_network() {
+            Err(err) => {
+                if !client.is_in_step() || err.is_network() {
                     session.client = None;
                 }
-                match classify(&e) {
+                match classify(&err) {
                     Disposition::Retry(f) if tries < retries => {
                         ui.info(&format!(
                             "{}: {}; retrying in {:.1} s",
@@ -746,9 +795,6 @@ fn send_one(
             }
         }
     };
-    if let Some(b) = &bar {
-        b.finish_and_clear();
-    }
     report.elapsed = upload_start.unwrap_or(start).elapsed();
     report.result = result;
     if report.result.is_err() && report.attempts == 0 {
@@ -781,27 +827,6 @@ mod tests {
     }
 
     #[test]
-    fn json_escaping() {
-        let r = FileReport {
-            path: PathBuf::from("dir/\"x\".bin"),
-            name: "\"x\".bin".into(),
-            size: Some(10),
-            cksum: Some(1),
-            server_cksum: None,
-            attempts: 1,
-            elapsed: Duration::from_millis(1500),
-            result: Err(Failure::local("boom\t!")),
-        };
-        let j = r.json();
-        assert!(j.starts_with("{\"file\":\"dir/\\\"x\\\".bin\""), "{j}");
-        assert!(j.contains("\"server_cksum\":null"), "{j}");
-        assert!(j.contains("\"error\":\"boom\\t!\""), "{j}");
-        assert!(j.contains("\"exit_code\":1"), "{j}");
-        assert!(j.contains("\"mb_per_s\":null"), "{j}");
-        assert!(!j.contains('\n'));
-    }
-
-    #[test]
     fn server_address_check() {
         assert!(check_server("127.0.0.1:1256").is_ok());
         assert!(check_server("[::1]:1256").is_ok());
@@ -829,6 +854,24 @@ mod tests {
         assert_eq!(cli.opts.packet_size, 1 << 20);
         let Some(Command::Send(s)) = cli.command else { panic!() };
         assert_eq!(s.files.len(), 2);
+        assert!(!cli.opts.all && !cli.opts.follow_symlinks && cli.opts.exclude.is_empty());
+        let cli = Cli::try_parse_from([
+            "backup-client",
+            "send",
+            "d",
+            "--exclude",
+            "*.log",
+            "--exclude=tmp",
+            "--all",
+            "--follow-symlinks",
+            "--server",
+            "h:1",
+            "--name",
+            "n",
+        ])
+        .unwrap();
+        assert_eq!(cli.opts.exclude, ["*.log", "tmp"]);
+        assert!(cli.opts.all && cli.opts.follow_symlinks);
         let cli = Cli::try_parse_from(["backup-client", "--quiet"]).unwrap();
         assert!(cli.command.is_none());
         assert!(Cli::try_parse_from(["backup-client", "--key-bits", "512"]).is_err());

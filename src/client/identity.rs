@@ -11,9 +11,11 @@
 //!
 //! We write the key on one line as PKCS#8 (what Crypto++'s `Save` writes and
 //! what every client can load). We read the key wrapped over several lines
-//! (Crypto++'s `Base64Encoder` wraps at 72 columns), with or without `=`
-//! padding, with CRLF line ends, as PKCS#8 or PKCS#1 (PyCryptodome's default
-//! `export_key(format="DER")`), and tolerate PEM armour lines.
+//! (Crypto++'s `Base64Encoder` wraps at 72 columns, MIME at 76, PEM at 64),
+//! with or without `=` padding, with LF, CRLF or lone CR line ends, with a
+//! UTF-8 byte order mark, as PKCS#8 or PKCS#1 (PyCryptodome's default
+//! `export_key(format="DER")`), and tolerate PEM armour lines. The id is
+//! read in either case, with blanks around it.
 
 use std::fmt;
 use std::fs::{self, OpenOptions};
@@ -55,9 +57,13 @@ const LENIENT: GeneralPurposeConfig =
 const B64_STANDARD: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, LENIENT);
 const B64_URL_SAFE: GeneralPurpose = GeneralPurpose::new(&alphabet::URL_SAFE, LENIENT);
 
-/// Strip a UTF-8 byte order mark and split into lines without their `\r`.
+/// Strip a UTF-8 byte order mark and split into lines at LF, CRLF or a lone
+/// CR (classic Mac line ends), without the line ends.
 fn lines(text: &str) -> impl Iterator<Item = &str> {
-    text.strip_prefix('\u{feff}').unwrap_or(text).lines().map(|l| l.trim_end_matches('\r'))
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let text = text.strip_suffix('\n').unwrap_or(text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    text.split('\n').flat_map(|l| l.strip_suffix('\r').unwrap_or(l).split('\r'))
 }
 
 /// Decode a DER RSA private key, PKCS#8 or PKCS#1.
@@ -116,20 +122,25 @@ pub fn load_identity(path: &Path) -> Result<Identity, String> {
     parse_me_info(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Write `me.info` atomically: a temp file (mode 0600) in the same directory,
-/// fsync, rename over `path`, fsync the directory. A crash leaves either the
-/// old file or the new one, never a mix.
+/// Write `me.info` atomically (see [`write_atomic`]), mode 0600.
 pub fn save_identity(path: &Path, identity: &Identity) -> io::Result<()> {
     let text = format_me_info(identity).map_err(io::Error::other)?;
+    write_atomic(path, text.as_bytes(), 0o600)
+}
+
+/// Write a file atomically: a temp file (`mode`) in the same directory,
+/// fsync, rename over `path`, fsync the directory. A crash leaves either the
+/// old file or the new one, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let file_name = path.file_name().ok_or_else(|| io::Error::other("identity path has no file name"))?;
+    let file_name = path.file_name().ok_or_else(|| io::Error::other("the path has no file name"))?;
     let tmp = dir.join(format!(".{}.tmp.{}", file_name.to_string_lossy(), std::process::id()));
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        f.write_all(text.as_bytes())?;
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
         fs::rename(&tmp, path)?;
@@ -217,6 +228,37 @@ mod tests {
         let text =
             format!("\u{feff}bob\n{}\n{}\n", "0123456789abcdef0123456789abcdef", b64.trim_end_matches('='));
         assert_eq!(&parse_me_info(&text).unwrap().key, key());
+    }
+
+    /// Every combination of the habits of other clients is read, and the
+    /// canonical form written back is the same whatever was read.
+    #[test]
+    fn every_foreign_combination() {
+        let der1 = key().to_pkcs1_der().unwrap();
+        let der8 = key().to_pkcs8_der().unwrap();
+        let canonical = format_me_info(&Identity { name: "carl".into(), id: [0xC0; 16], ..ident() }).unwrap();
+        let mut n = 0;
+        for der in [der1.as_bytes(), der8.as_bytes()] {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+            for eol in ["\n", "\r\n", "\r"] {
+                for width in [usize::MAX, 64, 72, 76] {
+                    let wrapped: Vec<&str> = b64
+                        .as_bytes()
+                        .chunks(width.min(b64.len()))
+                        .map(|c| std::str::from_utf8(c).unwrap())
+                        .collect();
+                    for (id, end, bom) in [("C0".repeat(16), eol, ""), ("c0".repeat(16), "", "\u{feff}")] {
+                        let text = format!("{bom}carl{eol} {id} {eol}{}{end}", wrapped.join(eol));
+                        let got = parse_me_info(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+                        assert_eq!((got.name.as_str(), got.id), ("carl", [0xC0; 16]), "{text:?}");
+                        assert_eq!(&got.key, key());
+                        assert_eq!(format_me_info(&got).unwrap(), canonical);
+                        n += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(n, 48);
     }
 
     #[test]

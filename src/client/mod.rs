@@ -26,7 +26,11 @@
 #![allow(clippy::result_large_err, clippy::large_enum_variant)]
 
 pub mod cli;
+pub mod exclude;
 pub mod identity;
+pub mod record;
+pub mod report;
+pub mod walk;
 
 use std::fmt;
 use std::fs::File;
@@ -231,9 +235,7 @@ pub fn describe_response(code: ResponseCode) -> &'static str {
 impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ClientError::Io(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => {
-                write!(f, "network timeout: {e}")
-            }
+            ClientError::Io(e) if self.is_timeout() => write!(f, "network timeout: {e}"),
             ClientError::Io(e) => write!(f, "network error: {e}"),
             ClientError::Refused(r) => write!(f, "server answered {}", describe_response(r.code())),
             ClientError::Protocol(m) => write!(f, "malformed reply from server: {m}"),
