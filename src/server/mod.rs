@@ -25,9 +25,11 @@
 
 pub mod admission;
 pub mod connection;
+pub mod sequence;
 mod session;
 
-pub use session::{frame_len, plan_packet, Flow, PacketStep};
+pub use sequence::{plan_packet, wraps_to_one, Ended, EndedHow, PacketStep};
+pub use session::{frame_len, Flow};
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
