@@ -96,6 +96,8 @@ pub struct Receiving {
     pub next: u16,
     /// Packets accepted so far.
     pub packets: u64,
+    /// Content of it went to the worker (which then has its temp file).
+    pub started: bool,
     /// The open CBC stream, if any: its orig_file_size, its whole ciphertext
     /// length and the ciphertext bytes it still expects.
     pub segment: Option<Segment>,
@@ -122,6 +124,7 @@ impl Receiving {
             total,
             next: 1,
             packets: 0,
+            started: false,
             segment: None,
             last_stream_len: 0,
             plain_total: 0,

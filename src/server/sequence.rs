@@ -123,7 +123,6 @@ pub fn plan_packet(
             }
         }
     };
-    r.packets += 1;
     let last = match r.segment {
         // Numbered as the total with the stream still open: the counter
         // wraps, which needs at least 65,535 more non-empty packets.
@@ -135,6 +134,8 @@ pub fn plan_packet(
         // from a client that numbers its trailing empty chunk n+1 of n.
         None => numbered_last || (first && ph.total_packets == 0 && orig == 0),
     };
+    // Counted only once accepted: a refused packet 1 never reached the worker.
+    r.packets += 1;
     Ok(PacketStep { new_segment, end_segment, last })
 }
 
@@ -383,7 +384,7 @@ mod tests {
         // Refused at packet 1 of a 1 KiB-packet upload of ~70 MiB.
         let orig = 70 << 20;
         let whole = ciphertext_len(orig);
-        let n = (whole / 1024 + 1) as u64;
+        let n = whole / 1024 + 1;
         let total = n as u16;
         let mut e = Ended::refused(None, &ph(whole, orig, 1, total), 1024);
         let mut sent = 1024;

@@ -258,6 +258,15 @@ impl<J: JobSink> Core<J> {
             self.send_job(Job::Discard { upload, failed: None });
         }
         if let Upload::Receiving(r) = std::mem::replace(&mut p.upload, Upload::Idle) {
+            self.drop_upload(&r);
+        }
+    }
+
+    /// Drop an upload in progress: the worker discards it, if any of its
+    /// content reached it (a refused packet 1, or a close while packet 1's
+    /// first piece is being read, leaves nothing there).
+    fn drop_upload(&mut self, r: &Receiving) {
+        if r.started {
             self.send_job(Job::Discard { upload: r.upload, failed: None });
         }
     }
@@ -337,7 +346,7 @@ impl<J: JobSink> Core<J> {
         if opens_upload {
             // A new upload; one in progress is abandoned (clients restart from packet 1).
             if let Upload::Receiving(r) = std::mem::replace(&mut p.upload, Upload::Idle) {
-                self.send_job(Job::Discard { upload: r.upload, failed: None });
+                self.drop_upload(&r);
             }
             let path = match normalize_path(ph.file_name.bytes()) {
                 Ok(path) => path,
@@ -441,6 +450,9 @@ impl<J: JobSink> Core<J> {
             (Some(s), true) => Some(StartUpload { client: s.id, key: s.key }),
             _ => None,
         };
+        if let Upload::Receiving(r) = &mut p.upload {
+            r.started = true;
+        }
         let last_of_upload = last && stream.last_packet;
         if last_of_upload {
             if let Upload::Receiving(r) = std::mem::replace(&mut p.upload, Upload::Idle) {
@@ -474,9 +486,8 @@ impl<J: JobSink> Core<J> {
             Upload::Receiving(r) => Some(r),
             _ => None,
         };
-        // An upload whose packet 1 is being refused never reached the worker.
-        if let Some(r) = dropped.as_ref().filter(|r| r.packets > 0) {
-            self.send_job(Job::Discard { upload: r.upload, failed: None });
+        if let Some(r) = &dropped {
+            self.drop_upload(r);
         }
         p.upload = Upload::Ended(Ended::refused(dropped.as_ref(), ph, content_len));
         p.refuse(why);
@@ -643,7 +654,7 @@ impl<J: JobSink> Core<J> {
     pub fn closed(&mut self, p: &Protocol) {
         let mut uploads: Vec<u64> = p.staged.iter().filter(|s| !s.retried).map(|s| s.upload).collect();
         match &p.upload {
-            Upload::Receiving(r) => uploads.push(r.upload),
+            Upload::Receiving(r) if r.started => uploads.push(r.upload),
             Upload::Finishing { upload, .. } => uploads.push(*upload),
             _ => {}
         }
@@ -659,7 +670,9 @@ impl<J: JobSink> Core<J> {
         let mut drop_uploads = Vec::new();
         if let Upload::Receiving(r) = &p.upload {
             if now.duration_since(r.touched) > limit {
-                drop_uploads.push(r.upload);
+                if r.started {
+                    drop_uploads.push(r.upload);
+                }
                 p.upload = Upload::Idle;
             }
         }
