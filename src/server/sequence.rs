@@ -131,8 +131,19 @@ pub fn plan_packet(
         }
         Some(_) => false,
         // "Packet 1 of 0" carrying an encrypted empty chunk: an empty file
-        // from a client that numbers its trailing empty chunk n+1 of n.
-        None => numbered_last || (first && ph.total_packets == 0 && orig == 0),
+        // from a client that numbers its trailing empty chunk n+1 of n. Any
+        // other whole stream in it would be per-packet encryption counting
+        // 65,536 packets or more, which the numbers cannot tell apart from
+        // fewer (see docs/PROTOCOL.md).
+        None if first && ph.total_packets == 0 => {
+            if orig != 0 {
+                return Err(format!(
+                    "packet 1 of 0 carries a whole stream of {orig} bytes: neither an empty file nor the start of a longer one"
+                ));
+            }
+            true
+        }
+        None => numbered_last,
     };
     // Counted only once accepted: a refused packet 1 never reached the worker.
     r.packets += 1;
@@ -333,7 +344,7 @@ mod tests {
         let s = feed(&mut r, &ph(1024, 100_000, 1, 0), 1024).unwrap();
         assert!(!s.last);
         let mut r = receiving(0);
-        assert!(!feed(&mut r, &ph(16, 5, 1, 0), 16).unwrap().last);
+        assert!(feed(&mut r, &ph(16, 5, 1, 0), 16).unwrap_err().contains("packet 1 of 0"));
     }
 
     /// 1 KiB packets of a file whose ciphertext needs more than 65,535 of
