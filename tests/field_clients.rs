@@ -133,22 +133,37 @@ fn send_wrapping(c: &Client, field: &NameField, data: &[u8], packet: usize, whol
     pieces.len() as u64
 }
 
+/// Upload `data` as one stream in `packet`-byte packets whose numbers wrap
+/// (see `send_wrapping`), confirm it, and check the stored file.
+fn wrapped_upload_is_stored(
+    server: &TestServer,
+    c: &mut Client,
+    name: &str,
+    data: &[u8],
+    packet: usize,
+    whole: bool,
+) {
+    let field = name_field_raw(name.as_bytes());
+    let sent = send_wrapping(c, &field, data, packet, whole);
+    assert!(sent > 65_536, "{name}: {sent} packets: the numbers wrapped");
+    assert_eq!(expect_received(c, &field, data) as u64, ciphertext_len(data.len() as u64));
+    c.send_frame(Code::CrcOk, &[&field]).unwrap();
+    expect_reply(c, Ack);
+    assert!(
+        std::fs::read(server.stored_path(&c.id(), name)).unwrap() == data,
+        "{name}: the stored file differs"
+    );
+}
+
 /// The smaller wrap: 16-byte packets of a file just over 65,535 of them, in
 /// both conventions (with the whole-ciphertext one ending in an empty packet).
 #[test]
 fn wrapped_counters_small_packets() {
     let server = TestServer::start(&[]);
-    let (mut c, id) = server.registered_client("wrap16");
-    for (name, whole) in [("cs-packet.bin", false), ("cs-whole.bin", true)] {
-        let data = pseudo_random(65_540 * 16 + 5, 7);
-        let field = name_field_raw(name.as_bytes());
-        let sent = send_wrapping(&c, &field, &data, 16, whole);
-        assert!(sent > 65_536, "{sent} packets: the numbers wrapped");
-        assert_eq!(expect_received(&mut c, &field, &data) as u64, ciphertext_len(data.len() as u64));
-        c.send_frame(Code::CrcOk, &[&field]).unwrap();
-        expect_reply(&mut c, Ack);
-        assert!(std::fs::read(server.stored_path(&id, name)).unwrap() == data, "{name} differs");
-    }
+    let (mut c, _) = server.registered_client("wrap16");
+    let data = pseudo_random(65_540 * 16 + 5, 7);
+    wrapped_upload_is_stored(&server, &mut c, "cs-packet.bin", &data, 16, false);
+    wrapped_upload_is_stored(&server, &mut c, "cs-whole.bin", &data, 16, true);
     assert_usable(&server, &mut c, "after.bin");
     assert_eq!(log_lines(&server, "refused"), 0, "{}", server.log_text());
 }
@@ -158,16 +173,10 @@ fn wrapped_counters_small_packets() {
 #[test]
 fn wrapped_counters_over_64_mib_in_1_kib_packets() {
     let server = TestServer::start(&[]);
-    let (mut c, id) = server.registered_client("wrap1k");
+    let (mut c, _) = server.registered_client("wrap1k");
     let data = pseudo_random((64 << 20) + 300_001, 11);
-    let field = name_field_raw(b"big.bin");
-    let sent = send_wrapping(&c, &field, &data, 1024, true);
-    assert!(sent > 65_536, "{sent} packets");
-    assert_eq!(expect_received(&mut c, &field, &data) as u64, ciphertext_len(data.len() as u64));
-    c.send_frame(Code::CrcOk, &[&field]).unwrap();
-    expect_reply(&mut c, Ack);
-    assert!(std::fs::read(server.stored_path(&id, "big.bin")).unwrap() == data, "the stored file differs");
-    server.wait_for_log("\"big.bin\" verified and stored", Duration::from_secs(10));
+    wrapped_upload_is_stored(&server, &mut c, "big.bin", &data, 1024, true);
+    assert_usable(&server, &mut c, "after.bin");
     assert_eq!(log_lines(&server, "refused"), 0, "{}", server.log_text());
 }
 
