@@ -111,6 +111,18 @@ pub struct Config {
     #[arg(long, env = "BACKUPD_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// Write metrics in the Prometheus text format to this file (for node_exporter's textfile collector) [default: off]
+    #[arg(long, env = "BACKUPD_METRICS_FILE")]
+    pub metrics_file: Option<PathBuf>,
+
+    /// How often the metrics file is rewritten
+    #[arg(long, env = "BACKUPD_METRICS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub metrics_interval: Duration,
+
+    /// Most clients given their own "last verified backup" series in the metrics
+    #[arg(long, env = "BACKUPD_METRICS_MAX_CLIENTS", default_value_t = 1000)]
+    pub metrics_max_clients: usize,
+
     /// error, warn, info, debug or trace
     #[arg(long, env = "BACKUPD_LOG_LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,

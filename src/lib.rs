@@ -3,6 +3,7 @@ pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod logging;
+pub mod metrics;
 pub mod protocol;
 pub mod ratelimit;
 pub mod server;

@@ -664,6 +664,9 @@ fn help_lists_every_flag_with_its_default() {
         ("--header-timeout", "10s"),
         ("--stale-upload-timeout", "15m"),
         ("--shutdown-timeout", "10s"),
+        ("--metrics-file", "off"),
+        ("--metrics-interval", "10s"),
+        ("--metrics-max-clients", "1000"),
         ("--log-level", "info"),
         ("--log-file", "standard error"),
     ];

@@ -20,6 +20,7 @@ use std::time::Instant;
 use mio::net::TcpStream;
 
 use crate::budget::Piece;
+use crate::metrics::Closed;
 use crate::protocol::{ClientId, Code, NameField, RequestHeader, REQUEST_HEADER_LEN};
 use crate::worker::{ConnRef, UploadId};
 
@@ -301,6 +302,8 @@ pub struct Connection {
     pub last_activity: Instant,
     /// Close once the output is flushed (and the peer has closed, or after a grace period).
     pub closing: Option<Instant>,
+    /// Why, for the metrics: a half-close by the peer, or a framing error.
+    pub closing_kind: Closed,
     write_shut: bool,
     /// When the connection was accepted (for the login timeout and eviction order).
     pub accepted: Instant,
@@ -338,6 +341,7 @@ impl Connection {
             readable: true,
             last_activity: now,
             closing: None,
+            closing_kind: Closed::Peer,
             write_shut: false,
             accepted: now,
             authed: false,
@@ -352,6 +356,12 @@ impl Connection {
     /// "peer name" or "peer" for log lines.
     pub fn tag(&self) -> String {
         self.proto.tag()
+    }
+
+    /// The framing can no longer be trusted: close once the 1607 is out.
+    pub fn close_protocol(&mut self, now: Instant) {
+        self.closing = Some(now);
+        self.closing_kind = Closed::Protocol;
     }
 
     /// Some bytes of a header have arrived, but not all 23.

@@ -25,6 +25,7 @@
 
 pub mod admission;
 pub mod connection;
+mod notify;
 pub mod sequence;
 mod session;
 
@@ -41,12 +42,13 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
 use crate::budget::{Budget, Piece};
 use crate::config::Config;
+use crate::metrics::{Closed, Metrics, Refused};
 use crate::peer_log;
 use crate::protocol::ClientId;
 use crate::worker::{Completion, ConnRef, Job, Worker};
@@ -134,6 +136,7 @@ pub struct Core<J: JobSink = Sender<Job>> {
     pub next_upload: u64,
     pub jobs: J,
     pub registrations: RateLimiter,
+    pub metrics: Arc<Metrics>,
 }
 
 impl<J: JobSink> Core<J> {
@@ -141,7 +144,9 @@ impl<J: JobSink> Core<J> {
     pub fn new(cfg: Arc<Config>, registry: Registry, jobs: J, next_upload: u64) -> Core<J> {
         let budget = Budget::new(cfg.memory_budget as usize);
         let registrations = RateLimiter::new(cfg.registration_rate, cfg.registration_burst as f64);
-        Core { cfg, registry, budget, pool: Vec::new(), next_upload, jobs, registrations }
+        let metrics = Arc::new(Metrics::new());
+        metrics.clients.set(registry.by_id.len() as i64);
+        Core { cfg, registry, budget, pool: Vec::new(), next_upload, jobs, registrations, metrics }
     }
 
     /// The size of the content pieces: [`CONTENT_PIECE`], or the whole budget if smaller.
@@ -204,6 +209,10 @@ pub struct Server {
     /// Connections that stopped for fairness and must be driven again.
     ready: VecDeque<(usize, u64)>,
     shutdown: Option<Instant>,
+    /// The thread writing `--metrics-file`, if any.
+    metrics_writer: Option<crate::metrics::Writer>,
+    /// sd_notify readiness and watchdog.
+    notifier: notify::Notifier,
     /// A descriptor held in reserve so that, out of descriptors, the loop can
     /// still accept and close a pending connection instead of spinning.
     spare_fd: Option<std::fs::File>,
@@ -258,7 +267,8 @@ impl Server {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .map_err(|e| StartError(e.to_string()))?;
-        let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| StartError(format!("signals: {e}")))?;
+        let mut signals =
+            Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| StartError(format!("signals: {e}")))?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(|e| StartError(e.to_string()))?;
@@ -284,7 +294,29 @@ impl Server {
 
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
         let (done_tx, done_rx) = mpsc::channel::<Completion>();
-        let worker = opened.worker;
+        let cfg = Arc::new(cfg);
+        let core = Core::new(cfg.clone(), registry, jobs_tx, crate::worker::upload_id_seed());
+        core.metrics.files_stored.set(opened.verified_files as i64);
+        for (name, secs) in &opened.last_verified {
+            core.metrics.verified_at(name, *secs);
+        }
+        let metrics_writer = match &cfg.metrics_file {
+            Some(path) => {
+                let src = crate::metrics::Source {
+                    metrics: core.metrics.clone(),
+                    budget: core.budget.clone(),
+                    data_dir: cfg.data_dir.clone(),
+                    max_clients: cfg.metrics_max_clients,
+                };
+                Some(
+                    crate::metrics::spawn_writer(path.clone(), cfg.metrics_interval, src)
+                        .map_err(|e| StartError(format!("cannot start the metrics thread: {e}")))?,
+                )
+            }
+            None => None,
+        };
+        let mut worker = opened.worker;
+        worker.set_metrics(core.metrics.clone());
         let wk: Arc<dyn crate::worker::Wake> = waker;
         let handle = std::thread::Builder::new()
             .name("backupd-worker".into())
@@ -298,7 +330,9 @@ impl Server {
             signals: Some(signals),
             conns: Slab::new(),
             next_serial: 1,
-            core: Core::new(Arc::new(cfg), registry, jobs_tx, crate::worker::upload_id_seed()),
+            core,
+            metrics_writer,
+            notifier: notify::Notifier::from_env(),
             done: done_rx,
             worker: Some(handle),
             budget_waiters: VecDeque::new(),
@@ -321,12 +355,16 @@ impl Server {
     /// Serve until SIGINT/SIGTERM and a clean shutdown.
     pub fn run(mut self) -> io::Result<()> {
         log::info!("listening on {}", self.local_addr);
+        self.notifier.ready(Instant::now());
         let mut events = Events::with_capacity(1024);
         let mut next_tick = Instant::now() + TICK;
         loop {
             let now = Instant::now();
             let mut due = next_tick;
             if let Some(t) = self.accept_retry {
+                due = due.min(t);
+            }
+            if let Some(t) = self.notifier.due() {
                 due = due.min(t);
             }
             let timeout = if self.ready.is_empty() && self.held.is_none() {
@@ -373,6 +411,7 @@ impl Server {
             }
             self.round += 1;
             let now = Instant::now();
+            self.notifier.ping(now);
             if self.accept_retry.is_some_and(|t| now >= t) {
                 self.accept();
             }
@@ -391,7 +430,13 @@ impl Server {
     fn on_signal(&mut self) {
         let Some(signals) = self.signals.as_mut() else { return };
         let got: Vec<i32> = signals.pending().collect();
-        if got.is_empty() {
+        if got.contains(&SIGHUP) {
+            match crate::logging::reopen() {
+                Ok(()) => log::info!("SIGHUP: log file reopened"),
+                Err(e) => log::error!("SIGHUP: cannot reopen the log file: {e}"),
+            }
+        }
+        if !got.iter().any(|&s| s == SIGINT || s == SIGTERM) {
             return;
         }
         if self.shutdown.is_some() {
@@ -404,6 +449,7 @@ impl Server {
             self.core.cfg.shutdown_timeout
         );
         self.shutdown = Some(Instant::now() + self.core.cfg.shutdown_timeout);
+        self.notifier.stopping();
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
@@ -411,7 +457,7 @@ impl Server {
         let quiet: Vec<(usize, u64)> =
             self.conns.iter().filter(|(_, c)| c.is_quiet()).map(|(k, c)| (k, c.serial())).collect();
         for (k, s) in quiet {
-            self.close(k, s, None);
+            self.close(k, s, Closed::Shutdown, None);
         }
     }
 
@@ -421,7 +467,7 @@ impl Server {
             log::warn!("shutdown timeout: closing {} connection(s) with unfinished work", keys.len());
         }
         for (k, s) in keys {
-            self.close(k, s, None);
+            self.close(k, s, Closed::Shutdown, None);
         }
         let _ = self.core.jobs.send(Job::Shutdown);
         if let Some(h) = self.worker.take() {
@@ -429,6 +475,10 @@ impl Server {
                 log::error!("worker thread panicked");
                 return Err(io::Error::other("worker thread panicked"));
             }
+        }
+        // The last figures, with the worker done.
+        if let Some(mut w) = self.metrics_writer.take() {
+            w.stop();
         }
         log::info!("shut down cleanly");
         Ok(())
@@ -452,7 +502,7 @@ impl Server {
                     if let Some(l) = self.listener.as_ref() {
                         if let Ok((s, peer)) = l.accept() {
                             drop(s);
-                            self.note_refusal(peer, "out of file descriptors");
+                            self.note_refusal(peer, Refused::Descriptors, "out of file descriptors");
                         }
                     }
                     self.spare_fd = std::fs::File::open("/dev/null").ok();
@@ -478,14 +528,19 @@ impl Server {
             self.per_address.check(peer.ip(), cfg.max_connections_per_ip, cfg.max_unauthenticated_per_ip)
         {
             if final_try || self.listener.is_none() {
-                self.note_refusal(peer, why);
+                let kind = if why.contains("unauthenticated") {
+                    Refused::Unauthenticated
+                } else {
+                    Refused::PerAddress
+                };
+                self.note_refusal(peer, kind, why);
             } else {
                 self.held = Some(Held { socket, peer, round: self.round });
             }
             return;
         }
         if self.conns.len() >= cfg.max_connections && !self.evict_one() {
-            self.note_refusal(peer, "connection limit reached");
+            self.note_refusal(peer, Refused::TableFull, "connection limit reached");
             return;
         }
         let _ = socket.set_nodelay(true);
@@ -501,6 +556,8 @@ impl Server {
         self.next_serial += 1;
         entry.insert(Connection::new(socket, peer, ConnRef { key, serial }, Instant::now()));
         self.per_address.opened(peer.ip());
+        self.core.metrics.connections_accepted.inc();
+        self.core.metrics.connections_open.inc();
         log::debug!("{peer}: connected");
     }
 
@@ -515,12 +572,18 @@ impl Server {
             })
             .map(|(k, c)| (k, c.serial()));
         let Some((key, serial)) = victim else { return false };
-        self.close(key, serial, Some("evicted: the connection table is full and this connection's last upload progress is the oldest"));
+        self.close(
+            key,
+            serial,
+            Closed::Evicted,
+            Some("evicted: the connection table is full and this connection's last upload progress is the oldest"),
+        );
         true
     }
 
     /// Log refused connections at most once per second, with a count.
-    fn note_refusal(&mut self, peer: SocketAddr, why: &str) {
+    fn note_refusal(&mut self, peer: SocketAddr, kind: Refused, why: &str) {
+        self.core.metrics.refused(kind);
         self.refused_since_log += 1;
         let now = Instant::now();
         if self.last_refusal_log.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
@@ -534,11 +597,13 @@ impl Server {
     /// `why`, when given, is logged (rate-limited per peer address). Its
     /// grants go back to the budget with it; waiters are woken by the loop,
     /// not from here (no recursion through `drive`).
-    fn close(&mut self, key: usize, serial: u64, why: Option<&str>) {
+    fn close(&mut self, key: usize, serial: u64, kind: Closed, why: Option<&str>) {
         if self.conns.get(key).is_none_or(|c| c.serial() != serial) {
             return;
         }
         let mut c = self.conns.remove(key);
+        self.core.metrics.closed(kind);
+        self.core.metrics.connections_open.add(-1);
         let _ = self.poll.registry().deregister(&mut c.socket);
         self.per_address.closed(c.proto.peer.ip(), c.authed);
         match why {
@@ -568,7 +633,7 @@ impl Server {
             }
             if let Err(e) = c.flush(now) {
                 let why = format!("write failed: {e}");
-                self.close(key, serial, Some(&why));
+                self.close(key, serial, Closed::Error, Some(&why));
                 return;
             }
             if c.closing.is_some() {
@@ -579,13 +644,14 @@ impl Server {
                 if c.pending_output() == 0 && c.proto.awaiting == connection::Awaiting::Nothing {
                     c.shut_write();
                     if peer_done {
-                        self.close(key, serial, None);
+                        let kind = c.closing_kind;
+                        self.close(key, serial, kind, None);
                     }
                 }
                 return;
             }
             if self.shutdown.is_some() && c.is_quiet() {
-                self.close(key, serial, Some("server shutting down"));
+                self.close(key, serial, Closed::Shutdown, Some("server shutting down"));
                 return;
             }
             if !c.readable || !c.proto.may_read() || c.pending_output() > connection::MAX_PENDING_OUTPUT {
@@ -624,16 +690,16 @@ impl Server {
                         c.closing = Some(now);
                         continue;
                     }
-                    self.close(key, serial, mid_frame.then_some("peer closed mid-frame"));
+                    self.close(key, serial, Closed::Peer, mid_frame.then_some("peer closed mid-frame"));
                     return;
                 }
                 Err(e) => {
                     let why = format!("read failed: {e}");
-                    self.close(key, serial, Some(&why));
+                    self.close(key, serial, Closed::Error, Some(&why));
                     return;
                 }
                 Ok(ReadOutcome::Header(h)) => match self.core.check_header(&mut c.proto, &h) {
-                    None => c.closing = Some(now),
+                    None => c.close_protocol(now),
                     Some(code) => {
                         let payload = vec![0; session::frame_len(code, &h)];
                         c.read = ReadState::AwaitPayload(connection::Frame {
@@ -648,7 +714,7 @@ impl Server {
                     frames += 1;
                     match self.core.handle_frame(&mut c.proto, f) {
                         Flow::Continue | Flow::Resume => {}
-                        Flow::Close => c.closing = Some(now),
+                        Flow::Close => c.close_protocol(now),
                     }
                     match c.proto.incoming.take() {
                         _ if c.closing.is_some() => {}
@@ -669,6 +735,7 @@ impl Server {
                 }
                 Ok(ReadOutcome::Piece { piece, last }) => {
                     frames += 1;
+                    self.core.metrics.bytes_received.add(piece.len() as i64);
                     self.core.content_piece(&mut c.proto, piece, last);
                 }
                 Ok(ReadOutcome::Drained) => {}
@@ -700,7 +767,7 @@ impl Server {
             Flow::Resume => self.drive(conn.key, conn.serial),
             Flow::Close => {
                 if let Some(c) = self.conns.get_mut(conn.key) {
-                    c.closing = Some(Instant::now());
+                    c.close_protocol(Instant::now());
                 }
                 self.drive(conn.key, conn.serial);
             }
@@ -757,7 +824,7 @@ impl Server {
             }
         }
         for (key, serial, why) in to_close {
-            self.close(key, serial, Some(&why));
+            self.close(key, serial, Closed::Timeout, Some(&why));
         }
         for (key, serial) in stale {
             if let Some(c) = self.conns.get_mut(key).filter(|c| c.serial() == serial) {
@@ -932,7 +999,7 @@ pub(super) mod tests {
         assert_eq!(server.core.budget.used(), 3 * CONTENT_PIECE);
         // A closed connection's piece goes back to the budget with it.
         let (key, serial, _) = conns[0];
-        server.close(key, serial, None);
+        server.close(key, serial, Closed::Peer, None);
         assert_eq!(server.core.budget.used(), 2 * CONTENT_PIECE);
     }
 }

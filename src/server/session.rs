@@ -15,6 +15,7 @@ use log::Level;
 use crate::budget::Piece;
 use crate::crypto::{encrypt_session_key, parse_public_key, random_aes_key};
 use crate::logging::Esc;
+use crate::metrics::Unstored;
 use crate::peer_log;
 use crate::protocol::{
     id_hex, normalize_path, Code, NameField, PacketHeader, Request, RequestHeader, Response,
@@ -75,6 +76,7 @@ pub fn frame_len(code: Code, h: &RequestHeader) -> usize {
 
 impl<J: JobSink> Core<J> {
     fn send_job(&mut self, job: Job) {
+        self.metrics.worker_queue.inc();
         if !self.jobs.send(job) {
             log::error!("worker thread is gone; cannot continue");
             crate::logging::flush(std::time::Duration::from_secs(1));
@@ -97,6 +99,7 @@ impl<J: JobSink> Core<J> {
     /// Handle one complete frame (a control frame, or a file packet's fixed
     /// fields, after which `p.incoming` says what to do with the content).
     pub fn handle_frame(&mut self, p: &mut Protocol, f: Frame) -> Flow {
+        self.metrics.request(f.header.code);
         let req = match Request::parse(f.code, &f.payload) {
             Ok(r) => r,
             Err(e) => return p.refuse_and_close(&e.to_string()),
@@ -313,6 +316,7 @@ impl<J: JobSink> Core<J> {
             CrcKind::Abort => {
                 p.staged.remove(idx);
                 log::warn!("{}: client gave up on \"{}\" (cksum mismatch); not stored", p.tag(), Esc(&fname));
+                self.metrics.unstored(Unstored::Aborted);
                 self.send_job(Job::Discard { upload, failed: Some((client, fname)) });
                 p.reply(Response::Ack { id });
             }
@@ -482,6 +486,7 @@ impl<J: JobSink> Core<J> {
     /// packets; its content is read and dropped.
     fn refuse_packet(&mut self, p: &mut Protocol, ph: &PacketHeader, content_len: u64, why: &str) {
         p.incoming = Some(Incoming::Drain { len: content_len });
+        self.metrics.unstored(Unstored::Refused);
         let dropped = match std::mem::replace(&mut p.upload, Upload::Idle) {
             Upload::Receiving(r) => Some(r),
             _ => None,
@@ -567,6 +572,7 @@ impl<J: JobSink> Core<J> {
                             p.awaiting = Awaiting::Nothing;
                         }
                         if current {
+                            self.metrics.unstored(Unstored::Failed);
                             p.refuse(&format!("upload failed: {why}"));
                         } else {
                             log::info!("{}: an abandoned or already refused upload failed: {why}", p.tag());
@@ -591,6 +597,7 @@ impl<J: JobSink> Core<J> {
                 } else if let Some(e) = self.registry.by_id.get_mut(&id) {
                     e.pending = false;
                 }
+                self.metrics.clients.set(self.registry.by_id.len() as i64);
                 let Some(p) = p else { return Flow::Continue };
                 p.awaiting = Awaiting::Nothing;
                 if ok {
@@ -639,9 +646,14 @@ impl<J: JobSink> Core<J> {
                 let id = p.session.as_ref().map(|s| s.id).unwrap_or_default();
                 if ok {
                     log::info!("{}: \"{}\" verified and stored", p.tag(), Esc(&name));
+                    self.metrics.uploads_verified.inc();
+                    if let Some(s) = &p.session {
+                        self.metrics.verified_at(&s.name, crate::metrics::now_secs());
+                    }
                     p.last_progress = Some(Instant::now());
                     p.reply(Response::Ack { id });
                 } else {
+                    self.metrics.unstored(Unstored::CommitFailed);
                     p.refuse(&format!("\"{}\" could not be stored; upload it again", Esc(&name)));
                 }
                 Flow::Resume
@@ -741,7 +753,7 @@ mod tests {
         let p = &mut server.conns[key].proto;
         server.core.on_public_key(p, id, NameField::from_name(b"kim").unwrap(), der);
         assert!(server.conns[key].proto.awaiting != Awaiting::Nothing, "the key goes to the worker first");
-        server.close(key, serial, Some("peer went away"));
+        server.close(key, serial, crate::metrics::Closed::Peer, Some("peer went away"));
         let done = server.done.recv_timeout(Duration::from_secs(10)).expect("the worker answers");
         assert!(matches!(done, Completion::KeySaved { ok: true, .. }));
         server.on_completion(done);

@@ -124,6 +124,29 @@ pub fn iso8601(secs: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// Parse what [`iso8601`] writes (`2026-11-25T17:56:33Z`) back into seconds since the epoch.
+pub fn parse_iso8601(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[19] != b'Z' {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
+    let (hh, mm, ss) = (n(11..13)?, n(14..16)?, n(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Days-from-civil (Howard Hinnant's algorithm), the inverse of `iso8601`.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()
+}
+
 fn is_retryable(e: &rusqlite::Error) -> bool {
     matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked))
 }
@@ -192,6 +215,23 @@ impl Db {
                 r => return r,
             }
         }
+    }
+
+    /// Each client's most recent verified file time (seconds since the epoch), by name.
+    pub fn last_verified(&self) -> rusqlite::Result<Vec<(String, u64)>> {
+        let mut st = self.conn.prepare(
+            "SELECT c.Name, MAX(f.ReceivedAt) FROM files f JOIN clients c ON c.ID = f.ID
+             WHERE f.Verified = 1 GROUP BY f.ID",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, at) = row?;
+            if let Some(secs) = at.as_deref().and_then(parse_iso8601) {
+                out.push((name, secs));
+            }
+        }
+        Ok(out)
     }
 
     pub fn load_clients(&self) -> rusqlite::Result<Vec<ClientRecord>> {
@@ -353,6 +393,15 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iso8601_round_trips() {
+        for secs in [0, 951_782_400, 1_700_000_000, 1_764_460_800, 4_102_444_799] {
+            assert_eq!(parse_iso8601(&iso8601(secs)), Some(secs), "{}", iso8601(secs));
+        }
+        assert_eq!(parse_iso8601("2026-13-01T00:00:00Z"), None);
+        assert_eq!(parse_iso8601("yesterday"), None);
+    }
 
     #[test]
     fn iso_dates() {

@@ -23,6 +23,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::budget::Piece;
 use crate::crypto::{Cksum, StreamDecryptor, AES_KEY_LEN};
+use crate::metrics::Metrics;
 use crate::protocol::{id_hex, ClientId};
 use db::{ClientRecord, Db, Intent, Write};
 use storage::{Publish, Storage};
@@ -240,6 +241,7 @@ pub struct Worker {
     /// Jobs taken off the channel during a group commit that must wait for
     /// the next batch (everything but file packets), in arrival order.
     carry: Vec<Job>,
+    metrics: Arc<Metrics>,
 }
 
 struct WorkerIo {
@@ -252,6 +254,10 @@ struct WorkerIo {
 pub struct Opened {
     pub worker: Worker,
     pub clients: Vec<ClientRecord>,
+    /// Verified files on record (for the metrics).
+    pub verified_files: usize,
+    /// Each client's last verified file, seconds since the epoch (for the metrics).
+    pub last_verified: Vec<(String, u64)>,
 }
 
 fn stamp() -> u64 {
@@ -299,10 +305,13 @@ impl Worker {
             uploads: HashMap::new(),
             io: None,
             carry: Vec::new(),
+            metrics: Arc::new(Metrics::new()),
         };
         w.reconcile().map_err(|e| format!("reconciling {}: {e}", data_dir.display()))?;
         let clients = w.db.load_clients().map_err(|e| format!("database {}: {e}", db_path.display()))?;
-        Ok(Opened { worker: w, clients })
+        let verified_files = w.db.file_rows().map(|r| r.iter().filter(|r| r.verified).count()).unwrap_or(0);
+        let last_verified = w.db.last_verified().unwrap_or_default();
+        Ok(Opened { worker: w, clients, verified_files, last_verified })
     }
 
     /// Repair what a crash can leave behind. Each fix is logged.
@@ -375,6 +384,11 @@ impl Worker {
         self.db.file_rows().map(|rows| rows.iter().any(|r| r.verified && r.path == rel)).unwrap_or(false)
     }
 
+    /// Report to these metrics (shared with the loop).
+    pub fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = metrics;
+    }
+
     /// Serve jobs until `Shutdown` or until the loop hangs up.
     pub fn run(mut self, jobs: Receiver<Job>, done: Sender<Completion>, waker: Arc<dyn Wake>) {
         self.io = Some(WorkerIo { jobs, done, waker });
@@ -394,6 +408,7 @@ impl Worker {
                     Err(_) => break,
                 }
             }
+            self.metrics.worker_queue.add(-(batch.len() as i64));
             if self.handle_batch(&mut batch) {
                 break;
             }
@@ -424,6 +439,7 @@ impl Worker {
     fn stage_arrivals(&mut self) {
         let mut staged = Vec::new();
         while let Some(j) = self.io.as_ref().and_then(|io| io.jobs.try_recv().ok()) {
+            self.metrics.worker_queue.add(-1);
             match j {
                 Job::Packet(p) => staged.push(self.packet(p)),
                 other => self.carry.push(other),
@@ -604,6 +620,7 @@ impl Worker {
         mut writes: Vec<(Pending, Vec<Write>)>,
         out: &mut Vec<Completion>,
     ) {
+        let started = std::time::Instant::now();
         let mut staged: Vec<Staged> = Vec::new();
         let mut deferred = Vec::new();
         let base = stamp();
@@ -748,8 +765,16 @@ impl Worker {
         if !files_ok && !published.is_empty() {
             self.unpublish(&published);
         }
+        if files_ok && !published.is_empty() {
+            self.metrics.commit_batch_size.observe(published.len() as f64);
+            self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+        }
         for s in published {
             if files_ok {
+                if s.publish.saved_previous.is_none() {
+                    self.metrics.files_stored.inc();
+                }
+                self.metrics.bytes_stored.add(s.size as i64);
                 log::debug!(
                     "stored {} for client {} ({} bytes, cksum {})",
                     s.name,

@@ -1,0 +1,495 @@
+//! Server metrics in the Prometheus text format, for node_exporter's textfile
+//! collector (`--metrics-file`).
+//!
+//! [`Metrics`] is a set of atomic counters and gauges shared by the event
+//! loop and the worker (an increment is one relaxed atomic add; nothing here
+//! locks on the data path except the per-client "last verified" map, touched
+//! once per stored file). [`spawn_writer`] starts the thread that renders
+//! them every `--metrics-interval` and at shutdown, and replaces the file
+//! atomically (temp file + rename), so the loop never does that I/O.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::budget::Budget;
+
+/// A counter (or, with `set`/`add` of negatives, a gauge).
+#[derive(Debug, Default)]
+pub struct Counter(AtomicI64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    pub fn add(&self, n: i64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn set(&self, n: i64) {
+        self.0.store(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A histogram with fixed upper bounds.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    /// Sum in millionths of the unit (integer atomics).
+    sum_micro: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micro: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, v: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micro.fetch_add((v.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (b, n) in self.bounds.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// Why a connection was refused at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    PerAddress,
+    Unauthenticated,
+    TableFull,
+    Descriptors,
+}
+
+/// Why a connection was closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// The peer closed (or reset) it.
+    Peer,
+    /// A deadline: header, frame, content, login, idle, closing grace.
+    Timeout,
+    /// Made room for a new connection at the limit.
+    Evicted,
+    /// A framing error (after its 1607).
+    Protocol,
+    /// A socket error.
+    Error,
+    /// Server shutdown.
+    Shutdown,
+}
+
+/// Why an upload ended without being stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unstored {
+    /// A packet was refused by the rules (1607 from the loop).
+    Refused,
+    /// The worker failed it (decryption, disk).
+    Failed,
+    /// The client gave up (1031).
+    Aborted,
+    /// The commit failed (1607 to the 1029).
+    CommitFailed,
+}
+
+const REQUEST_CODES: [u16; 7] = [1025, 1026, 1027, 1028, 1029, 1030, 1031];
+
+/// Every metric backupd exports.
+#[derive(Debug)]
+pub struct Metrics {
+    started: Instant,
+    pub connections_open: Counter,
+    pub connections_accepted: Counter,
+    refused: [Counter; 4],
+    closed: [Counter; 6],
+    requests: [Counter; 7],
+    pub uploads_verified: Counter,
+    unstored: [Counter; 4],
+    /// File content bytes read from sockets.
+    pub bytes_received: Counter,
+    /// Plaintext bytes of files stored (verified).
+    pub bytes_stored: Counter,
+    /// Current files stored (verified rows).
+    pub files_stored: Counter,
+    pub clients: Counter,
+    /// Jobs sent to the worker and not yet taken.
+    pub worker_queue: Counter,
+    pub commit_batch_size: Histogram,
+    pub commit_seconds: Histogram,
+    /// Last verified backup per client name (seconds since the epoch).
+    last_verified: Mutex<HashMap<String, u64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        Metrics {
+            started: Instant::now(),
+            connections_open: Counter::default(),
+            connections_accepted: Counter::default(),
+            refused: Default::default(),
+            closed: Default::default(),
+            requests: Default::default(),
+            uploads_verified: Counter::default(),
+            unstored: Default::default(),
+            bytes_received: Counter::default(),
+            bytes_stored: Counter::default(),
+            files_stored: Counter::default(),
+            clients: Counter::default(),
+            worker_queue: Counter::default(),
+            commit_batch_size: Histogram::new(&[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
+            commit_seconds: Histogram::new(&[
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            last_verified: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn refused(&self, why: Refused) {
+        self.refused[why as usize].inc();
+    }
+
+    pub fn closed(&self, why: Closed) {
+        self.closed[why as usize].inc();
+    }
+
+    pub fn request(&self, code: u16) {
+        if let Some(i) = REQUEST_CODES.iter().position(|c| *c == code) {
+            self.requests[i].inc();
+        }
+    }
+
+    pub fn unstored(&self, why: Unstored) {
+        self.unstored[why as usize].inc();
+    }
+
+    /// A client's file was verified at `secs` (seconds since the epoch).
+    pub fn verified_at(&self, client: &str, secs: u64) {
+        if let Ok(mut m) = self.last_verified.lock() {
+            let e = m.entry(client.to_string()).or_insert(0);
+            *e = (*e).max(secs);
+        }
+    }
+
+    /// Render everything in the Prometheus text format. `budget` and `data_dir`
+    /// give the budget gauges and the free space; `max_clients` caps the
+    /// per-client series; `log_dropped` is the logger's count.
+    pub fn render(&self, budget: &Budget, data_dir: &Path, max_clients: usize, log_dropped: u64) -> String {
+        let mut o = String::with_capacity(8192);
+        let mut one = |name: &str, kind: &str, help: &str, v: f64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        one(
+            "backupd_uptime_seconds",
+            "gauge",
+            "Seconds since the server started.",
+            self.started.elapsed().as_secs_f64(),
+        );
+        one(
+            "backupd_connections_open",
+            "gauge",
+            "Client connections open now.",
+            self.connections_open.get() as f64,
+        );
+        one(
+            "backupd_connections_accepted_total",
+            "counter",
+            "Connections accepted.",
+            self.connections_accepted.get() as f64,
+        );
+        one(
+            "backupd_uploads_verified_total",
+            "counter",
+            "Files verified and stored (1604 to a 1029).",
+            self.uploads_verified.get() as f64,
+        );
+        one(
+            "backupd_bytes_received_total",
+            "counter",
+            "File content bytes received.",
+            self.bytes_received.get() as f64,
+        );
+        one(
+            "backupd_bytes_stored_total",
+            "counter",
+            "Plaintext bytes of files stored.",
+            self.bytes_stored.get() as f64,
+        );
+        one(
+            "backupd_files_stored",
+            "gauge",
+            "Verified files stored (current versions).",
+            self.files_stored.get() as f64,
+        );
+        one("backupd_clients", "gauge", "Registered clients.", self.clients.get() as f64);
+        one(
+            "backupd_budget_bytes_in_use",
+            "gauge",
+            "Memory budget granted to file content in flight.",
+            budget.used() as f64,
+        );
+        one(
+            "backupd_budget_bytes_limit",
+            "gauge",
+            "The memory budget (--memory-budget).",
+            budget.limit() as f64,
+        );
+        one(
+            "backupd_worker_queue_depth",
+            "gauge",
+            "Jobs waiting for the worker thread.",
+            self.worker_queue.get().max(0) as f64,
+        );
+        one(
+            "backupd_log_records_dropped_total",
+            "counter",
+            "Log lines dropped because the log output was blocked.",
+            log_dropped as f64,
+        );
+        if let Some(free) = free_bytes(data_dir) {
+            one(
+                "backupd_data_dir_free_bytes",
+                "gauge",
+                "Bytes available to backupd on the data directory's filesystem.",
+                free as f64,
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP backupd_connections_refused_total Connections closed at accept, by reason.\n# TYPE backupd_connections_refused_total counter"
+        );
+        for (r, c) in ["per_address", "unauthenticated_per_address", "table_full", "descriptors"]
+            .iter()
+            .zip(&self.refused)
+        {
+            let _ = writeln!(o, "backupd_connections_refused_total{{reason=\"{r}\"}} {}", c.get());
+        }
+        let _ = writeln!(
+            o,
+            "# HELP backupd_connections_closed_total Connections closed, by reason.\n# TYPE backupd_connections_closed_total counter"
+        );
+        for (r, c) in ["peer", "timeout", "evicted", "protocol_error", "socket_error", "shutdown"]
+            .iter()
+            .zip(&self.closed)
+        {
+            let _ = writeln!(o, "backupd_connections_closed_total{{reason=\"{r}\"}} {}", c.get());
+        }
+        let _ = writeln!(o, "# HELP backupd_requests_total Requests received, by code.\n# TYPE backupd_requests_total counter");
+        for (code, c) in REQUEST_CODES.iter().zip(&self.requests) {
+            let _ = writeln!(o, "backupd_requests_total{{code=\"{code}\"}} {}", c.get());
+        }
+        let _ = writeln!(
+            o,
+            "# HELP backupd_uploads_unstored_total Uploads that ended without being stored, by reason.\n# TYPE backupd_uploads_unstored_total counter"
+        );
+        for (r, c) in ["refused", "failed", "aborted", "commit_failed"].iter().zip(&self.unstored) {
+            let _ = writeln!(o, "backupd_uploads_unstored_total{{reason=\"{r}\"}} {}", c.get());
+        }
+        self.commit_batch_size.render(&mut o, "backupd_commit_batch_files", "Files per group commit.");
+        self.commit_seconds.render(&mut o, "backupd_commit_seconds", "Time to make a group commit durable.");
+        let _ = writeln!(
+            o,
+            "# HELP backupd_client_last_verified_timestamp_seconds When each client last had a file verified.\n# TYPE backupd_client_last_verified_timestamp_seconds gauge"
+        );
+        if let Ok(m) = self.last_verified.lock() {
+            let mut v: Vec<(&String, &u64)> = m.iter().collect();
+            // Over the cap, keep the clients silent the longest (those are the
+            // ones an alert is for), then by name.
+            v.sort_by(|a, b| a.1.cmp(b.1).then(a.0.cmp(b.0)));
+            for (name, t) in v.into_iter().take(max_clients) {
+                let _ = writeln!(
+                    o,
+                    "backupd_client_last_verified_timestamp_seconds{{client=\"{}\"}} {t}",
+                    label(name)
+                );
+            }
+        }
+        o
+    }
+}
+
+/// A label value: backslash, quote and newline escaped as the format requires.
+fn label(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Free bytes for an unprivileged writer on the filesystem holding `dir`.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a pointer to a local struct.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Seconds since the epoch now.
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Write `text` to `path` atomically: a temp file beside it, then rename.
+pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+/// The thread that writes the metrics file; dropping it (or `stop`) writes
+/// the file one last time and ends the thread.
+pub struct Writer {
+    stop: Option<Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Write once more and wait for the thread to end.
+    pub fn stop(&mut self) {
+        self.stop.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// What the writer thread needs to render.
+pub struct Source {
+    pub metrics: Arc<Metrics>,
+    pub budget: Budget,
+    pub data_dir: PathBuf,
+    pub max_clients: usize,
+}
+
+/// Start the thread that writes `path` every `interval` and once more at stop.
+pub fn spawn_writer(path: PathBuf, interval: Duration, src: Source) -> std::io::Result<Writer> {
+    let (tx, rx) = mpsc::channel::<()>();
+    let write = move |src: &Source| {
+        let text =
+            src.metrics.render(&src.budget, &src.data_dir, src.max_clients, crate::logging::dropped_total());
+        if let Err(e) = write_atomically(&path, &text) {
+            log::warn!("cannot write metrics to {}: {e}", path.display());
+        }
+    };
+    let handle = std::thread::Builder::new().name("backupd-metrics".into()).spawn(move || loop {
+        write(&src);
+        match rx.recv_timeout(interval) {
+            Err(RecvTimeoutError::Timeout) => continue,
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                write(&src);
+                return;
+            }
+        }
+    })?;
+    Ok(Writer { stop: Some(tx), handle: Some(handle) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_is_the_text_format() {
+        let m = Metrics::new();
+        m.connections_accepted.add(3);
+        m.refused(Refused::TableFull);
+        m.closed(Closed::Evicted);
+        m.request(1028);
+        m.request(9999);
+        m.unstored(Unstored::Aborted);
+        m.commit_seconds.observe(0.003);
+        m.commit_batch_size.observe(5.0);
+        m.verified_at("al\"ice\n", 1_700_000_000);
+        let dir = tempfile::tempdir().unwrap();
+        let text = m.render(&Budget::new(1024), dir.path(), 10, 7);
+        for want in [
+            "backupd_connections_accepted_total 3",
+            "backupd_connections_refused_total{reason=\"table_full\"} 1",
+            "backupd_connections_closed_total{reason=\"evicted\"} 1",
+            "backupd_requests_total{code=\"1028\"} 1",
+            "backupd_uploads_unstored_total{reason=\"aborted\"} 1",
+            "backupd_commit_seconds_bucket{le=\"0.005\"} 1",
+            "backupd_commit_seconds_bucket{le=\"0.002\"} 0",
+            "backupd_commit_batch_files_count 1",
+            "backupd_budget_bytes_limit 1024",
+            "backupd_log_records_dropped_total 7",
+            "backupd_client_last_verified_timestamp_seconds{client=\"al\\\"ice\\n\"} 1700000000",
+        ] {
+            assert!(text.contains(want), "{want} missing from:\n{text}");
+        }
+        assert!(text.contains("backupd_data_dir_free_bytes "));
+        // Every sample line is "name{labels} value" with a number.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let v = line.rsplit(' ').next().unwrap();
+            assert!(v.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+
+    #[test]
+    fn the_per_client_series_are_capped_keeping_the_most_silent() {
+        let m = Metrics::new();
+        for i in 0..5u64 {
+            m.verified_at(&format!("c{i}"), 100 + i);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let text = m.render(&Budget::new(1), dir.path(), 2, 0);
+        assert!(text.contains("client=\"c0\"") && text.contains("client=\"c1\""));
+        assert!(!text.contains("client=\"c4\""));
+    }
+}

@@ -1,0 +1,176 @@
+//! Running backupd as a service (issue 11, server features): the metrics
+//! file, SIGHUP reopening the log file, and the sd_notify protocol, each
+//! against the real binary.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use backupd::client::UploadOptions;
+use common::*;
+
+/// The value of a sample line `name value` (or `name{labels} value`) in a metrics file.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.rsplit_once(' ')?;
+        (n == name).then(|| v.parse().ok()).flatten()
+    })
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[test]
+fn the_metrics_file_counts_what_happened_and_is_written_at_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let prom = dir.path().join("backupd.prom");
+    let prom_arg = prom.to_str().unwrap().to_string();
+    let mut server = TestServer::start(&["--metrics-file", &prom_arg, "--metrics-interval", "200ms"]);
+    let (mut c, id) = server.registered_client("metered");
+    for (i, name) in ["a.bin", "b.bin"].iter().enumerate() {
+        let data = pseudo_random(10_000 + i, i as u64);
+        assert!(c.upload_bytes(name, &data, &UploadOptions::default()).unwrap().cksum_matches());
+        c.crc_ok(name).unwrap();
+    }
+    // A refused packet (no session on this connection).
+    let mut stranger = server.connect();
+    stranger.send_raw(&packet_frame(&id, 16, 3, 1, 1, &name_field_raw(b"x"), &[0u8; 16])).unwrap();
+    expect_reply(&mut stranger, backupd::protocol::ResponseCode::GeneralError);
+    let ok = wait_until(Duration::from_secs(10), || {
+        sample(&read(&prom), "backupd_uploads_verified_total") == Some(2.0)
+    });
+    assert!(ok, "metrics never showed 2 verified uploads:\n{}", read(&prom));
+    let text = read(&prom);
+    for (name, at_least) in [
+        ("backupd_connections_accepted_total", 2.0),
+        ("backupd_bytes_received_total", 20_000.0),
+        ("backupd_bytes_stored_total", 20_001.0),
+        ("backupd_files_stored", 2.0),
+        ("backupd_clients", 1.0),
+        ("backupd_requests_total{code=\"1028\"}", 3.0),
+        ("backupd_requests_total{code=\"1029\"}", 2.0),
+        ("backupd_uploads_unstored_total{reason=\"refused\"}", 1.0),
+        ("backupd_commit_seconds_count", 1.0),
+        ("backupd_budget_bytes_limit", 64.0 * 1024.0 * 1024.0),
+        ("backupd_data_dir_free_bytes", 1.0),
+        ("backupd_uptime_seconds", 0.0),
+    ] {
+        let v = sample(&text, name).unwrap_or_else(|| panic!("{name} missing:\n{text}"));
+        assert!(v >= at_least, "{name} = {v}, expected at least {at_least}");
+    }
+    assert!(text.contains("backupd_client_last_verified_timestamp_seconds{client=\"metered\"}"), "{text}");
+    assert!(text.contains("# TYPE backupd_commit_seconds histogram"));
+    assert_eq!(sample(&text, "backupd_log_records_dropped_total"), Some(0.0));
+    // No temp file is left beside it; at shutdown the file is written once more.
+    assert!(!dir.path().join("backupd.prom.tmp").exists());
+    drop(c);
+    drop(stranger);
+    std::fs::remove_file(&prom).unwrap();
+    assert!(server.stop().success());
+    let last = read(&prom);
+    assert_eq!(sample(&last, "backupd_uploads_verified_total"), Some(2.0), "final metrics:\n{last}");
+    // After a restart, the stored files and the client's last backup come from the database.
+    std::fs::remove_file(&prom).unwrap();
+    server.restart();
+    let ok =
+        wait_until(Duration::from_secs(10), || sample(&read(&prom), "backupd_files_stored") == Some(2.0));
+    assert!(ok, "after a restart:\n{}", read(&prom));
+    assert!(read(&prom).contains("backupd_client_last_verified_timestamp_seconds{client=\"metered\"}"));
+}
+
+#[test]
+fn sighup_reopens_the_log_file_after_a_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("backupd.log");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let data = dir.path().join("data");
+    let mut server = RawServer::spawn(
+        dir.path(),
+        &[
+            OsStr::new("--listen"),
+            OsStr::new(&listen),
+            OsStr::new("--data-dir"),
+            data.as_os_str(),
+            OsStr::new("--log-file"),
+            log.as_os_str(),
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(20), || read(&log).contains("listening on")), "{}", read(&log));
+    // logrotate: move the file away, then SIGHUP.
+    let rotated = dir.path().join("backupd.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    unsafe {
+        libc::kill(server.pid() as i32, libc::SIGHUP);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || read(&log).contains("log file reopened")),
+        "no new log file after SIGHUP; old one:\n{}",
+        read(&rotated)
+    );
+    // New lines go to the new file; the server still serves.
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    let mut c = backupd::client::Client::connect(addr, &test_client_options()).unwrap();
+    c.register("after-rotation").unwrap();
+    assert!(wait_until(Duration::from_secs(10), || read(&log).contains("registered as")));
+    assert!(!read(&rotated).contains("registered as"));
+    unsafe {
+        libc::kill(server.pid() as i32, libc::SIGTERM);
+    }
+    assert!(server.wait_exit(Duration::from_secs(30)).is_some_and(|s| s.success()));
+}
+
+#[test]
+fn sd_notify_ready_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let data = dir.path().join("data");
+    // systemd sets WATCHDOG_PID to the service's pid: a shell that execs the
+    // server gives it its own pid.
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" \"$@\"")
+        .arg(server_bin())
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let mut next = || -> String {
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next().trim(), "READY=1");
+    // The watchdog is pinged from the loop at half the interval: several in a second.
+    let start = Instant::now();
+    let mut pings = 0;
+    while pings < 3 {
+        assert_eq!(next().trim(), "WATCHDOG=1");
+        pings += 1;
+    }
+    assert!(start.elapsed() < Duration::from_secs(20));
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let mut stopping = false;
+    for _ in 0..50 {
+        if next().trim() == "STOPPING=1" {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "no STOPPING=1 after SIGTERM");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
