@@ -320,3 +320,28 @@ fn uploads_failed_by_the_worker_get_one_1607() {
 fn field_of(name: &str) -> NameField {
     name_field_raw(name.as_bytes())
 }
+
+/// Nested files are the server's own after a restart: startup recovery walks
+/// the folders under files/<id>/ and leaves verified files in place.
+#[test]
+fn nested_files_survive_a_restart() {
+    let mut server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("restart");
+    let data = pseudo_random(1000, 12);
+    for name in ["top.txt", "docs/2026/report.pdf", "docs/notes.txt"] {
+        c.upload_bytes(name, &data, &UploadOptions::default()).unwrap();
+        c.crc_ok(name).unwrap();
+    }
+    // An unconfirmed nested file left on disk by hand: not the server's, moved aside.
+    let stray = server.stored_path(&id, "docs/stray.bin");
+    std::fs::write(&stray, b"stray").unwrap();
+    drop(c);
+    server.restart();
+    for name in ["top.txt", "docs/2026/report.pdf", "docs/notes.txt"] {
+        assert_eq!(std::fs::read(server.stored_path(&id, name)).unwrap(), data, "{name}");
+        assert_eq!(db_verified(&server.db_path(), &id, name), Some(1), "{name}");
+    }
+    assert!(!stray.exists(), "a file with no verified row stays in files/");
+    let log = server.log_text();
+    assert!(log.contains("docs/stray.bin has no verified database row"), "{log}");
+}

@@ -364,17 +364,30 @@ impl Worker {
                 log::warn!("startup: moved stray {} to {}", client.path().display(), dest.display());
                 continue;
             }
-            for f in std::fs::read_dir(client.path()).map_err(|e| e.to_string())? {
-                let f = f.map_err(|e| e.to_string())?;
-                let rel = format!(
-                    "files/{}/{}",
-                    client.file_name().to_string_lossy(),
-                    f.file_name().to_string_lossy()
-                );
-                if !verified.contains(rel.as_str()) {
-                    let dest = self.storage.move_to_orphans(&f.path(), stamp()).map_err(|e| e.to_string())?;
-                    log::warn!("startup: {rel} has no verified database row; moved to {}", dest.display());
-                }
+            let rel = format!("files/{}", client.file_name().to_string_lossy());
+            self.orphan_unverified(&client.path(), &rel, &verified)?;
+        }
+        Ok(())
+    }
+
+    /// Move every file below `dir` (`rel`: its path from the data directory)
+    /// without a verified database row to orphans/. Folders are walked, not
+    /// followed: file names are paths (issue 10), so verified files live
+    /// nested; a symlink is an entry like a file, moved aside itself.
+    fn orphan_unverified(
+        &self,
+        dir: &std::path::Path,
+        rel: &str,
+        verified: &std::collections::HashSet<&str>,
+    ) -> Result<(), String> {
+        for f in std::fs::read_dir(dir).map_err(|e| e.to_string())? {
+            let f = f.map_err(|e| e.to_string())?;
+            let rel = format!("{rel}/{}", f.file_name().to_string_lossy());
+            if f.file_type().map_err(|e| e.to_string())?.is_dir() {
+                self.orphan_unverified(&f.path(), &rel, verified)?;
+            } else if !verified.contains(rel.as_str()) {
+                let dest = self.storage.move_to_orphans(&f.path(), stamp()).map_err(|e| e.to_string())?;
+                log::warn!("startup: {rel} has no verified database row; moved to {}", dest.display());
             }
         }
         Ok(())
