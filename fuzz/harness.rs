@@ -526,6 +526,7 @@ pub fn packet_sequence_stats(data: &[u8]) -> SequenceStats {
             Ok(s) => s,
             Err(why) => {
                 assert!(!why.is_empty());
+                assert_eq!(m.recv, before, "a refused packet changed the upload's state");
                 stats.refused += 1;
                 model = None;
                 continue;

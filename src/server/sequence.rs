@@ -32,7 +32,8 @@ pub struct PacketStep {
 }
 
 /// Check one packet (already known to be the upload's next, by name, total
-/// and number) against the upload's sizes and decide its CBC steps.
+/// and number) against the upload's sizes and decide its CBC steps. On a
+/// refusal `r` is unchanged.
 pub fn plan_packet(
     r: &mut Receiving,
     ph: &PacketHeader,
@@ -42,7 +43,13 @@ pub fn plan_packet(
     let first = r.packets == 0;
     let numbered_last = ph.packet_number == ph.total_packets;
     let orig = ph.orig_file_size;
-    let (new_segment, end_segment) = match r.segment {
+    // Worked out on copies, stored only when the packet is accepted: a
+    // refused packet leaves `r` as it was.
+    let mut segment = r.segment;
+    let mut last_stream_len = r.last_stream_len;
+    let mut multi_packet_stream = r.multi_packet_stream;
+    let (mut ciphertext_total, mut plain_total) = (r.ciphertext_total, r.plain_total);
+    let (new_segment, end_segment) = match segment {
         Some(mut seg) => {
             // Inside a stream that spans packets: same file, same sizes.
             if content_len == 0 {
@@ -59,13 +66,13 @@ pub fn plan_packet(
             }
             check_content_size(ph.content_size, content_len, seg.whole)?;
             seg.remaining -= content_len;
-            r.multi_packet_stream = true;
+            multi_packet_stream = true;
             if seg.remaining == 0 {
-                r.segment = None;
-                r.last_stream_len = seg.whole;
+                segment = None;
+                last_stream_len = seg.whole;
                 (false, Some(orig as u64))
             } else {
-                r.segment = Some(seg);
+                segment = Some(seg);
                 (false, None)
             }
         }
@@ -74,7 +81,7 @@ pub fn plan_packet(
             if !numbered_last {
                 return Err("empty packet before the last one".into());
             }
-            if ph.content_size as u64 != r.last_stream_len && ph.content_size != 0 {
+            if ph.content_size as u64 != last_stream_len && ph.content_size != 0 {
                 return Err(format!("empty last packet with content_size {}", ph.content_size));
             }
             (false, None)
@@ -87,7 +94,7 @@ pub fn plan_packet(
                     "a ciphertext of {whole} bytes does not fit the 32-bit size of the 1603 reply"
                 ));
             }
-            if !first && (r.multi_packet_stream || content_len != whole) {
+            if !first && (multi_packet_stream || content_len != whole) {
                 return Err(format!(
                     "{content_len} bytes after the file's ciphertext was complete (packet {} of {})",
                     ph.packet_number, ph.total_packets
@@ -103,27 +110,27 @@ pub fn plan_packet(
             }
             check_content_size(ph.content_size, content_len, whole)?;
             // Known as soon as the stream starts: refused before any of it is used.
-            if r.ciphertext_total + whole > u32::MAX as u64 {
+            if ciphertext_total + whole > u32::MAX as u64 {
                 return Err(format!(
                     "the upload's ciphertext would exceed {} bytes, the 32-bit size of the 1603 reply",
                     u32::MAX
                 ));
             }
-            r.ciphertext_total += whole;
-            r.plain_total += orig as u64;
-            if r.plain_total > max_file_size {
+            ciphertext_total += whole;
+            plain_total += orig as u64;
+            if plain_total > max_file_size {
                 return Err(format!("file exceeds the {max_file_size}-byte limit"));
             }
             if content_len == whole {
-                r.last_stream_len = whole;
+                last_stream_len = whole;
                 (true, Some(orig as u64))
             } else {
-                r.segment = Some(Segment { orig, whole, remaining: whole - content_len });
+                segment = Some(Segment { orig, whole, remaining: whole - content_len });
                 (true, None)
             }
         }
     };
-    let last = match r.segment {
+    let last = match segment {
         // Numbered as the total with the stream still open: the counter
         // wraps, which needs at least 65,535 more non-empty packets.
         Some(seg) if numbered_last && seg.remaining < WRAP - 1 => {
@@ -145,7 +152,10 @@ pub fn plan_packet(
         }
         None => numbered_last,
     };
-    // Counted only once accepted: a refused packet 1 never reached the worker.
+    r.segment = segment;
+    r.last_stream_len = last_stream_len;
+    r.multi_packet_stream = multi_packet_stream;
+    (r.ciphertext_total, r.plain_total) = (ciphertext_total, plain_total);
     r.packets += 1;
     Ok(PacketStep { new_segment, end_segment, last })
 }
@@ -312,8 +322,10 @@ mod tests {
     fn numbered_last_with_a_short_stream_is_refused() {
         let mut r = receiving(2);
         feed(&mut r, &ph(16, 40, 1, 2), 16).unwrap();
+        let before = r.clone();
         let e = feed(&mut r, &ph(16, 40, 2, 2), 16).unwrap_err();
         assert!(e.contains("before the file's ciphertext was complete"), "{e}");
+        assert_eq!(r, before, "a refused packet leaves the upload as it was");
     }
 
     #[test]
