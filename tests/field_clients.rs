@@ -332,13 +332,24 @@ fn nested_files_survive_a_restart() {
         c.upload_bytes(name, &data, &UploadOptions::default()).unwrap();
         c.crc_ok(name).unwrap();
     }
+    // A new version of a nested file: the previous one is kept under versions/, nested too.
+    let v2 = pseudo_random(1000, 13);
+    c.upload_bytes("docs/notes.txt", &v2, &UploadOptions::default()).unwrap();
+    c.crc_ok("docs/notes.txt").unwrap();
+    let versions =
+        server.data_dir().join("versions").join(backupd::protocol::id_hex(&id)).join("docs/notes.txt");
+    let kept = walk_files(&versions);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(std::fs::read(&kept[0]).unwrap(), data);
     // An unconfirmed nested file left on disk by hand: not the server's, moved aside.
     let stray = server.stored_path(&id, "docs/stray.bin");
     std::fs::write(&stray, b"stray").unwrap();
     drop(c);
     server.restart();
+    assert_eq!(std::fs::read(server.stored_path(&id, "docs/notes.txt")).unwrap(), v2);
     for name in ["top.txt", "docs/2026/report.pdf", "docs/notes.txt"] {
-        assert_eq!(std::fs::read(server.stored_path(&id, name)).unwrap(), data, "{name}");
+        let want = if name == "docs/notes.txt" { &v2 } else { &data };
+        assert_eq!(std::fs::read(server.stored_path(&id, name)).unwrap(), *want, "{name}");
         assert_eq!(db_verified(&server.db_path(), &id, name), Some(1), "{name}");
     }
     assert!(!stray.exists(), "a file with no verified row stays in files/");
