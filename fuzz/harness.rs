@@ -19,7 +19,7 @@ use backupd::protocol::{
     MAX_PATH_LEN, NAME_FIELD_LEN, PACKET_HEADER_LEN, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN,
 };
 use backupd::server::connection::Receiving;
-use backupd::server::plan_packet;
+use backupd::server::{plan_packet, wraps_to_one};
 
 /// The server's default `--max-packet` (16 MiB).
 pub const MAX_PACKET: u32 = 16 << 20;
@@ -349,10 +349,13 @@ struct Model {
     /// The open stream: its orig, whole ciphertext length and bytes received.
     open: Option<(u32, u64, u64)>,
     streams: u32,
-    packets: u32,
+    packets: u64,
     /// Some stream took more than one packet.
     spanned: bool,
 }
+
+/// Packets between two packets that carry the same u16 number.
+const WRAP: u64 = 1 << 16;
 
 fn packet_name(sel: u8) -> NameField {
     let name: &[u8] = match sel % 8 {
@@ -371,12 +374,17 @@ pub fn new_receiving(upload: u64, name: &str, total: u16) -> Receiving {
 }
 
 /// Target 3: `plan_packet` driven by arbitrary packet sequences, with the
-/// numbering and name checks of the server's `on_packet` in front of it.
+/// numbering and name checks of the server's `on_packet` in front of it
+/// (numbers wrap past 65,535). An operation may also fast-forward an open
+/// stream by 65,536 or more one-byte packets, so that counters wrap.
 /// Invariants: the ciphertext accepted never exceeds what the streams begun
 /// allow; plain_total is the sum of the streams' sizes and never exceeds the
 /// limit; a stream ends exactly when its ciphertext is complete, with the
-/// size its packets announced; a file is complete at its last packet; a
-/// stream spanning packets excludes per-packet streams.
+/// size its packets announced; the upload ends exactly at the packet numbered
+/// as the total (mod 2^16) that leaves no stream open, or at a packet 1 of 0
+/// carrying an empty file; a packet numbered as the total with a stream open
+/// is accepted only when 65,535 more packets can follow; a stream spanning
+/// packets excludes per-packet streams.
 pub fn packet_sequence(data: &[u8]) {
     packet_sequence_stats(data);
 }
@@ -394,6 +402,10 @@ pub struct SequenceStats {
     pub empty_tail: u32,
     /// Packets `plan_packet` refused.
     pub refused: u32,
+    /// Files of more than 65,535 packets (their counters wrapped).
+    pub wrapped: u32,
+    /// Empty files sent as packet 1 of 0.
+    pub empty_file: u32,
 }
 
 /// [`packet_sequence`], reporting what it saw.
@@ -413,6 +425,12 @@ pub fn packet_sequence_stats(data: &[u8]) -> SequenceStats {
         let raw_size = input.u32();
         let small = input.u16();
         let sel = input.u8();
+        if mode >> 6 == 3 {
+            if let Some(m) = model.as_mut() {
+                fast_forward(m, small);
+            }
+            continue;
+        }
         let open = model.as_ref().and_then(|m| m.open);
         let expected_next = model.as_ref().map(|m| m.recv.next).unwrap_or(1);
         let total_now = model.as_ref().map(|m| m.recv.total);
@@ -425,7 +443,7 @@ pub fn packet_sequence_stats(data: &[u8]) -> SequenceStats {
         };
         let total_packets = match (total_now, (mode >> 2) & 3) {
             (Some(t), 0..=2) if packet_number != 1 || mode & 3 == 0 => t,
-            (_, 0 | 1) => (small % 6) + 1,
+            (_, 0 | 1) => small % 6,
             (_, 2) => packet_number.max(1),
             _ => small,
         };
@@ -464,19 +482,28 @@ pub fn packet_sequence_stats(data: &[u8]) -> SequenceStats {
         };
 
         // The checks of `on_packet` before `plan_packet`.
-        if ph.total_packets == 0 || ph.packet_number == 0 || ph.packet_number > ph.total_packets {
-            model = None;
-            continue;
+        let wrapped = model.as_ref().is_some_and(|m| wraps_to_one(&m.recv, &ph, content_len));
+        if wrapped {
+            let m = model.as_ref().expect("wrapped");
+            assert!(m.packets >= WRAP - 1 && (m.open.is_some() || content_len == 0), "a false wrap");
         }
-        if ph.packet_number == 1 {
+        if ph.packet_number == 1 && !wrapped {
             model = None;
-            let Ok(name) = validate_file_name(ph.file_name.bytes()) else { continue };
+            let Ok(path) = normalize_path(ph.file_name.bytes()) else { continue };
             if u64::from(ph.orig_file_size) > max_file_size {
                 continue;
             }
             uploads += 1;
+            let name = path.as_str().to_string();
+            let recv = Receiving::new(
+                u64::from(uploads),
+                name,
+                ph.file_name.clone(),
+                ph.total_packets,
+                Instant::now(),
+            );
             model = Some(Model {
-                recv: new_receiving(u64::from(uploads), name, ph.total_packets),
+                recv,
                 allowed: 0,
                 accepted: 0,
                 plain: 0,
@@ -499,14 +526,16 @@ pub fn packet_sequence_stats(data: &[u8]) -> SequenceStats {
             Ok(s) => s,
             Err(why) => {
                 assert!(!why.is_empty());
+                assert_eq!(m.recv, before, "a refused packet changed the upload's state");
                 stats.refused += 1;
                 model = None;
                 continue;
             }
         };
-        let last = ph.packet_number == ph.total_packets;
-        m.recv.next = m.recv.next.saturating_add(1);
+        let numbered_last = ph.packet_number == ph.total_packets;
+        m.recv.next = m.recv.next.wrapping_add(1);
         m.packets += 1;
+        assert_eq!(m.recv.packets, m.packets);
         m.accepted += content_len;
 
         // content_size is one of the two legal conventions (or 0 on an empty tail).
@@ -521,7 +550,7 @@ pub fn packet_sequence_stats(data: &[u8]) -> SequenceStats {
             assert!(m.open.is_none(), "a stream began inside another");
             assert!(content_len > 0, "an empty packet began a stream");
             assert!(
-                ph.packet_number == 1 || (content_len == whole && !m.spanned),
+                m.packets == 1 || (content_len == whole && !m.spanned),
                 "stream begun at packet {} with {content_len} of {whole} bytes",
                 ph.packet_number
             );
@@ -534,14 +563,14 @@ pub fn packet_sequence_stats(data: &[u8]) -> SequenceStats {
             // the file's last packet (the trailing packet of convention 2);
             // inside a stream it is accepted as a no-op (it cannot be the last).
             assert_eq!(step.end_segment, None);
-            assert!(ph.packet_number > 1);
+            assert!(m.packets > 1);
             match m.open {
                 None => {
-                    assert!(last, "an empty packet that is not the last was accepted");
+                    assert!(numbered_last, "an empty packet that is not the last was accepted");
                     assert!(content_size == 0 || u64::from(content_size) == before.last_stream_len);
                 }
                 Some((_, w, _)) => {
-                    assert!(!last, "a stream left incomplete at the last packet");
+                    assert!(!step.last, "a stream left incomplete at the last packet");
                     assert!(content_size == 0 || u64::from(content_size) == w);
                 }
             }
@@ -571,6 +600,25 @@ pub fn packet_sequence_stats(data: &[u8]) -> SequenceStats {
         if m.spanned {
             assert_eq!(m.streams, 1, "a spanning stream mixed with per-packet streams");
         }
+        // The upload ends by bytes: at the packet numbered as the total that
+        // leaves no stream open (or as an empty file in packet 1 of 0); one
+        // numbered as the total with a stream open is a wrap, which needs
+        // room for 65,535 more packets.
+        let empty_file = m.packets == 1 && ph.total_packets == 0 && orig == 0;
+        match m.open {
+            Some((_, w, got)) => {
+                assert!(!step.last, "the upload ended with a stream open");
+                assert!(!numbered_last || w - got >= WRAP - 1, "a wrap with {} bytes to come", w - got);
+            }
+            None => assert_eq!(
+                step.last,
+                numbered_last || empty_file,
+                "packet {k} of {n}",
+                k = ph.packet_number,
+                n = ph.total_packets
+            ),
+        }
+        let last = step.last;
         if last {
             // A file is complete at its last packet: every stream whole.
             assert!(m.open.is_none());
@@ -580,10 +628,35 @@ pub fn packet_sequence_stats(data: &[u8]) -> SequenceStats {
             stats.spanning += u32::from(m.spanned);
             stats.per_packet += u32::from(m.streams > 1);
             stats.empty_tail += u32::from(content_len == 0);
+            stats.wrapped += u32::from(m.packets >= WRAP);
+            stats.empty_file += u32::from(empty_file);
             model = None;
         }
     }
     stats
+}
+
+/// As if 65,536 to 131,071 one-byte packets of the open stream had come (the
+/// input chooses how many beyond 65,536, and, with its low bit, whether to
+/// land just before the packet numbered as the total): allowed only when
+/// the stream still has room for 65,535 more, so no packet skipped over
+/// could have been refused or have ended the upload.
+fn fast_forward(m: &mut Model, small: u16) {
+    let Some((_, w, got)) = m.open.as_mut() else { return };
+    let to_total = u64::from(m.recv.total.wrapping_sub(m.recv.next));
+    let skip = WRAP + if small & 1 == 0 { to_total } else { u64::from(small >> 1) };
+    let Some(seg) = m.recv.segment.as_mut() else { panic!("the model has a stream open, plan_packet none") };
+    if *w - *got < skip + WRAP - 1 {
+        return;
+    }
+    seg.remaining -= skip;
+    *got += skip;
+    m.recv.next = m.recv.next.wrapping_add(skip as u16);
+    m.recv.packets += skip;
+    m.recv.multi_packet_stream = true;
+    m.packets += skip;
+    m.accepted += skip;
+    m.spanned = true;
 }
 
 // ---------------------------------------------------------------------------
@@ -788,7 +861,10 @@ fn base_config() -> &'static Config {
 }
 
 const CLIENT_NAMES: [&[u8]; 6] = [b"alice", b"bob", b"carol", b"", b"ctl\x01", b"\xff\xfe"];
-const FILE_NAMES: [&[u8]; 8] = [b"a.bin", b"b.bin", b"c.txt", b"../x", b"", b"a/b", b"x\x01y", b"..\\x"];
+/// File names as the generator sends them: the third is stored as `d/c.txt`
+/// and confirmed under that name (a 1029 carries the normalized path).
+const FILE_NAMES: [&[u8]; 8] =
+    [b"a.bin", b"b.bin", b"C:\\d\\c.txt", b"../x", b"", b"a/b", b"x\x01y", b"..\\x"];
 
 /// What one run of [`session`] saw (used to pick meaningful seeds).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -808,6 +884,8 @@ pub struct SessionStats {
     pub packets_refused: u32,
     /// Packets swallowed after a refusal.
     pub packets_skipped: u32,
+    /// Empty chunks n+1 of n swallowed after a complete upload.
+    pub trailers: u32,
     /// Packets failed at the (fake) worker.
     pub worker_failures: u32,
     /// Framing errors (1607, then close).
@@ -831,6 +909,7 @@ impl SessionStats {
         self.aborted += o.aborted;
         self.packets_refused += o.packets_refused;
         self.packets_skipped += o.packets_skipped;
+        self.trailers += o.trailers;
         self.worker_failures += o.worker_failures;
         self.framing_errors += o.framing_errors;
         self.busy_closes += o.busy_closes;
@@ -843,9 +922,27 @@ impl SessionStats {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum MUpload {
     Idle,
-    Receiving { id: UploadId, field: NameField, total: u16, next: u16, conforming: bool },
-    Finishing { id: UploadId, field: NameField },
-    Skipping { field: NameField, next: u16, total: u16 },
+    Receiving {
+        id: UploadId,
+        field: NameField,
+        total: u16,
+        next: u16,
+        conforming: bool,
+    },
+    Finishing {
+        id: UploadId,
+        field: NameField,
+        total: u16,
+        next: u16,
+    },
+    /// Refused (every later packet swallowed) or received (only an empty
+    /// chunk n+1 of n swallowed).
+    Ended {
+        field: NameField,
+        total: u16,
+        next: u16,
+        refused: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -886,8 +983,10 @@ struct Plan {
     total: u16,
     next: u16,
     /// 0: content_size = packet length; 1: = whole ciphertext (sometimes
-    /// with an empty last packet); 2: every packet a complete stream.
+    /// with an empty last packet); 2: every packet a complete stream
+    /// (sometimes followed by an empty chunk n+1 of n, `trailer`).
     convention: u8,
+    trailer: bool,
     orig: u32,
     whole: u64,
     packet: u64,
@@ -917,6 +1016,8 @@ struct Streaming {
     n: u16,
     /// No piece has gone yet.
     first: bool,
+    /// The packet ends the upload (numbered as the total, or packet 1 of 0 with an empty file).
+    ends: bool,
 }
 
 struct Slot {
@@ -1353,6 +1454,21 @@ impl Sim<'_> {
             self.new_plan(s);
         }
         let Some(plan) = self.slots[s].plan.as_mut() else { return };
+        if plan.next > plan.total {
+            // The per-chunk client's empty chunk, numbered n+1 "of n".
+            let ph = PacketHeader {
+                content_size: 16,
+                orig_file_size: 0,
+                packet_number: plan.next,
+                total_packets: plan.total,
+                file_name: plan.field.clone(),
+            };
+            self.slots[s].plan = None;
+            let mut payload = Vec::new();
+            ph.encode(&mut payload);
+            payload.resize(PACKET_HEADER_LEN + 16, 0xA5);
+            return self.frame(s, id, Code::FilePacket, &payload, false);
+        }
         let k = plan.next;
         let (content_len, content_size, orig) = match plan.convention {
             2 => {
@@ -1381,7 +1497,7 @@ impl Sim<'_> {
             total_packets: plan.total,
             file_name: plan.field.clone(),
         };
-        if plan.next > plan.total {
+        if plan.next > plan.total && !plan.trailer {
             self.slots[s].plan = None;
         }
         let mut payload = Vec::new();
@@ -1408,7 +1524,9 @@ impl Sim<'_> {
             2 => 1 + u16::from(self.input.u8() % 5),
             _ => whole.div_ceil(packet) as u16 + u16::from(tail),
         };
-        self.slots[s].plan = Some(Plan { field, total, next: 1, convention, orig, whole, packet, sent: 0 });
+        let trailer = sel & 0x80 != 0 && convention == 2;
+        self.slots[s].plan =
+            Some(Plan { field, total, next: 1, convention, trailer, orig, whole, packet, sent: 0 });
     }
 
     /// A packet with fields chosen by the input (any of them may break the rules).
@@ -1416,7 +1534,7 @@ impl Sim<'_> {
         let m = &self.slots[s].model;
         let (field, next, total) = match &m.upload {
             MUpload::Receiving { field, next, total, .. } => (field.clone(), *next, *total),
-            MUpload::Skipping { field, next, total } => (field.clone(), *next, *total),
+            MUpload::Ended { field, next, total, .. } => (field.clone(), *next, *total),
             _ => (NameField::from_name(b"a.bin").expect("fits"), 1, 1),
         };
         let sel = self.input.u8();
@@ -1608,7 +1726,7 @@ impl Sim<'_> {
         let x = slot.streaming.as_mut().expect("a piece of no admitted packet");
         let m = &mut slot.model;
         let current = matches!(&m.upload, MUpload::Receiving { id, .. } if *id == x.upload);
-        let (first, k, n, upload) = (x.first, x.k, x.n, x.upload);
+        let (first, k, n, upload, ends) = (x.first, x.k, x.n, x.upload, x.ends);
         x.first = false;
         if last {
             slot.streaming = None;
@@ -1620,7 +1738,7 @@ impl Sim<'_> {
         let Some(p) = job else { panic!("a piece of packet {k}/{n} did not go to the worker") };
         assert_eq!((p.conn, p.upload), (m.conn, upload));
         assert_eq!(&p.content.bytes[..], bytes, "the content goes to the worker as it came");
-        assert_eq!(p.last, last && k == n, "only the last piece of the last packet ends the upload");
+        assert_eq!(p.last, last && ends, "only the last piece of the last packet ends the upload");
         assert!(!p.new_segment || first, "only a packet's first piece starts a CBC stream");
         assert!(p.end_segment.is_none() || last, "only a packet's last piece ends a CBC stream");
         if first && k == 1 {
@@ -1631,8 +1749,8 @@ impl Sim<'_> {
         }
         let m = &mut self.slots[s].model;
         if p.last {
-            let MUpload::Receiving { id, field, .. } = m.upload.clone() else { unreachable!() };
-            m.upload = MUpload::Finishing { id, field };
+            let MUpload::Receiving { id, field, total, next, .. } = m.upload.clone() else { unreachable!() };
+            m.upload = MUpload::Finishing { id, field, total, next };
             m.owed = Owed::LastPacket(id);
         }
     }
@@ -1697,9 +1815,9 @@ impl Sim<'_> {
                 self.on_packet(s, hid, ph, content_len, conforming, replies, &jobs)
             }
             other => {
-                // Any other request ends the skipping of a refused upload.
+                // Any other request ends the swallowing of an ended upload.
                 let m = &mut self.slots[s].model;
-                if matches!(m.upload, MUpload::Skipping { .. }) {
+                if matches!(m.upload, MUpload::Ended { .. }) {
                     m.upload = MUpload::Idle;
                 }
                 match other {
@@ -1886,13 +2004,15 @@ impl Sim<'_> {
     /// A 1602 or 1605: the new session replaces the old one; files staged under
     /// another id and an upload in progress are discarded (`discards`, seen).
     fn open_session(&mut self, s: usize, id: ClientId, sealed: Option<Vec<u8>>, discards: Vec<UploadId>) {
+        let ledger = &self.ledger;
         let m = &mut self.slots[s].model;
         let mut expected = Vec::new();
         if m.session.is_some_and(|(old, _)| old != id) {
             expected.extend(m.staged.drain(..).filter(|f| !f.retried).map(|f| f.upload));
         }
+        // An upload is discarded only if some of its content reached the worker.
         if let MUpload::Receiving { id: u, .. } = m.upload {
-            expected.push(u);
+            expected.extend(ledger.contains_key(&u).then_some(u));
         }
         assert!(!matches!(m.upload, MUpload::Finishing { .. }), "a new session while the last packet is out");
         m.upload = MUpload::Idle;
@@ -1913,7 +2033,9 @@ impl Sim<'_> {
     ) {
         let ack_retry = self.ack_retry;
         let m = &mut self.slots[s].model;
-        let idx = name.as_str().and_then(|n| m.staged.iter().position(|f| f.name == n));
+        // Matched by the path the name stands for (the staged name is normalized).
+        let path = normalize_path(name.bytes()).ok();
+        let idx = path.and_then(|n| m.staged.iter().position(|f| f.name == n.as_str()));
         let (Some(idx), true) = (idx, m.session.is_some_and(|(id, _)| id == hid)) else {
             assert_eq!(replies, vec![Response::GeneralError], "{code:?} without a session or a staged file");
             assert!(jobs.is_empty());
@@ -1970,23 +2092,28 @@ impl Sim<'_> {
         let slot = &mut self.slots[s];
         let m = &mut slot.model;
         let (k, n) = (ph.packet_number, ph.total_packets);
-        if let MUpload::Skipping { field, next, total } = &m.upload {
-            if *field == ph.file_name && k == *next && n == *total && *next > 1 {
+        if let MUpload::Ended { field, next, total, refused } = &m.upload {
+            // A refused upload: every later packet (a packet 1 is new: no input
+            // here reaches the 65,536 packets a wrapped counter needs). A
+            // received one: only its empty chunk n+1 of n.
+            let same = field.bytes() == ph.file_name.bytes() && k == *next && n == *total;
+            let trailer = !*refused
+                && k == n.wrapping_add(1)
+                && ph.orig_file_size == 0
+                && (content_len == 0 || content_len == 16);
+            if same && ((*refused && k != 1) || trailer) {
                 assert!(replies.is_empty() && jobs.is_empty(), "a swallowed packet was answered or sent on");
                 assert_eq!(slot.proto.incoming, Some(Incoming::Drain { len: content_len }));
-                m.upload = if k == n {
-                    MUpload::Idle
-                } else {
-                    MUpload::Skipping { field: field.clone(), next: k + 1, total: n }
-                };
-                self.stats.packets_skipped += 1;
+                let (field, refused) = (field.clone(), *refused);
+                m.upload = MUpload::Ended { field, next: k.wrapping_add(1), total: n, refused };
+                self.stats.packets_skipped += u32::from(refused);
+                self.stats.trailers += u32::from(!refused);
                 return;
             }
             m.upload = MUpload::Idle;
         }
         let session = m.session.filter(|(id, _)| *id == hid);
-        let in_range = n > 0 && k > 0 && k <= n;
-        let name = validate_file_name(ph.file_name.bytes()).ok().map(str::to_string);
+        let name = normalize_path(ph.file_name.bytes()).ok().map(|p| p.as_str().to_string());
         let receiving = match &m.upload {
             MUpload::Receiving { id, field, total, next, conforming } => {
                 Some((*id, field.clone(), *total, *next, *conforming))
@@ -1996,7 +2123,6 @@ impl Sim<'_> {
         // When the packet must be accepted: the rules the model knows, and sizes
         // that the generator built to follow the packet conventions.
         let must_accept = session.is_some()
-            && in_range
             && conforming
             && if k == 1 {
                 name.is_some() && u64::from(ph.orig_file_size) <= max_file_size
@@ -2022,8 +2148,7 @@ impl Sim<'_> {
             // A packet 1 that passes the session, numbering, name and size checks
             // replaces a staged copy of its name even if its sizes are then refused
             // (the client has started that file over).
-            let starts =
-                session.is_some() && k == 1 && in_range && u64::from(ph.orig_file_size) <= max_file_size;
+            let starts = session.is_some() && k == 1 && u64::from(ph.orig_file_size) <= max_file_size;
             if let (Some(name), true) = (&name, starts) {
                 if let Some(i) = m.staged.iter().position(|f| f.name == *name) {
                     let old = m.staged.remove(i).expect("index");
@@ -2033,10 +2158,11 @@ impl Sim<'_> {
                 }
             }
             assert_eq!(discards, sorted(expected), "a refused packet drops the upload in progress");
-            m.upload = if k >= 1 && k < n {
-                MUpload::Skipping { field: ph.file_name.clone(), next: k + 1, total: n }
-            } else {
-                MUpload::Idle
+            m.upload = MUpload::Ended {
+                field: ph.file_name.clone(),
+                next: k.wrapping_add(1),
+                total: n,
+                refused: true,
             };
             self.stats.packets_refused += 1;
             return;
@@ -2044,7 +2170,6 @@ impl Sim<'_> {
         let Some((sid, _)) = session else {
             panic!("a packet admitted without this connection's session key")
         };
-        assert!(in_range, "packet {k} of {n} accepted");
         // The upload the state machine streams this packet's content to.
         let upload = match &slot.proto.upload {
             Upload::Receiving(r) => r.upload,
@@ -2082,12 +2207,15 @@ impl Sim<'_> {
                 id,
                 field,
                 total,
-                next: next.saturating_add(1),
+                next: next.wrapping_add(1),
                 conforming: was && conforming,
             };
         }
         let _ = sid;
-        slot.streaming = Some(Streaming { upload, k, n, first: true });
+        // No input here sends a file big enough to wrap its counter: a packet
+        // numbered as the total ends the upload, or is refused.
+        let ends = k == n || (k == 1 && n == 0 && ph.orig_file_size == 0 && content_len == 16);
+        slot.streaming = Some(Streaming { upload, k, n, first: true, ends });
         if content_len == 0 {
             // An empty packet goes to the worker at once, as one empty piece.
             assert_eq!(slot.proto.incoming, None);
@@ -2291,7 +2419,7 @@ impl Sim<'_> {
                         assert!(replies.is_empty() && jobs.is_empty());
                     }
                     PacketOutcome::Received { cksum, ciphertext_len, .. } => {
-                        let MUpload::Finishing { id, field } = m.upload.clone() else {
+                        let MUpload::Finishing { id, field, total, next } = m.upload.clone() else {
                             panic!("a file received while the model has no upload finishing")
                         };
                         assert_eq!(id, upload);
@@ -2306,7 +2434,7 @@ impl Sim<'_> {
                             }]
                         );
                         let name =
-                            validate_file_name(field.bytes()).expect("accepted at packet 1").to_string();
+                            normalize_path(field.bytes()).expect("accepted at packet 1").as_str().to_string();
                         m.staged.push_back(MStaged { name, upload, retried: false });
                         let mut expected = vec![];
                         if m.staged.len() > 16 {
@@ -2316,7 +2444,7 @@ impl Sim<'_> {
                             }
                         }
                         assert_eq!(discards_only(&jobs), expected);
-                        m.upload = MUpload::Idle;
+                        m.upload = MUpload::Ended { field, total, next, refused: false };
                         m.owed = Owed::Nothing;
                         self.stats.received += 1;
                     }
@@ -2346,13 +2474,12 @@ impl Sim<'_> {
                         );
                         self.stats.worker_failures += 1;
                         let current = match &m.upload {
-                            MUpload::Receiving { id, field, total, next, .. } if *id == upload => {
-                                m.upload =
-                                    MUpload::Skipping { field: field.clone(), next: *next, total: *total };
-                                true
-                            }
-                            MUpload::Finishing { id, .. } if *id == upload => {
-                                m.upload = MUpload::Idle;
+                            MUpload::Receiving { id, field, total, next, .. }
+                            | MUpload::Finishing { id, field, total, next }
+                                if *id == upload =>
+                            {
+                                let (field, total, next) = (field.clone(), *total, *next);
+                                m.upload = MUpload::Ended { field, total, next, refused: true };
                                 true
                             }
                             _ => false,
@@ -2396,7 +2523,8 @@ impl Sim<'_> {
         let m = &old.model;
         let mut expected: Vec<UploadId> = m.staged.iter().filter(|f| !f.retried).map(|f| f.upload).collect();
         if let MUpload::Receiving { id, .. } | MUpload::Finishing { id, .. } = m.upload {
-            expected.push(id);
+            // Not when the close came while packet 1's first piece was being read.
+            expected.extend(self.ledger.contains_key(&id).then_some(id));
         }
         assert_eq!(discards_only(&jobs), sorted(expected), "a close discards the connection's uploads");
         if !expected_is_quiet(m) {
@@ -2419,7 +2547,7 @@ impl Sim<'_> {
         if future {
             expected.extend(m.staged.drain(..).filter(|f| !f.retried).map(|f| f.upload));
             if let MUpload::Receiving { id, .. } = m.upload {
-                expected.push(id);
+                expected.extend(self.ledger.contains_key(&id).then_some(id));
                 m.upload = MUpload::Idle;
             }
         }
@@ -2509,7 +2637,7 @@ fn clone_discard(j: &Job) -> Job {
 
 fn expected_is_quiet(m: &MConn) -> bool {
     m.owed == Owed::Nothing
-        && matches!(m.upload, MUpload::Idle | MUpload::Skipping { .. })
+        && matches!(m.upload, MUpload::Idle | MUpload::Ended { .. })
         && m.staged.iter().all(|f| f.retried)
 }
 

@@ -99,9 +99,16 @@ fn packet_sequence_seeds_reach_every_convention() {
         total.per_packet += s.per_packet;
         total.empty_tail += s.empty_tail;
         total.refused += s.refused;
+        total.wrapped += s.wrapped;
+        total.empty_file += s.empty_file;
     }
     assert!(
-        total.spanning > 0 && total.per_packet > 0 && total.empty_tail > 0 && total.refused > 0,
+        total.spanning > 0
+            && total.per_packet > 0
+            && total.empty_tail > 0
+            && total.refused > 0
+            && total.wrapped > 0
+            && total.empty_file > 0,
         "{total:?}"
     );
 }
@@ -123,6 +130,7 @@ fn session_seeds_reach_every_outcome() {
         s.aborted,
         s.packets_refused,
         s.packets_skipped,
+        s.trailers,
         s.worker_failures,
         s.framing_errors,
         s.busy_closes,
@@ -363,6 +371,7 @@ fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
             find_session(0x83, 13, |s| s.retried > 0 && s.stored > 0 && s.keys_checked > 0),
         ),
         ("skip_after_failure", find_session(0x00, 14, |s| s.packets_skipped > 0 && s.worker_failures > 0)),
+        ("trailer_after_received", find_session(0x00, 19, |s| s.trailers > 0 && s.stored > 0)),
         ("budget_wait", find_session(0x40, 15, |s| s.budget_waits > 0 && s.received > 0)),
         ("small_limits", find_session(0x34, 16, |s| s.packets_refused > 0 && s.received > 0)),
         (
@@ -371,6 +380,22 @@ fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
         ("framing_error", find_session(0x00, 18, |s| s.framing_errors > 0 && s.keys_accepted > 0)),
     ]
+}
+
+#[test]
+#[ignore = "writes fuzz/corpus/packet_sequence; run by hand when its input format changes"]
+fn write_sequence_seed_corpus() {
+    write_seeds(
+        "packet_sequence",
+        &[
+            ("spanning", find_sequence(1, |s| s.spanning > 0 && s.empty_tail == 0)),
+            ("per_packet", find_sequence(2, |s| s.per_packet > 0)),
+            ("empty_tail", find_sequence(3, |s| s.empty_tail > 0 && s.spanning > 0)),
+            ("refused", find_sequence(4, |s| s.refused > 1 && s.files > 0)),
+            ("wrapped", find_sequence(5, |s| s.wrapped > 0)),
+            ("empty_file", find_sequence(6, |s| s.empty_file > 0)),
+        ],
+    );
 }
 
 #[test]
@@ -481,15 +506,7 @@ fn write_seed_corpus() {
         ],
     );
 
-    write_seeds(
-        "packet_sequence",
-        &[
-            ("spanning", find_sequence(1, |s| s.spanning > 0 && s.empty_tail == 0)),
-            ("per_packet", find_sequence(2, |s| s.per_packet > 0)),
-            ("empty_tail", find_sequence(3, |s| s.empty_tail > 0 && s.spanning > 0)),
-            ("refused", find_sequence(4, |s| s.refused > 1 && s.files > 0)),
-        ],
-    );
+    write_sequence_seed_corpus();
 
     // stream_decrypt: mode, key[0], key[31], cut count, cuts (u16 each), body.
     let decrypt_input = |mode: u8, cuts: &[u16], body: &[u8]| -> Vec<u8> {

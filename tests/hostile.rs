@@ -528,9 +528,18 @@ fn name_attacks() {
     Hostile::run_all(vec![
         row("../x", Session, |c| named(c, b"../x"), REFUSED_OPEN),
         row("..\\x", Session, |c| named(c, b"..\\x"), REFUSED_OPEN),
-        row("absolute path", Session, |c| named(c, ABS.as_bytes()), REFUSED_OPEN),
-        row("a/b", Session, |c| named(c, b"a/b"), REFUSED_OPEN),
-        row("a\\b", Session, |c| named(c, b"a\\b"), REFUSED_OPEN),
+        // Paths are taken tar-like (issue 10): stored nested under files/<id>/, never outside.
+        keep("absolute path: stored relative", Session, |c| {
+            upload_ok(c, ABS.as_bytes(), ABS.trim_start_matches('/').to_string(), 100, Conv::This(1 << 16))
+        }, STORED),
+        keep("a/b: stored nested", Session, |c| {
+            let dir = c.name("dir");
+            upload_ok(c, format!("{dir}/b").as_bytes(), format!("{dir}/b"), 100, Conv::This(1 << 16))
+        }, STORED),
+        keep("a\\b: stored nested", Session, |c| {
+            let dir = c.name("win");
+            upload_ok(c, format!("C:\\{dir}\\b").as_bytes(), format!("{dir}/b"), 100, Conv::This(1 << 16))
+        }, STORED),
         row("..", Session, |c| named(c, b".."), REFUSED_OPEN),
         row(".", Session, |c| named(c, b"."), REFUSED_OPEN),
         row("empty name", Session, |c| named(c, b""), REFUSED_OPEN),

@@ -280,7 +280,8 @@ const CONVENTIONS: [ContentSizeField; 3] =
 fn run_plan(plan: &PacketPlan, max_file_size: u64) -> Result<Vec<PacketStep>, String> {
     let mut r = harness::new_receiving(1, "f.bin", plan.total_packets);
     let mut steps = Vec::new();
-    for spec in plan.packets() {
+    let count = plan.packets().count();
+    for (i, spec) in plan.packets().enumerate() {
         assert_eq!(spec.number, r.next);
         let ph = PacketHeader {
             content_size: spec.content_size_field,
@@ -291,7 +292,8 @@ fn run_plan(plan: &PacketPlan, max_file_size: u64) -> Result<Vec<PacketStep>, St
         };
         let step = plan_packet(&mut r, &ph, spec.content_len, max_file_size)
             .map_err(|e| format!("packet {}: {e}", spec.number))?;
-        r.next = r.next.saturating_add(1);
+        assert_eq!(step.last, i + 1 == count, "packet {} of {count} ends the upload", spec.number);
+        r.next = r.next.wrapping_add(1);
         steps.push(step);
     }
     assert!(r.segment.is_none());

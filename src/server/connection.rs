@@ -24,6 +24,8 @@ use crate::metrics::Closed;
 use crate::protocol::{ClientId, Code, NameField, RequestHeader, REQUEST_HEADER_LEN};
 use crate::worker::{ConnRef, UploadId};
 
+use super::sequence::Ended;
+
 /// Replies waiting to be sent beyond this many bytes pause reading from the
 /// connection: a client that never reads cannot make the server buffer without end.
 pub const MAX_PENDING_OUTPUT: usize = 64 * 1024;
@@ -87,10 +89,16 @@ pub enum Incoming {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receiving {
     pub upload: UploadId,
+    /// The normalized path the file is stored under.
     pub name: String,
     pub name_field: NameField,
     pub total: u16,
+    /// The number the next packet must carry (wraps past 65,535).
     pub next: u16,
+    /// Packets accepted so far.
+    pub packets: u64,
+    /// Content of it went to the worker (which then has its temp file).
+    pub started: bool,
     /// The open CBC stream, if any: its orig_file_size, its whole ciphertext
     /// length and the ciphertext bytes it still expects.
     pub segment: Option<Segment>,
@@ -116,6 +124,8 @@ impl Receiving {
             name_field,
             total,
             next: 1,
+            packets: 0,
+            started: false,
             segment: None,
             last_stream_len: 0,
             plain_total: 0,
@@ -141,17 +151,17 @@ pub enum Upload {
     /// The last packet went to the worker; its outcome is awaited.
     Finishing {
         upload: UploadId,
+        /// The normalized path the file is stored under.
         name: String,
         name_field: NameField,
-    },
-    /// A packet was refused: swallow the rest of that upload's packets
-    /// silently so that the client, which sends them back to back, gets
-    /// exactly one 1607.
-    Skipping {
-        name_field: NameField,
-        next: u16,
         total: u16,
+        /// The number a packet after the last would carry.
+        next: u16,
     },
+    /// An upload ended (refused, or received): later packets of it are
+    /// swallowed silently (see [`Ended::swallow`]), so that a client sending
+    /// them back to back gets exactly one 1607, or none after its 1603.
+    Ended(Ended),
 }
 
 /// A file that reached 1603 (or was then retried), keyed by name.
@@ -267,7 +277,7 @@ impl Protocol {
     pub fn is_idle(&self) -> bool {
         self.awaiting == Awaiting::Nothing
             && self.packets_in_flight == 0
-            && matches!(self.upload, Upload::Idle | Upload::Skipping { .. })
+            && matches!(self.upload, Upload::Idle | Upload::Ended(_))
             && self.staged.iter().all(|s| s.retried)
     }
 

@@ -26,9 +26,11 @@
 pub mod admission;
 pub mod connection;
 mod notify;
+pub mod sequence;
 mod session;
 
-pub use session::{frame_len, plan_packet, Flow, PacketStep};
+pub use sequence::{plan_packet, wraps_to_one, Ended, EndedHow, PacketStep};
+pub use session::{frame_len, Flow};
 
 use std::collections::{HashMap, VecDeque};
 use std::io;

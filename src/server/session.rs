@@ -13,19 +13,20 @@ use std::time::Instant;
 use log::Level;
 
 use crate::budget::Piece;
-use crate::crypto::{ciphertext_len, encrypt_session_key, parse_public_key, random_aes_key};
+use crate::crypto::{encrypt_session_key, parse_public_key, random_aes_key};
 use crate::logging::Esc;
 use crate::metrics::Unstored;
 use crate::peer_log;
 use crate::protocol::{
-    id_hex, validate_file_name, Code, NameField, Request, RequestHeader, Response, PACKET_HEADER_LEN,
+    id_hex, normalize_path, Code, NameField, PacketHeader, Request, RequestHeader, Response,
+    PACKET_HEADER_LEN,
 };
 use crate::worker::{Completion, Job, PacketJob, PacketOutcome, StartUpload};
 
 use super::connection::{
-    Awaiting, Frame, Incoming, PacketStream, Protocol, Receiving, Segment, Session, StagedFile, Upload,
-    MAX_STAGED,
+    Awaiting, Frame, Incoming, PacketStream, Protocol, Receiving, Session, StagedFile, Upload, MAX_STAGED,
 };
+use super::sequence::{plan_packet, wraps_to_one, Ended, EndedHow};
 use super::{ClientEntry, Core, JobSink};
 
 /// Longest client name accepted at registration (the field holds 254 bytes + NUL).
@@ -110,8 +111,8 @@ impl<J: JobSink> Core<J> {
                 self.on_packet(p, hid, ph, content_len);
             }
             other => {
-                // Any request other than a file packet ends the skipping of a refused upload.
-                if matches!(p.upload, Upload::Skipping { .. }) {
+                // Any request other than a file packet ends the swallowing of an ended upload.
+                if matches!(p.upload, Upload::Ended(_)) {
                     p.upload = Upload::Idle;
                 }
                 match other {
@@ -308,6 +309,15 @@ impl<J: JobSink> Core<J> {
             self.send_job(Job::Discard { upload, failed: None });
         }
         if let Upload::Receiving(r) = std::mem::replace(&mut p.upload, Upload::Idle) {
+            self.drop_upload(&r);
+        }
+    }
+
+    /// Drop an upload in progress: the worker discards it, if any of its
+    /// content reached it (a refused packet 1, or a close while packet 1's
+    /// first piece is being read, leaves nothing there).
+    fn drop_upload(&mut self, r: &Receiving) {
+        if r.started {
             self.send_job(Job::Discard { upload: r.upload, failed: None });
         }
     }
@@ -321,7 +331,9 @@ impl<J: JobSink> Core<J> {
                 return;
             }
         };
-        let Some(idx) = name.as_str().and_then(|n| p.staged_index(n)) else {
+        // Matched by the path it stands for: `/a/b` in the packets, `a/b` in the 1029.
+        let path = normalize_path(name.bytes()).ok();
+        let Some(idx) = path.and_then(|n| p.staged_index(n.as_str())) else {
             p.refuse(&format!("{what} for \"{}\", which this connection has not uploaded", name.display()));
             return;
         };
@@ -361,28 +373,13 @@ impl<J: JobSink> Core<J> {
 
     /// A file packet's fixed fields: check them against the upload and decide
     /// what happens to its `content_len` content bytes (`p.incoming`).
-    fn on_packet(
-        &mut self,
-        p: &mut Protocol,
-        id: [u8; 16],
-        ph: crate::protocol::PacketHeader,
-        content_len: u64,
-    ) {
+    fn on_packet(&mut self, p: &mut Protocol, id: [u8; 16], ph: PacketHeader, content_len: u64) {
         let now = Instant::now();
 
-        // Swallow the rest of an upload that was already refused.
-        if let Upload::Skipping { name_field, next, total } = &p.upload {
-            if *name_field == ph.file_name
-                && ph.packet_number == *next
-                && ph.total_packets == *total
-                && *next > 1
-            {
-                let done = *next == *total;
-                p.upload = if done {
-                    Upload::Idle
-                } else {
-                    Upload::Skipping { name_field: name_field.clone(), next: next + 1, total: *total }
-                };
+        // A later packet of an upload that ended (refused, or received) is
+        // swallowed: read and dropped, no reply, no log line.
+        if let Upload::Ended(e) = &mut p.upload {
+            if e.swallow(&ph, content_len) {
                 p.incoming = Some(Incoming::Drain { len: content_len });
                 return;
             }
@@ -393,19 +390,18 @@ impl<J: JobSink> Core<J> {
             let why = format!("file packet without a session key for id {} on this connection", id_hex(&id));
             return self.refuse_packet(p, &ph, content_len, &why);
         }
-        if ph.total_packets == 0 || ph.packet_number == 0 || ph.packet_number > ph.total_packets {
-            let why = format!("packet {} of {} is out of range", ph.packet_number, ph.total_packets);
-            return self.refuse_packet(p, &ph, content_len, &why);
-        }
 
-        let opens_upload = ph.packet_number == 1;
+        // Packet numbers wrap past 65,535: a packet 1 may be the next packet
+        // of the upload in progress, when the bytes show it goes on.
+        let wrapped = matches!(&p.upload, Upload::Receiving(r) if wraps_to_one(r, &ph, content_len));
+        let opens_upload = ph.packet_number == 1 && !wrapped;
         if opens_upload {
             // A new upload; one in progress is abandoned (clients restart from packet 1).
             if let Upload::Receiving(r) = std::mem::replace(&mut p.upload, Upload::Idle) {
-                self.send_job(Job::Discard { upload: r.upload, failed: None });
+                self.drop_upload(&r);
             }
-            let name = match validate_file_name(ph.file_name.bytes()) {
-                Ok(n) => n.to_string(),
+            let path = match normalize_path(ph.file_name.bytes()) {
+                Ok(path) => path,
                 Err(e) => {
                     let why = format!("file name \"{}\": {e}", ph.file_name.display());
                     return self.refuse_packet(p, &ph, content_len, &why);
@@ -418,6 +414,17 @@ impl<J: JobSink> Core<J> {
                 );
                 return self.refuse_packet(p, &ph, content_len, &why);
             }
+            if path.stripped() {
+                peer_log!(
+                    Level::Info,
+                    p.peer.ip(),
+                    "{}: \"{}\" is stored as \"{}\" (leading root or drive removed)",
+                    p.tag(),
+                    ph.file_name.display(),
+                    Esc(path.as_str())
+                );
+            }
+            let name = path.as_str().to_string();
             // A new upload of a staged name replaces the staged copy.
             if let Some(i) = p.staged_index(&name) {
                 if let Some(old) = p.staged.remove(i) {
@@ -449,7 +456,7 @@ impl<J: JobSink> Core<J> {
                 ph.packet_number,
                 ph.total_packets,
                 ph.file_name.display(),
-                r.next.saturating_sub(1),
+                r.next.wrapping_sub(1),
                 r.total,
                 r.name_field.display()
             );
@@ -460,15 +467,14 @@ impl<J: JobSink> Core<J> {
             Err(why) => return self.refuse_packet(p, &ph, content_len, &why),
         };
         r.touched = now;
-        // Saturating: after packet 65535 of 65535 there is no next packet (and `+=` would overflow).
-        r.next = r.next.saturating_add(1);
+        r.next = r.next.wrapping_add(1);
         p.streaming = Some(PacketStream {
             upload: r.upload,
             first: true,
             opens_upload,
             new_segment: step.new_segment,
             end_segment: step.end_segment,
-            last_packet: ph.packet_number == ph.total_packets,
+            last_packet: step.last,
         });
         if content_len == 0 {
             self.content_piece(p, Piece::empty(), true);
@@ -496,10 +502,19 @@ impl<J: JobSink> Core<J> {
             (Some(s), true) => Some(StartUpload { client: s.id, key: s.key }),
             _ => None,
         };
+        if let Upload::Receiving(r) = &mut p.upload {
+            r.started = true;
+        }
         let last_of_upload = last && stream.last_packet;
         if last_of_upload {
             if let Upload::Receiving(r) = std::mem::replace(&mut p.upload, Upload::Idle) {
-                p.upload = Upload::Finishing { upload: r.upload, name: r.name, name_field: r.name_field };
+                p.upload = Upload::Finishing {
+                    upload: r.upload,
+                    name: r.name,
+                    name_field: r.name_field,
+                    total: r.total,
+                    next: r.next,
+                };
             }
             p.awaiting = Awaiting::LastPacket;
         }
@@ -515,30 +530,19 @@ impl<J: JobSink> Core<J> {
         }));
     }
 
-    /// Refuse a file packet: 1607 once, drop the upload, skip its remaining
+    /// Refuse a file packet: 1607 once, drop the upload, swallow its later
     /// packets; its content is read and dropped.
-    fn refuse_packet(
-        &mut self,
-        p: &mut Protocol,
-        ph: &crate::protocol::PacketHeader,
-        content_len: u64,
-        why: &str,
-    ) {
+    fn refuse_packet(&mut self, p: &mut Protocol, ph: &PacketHeader, content_len: u64, why: &str) {
         p.incoming = Some(Incoming::Drain { len: content_len });
         self.metrics.unstored(Unstored::Refused);
-        if let Upload::Receiving(r) = std::mem::replace(&mut p.upload, Upload::Idle) {
-            // An upload whose packet 1 is being refused never reached the worker.
-            if r.next > 1 {
-                self.send_job(Job::Discard { upload: r.upload, failed: None });
-            }
+        let dropped = match std::mem::replace(&mut p.upload, Upload::Idle) {
+            Upload::Receiving(r) => Some(r),
+            _ => None,
+        };
+        if let Some(r) = &dropped {
+            self.drop_upload(r);
         }
-        if ph.packet_number >= 1 && ph.packet_number < ph.total_packets {
-            p.upload = Upload::Skipping {
-                name_field: ph.file_name.clone(),
-                next: ph.packet_number + 1,
-                total: ph.total_packets,
-            };
-        }
+        p.upload = Upload::Ended(Ended::refused(dropped.as_ref(), ph, content_len));
         p.refuse(why);
     }
 
@@ -553,10 +557,17 @@ impl<J: JobSink> Core<J> {
                 match outcome {
                     PacketOutcome::Accepted => {}
                     PacketOutcome::Received { cksum, ciphertext_len, plain_len } => {
-                        if let Upload::Finishing { upload: u, name, name_field } =
+                        if let Upload::Finishing { upload: u, name, name_field, total, next } =
                             std::mem::replace(&mut p.upload, Upload::Idle)
                         {
                             if u == upload {
+                                // Its empty chunk n+1 of n, if one follows, is swallowed.
+                                p.upload = Upload::Ended(Ended {
+                                    name_field: name_field.clone(),
+                                    total,
+                                    next,
+                                    how: EndedHow::Complete,
+                                });
                                 p.awaiting = Awaiting::Nothing;
                                 let id = p.session.as_ref().map(|s| s.id).unwrap_or_default();
                                 log::info!(
@@ -594,12 +605,13 @@ impl<J: JobSink> Core<J> {
                         // (new packet 1, new session key) gets no reply.
                         let current = match &p.upload {
                             Upload::Receiving(r) if r.upload == upload => {
-                                let (name_field, next, total) = (r.name_field.clone(), r.next, r.total);
-                                p.upload = Upload::Skipping { name_field, next, total };
+                                p.upload = Upload::Ended(Ended::failed(r));
                                 true
                             }
-                            Upload::Finishing { upload: u, .. } if *u == upload => {
-                                p.upload = Upload::Idle;
+                            Upload::Finishing { upload: u, name_field, total, next, .. } if *u == upload => {
+                                let how = EndedHow::Refused { remaining: 0, seen: 0 };
+                                let (name_field, total, next) = (name_field.clone(), *total, *next);
+                                p.upload = Upload::Ended(Ended { name_field, total, next, how });
                                 true
                             }
                             _ => false,
@@ -760,7 +772,7 @@ impl<J: JobSink> Core<J> {
         self.release_registrant(p);
         let mut uploads: Vec<u64> = p.staged.iter().filter(|s| !s.retried).map(|s| s.upload).collect();
         match &p.upload {
-            Upload::Receiving(r) => uploads.push(r.upload),
+            Upload::Receiving(r) if r.started => uploads.push(r.upload),
             Upload::Finishing { upload, .. } => uploads.push(*upload),
             _ => {}
         }
@@ -776,7 +788,9 @@ impl<J: JobSink> Core<J> {
         let mut drop_uploads = Vec::new();
         if let Upload::Receiving(r) = &p.upload {
             if now.duration_since(r.touched) > limit {
-                drop_uploads.push(r.upload);
+                if r.started {
+                    drop_uploads.push(r.upload);
+                }
                 p.upload = Upload::Idle;
             }
         }
@@ -815,120 +829,6 @@ impl CrcKind {
 
 fn valid_client_name(n: &str) -> bool {
     !n.is_empty() && n.len() <= MAX_CLIENT_NAME && !n.chars().any(|c| c.is_control())
-}
-
-/// What the worker must do with a packet's CBC streams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PacketStep {
-    pub new_segment: bool,
-    pub end_segment: Option<u64>,
-}
-
-/// Check one packet against the upload's sizes and decide its CBC steps.
-/// See docs/PROTOCOL.md ("How backupd reads file packets") for the rules.
-pub fn plan_packet(
-    r: &mut Receiving,
-    ph: &crate::protocol::PacketHeader,
-    content_len: u64,
-    max_file_size: u64,
-) -> Result<PacketStep, String> {
-    let last = ph.packet_number == ph.total_packets;
-    let orig = ph.orig_file_size;
-    let step = match r.segment {
-        Some(mut seg) => {
-            // Inside a stream that spans packets: same file, same sizes.
-            if content_len == 0 {
-                return Err("empty packet inside the file's ciphertext".into());
-            }
-            if orig != seg.orig {
-                return Err(format!("orig_file_size changed from {} to {orig} within the file", seg.orig));
-            }
-            if content_len > seg.remaining {
-                return Err(format!(
-                    "packet content of {content_len} bytes exceeds the {} ciphertext bytes still expected",
-                    seg.remaining
-                ));
-            }
-            check_content_size(ph.content_size, content_len, seg.whole)?;
-            seg.remaining -= content_len;
-            r.multi_packet_stream = true;
-            if seg.remaining == 0 {
-                r.segment = None;
-                r.last_stream_len = seg.whole;
-                PacketStep { new_segment: false, end_segment: Some(orig as u64) }
-            } else {
-                r.segment = Some(seg);
-                PacketStep { new_segment: false, end_segment: None }
-            }
-        }
-        None if content_len == 0 && ph.packet_number > 1 => {
-            // The empty last packet of clients that count the whole ciphertext in content_size.
-            if !last {
-                return Err("empty packet before the last one".into());
-            }
-            if ph.content_size as u64 != r.last_stream_len && ph.content_size != 0 {
-                return Err(format!("empty last packet with content_size {}", ph.content_size));
-            }
-            PacketStep { new_segment: false, end_segment: None }
-        }
-        None => {
-            // A new CBC stream starts with this packet.
-            let whole = ciphertext_len(orig as u64);
-            if whole > u32::MAX as u64 {
-                return Err(format!(
-                    "a ciphertext of {whole} bytes does not fit the 32-bit size of the 1603 reply"
-                ));
-            }
-            if ph.packet_number > 1 && (r.multi_packet_stream || content_len != whole) {
-                return Err(format!(
-                    "{content_len} bytes after the file's ciphertext was complete (packet {} of {})",
-                    ph.packet_number, ph.total_packets
-                ));
-            }
-            if content_len > whole {
-                return Err(format!(
-                    "packet content of {content_len} bytes exceeds the file's ciphertext size {whole}"
-                ));
-            }
-            if content_len == 0 {
-                return Err("first packet carries no content".into());
-            }
-            check_content_size(ph.content_size, content_len, whole)?;
-            // Known as soon as the stream starts: refused before any of it is used.
-            if r.ciphertext_total + whole > u32::MAX as u64 {
-                return Err(format!(
-                    "the upload's ciphertext would exceed {} bytes, the 32-bit size of the 1603 reply",
-                    u32::MAX
-                ));
-            }
-            r.ciphertext_total += whole;
-            r.plain_total += orig as u64;
-            if r.plain_total > max_file_size {
-                return Err(format!("file exceeds the {max_file_size}-byte limit"));
-            }
-            if content_len == whole {
-                r.last_stream_len = whole;
-                PacketStep { new_segment: true, end_segment: Some(orig as u64) }
-            } else {
-                r.segment = Some(Segment { orig, whole, remaining: whole - content_len });
-                PacketStep { new_segment: true, end_segment: None }
-            }
-        }
-    };
-    if last && r.segment.is_some() {
-        return Err("last packet arrived before the file's ciphertext was complete".into());
-    }
-    Ok(step)
-}
-
-fn check_content_size(field: u32, content_len: u64, whole: u64) -> Result<(), String> {
-    if field as u64 == content_len || field as u64 == whole {
-        Ok(())
-    } else {
-        Err(format!(
-            "content_size {field} is neither this packet's length {content_len} nor the file's ciphertext length {whole}"
-        ))
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,469 @@
+//! The packet arithmetic of an upload, pure (no I/O, no clock): which CBC
+//! streams a packet begins and ends and whether it is the upload's last
+//! ([`plan_packet`]), when a packet numbered 1 continues an upload whose u16
+//! counter wrapped ([`wraps_to_one`]), and which packets of an upload that
+//! ended are swallowed silently ([`Ended`]). See docs/PROTOCOL.md, "How
+//! backupd reads file packets" and "Clients in the field".
+//!
+//! Packet numbers and totals are u16 fields: a client with more than 65,535
+//! packets sends them modulo 65,536. So the numbers only ever say "the next
+//! one" (`next` wraps), and a packet numbered as the total ends the upload
+//! only when the bytes agree: when no CBC stream is left open.
+
+use crate::crypto::ciphertext_len;
+use crate::protocol::{NameField, PacketHeader};
+
+use super::connection::{Receiving, Segment};
+
+/// Packets between two packets that carry the same u16 number.
+const WRAP: u64 = 1 << 16;
+
+/// The ciphertext of an encrypted empty chunk: one block of padding.
+const EMPTY_CHUNK: u64 = 16;
+
+/// What the worker must do with a packet's CBC streams, and whether the
+/// packet ends the upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PacketStep {
+    pub new_segment: bool,
+    pub end_segment: Option<u64>,
+    /// The upload's last packet: the file is complete with it.
+    pub last: bool,
+}
+
+/// Check one packet (already known to be the upload's next, by name, total
+/// and number) against the upload's sizes and decide its CBC steps. On a
+/// refusal `r` is unchanged.
+pub fn plan_packet(
+    r: &mut Receiving,
+    ph: &PacketHeader,
+    content_len: u64,
+    max_file_size: u64,
+) -> Result<PacketStep, String> {
+    let first = r.packets == 0;
+    let numbered_last = ph.packet_number == ph.total_packets;
+    let orig = ph.orig_file_size;
+    // Worked out on copies, stored only when the packet is accepted: a
+    // refused packet leaves `r` as it was.
+    let mut segment = r.segment;
+    let mut last_stream_len = r.last_stream_len;
+    let mut multi_packet_stream = r.multi_packet_stream;
+    let (mut ciphertext_total, mut plain_total) = (r.ciphertext_total, r.plain_total);
+    let (new_segment, end_segment) = match segment {
+        Some(mut seg) => {
+            // Inside a stream that spans packets: same file, same sizes.
+            if content_len == 0 {
+                return Err("empty packet inside the file's ciphertext".into());
+            }
+            if orig != seg.orig {
+                return Err(format!("orig_file_size changed from {} to {orig} within the file", seg.orig));
+            }
+            if content_len > seg.remaining {
+                return Err(format!(
+                    "packet content of {content_len} bytes exceeds the {} ciphertext bytes still expected",
+                    seg.remaining
+                ));
+            }
+            check_content_size(ph.content_size, content_len, seg.whole)?;
+            seg.remaining -= content_len;
+            multi_packet_stream = true;
+            if seg.remaining == 0 {
+                segment = None;
+                last_stream_len = seg.whole;
+                (false, Some(orig as u64))
+            } else {
+                segment = Some(seg);
+                (false, None)
+            }
+        }
+        None if content_len == 0 && !first => {
+            // The empty last packet of clients that count the whole ciphertext in content_size.
+            if !numbered_last {
+                return Err("empty packet before the last one".into());
+            }
+            if ph.content_size as u64 != last_stream_len && ph.content_size != 0 {
+                return Err(format!("empty last packet with content_size {}", ph.content_size));
+            }
+            (false, None)
+        }
+        None => {
+            // A new CBC stream starts with this packet.
+            let whole = ciphertext_len(orig as u64);
+            if whole > u32::MAX as u64 {
+                return Err(format!(
+                    "a ciphertext of {whole} bytes does not fit the 32-bit size of the 1603 reply"
+                ));
+            }
+            if !first && (multi_packet_stream || content_len != whole) {
+                return Err(format!(
+                    "{content_len} bytes after the file's ciphertext was complete (packet {} of {})",
+                    ph.packet_number, ph.total_packets
+                ));
+            }
+            if content_len > whole {
+                return Err(format!(
+                    "packet content of {content_len} bytes exceeds the file's ciphertext size {whole}"
+                ));
+            }
+            if content_len == 0 {
+                return Err("first packet carries no content".into());
+            }
+            check_content_size(ph.content_size, content_len, whole)?;
+            // Known as soon as the stream starts: refused before any of it is used.
+            if ciphertext_total + whole > u32::MAX as u64 {
+                return Err(format!(
+                    "the upload's ciphertext would exceed {} bytes, the 32-bit size of the 1603 reply",
+                    u32::MAX
+                ));
+            }
+            ciphertext_total += whole;
+            plain_total += orig as u64;
+            if plain_total > max_file_size {
+                return Err(format!("file exceeds the {max_file_size}-byte limit"));
+            }
+            if content_len == whole {
+                last_stream_len = whole;
+                (true, Some(orig as u64))
+            } else {
+                segment = Some(Segment { orig, whole, remaining: whole - content_len });
+                (true, None)
+            }
+        }
+    };
+    let last = match segment {
+        // Numbered as the total with the stream still open: the counter
+        // wraps, which needs at least 65,535 more non-empty packets.
+        Some(seg) if numbered_last && seg.remaining < WRAP - 1 => {
+            return Err("last packet arrived before the file's ciphertext was complete".into());
+        }
+        Some(_) => false,
+        // "Packet 1 of 0" carrying an encrypted empty chunk: an empty file
+        // from a client that numbers its trailing empty chunk n+1 of n. Any
+        // other whole stream in it would be per-packet encryption counting
+        // 65,536 packets or more, which the numbers cannot tell apart from
+        // fewer (see docs/PROTOCOL.md).
+        None if first && ph.total_packets == 0 => {
+            if orig != 0 {
+                return Err(format!(
+                    "packet 1 of 0 carries a whole stream of {orig} bytes: neither an empty file nor the start of a longer one"
+                ));
+            }
+            true
+        }
+        None => numbered_last,
+    };
+    r.segment = segment;
+    r.last_stream_len = last_stream_len;
+    r.multi_packet_stream = multi_packet_stream;
+    (r.ciphertext_total, r.plain_total) = (ciphertext_total, plain_total);
+    r.packets += 1;
+    Ok(PacketStep { new_segment, end_segment, last })
+}
+
+fn check_content_size(field: u32, content_len: u64, whole: u64) -> Result<(), String> {
+    if field as u64 == content_len || field as u64 == whole {
+        Ok(())
+    } else {
+        Err(format!(
+            "content_size {field} is neither this packet's length {content_len} nor the file's ciphertext length {whole}"
+        ))
+    }
+}
+
+/// Does a packet numbered 1 continue `r` (its counter wrapped past 65,535)
+/// rather than start a new upload? Only when it is the next number, with the
+/// same name field and total, and the bytes show the upload goes on: a
+/// stream is open, or it is the empty last packet after the stream.
+pub fn wraps_to_one(r: &Receiving, ph: &PacketHeader, content_len: u64) -> bool {
+    r.next == 1
+        && ph.packet_number == 1
+        && r.name_field.bytes() == ph.file_name.bytes()
+        && r.total == ph.total_packets
+        && (r.segment.is_some() || content_len == 0)
+}
+
+/// An upload that ended on this connection, and which of its later packets
+/// are swallowed: read and dropped with no reply and no log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    pub name_field: NameField,
+    pub total: u16,
+    /// The number its next packet would carry.
+    pub next: u16,
+    pub how: EndedHow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndedHow {
+    /// Refused (one 1607 went): every later packet of it is swallowed, so
+    /// that a client sending them back to back reads exactly one 1607.
+    Refused {
+        /// Ciphertext bytes its open stream still expected (an upper bound).
+        remaining: u64,
+        /// Packets of it seen on this connection.
+        seen: u64,
+    },
+    /// Received (the 1603 went): only an empty chunk numbered one past the
+    /// total, which per-chunk clients send after a file whose size is a
+    /// multiple of their chunk size, is swallowed.
+    Complete,
+}
+
+impl Ended {
+    /// The upload `r` (None: none was in progress) is refused at packet `ph`
+    /// with `content_len` bytes.
+    pub fn refused(r: Option<&Receiving>, ph: &PacketHeader, content_len: u64) -> Ended {
+        let own = r.filter(|r| {
+            r.name_field.bytes() == ph.file_name.bytes()
+                && r.total == ph.total_packets
+                && r.next == ph.packet_number
+        });
+        let stream_left = match own.and_then(|r| r.segment) {
+            Some(seg) => seg.remaining,
+            None => ciphertext_len(ph.orig_file_size as u64),
+        };
+        Ended {
+            name_field: ph.file_name.clone(),
+            total: ph.total_packets,
+            next: ph.packet_number.wrapping_add(1),
+            how: EndedHow::Refused {
+                remaining: stream_left.saturating_sub(content_len),
+                seen: own.map_or(0, |r| r.packets) + 1,
+            },
+        }
+    }
+
+    /// The upload `r` failed at the worker after the loop admitted its
+    /// packets up to `r.next - 1`.
+    pub fn failed(r: &Receiving) -> Ended {
+        Ended {
+            name_field: r.name_field.clone(),
+            total: r.total,
+            next: r.next,
+            how: EndedHow::Refused { remaining: r.segment.map_or(0, |s| s.remaining), seen: r.packets },
+        }
+    }
+
+    /// Is this packet a later packet of the ended upload? If so it is
+    /// swallowed and the state advances past it.
+    pub fn swallow(&mut self, ph: &PacketHeader, content_len: u64) -> bool {
+        let same = self.name_field.bytes() == ph.file_name.bytes()
+            && self.total == ph.total_packets
+            && self.next == ph.packet_number;
+        let ok = same
+            && match &mut self.how {
+                // A packet 1 starts something new, unless the counter wrapped
+                // and the bytes show the refused upload goes on.
+                EndedHow::Refused { remaining, seen } => {
+                    let goes_on = ph.packet_number != 1 || (*seen >= WRAP && *remaining > 0);
+                    if goes_on {
+                        *remaining = remaining.saturating_sub(content_len);
+                        *seen += 1;
+                    }
+                    goes_on
+                }
+                EndedHow::Complete => {
+                    self.next == self.total.wrapping_add(1)
+                        && ph.orig_file_size == 0
+                        && (content_len == 0 || content_len == EMPTY_CHUNK)
+                }
+            };
+        if ok {
+            self.next = self.next.wrapping_add(1);
+        }
+        ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    fn field(name: &str) -> NameField {
+        NameField::from_name(name.as_bytes()).unwrap()
+    }
+
+    fn ph(cs: u64, orig: u64, k: u16, n: u16) -> PacketHeader {
+        PacketHeader {
+            content_size: cs as u32,
+            orig_file_size: orig as u32,
+            packet_number: k,
+            total_packets: n,
+            file_name: field("f"),
+        }
+    }
+
+    fn receiving(total: u16) -> Receiving {
+        Receiving::new(1, "f".into(), field("f"), total, Instant::now())
+    }
+
+    /// Feed packets as the session does (numbers checked, `next` wrapping).
+    fn feed(r: &mut Receiving, p: &PacketHeader, len: u64) -> Result<PacketStep, String> {
+        assert_eq!(p.packet_number, r.next, "the test feeds packets in order");
+        let step = plan_packet(r, p, len, u32::MAX as u64)?;
+        r.next = r.next.wrapping_add(1);
+        Ok(step)
+    }
+
+    #[test]
+    fn one_stream_over_packets_ends_when_complete_and_numbered_last() {
+        let mut r = receiving(3);
+        let s = feed(&mut r, &ph(16, 40, 1, 3), 16).unwrap();
+        assert_eq!(s, PacketStep { new_segment: true, end_segment: None, last: false });
+        let s = feed(&mut r, &ph(16, 40, 2, 3), 16).unwrap();
+        assert_eq!(s, PacketStep { new_segment: false, end_segment: None, last: false });
+        let s = feed(&mut r, &ph(16, 40, 3, 3), 16).unwrap();
+        assert_eq!(s, PacketStep { new_segment: false, end_segment: Some(40), last: true });
+    }
+
+    #[test]
+    fn numbered_last_with_a_short_stream_is_refused() {
+        let mut r = receiving(2);
+        feed(&mut r, &ph(16, 40, 1, 2), 16).unwrap();
+        let before = r.clone();
+        let e = feed(&mut r, &ph(16, 40, 2, 2), 16).unwrap_err();
+        assert!(e.contains("before the file's ciphertext was complete"), "{e}");
+        assert_eq!(r, before, "a refused packet leaves the upload as it was");
+    }
+
+    #[test]
+    fn empty_trailing_packet_of_whole_ciphertext_clients() {
+        let mut r = receiving(2);
+        let s = feed(&mut r, &ph(48, 40, 1, 2), 48).unwrap();
+        assert_eq!(s, PacketStep { new_segment: true, end_segment: Some(40), last: false });
+        let s = feed(&mut r, &ph(48, 40, 2, 2), 0).unwrap();
+        assert_eq!(s, PacketStep { new_segment: false, end_segment: None, last: true });
+        let mut r = receiving(3);
+        feed(&mut r, &ph(48, 40, 1, 3), 48).unwrap();
+        assert!(feed(&mut r, &ph(48, 40, 2, 3), 0).unwrap_err().contains("before the last"));
+    }
+
+    #[test]
+    fn per_packet_streams_and_the_empty_file_as_packet_1_of_0() {
+        let mut r = receiving(2);
+        let s = feed(&mut r, &ph(32, 20, 1, 2), 32).unwrap();
+        assert_eq!(s, PacketStep { new_segment: true, end_segment: Some(20), last: false });
+        let s = feed(&mut r, &ph(16, 0, 2, 2), 16).unwrap();
+        assert_eq!(s, PacketStep { new_segment: true, end_segment: Some(0), last: true });
+        // Packet 1 of 0: an encrypted empty chunk is the whole (empty) file.
+        let mut r = receiving(0);
+        let s = feed(&mut r, &ph(16, 0, 1, 0), 16).unwrap();
+        assert_eq!(s, PacketStep { new_segment: true, end_segment: Some(0), last: true });
+        // With content it is packet 1 of 65,536 (or more): not the last.
+        let mut r = receiving(0);
+        let s = feed(&mut r, &ph(1024, 100_000, 1, 0), 1024).unwrap();
+        assert!(!s.last);
+        let mut r = receiving(0);
+        assert!(feed(&mut r, &ph(16, 5, 1, 0), 16).unwrap_err().contains("packet 1 of 0"));
+    }
+
+    /// 1 KiB packets of a file whose ciphertext needs more than 65,535 of
+    /// them, content_size the whole ciphertext: the numbers wrap, the bytes
+    /// decide. Simulated in place: the loop over ~70,000 packets is cheap.
+    #[test]
+    fn wrapped_counters_end_by_bytes() {
+        for extra in [0u64, 1, 1023, 1024, 5000] {
+            let orig = 65_536 * 1024 + extra * 1024 + 7 - 16;
+            let whole = ciphertext_len(orig);
+            let n_packets = whole / 1024 + 1; // the last one is partial or empty
+            let total = n_packets as u16; // modulo 65,536
+            let mut r = receiving(total);
+            let mut sent = 0u64;
+            for i in 0..n_packets {
+                let k = (i + 1) as u16;
+                let len = (whole - sent).min(1024);
+                let p = ph(whole, orig, k, total);
+                if k == 1 && i > 0 {
+                    assert!(wraps_to_one(&r, &p, len), "packet {} continues", i + 1);
+                }
+                let s = feed(&mut r, &p, len).unwrap_or_else(|e| panic!("packet {}: {e}", i + 1));
+                sent += len;
+                assert_eq!(s.last, i + 1 == n_packets, "packet {} of {n_packets}", i + 1);
+            }
+            assert_eq!(sent, whole);
+            assert_eq!(r.packets, n_packets);
+        }
+    }
+
+    #[test]
+    fn a_packet_1_after_the_stream_is_a_new_upload() {
+        let mut r = receiving(1);
+        r.next = 1; // as after 65,536 packets
+        r.packets = 65_536;
+        assert!(!wraps_to_one(&r, &ph(16, 0, 1, 1), 16), "no stream open: something new");
+        assert!(wraps_to_one(&r, &ph(16, 0, 1, 1), 0), "the empty last packet");
+        r.segment = Some(Segment { orig: 100_000, whole: 100_016, remaining: 5 });
+        assert!(wraps_to_one(&r, &ph(16, 0, 1, 1), 5));
+        let mut other = ph(16, 0, 1, 1);
+        other.file_name = field("g");
+        assert!(!wraps_to_one(&r, &other, 5));
+        assert!(!wraps_to_one(&r, &ph(16, 0, 1, 2), 5));
+    }
+
+    #[test]
+    fn a_refused_upload_swallows_every_later_packet_even_wrapped() {
+        // Refused at packet 1 of a 1 KiB-packet upload of ~70 MiB.
+        let orig = 70 << 20;
+        let whole = ciphertext_len(orig);
+        let n = whole / 1024 + 1;
+        let total = n as u16;
+        let mut e = Ended::refused(None, &ph(whole, orig, 1, total), 1024);
+        let mut sent = 1024;
+        for i in 1..n {
+            let len = (whole - sent).min(1024);
+            assert!(e.swallow(&ph(whole, orig, (i + 1) as u16, total), len), "packet {}", i + 1);
+            sent += len;
+        }
+        // Then the client starts over: its packet 1 is something new.
+        assert!(!e.swallow(&ph(whole, orig, 1, total), 1024));
+        // Out of order, another name or another total: not this upload.
+        let mut e = Ended::refused(None, &ph(16, 40, 1, 3), 16);
+        assert!(!e.swallow(&ph(16, 40, 3, 3), 16));
+        assert!(!e.swallow(&ph(16, 40, 2, 4), 16));
+        assert!(e.swallow(&ph(16, 40, 2, 3), 16));
+        assert!(e.swallow(&ph(16, 40, 3, 3), 16));
+        // Refused at packet 0: a packet 1 that follows is something new.
+        let mut e = Ended::refused(None, &ph(1024, 1 << 20, 0, 5), 1024);
+        assert!(!e.swallow(&ph(1024, 1 << 20, 1, 5), 1024));
+    }
+
+    #[test]
+    fn a_failed_upload_swallows_from_where_the_loop_stood() {
+        let mut r = receiving(4);
+        feed(&mut r, &ph(16, 40, 1, 4), 16).unwrap();
+        feed(&mut r, &ph(16, 40, 2, 4), 16).unwrap();
+        let mut e = Ended::failed(&r);
+        assert!(!e.swallow(&ph(16, 40, 2, 4), 16));
+        assert!(e.swallow(&ph(16, 40, 3, 4), 16));
+        assert!(e.swallow(&ph(0, 40, 4, 4), 0));
+        // And the n+1 of n of a per-chunk client, after a failure at its last packet.
+        let mut e = Ended {
+            name_field: field("f"),
+            total: 4,
+            next: 5,
+            how: EndedHow::Refused { remaining: 0, seen: 4 },
+        };
+        assert!(e.swallow(&ph(16, 0, 5, 4), 16));
+    }
+
+    #[test]
+    fn a_complete_upload_swallows_only_its_empty_chunk_n_plus_1_of_n() {
+        let done = Ended { name_field: field("f"), total: 2, next: 3, how: EndedHow::Complete };
+        let mut e = done.clone();
+        assert!(e.swallow(&ph(16, 0, 3, 2), 16));
+        assert!(!e.swallow(&ph(16, 0, 4, 2), 16), "only one");
+        assert!(done.clone().swallow(&ph(0, 0, 3, 2), 0));
+        assert!(!done.clone().swallow(&ph(32, 20, 3, 2), 32), "not empty");
+        assert!(!done.clone().swallow(&ph(16, 0, 1, 2), 16), "not n+1");
+        assert!(!done.clone().swallow(&ph(16, 0, 3, 3), 16), "another total");
+        // Wrapped: n = 65,535 (mod 65,536), n+1 = 0.
+        let mut e = Ended { name_field: field("f"), total: u16::MAX, next: 0, how: EndedHow::Complete };
+        assert!(e.swallow(&ph(16, 0, 0, u16::MAX), 16));
+        // An upload that ended as packet 1 of 0 has no trailer.
+        let mut e = Ended { name_field: field("f"), total: 0, next: 2, how: EndedHow::Complete };
+        assert!(!e.swallow(&ph(16, 0, 1, 0), 16));
+        assert!(!e.swallow(&ph(16, 0, 2, 0), 16));
+    }
+}
