@@ -569,20 +569,25 @@ fn reset_key_lets_a_new_connection_set_a_new_key() {
     assert_eq!(a.get("has_key"), &J::Bool(false));
 
     f.server.restart();
-    // The old key no longer reconnects; the name stays taken for 1025.
+    // The old key no longer reconnects.
     let mut c = f.server.connect();
     match c.reconnect(f.alice, "alice", test_key()) {
         Err(backupd::client::ClientError::Refused(Response::ReconnectDenied { .. })) => {}
         other => panic!("reconnect with the forgotten key: {other:?}"),
     }
-    match c.register("alice") {
-        Err(backupd::client::ClientError::Refused(Response::RegistrationFailed)) => {}
-        other => panic!("register of a taken name: {other:?}"),
+    // Another connection cannot set the key: only a registration connection may.
+    let stranger_key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 1024).unwrap();
+    let mut stranger = f.server.connect();
+    stranger.set_id(f.alice);
+    match stranger.send_public_key("alice", &stranger_key) {
+        Err(backupd::client::ClientError::Refused(Response::GeneralError)) => {}
+        other => panic!("a 1026 outside a registration connection: {other:?}"),
     }
-    // A fresh connection sends a new key (1026) with the client's id and name.
+    // Registering the name again resumes the registration with the same id,
+    // and that connection sends the new key (1026).
     let new_key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 1024).unwrap();
     let mut c = f.server.connect();
-    c.set_id(f.alice);
+    assert_eq!(c.register("alice").unwrap(), f.alice, "the same client, not a new one");
     c.send_public_key("alice", &new_key).unwrap();
     send(&mut c, "after-reset.txt", b"new key");
     let mut c = f.server.connect();

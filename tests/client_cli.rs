@@ -858,7 +858,6 @@ fn folder_tree_twice_against_a_storing_server() {
 }
 
 #[test]
-#[ignore = "needs server-side nested paths (issue 10)"]
 fn folder_tree_twice_byte_for_byte() {
     let server = TestServer::start(&[]);
     let _dir = backup_tree_twice(&server.addr().to_string(), |id| server.files_dir().join(id_hex(id)));

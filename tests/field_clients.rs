@@ -354,5 +354,5 @@ fn nested_files_survive_a_restart() {
     }
     assert!(!stray.exists(), "a file with no verified row stays in files/");
     let log = server.log_text();
-    assert!(log.contains("docs/stray.bin has no verified database row"), "{log}");
+    assert!(log.contains("docs/stray.bin\" has no verified database row"), "{log}");
 }

@@ -557,12 +557,21 @@ fn port_info_in_the_working_directory() {
     let data = dir.path().join("data");
     let args = [OsStr::new("--data-dir"), data.as_os_str(), OsStr::new("--log-level"), OsStr::new("info")];
 
-    // A valid port.info: the server listens on 0.0.0.0 at that port.
-    let port = free_port();
-    std::fs::write(dir.path().join("port.info"), format!("{port}\n")).unwrap();
-    let p = RawServer::spawn(dir.path(), &args);
-    let want = format!("listening on 0.0.0.0:{port}");
-    assert!(wait_until(Duration::from_secs(20), || p.log_text().contains(&want)), "log:\n{}", p.log_text());
+    // A valid port.info: the server listens on 0.0.0.0 at that port. (A free
+    // port can be taken by a parallel test before the server binds it: then
+    // another is tried.)
+    let (port, p) = (0..5)
+        .find_map(|_| {
+            let port = free_port();
+            std::fs::write(dir.path().join("port.info"), format!("{port}\n")).unwrap();
+            let p = RawServer::spawn(dir.path(), &args);
+            let want = format!("listening on 0.0.0.0:{port}");
+            wait_until(Duration::from_secs(20), || {
+                p.log_text().contains(&want) || p.log_text().contains("Address already in use")
+            });
+            p.log_text().contains(&want).then_some((port, p))
+        })
+        .expect("the server never listened on the port of port.info");
     let mut c = Client::connect(("127.0.0.1", port), &test_client_options()).unwrap();
     c.register("port-info").unwrap();
     drop(c);
