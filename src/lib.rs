@@ -10,4 +10,5 @@ pub mod metrics;
 pub mod protocol;
 pub mod ratelimit;
 pub mod server;
+pub mod units;
 pub mod worker;
