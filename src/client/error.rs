@@ -15,7 +15,7 @@ pub enum ClientError {
     /// response other than the one expected.
     Refused(Response),
     /// The server's reply was malformed (bad version, unknown code, payload
-    /// that does not fit its code, or larger than [`MAX_RESPONSE_PAYLOAD`]).
+    /// that does not fit its code, or larger than [`MAX_RESPONSE_PAYLOAD`](super::MAX_RESPONSE_PAYLOAD)).
     Protocol(String),
     /// The session key could not be decrypted, or no session key is set.
     Crypto(String),
