@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -192,18 +192,12 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
         .stderr(std::fs::File::create(&err).unwrap())
         .spawn()
         .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let end = Instant::now() + limit;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} took more than {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    if !wait_until(limit, || child.try_wait().unwrap().is_some()) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{cmd:?} took more than {limit:?}");
+    }
+    let status = child.wait().unwrap();
     Output { status, stdout: std::fs::read(out).unwrap(), stderr: std::fs::read(err).unwrap() }
 }
 
@@ -218,11 +212,20 @@ fn on_path(program: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
 }
 
+/// Whether a test must be skipped because a program is missing (it says so).
+fn skipped(programs: &[&str], what: &str) -> bool {
+    let missing: Vec<&str> = programs.iter().copied().filter(|p| !on_path(p)).collect();
+    if !missing.is_empty() {
+        eprintln!("{} not installed: {what} skipped", missing.join(", "));
+    }
+    !missing.is_empty()
+}
+
 /// `make` with the repository as its directory and without the environment
 /// of an enclosing make (`make test` runs this test).
 fn make(args: &[&str]) -> Output {
     let mut cmd = Command::new("make");
-    cmd.arg("-s").arg("-C").arg(repo()).args(args);
+    cmd.arg("-s").arg("-C").arg(repo()).args(args.iter().filter(|a| !a.is_empty()));
     for v in ["MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"] {
         cmd.env_remove(v);
     }
@@ -498,21 +501,20 @@ fn the_dashboard_is_json_and_queries_only_metrics_backupd_writes() {
 /// from the binaries under test: the units then name a binary that exists.
 fn install_into(root: &Path) -> PathBuf {
     let build = Path::new(server_bin()).parent().unwrap();
-    let prefix = root.join("usr");
-    let o = make(&[
-        "install-files",
-        &format!("PREFIX={}", prefix.display()),
-        &format!("SYSCONFDIR={}", root.join("etc").display()),
-        &format!("BUILD_DIR={}", build.display()),
-    ]);
+    let o = make_in(root, "install-files", &format!("BUILD_DIR={}", build.display()));
     assert!(o.status.success(), "make install-files: {}", String::from_utf8_lossy(&o.stderr));
-    prefix
+    root.join("usr")
+}
+
+/// `make TARGET PREFIX=root/usr SYSCONFDIR=root/etc EXTRA`.
+fn make_in(root: &Path, target: &str, extra: &str) -> Output {
+    let prefix = format!("PREFIX={}", root.join("usr").display());
+    make(&[target, &prefix, &format!("SYSCONFDIR={}", root.join("etc").display()), extra])
 }
 
 #[test]
 fn make_install_puts_everything_under_destdir_and_prefix() {
-    if !on_path("make") {
-        eprintln!("make is not installed: skipped");
+    if skipped(&["make"], "the install test") {
         return;
     }
     let t = tempfile::tempdir().unwrap();
@@ -570,11 +572,7 @@ fn make_install_puts_everything_under_destdir_and_prefix() {
         "BACKUPD_LISTEN=127.0.0.1:1\n"
     );
     // And uninstall removes what it installed, not the configuration.
-    let o = make(&[
-        "uninstall",
-        &format!("PREFIX={}", prefix.display()),
-        &format!("SYSCONFDIR={}", root.join("etc").display()),
-    ]);
+    let o = make_in(&root, "uninstall", "");
     assert!(o.status.success(), "{o:?}");
     assert!(
         !prefix.join("bin/backupd").exists() && !prefix.join("lib/systemd/system/backupd.service").exists()
@@ -584,10 +582,7 @@ fn make_install_puts_everything_under_destdir_and_prefix() {
 
 #[test]
 fn systemd_analyze_verify_accepts_the_installed_units() {
-    if !on_path("systemd-analyze") || !on_path("make") {
-        eprintln!(
-            "systemd-analyze (or make) is not installed: `systemd-analyze verify` of the units skipped"
-        );
+    if skipped(&["systemd-analyze", "make"], "`systemd-analyze verify` of the units") {
         return;
     }
     let t = tempfile::tempdir().unwrap();
@@ -607,8 +602,7 @@ fn systemd_analyze_verify_accepts_the_installed_units() {
 
 #[test]
 fn logrotate_rotates_with_the_example_and_runs_its_postrotate() {
-    if !on_path("logrotate") {
-        eprintln!("logrotate is not installed: the live run of dist/backupd.logrotate skipped");
+    if skipped(&["logrotate"], "the live run of dist/backupd.logrotate") {
         return;
     }
     let t = tempfile::tempdir().unwrap();
