@@ -1,7 +1,7 @@
 # backupd: the two commands a user needs are `make run` and `make test`.
 CARGO ?= cargo
 
-.PHONY: run test lint build release bench bench-quick soak fuzz clean
+.PHONY: run test lint build release install install-files uninstall bench bench-quick soak fuzz clean
 
 ## Build (release) and start the server with its embedded defaults.
 run:
@@ -25,6 +25,49 @@ build:
 
 release:
 	$(CARGO) build --release
+
+## Install (docs/OPERATIONS.md, "Install"): the release binaries, the systemd
+## units, the sysusers.d entry, the logrotate example and the docs, under
+## $(DESTDIR)$(PREFIX). The units name $(BINDIR)/backupd and $(DOCDIR).
+## /etc/default/backupd is installed only when it does not exist yet.
+## `install-files` installs what $(BUILD_DIR) holds without building (e.g.
+## `make release` as yourself, then `sudo make install-files`).
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+DOCDIR ?= $(PREFIX)/share/doc/backupd
+SYSCONFDIR ?= /etc
+BUILD_DIR ?= target/release
+INSTALL ?= install
+UNITS = backupd.service backupd-verify.service backupd-verify.timer
+
+install: release
+	$(MAKE) install-files
+
+install-files:
+	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(DOCDIR) \
+	  $(DESTDIR)$(SYSCONFDIR)/logrotate.d $(DESTDIR)$(SYSCONFDIR)/default
+	$(INSTALL) -m 0755 $(BUILD_DIR)/backupd $(BUILD_DIR)/backup-client $(DESTDIR)$(BINDIR)/
+	for u in $(UNITS); do \
+	  sed -e 's|/usr/local/bin/|$(BINDIR)/|g' -e 's|/usr/local/share/doc/backupd|$(DOCDIR)|g' \
+	    -e 's|/etc/default/backupd|$(SYSCONFDIR)/default/backupd|g' dist/$$u > $(DESTDIR)$(UNITDIR)/$$u.new && \
+	  chmod 0644 $(DESTDIR)$(UNITDIR)/$$u.new && mv $(DESTDIR)$(UNITDIR)/$$u.new $(DESTDIR)$(UNITDIR)/$$u || exit 1; \
+	done
+	$(INSTALL) -m 0644 dist/backupd.sysusers $(DESTDIR)$(SYSUSERSDIR)/backupd.conf
+	$(INSTALL) -m 0644 dist/backupd.logrotate $(DESTDIR)$(SYSCONFDIR)/logrotate.d/backupd
+	$(INSTALL) -m 0644 README.md docs/OPERATIONS.md dist/grafana-dashboard.json dist/backupd.env $(DESTDIR)$(DOCDIR)/
+	test -e $(DESTDIR)$(SYSCONFDIR)/default/backupd || \
+	  $(INSTALL) -m 0644 dist/backupd.env $(DESTDIR)$(SYSCONFDIR)/default/backupd
+	@echo "installed. Next (as root): systemd-sysusers; systemctl daemon-reload;"
+	@echo "  systemctl enable --now backupd.service backupd-verify.timer"
+
+## Remove what install-files put in place (not /etc/default/backupd, not the data).
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/backupd $(DESTDIR)$(BINDIR)/backup-client
+	for u in $(UNITS); do rm -f $(DESTDIR)$(UNITDIR)/$$u; done
+	rm -f $(DESTDIR)$(SYSUSERSDIR)/backupd.conf $(DESTDIR)$(SYSCONFDIR)/logrotate.d/backupd
+	rm -rf $(DESTDIR)$(DOCDIR)
 
 ## Benchmarks of issue 5 (docs/PERFORMANCE.md): micro benchmarks, then the
 ## machine's limits and the load scenarios against the release binary.
