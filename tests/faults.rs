@@ -327,6 +327,30 @@ fn sigterm_during_uploads_exits_0_and_leaves_a_consistent_state() {
     check_consistent(&server, &ledger, "after SIGTERM");
 }
 
+#[test]
+fn a_second_signal_while_work_is_in_flight_exits_130() {
+    // Every deadline that could end the waiting connection is far away: the
+    // first SIGTERM can only wait for it; the second ends the server.
+    let mut server = TestServer::start(&["--shutdown-timeout", "1h", "--idle-timeout", "1h"]);
+    let (mut c, id) = server.registered_client("in-flight");
+    // Unfinished work: a file received and checksummed, its 1029 not sent yet.
+    let data = pseudo_random(20_000, 130);
+    assert!(c.upload_bytes("pending", &data, &UploadOptions::default()).unwrap().cksum_matches());
+    server.signal(libc::SIGTERM);
+    server.wait_for_log("signal received", Duration::from_secs(10));
+    assert!(server.is_alive(), "the first signal did not wait for the unfinished upload");
+    server.signal(libc::SIGTERM);
+    let status = server.wait(Duration::from_secs(30)); // a hang guard only
+    assert_eq!(status.code(), Some(130), "{status:?}\n{}", server.log_text());
+    server.wait_for_log("second signal: exiting at once", Duration::from_secs(5));
+    assert!(!server.log_text().contains("shut down cleanly"), "{}", server.log_text());
+    // Nothing half-done survives: the unconfirmed file is not published.
+    server.restart();
+    assert!(!server.stored_path(&id, "pending").exists());
+    assert_eq!(db_verified(&server.db_path(), &id, "pending").unwrap_or(0), 0);
+    assert!(walk_files(&server.tmp_dir()).is_empty(), "staged file left in tmp/");
+}
+
 // ---------------------------------------------------------------------------
 // Database contention
 // ---------------------------------------------------------------------------
