@@ -6,7 +6,7 @@
 //! to the limit that bounds it. Every figure also goes to
 //! `target/bench/results.json`. See docs/PERFORMANCE.md.
 //!
-//! Run: `cargo bench --bench load -- [--quick] [--scenario small,large,idle,limits] ...`
+//! Run: `cargo bench --bench load -- [--quick] [--scenario small,large,idle,attack,limits] ...`
 //! (`--help` lists the flags). Under `cargo test` (no `--bench` argument) only
 //! the harness's own self-checks run.
 //!
@@ -33,6 +33,10 @@ use std::time::{Duration, Instant};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+
+/// Scenario 4, small files under attack: its own file to keep this one short.
+#[path = "load/attack.rs"]
+mod attack;
 
 use backupd::client::{Client, ClientOptions, UploadOptions};
 use backupd::crypto::{self, Cksum, StreamDecryptor, AES_KEY_LEN};
@@ -61,6 +65,7 @@ enum Scn {
     Small,
     Large,
     Idle,
+    Attack,
     Limits,
 }
 
@@ -76,6 +81,10 @@ struct Opts {
     multi_clients: usize,
     multi_mib: u64,
     idle_clients: usize,
+    /// Seconds of each quiet and each attack phase of scenario 4.
+    attack_secs: u64,
+    /// Which of scenario 4's kinds of attackers run (slow, slots, refusals, registrations).
+    attack_kinds: [bool; 4],
     // Limits.
     tcp_mib: u64,
     pipeline_mib: u64,
@@ -94,7 +103,7 @@ impl Opts {
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
         let common = Opts {
             quick,
-            scenarios: vec![Scn::Limits, Scn::Small, Scn::Large, Scn::Idle],
+            scenarios: vec![Scn::Limits, Scn::Small, Scn::Large, Scn::Idle, Scn::Attack],
             rounds: 3,
             small_count: 10_000,
             small_clients: 16,
@@ -103,6 +112,8 @@ impl Opts {
             multi_clients: 4,
             multi_mib: 256,
             idle_clients: 1000,
+            attack_secs: 15,
+            attack_kinds: [true; 4],
             tcp_mib: 2048,
             pipeline_mib: 256,
             fsync_files: 1000,
@@ -123,6 +134,7 @@ impl Opts {
             large_mib: 128,
             multi_mib: 32,
             idle_clients: 250,
+            attack_secs: 5,
             tcp_mib: 256,
             pipeline_mib: 64,
             fsync_files: 200,
@@ -137,7 +149,7 @@ const HELP: &str = "\
 load: backupd load benchmark (issue 5). Run via `cargo bench --bench load -- FLAGS`.
 
   --quick                 everything small (about a minute)
-  --scenario LIST         comma-separated: small,large,idle,limits (or all) [all]
+  --scenario LIST         comma-separated: small,large,idle,attack,limits (or all) [all]
   --rounds N              timed rounds per scenario [3; quick 2]
   --small-count N         files per small-file round [10000; quick 1000]
   --small-clients N       concurrent small-file clients [16]
@@ -146,6 +158,10 @@ load: backupd load benchmark (issue 5). Run via `cargo bench --bench load -- FLA
   --multi-clients N       clients of the parallel large uploads [4]
   --multi-mib N           file size per parallel client, MiB [256; quick 32]
   --idle-clients N        idle connected (registered) clients [1000; quick 250]
+  --attack-secs N         attack scenario: seconds of each quiet and each attack phase
+                          (--rounds of each, alternating) [15; quick 5]
+  --attack-kinds LIST     attackers of the attack scenario, 8 of each kind: comma-separated
+                          slow,slots,refusals,registrations (or all) [all]
   --tcp-mib N             loopback TCP limit: MiB sent per iteration [2048; quick 256]
   --pipeline-mib N        decrypt+cksum limit: MiB per iteration [256; quick 64]
   --fsync-files N         files per fsync-limit iteration [1000; quick 200]
@@ -170,10 +186,13 @@ fn parse_scenarios(s: &str) -> Res<Vec<Scn>> {
             "small" => v.push(Scn::Small),
             "large" => v.push(Scn::Large),
             "idle" => v.push(Scn::Idle),
+            "attack" => v.push(Scn::Attack),
             "limits" => v.push(Scn::Limits),
-            "all" => v.extend([Scn::Limits, Scn::Small, Scn::Large, Scn::Idle]),
+            "all" => v.extend([Scn::Limits, Scn::Small, Scn::Large, Scn::Idle, Scn::Attack]),
             other => {
-                return Err(format!("--scenario: unknown scenario {other:?} (small, large, idle, limits)"))
+                return Err(format!(
+                    "--scenario: unknown scenario {other:?} (small, large, idle, attack, limits)"
+                ))
             }
         }
     }
@@ -209,6 +228,8 @@ fn parse_opts(args: &[String]) -> Res<Opts> {
             "--multi-clients" => o.multi_clients = parse_num(&val()?, &flag)?,
             "--multi-mib" => o.multi_mib = parse_num(&val()?, &flag)?,
             "--idle-clients" => o.idle_clients = parse_num(&val()?, &flag)?,
+            "--attack-secs" => o.attack_secs = parse_num(&val()?, &flag)?,
+            "--attack-kinds" => o.attack_kinds = attack::parse_kinds(&val()?)?,
             "--tcp-mib" => o.tcp_mib = parse_num(&val()?, &flag)?,
             "--pipeline-mib" => o.pipeline_mib = parse_num(&val()?, &flag)?,
             "--fsync-files" => o.fsync_files = parse_num(&val()?, &flag)?,
@@ -222,8 +243,16 @@ fn parse_opts(args: &[String]) -> Res<Opts> {
             other => return Err(format!("unknown flag {other:?} (see --help)")),
         }
     }
-    if o.rounds == 0 || o.small_clients == 0 || o.multi_clients == 0 || o.limit_iters == 0 {
-        return Err("--rounds, --small-clients, --multi-clients and --limit-iters must be at least 1".into());
+    if o.rounds == 0
+        || o.small_clients == 0
+        || o.multi_clients == 0
+        || o.limit_iters == 0
+        || o.attack_secs == 0
+    {
+        return Err(
+            "--rounds, --small-clients, --multi-clients, --limit-iters and --attack-secs must be at least 1"
+                .into(),
+        );
     }
     for (mib, flag) in [(o.large_mib, "--large-mib"), (o.multi_mib, "--multi-mib")] {
         if !(1..=4095).contains(&mib) {
@@ -808,6 +837,37 @@ impl Drop for Server {
     }
 }
 
+/// The server's arguments for one scenario: `--server-arg`s, plus what the
+/// scenario needs. Scenario 3 connects and registers its idle clients from
+/// one address (as a site behind a NAT would), so the per-address caps and
+/// the registration rate are turned off there, when the binary has them.
+/// Scenario 4 runs the server's own defaults for the connection table and
+/// the idle timeout in place of the harness's (see [`Server::start`]).
+fn run_server_args(o: &Opts, run: &str) -> Vec<String> {
+    let given = |flag: &str| o.server_args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    let wanted: &[(&str, &str)] = match run {
+        "idle" => &[
+            ("--max-connections-per-ip", "0"),
+            ("--max-unauthenticated-per-ip", "0"),
+            ("--registration-rate", "0"),
+        ],
+        "attack" => &[("--max-connections", "256"), ("--idle-timeout", "60s")],
+        _ => &[],
+    };
+    let help = if wanted.is_empty() {
+        String::new()
+    } else {
+        cmd_out(&o.server_bin.display().to_string(), &["--help"]).unwrap_or_default()
+    };
+    let mut args: Vec<String> = wanted
+        .iter()
+        .filter(|(flag, _)| !given(flag) && help.contains(flag))
+        .map(|(flag, v)| format!("{flag}={v}"))
+        .collect();
+    args.extend(o.server_args.iter().cloned());
+    args
+}
+
 /// Whether the server arguments set a log level that hides INFO lines.
 fn hides_info(args: &[String]) -> bool {
     let mut level = None;
@@ -1122,7 +1182,14 @@ fn us(d: Duration) -> u32 {
 
 /// One timed round: the clients share a counter of `count` files; each
 /// uploads (1028 -> 1603) and confirms (1029 -> 1604) one file at a time.
-fn small_round(cl: &mut [SmallClient], count: usize, size: usize, tag: &str) -> SmallRound {
+/// With `until`, no file is started after that time.
+fn small_round(
+    cl: &mut [SmallClient],
+    count: usize,
+    size: usize,
+    tag: &str,
+    until: Option<Instant>,
+) -> SmallRound {
     let next = AtomicUsize::new(0);
     let barrier = Barrier::new(cl.len() + 1);
     let opts = UploadOptions::default();
@@ -1137,7 +1204,7 @@ fn small_round(cl: &mut [SmallClient], count: usize, size: usize, tag: &str) -> 
                     barrier.wait();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= count {
+                        if i >= count || until.is_some_and(|u| Instant::now() >= u) {
                             break;
                         }
                         let name = format!("{tag}-{i:07}.bin");
@@ -1182,9 +1249,9 @@ fn small_round(cl: &mut [SmallClient], count: usize, size: usize, tag: &str) -> 
         let mut r = SmallRound {
             elapsed: Duration::ZERO,
             ok: 0,
-            total_us: Vec::with_capacity(count),
-            upload_us: Vec::with_capacity(count),
-            commit_us: Vec::with_capacity(count),
+            total_us: Vec::with_capacity(count.min(1 << 16)),
+            upload_us: Vec::with_capacity(count.min(1 << 16)),
+            commit_us: Vec::with_capacity(count.min(1 << 16)),
             errors: Vec::new(),
         };
         let mut end = t0;
@@ -1216,9 +1283,9 @@ struct SmallOutcome {
     measured: Measured,
 }
 
-/// Scenario 1 (also the second half of scenario 3): register the clients,
-/// then `rounds` timed rounds.
-fn scenario_small(o: &Opts, ctx: &Ctx, label: &str) -> Res<SmallOutcome> {
+/// The clients of the small-file workload, registered, each with its file
+/// encrypted once.
+fn small_clients(o: &Opts, ctx: &Ctx, label: &str) -> Res<Vec<SmallClient>> {
     let names: Vec<String> = (0..o.small_clients).map(|i| format!("{}-{label}-{i}", ctx.run_tag)).collect();
     let (clients, errs) = new_clients(ctx.addr, &names, ctx.key, 4);
     if !errs.is_empty() {
@@ -1229,7 +1296,7 @@ fn scenario_small(o: &Opts, ctx: &Ctx, label: &str) -> Res<SmallOutcome> {
             errs[0]
         ));
     }
-    let mut cl: Vec<SmallClient> = clients
+    Ok(clients
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
@@ -1237,14 +1304,20 @@ fn scenario_small(o: &Opts, ctx: &Ctx, label: &str) -> Res<SmallOutcome> {
             let key = c.aes_key().copied().unwrap_or([0; AES_KEY_LEN]);
             SmallClient { ct: crypto::encrypt_all(&key, &plain), cksum: crypto::cksum(&plain), c }
         })
-        .collect();
+        .collect())
+}
+
+/// Scenario 1 (also the second half of scenario 3): register the clients,
+/// then `rounds` timed rounds.
+fn scenario_small(o: &Opts, ctx: &Ctx, label: &str) -> Res<SmallOutcome> {
+    let mut cl = small_clients(o, ctx, label)?;
     let probe = Probe::begin(ctx.server);
     let mut rate = Samples::default();
     let (mut t, mut u, mut c) = (Vec::new(), Vec::new(), Vec::new());
     let mut errors = Vec::new();
     let mut files = 0;
     for round in 1..=o.rounds {
-        let r = small_round(&mut cl, o.small_count, o.small_size, &format!("{label}-r{round}"));
+        let r = small_round(&mut cl, o.small_count, o.small_size, &format!("{label}-r{round}"), None);
         let fps = r.ok as f64 / r.elapsed.as_secs_f64().max(1e-9);
         eprintln!(
             "[load] {label}: round {round}/{}: {} files in {:.2} s = {fps:.0} files/s{}",
@@ -2169,6 +2242,7 @@ fn run_measured(o: &Opts, cleanup: &mut Vec<PathBuf>) -> Res<bool> {
         ("large_single", Scn::Large),
         ("large_multi", Scn::Large),
         ("idle", Scn::Idle),
+        ("attack", Scn::Attack),
     ]
     .into_iter()
     .filter(|r| want(r.1))
@@ -2177,6 +2251,8 @@ fn run_measured(o: &Opts, cleanup: &mut Vec<PathBuf>) -> Res<bool> {
     let mut scen = J::obj();
     let mut targets = Vec::new();
     let mut rss_starts = Samples::default();
+    // Scenario 1's figures, shown again beside scenario 4's.
+    let mut quiet_small: Option<(f64, Lat)> = None;
     if !runs.is_empty() {
         eprintln!("[load] generating the client RSA key");
         let key = RsaPrivateKey::new(&mut rand::rngs::OsRng, 1024).map_err(|e| format!("RSA keygen: {e}"))?;
@@ -2207,7 +2283,7 @@ fn run_measured(o: &Opts, cleanup: &mut Vec<PathBuf>) -> Res<bool> {
                 Some(_) => None,
                 None => {
                     let _ = fs::remove_dir_all(&data_dir);
-                    Some(Server::start(&o.server_bin, &data_dir, &o.server_args)?)
+                    Some(Server::start(&o.server_bin, &data_dir, &run_server_args(o, run_name))?)
                 }
             };
             let addr = target_addr.or(server.as_ref().map(|s| s.addr)).ok_or("no server address")?;
@@ -2239,6 +2315,7 @@ fn run_measured(o: &Opts, cleanup: &mut Vec<PathBuf>) -> Res<bool> {
                         );
                         println!("  {start_line}");
                         let r = scenario_small(o, &ctx, "small")?;
+                        quiet_small = Some((r.rate.median(), r.total));
                         r.print(o, &limits, has_server);
                         ok &= r.errors.is_empty();
                         targets.push(Target::at_least(
@@ -2303,6 +2380,13 @@ fn run_measured(o: &Opts, cleanup: &mut Vec<PathBuf>) -> Res<bool> {
                             ));
                         }
                         (r.json(o), r.parts.len())
+                    }
+                    "attack" => {
+                        attack::print_title(o, &ctx);
+                        println!("  {start_line}");
+                        let r = attack::scenario_attack(o, &ctx)?;
+                        r.print(quiet_small, has_server);
+                        (r.json(quiet_small), r.files())
                     }
                     _ => {
                         println!(
@@ -2495,6 +2579,9 @@ fn self_check() {
     assert!(o.quick);
     assert_eq!(o.scenarios, vec![Scn::Small, Scn::Idle]);
     assert_eq!(o.large_mib, 64);
+    assert_eq!(parse_scenarios("attack").expect("attack"), vec![Scn::Attack]);
+    assert!(parse_scenarios("all").expect("all").contains(&Scn::Attack));
+    attack::self_check();
     assert!(parse_opts(&["--large-mib".to_string(), "5000".to_string()]).is_err());
     assert!(parse_opts(&["--nope".to_string()]).is_err());
     assert!(hides_info(&["--log-level".to_string(), "WARN".to_string()]));

@@ -124,6 +124,7 @@ pub enum Unstored {
 }
 
 const REQUEST_CODES: [u16; 7] = [1025, 1026, 1027, 1028, 1029, 1030, 1031];
+const REQUEST_LABELS: [&str; 7] = ["1025", "1026", "1027", "1028", "1029", "1030", "1031"];
 
 /// Every metric backupd exports.
 #[derive(Debug)]
@@ -212,132 +213,78 @@ impl Metrics {
     /// per-client series; `log_dropped` is the logger's count.
     pub fn render(&self, budget: &Budget, data_dir: &Path, max_clients: usize, log_dropped: u64) -> String {
         let mut o = String::with_capacity(8192);
-        let mut one = |name: &str, kind: &str, help: &str, v: f64| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        };
-        one(
-            "backupd_uptime_seconds",
-            "gauge",
-            "Seconds since the server started.",
-            self.started.elapsed().as_secs_f64(),
-        );
-        one(
-            "backupd_connections_open",
-            "gauge",
-            "Client connections open now.",
-            self.connections_open.get() as f64,
-        );
-        one(
-            "backupd_connections_accepted_total",
-            "counter",
-            "Connections accepted.",
-            self.connections_accepted.get() as f64,
-        );
-        one(
-            "backupd_uploads_verified_total",
-            "counter",
-            "Files verified and stored (1604 to a 1029).",
-            self.uploads_verified.get() as f64,
-        );
-        one(
-            "backupd_bytes_received_total",
-            "counter",
-            "File content bytes received.",
-            self.bytes_received.get() as f64,
-        );
-        one(
-            "backupd_bytes_stored_total",
-            "counter",
-            "Plaintext bytes of files stored.",
-            self.bytes_stored.get() as f64,
-        );
-        one(
-            "backupd_files_stored",
-            "gauge",
-            "Verified files stored (current versions).",
-            self.files_stored.get() as f64,
-        );
-        one("backupd_clients", "gauge", "Registered clients.", self.clients.get() as f64);
-        one(
-            "backupd_budget_bytes_in_use",
-            "gauge",
-            "Memory budget granted to file content in flight.",
-            budget.used() as f64,
-        );
-        one(
-            "backupd_budget_bytes_limit",
-            "gauge",
-            "The memory budget (--memory-budget).",
-            budget.limit() as f64,
-        );
-        one(
-            "backupd_worker_queue_depth",
-            "gauge",
-            "Jobs waiting for the worker thread.",
-            self.worker_queue.get().max(0) as f64,
-        );
-        one(
-            "backupd_log_records_dropped_total",
-            "counter",
-            "Log lines dropped because the log output was blocked.",
-            log_dropped as f64,
-        );
-        if let Some(free) = free_bytes(data_dir) {
-            one(
-                "backupd_data_dir_free_bytes",
-                "gauge",
-                "Bytes available to backupd on the data directory's filesystem.",
-                free as f64,
-            );
+        let free = free_bytes(data_dir).map(|f| f as f64);
+        // (name, type, help, value): a flat table, one line per metric.
+        #[rustfmt::skip]
+        let plain: [(&str, &str, &str, Option<f64>); 13] = [
+            ("backupd_uptime_seconds", "gauge", "Seconds since the server started.", Some(self.started.elapsed().as_secs_f64())),
+            ("backupd_connections_open", "gauge", "Client connections open now.", Some(self.connections_open.get() as f64)),
+            ("backupd_connections_accepted_total", "counter", "Connections accepted.", Some(self.connections_accepted.get() as f64)),
+            ("backupd_uploads_verified_total", "counter", "Files verified and stored (1604 to a 1029).", Some(self.uploads_verified.get() as f64)),
+            ("backupd_bytes_received_total", "counter", "File content bytes received.", Some(self.bytes_received.get() as f64)),
+            ("backupd_bytes_stored_total", "counter", "Plaintext bytes of files stored.", Some(self.bytes_stored.get() as f64)),
+            ("backupd_files_stored", "gauge", "Verified files stored (current versions).", Some(self.files_stored.get() as f64)),
+            ("backupd_clients", "gauge", "Registered clients.", Some(self.clients.get() as f64)),
+            ("backupd_budget_bytes_in_use", "gauge", "Memory budget granted to file content in flight.", Some(budget.used() as f64)),
+            ("backupd_budget_bytes_limit", "gauge", "The memory budget (--memory-budget).", Some(budget.limit() as f64)),
+            ("backupd_worker_queue_depth", "gauge", "Jobs waiting for the worker thread.", Some(self.worker_queue.get().max(0) as f64)),
+            ("backupd_log_records_dropped_total", "counter", "Log lines dropped because the log output was blocked.", Some(log_dropped as f64)),
+            ("backupd_data_dir_free_bytes", "gauge", "Bytes available to backupd on the data directory's filesystem.", free),
+        ];
+        for (name, kind, help, v) in plain {
+            if let Some(v) = v {
+                let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            }
         }
-        let _ = writeln!(
-            o,
-            "# HELP backupd_connections_refused_total Connections closed at accept, by reason.\n# TYPE backupd_connections_refused_total counter"
-        );
-        for (r, c) in ["per_address", "unauthenticated_per_address", "table_full", "descriptors"]
-            .iter()
-            .zip(&self.refused)
-        {
-            let _ = writeln!(o, "backupd_connections_refused_total{{reason=\"{r}\"}} {}", c.get());
-        }
-        let _ = writeln!(
-            o,
-            "# HELP backupd_connections_closed_total Connections closed, by reason.\n# TYPE backupd_connections_closed_total counter"
-        );
-        for (r, c) in ["peer", "timeout", "evicted", "protocol_error", "socket_error", "shutdown"]
-            .iter()
-            .zip(&self.closed)
-        {
-            let _ = writeln!(o, "backupd_connections_closed_total{{reason=\"{r}\"}} {}", c.get());
-        }
-        let _ = writeln!(o, "# HELP backupd_requests_total Requests received, by code.\n# TYPE backupd_requests_total counter");
-        for (code, c) in REQUEST_CODES.iter().zip(&self.requests) {
-            let _ = writeln!(o, "backupd_requests_total{{code=\"{code}\"}} {}", c.get());
-        }
-        let _ = writeln!(
-            o,
-            "# HELP backupd_uploads_unstored_total Uploads that ended without being stored, by reason.\n# TYPE backupd_uploads_unstored_total counter"
-        );
-        for (r, c) in ["refused", "failed", "aborted", "commit_failed"].iter().zip(&self.unstored) {
-            let _ = writeln!(o, "backupd_uploads_unstored_total{{reason=\"{r}\"}} {}", c.get());
+        // (name, help, label, its values, the counters): one series per value.
+        type Labelled<'a> = (&'a str, &'a str, &'a str, &'a [&'a str], &'a [Counter]);
+        let labelled: [Labelled; 4] = [
+            (
+                "backupd_connections_refused_total",
+                "Connections closed at accept, by reason.",
+                "reason",
+                &["per_address", "unauthenticated_per_address", "table_full", "descriptors"],
+                &self.refused,
+            ),
+            (
+                "backupd_connections_closed_total",
+                "Connections closed, by reason.",
+                "reason",
+                &["peer", "timeout", "evicted", "protocol_error", "socket_error", "shutdown"],
+                &self.closed,
+            ),
+            (
+                "backupd_requests_total",
+                "Requests received, by code.",
+                "code",
+                &REQUEST_LABELS,
+                &self.requests,
+            ),
+            (
+                "backupd_uploads_unstored_total",
+                "Uploads that ended without being stored, by reason.",
+                "reason",
+                &["refused", "failed", "aborted", "commit_failed"],
+                &self.unstored,
+            ),
+        ];
+        for (name, help, label, values, counters) in labelled {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (v, c) in values.iter().zip(counters) {
+                let _ = writeln!(o, "{name}{{{label}=\"{v}\"}} {}", c.get());
+            }
         }
         self.commit_batch_size.render(&mut o, "backupd_commit_batch_files", "Files per group commit.");
         self.commit_seconds.render(&mut o, "backupd_commit_seconds", "Time to make a group commit durable.");
-        let _ = writeln!(
-            o,
-            "# HELP backupd_client_last_verified_timestamp_seconds When each client last had a file verified.\n# TYPE backupd_client_last_verified_timestamp_seconds gauge"
-        );
+        let name = "backupd_client_last_verified_timestamp_seconds";
+        let _ = writeln!(o, "# HELP {name} When each client last had a file verified.\n# TYPE {name} gauge");
         if let Ok(m) = self.last_verified.lock() {
             let mut v: Vec<(&String, &u64)> = m.iter().collect();
             // Over the cap, keep the clients silent the longest (those are the
             // ones an alert is for), then by name.
             v.sort_by(|a, b| a.1.cmp(b.1).then(a.0.cmp(b.0)));
-            for (name, t) in v.into_iter().take(max_clients) {
-                let _ = writeln!(
-                    o,
-                    "backupd_client_last_verified_timestamp_seconds{{client=\"{}\"}} {t}",
-                    label(name)
-                );
+            for (client, t) in v.into_iter().take(max_clients) {
+                let _ = writeln!(o, "{name}{{client=\"{}\"}} {t}", label(client));
             }
         }
         o

@@ -38,6 +38,8 @@ fn main() -> ExitCode {
         cfg.data_dir.display(),
         cfg.db_path().display()
     );
+    // With the log on standard error the error line is already there.
+    let log_to_file = cfg.log_file.is_some();
     let code = match Server::bind(cfg, addr) {
         Ok(server) => match server.run() {
             Ok(()) => ExitCode::SUCCESS,
@@ -49,7 +51,9 @@ fn main() -> ExitCode {
         Err(e) => {
             log::error!("cannot start: {e}");
             logging::flush(Duration::from_secs(2));
-            eprintln!("backupd: cannot start: {e}");
+            if log_to_file {
+                eprintln!("backupd: cannot start: {e}");
+            }
             return ExitCode::FAILURE;
         }
     };

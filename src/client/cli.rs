@@ -190,7 +190,7 @@ pub struct CommonOpts {
 
 /// Parse a byte size (the server's syntax: `4096`, `64KiB`, `1MiB`), at least 1 byte.
 pub fn parse_size(s: &str) -> Result<usize, String> {
-    let v = crate::config::parse_size(s)?;
+    let v = crate::units::parse_size(s)?;
     if v == 0 {
         return Err("the size must be at least 1 byte".into());
     }
@@ -199,7 +199,7 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 
 /// Parse a duration (the server's syntax: `10`, `10s`, `500ms`, `2m`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    crate::config::parse_duration(s)
+    crate::units::parse_duration(s)
 }
 
 // ---------------------------------------------------------------------------
