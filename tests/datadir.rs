@@ -120,7 +120,8 @@ fn a_second_server_on_the_same_directory_exits_1_and_the_first_keeps_its_upload(
     // Once the first is gone, the directory can be taken again.
     assert!(server.stop().success());
     let mut third = raw_server(server.temp_dir(), &server.data_dir());
-    assert!(third.wait_exit(Duration::from_millis(1500)).is_none(), "{}", third.log_text());
+    let listening = wait_until(Duration::from_secs(20), || third.log_text().contains("listening on"));
+    assert!(listening && third.wait_exit(Duration::ZERO).is_none(), "{}", third.log_text());
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! named `regression_*` test here.
 //!
 //! The seed corpus (fuzz/corpus/<target>/) is written by
-//! `cargo test --test fuzz_regressions -- --ignored write_seed_corpus`.
+//! `make fuzz-corpus` (`cargo test --test fuzz_regressions -- --ignored --exact write_seed_corpus`).
 
 mod common;
 
@@ -383,7 +383,7 @@ fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 #[test]
-#[ignore = "writes fuzz/corpus/packet_sequence; run by hand when its input format changes"]
+#[ignore = "writes fuzz/corpus/packet_sequence: `make fuzz-corpus`, when its input format changes"]
 fn write_sequence_seed_corpus() {
     write_seeds(
         "packet_sequence",
@@ -399,7 +399,7 @@ fn write_sequence_seed_corpus() {
 }
 
 #[test]
-#[ignore = "writes fuzz/corpus/session; run by hand when the session input format changes"]
+#[ignore = "writes fuzz/corpus/session: `make fuzz-corpus`, when the session input format changes"]
 fn write_session_seed_corpus() {
     write_seeds("session", &session_seeds());
 }
@@ -427,7 +427,7 @@ fn path_seeds() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 #[test]
-#[ignore = "writes fuzz/corpus/path_normalize; run by hand when the path rules change"]
+#[ignore = "writes fuzz/corpus/path_normalize: `make fuzz-corpus`, when the path rules change"]
 fn write_path_seed_corpus() {
     write_seeds("path_normalize", &path_seeds());
 }
@@ -444,7 +444,7 @@ fn path_seeds_reach_every_outcome() {
 }
 
 #[test]
-#[ignore = "writes fuzz/corpus; run by hand when the harness input formats change"]
+#[ignore = "writes fuzz/corpus: `make fuzz-corpus`, when the harness input formats change"]
 fn write_seed_corpus() {
     write_session_seed_corpus();
     write_path_seed_corpus();

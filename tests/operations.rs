@@ -7,7 +7,7 @@ mod common;
 use std::ffi::OsStr;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backupd::client::UploadOptions;
 use common::*;
@@ -152,14 +152,11 @@ fn sd_notify_ready_watchdog_and_stopping() {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     assert_eq!(next().trim(), "READY=1");
-    // The watchdog is pinged from the loop at half the interval: several in a second.
-    let start = Instant::now();
-    let mut pings = 0;
-    while pings < 3 {
+    // The watchdog is pinged from the loop at half the interval, over and
+    // over (the socket's 20 s read timeout is only a hang guard).
+    for _ in 0..3 {
         assert_eq!(next().trim(), "WATCHDOG=1");
-        pings += 1;
     }
-    assert!(start.elapsed() < Duration::from_secs(20));
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }

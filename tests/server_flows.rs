@@ -598,14 +598,14 @@ fn port_info_in_the_working_directory() {
     match exit {
         None => assert!(log.contains("listening on 0.0.0.0:1256"), "log:\n{log}"),
         Some(s) => {
-            assert!(!s.success(), "{s:?}");
+            assert_eq!(s.code(), Some(1), "{s:?}");
             assert!(log.contains("cannot listen on 0.0.0.0:1256"), "log:\n{log}");
         }
     }
 }
 
 #[test]
-fn startup_failures_exit_non_zero_with_a_message() {
+fn startup_failures_exit_1_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&OsStr]| -> (std::process::ExitStatus, String) {
         let mut p = RawServer::spawn(dir.path(), args);
@@ -621,7 +621,7 @@ fn startup_failures_exit_non_zero_with_a_message() {
     let data = dir.path().join("data");
     let (s, log) =
         run(&[OsStr::new("--listen"), OsStr::new(&addr), OsStr::new("--data-dir"), data.as_os_str()]);
-    assert!(!s.success(), "{s:?}");
+    assert_eq!(s.code(), Some(1), "{s:?}\n{log}");
     assert!(log.contains(&format!("cannot listen on {addr}")) && log.contains("in use"), "stderr:\n{log}");
 
     // Data directory below a regular file.
@@ -629,7 +629,7 @@ fn startup_failures_exit_non_zero_with_a_message() {
     let bad = dir.path().join("file").join("data");
     let (s, log) =
         run(&[OsStr::new("--listen"), OsStr::new("127.0.0.1:0"), OsStr::new("--data-dir"), bad.as_os_str()]);
-    assert!(!s.success(), "{s:?}");
+    assert_eq!(s.code(), Some(1), "{s:?}\n{log}");
     assert!(log.contains("cannot start") && log.contains(&bad.display().to_string()), "stderr:\n{log}");
 
     // A database file that is not a database.
@@ -638,49 +638,64 @@ fn startup_failures_exit_non_zero_with_a_message() {
     std::fs::write(d2.join("backupd.db"), vec![0x5a; 8192]).unwrap();
     let (s, log) =
         run(&[OsStr::new("--listen"), OsStr::new("127.0.0.1:0"), OsStr::new("--data-dir"), d2.as_os_str()]);
-    assert!(!s.success(), "{s:?}");
+    assert_eq!(s.code(), Some(1), "{s:?}\n{log}");
     assert!(log.contains("cannot start") && log.contains("database"), "stderr:\n{log}");
 }
 
-#[test]
-fn help_lists_every_flag_with_its_default() {
-    let out = std::process::Command::new(server_bin()).arg("--help").output().unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
-    let flags = [
-        ("--listen", "1256"),
-        ("--data-dir", "backupd-data"),
-        ("--db", "backupd.db"),
-        ("--max-connections", "256"),
-        ("--max-connections-per-ip", "64"),
-        ("--max-unauthenticated-per-ip", "32"),
-        ("--login-timeout", "10s"),
-        ("--max-clients", "100000"),
-        ("--registration-rate", "10"),
-        ("--registration-burst", "100"),
-        ("--max-packet", "16MiB"),
-        ("--max-file-size", "4294967295"),
-        ("--memory-budget", "64MiB"),
-        ("--keep-versions", "3"),
-        ("--db-busy-timeout", "5s"),
-        ("--sync-mode", "syncfs"),
-        ("--oaep-hash", "sha1"),
-        ("--ack-retry", "off"),
-        ("--idle-timeout", "60s"),
-        ("--header-timeout", "10s"),
-        ("--stale-upload-timeout", "15m"),
-        ("--shutdown-timeout", "10s"),
-        ("--metrics-file", "off"),
-        ("--metrics-interval", "10s"),
-        ("--metrics-max-clients", "1000"),
-        ("--log-level", "info"),
-        ("--log-file", "standard error"),
-    ];
-    // Each option's block runs from its "  --flag" line to the next option line.
+/// Every server flag: its default exactly as `--help` shows it, and its
+/// environment variable.
+const SERVER_FLAGS: &[(&str, &str, &str)] = &[
+    ("--listen", "0.0.0.0:<port from ./port.info, else 1256>", "BACKUPD_LISTEN"),
+    ("--data-dir", "backupd-data", "BACKUPD_DATA_DIR"),
+    ("--db", "<data-dir>/backupd.db", "BACKUPD_DB"),
+    ("--max-connections", "256", "BACKUPD_MAX_CONNECTIONS"),
+    ("--max-connections-per-ip", "64", "BACKUPD_MAX_CONNECTIONS_PER_IP"),
+    ("--max-unauthenticated-per-ip", "32", "BACKUPD_MAX_UNAUTHENTICATED_PER_IP"),
+    ("--login-timeout", "10s", "BACKUPD_LOGIN_TIMEOUT"),
+    ("--max-clients", "100000", "BACKUPD_MAX_CLIENTS"),
+    ("--registration-rate", "10", "BACKUPD_REGISTRATION_RATE"),
+    ("--registration-burst", "100", "BACKUPD_REGISTRATION_BURST"),
+    ("--max-packet", "16MiB", "BACKUPD_MAX_PACKET"),
+    ("--max-file-size", "4294967295", "BACKUPD_MAX_FILE_SIZE"),
+    ("--memory-budget", "64MiB", "BACKUPD_MEMORY_BUDGET"),
+    ("--keep-versions", "3", "BACKUPD_KEEP_VERSIONS"),
+    ("--db-busy-timeout", "5s", "BACKUPD_DB_BUSY_TIMEOUT"),
+    ("--sync-mode", "syncfs", "BACKUPD_SYNC_MODE"),
+    ("--oaep-hash", "sha1", "BACKUPD_OAEP_HASH"),
+    ("--ack-retry", "off", "BACKUPD_ACK_RETRY"),
+    ("--idle-timeout", "60s", "BACKUPD_IDLE_TIMEOUT"),
+    ("--header-timeout", "10s", "BACKUPD_HEADER_TIMEOUT"),
+    ("--stale-upload-timeout", "15m", "BACKUPD_STALE_UPLOAD_TIMEOUT"),
+    ("--shutdown-timeout", "10s", "BACKUPD_SHUTDOWN_TIMEOUT"),
+    ("--metrics-file", "off", "BACKUPD_METRICS_FILE"),
+    ("--metrics-interval", "10s", "BACKUPD_METRICS_INTERVAL"),
+    ("--metrics-max-clients", "1000", "BACKUPD_METRICS_MAX_CLIENTS"),
+    ("--log-level", "info", "BACKUPD_LOG_LEVEL"),
+    ("--log-file", "standard error", "BACKUPD_LOG_FILE"),
+];
+
+/// `backupd ARGS` with no BACKUPD_* variable set (a value set in the
+/// environment would show in `--help` and change what it parses).
+fn backupd_output(args: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(server_bin());
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("BACKUPD_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(args).output().unwrap()
+}
+
+/// The option blocks of a `--help` text: each runs from its "  --flag" line
+/// to the next option line (or the end of the options).
+fn option_blocks(text: &str) -> BTreeMap<String, String> {
     let mut blocks: BTreeMap<String, String> = BTreeMap::new();
     let mut current: Option<String> = None;
     for line in text.lines() {
         let t = line.trim_start();
+        if !line.is_empty() && !line.starts_with(' ') {
+            current = None; // a section heading ("Options:") or trailing text
+        }
         // Option lines are indented 2 ("  -h, --help") or 6 ("      --listen <LISTEN>");
         // deeper lines starting with '-' are lists of possible values.
         if (2..=6).contains(&(line.len() - t.len())) && t.starts_with('-') {
@@ -694,18 +709,84 @@ fn help_lists_every_flag_with_its_default() {
             b.push('\n');
         }
     }
-    for (flag, default) in flags {
-        let block = blocks.get(flag).unwrap_or_else(|| panic!("{flag} missing from --help:\n{text}"));
-        assert!(
-            block.contains("[default: ") && block.contains(default),
-            "{flag}: no default {default:?}:\n{block}"
-        );
+    blocks
+}
+
+/// Every `[label: ...]` annotation in `block` (label "default" or "env").
+fn annotations<'a>(block: &'a str, label: &str) -> Vec<&'a str> {
+    let open = format!("[{label}: ");
+    block
+        .match_indices(&open)
+        .map(|(at, _)| {
+            let rest = &block[at + open.len()..];
+            &rest[..rest.find(']').expect("unclosed annotation")]
+        })
+        .collect()
+}
+
+#[test]
+fn help_lists_every_flag_with_its_default_and_variable() {
+    for args in [&["--help"][..], &["serve", "--help"]] {
+        let out = backupd_output(args);
+        assert!(out.status.success(), "{args:?}: {:?}", out.status);
+        let text = String::from_utf8(out.stdout).unwrap();
+        let blocks = option_blocks(&text);
+        for &(flag, default, var) in SERVER_FLAGS {
+            let block = blocks.get(flag).unwrap_or_else(|| panic!("{args:?}: {flag} missing:\n{text}"));
+            assert_eq!(annotations(block, "default"), [default], "{args:?}: {flag}'s default:\n{block}");
+            // clap shows `[env: NAME=]`, the variable's value after the `=` (none here).
+            assert_eq!(
+                annotations(block, "env"),
+                [format!("{var}=")],
+                "{args:?}: {flag}'s variable:\n{block}"
+            );
+        }
+        for flag in blocks.keys() {
+            assert!(
+                SERVER_FLAGS.iter().any(|f| f.0 == flag) || flag == "--help" || flag == "--version",
+                "{args:?}: untested flag {flag}"
+            );
+        }
     }
-    let documented: Vec<&str> = flags.iter().map(|f| f.0).collect();
-    for flag in blocks.keys() {
-        assert!(
-            documented.contains(&flag.as_str()) || flag == "--help" || flag == "--version",
-            "untested flag {flag}"
-        );
+}
+
+#[test]
+fn readme_lists_every_server_flag_as_help_does() {
+    let readme = include_str!("../README.md");
+    // Rows of the configuration table: | `--flag ARG` | `VAR` | default | meaning |
+    let rows: BTreeMap<&str, (&str, &str)> = readme
+        .lines()
+        .filter(|l| l.starts_with("| `--"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split(" | ").collect();
+            let flag = cells[0].trim_start_matches("| `").split([' ', '`']).next().unwrap();
+            (flag, (cells[1].trim_matches('`'), cells[2].trim_matches('`')))
+        })
+        .collect();
+    for &(flag, default, var) in SERVER_FLAGS {
+        let (v, d) = rows.get(flag).unwrap_or_else(|| panic!("{flag} missing from the README's table"));
+        assert_eq!((*v, *d), (var, default), "README row of {flag}");
+    }
+    assert_eq!(rows.len(), SERVER_FLAGS.len(), "README rows: {:?}", rows.keys());
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &["--no-such-flag"][..],
+        &["--max-connections", "many"],
+        &["--sync-mode", "sometimes"],
+        &["serve", "--login-timeout", "soon"],
+        &["restore", "alice"],
+    ] {
+        let out = backupd_output(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {:?}\n{stderr}", out.status);
+        assert!(stderr.contains("error:"), "{args:?}: {stderr}");
+    }
+    // The exit codes are documented in --help.
+    let help = String::from_utf8(backupd_output(&["--help"]).stdout).unwrap();
+    for code in ["0 ", "1 ", "2 ", "3 ", "130 "] {
+        assert!(help.contains(&format!("\n  {code}")), "exit code {code}not in --help:\n{help}");
     }
 }

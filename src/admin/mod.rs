@@ -29,6 +29,15 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 
+/// The end of `backupd --help` (the same list as README.md).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    success; for the server, a clean shutdown
+  1    the server cannot start (the reason is printed) or failed; a command failed
+  2    usage error: an unknown flag or subcommand, a bad value (the message says which)
+  3    verify found a problem
+  130  the server got a second SIGINT/SIGTERM while finishing its work, and stopped at once";
+
 /// backupd: receives protocol-v3 encrypted backups and stores them safely.
 ///
 /// With no subcommand (or `serve`) it runs the server: with no arguments it
@@ -36,7 +45,14 @@ use crate::config::Config;
 /// missing or invalid) and keeps its data in ./backupd-data. The other
 /// subcommands inspect and manage the data directory; see docs/OPERATIONS.md.
 #[derive(Parser, Debug)]
-#[command(name = "backupd", version, about, long_about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "backupd",
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true,
+    after_help = EXIT_CODES
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,

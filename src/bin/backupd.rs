@@ -1,6 +1,7 @@
 //! `backupd`: parse the command line; run an admin command (`src/admin/`),
 //! or set up logging, start the server and map the outcome to an exit code
-//! (0 after a clean shutdown, 1 when it cannot start or fails).
+//! (0 after a clean shutdown, 1 when it cannot start or fails; clap exits 2
+//! on a usage error, the loop 130 on a second signal).
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -532,6 +532,23 @@ impl TestServer {
         self.data_dir().join("tmp")
     }
 
+    /// Each thread of the server: (thread id, name, scheduler state), the
+    /// state being the letter of `/proc/PID/task/TID/stat`: `R` running or
+    /// runnable, `S` asleep (in `epoll_wait`, on a channel or a timer), `D` in
+    /// uninterruptible I/O, ... Threads that end while being read are skipped.
+    pub fn thread_states(&self) -> Vec<(u32, String, char)> {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else { return Vec::new() };
+        let mut states = Vec::new();
+        for task in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+            let tid = stat[..open].trim().parse().unwrap_or(0);
+            let state = stat[close + 1..].trim_start().chars().next().unwrap_or('?');
+            states.push((tid, stat[open + 1..close].to_string(), state));
+        }
+        states
+    }
+
     /// CPU time (user + system) the server process has used so far.
     pub fn cpu_time(&self) -> Duration {
         let stat =
