@@ -192,7 +192,14 @@ impl<J: JobSink> Core<J> {
         self.registry.by_name.insert(n.to_string(), id);
         self.registry.by_id.insert(
             id,
-            ClientEntry { name: n.to_string(), key: None, key_owner: None, registrant: None, pending: true },
+            ClientEntry {
+                name: n.to_string(),
+                key: None,
+                key_owner: None,
+                registrant: None,
+                pending: true,
+                usage: Default::default(),
+            },
         );
         p.awaiting = Awaiting::Register;
         p.client_label = Some(n.to_string());
@@ -414,6 +421,9 @@ impl<J: JobSink> Core<J> {
                 );
                 return self.refuse_packet(p, &ph, content_len, &why);
             }
+            if let Some(why) = self.over_limit(id, ph.orig_file_size as u64) {
+                return self.refuse_packet(p, &ph, content_len, &why);
+            }
             if path.stripped() {
                 peer_log!(
                     Level::Info,
@@ -481,6 +491,48 @@ impl<J: JobSink> Core<J> {
         } else {
             p.incoming = Some(Incoming::Stream { len: content_len });
         }
+    }
+
+    /// Why a new upload of `announced` bytes (packet 1's `orig_file_size`)
+    /// by client `id` must be refused, if it must: it would take the client
+    /// over `--quota` or `--quota-files`, or leave less than `--min-free` on
+    /// the data directory's filesystem. Nothing is reserved: the figures are
+    /// what is stored now (uploads in flight do not count until committed),
+    /// and the upload counts as a new file even if it replaces one (whose
+    /// copy is kept as a version until pruned). See docs/OPERATIONS.md,
+    /// "Quotas and free space".
+    fn over_limit(&self, id: [u8; 16], announced: u64) -> Option<String> {
+        let cfg = &self.cfg;
+        let entry = self.registry.by_id.get(&id)?;
+        let used = entry.usage;
+        if cfg.quota > 0 && used.bytes.saturating_add(announced) > cfg.quota {
+            return Some(format!(
+                "client \"{}\" would exceed --quota {} bytes: it stores {} bytes and the file announces {announced}",
+                Esc(&entry.name),
+                cfg.quota,
+                used.bytes
+            ));
+        }
+        if cfg.quota_files > 0 && used.files >= cfg.quota_files {
+            return Some(format!(
+                "client \"{}\" would exceed --quota-files {}: it stores {} files (current and versions)",
+                Esc(&entry.name),
+                cfg.quota_files,
+                used.files
+            ));
+        }
+        if cfg.min_free > 0 {
+            if let Some(free) = self.metrics.free_bytes() {
+                if announced.saturating_add(cfg.min_free) > free {
+                    return Some(format!(
+                        "the data directory's filesystem would go below --min-free {} bytes: {free} bytes free, \
+                         the file announces {announced}",
+                        cfg.min_free
+                    ));
+                }
+            }
+        }
+        None
     }
 
     /// A piece of the streaming packet's content has been read (`last`: the
@@ -696,7 +748,13 @@ impl<J: JobSink> Core<J> {
                 }
                 Flow::Resume
             }
-            Completion::Committed { conn: _, upload: _, ok } => {
+            Completion::Committed { conn: _, upload: _, ok, client, usage } => {
+                if let Some(e) = self.registry.by_id.get_mut(&client) {
+                    if e.usage != usage {
+                        e.usage = usage;
+                        self.metrics.client_usage(&e.name, usage.bytes, usage.files);
+                    }
+                }
                 let Some(p) = p else { return Flow::Continue };
                 let Awaiting::Commit { name } = std::mem::replace(&mut p.awaiting, Awaiting::Nothing) else {
                     return Flow::Continue;
@@ -852,7 +910,14 @@ mod tests {
         server.core.registry.by_name.insert("kim".into(), id);
         server.core.registry.by_id.insert(
             id,
-            ClientEntry { name: "kim".into(), key: None, key_owner: None, registrant: None, pending: false },
+            ClientEntry {
+                name: "kim".into(),
+                key: None,
+                key_owner: None,
+                registrant: None,
+                pending: false,
+                usage: Default::default(),
+            },
         );
 
         let (key, serial, _client) = add_connection(&mut server);
