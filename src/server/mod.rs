@@ -102,7 +102,8 @@ pub struct ClientEntry {
     pub pending: bool,
     /// What the client stores (current files and kept versions): loaded at
     /// start, then as each commit reports it. `--quota` and `--quota-files`
-    /// are checked against it.
+    /// are checked against it. (Its versions part is counted only when a
+    /// quota or the metrics need it, see `Worker::open`.)
     pub usage: Usage,
 }
 
