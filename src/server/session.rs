@@ -906,44 +906,31 @@ mod tests {
     fn over_limit_checks_quotas_and_known_free_space_only() {
         use crate::worker::{Job, Usage};
         let id = [3u8; 16];
-        let mut registry = super::super::Registry::default();
-        let usage = Usage { bytes: 900, files: 4 };
-        let entry = ClientEntry {
-            name: "q".into(),
-            key: None,
-            key_owner: None,
-            registrant: None,
-            pending: false,
-            usage,
+        let core_with = |cfg: &crate::config::Config| {
+            let mut registry = super::super::Registry::default();
+            let usage = Usage { bytes: 900, files: 4 };
+            let (key, key_owner, registrant) = (None, None, None);
+            let entry = ClientEntry { name: "q".into(), key, key_owner, registrant, pending: false, usage };
+            registry.by_id.insert(id, entry);
+            Core::new(std::sync::Arc::new(cfg.clone()), registry, Vec::<Job>::new(), 1)
         };
-        registry.by_id.insert(id, entry);
         let mut cfg = crate::config::Config::defaults();
         cfg.min_free = 1 << 40;
-        let core = Core::new(std::sync::Arc::new(cfg.clone()), registry, Vec::<Job>::new(), 1);
+        let core = core_with(&cfg);
         assert_eq!(core.over_limit(id, 1 << 30), None, "quotas off, free space unknown");
         core.metrics.free_bytes.store(2 << 40, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(core.over_limit(id, 1 << 30), None);
         let why = core.over_limit(id, (1 << 40) + 1).expect("would go below --min-free");
         assert!(why.contains("--min-free 1099511627776"), "{why}");
-        let mut registry = super::super::Registry::default();
-        registry.by_id.insert(
-            id,
-            ClientEntry {
-                name: "q".into(),
-                key: None,
-                key_owner: None,
-                registrant: None,
-                pending: false,
-                usage,
-            },
-        );
         cfg.min_free = 0;
         cfg.quota = 1000;
         cfg.quota_files = 5;
-        let core = Core::new(std::sync::Arc::new(cfg), registry, Vec::<Job>::new(), 1);
+        let core = core_with(&cfg);
         assert_eq!(core.over_limit(id, 100), None, "900 + 100 is the quota, not over it");
         assert!(core.over_limit(id, 101).is_some_and(|w| w.contains("--quota 1000 bytes")));
         assert_eq!(core.over_limit([4u8; 16], 1 << 30), None, "no such client: refused elsewhere");
+        cfg.quota_files = 4;
+        assert!(core_with(&cfg).over_limit(id, 0).is_some_and(|w| w.contains("--quota-files 4")));
     }
 
     /// The key a 1026 put on file must be the one a later 1027 encrypts to,
