@@ -289,6 +289,8 @@ pub struct Worker {
     usage: HashMap<ClientId, Usage>,
     /// When the free space was last measured (see `refresh_free_space`).
     free_checked: Option<std::time::Instant>,
+    /// The last measure failed (and was logged).
+    free_failed: bool,
 }
 
 struct WorkerIo {
@@ -381,6 +383,7 @@ impl Worker {
             metrics: Arc::new(Metrics::new()),
             usage: HashMap::new(),
             free_checked: None,
+            free_failed: false,
         };
         w.reconcile().map_err(|e| format!("reconciling {}: {e}", data_dir.display()))?;
         let clients = w.db.load_clients().map_err(|e| format!("database {}: {e}", db_path.display()))?;
@@ -489,8 +492,8 @@ impl Worker {
 
     /// Measure the free space of the data directory's filesystem into the
     /// metrics' atomic, which the loop reads for `--min-free`: at most once a
-    /// [`FREE_SPACE_EVERY`] unless `force` (after a commit). A failed
-    /// measure leaves it unknown (no refusal).
+    /// [`FREE_SPACE_EVERY`] (a commit clears `free_checked` to measure at
+    /// once). A failed measure leaves it unknown (no refusal), logged once.
     fn refresh_free_space(&mut self) {
         let now = std::time::Instant::now();
         if self.free_checked.is_some_and(|t| now.duration_since(t) < FREE_SPACE_EVERY) {
@@ -498,9 +501,15 @@ impl Worker {
         }
         self.free_checked = Some(now);
         let free = match self.storage.free_bytes() {
-            Ok(b) => b,
+            Ok(b) => {
+                self.free_failed = false;
+                b
+            }
             Err(e) => {
-                log::warn!("worker: cannot measure the free space of the data directory: {e}");
+                if !self.free_failed {
+                    log::warn!("worker: cannot measure the free space of the data directory: {e}");
+                }
+                self.free_failed = true;
                 crate::metrics::FREE_UNKNOWN
             }
         };
