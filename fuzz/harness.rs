@@ -2301,7 +2301,8 @@ impl Sim<'_> {
                     u.is_some_and(|u| u.client == client && u.received),
                     "a commit of upload {upload}, which is not staged for this client"
                 );
-                Some(Completion::Committed { conn, upload, ok: !fail(&mut self.input) })
+                let usage = Default::default();
+                Some(Completion::Committed { conn, upload, ok: !fail(&mut self.input), client, usage })
             }
             Job::Discard { upload, failed: _ } => {
                 self.worker.remove(&upload);

@@ -74,6 +74,18 @@ pub struct Config {
     #[arg(long, env = "BACKUPD_MEMORY_BUDGET", default_value = "64MiB", value_parser = parse_size)]
     pub memory_budget: u64,
 
+    /// Most bytes one client may store, current files plus kept versions; an upload that would cross it is refused at its first packet with 1607 (0: no limit)
+    #[arg(long, env = "BACKUPD_QUOTA", default_value = "0", value_parser = parse_size)]
+    pub quota: u64,
+
+    /// Most files one client may store, current files plus kept versions (0: no limit)
+    #[arg(long, env = "BACKUPD_QUOTA_FILES", default_value_t = 0)]
+    pub quota_files: u64,
+
+    /// Free space kept on the data directory's filesystem: an upload that would leave less is refused at its first packet with 1607 (0: no check)
+    #[arg(long, env = "BACKUPD_MIN_FREE", default_value = "64MiB", value_parser = parse_size)]
+    pub min_free: u64,
+
     /// Previous verified versions kept when a file name is uploaded again
     #[arg(long, env = "BACKUPD_KEEP_VERSIONS", default_value_t = 3)]
     pub keep_versions: u32,
@@ -180,6 +192,7 @@ mod tests {
         assert_eq!(parse_size("16MiB"), Ok(16 << 20));
         assert_eq!(parse_size("100"), Ok(100));
         assert_eq!(parse_size("2k"), Ok(2048));
+        assert_eq!(parse_size("1000TiB"), Ok(1000 << 40));
         assert!(parse_size("12x").is_err());
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
@@ -214,6 +227,7 @@ mod tests {
         assert_eq!(c.max_file_size, u32::MAX as u64);
         assert_eq!(c.memory_budget, 64 << 20);
         assert_eq!(c.keep_versions, 3);
+        assert_eq!((c.quota, c.quota_files, c.min_free), (0, 0, 64 << 20));
         assert_eq!(c.oaep_hash, OaepHash::Sha1);
         assert!(!c.ack_retry);
     }

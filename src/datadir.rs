@@ -269,6 +269,16 @@ impl Dir {
         cvt(unsafe { libc::syncfs(self.fd.as_raw_fd()) }).map(drop)
     }
 
+    /// Bytes available to an unprivileged writer on this directory's
+    /// filesystem (`fstatvfs`).
+    pub fn free_bytes(&self) -> io::Result<u64> {
+        // SAFETY: an all-zero statvfs is a valid value to be overwritten.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor and a pointer to a local struct.
+        cvt(unsafe { libc::fstatvfs(self.fd.as_raw_fd(), &mut st) })?;
+        Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+
     /// Set this directory's mode.
     pub fn set_mode(&self, mode: u32) -> io::Result<()> {
         // SAFETY: valid descriptor.

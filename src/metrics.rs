@@ -123,6 +123,10 @@ pub enum Unstored {
     CommitFailed,
 }
 
+/// [`Metrics::free_bytes`] before the first measure, or when it failed:
+/// nothing is refused for `--min-free` then.
+pub const FREE_UNKNOWN: u64 = u64::MAX;
+
 const REQUEST_CODES: [u16; 7] = [1025, 1026, 1027, 1028, 1029, 1030, 1031];
 const REQUEST_LABELS: [&str; 7] = ["1025", "1026", "1027", "1028", "1029", "1030", "1031"];
 
@@ -150,6 +154,12 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     /// Last verified backup per client name (seconds since the epoch).
     last_verified: Mutex<HashMap<String, u64>>,
+    /// What each client stores (bytes, files; current plus versions), by name.
+    client_usage: Mutex<HashMap<String, (u64, u64)>>,
+    /// Free bytes on the data directory's filesystem as the worker last
+    /// measured them ([`FREE_UNKNOWN`] until then): what the loop checks
+    /// `--min-free` against, without a system call of its own.
+    pub free_bytes: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -179,6 +189,8 @@ impl Metrics {
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             ]),
             last_verified: Mutex::new(HashMap::new()),
+            client_usage: Mutex::new(HashMap::new()),
+            free_bytes: AtomicU64::new(FREE_UNKNOWN),
         }
     }
 
@@ -206,6 +218,18 @@ impl Metrics {
             let e = m.entry(client.to_string()).or_insert(0);
             *e = (*e).max(secs);
         }
+    }
+
+    /// A client now stores `bytes` in `files` files (current plus versions).
+    pub fn client_usage(&self, client: &str, bytes: u64, files: u64) {
+        if let Ok(mut m) = self.client_usage.lock() {
+            m.insert(client.to_string(), (bytes, files));
+        }
+    }
+
+    /// The free space last measured, if known.
+    pub fn free_bytes(&self) -> Option<u64> {
+        Some(self.free_bytes.load(Ordering::Relaxed)).filter(|b| *b != FREE_UNKNOWN)
     }
 
     /// Render everything in the Prometheus text format. `budget` and `data_dir`
@@ -286,6 +310,30 @@ impl Metrics {
             for (client, t) in v.into_iter().take(max_clients) {
                 let _ = writeln!(o, "{name}{{client=\"{}\"}} {t}", label(client));
             }
+        }
+        // Over the cap, keep the clients that store the most, then by name.
+        let usage: Vec<(String, u64, u64)> = match self.client_usage.lock() {
+            Ok(m) => {
+                let mut v: Vec<(String, u64, u64)> = m.iter().map(|(n, (b, f))| (label(n), *b, *f)).collect();
+                v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                v.truncate(max_clients);
+                v
+            }
+            Err(_) => Vec::new(),
+        };
+        let _ = writeln!(
+            o,
+            "# HELP backupd_client_bytes_stored Bytes each client stores (current files plus kept versions), what --quota is checked against.\n# TYPE backupd_client_bytes_stored gauge"
+        );
+        for (l, bytes, _) in &usage {
+            let _ = writeln!(o, "backupd_client_bytes_stored{{client=\"{l}\"}} {bytes}");
+        }
+        let _ = writeln!(
+            o,
+            "# HELP backupd_client_files_stored Files each client stores (current files plus kept versions), what --quota-files is checked against.\n# TYPE backupd_client_files_stored gauge"
+        );
+        for (l, _, files) in &usage {
+            let _ = writeln!(o, "backupd_client_files_stored{{client=\"{l}\"}} {files}");
         }
         o
     }
@@ -403,6 +451,7 @@ mod tests {
         m.commit_seconds.observe(0.003);
         m.commit_batch_size.observe(5.0);
         m.verified_at("al\"ice\n", 1_700_000_000);
+        m.client_usage("bob", 4096, 3);
         let dir = tempfile::tempdir().unwrap();
         let text = m.render(&Budget::new(1024), dir.path(), 10, 7);
         for want in [
@@ -417,6 +466,8 @@ mod tests {
             "backupd_budget_bytes_limit 1024",
             "backupd_log_records_dropped_total 7",
             "backupd_client_last_verified_timestamp_seconds{client=\"al\\\"ice\\n\"} 1700000000",
+            "backupd_client_bytes_stored{client=\"bob\"} 4096",
+            "backupd_client_files_stored{client=\"bob\"} 3",
         ] {
             assert!(text.contains(want), "{want} missing from:\n{text}");
         }

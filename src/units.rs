@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 /// Parse a byte size: a plain number of bytes, or a number with a unit
-/// (K, KB, KiB, M, MB, MiB, G, GB, GiB; all units are powers of 1024).
+/// (K, KB, KiB, M, MB, MiB, G, GB, GiB, T, TB, TiB; all units are powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -15,7 +15,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(format!("invalid size unit in {s:?} (use K, M or G)")),
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("invalid size unit in {s:?} (use K, M, G or T)")),
     };
     n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
 }

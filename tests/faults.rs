@@ -537,7 +537,9 @@ fn disk_full_on_a_small_tmpfs_or_a_file_size_limit() {
         return;
     }
     let mut mounted = None;
-    let server = TestServer::start_with(&[], Launch::default(), |temp| {
+    // --min-free 0: the disk itself must fill (the default would refuse
+    // every upload on so small a filesystem, see tests/quotas.rs).
+    let server = TestServer::start_with(&["--min-free", "0"], Launch::default(), |temp| {
         let d = temp.join("data");
         std::fs::create_dir(&d).unwrap();
         assert!(mount_tmpfs(&d, "4m"), "mount tmpfs");

@@ -267,6 +267,7 @@ fn regression_refused_packet_1_discards_no_upload_it_never_started() {
             key_owner: None,
             registrant: None,
             pending: false,
+            usage: Default::default(),
         },
     );
     let cfg = std::sync::Arc::new(backupd::config::Config::defaults());

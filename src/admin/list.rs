@@ -17,6 +17,14 @@ pub struct ClientsArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// The server's --quota, to show each client's use of it (the same environment variable) [default: no limit]
+    #[arg(long, env = "BACKUPD_QUOTA", default_value = "0", value_parser = crate::config::parse_size, hide_default_value = true)]
+    pub quota: u64,
+
+    /// The server's --quota-files, to show each client's use of it [default: no limit]
+    #[arg(long, env = "BACKUPD_QUOTA_FILES", default_value_t = 0, hide_default_value = true)]
+    pub quota_files: u64,
+
     #[command(flatten)]
     pub store: StoreArgs,
 }
@@ -86,6 +94,38 @@ fn usage(store: &Store, files: &[FileInfo]) -> HashMap<ClientId, Usage> {
     out
 }
 
+/// The QUOTA column: `used/quota` bytes and files for each limit set, `-` when none is.
+fn quota_cell(u: &Usage, quota: u64, quota_files: u64) -> String {
+    let mut parts = Vec::new();
+    if quota > 0 {
+        parts.push(format!("{}/{quota}", u.bytes));
+    }
+    if quota_files > 0 {
+        parts.push(format!("{}/{quota_files} files", u.files + u.versions));
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// The `quota` object of the JSON output: the limits (null: none) and the
+/// use they are checked against (current files plus versions).
+fn quota_json(u: &Usage, quota: u64, quota_files: u64) -> String {
+    if quota == 0 && quota_files == 0 {
+        return "null".into();
+    }
+    let limit = |q: u64| if q > 0 { q.to_string() } else { "null".into() };
+    format!(
+        "{{\"bytes\":{},\"bytes_used\":{},\"files\":{},\"files_used\":{}}}",
+        limit(quota),
+        u.bytes,
+        limit(quota_files),
+        u.files + u.versions
+    )
+}
+
 pub fn clients(args: &ClientsArgs) -> Result<ExitCode, String> {
     let store = Store::open_read_only(&args.store)?;
     let clients = store.clients()?;
@@ -98,7 +138,7 @@ pub fn clients(args: &ClientsArgs) -> Result<ExitCode, String> {
         if args.json {
             objects.push(format!(
                 "{{\"id\":{},\"name\":{},\"has_key\":{},\"last_seen\":{},\"files\":{},\"versions\":{},\
-                 \"bytes\":{},\"last_backup\":{},\"quota\":null}}",
+                 \"bytes\":{},\"last_backup\":{},\"quota\":{}}}",
                 json_str(&id_hex(&c.id)),
                 json_str(&c.name),
                 c.has_key,
@@ -107,6 +147,7 @@ pub fn clients(args: &ClientsArgs) -> Result<ExitCode, String> {
                 u.versions,
                 u.bytes,
                 json_opt_str(u.last_backup.as_deref()),
+                quota_json(u, args.quota, args.quota_files),
             ));
         } else {
             rows.push(vec![
@@ -116,7 +157,7 @@ pub fn clients(args: &ClientsArgs) -> Result<ExitCode, String> {
                 u.files.to_string(),
                 u.bytes.to_string(),
                 or_dash(u.last_backup.as_ref()),
-                "-".into(),
+                quota_cell(u, args.quota, args.quota_files),
             ]);
         }
     }

@@ -51,7 +51,7 @@ use crate::config::Config;
 use crate::metrics::{Closed, Metrics, Refused};
 use crate::peer_log;
 use crate::protocol::ClientId;
-use crate::worker::{Completion, ConnRef, Job, Worker};
+use crate::worker::{Completion, ConnRef, Job, Usage, Worker};
 use admission::{eviction_rank, PerAddress, RateLimiter};
 use connection::{Connection, ContentRead, Incoming, ReadOutcome, ReadState};
 
@@ -100,6 +100,11 @@ pub struct ClientEntry {
     pub registrant: Option<ConnRef>,
     /// The registration is not yet durable (its 1600 has not been sent).
     pub pending: bool,
+    /// What the client stores (current files and kept versions): loaded at
+    /// start, then as each commit reports it. `--quota` and `--quota-files`
+    /// are checked against it. (Its versions part is counted only when a
+    /// quota or the metrics need it, see `Worker::open`.)
+    pub usage: Usage,
 }
 
 /// The clients known to the server, by id and by name.
@@ -300,6 +305,7 @@ impl Server {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| StartError(e.to_string()))?);
 
         let mut registry = Registry::default();
+        let mut usage = opened.usage;
         for c in opened.clients {
             let key = c.public_key.as_deref().and_then(|der| match crate::crypto::parse_public_key(der) {
                 Ok((k, _)) => Some(k),
@@ -315,7 +321,14 @@ impl Server {
             registry.by_name.insert(c.name.clone(), c.id);
             registry.by_id.insert(
                 c.id,
-                ClientEntry { name: c.name, key, key_owner: None, registrant: None, pending: false },
+                ClientEntry {
+                    name: c.name,
+                    key,
+                    key_owner: None,
+                    registrant: None,
+                    pending: false,
+                    usage: usage.remove(&c.id).unwrap_or_default(),
+                },
             );
         }
         log::info!("{} registered client(s) loaded", registry.by_id.len());
@@ -327,6 +340,9 @@ impl Server {
         core.metrics.files_stored.set(opened.verified_files as i64);
         for (name, secs) in &opened.last_verified {
             core.metrics.verified_at(name, *secs);
+        }
+        for e in core.registry.by_id.values() {
+            core.metrics.client_usage(&e.name, e.usage.bytes, e.usage.files);
         }
         let metrics_writer = match &cfg.metrics_file {
             Some(path) => {

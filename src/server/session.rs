@@ -192,7 +192,14 @@ impl<J: JobSink> Core<J> {
         self.registry.by_name.insert(n.to_string(), id);
         self.registry.by_id.insert(
             id,
-            ClientEntry { name: n.to_string(), key: None, key_owner: None, registrant: None, pending: true },
+            ClientEntry {
+                name: n.to_string(),
+                key: None,
+                key_owner: None,
+                registrant: None,
+                pending: true,
+                usage: Default::default(),
+            },
         );
         p.awaiting = Awaiting::Register;
         p.client_label = Some(n.to_string());
@@ -414,6 +421,9 @@ impl<J: JobSink> Core<J> {
                 );
                 return self.refuse_packet(p, &ph, content_len, &why);
             }
+            if let Some(why) = self.over_limit(id, ph.orig_file_size as u64) {
+                return self.refuse_packet(p, &ph, content_len, &why);
+            }
             if path.stripped() {
                 peer_log!(
                     Level::Info,
@@ -481,6 +491,48 @@ impl<J: JobSink> Core<J> {
         } else {
             p.incoming = Some(Incoming::Stream { len: content_len });
         }
+    }
+
+    /// Why a new upload of `announced` bytes (packet 1's `orig_file_size`)
+    /// by client `id` must be refused, if it must: it would take the client
+    /// over `--quota` or `--quota-files`, or leave less than `--min-free` on
+    /// the data directory's filesystem. Nothing is reserved: the figures are
+    /// what is stored now (uploads in flight do not count until committed),
+    /// and the upload counts as a new file even if it replaces one (whose
+    /// copy is kept as a version until pruned). See docs/OPERATIONS.md,
+    /// "Quotas and free space".
+    fn over_limit(&self, id: [u8; 16], announced: u64) -> Option<String> {
+        let cfg = &self.cfg;
+        let entry = self.registry.by_id.get(&id)?;
+        let used = entry.usage;
+        if cfg.quota > 0 && used.bytes.saturating_add(announced) > cfg.quota {
+            return Some(format!(
+                "client \"{}\" would exceed --quota {} bytes: it stores {} bytes and the file announces {announced}",
+                Esc(&entry.name),
+                cfg.quota,
+                used.bytes
+            ));
+        }
+        if cfg.quota_files > 0 && used.files >= cfg.quota_files {
+            return Some(format!(
+                "client \"{}\" would exceed --quota-files {}: it stores {} files (current and versions)",
+                Esc(&entry.name),
+                cfg.quota_files,
+                used.files
+            ));
+        }
+        if cfg.min_free > 0 {
+            if let Some(free) = self.metrics.free_bytes() {
+                if announced.saturating_add(cfg.min_free) > free {
+                    return Some(format!(
+                        "the data directory's filesystem would go below --min-free {} bytes: {free} bytes free, \
+                         the file announces {announced}",
+                        cfg.min_free
+                    ));
+                }
+            }
+        }
+        None
     }
 
     /// A piece of the streaming packet's content has been read (`last`: the
@@ -696,7 +748,13 @@ impl<J: JobSink> Core<J> {
                 }
                 Flow::Resume
             }
-            Completion::Committed { conn: _, upload: _, ok } => {
+            Completion::Committed { conn: _, upload: _, ok, client, usage } => {
+                if let Some(e) = self.registry.by_id.get_mut(&client) {
+                    if e.usage != usage {
+                        e.usage = usage;
+                        self.metrics.client_usage(&e.name, usage.bytes, usage.files);
+                    }
+                }
                 let Some(p) = p else { return Flow::Continue };
                 let Awaiting::Commit { name } = std::mem::replace(&mut p.awaiting, Awaiting::Nothing) else {
                     return Flow::Continue;
@@ -841,6 +899,40 @@ mod tests {
     use crate::server::tests::{add_connection, test_config};
     use crate::server::Server;
 
+    /// The limits of packet 1: quotas against the registry's usage, and
+    /// `--min-free` only once the free space is known (the fuzz harness, with
+    /// no worker to measure it, never refuses for it).
+    #[test]
+    fn over_limit_checks_quotas_and_known_free_space_only() {
+        use crate::worker::{Job, Usage};
+        let id = [3u8; 16];
+        let core_with = |cfg: &crate::config::Config| {
+            let mut registry = super::super::Registry::default();
+            let usage = Usage { bytes: 900, files: 4 };
+            let (key, key_owner, registrant) = (None, None, None);
+            let entry = ClientEntry { name: "q".into(), key, key_owner, registrant, pending: false, usage };
+            registry.by_id.insert(id, entry);
+            Core::new(std::sync::Arc::new(cfg.clone()), registry, Vec::<Job>::new(), 1)
+        };
+        let mut cfg = crate::config::Config::defaults();
+        cfg.min_free = 1 << 40;
+        let core = core_with(&cfg);
+        assert_eq!(core.over_limit(id, 1 << 30), None, "quotas off, free space unknown");
+        core.metrics.free_bytes.store(2 << 40, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(core.over_limit(id, 1 << 30), None);
+        let why = core.over_limit(id, (1 << 40) + 1).expect("would go below --min-free");
+        assert!(why.contains("--min-free 1099511627776"), "{why}");
+        cfg.min_free = 0;
+        cfg.quota = 1000;
+        cfg.quota_files = 5;
+        let core = core_with(&cfg);
+        assert_eq!(core.over_limit(id, 100), None, "900 + 100 is the quota, not over it");
+        assert!(core.over_limit(id, 101).is_some_and(|w| w.contains("--quota 1000 bytes")));
+        assert_eq!(core.over_limit([4u8; 16], 1 << 30), None, "no such client: refused elsewhere");
+        cfg.quota_files = 4;
+        assert!(core_with(&cfg).over_limit(id, 0).is_some_and(|w| w.contains("--quota-files 4")));
+    }
+
     /// The key a 1026 put on file must be the one a later 1027 encrypts to,
     /// even when the connection that sent the 1026 closed before the worker
     /// saved it: the registry in memory must follow the database.
@@ -852,7 +944,14 @@ mod tests {
         server.core.registry.by_name.insert("kim".into(), id);
         server.core.registry.by_id.insert(
             id,
-            ClientEntry { name: "kim".into(), key: None, key_owner: None, registrant: None, pending: false },
+            ClientEntry {
+                name: "kim".into(),
+                key: None,
+                key_owner: None,
+                registrant: None,
+                pending: false,
+                usage: Default::default(),
+            },
         );
 
         let (key, serial, _client) = add_connection(&mut server);

@@ -248,6 +248,24 @@ impl Db {
         Ok(out)
     }
 
+    /// Each client's verified files: how many and their total size (the
+    /// current files' part of [`super::Usage`]).
+    pub fn current_usage(&self) -> rusqlite::Result<std::collections::HashMap<ClientId, super::Usage>> {
+        let mut st = self.conn.prepare(
+            "SELECT ID, COUNT(*), TOTAL(MAX(COALESCE(Size, 0), 0)) FROM files WHERE Verified = 1 GROUP BY ID",
+        )?;
+        let rows =
+            st.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, f64>(2)?)))?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let (id, files, bytes) = row?;
+            if let Some(id) = blob_id(&id) {
+                out.insert(id, super::Usage { bytes: bytes as u64, files: files.max(0) as u64 });
+            }
+        }
+        Ok(out)
+    }
+
     pub fn load_clients(&self) -> rusqlite::Result<Vec<ClientRecord>> {
         let mut st = self.conn.prepare("SELECT ID, Name, PublicKey FROM clients")?;
         let rows = st.query_map([], |r| {

@@ -49,6 +49,27 @@ pub struct ConnRef {
     pub serial: u64,
 }
 
+/// What one client stores: its current (verified) files plus the earlier
+/// versions kept of them, in files and plaintext bytes. What `--quota` and
+/// `--quota-files` are checked against.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    pub files: u64,
+}
+
+impl Usage {
+    fn add(&mut self, o: Usage) {
+        self.bytes = self.bytes.saturating_add(o.bytes);
+        self.files = self.files.saturating_add(o.files);
+    }
+
+    fn sub(&mut self, o: Usage) {
+        self.bytes = self.bytes.saturating_sub(o.bytes);
+        self.files = self.files.saturating_sub(o.files);
+    }
+}
+
 /// Identifies one upload attempt (unique across restarts: seeded from the clock).
 pub type UploadId = u64;
 
@@ -147,6 +168,10 @@ pub enum Completion {
         conn: ConnRef,
         upload: UploadId,
         ok: bool,
+        /// The client's usage once this batch is published and pruned (its
+        /// usage unchanged when the commit failed), for the registry.
+        client: ClientId,
+        usage: Usage,
     },
 }
 
@@ -179,6 +204,10 @@ struct Upload {
     dropped_to: u64,
     received: Option<(u32, u64)>,
 }
+
+/// How often the worker measures the free space for `--min-free` (and
+/// after every commit).
+const FREE_SPACE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Bytes of a packet processed at a time (decrypt, cksum, write): fits L2.
 const CACHE_PIECE: usize = 128 * 1024;
@@ -256,6 +285,12 @@ pub struct Worker {
     /// the next batch (everything but file packets), in arrival order.
     carry: Vec<Job>,
     metrics: Arc<Metrics>,
+    /// Each client's usage (see [`Usage`]), kept up to date at every commit.
+    usage: HashMap<ClientId, Usage>,
+    /// When the free space was last measured (see `refresh_free_space`).
+    free_checked: Option<std::time::Instant>,
+    /// The last measure failed (and was logged).
+    free_failed: bool,
 }
 
 struct WorkerIo {
@@ -272,6 +307,8 @@ pub struct Opened {
     pub verified_files: usize,
     /// Each client's last verified file, seconds since the epoch (for the metrics).
     pub last_verified: Vec<(String, u64)>,
+    /// Each client's usage (current files and kept versions).
+    pub usage: HashMap<ClientId, Usage>,
 }
 
 fn stamp() -> u64 {
@@ -344,12 +381,27 @@ impl Worker {
             io: None,
             carry: Vec::new(),
             metrics: Arc::new(Metrics::new()),
+            usage: HashMap::new(),
+            free_checked: None,
+            free_failed: false,
         };
         w.reconcile().map_err(|e| format!("reconciling {}: {e}", data_dir.display()))?;
         let clients = w.db.load_clients().map_err(|e| format!("database {}: {e}", db_path.display()))?;
         let verified_files = w.db.file_rows().map(|r| r.iter().filter(|r| r.verified).count()).unwrap_or(0);
         let last_verified = w.db.last_verified().unwrap_or_default();
-        Ok(Opened { worker: w, clients, verified_files, last_verified })
+        // Usage: the files' sizes from the database, the versions' from one
+        // walk of versions/ (after reconciliation, which may have changed both).
+        // The walk (about a second per 100,000 versions with a warm cache) is
+        // made only when something reads the figures: a quota or the metrics.
+        let mut usage = w.db.current_usage().map_err(|e| format!("database {}: {e}", db_path.display()))?;
+        if cfg.quota > 0 || cfg.quota_files > 0 || cfg.metrics_file.is_some() {
+            let versions = w.storage.version_usage().map_err(|e| format!("versions/: {e}"))?;
+            for (id, v) in versions {
+                usage.entry(id).or_default().add(v);
+            }
+        }
+        w.usage = usage.clone();
+        Ok(Opened { worker: w, clients, verified_files, last_verified, usage })
     }
 
     /// Repair what a crash can leave behind. Each fix is logged.
@@ -422,6 +474,11 @@ impl Worker {
         Ok(())
     }
 
+    /// A client's usage as the worker knows it now.
+    fn usage_of(&self, id: &ClientId) -> Usage {
+        self.usage.get(id).copied().unwrap_or_default()
+    }
+
     fn verified_path(&self, rel: &str) -> bool {
         self.db.file_rows().map(|rows| rows.iter().any(|r| r.verified && r.path == rel)).unwrap_or(false)
     }
@@ -429,6 +486,34 @@ impl Worker {
     /// Report to these metrics (shared with the loop).
     pub fn set_metrics(&mut self, metrics: Arc<Metrics>) {
         self.metrics = metrics;
+        self.free_checked = None;
+        self.refresh_free_space();
+    }
+
+    /// Measure the free space of the data directory's filesystem into the
+    /// metrics' atomic, which the loop reads for `--min-free`: at most once a
+    /// [`FREE_SPACE_EVERY`] (a commit clears `free_checked` to measure at
+    /// once). A failed measure leaves it unknown (no refusal), logged once.
+    fn refresh_free_space(&mut self) {
+        let now = std::time::Instant::now();
+        if self.free_checked.is_some_and(|t| now.duration_since(t) < FREE_SPACE_EVERY) {
+            return;
+        }
+        self.free_checked = Some(now);
+        let free = match self.storage.free_bytes() {
+            Ok(b) => {
+                self.free_failed = false;
+                b
+            }
+            Err(e) => {
+                if !self.free_failed {
+                    log::warn!("worker: cannot measure the free space of the data directory: {e}");
+                }
+                self.free_failed = true;
+                crate::metrics::FREE_UNKNOWN
+            }
+        };
+        self.metrics.free_bytes.store(free, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Serve jobs until `Shutdown` or until the loop hangs up.
@@ -439,9 +524,14 @@ impl Worker {
             batch.append(&mut self.carry);
             let Some(io) = self.io.as_ref() else { break };
             if batch.is_empty() {
-                match io.jobs.recv() {
+                // Idle: wake once a FREE_SPACE_EVERY to measure the free space.
+                match io.jobs.recv_timeout(FREE_SPACE_EVERY) {
                     Ok(j) => batch.push(j),
-                    Err(_) => break,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        self.refresh_free_space();
+                        continue;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                 }
             }
             while batch.len() < 512 {
@@ -451,7 +541,11 @@ impl Worker {
                 }
             }
             self.metrics.worker_queue.add(-(batch.len() as i64));
-            if self.handle_batch(&mut batch) {
+            let stop = self.handle_batch(&mut batch);
+            // Uploads fill the disk between commits too: measured at least once
+            // a FREE_SPACE_EVERY while busy (and after each commit, see group_commit).
+            self.refresh_free_space();
+            if stop {
                 break;
             }
         }
@@ -686,7 +780,8 @@ impl Worker {
                 // tracks it, so its temp file goes now.
                 let _ = self.storage.remove_temp(upload);
                 log::warn!("worker: commit of {name:?} for an upload that is not staged");
-                out.push(Completion::Committed { conn, upload, ok: false });
+                let usage = self.usage_of(&client);
+                out.push(Completion::Committed { conn, upload, ok: false, client, usage });
                 continue;
             };
             match self.storage.plan_publish(&client, &name, base + i as u64) {
@@ -694,7 +789,8 @@ impl Worker {
                 Err(e) => {
                     log::error!("worker: cannot publish {name:?} of client {}: {e}", id_hex(&client));
                     let _ = self.storage.remove_temp(upload);
-                    out.push(Completion::Committed { conn, upload, ok: false });
+                    let usage = self.usage_of(&client);
+                    out.push(Completion::Committed { conn, upload, ok: false, client, usage });
                 }
             }
         }
@@ -711,7 +807,7 @@ impl Worker {
                     Ok(()) => synced.push(s),
                     Err(e) => {
                         log::error!("worker: cannot fsync staged {:?}: {e}", s.name);
-                        fail(&self.storage, s, out);
+                        fail(&self.storage, &self.usage, s, out);
                     }
                 }
             }
@@ -742,7 +838,7 @@ impl Worker {
                 let clear = intents.iter().map(|i| Write::ClearIntent { upload: i.upload }).collect();
                 writes.push((Pending::Silent, clear));
                 for s in staged.drain(..) {
-                    fail(&self.storage, s, out);
+                    fail(&self.storage, &self.usage, s, out);
                 }
             }
         }
@@ -761,7 +857,7 @@ impl Worker {
                         log::error!("worker: cannot undo publish of {}: {e}", s.publish.target);
                     }
                     writes.push((Pending::Silent, vec![Write::ClearIntent { upload: s.upload }]));
-                    fail(&self.storage, s, out);
+                    fail(&self.storage, &self.usage, s, out);
                 }
             }
         }
@@ -782,7 +878,7 @@ impl Worker {
                         log::error!("worker: cannot undo publish of {}: {e}", s.publish.target);
                     }
                     writes.push((Pending::Silent, vec![Write::ClearIntent { upload: s.upload }]));
-                    fail(&self.storage, s, out);
+                    fail(&self.storage, &self.usage, s, out);
                 }
             }
         }
@@ -834,6 +930,9 @@ impl Worker {
             self.metrics.commit_batch_size.observe(published.len() as f64);
             self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
         }
+        // The space just used (and freed by pruning) counts for the next
+        // packet 1: measured before the 1604s go out.
+        let measure = files_ok && !published.is_empty();
         for s in published {
             if files_ok {
                 if s.publish.saved_previous.is_none() {
@@ -847,14 +946,31 @@ impl Worker {
                     s.size,
                     s.cksum
                 );
+                // The new file counts in full; a replaced one stays, as a
+                // version, until pruned (what pruning removes is freed).
+                let mut freed = Usage::default();
                 let keep = self.keep_versions as usize;
-                if let Err(e) = self.storage.prune_versions(&s.client, &s.name, keep) {
+                if let Err(e) = self.storage.prune_versions(&s.client, &s.name, keep, &mut freed) {
                     log::warn!("worker: cannot prune old versions of {}: {e}", s.name);
                 }
-                out.push(Completion::Committed { conn: s.conn, upload: s.upload, ok: true });
+                let u = self.usage.entry(s.client).or_default();
+                u.add(Usage { bytes: s.size, files: 1 });
+                u.sub(freed);
+                let usage = *u;
+                out.push(Completion::Committed {
+                    conn: s.conn,
+                    upload: s.upload,
+                    ok: true,
+                    client: s.client,
+                    usage,
+                });
             } else {
-                fail(&self.storage, s, out);
+                fail(&self.storage, &self.usage, s, out);
             }
+        }
+        if measure {
+            self.free_checked = None;
+            self.refresh_free_space();
         }
         // Items whose writes did not go in with the batch get one transaction each,
         // so one bad item cannot fail the others.
@@ -918,7 +1034,8 @@ impl Worker {
 }
 
 /// A staged file that will not be published: its temp file goes, its 1029 gets 1607.
-fn fail(storage: &Storage, s: Staged, out: &mut Vec<Completion>) {
+fn fail(storage: &Storage, usage: &HashMap<ClientId, Usage>, s: Staged, out: &mut Vec<Completion>) {
     let _ = storage.remove_temp(s.upload);
-    out.push(Completion::Committed { conn: s.conn, upload: s.upload, ok: false });
+    let usage = usage.get(&s.client).copied().unwrap_or_default();
+    out.push(Completion::Committed { conn: s.conn, upload: s.upload, ok: false, client: s.client, usage });
 }

@@ -28,14 +28,16 @@
 //! removed through: the operation fails, and startup moves the entry itself
 //! to `orphans/`. Only the worker thread calls into this module.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use super::fault::{self, Point};
+use super::Usage;
 use crate::datadir::{components, Dir, Kind, Meta};
-use crate::protocol::{id_hex, ClientId};
+use crate::protocol::{id_hex, parse_id_hex, ClientId};
 
 // The name rules live in the protocol module; re-exported for the worker.
 pub use crate::protocol::path::{validate_file_name, NameError, MAX_FILE_NAME};
@@ -258,7 +260,15 @@ impl Storage {
 
     /// Delete the oldest versions so that at most `keep` remain. Returns how
     /// many were removed. Folders left empty are removed, versions/<id> included.
-    pub fn prune_versions(&self, id: &ClientId, name: &str, keep: usize) -> io::Result<usize> {
+    /// Each version removed is added to `freed` (one file, its size), also
+    /// when a later removal fails.
+    pub fn prune_versions(
+        &self,
+        id: &ClientId,
+        name: &str,
+        keep: usize,
+        freed: &mut Usage,
+    ) -> io::Result<usize> {
         let v = self.versions(id, name);
         let excess = v.len().saturating_sub(keep);
         if excess == 0 {
@@ -269,7 +279,10 @@ impl Storage {
         parts.extend(components(name)?);
         let Some(dir) = self.find(&self.versions, &parts)? else { return Ok(0) };
         for n in &v[..excess] {
+            let size = dir.stat(n.to_string())?.map_or(0, |m| m.size);
             dir.remove_file(n.to_string())?;
+            freed.files += 1;
+            freed.bytes += size;
         }
         if excess == v.len() {
             // Best effort: a folder still holding something stays.
@@ -391,6 +404,42 @@ impl Storage {
             }
         }
         dirty
+    }
+
+    /// What versions/ holds per client: every regular file below
+    /// `versions/<client-id>/` is a kept version (one file, its size). One
+    /// walk at start, one `fstatat` per entry; entries that are not ours
+    /// (a folder not named by a client id, a link) are not counted.
+    pub fn version_usage(&self) -> io::Result<HashMap<ClientId, Usage>> {
+        fn walk(dir: &Dir, u: &mut Usage) -> io::Result<()> {
+            for (name, meta) in dir.entries()? {
+                match meta.kind {
+                    Kind::File => {
+                        u.files += 1;
+                        u.bytes += meta.size;
+                    }
+                    Kind::Dir => walk(&dir.open_dir(&name)?, u)?,
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+        let mut out = HashMap::new();
+        for (name, meta) in self.versions.entries()? {
+            let Some(id) = name.to_str().and_then(parse_id_hex) else { continue };
+            if meta.kind == Kind::Dir {
+                let mut u = Usage::default();
+                walk(&self.versions.open_dir(&name)?, &mut u)?;
+                out.insert(id, u);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Free bytes for an unprivileged writer on the data directory's
+    /// filesystem (`fstatvfs` of the directory's descriptor).
+    pub fn free_bytes(&self) -> io::Result<u64> {
+        self.dir.free_bytes()
     }
 
     /// Make everything written to the data directory's filesystem durable
@@ -524,7 +573,7 @@ mod tests {
         assert_eq!(fs::read(stored(&s, &id, "f")).unwrap(), b"verified");
         // After a successful commit, pruning to 0 leaves no version behind.
         publish(&s, &id, "f", 3, b"second").unwrap();
-        s.prune_versions(&id, "f", 0).unwrap();
+        s.prune_versions(&id, "f", 0, &mut Usage::default()).unwrap();
         assert!(s.versions(&id, "f").is_empty());
         assert!(!s.root().join("versions").join(id_hex(&id)).join("f").exists());
         assert_eq!(fs::read(stored(&s, &id, "f")).unwrap(), b"second");
@@ -550,7 +599,9 @@ mod tests {
                 fs::metadata(s.root().join(d).join(&hex).join("docs/2026")).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o700, "{d}");
         }
-        s.prune_versions(&id, name, 0).unwrap();
+        let mut freed = Usage::default();
+        s.prune_versions(&id, name, 0, &mut freed).unwrap();
+        assert_eq!(freed, Usage { bytes: 2, files: 1 }, "version 2 (\"v1\") is gone");
         assert!(!s.root().join("versions").join(&hex).exists(), "empty version folders are removed");
         // A component that is a file where a folder is needed, and the reverse: that file fails.
         let e = publish(&s, &id, "docs/2026/report.pdf/inner", 4, b"y").unwrap_err();
