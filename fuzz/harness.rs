@@ -746,7 +746,7 @@ fn check_decrypt(key: &[u8; AES_KEY_LEN], ct: &[u8], cuts: &mut [usize], plain: 
 // ---------------------------------------------------------------------------
 //
 // `session` runs the server's protocol state machine (`Core` acting on each
-// connection's `Protocol`, see src/server/session.rs) with no socket and no
+// connection's `Protocol`, see src/server/machine.rs) with no socket and no
 // worker thread: two connection slots are fed request bytes the way the loop
 // reads them (23 header bytes, the header check, the control payload or a
 // packet's fixed fields, `handle_frame`, then a packet's content in pieces

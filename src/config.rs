@@ -97,7 +97,7 @@ pub struct Config {
     /// How a batch of confirmed files is made durable: `syncfs` (one
     /// filesystem sync per batch step) or `fsync` (each file and directory)
     #[arg(long, env = "BACKUPD_SYNC_MODE", value_enum, default_value = "syncfs")]
-    pub sync_mode: crate::worker::SyncMode,
+    pub sync_mode: SyncMode,
 
     /// Hash used by RSA-OAEP for the session key (sha1 is what clients in the field use)
     #[arg(long, env = "BACKUPD_OAEP_HASH", default_value = "sha1")]
@@ -142,6 +142,16 @@ pub struct Config {
     /// Append log lines to this file [default: standard error]
     #[arg(long, env = "BACKUPD_LOG_FILE")]
     pub log_file: Option<PathBuf>,
+}
+
+/// How the worker makes a batch durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SyncMode {
+    /// fdatasync every staged file and fsync every touched directory.
+    Fsync,
+    /// One syncfs(2) of the data directory's filesystem per step: the cost of
+    /// a batch no longer grows with its number of files and directories.
+    Syncfs,
 }
 
 impl Config {

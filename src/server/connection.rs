@@ -197,7 +197,7 @@ pub enum Awaiting {
 }
 
 /// One connection's place in the protocol: everything the state machine of
-/// `session.rs` reads and changes, and nothing about sockets, so that it can
+/// `machine.rs` reads and changes, and nothing about sockets, so that it can
 /// run without one (the fuzz target `session` drives it with bytes).
 pub struct Protocol {
     /// Names the connection in jobs and completions (slab key + unique serial).

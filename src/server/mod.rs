@@ -3,7 +3,7 @@
 //! The loop ([`Server`]) owns the listener, the [`Slab`] of [`Connection`]s
 //! and the timers; it does the I/O only. What requests and completions mean
 //! is decided by [`Core`] (the in-memory client registry, the memory budget,
-//! the job sink; its protocol logic is in `session.rs`) acting on each
+//! the job sink; its protocol logic is in `machine.rs`) acting on each
 //! connection's [`connection::Protocol`]. Neither touches a socket: the
 //! fuzz target `session` runs them on bytes. The loop never touches a file or the
 //! database and never sleeps: disk and database work goes to the worker as
@@ -25,12 +25,12 @@
 
 pub mod admission;
 pub mod connection;
+mod machine;
 mod notify;
 pub mod sequence;
-mod session;
 
+pub use machine::{frame_len, Flow};
 pub use sequence::{plan_packet, wraps_to_one, Ended, EndedHow, PacketStep};
-pub use session::{frame_len, Flow};
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -134,7 +134,7 @@ impl JobSink for Vec<Job> {
     }
 }
 
-/// What the protocol logic (`session.rs`) shares between connections, with
+/// What the protocol logic (`machine.rs`) shares between connections, with
 /// no socket, poll or timer in it: configuration, client registry, memory
 /// budget and buffer pool, upload ids, the registration rate limiter, and
 /// where jobs go.
@@ -745,7 +745,7 @@ impl Server {
                 Ok(ReadOutcome::Header(h)) => match self.core.check_header(&mut c.proto, &h) {
                     None => c.close_protocol(now),
                     Some(code) => {
-                        let payload = vec![0; session::frame_len(code, &h)];
+                        let payload = vec![0; machine::frame_len(code, &h)];
                         c.read = ReadState::AwaitPayload(connection::Frame {
                             header: h,
                             code,
@@ -917,6 +917,15 @@ fn overdue(c: &Connection, cfg: &Config, now: Instant) -> Option<String> {
         return Some(format!("idle for {:?}", cfg.idle_timeout));
     }
     None
+}
+
+/// The worker wakes the loop through its `mio::Waker`.
+impl crate::worker::Wake for Waker {
+    fn wake(&self) {
+        if let Err(e) = Waker::wake(self) {
+            log::error!("worker: cannot wake the event loop: {e}");
+        }
+    }
 }
 
 /// The connection a worker completion is for.

@@ -3,8 +3,8 @@
 //!
 //! The event loop sends [`Job`]s (owning their buffers: packet bytes are
 //! moved, never copied) over a channel; the worker answers each with at most
-//! one [`Completion`] on another channel and wakes the loop through a
-//! `mio::Waker`. Jobs are taken in batches: packets are decrypted,
+//! one [`Completion`] on another channel and wakes the loop through its
+//! [`Wake`]. Jobs are taken in batches: packets are decrypted,
 //! checksummed and appended to temp files as they come, and every commit,
 //! registration and key change queued in the batch is made durable together:
 //! one intent transaction, renames, one fsync per touched directory, one
@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::budget::Piece;
+use crate::config::SyncMode;
 use crate::crypto::{Cksum, StreamDecryptor, AES_KEY_LEN};
 use crate::datadir::{self, DirLock, Kind};
 use crate::metrics::Metrics;
@@ -29,16 +30,6 @@ use crate::protocol::{id_hex, ClientId};
 use db::{ClientRecord, Db, Intent, Write};
 use fault::Point;
 use storage::{Dirty, Publish, Storage};
-
-/// How the worker makes a batch durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SyncMode {
-    /// fdatasync every staged file and fsync every touched directory.
-    Fsync,
-    /// One syncfs(2) of the data directory's filesystem per step: the cost of
-    /// a batch no longer grows with its number of files and directories.
-    Syncfs,
-}
 
 /// A connection as the worker names it: the slab key plus a serial number
 /// unique for the life of the process, so that a completion for a closed
@@ -175,20 +166,15 @@ pub enum Completion {
     },
 }
 
-/// Anything the loop wakes on; implemented by `mio::Waker`.
+/// Anything the loop wakes on (the server implements it for its poll waker:
+/// the worker does not know the loop's machinery).
 pub trait Wake: Send + Sync {
     fn wake(&self);
 }
 
-impl Wake for mio::Waker {
-    fn wake(&self) {
-        if let Err(e) = mio::Waker::wake(self) {
-            log::error!("worker: cannot wake the event loop: {e}");
-        }
-    }
-}
-
-struct Upload {
+/// An upload at the worker: its temp file (`tmp/<n>.part`), the decryptor
+/// and cksum of its stream, until it is published or discarded.
+struct PartFile {
     client: ClientId,
     key: SessionKey,
     /// Open while packets arrive; closed once the upload is received, so that
@@ -278,7 +264,7 @@ pub struct Worker {
     db: Db,
     keep_versions: u32,
     sync_mode: SyncMode,
-    uploads: HashMap<UploadId, Upload>,
+    uploads: HashMap<UploadId, PartFile>,
     /// The channels, once `run` has them (see `stage_arrivals`).
     io: Option<WorkerIo>,
     /// Jobs taken off the channel during a group commit that must wait for
@@ -328,7 +314,8 @@ enum Pending {
     Silent,
 }
 
-struct Staged {
+/// A received upload on its way into `files/` in a group commit.
+struct Publishing {
     conn: ConnRef,
     upload: UploadId,
     client: ClientId,
@@ -655,7 +642,7 @@ impl Worker {
                 self.storage.create_temp(p.upload).map_err(|e| format!("cannot create temp file: {e}"))?;
             self.uploads.insert(
                 p.upload,
-                Upload {
+                PartFile {
                     client: start.client,
                     key: SessionKey(start.key),
                     file: Some(file),
@@ -681,7 +668,7 @@ impl Worker {
         }
         let content = &mut p.content.bytes[..];
         u.ciphertext += content.len() as u64;
-        let Upload { file: Some(file), cksum, dec, .. } = u else {
+        let PartFile { file: Some(file), cksum, dec, .. } = u else {
             return Err("packet after the last one".into());
         };
         let mut err: Option<io::Error> = None;
@@ -708,7 +695,7 @@ impl Worker {
         }
         if let Some(expected) = p.end_segment {
             let d = u.dec.take().ok_or("no CBC stream to finish")?;
-            let Upload { file: Some(file), cksum, .. } = u else {
+            let PartFile { file: Some(file), cksum, .. } = u else {
                 return Err("packet after the last one".into());
             };
             let mut sink = |pt: &[u8]| {
@@ -763,7 +750,7 @@ impl Worker {
         out: &mut Vec<Completion>,
     ) {
         let started = std::time::Instant::now();
-        let mut staged: Vec<Staged> = Vec::new();
+        let mut staged: Vec<Publishing> = Vec::new();
         let mut deferred = Vec::new();
         let base = stamp();
         for (i, (conn, upload, client, name)) in commits.into_iter().enumerate() {
@@ -773,7 +760,7 @@ impl Worker {
                 continue;
             }
             let ready = matches!(self.uploads.get(&upload), Some(u) if u.client == client);
-            let Some(Upload { received: Some((cksum, size)), .. }) =
+            let Some(PartFile { received: Some((cksum, size)), .. }) =
                 self.uploads.remove(&upload).filter(|_| ready)
             else {
                 // Refused (e.g. another client's upload): the loop no longer
@@ -785,7 +772,7 @@ impl Worker {
                 continue;
             };
             match self.storage.plan_publish(&client, &name, base + i as u64) {
-                Ok(publish) => staged.push(Staged { conn, upload, client, name, size, cksum, publish }),
+                Ok(publish) => staged.push(Publishing { conn, upload, client, name, size, cksum, publish }),
                 Err(e) => {
                     log::error!("worker: cannot publish {name:?} of client {}: {e}", id_hex(&client));
                     let _ = self.storage.remove_temp(upload);
@@ -1017,7 +1004,7 @@ impl Worker {
 
     /// A batch of publishes could not be made durable or recorded: put every
     /// target back as it was.
-    fn unpublish(&mut self, published: &[Staged]) {
+    fn unpublish(&mut self, published: &[Publishing]) {
         log::error!("worker: undoing {} publish(es)", published.len());
         for s in published.iter().rev() {
             if let Err(e) = self.storage.undo(&s.publish) {
@@ -1034,7 +1021,7 @@ impl Worker {
 }
 
 /// A staged file that will not be published: its temp file goes, its 1029 gets 1607.
-fn fail(storage: &Storage, usage: &HashMap<ClientId, Usage>, s: Staged, out: &mut Vec<Completion>) {
+fn fail(storage: &Storage, usage: &HashMap<ClientId, Usage>, s: Publishing, out: &mut Vec<Completion>) {
     let _ = storage.remove_temp(s.upload);
     let usage = usage.get(&s.client).copied().unwrap_or_default();
     out.push(Completion::Committed { conn: s.conn, upload: s.upload, ok: false, client: s.client, usage });
