@@ -62,8 +62,8 @@ pub fn reset_key(args: &ResetKeyArgs) -> Result<ExitCode, String> {
         .execute("UPDATE clients SET PublicKey=NULL WHERE ID=?1", params![&client.id[..]])
         .map_err(|e| store.err(e))?;
     println!(
-        "reset the key of {} ({}): its next connection may send a new public key (1026) with this id \
-         and name",
+        "reset the key of {} ({}): the client registers its name again (1025 is answered with the same \
+         id) and sends its new key (1026) on that connection; `backup-client --register --name NAME` does it",
         client.name,
         id_hex(&client.id)
     );
