@@ -1,4 +1,4 @@
-//! The fuzz targets of `fuzz/` (bodies in `fuzz/harness.rs`) run as ordinary
+//! The fuzz targets of `fuzz/` (bodies in `fuzz/harness/`) run as ordinary
 //! tests, so that `cargo test` exercises them on stable Rust without
 //! cargo-fuzz: over the committed seed corpus, over mutations of it and over
 //! random inputs, all from fixed seeds. Every crash a fuzzer finds becomes a
@@ -9,7 +9,7 @@
 
 mod common;
 
-#[path = "../fuzz/harness.rs"]
+#[path = "../fuzz/harness/mod.rs"]
 mod harness;
 
 use std::path::{Path, PathBuf};

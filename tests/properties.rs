@@ -16,7 +16,7 @@ use backupd::server::{plan_packet, PacketStep};
 use proptest::collection::vec;
 use proptest::prelude::*;
 
-#[path = "../fuzz/harness.rs"]
+#[path = "../fuzz/harness/mod.rs"]
 mod harness;
 
 fn config(cases: u32) -> ProptestConfig {

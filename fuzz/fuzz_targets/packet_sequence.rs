@@ -1,7 +1,7 @@
-//! cargo-fuzz target `packet_sequence`: see `fuzz/harness.rs` for what it checks.
+//! cargo-fuzz target `packet_sequence`: see `fuzz/harness/` for what it checks.
 #![no_main]
 
-#[path = "../harness.rs"]
+#[path = "../harness/mod.rs"]
 mod harness;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::packet_sequence(data));

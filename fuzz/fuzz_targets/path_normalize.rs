@@ -1,7 +1,7 @@
-//! cargo-fuzz target `path_normalize`: see `fuzz/harness.rs` for what it checks.
+//! cargo-fuzz target `path_normalize`: see `fuzz/harness/` for what it checks.
 #![no_main]
 
-#[path = "../harness.rs"]
+#[path = "../harness/mod.rs"]
 mod harness;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::path_normalize(data));
