@@ -1,0 +1,84 @@
+//! The run: the machine, its limits, then every scenario on a fresh server,
+//! the targets of issue 5 and `target/bench/results.json`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::cli::{Opts, Scn};
+use crate::limits::{measure_limits, Limits};
+use crate::machine::{describe_binary, describe_machine, raise_nofile};
+use crate::report::{print_targets, write_results, Target};
+use crate::scenarios::run_scenarios;
+use crate::usage::wait_quiet;
+use crate::Res;
+
+pub(crate) fn bench_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench")
+}
+
+pub(crate) fn run(o: &Opts) -> Res<bool> {
+    let mut cleanup = Vec::new();
+    let r = run_measured(o, &mut cleanup);
+    // Deleting many files makes the next file creations on the same ext4
+    // block groups slow for about 30 s when the filesystem has no journal
+    // (ext4 then skips recently deleted inodes, reading each one's inode
+    // table block), so nothing is deleted before the last measurement.
+    for d in cleanup {
+        let _ = fs::remove_dir_all(d);
+    }
+    r
+}
+
+fn run_measured(o: &Opts, cleanup: &mut Vec<PathBuf>) -> Res<bool> {
+    let dir = bench_dir();
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let nofile = raise_nofile((o.idle_clients + o.small_clients + o.multi_clients + 256) as u64);
+    let want = |s: Scn| o.scenarios.contains(&s);
+
+    // Machine.
+    let mut top = describe_machine(o, &dir, nofile);
+
+    // Binary.
+    let binary_mib = if o.target.is_none() { describe_binary(o, &dir, &mut top) } else { None };
+
+    // Limits.
+    if want(Scn::Limits) && o.wait_quiet > 0 {
+        wait_quiet(o.wait_quiet, "limits");
+    }
+    cleanup.push(dir.join(format!("limits-{}", std::process::id())));
+    let limits = if want(Scn::Limits) { measure_limits(o, &dir)? } else { Limits::default() };
+    top.set("limits", limits.json.clone());
+
+    // Server scenarios, each on a freshly started server with its own data
+    // directory, so that what one scenario leaves in memory is not the next
+    // one's baseline.
+    let (scen, mut totals) = run_scenarios(o, &dir, &limits, cleanup)?;
+    top.set("scenarios", scen);
+
+    if o.target.is_none() && !totals.rss_starts.0.is_empty() {
+        totals.targets.insert(
+            0,
+            Target::at_most(
+                "RSS idle (after start)",
+                Some(totals.rss_starts.median()),
+                4.0,
+                "MiB",
+                format!("median of {} starts", totals.rss_starts.0.len()),
+            ),
+        );
+    }
+    if o.target.is_none() {
+        totals.targets.push(Target::at_most(
+            "stripped release binary",
+            binary_mib,
+            2.0,
+            "MiB",
+            String::new(),
+        ));
+    }
+    print_targets(&totals.targets);
+    top.set("targets", crate::json::J::Arr(totals.targets.iter().map(Target::json).collect()));
+    top.set("all_uploads_ok", totals.ok);
+    write_results(&dir, &top)?;
+    Ok(totals.ok)
+}
