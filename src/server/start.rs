@@ -2,7 +2,7 @@
 //! reconciled), the listener bound, signals registered, the registry loaded,
 //! the metrics writer and the worker thread started.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::mpsc;
@@ -17,7 +17,9 @@ use slab::Slab;
 use super::admission::PerAddress;
 use super::{notify, ClientEntry, Core, Registry, Server, LISTENER, LISTEN_BACKLOG, SIGNALS, WAKER};
 use crate::config::Config;
-use crate::worker::{Completion, Job, Worker};
+use crate::protocol::ClientId;
+use crate::worker::db::ClientRecord;
+use crate::worker::{Completion, Job, Usage, Worker};
 
 /// Why the server could not start.
 #[derive(Debug)]
@@ -34,21 +36,7 @@ impl Server {
     /// Open storage and database (reconciling them), bind the listener,
     /// register signals and start the worker.
     pub fn bind(cfg: Config, addr: SocketAddr) -> Result<Server, StartError> {
-        // Content is read in pieces of at most CONTENT_PIECE bytes (or the whole
-        // budget, if smaller) and control frames do not use the budget: any
-        // budget of at least 4 KiB serves every frame.
-        if cfg.memory_budget < 4096 {
-            return Err(StartError(format!(
-                "--memory-budget ({}) must be at least 4096 bytes",
-                cfg.memory_budget
-            )));
-        }
-        if cfg.max_packet > u32::MAX as u64 || cfg.max_packet < crate::protocol::PACKET_HEADER_LEN as u64 {
-            return Err(StartError("--max-packet must be between 267 bytes and 4 GiB".into()));
-        }
-        if cfg.max_file_size > u32::MAX as u64 {
-            return Err(StartError("--max-file-size cannot exceed 4294967295 (a 32-bit field)".into()));
-        }
+        check_flags(&cfg)?;
         check_descriptor_limit(cfg.max_connections);
         let opened = Worker::open(&cfg).map_err(StartError)?;
         let poll = Poll::new().map_err(|e| StartError(format!("cannot create poll: {e}")))?;
@@ -65,33 +53,7 @@ impl Server {
             .map_err(|e| StartError(e.to_string()))?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| StartError(e.to_string()))?);
 
-        let mut registry = Registry::default();
-        let mut usage = opened.usage;
-        for c in opened.clients {
-            let key = c.public_key.as_deref().and_then(|der| match crate::crypto::parse_public_key(der) {
-                Ok((k, _)) => Some(k),
-                Err(e) => {
-                    log::warn!(
-                        "client {} ({}) has an unusable stored key: {e}",
-                        c.name,
-                        crate::protocol::id_hex(&c.id)
-                    );
-                    None
-                }
-            });
-            registry.by_name.insert(c.name.clone(), c.id);
-            registry.by_id.insert(
-                c.id,
-                ClientEntry {
-                    name: c.name,
-                    key,
-                    key_owner: None,
-                    registrant: None,
-                    pending: false,
-                    usage: usage.remove(&c.id).unwrap_or_default(),
-                },
-            );
-        }
+        let registry = load_registry(opened.clients, opened.usage);
         log::info!("{} registered client(s) loaded", registry.by_id.len());
 
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
@@ -105,21 +67,7 @@ impl Server {
         for e in core.registry.by_id.values() {
             core.metrics.client_usage(&e.name, e.usage.bytes, e.usage.files);
         }
-        let metrics_writer = match &cfg.metrics_file {
-            Some(path) => {
-                let src = crate::metrics::Source {
-                    metrics: core.metrics.clone(),
-                    budget: core.budget.clone(),
-                    data_dir: cfg.data_dir.clone(),
-                    max_clients: cfg.metrics_max_clients,
-                };
-                Some(
-                    crate::metrics::spawn_writer(path.clone(), cfg.metrics_interval, src)
-                        .map_err(|e| StartError(format!("cannot start the metrics thread: {e}")))?,
-                )
-            }
-            None => None,
-        };
+        let metrics_writer = start_metrics_writer(&cfg, &core)?;
         let mut worker = opened.worker;
         worker.set_metrics(core.metrics.clone());
         let wk: Arc<dyn crate::worker::Wake> = waker;
@@ -152,6 +100,77 @@ impl Server {
             last_refusal_log: None,
         })
     }
+}
+
+/// The flags that must hold together before anything starts.
+fn check_flags(cfg: &Config) -> Result<(), StartError> {
+    // Content is read in pieces of at most CONTENT_PIECE bytes (or the whole
+    // budget, if smaller) and control frames do not use the budget: any
+    // budget of at least 4 KiB serves every frame.
+    if cfg.memory_budget < 4096 {
+        return Err(StartError(format!(
+            "--memory-budget ({}) must be at least 4096 bytes",
+            cfg.memory_budget
+        )));
+    }
+    if cfg.max_packet > u32::MAX as u64 || cfg.max_packet < crate::protocol::PACKET_HEADER_LEN as u64 {
+        return Err(StartError("--max-packet must be between 267 bytes and 4 GiB".into()));
+    }
+    if cfg.max_file_size > u32::MAX as u64 {
+        return Err(StartError("--max-file-size cannot exceed 4294967295 (a 32-bit field)".into()));
+    }
+    Ok(())
+}
+
+/// The registry of the clients on record, with their keys and usage.
+fn load_registry(clients: Vec<ClientRecord>, mut usage: HashMap<ClientId, Usage>) -> Registry {
+    let mut registry = Registry::default();
+    for c in clients {
+        let key = c.public_key.as_deref().and_then(|der| match crate::crypto::parse_public_key(der) {
+            Ok((k, _)) => Some(k),
+            Err(e) => {
+                log::warn!(
+                    "client {} ({}) has an unusable stored key: {e}",
+                    c.name,
+                    crate::protocol::id_hex(&c.id)
+                );
+                None
+            }
+        });
+        registry.by_name.insert(c.name.clone(), c.id);
+        registry.by_id.insert(
+            c.id,
+            ClientEntry {
+                name: c.name,
+                key,
+                key_owner: None,
+                registrant: None,
+                pending: false,
+                usage: usage.remove(&c.id).unwrap_or_default(),
+            },
+        );
+    }
+    registry
+}
+
+/// The thread writing `--metrics-file`, if asked for.
+fn start_metrics_writer(cfg: &Config, core: &Core) -> Result<Option<crate::metrics::Writer>, StartError> {
+    let writer = match &cfg.metrics_file {
+        Some(path) => {
+            let src = crate::metrics::Source {
+                metrics: core.metrics.clone(),
+                budget: core.budget.clone(),
+                data_dir: cfg.data_dir.clone(),
+                max_clients: cfg.metrics_max_clients,
+            };
+            Some(
+                crate::metrics::spawn_writer(path.clone(), cfg.metrics_interval, src)
+                    .map_err(|e| StartError(format!("cannot start the metrics thread: {e}")))?,
+            )
+        }
+        None => None,
+    };
+    Ok(writer)
 }
 
 /// Raise the soft descriptor limit to the hard one, and warn when even that
