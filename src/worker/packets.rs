@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{self, Write as _};
 
 use super::fault::{self, Point};
-use super::{Completion, PacketJob, PacketOutcome, Worker};
+use super::{Completion, PacketJob, PacketOutcome, StartUpload, UploadId, Worker};
 use crate::crypto::{Cksum, StreamDecryptor, AES_KEY_LEN};
 use crate::protocol::ClientId;
 
@@ -106,27 +106,55 @@ impl Worker {
 
     fn packet_inner(&mut self, p: &mut PacketJob) -> Result<PacketOutcome, String> {
         if let Some(start) = p.start.take() {
-            let file =
-                self.storage.create_temp(p.upload).map_err(|e| format!("cannot create temp file: {e}"))?;
-            self.uploads.insert(
-                p.upload,
-                PartFile {
-                    client: start.client,
-                    key: SessionKey(start.key),
-                    file: Some(file),
-                    dec: None,
-                    cksum: Cksum::new(),
-                    ciphertext: 0,
-                    segment_start: 0,
-                    writeback_from: 0,
-                    dropped_to: 0,
-                    received: None,
-                },
-            );
+            self.open_upload(p.upload, start)?;
         }
         let Some(u) = self.uploads.get_mut(&p.upload) else {
             return Ok(PacketOutcome::Ignored);
         };
+        u.append(p)?;
+        u.kick_writeback()?;
+        if !p.last {
+            return Ok(PacketOutcome::Accepted);
+        }
+        if u.dec.is_some() {
+            return Err("upload ended inside a CBC stream".into());
+        }
+        // The temp file is made durable at commit time, together with the
+        // rest of its batch: 1603 promises nothing about durability, 1604 does.
+        let plain_len = u.cksum.len();
+        let sum = std::mem::take(&mut u.cksum).finalize();
+        u.received = Some((sum, plain_len));
+        u.file = None;
+        Ok(PacketOutcome::Received { cksum: sum, ciphertext_len: u.ciphertext, plain_len })
+    }
+
+    /// A packet 1: the upload's temp file and stream state.
+    fn open_upload(&mut self, upload: UploadId, start: StartUpload) -> Result<(), String> {
+        let file = self.storage.create_temp(upload).map_err(|e| format!("cannot create temp file: {e}"))?;
+        self.uploads.insert(
+            upload,
+            PartFile {
+                client: start.client,
+                key: SessionKey(start.key),
+                file: Some(file),
+                dec: None,
+                cksum: Cksum::new(),
+                ciphertext: 0,
+                segment_start: 0,
+                writeback_from: 0,
+                dropped_to: 0,
+                received: None,
+            },
+        );
+        Ok(())
+    }
+}
+
+impl PartFile {
+    /// Decrypt, checksum and append a packet's content (and finish its CBC
+    /// stream when the packet ends one).
+    fn append(&mut self, p: &mut PacketJob) -> Result<(), String> {
+        let u = self;
         if u.received.is_some() {
             return Err("packet after the last one".into());
         }
@@ -182,7 +210,12 @@ impl Worker {
         if let Some(e) = err {
             return Err(format!("cannot write temp file: {e}"));
         }
-        // Write-behind (see `write_behind`).
+        Ok(())
+    }
+
+    /// Write-behind (see `write_behind`).
+    fn kick_writeback(&mut self) -> Result<(), String> {
+        let u = self;
         let written = u.cksum.len();
         if written - u.writeback_from >= WRITEBACK_STEP {
             if let Some(f) = &u.file {
@@ -192,18 +225,6 @@ impl Worker {
             u.dropped_to = u.writeback_from;
             u.writeback_from = written;
         }
-        if !p.last {
-            return Ok(PacketOutcome::Accepted);
-        }
-        if u.dec.is_some() {
-            return Err("upload ended inside a CBC stream".into());
-        }
-        // The temp file is made durable at commit time, together with the
-        // rest of its batch: 1603 promises nothing about durability, 1604 does.
-        let plain_len = u.cksum.len();
-        let sum = std::mem::take(&mut u.cksum).finalize();
-        u.received = Some((sum, plain_len));
-        u.file = None;
-        Ok(PacketOutcome::Received { cksum: sum, ciphertext_len: u.ciphertext, plain_len })
+        Ok(())
     }
 }
