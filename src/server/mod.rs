@@ -25,6 +25,7 @@
 
 mod accept;
 pub mod admission;
+mod completion;
 pub mod connection;
 mod core;
 mod deadlines;
@@ -33,6 +34,7 @@ mod machine;
 mod notify;
 pub mod sequence;
 mod start;
+mod upload;
 
 pub use self::core::{ClientEntry, Core, JobSink, Registry};
 pub use machine::{frame_len, Flow};
