@@ -22,6 +22,12 @@
 //! connections without a session are closed after `--login-timeout`; a full
 //! table evicts the connection with the oldest upload progress; per-address
 //! caps apply at accept ([`admission`]).
+//!
+//! Here: the loop itself (poll, signals, close, completions, shutdown). Start-up
+//! is in `start.rs`, accepting in `accept.rs`, driving a connection in
+//! `drive.rs`, the housekeeping deadlines in `deadlines.rs`, [`Core`] in
+//! `core.rs`; the state machine in `machine.rs`, with its packet path in
+//! `upload.rs` and its completions in `completion.rs`.
 
 mod accept;
 pub mod admission;

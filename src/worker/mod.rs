@@ -9,6 +9,11 @@
 //! registration and key change queued in the batch is made durable together:
 //! one intent transaction, renames, one fsync per touched directory, one
 //! database transaction (group commit).
+//!
+//! Here: the jobs and completions, the batches and the free-space measure.
+//! The packet path is in `packets.rs`, the group commit in `commit.rs`,
+//! startup repair in `reconcile.rs`; the directory layout in [`storage`],
+//! the database in [`db`].
 
 mod commit;
 pub mod db;
