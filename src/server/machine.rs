@@ -12,21 +12,16 @@ use std::time::Instant;
 
 use log::Level;
 
-use crate::budget::Piece;
 use crate::crypto::{encrypt_session_key, parse_public_key, random_aes_key};
 use crate::logging::Esc;
 use crate::metrics::Unstored;
 use crate::peer_log;
 use crate::protocol::{
-    id_hex, normalize_path, Code, NameField, PacketHeader, Request, RequestHeader, Response,
-    PACKET_HEADER_LEN,
+    id_hex, normalize_path, Code, NameField, Request, RequestHeader, Response, PACKET_HEADER_LEN,
 };
-use crate::worker::{Completion, Job, PacketJob, PacketOutcome, StartUpload};
+use crate::worker::Job;
 
-use super::connection::{
-    Awaiting, Frame, Incoming, PacketStream, Protocol, Receiving, Session, StagedFile, Upload, MAX_STAGED,
-};
-use super::sequence::{plan_packet, wraps_to_one, Ended, EndedHow};
+use super::connection::{Awaiting, Frame, Protocol, Receiving, Session, Upload};
 use super::{ClientEntry, Core, JobSink};
 
 /// Longest client name accepted at registration (the field holds 254 bytes + NUL).
@@ -45,13 +40,13 @@ pub enum Flow {
 }
 
 impl Protocol {
-    fn reply(&mut self, r: Response) {
+    pub(super) fn reply(&mut self, r: Response) {
         r.encode(&mut self.out);
     }
 
     /// Refuse a request whose framing was fine: 1607, one log line (rate-limited
     /// per peer address), keep the connection.
-    fn refuse(&mut self, why: &str) {
+    pub(super) fn refuse(&mut self, why: &str) {
         peer_log!(Level::Warn, self.peer.ip(), "{}: refused: {why}", self.tag());
         self.reply(Response::GeneralError);
     }
@@ -75,7 +70,7 @@ pub fn frame_len(code: Code, h: &RequestHeader) -> usize {
 }
 
 impl<J: JobSink> Core<J> {
-    fn send_job(&mut self, job: Job) {
+    pub(super) fn send_job(&mut self, job: Job) {
         self.metrics.worker_queue.inc();
         if !self.jobs.send(job) {
             log::error!("worker thread is gone; cannot continue");
@@ -302,7 +297,7 @@ impl<J: JobSink> Core<J> {
 
     /// Install a new session key on the connection. An upload in progress
     /// under the old key cannot continue: it is dropped.
-    fn open_session(&mut self, p: &mut Protocol, id: [u8; 16], name: String, aes: [u8; 32]) {
+    pub(super) fn open_session(&mut self, p: &mut Protocol, id: [u8; 16], name: String, aes: [u8; 32]) {
         p.client_label = Some(name.clone());
         // Files staged under another identity cannot be confirmed by this one.
         let switched = p.session.as_ref().is_some_and(|s| s.id != id);
@@ -323,7 +318,7 @@ impl<J: JobSink> Core<J> {
     /// Drop an upload in progress: the worker discards it, if any of its
     /// content reached it (a refused packet 1, or a close while packet 1's
     /// first piece is being read, leaves nothing there).
-    fn drop_upload(&mut self, r: &Receiving) {
+    pub(super) fn drop_upload(&mut self, r: &Receiving) {
         if r.started {
             self.send_job(Job::Discard { upload: r.upload, failed: None });
         }
@@ -378,405 +373,6 @@ impl<J: JobSink> Core<J> {
         }
     }
 
-    /// A file packet's fixed fields: check them against the upload and decide
-    /// what happens to its `content_len` content bytes (`p.incoming`).
-    fn on_packet(&mut self, p: &mut Protocol, id: [u8; 16], ph: PacketHeader, content_len: u64) {
-        let now = Instant::now();
-
-        // A later packet of an upload that ended (refused, or received) is
-        // swallowed: read and dropped, no reply, no log line.
-        if let Upload::Ended(e) = &mut p.upload {
-            if e.swallow(&ph, content_len) {
-                p.incoming = Some(Incoming::Drain { len: content_len });
-                return;
-            }
-            p.upload = Upload::Idle;
-        }
-
-        if p.session.as_ref().is_none_or(|s| s.id != id) {
-            let why = format!("file packet without a session key for id {} on this connection", id_hex(&id));
-            return self.refuse_packet(p, &ph, content_len, &why);
-        }
-
-        // Packet numbers wrap past 65,535: a packet 1 may be the next packet
-        // of the upload in progress, when the bytes show it goes on.
-        let wrapped = matches!(&p.upload, Upload::Receiving(r) if wraps_to_one(r, &ph, content_len));
-        let opens_upload = ph.packet_number == 1 && !wrapped;
-        if opens_upload {
-            // A new upload; one in progress is abandoned (clients restart from packet 1).
-            if let Upload::Receiving(r) = std::mem::replace(&mut p.upload, Upload::Idle) {
-                self.drop_upload(&r);
-            }
-            let path = match normalize_path(ph.file_name.bytes()) {
-                Ok(path) => path,
-                Err(e) => {
-                    let why = format!("file name \"{}\": {e}", ph.file_name.display());
-                    return self.refuse_packet(p, &ph, content_len, &why);
-                }
-            };
-            if ph.orig_file_size as u64 > self.cfg.max_file_size {
-                let why = format!(
-                    "file of {} bytes exceeds the {}-byte limit",
-                    ph.orig_file_size, self.cfg.max_file_size
-                );
-                return self.refuse_packet(p, &ph, content_len, &why);
-            }
-            if let Some(why) = self.over_limit(id, ph.orig_file_size as u64) {
-                return self.refuse_packet(p, &ph, content_len, &why);
-            }
-            if path.stripped() {
-                peer_log!(
-                    Level::Info,
-                    p.peer.ip(),
-                    "{}: \"{}\" is stored as \"{}\" (leading root or drive removed)",
-                    p.tag(),
-                    ph.file_name.display(),
-                    Esc(path.as_str())
-                );
-            }
-            let name = path.as_str().to_string();
-            // A new upload of a staged name replaces the staged copy.
-            if let Some(i) = p.staged_index(&name) {
-                if let Some(old) = p.staged.remove(i) {
-                    if !old.retried {
-                        self.send_job(Job::Discard { upload: old.upload, failed: None });
-                    }
-                }
-            }
-            let upload = self.next_upload;
-            self.next_upload += 1;
-            p.upload =
-                Upload::Receiving(Receiving::new(upload, name, ph.file_name.clone(), ph.total_packets, now));
-        }
-
-        let Upload::Receiving(r) = &mut p.upload else {
-            let why = format!(
-                "packet {} of \"{}\" with no upload in progress",
-                ph.packet_number,
-                ph.file_name.display()
-            );
-            return self.refuse_packet(p, &ph, content_len, &why);
-        };
-        if r.name_field.bytes() != ph.file_name.bytes()
-            || r.total != ph.total_packets
-            || r.next != ph.packet_number
-        {
-            let why = format!(
-                "packet {}/{} of \"{}\" does not follow packet {}/{} of \"{}\"",
-                ph.packet_number,
-                ph.total_packets,
-                ph.file_name.display(),
-                r.next.wrapping_sub(1),
-                r.total,
-                r.name_field.display()
-            );
-            return self.refuse_packet(p, &ph, content_len, &why);
-        }
-        let step = match plan_packet(r, &ph, content_len, self.cfg.max_file_size) {
-            Ok(s) => s,
-            Err(why) => return self.refuse_packet(p, &ph, content_len, &why),
-        };
-        r.touched = now;
-        r.next = r.next.wrapping_add(1);
-        p.streaming = Some(PacketStream {
-            upload: r.upload,
-            first: true,
-            opens_upload,
-            new_segment: step.new_segment,
-            end_segment: step.end_segment,
-            last_packet: step.last,
-        });
-        if content_len == 0 {
-            self.content_piece(p, Piece::empty(), true);
-        } else {
-            p.incoming = Some(Incoming::Stream { len: content_len });
-        }
-    }
-
-    /// Why a new upload of `announced` bytes (packet 1's `orig_file_size`)
-    /// by client `id` must be refused, if it must: it would take the client
-    /// over `--quota` or `--quota-files`, or leave less than `--min-free` on
-    /// the data directory's filesystem. Nothing is reserved: the figures are
-    /// what is stored now (uploads in flight do not count until committed),
-    /// and the upload counts as a new file even if it replaces one (whose
-    /// copy is kept as a version until pruned). See docs/OPERATIONS.md,
-    /// "Quotas and free space".
-    fn over_limit(&self, id: [u8; 16], announced: u64) -> Option<String> {
-        let cfg = &self.cfg;
-        let entry = self.registry.by_id.get(&id)?;
-        let used = entry.usage;
-        if cfg.quota > 0 && used.bytes.saturating_add(announced) > cfg.quota {
-            return Some(format!(
-                "client \"{}\" would exceed --quota {} bytes: it stores {} bytes and the file announces {announced}",
-                Esc(&entry.name),
-                cfg.quota,
-                used.bytes
-            ));
-        }
-        if cfg.quota_files > 0 && used.files >= cfg.quota_files {
-            return Some(format!(
-                "client \"{}\" would exceed --quota-files {}: it stores {} files (current and versions)",
-                Esc(&entry.name),
-                cfg.quota_files,
-                used.files
-            ));
-        }
-        if cfg.min_free > 0 {
-            if let Some(free) = self.metrics.free_bytes() {
-                if announced.saturating_add(cfg.min_free) > free {
-                    return Some(format!(
-                        "the data directory's filesystem would go below --min-free {} bytes: {free} bytes free, \
-                         the file announces {announced}",
-                        cfg.min_free
-                    ));
-                }
-            }
-        }
-        None
-    }
-
-    /// A piece of the streaming packet's content has been read (`last`: the
-    /// packet's last piece): it goes to the worker with its grant.
-    pub fn content_piece(&mut self, p: &mut Protocol, piece: Piece, last: bool) {
-        let Some(s) = p.streaming.as_mut() else { return };
-        let stream = *s;
-        s.first = false;
-        if last {
-            p.streaming = None;
-        }
-        // The upload failed at the worker meanwhile (its 1607 is sent): the
-        // rest of this packet's content is dropped, not sent.
-        let current = matches!(&p.upload, Upload::Receiving(r) if r.upload == stream.upload);
-        if !current {
-            return;
-        }
-        let start = match (&p.session, stream.first && stream.opens_upload) {
-            (Some(s), true) => Some(StartUpload { client: s.id, key: s.key }),
-            _ => None,
-        };
-        if let Upload::Receiving(r) = &mut p.upload {
-            r.started = true;
-        }
-        let last_of_upload = last && stream.last_packet;
-        if last_of_upload {
-            if let Upload::Receiving(r) = std::mem::replace(&mut p.upload, Upload::Idle) {
-                p.upload = Upload::Finishing {
-                    upload: r.upload,
-                    name: r.name,
-                    name_field: r.name_field,
-                    total: r.total,
-                    next: r.next,
-                };
-            }
-            p.awaiting = Awaiting::LastPacket;
-        }
-        p.packets_in_flight += 1;
-        self.send_job(Job::Packet(PacketJob {
-            conn: p.conn,
-            upload: stream.upload,
-            content: piece,
-            start,
-            new_segment: stream.first && stream.new_segment,
-            end_segment: if last { stream.end_segment } else { None },
-            last: last_of_upload,
-        }));
-    }
-
-    /// Refuse a file packet: 1607 once, drop the upload, swallow its later
-    /// packets; its content is read and dropped.
-    fn refuse_packet(&mut self, p: &mut Protocol, ph: &PacketHeader, content_len: u64, why: &str) {
-        p.incoming = Some(Incoming::Drain { len: content_len });
-        self.metrics.unstored(Unstored::Refused);
-        let dropped = match std::mem::replace(&mut p.upload, Upload::Idle) {
-            Upload::Receiving(r) => Some(r),
-            _ => None,
-        };
-        if let Some(r) = &dropped {
-            self.drop_upload(r);
-        }
-        p.upload = Upload::Ended(Ended::refused(dropped.as_ref(), ph, content_len));
-        p.refuse(why);
-    }
-
-    /// A worker completion. `p` is its connection, None if that has closed
-    /// since (the registry and the budget are updated all the same).
-    pub fn on_completion(&mut self, p: Option<&mut Protocol>, done: Completion) -> Flow {
-        match done {
-            Completion::Packet { conn: _, upload, buffer, last, outcome } => {
-                self.recycle(buffer.into_buffer());
-                let Some(p) = p else { return Flow::Continue };
-                p.packets_in_flight -= 1;
-                match outcome {
-                    PacketOutcome::Accepted => {}
-                    PacketOutcome::Received { cksum, ciphertext_len, plain_len } => {
-                        if let Upload::Finishing { upload: u, name, name_field, total, next } =
-                            std::mem::replace(&mut p.upload, Upload::Idle)
-                        {
-                            if u == upload {
-                                // Its empty chunk n+1 of n, if one follows, is swallowed.
-                                p.upload = Upload::Ended(Ended {
-                                    name_field: name_field.clone(),
-                                    total,
-                                    next,
-                                    how: EndedHow::Complete,
-                                });
-                                p.awaiting = Awaiting::Nothing;
-                                let id = p.session.as_ref().map(|s| s.id).unwrap_or_default();
-                                log::info!(
-                                    "{}: received \"{}\" ({plain_len} bytes, cksum {cksum}); awaiting confirmation",
-                                    p.tag(),
-                                    Esc(&name)
-                                );
-                                p.staged.push_back(StagedFile {
-                                    name,
-                                    upload,
-                                    retried: false,
-                                    touched: Instant::now(),
-                                });
-                                if p.staged.len() > MAX_STAGED {
-                                    if let Some(old) = p.staged.pop_front() {
-                                        if !old.retried {
-                                            self.send_job(Job::Discard { upload: old.upload, failed: None });
-                                        }
-                                    }
-                                }
-                                p.last_progress = Some(Instant::now());
-                                p.reply(Response::FileReceived {
-                                    id,
-                                    // plan_packet refuses uploads whose total exceeds 32 bits.
-                                    content_size: u32::try_from(ciphertext_len).unwrap_or(u32::MAX),
-                                    file_name: name_field.0,
-                                    cksum,
-                                });
-                            }
-                        }
-                    }
-                    PacketOutcome::Failed(why) => {
-                        // Only the connection's current upload is answered: one the
-                        // loop already refused has had its 1607, and one abandoned
-                        // (new packet 1, new session key) gets no reply.
-                        let current = match &p.upload {
-                            Upload::Receiving(r) if r.upload == upload => {
-                                p.upload = Upload::Ended(Ended::failed(r));
-                                true
-                            }
-                            Upload::Finishing { upload: u, name_field, total, next, .. } if *u == upload => {
-                                let how = EndedHow::Refused { remaining: 0, seen: 0 };
-                                let (name_field, total, next) = (name_field.clone(), *total, *next);
-                                p.upload = Upload::Ended(Ended { name_field, total, next, how });
-                                true
-                            }
-                            _ => false,
-                        };
-                        if last && p.awaiting == Awaiting::LastPacket {
-                            p.awaiting = Awaiting::Nothing;
-                        }
-                        if why.starts_with("decryption failed") {
-                            self.decryption_failed(p);
-                        }
-                        if current {
-                            self.metrics.unstored(Unstored::Failed);
-                            p.refuse(&format!("upload failed: {why}"));
-                        } else {
-                            log::info!("{}: an abandoned or already refused upload failed: {why}", p.tag());
-                        }
-                    }
-                    PacketOutcome::Ignored => {
-                        if last && p.awaiting == Awaiting::LastPacket {
-                            p.awaiting = Awaiting::Nothing;
-                            if matches!(&p.upload, Upload::Finishing { upload: u, .. } if *u == upload) {
-                                p.upload = Upload::Idle;
-                            }
-                        }
-                    }
-                }
-                Flow::Resume
-            }
-            Completion::Registered { conn: _, id, ok } => {
-                if !ok {
-                    if let Some(e) = self.registry.by_id.remove(&id) {
-                        self.registry.by_name.remove(&e.name);
-                    }
-                } else if let Some(e) = self.registry.by_id.get_mut(&id) {
-                    e.pending = false;
-                }
-                self.metrics.clients.set(self.registry.by_id.len() as i64);
-                let Some(p) = p else { return Flow::Continue };
-                p.awaiting = Awaiting::Nothing;
-                if ok {
-                    self.set_registrant(p, id);
-                    peer_log!(Level::Info, p.peer.ip(), "{}: registered as {}", p.tag(), id_hex(&id));
-                    p.reply(Response::RegistrationOk { id });
-                } else {
-                    p.refuse("registration could not be saved");
-                }
-                Flow::Resume
-            }
-            Completion::KeySaved { conn, id, ok, der } => {
-                if let Some(e) = self.registry.by_id.get_mut(&id).filter(|e| !ok && e.key_owner == Some(conn))
-                {
-                    // Not saved: the claim on the key goes (a key on file keeps its owner).
-                    if e.key.is_none() {
-                        e.key_owner = None;
-                    }
-                }
-                let Some(p) = p else {
-                    // The connection is gone but the key is on file: a reconnect
-                    // must encrypt to it, as it will after a restart.
-                    if let (true, Some(e), Ok((k, _))) =
-                        (ok, self.registry.by_id.get_mut(&id), parse_public_key(&der))
-                    {
-                        e.key = Some(k);
-                    }
-                    return Flow::Continue;
-                };
-                let Awaiting::Key { encrypted_key, key, name, public } =
-                    std::mem::replace(&mut p.awaiting, Awaiting::Nothing)
-                else {
-                    return Flow::Continue;
-                };
-                if ok {
-                    // The key on file is what a later reconnect encrypts to.
-                    if let Some(e) = self.registry.by_id.get_mut(&id) {
-                        e.key = Some(public);
-                    }
-                    self.open_session(p, id, name, key);
-                    log::info!("{}: public key received; session key sent", p.tag());
-                    p.reply(Response::KeyAccepted { id, encrypted_key });
-                } else {
-                    p.refuse("public key could not be saved");
-                }
-                Flow::Resume
-            }
-            Completion::Committed { conn: _, upload: _, ok, client, usage } => {
-                if let Some(e) = self.registry.by_id.get_mut(&client) {
-                    if e.usage != usage {
-                        e.usage = usage;
-                        self.metrics.client_usage(&e.name, usage.bytes, usage.files);
-                    }
-                }
-                let Some(p) = p else { return Flow::Continue };
-                let Awaiting::Commit { name } = std::mem::replace(&mut p.awaiting, Awaiting::Nothing) else {
-                    return Flow::Continue;
-                };
-                let id = p.session.as_ref().map(|s| s.id).unwrap_or_default();
-                if ok {
-                    log::info!("{}: \"{}\" verified and stored", p.tag(), Esc(&name));
-                    self.metrics.uploads_verified.inc();
-                    if let Some(s) = &p.session {
-                        self.metrics.verified_at(&s.name, crate::metrics::now_secs());
-                    }
-                    p.last_progress = Some(Instant::now());
-                    p.reply(Response::Ack { id });
-                } else {
-                    self.metrics.unstored(Unstored::CommitFailed);
-                    p.refuse(&format!("\"{}\" could not be stored; upload it again", Esc(&name)));
-                }
-                Flow::Resume
-            }
-        }
-    }
-
     /// An upload of this connection's session did not decrypt. A legitimate
     /// client never sends such an upload, but one who only knows a client's id
     /// and name can reconnect (1027) and send ciphertext it cannot make, which
@@ -785,7 +381,7 @@ impl<J: JobSink> Core<J> {
     /// few tokens (`Core::decrypt_failures`); out of them, the session ends on
     /// this connection (its staged files can no longer be confirmed) and the
     /// client's reconnects are refused until tokens come back.
-    fn decryption_failed(&mut self, p: &mut Protocol) {
+    pub(super) fn decryption_failed(&mut self, p: &mut Protocol) {
         let Some(id) = p.session.as_ref().map(|s| s.id) else { return };
         if self.decrypt_failures.allow(id, Instant::now()) {
             return;
@@ -808,7 +404,7 @@ impl<J: JobSink> Core<J> {
     /// `p` registered client `id` (a 1600 goes out): it is the one
     /// connection that may send the client's first key. A connection is the
     /// registrant of one client at most.
-    fn set_registrant(&mut self, p: &mut Protocol, id: [u8; 16]) {
+    pub(super) fn set_registrant(&mut self, p: &mut Protocol, id: [u8; 16]) {
         self.release_registrant(p);
         if let Some(e) = self.registry.by_id.get_mut(&id) {
             e.registrant = Some(p.conn);
@@ -898,6 +494,7 @@ mod tests {
     use super::*;
     use crate::server::tests::{add_connection, test_config};
     use crate::server::Server;
+    use crate::worker::Completion;
 
     /// The limits of packet 1: quotas against the registry's usage, and
     /// `--min-free` only once the free space is known (the fuzz harness, with

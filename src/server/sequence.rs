@@ -31,6 +31,16 @@ pub struct PacketStep {
     pub last: bool,
 }
 
+/// An upload's stream state, worked on as a copy and stored only when the
+/// packet is accepted: a refused packet leaves the upload as it was.
+struct Streams {
+    segment: Option<Segment>,
+    last_stream_len: u64,
+    multi_packet_stream: bool,
+    ciphertext_total: u64,
+    plain_total: u64,
+}
+
 /// Check one packet (already known to be the upload's next, by name, total
 /// and number) against the upload's sizes and decide its CBC steps. On a
 /// refusal `r` is unchanged.
@@ -41,96 +51,129 @@ pub fn plan_packet(
     max_file_size: u64,
 ) -> Result<PacketStep, String> {
     let first = r.packets == 0;
+    let mut s = Streams {
+        segment: r.segment,
+        last_stream_len: r.last_stream_len,
+        multi_packet_stream: r.multi_packet_stream,
+        ciphertext_total: r.ciphertext_total,
+        plain_total: r.plain_total,
+    };
+    let (new_segment, end_segment) = match s.segment {
+        Some(seg) => continue_stream(&mut s, seg, ph, content_len)?,
+        None if content_len == 0 && !first => empty_last_packet(&s, ph)?,
+        None => start_stream(&mut s, ph, content_len, first, max_file_size)?,
+    };
+    let last = ends_upload(&s, ph, first)?;
+    r.segment = s.segment;
+    r.last_stream_len = s.last_stream_len;
+    r.multi_packet_stream = s.multi_packet_stream;
+    (r.ciphertext_total, r.plain_total) = (s.ciphertext_total, s.plain_total);
+    r.packets += 1;
+    Ok(PacketStep { new_segment, end_segment, last })
+}
+
+/// A packet inside a stream that spans packets (same file, same sizes): its CBC steps.
+fn continue_stream(
+    s: &mut Streams,
+    mut seg: Segment,
+    ph: &PacketHeader,
+    content_len: u64,
+) -> Result<(bool, Option<u64>), String> {
+    let orig = ph.orig_file_size;
+    // Inside a stream that spans packets: same file, same sizes.
+    if content_len == 0 {
+        return Err("empty packet inside the file's ciphertext".into());
+    }
+    if orig != seg.orig {
+        return Err(format!("orig_file_size changed from {} to {orig} within the file", seg.orig));
+    }
+    if content_len > seg.remaining {
+        return Err(format!(
+            "packet content of {content_len} bytes exceeds the {} ciphertext bytes still expected",
+            seg.remaining
+        ));
+    }
+    check_content_size(ph.content_size, content_len, seg.whole)?;
+    seg.remaining -= content_len;
+    s.multi_packet_stream = true;
+    if seg.remaining == 0 {
+        s.segment = None;
+        s.last_stream_len = seg.whole;
+        Ok((false, Some(orig as u64)))
+    } else {
+        s.segment = Some(seg);
+        Ok((false, None))
+    }
+}
+
+/// An empty packet after the file's streams: its CBC steps (none).
+fn empty_last_packet(s: &Streams, ph: &PacketHeader) -> Result<(bool, Option<u64>), String> {
+    let numbered_last = ph.packet_number == ph.total_packets;
+    // The empty last packet of clients that count the whole ciphertext in content_size.
+    if !numbered_last {
+        return Err("empty packet before the last one".into());
+    }
+    if ph.content_size as u64 != s.last_stream_len && ph.content_size != 0 {
+        return Err(format!("empty last packet with content_size {}", ph.content_size));
+    }
+    Ok((false, None))
+}
+
+/// A packet that starts a new CBC stream: its CBC steps.
+fn start_stream(
+    s: &mut Streams,
+    ph: &PacketHeader,
+    content_len: u64,
+    first: bool,
+    max_file_size: u64,
+) -> Result<(bool, Option<u64>), String> {
+    let orig = ph.orig_file_size;
+    // A new CBC stream starts with this packet.
+    let whole = ciphertext_len(orig as u64);
+    if whole > u32::MAX as u64 {
+        return Err(format!("a ciphertext of {whole} bytes does not fit the 32-bit size of the 1603 reply"));
+    }
+    if !first && (s.multi_packet_stream || content_len != whole) {
+        return Err(format!(
+            "{content_len} bytes after the file's ciphertext was complete (packet {} of {})",
+            ph.packet_number, ph.total_packets
+        ));
+    }
+    if content_len > whole {
+        return Err(format!(
+            "packet content of {content_len} bytes exceeds the file's ciphertext size {whole}"
+        ));
+    }
+    if content_len == 0 {
+        return Err("first packet carries no content".into());
+    }
+    check_content_size(ph.content_size, content_len, whole)?;
+    // Known as soon as the stream starts: refused before any of it is used.
+    if s.ciphertext_total + whole > u32::MAX as u64 {
+        return Err(format!(
+            "the upload's ciphertext would exceed {} bytes, the 32-bit size of the 1603 reply",
+            u32::MAX
+        ));
+    }
+    s.ciphertext_total += whole;
+    s.plain_total += orig as u64;
+    if s.plain_total > max_file_size {
+        return Err(format!("file exceeds the {max_file_size}-byte limit"));
+    }
+    if content_len == whole {
+        s.last_stream_len = whole;
+        Ok((true, Some(orig as u64)))
+    } else {
+        s.segment = Some(Segment { orig, whole, remaining: whole - content_len });
+        Ok((true, None))
+    }
+}
+
+/// Whether the packet, its streams planned, ends the upload.
+fn ends_upload(s: &Streams, ph: &PacketHeader, first: bool) -> Result<bool, String> {
     let numbered_last = ph.packet_number == ph.total_packets;
     let orig = ph.orig_file_size;
-    // Worked out on copies, stored only when the packet is accepted: a
-    // refused packet leaves `r` as it was.
-    let mut segment = r.segment;
-    let mut last_stream_len = r.last_stream_len;
-    let mut multi_packet_stream = r.multi_packet_stream;
-    let (mut ciphertext_total, mut plain_total) = (r.ciphertext_total, r.plain_total);
-    let (new_segment, end_segment) = match segment {
-        Some(mut seg) => {
-            // Inside a stream that spans packets: same file, same sizes.
-            if content_len == 0 {
-                return Err("empty packet inside the file's ciphertext".into());
-            }
-            if orig != seg.orig {
-                return Err(format!("orig_file_size changed from {} to {orig} within the file", seg.orig));
-            }
-            if content_len > seg.remaining {
-                return Err(format!(
-                    "packet content of {content_len} bytes exceeds the {} ciphertext bytes still expected",
-                    seg.remaining
-                ));
-            }
-            check_content_size(ph.content_size, content_len, seg.whole)?;
-            seg.remaining -= content_len;
-            multi_packet_stream = true;
-            if seg.remaining == 0 {
-                segment = None;
-                last_stream_len = seg.whole;
-                (false, Some(orig as u64))
-            } else {
-                segment = Some(seg);
-                (false, None)
-            }
-        }
-        None if content_len == 0 && !first => {
-            // The empty last packet of clients that count the whole ciphertext in content_size.
-            if !numbered_last {
-                return Err("empty packet before the last one".into());
-            }
-            if ph.content_size as u64 != last_stream_len && ph.content_size != 0 {
-                return Err(format!("empty last packet with content_size {}", ph.content_size));
-            }
-            (false, None)
-        }
-        None => {
-            // A new CBC stream starts with this packet.
-            let whole = ciphertext_len(orig as u64);
-            if whole > u32::MAX as u64 {
-                return Err(format!(
-                    "a ciphertext of {whole} bytes does not fit the 32-bit size of the 1603 reply"
-                ));
-            }
-            if !first && (multi_packet_stream || content_len != whole) {
-                return Err(format!(
-                    "{content_len} bytes after the file's ciphertext was complete (packet {} of {})",
-                    ph.packet_number, ph.total_packets
-                ));
-            }
-            if content_len > whole {
-                return Err(format!(
-                    "packet content of {content_len} bytes exceeds the file's ciphertext size {whole}"
-                ));
-            }
-            if content_len == 0 {
-                return Err("first packet carries no content".into());
-            }
-            check_content_size(ph.content_size, content_len, whole)?;
-            // Known as soon as the stream starts: refused before any of it is used.
-            if ciphertext_total + whole > u32::MAX as u64 {
-                return Err(format!(
-                    "the upload's ciphertext would exceed {} bytes, the 32-bit size of the 1603 reply",
-                    u32::MAX
-                ));
-            }
-            ciphertext_total += whole;
-            plain_total += orig as u64;
-            if plain_total > max_file_size {
-                return Err(format!("file exceeds the {max_file_size}-byte limit"));
-            }
-            if content_len == whole {
-                last_stream_len = whole;
-                (true, Some(orig as u64))
-            } else {
-                segment = Some(Segment { orig, whole, remaining: whole - content_len });
-                (true, None)
-            }
-        }
-    };
-    let last = match segment {
+    let last = match s.segment {
         // Numbered as the total with the stream still open: the counter
         // wraps, which needs at least 65,535 more non-empty packets.
         Some(seg) if numbered_last && seg.remaining < WRAP - 1 => {
@@ -152,12 +195,7 @@ pub fn plan_packet(
         }
         None => numbered_last,
     };
-    r.segment = segment;
-    r.last_stream_len = last_stream_len;
-    r.multi_packet_stream = multi_packet_stream;
-    (r.ciphertext_total, r.plain_total) = (ciphertext_total, plain_total);
-    r.packets += 1;
-    Ok(PacketStep { new_segment, end_segment, last })
+    Ok(last)
 }
 
 fn check_content_size(field: u32, content_len: u64, whole: u64) -> Result<(), String> {

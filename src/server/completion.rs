@@ -1,0 +1,227 @@
+//! The state machine's side of the worker's completions: a packet
+//! processed (an upload received or failed), a registration or a key saved,
+//! a file committed; each updates the registry and answers the connection,
+//! if it is still open.
+
+use std::time::Instant;
+
+use log::Level;
+
+use crate::crypto::parse_public_key;
+use crate::logging::Esc;
+use crate::metrics::Unstored;
+use crate::peer_log;
+use crate::protocol::{id_hex, ClientId, Response};
+use crate::worker::{Completion, ConnRef, Job, PacketOutcome, Usage};
+
+use super::connection::{Awaiting, Protocol, StagedFile, Upload, MAX_STAGED};
+use super::sequence::{Ended, EndedHow};
+use super::{Core, Flow, JobSink};
+
+impl<J: JobSink> Core<J> {
+    /// A worker completion. `p` is its connection, None if that has closed
+    /// since (the registry and the budget are updated all the same).
+    pub fn on_completion(&mut self, p: Option<&mut Protocol>, done: Completion) -> Flow {
+        match done {
+            Completion::Packet { conn: _, upload, buffer, last, outcome } => {
+                self.recycle(buffer.into_buffer());
+                let Some(p) = p else { return Flow::Continue };
+                p.packets_in_flight -= 1;
+                match outcome {
+                    PacketOutcome::Accepted => {}
+                    PacketOutcome::Received { cksum, ciphertext_len, plain_len } => {
+                        self.packet_received(p, upload, cksum, ciphertext_len, plain_len)
+                    }
+                    PacketOutcome::Failed(why) => self.packet_failed(p, upload, last, &why),
+                    PacketOutcome::Ignored => {
+                        if last && p.awaiting == Awaiting::LastPacket {
+                            p.awaiting = Awaiting::Nothing;
+                            if matches!(&p.upload, Upload::Finishing { upload: u, .. } if *u == upload) {
+                                p.upload = Upload::Idle;
+                            }
+                        }
+                    }
+                }
+                Flow::Resume
+            }
+            Completion::Registered { conn: _, id, ok } => self.on_registered(p, id, ok),
+            Completion::KeySaved { conn, id, ok, der } => self.on_key_saved(p, conn, id, ok, &der),
+            Completion::Committed { conn: _, upload: _, ok, client, usage } => {
+                self.on_committed(p, ok, client, usage)
+            }
+        }
+    }
+
+    /// The last packet of the current upload is at the worker, whole: the
+    /// file is staged (awaiting its 1029) and the 1603 goes out.
+    fn packet_received(
+        &mut self,
+        p: &mut Protocol,
+        upload: u64,
+        cksum: u32,
+        ciphertext_len: u64,
+        plain_len: u64,
+    ) {
+        if let Upload::Finishing { upload: u, name, name_field, total, next } =
+            std::mem::replace(&mut p.upload, Upload::Idle)
+        {
+            if u == upload {
+                // Its empty chunk n+1 of n, if one follows, is swallowed.
+                p.upload = Upload::Ended(Ended {
+                    name_field: name_field.clone(),
+                    total,
+                    next,
+                    how: EndedHow::Complete,
+                });
+                p.awaiting = Awaiting::Nothing;
+                let id = p.session.as_ref().map(|s| s.id).unwrap_or_default();
+                log::info!(
+                    "{}: received \"{}\" ({plain_len} bytes, cksum {cksum}); awaiting confirmation",
+                    p.tag(),
+                    Esc(&name)
+                );
+                p.staged.push_back(StagedFile { name, upload, retried: false, touched: Instant::now() });
+                if p.staged.len() > MAX_STAGED {
+                    if let Some(old) = p.staged.pop_front() {
+                        if !old.retried {
+                            self.send_job(Job::Discard { upload: old.upload, failed: None });
+                        }
+                    }
+                }
+                p.last_progress = Some(Instant::now());
+                p.reply(Response::FileReceived {
+                    id,
+                    // plan_packet refuses uploads whose total exceeds 32 bits.
+                    content_size: u32::try_from(ciphertext_len).unwrap_or(u32::MAX),
+                    file_name: name_field.0,
+                    cksum,
+                });
+            }
+        }
+    }
+
+    /// A packet failed at the worker (decryption, write): the upload ends.
+    fn packet_failed(&mut self, p: &mut Protocol, upload: u64, last: bool, why: &str) {
+        // Only the connection's current upload is answered: one the
+        // loop already refused has had its 1607, and one abandoned
+        // (new packet 1, new session key) gets no reply.
+        let current = match &p.upload {
+            Upload::Receiving(r) if r.upload == upload => {
+                p.upload = Upload::Ended(Ended::failed(r));
+                true
+            }
+            Upload::Finishing { upload: u, name_field, total, next, .. } if *u == upload => {
+                let how = EndedHow::Refused { remaining: 0, seen: 0 };
+                let (name_field, total, next) = (name_field.clone(), *total, *next);
+                p.upload = Upload::Ended(Ended { name_field, total, next, how });
+                true
+            }
+            _ => false,
+        };
+        if last && p.awaiting == Awaiting::LastPacket {
+            p.awaiting = Awaiting::Nothing;
+        }
+        if why.starts_with("decryption failed") {
+            self.decryption_failed(p);
+        }
+        if current {
+            self.metrics.unstored(Unstored::Failed);
+            p.refuse(&format!("upload failed: {why}"));
+        } else {
+            log::info!("{}: an abandoned or already refused upload failed: {why}", p.tag());
+        }
+    }
+
+    /// A registration is saved (or not): the 1600, or a refusal.
+    fn on_registered(&mut self, p: Option<&mut Protocol>, id: ClientId, ok: bool) -> Flow {
+        if !ok {
+            if let Some(e) = self.registry.by_id.remove(&id) {
+                self.registry.by_name.remove(&e.name);
+            }
+        } else if let Some(e) = self.registry.by_id.get_mut(&id) {
+            e.pending = false;
+        }
+        self.metrics.clients.set(self.registry.by_id.len() as i64);
+        let Some(p) = p else { return Flow::Continue };
+        p.awaiting = Awaiting::Nothing;
+        if ok {
+            self.set_registrant(p, id);
+            peer_log!(Level::Info, p.peer.ip(), "{}: registered as {}", p.tag(), id_hex(&id));
+            p.reply(Response::RegistrationOk { id });
+        } else {
+            p.refuse("registration could not be saved");
+        }
+        Flow::Resume
+    }
+
+    /// A public key is saved (or not): the session opens, or a refusal.
+    fn on_key_saved(
+        &mut self,
+        p: Option<&mut Protocol>,
+        conn: ConnRef,
+        id: ClientId,
+        ok: bool,
+        der: &[u8],
+    ) -> Flow {
+        if let Some(e) = self.registry.by_id.get_mut(&id).filter(|e| !ok && e.key_owner == Some(conn)) {
+            // Not saved: the claim on the key goes (a key on file keeps its owner).
+            if e.key.is_none() {
+                e.key_owner = None;
+            }
+        }
+        let Some(p) = p else {
+            // The connection is gone but the key is on file: a reconnect
+            // must encrypt to it, as it will after a restart.
+            if let (true, Some(e), Ok((k, _))) = (ok, self.registry.by_id.get_mut(&id), parse_public_key(der))
+            {
+                e.key = Some(k);
+            }
+            return Flow::Continue;
+        };
+        let Awaiting::Key { encrypted_key, key, name, public } =
+            std::mem::replace(&mut p.awaiting, Awaiting::Nothing)
+        else {
+            return Flow::Continue;
+        };
+        if ok {
+            // The key on file is what a later reconnect encrypts to.
+            if let Some(e) = self.registry.by_id.get_mut(&id) {
+                e.key = Some(public);
+            }
+            self.open_session(p, id, name, key);
+            log::info!("{}: public key received; session key sent", p.tag());
+            p.reply(Response::KeyAccepted { id, encrypted_key });
+        } else {
+            p.refuse("public key could not be saved");
+        }
+        Flow::Resume
+    }
+
+    /// A file is stored (or not): the client's usage, then the 1604 or a refusal.
+    fn on_committed(&mut self, p: Option<&mut Protocol>, ok: bool, client: ClientId, usage: Usage) -> Flow {
+        if let Some(e) = self.registry.by_id.get_mut(&client) {
+            if e.usage != usage {
+                e.usage = usage;
+                self.metrics.client_usage(&e.name, usage.bytes, usage.files);
+            }
+        }
+        let Some(p) = p else { return Flow::Continue };
+        let Awaiting::Commit { name } = std::mem::replace(&mut p.awaiting, Awaiting::Nothing) else {
+            return Flow::Continue;
+        };
+        let id = p.session.as_ref().map(|s| s.id).unwrap_or_default();
+        if ok {
+            log::info!("{}: \"{}\" verified and stored", p.tag(), Esc(&name));
+            self.metrics.uploads_verified.inc();
+            if let Some(s) = &p.session {
+                self.metrics.verified_at(&s.name, crate::metrics::now_secs());
+            }
+            p.last_progress = Some(Instant::now());
+            p.reply(Response::Ack { id });
+        } else {
+            self.metrics.unstored(Unstored::CommitFailed);
+            p.refuse(&format!("\"{}\" could not be stored; upload it again", Esc(&name)));
+        }
+        Flow::Resume
+    }
+}

@@ -1,0 +1,83 @@
+//! Deadlines, checked every housekeeping tick: header, payload and content
+//! pace, lingering close, login and idle timeouts, stale uploads.
+
+use std::time::{Duration, Instant};
+
+use super::connection::{self, Connection, ReadState};
+use super::{Server, CLOSE_GRACE, MIN_PAYLOAD_RATE};
+use crate::config::Config;
+use crate::metrics::Closed;
+
+impl Server {
+    /// Deadlines, checked every tick.
+    pub(super) fn housekeeping(&mut self, now: Instant) {
+        crate::logging::report_suppressed();
+        let cfg = self.core.cfg.clone();
+        let mut to_close: Vec<(usize, u64, String)> = Vec::new();
+        let mut stale: Vec<(usize, u64)> = Vec::new();
+        for (key, c) in self.conns.iter() {
+            if let Some(why) = overdue(c, &cfg, now) {
+                to_close.push((key, c.serial(), why));
+                continue;
+            }
+            let stale_upload = match &c.proto.upload {
+                connection::Upload::Receiving(r) => now.duration_since(r.touched) > cfg.stale_upload_timeout,
+                _ => false,
+            };
+            if stale_upload
+                || c.proto.staged.iter().any(|s| now.duration_since(s.touched) > cfg.stale_upload_timeout)
+            {
+                stale.push((key, c.serial()));
+            }
+        }
+        for (key, serial, why) in to_close {
+            self.close(key, serial, Closed::Timeout, Some(&why));
+        }
+        for (key, serial) in stale {
+            if let Some(c) = self.conns.get_mut(key).filter(|c| c.serial() == serial) {
+                self.core.purge_stale(&mut c.proto, now);
+            }
+        }
+    }
+}
+
+/// Time allowed for `bytes` at the slowest rate tolerated.
+pub(super) fn slowest(bytes: u64) -> Duration {
+    Duration::from_millis(bytes.saturating_mul(1000) / MIN_PAYLOAD_RATE)
+}
+
+/// Why a connection must be closed now, if it must: a deadline has passed.
+fn overdue(c: &Connection, cfg: &Config, now: Instant) -> Option<String> {
+    if let Some(t) = c.closing {
+        return (now.duration_since(t) > CLOSE_GRACE).then(|| "closing connection timed out".into());
+    }
+    if let (Some(start), true) = (c.header_started, c.header_in_progress()) {
+        if now.duration_since(start) > cfg.header_timeout {
+            return Some(format!("header not complete within {:?}", cfg.header_timeout));
+        }
+    }
+    match &c.read {
+        ReadState::AwaitPayload(f) => {
+            let allowed = cfg.header_timeout + slowest(f.payload.len() as u64);
+            if c.header_started.is_some_and(|start| now.duration_since(start) > allowed) {
+                return Some(format!("frame not complete within {allowed:?}"));
+            }
+        }
+        ReadState::Content(cr) if cr.deadline.is_some_and(|d| now > d) => {
+            return Some("file content arriving too slowly".into());
+        }
+        ReadState::Drain { deadline, .. } if now > *deadline => {
+            return Some("refused packet's content arriving too slowly".into());
+        }
+        _ => {}
+    }
+    let at_worker = c.proto.awaiting != connection::Awaiting::Nothing || c.proto.packets_in_flight > 0;
+    if !c.authed && !at_worker && now.duration_since(c.accepted) > cfg.login_timeout {
+        return Some(format!("no session within --login-timeout ({:?})", cfg.login_timeout));
+    }
+    let waiting_for_budget = matches!(&c.read, ReadState::Content(cr) if cr.piece.is_none());
+    if !at_worker && !waiting_for_budget && now.duration_since(c.last_activity) > cfg.idle_timeout {
+        return Some(format!("idle for {:?}", cfg.idle_timeout));
+    }
+    None
+}

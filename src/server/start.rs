@@ -1,0 +1,214 @@
+//! Start-up: the flags checked against each other, storage opened (and
+//! reconciled), the listener bound, signals registered, the registry loaded,
+//! the metrics writer and the worker thread started.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use mio::net::TcpListener;
+use mio::{Interest, Poll, Waker};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+
+use super::admission::PerAddress;
+use super::{notify, ClientEntry, Core, Registry, Server, LISTENER, LISTEN_BACKLOG, SIGNALS, WAKER};
+use crate::config::Config;
+use crate::protocol::ClientId;
+use crate::worker::db::ClientRecord;
+use crate::worker::{Completion, Job, Usage, Worker};
+
+/// Why the server could not start.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+impl Server {
+    /// Open storage and database (reconciling them), bind the listener,
+    /// register signals and start the worker.
+    pub fn bind(cfg: Config, addr: SocketAddr) -> Result<Server, StartError> {
+        check_flags(&cfg)?;
+        check_descriptor_limit(cfg.max_connections);
+        let opened = Worker::open(&cfg).map_err(StartError)?;
+        let poll = Poll::new().map_err(|e| StartError(format!("cannot create poll: {e}")))?;
+        let mut listener =
+            bind_listener(addr).map_err(|e| StartError(format!("cannot listen on {addr}: {e}")))?;
+        let local_addr = listener.local_addr().map_err(|e| StartError(e.to_string()))?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(|e| StartError(e.to_string()))?;
+        let mut signals =
+            Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| StartError(format!("signals: {e}")))?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(|e| StartError(e.to_string()))?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| StartError(e.to_string()))?);
+
+        let registry = load_registry(opened.clients, opened.usage);
+        log::info!("{} registered client(s) loaded", registry.by_id.len());
+
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+        let (done_tx, done_rx) = mpsc::channel::<Completion>();
+        let cfg = Arc::new(cfg);
+        let core = Core::new(cfg.clone(), registry, jobs_tx, crate::worker::upload_id_seed());
+        core.metrics.files_stored.set(opened.verified_files as i64);
+        for (name, secs) in &opened.last_verified {
+            core.metrics.verified_at(name, *secs);
+        }
+        for e in core.registry.by_id.values() {
+            core.metrics.client_usage(&e.name, e.usage.bytes, e.usage.files);
+        }
+        let metrics_writer = start_metrics_writer(&cfg, &core)?;
+        let mut worker = opened.worker;
+        worker.set_metrics(core.metrics.clone());
+        let wk: Arc<dyn crate::worker::Wake> = waker;
+        let handle = std::thread::Builder::new()
+            .name("backupd-worker".into())
+            .spawn(move || worker.run(jobs_rx, done_tx, wk))
+            .map_err(|e| StartError(format!("cannot start worker thread: {e}")))?;
+
+        Ok(Server {
+            poll,
+            listener: Some(listener),
+            local_addr,
+            signals: Some(signals),
+            conns: Slab::new(),
+            next_serial: 1,
+            core,
+            metrics_writer,
+            notifier: notify::Notifier::from_env(),
+            done: done_rx,
+            worker: Some(handle),
+            budget_waiters: VecDeque::new(),
+            per_address: PerAddress::default(),
+            accept_retry: None,
+            held: None,
+            round: 0,
+            ready: VecDeque::new(),
+            shutdown: None,
+            spare_fd: std::fs::File::open("/dev/null").ok(),
+            refused_since_log: 0,
+            last_refusal_log: None,
+        })
+    }
+}
+
+/// The flags that must hold together before anything starts.
+fn check_flags(cfg: &Config) -> Result<(), StartError> {
+    // Content is read in pieces of at most CONTENT_PIECE bytes (or the whole
+    // budget, if smaller) and control frames do not use the budget: any
+    // budget of at least 4 KiB serves every frame.
+    if cfg.memory_budget < 4096 {
+        return Err(StartError(format!(
+            "--memory-budget ({}) must be at least 4096 bytes",
+            cfg.memory_budget
+        )));
+    }
+    if cfg.max_packet > u32::MAX as u64 || cfg.max_packet < crate::protocol::PACKET_HEADER_LEN as u64 {
+        return Err(StartError("--max-packet must be between 267 bytes and 4 GiB".into()));
+    }
+    if cfg.max_file_size > u32::MAX as u64 {
+        return Err(StartError("--max-file-size cannot exceed 4294967295 (a 32-bit field)".into()));
+    }
+    Ok(())
+}
+
+/// The registry of the clients on record, with their keys and usage.
+fn load_registry(clients: Vec<ClientRecord>, mut usage: HashMap<ClientId, Usage>) -> Registry {
+    let mut registry = Registry::default();
+    for c in clients {
+        let key = c.public_key.as_deref().and_then(|der| match crate::crypto::parse_public_key(der) {
+            Ok((k, _)) => Some(k),
+            Err(e) => {
+                log::warn!(
+                    "client {} ({}) has an unusable stored key: {e}",
+                    c.name,
+                    crate::protocol::id_hex(&c.id)
+                );
+                None
+            }
+        });
+        registry.by_name.insert(c.name.clone(), c.id);
+        registry.by_id.insert(
+            c.id,
+            ClientEntry {
+                name: c.name,
+                key,
+                key_owner: None,
+                registrant: None,
+                pending: false,
+                usage: usage.remove(&c.id).unwrap_or_default(),
+            },
+        );
+    }
+    registry
+}
+
+/// The thread writing `--metrics-file`, if asked for.
+fn start_metrics_writer(cfg: &Config, core: &Core) -> Result<Option<crate::metrics::Writer>, StartError> {
+    let writer = match &cfg.metrics_file {
+        Some(path) => {
+            let src = crate::metrics::Source {
+                metrics: core.metrics.clone(),
+                budget: core.budget.clone(),
+                data_dir: cfg.data_dir.clone(),
+                max_clients: cfg.metrics_max_clients,
+            };
+            Some(
+                crate::metrics::spawn_writer(path.clone(), cfg.metrics_interval, src)
+                    .map_err(|e| StartError(format!("cannot start the metrics thread: {e}")))?,
+            )
+        }
+        None => None,
+    };
+    Ok(writer)
+}
+
+/// Raise the soft descriptor limit to the hard one, and warn when even that
+/// cannot hold `--max-connections` (each connection needs a socket; the worker
+/// needs a few descriptors for files and the database).
+fn check_descriptor_limit(max_connections: usize) {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    let needed = max_connections as u64 + 64;
+    if lim.rlim_cur < needed {
+        log::warn!(
+            "the descriptor limit ({}) is below --max-connections + 64 ({needed}): connections beyond it are refused",
+            lim.rlim_cur
+        );
+    }
+}
+
+fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    use std::os::fd::AsRawFd;
+    // std binds with SO_REUSEADDR and a backlog of 128; a second listen()
+    // raises the backlog (Linux caps it at net.core.somaxconn) so that a burst
+    // of connects is queued by the kernel rather than retried by clients.
+    let l = std::net::TcpListener::bind(addr)?;
+    // SAFETY: listen on a descriptor owned by `l` for the duration of the call.
+    if unsafe { libc::listen(l.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    l.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(l))
+}

@@ -1,0 +1,230 @@
+//! The packet path: a packet's content decrypted, checksummed and appended
+//! to its upload's temp file in cache-sized pieces, with write-behind for
+//! large uploads; the upload's stream state ([`PartFile`]).
+
+use std::fs::File;
+use std::io::{self, Write as _};
+
+use super::fault::{self, Point};
+use super::{Completion, PacketJob, PacketOutcome, StartUpload, UploadId, Worker};
+use crate::crypto::{Cksum, StreamDecryptor, AES_KEY_LEN};
+use crate::protocol::ClientId;
+
+/// An upload at the worker: its temp file (`tmp/<n>.part`), the decryptor
+/// and cksum of its stream, until it is published or discarded.
+pub(super) struct PartFile {
+    pub(super) client: ClientId,
+    key: SessionKey,
+    /// Open while packets arrive; closed once the upload is received, so that
+    /// staged files awaiting their 1029 hold no file descriptor.
+    file: Option<File>,
+    dec: Option<StreamDecryptor>,
+    cksum: Cksum,
+    ciphertext: u64,
+    segment_start: u64,
+    /// Bytes of the temp file before this offset have been handed to writeback,
+    writeback_from: u64,
+    /// ... and before this one written out and dropped from the page cache.
+    dropped_to: u64,
+    pub(super) received: Option<(u32, u64)>,
+}
+
+/// Bytes of a packet processed at a time (decrypt, cksum, write): fits L2.
+const CACHE_PIECE: usize = 128 * 1024;
+
+/// How much an upload writes between two writeback kicks.
+const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// Write-behind for a large upload, every WRITEBACK_STEP bytes: start
+/// writeback of the range just written, then wait for the range before it
+/// and drop it from the page cache. Dirty pages stay bounded (two steps),
+/// their pages are recycled instead of the page cache growing into new
+/// memory (costly in a VM, scarce on a small box), and the sync at commit
+/// time has at most two steps left to flush. A writeback error is reported
+/// here (and consumed: a later fsync may not see it again), so it fails the
+/// upload; only "not supported" is ignored.
+fn write_behind(f: &File, dropped_to: u64, kicked_from: u64, written: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    fault::check(Point::WriteBehind, "")?;
+    let unsupported = |e: &io::Error| {
+        matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL | libc::ESPIPE | libc::EOPNOTSUPP))
+    };
+    let range = |from: u64, len: u64, flags| {
+        // SAFETY: a plain syscall on a descriptor owned by `f`.
+        if unsafe { libc::sync_file_range(fd, from as i64, len as i64, flags) } == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        if unsupported(&e) {
+            log::debug!("worker: sync_file_range: {e}");
+            return Ok(false);
+        }
+        Err(e)
+    };
+    if !range(kicked_from, written - kicked_from, libc::SYNC_FILE_RANGE_WRITE)? {
+        return Ok(());
+    }
+    if kicked_from > dropped_to {
+        let all = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        let len = kicked_from - dropped_to;
+        if range(dropped_to, len, all)? {
+            // SAFETY: advice only, on a descriptor owned by `f`.
+            unsafe { libc::posix_fadvise(fd, dropped_to as i64, len as i64, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
+    Ok(())
+}
+
+/// A session key held by the worker; zeroed when dropped so that it does
+/// not linger in freed memory.
+struct SessionKey([u8; AES_KEY_LEN]);
+
+impl Drop for SessionKey {
+    fn drop(&mut self) {
+        self.0 = [0; AES_KEY_LEN];
+    }
+}
+
+impl Worker {
+    /// Decrypt, checksum and append one packet.
+    pub(super) fn packet(&mut self, mut p: PacketJob) -> Completion {
+        let (conn, upload, last) = (p.conn, p.upload, p.last);
+        let outcome = match self.packet_inner(&mut p) {
+            Ok(o) => o,
+            Err(reason) => {
+                if self.uploads.remove(&upload).is_some() {
+                    let _ = self.storage.remove_temp(upload);
+                }
+                PacketOutcome::Failed(reason)
+            }
+        };
+        Completion::Packet { conn, upload, buffer: p.content, last, outcome }
+    }
+
+    fn packet_inner(&mut self, p: &mut PacketJob) -> Result<PacketOutcome, String> {
+        if let Some(start) = p.start.take() {
+            self.open_upload(p.upload, start)?;
+        }
+        let Some(u) = self.uploads.get_mut(&p.upload) else {
+            return Ok(PacketOutcome::Ignored);
+        };
+        u.append(p)?;
+        u.kick_writeback()?;
+        if !p.last {
+            return Ok(PacketOutcome::Accepted);
+        }
+        if u.dec.is_some() {
+            return Err("upload ended inside a CBC stream".into());
+        }
+        // The temp file is made durable at commit time, together with the
+        // rest of its batch: 1603 promises nothing about durability, 1604 does.
+        let plain_len = u.cksum.len();
+        let sum = std::mem::take(&mut u.cksum).finalize();
+        u.received = Some((sum, plain_len));
+        u.file = None;
+        Ok(PacketOutcome::Received { cksum: sum, ciphertext_len: u.ciphertext, plain_len })
+    }
+
+    /// A packet 1: the upload's temp file and stream state.
+    fn open_upload(&mut self, upload: UploadId, start: StartUpload) -> Result<(), String> {
+        let file = self.storage.create_temp(upload).map_err(|e| format!("cannot create temp file: {e}"))?;
+        self.uploads.insert(
+            upload,
+            PartFile {
+                client: start.client,
+                key: SessionKey(start.key),
+                file: Some(file),
+                dec: None,
+                cksum: Cksum::new(),
+                ciphertext: 0,
+                segment_start: 0,
+                writeback_from: 0,
+                dropped_to: 0,
+                received: None,
+            },
+        );
+        Ok(())
+    }
+}
+
+impl PartFile {
+    /// Decrypt, checksum and append a packet's content (and finish its CBC
+    /// stream when the packet ends one).
+    fn append(&mut self, p: &mut PacketJob) -> Result<(), String> {
+        let u = self;
+        if u.received.is_some() {
+            return Err("packet after the last one".into());
+        }
+        if p.new_segment {
+            u.dec = Some(StreamDecryptor::new(&u.key.0));
+            u.segment_start = u.cksum.len();
+        }
+        let content = &mut p.content.bytes[..];
+        u.ciphertext += content.len() as u64;
+        let PartFile { file: Some(file), cksum, dec, .. } = u else {
+            return Err("packet after the last one".into());
+        };
+        let mut err: Option<io::Error> = None;
+        let mut sink = |pt: &[u8]| {
+            if err.is_none() {
+                cksum.update(pt);
+                if let Err(e) = fault::check(Point::Write, "").and_then(|_| file.write_all(pt)) {
+                    err = Some(e);
+                }
+            }
+        };
+        match dec.as_mut() {
+            // In cache-sized pieces: each is decrypted, checksummed and copied
+            // to the page cache while it is still in L2, instead of three
+            // passes over a whole packet through main memory.
+            Some(dec) => {
+                for piece in content.chunks_mut(CACHE_PIECE) {
+                    dec.update(piece, &mut sink);
+                }
+            }
+            // The empty last packet of convention 2 follows the completed stream.
+            None if content.is_empty() => {}
+            None => return Err("packet outside a CBC stream".into()),
+        }
+        if let Some(expected) = p.end_segment {
+            let d = u.dec.take().ok_or("no CBC stream to finish")?;
+            let PartFile { file: Some(file), cksum, .. } = u else {
+                return Err("packet after the last one".into());
+            };
+            let mut sink = |pt: &[u8]| {
+                if err.is_none() {
+                    cksum.update(pt);
+                    if let Err(e) = fault::check(Point::Write, "").and_then(|_| file.write_all(pt)) {
+                        err = Some(e);
+                    }
+                }
+            };
+            d.finish(&mut sink).map_err(|_| "decryption failed".to_string())?;
+            if u.cksum.len() - u.segment_start != expected {
+                return Err("decryption failed".into());
+            }
+        }
+        if let Some(e) = err {
+            return Err(format!("cannot write temp file: {e}"));
+        }
+        Ok(())
+    }
+
+    /// Write-behind (see `write_behind`).
+    fn kick_writeback(&mut self) -> Result<(), String> {
+        let u = self;
+        let written = u.cksum.len();
+        if written - u.writeback_from >= WRITEBACK_STEP {
+            if let Some(f) = &u.file {
+                write_behind(f, u.dropped_to, u.writeback_from, written)
+                    .map_err(|e| format!("cannot write temp file (writeback): {e}"))?;
+            }
+            u.dropped_to = u.writeback_from;
+            u.writeback_from = written;
+        }
+        Ok(())
+    }
+}
