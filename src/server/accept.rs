@@ -24,26 +24,36 @@ pub(super) struct Held {
 impl Server {
     /// Accept until the kernel's queue is empty (WouldBlock). Out of
     /// descriptors, one pending connection is shed with the spare descriptor
-    /// and accepting is retried on a short timer (and as soon as a connection
-    /// closes), so a queued client is served once descriptors free up even if
-    /// no new connection arrives.
+    /// (once per shortage: the clients queued behind it wait instead of being
+    /// dropped one by one) and accepting is retried on a short timer (and as
+    /// soon as a connection closes), so a queued client is served once
+    /// descriptors free up even if no new connection arrives.
     pub(super) fn accept(&mut self) {
         self.accept_retry = None;
         while self.held.is_none() {
             let Some(listener) = self.listener.as_ref() else { return };
             match listener.accept() {
-                Ok((socket, peer)) => self.admit(socket, peer, false),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Ok((socket, peer)) => {
+                    self.out_of_descriptors = false;
+                    self.admit(socket, peer, false)
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.out_of_descriptors = false;
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
-                    self.spare_fd = None;
-                    if let Some(l) = self.listener.as_ref() {
-                        if let Ok((s, peer)) = l.accept() {
-                            drop(s);
-                            self.note_refusal(peer, Refused::Descriptors, "out of file descriptors");
+                    if !self.out_of_descriptors {
+                        self.spare_fd = None;
+                        if let Some(l) = self.listener.as_ref() {
+                            if let Ok((s, peer)) = l.accept() {
+                                drop(s);
+                                self.out_of_descriptors = true;
+                                self.note_refusal(peer, Refused::Descriptors, "out of file descriptors");
+                            }
                         }
+                        self.spare_fd = std::fs::File::open("/dev/null").ok();
                     }
-                    self.spare_fd = std::fs::File::open("/dev/null").ok();
                     self.accept_retry = Some(Instant::now() + ACCEPT_RETRY);
                     return;
                 }

@@ -115,6 +115,9 @@ pub struct Server {
     per_address: PerAddress,
     /// Accepting failed (out of descriptors): try again at this time.
     accept_retry: Option<Instant>,
+    /// Accept has hit EMFILE/ENFILE since it last succeeded (one pending
+    /// connection has been shed for this shortage already).
+    out_of_descriptors: bool,
     /// A connection over its address's cap, held (with accepting paused) for
     /// one loop round: the connections that fill the cap may be dead ones
     /// whose EOF that round reads (a connect-and-close flood queued in the

@@ -91,6 +91,7 @@ impl Server {
             budget_waiters: VecDeque::new(),
             per_address: PerAddress::default(),
             accept_retry: None,
+            out_of_descriptors: false,
             held: None,
             round: 0,
             ready: VecDeque::new(),
