@@ -15,8 +15,10 @@ use crate::metrics::Metrics;
 use crate::protocol::ClientId;
 use crate::worker::{ConnRef, Job, Usage};
 
-/// Recycled packet buffers kept for reuse.
-const POOL_BUFFERS: usize = 8;
+/// Recycled content-piece buffers kept for reuse: enough for eight
+/// connections with their `PIPELINE_DEPTH` pieces at the worker, so that a
+/// steady upload does not allocate a buffer per piece.
+const POOL_BUFFERS: usize = 32;
 /// ... holding at most this many bytes (the pool is outside the memory budget).
 const POOL_BYTES: usize = 4 << 20;
 
