@@ -142,6 +142,11 @@ pub struct Config {
     /// Append log lines to this file [default: standard error]
     #[arg(long, env = "BACKUPD_LOG_FILE")]
     pub log_file: Option<PathBuf>,
+
+    /// The S3 tier (docs/OPERATIONS.md, "S3"); only in builds with the `s3` feature.
+    #[cfg(feature = "s3")]
+    #[command(flatten)]
+    pub s3: crate::s3::S3Args,
 }
 
 /// How the worker makes a batch durable.

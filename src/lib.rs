@@ -28,6 +28,8 @@ pub mod logging;
 pub mod metrics;
 pub mod protocol;
 pub mod ratelimit;
+#[cfg(feature = "s3")]
+pub mod s3;
 pub mod server;
 pub mod units;
 pub mod worker;

@@ -130,15 +130,17 @@ pub fn clients(args: &ClientsArgs) -> Result<ExitCode, String> {
     let store = Store::open_read_only(&args.store)?;
     let clients = store.clients()?;
     let usage = usage(&store, &store.files(None)?);
+    let pending = crate::worker::db::queued_per_client(&store.conn).map_err(|e| store.err(e))?;
     let none = Usage::default();
     let mut rows = Vec::new();
     let mut objects = Vec::new();
     for c in &clients {
         let u = usage.get(&c.id).unwrap_or(&none);
+        let s3_pending = pending.get(&c.id).copied().unwrap_or(0);
         if args.json {
             objects.push(format!(
                 "{{\"id\":{},\"name\":{},\"has_key\":{},\"last_seen\":{},\"files\":{},\"versions\":{},\
-                 \"bytes\":{},\"last_backup\":{},\"quota\":{}}}",
+                 \"bytes\":{},\"last_backup\":{},\"quota\":{},\"s3_pending\":{}}}",
                 json_str(&id_hex(&c.id)),
                 json_str(&c.name),
                 c.has_key,
@@ -148,6 +150,7 @@ pub fn clients(args: &ClientsArgs) -> Result<ExitCode, String> {
                 u.bytes,
                 json_opt_str(u.last_backup.as_deref()),
                 quota_json(u, args.quota, args.quota_files),
+                s3_pending,
             ));
         } else {
             rows.push(vec![
@@ -158,14 +161,15 @@ pub fn clients(args: &ClientsArgs) -> Result<ExitCode, String> {
                 u.bytes.to_string(),
                 or_dash(u.last_backup.as_ref()),
                 quota_cell(u, args.quota, args.quota_files),
+                s3_pending.to_string(),
             ]);
         }
     }
     if args.json {
         print!("{}", json_array(&objects));
     } else {
-        let headers = ["ID", "NAME", "LAST SEEN", "FILES", "BYTES", "LAST BACKUP", "QUOTA"];
-        print!("{}", table(&headers, &rows, &[3, 4]));
+        let headers = ["ID", "NAME", "LAST SEEN", "FILES", "BYTES", "LAST BACKUP", "QUOTA", "S3 PENDING"];
+        print!("{}", table(&headers, &rows, &[3, 4, 7]));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -8,6 +8,7 @@
 //! | [`restore`] | `restore` |
 //! | [`manage`] | `remove-client`, `reset-key` (they write: they take the data directory's lock) |
 //! | [`snapshot`] | `snapshot` |
+//! | `remote` | `s3 resync`, and the bucket as `restore` and `verify` read it (feature `s3`) |
 //! | [`store`] | the data directory as they read it (database read-only, stored copies) |
 //!
 //! Read-only commands open the database with `SQLITE_OPEN_READ_ONLY` and
@@ -17,6 +18,8 @@
 pub mod list;
 pub mod manage;
 pub mod output;
+#[cfg(feature = "s3")]
+pub mod remote;
 pub mod restore;
 pub mod snapshot;
 pub mod store;
@@ -79,6 +82,10 @@ pub enum Command {
     ResetKey(manage::ResetKeyArgs),
     /// Copy the database (online backup) and hard-link the stored files into DIR
     Snapshot(snapshot::SnapshotArgs),
+    /// The S3 tier: `s3 resync` queues what the bucket lacks
+    #[cfg(feature = "s3")]
+    #[command(subcommand)]
+    S3(remote::S3Command),
 }
 
 impl Cli {
@@ -103,6 +110,8 @@ pub fn run(cmd: &Command) -> ExitCode {
         Command::RemoveClient(a) => manage::remove_client(a),
         Command::ResetKey(a) => manage::reset_key(a),
         Command::Snapshot(a) => snapshot::snapshot(a),
+        #[cfg(feature = "s3")]
+        Command::S3(c) => remote::run(c),
     };
     result.unwrap_or_else(|e| {
         eprintln!("backupd: {e}");

@@ -46,6 +46,11 @@ pub struct RestoreArgs {
 
     #[command(flatten)]
     pub store: StoreArgs,
+
+    /// Read copies that are gone locally from the bucket
+    #[cfg(feature = "s3")]
+    #[command(flatten)]
+    pub s3: crate::s3::S3Args,
 }
 
 /// A stored name as a relative path, refusing anything that could leave DIR.
@@ -111,7 +116,7 @@ fn write_copy(store: &Store, f: &FileInfo, c: &Copy, dest: &Path) -> Result<u64,
     let temp = parent.join(format!(".{base}.restore-{}", std::process::id()));
     let result = (|| {
         let mut src =
-            fs::File::open(&c.path).map_err(|e| format!("cannot read {}: {e}", c.path.display()))?;
+            store.open_copy(&c.path).map_err(|e| format!("cannot read {}: {e}", c.path.display()))?;
         let mut out = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -143,7 +148,12 @@ fn write_copy(store: &Store, f: &FileInfo, c: &Copy, dest: &Path) -> Result<u64,
 }
 
 pub fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
-    let store = Store::open_read_only(&args.store)?;
+    #[allow(unused_mut)]
+    let mut store = Store::open_read_only(&args.store)?;
+    #[cfg(feature = "s3")]
+    {
+        store.remote = super::remote::Remote::from_args(&args.s3)?;
+    }
     let client = store.resolve(&args.client)?;
     let files: Vec<FileInfo> = store.files(Some(&client.id))?.into_iter().filter(|f| f.verified).collect();
     let (chosen, unmatched) = select(&files, &args.paths);

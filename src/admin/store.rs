@@ -71,6 +71,9 @@ pub struct Store {
     root: PathBuf,
     pub conn: Connection,
     db_path: PathBuf,
+    /// The bucket, when the S3 flags are given: read where a local copy is gone.
+    #[cfg(feature = "s3")]
+    pub remote: Option<super::remote::Remote>,
 }
 
 impl Store {
@@ -94,7 +97,13 @@ impl Store {
         let err = |e: rusqlite::Error| format!("database {}: {e}", db_path.display());
         let conn = Connection::open_with_flags(&db_path, flags).map_err(err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
-        let store = Store { root: args.data_dir.clone(), conn, db_path };
+        let store = Store {
+            root: args.data_dir.clone(),
+            conn,
+            db_path,
+            #[cfg(feature = "s3")]
+            remote: None,
+        };
         // Fail early, with the path, on a file that is not our database.
         store.conn.query_row("SELECT count(*) FROM clients", [], |_| Ok(())).map_err(|e| store.err(e))?;
         Ok(store)
@@ -144,10 +153,17 @@ impl Store {
     }
 
     /// Every stored copy of a verified file: the current one first, then the
-    /// earlier versions, newest first.
+    /// earlier versions, newest first (those in the bucket too, with the S3 flags).
     pub fn copies(&self, f: &FileInfo) -> Vec<Copy> {
         let mut out = vec![Copy { index: 0, path: self.root.join(&f.path) }];
-        let versions = version_numbers(&self.root.join(Storage::relative_versions_dir(&f.id, &f.name)));
+        #[allow(unused_mut)]
+        let mut versions = version_numbers(&self.root.join(Storage::relative_versions_dir(&f.id, &f.name)));
+        #[cfg(feature = "s3")]
+        if let Some(r) = &self.remote {
+            versions.extend(r.versions(&f.id, &f.name));
+            versions.sort_unstable();
+            versions.dedup();
+        }
         for (i, n) in versions.iter().rev().enumerate() {
             out.push(Copy {
                 index: i + 1,
@@ -155,6 +171,28 @@ impl Store {
             });
         }
         out
+    }
+
+    /// Open a stored copy for reading: the local file or, when it is gone
+    /// and the S3 flags are given, its object in the bucket.
+    pub fn open_copy(&self, path: &Path) -> io::Result<Box<dyn io::Read>> {
+        match fs::File::open(path) {
+            Ok(f) => Ok(Box::new(f)),
+            #[cfg(feature = "s3")]
+            Err(e) if e.kind() == io::ErrorKind::NotFound && self.remote.is_some() => {
+                let rel = path.strip_prefix(&self.root).map_err(|_| e)?;
+                match &self.remote {
+                    Some(r) => r.open(&rel.to_string_lossy()),
+                    None => Err(io::ErrorKind::NotFound.into()),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The size and cksum of a stored copy (local, or in the bucket).
+    pub fn cksum_copy(&self, path: &Path) -> io::Result<(u64, u32)> {
+        copy_with_cksum(&mut self.open_copy(path)?, &mut io::sink())
     }
 
     /// Every non-directory entry under files/ and versions/, for a client or

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::output::or_dash;
-use super::store::{cksum_file, FileInfo, Store, StoreArgs};
+use super::store::{FileInfo, Store, StoreArgs};
 use crate::json::{json_opt_num, json_opt_str, json_str};
 use crate::protocol::{id_hex, ClientId};
 
@@ -34,6 +34,11 @@ pub struct VerifyArgs {
 
     #[command(flatten)]
     pub store: StoreArgs,
+
+    /// Read copies that are gone locally from the bucket
+    #[cfg(feature = "s3")]
+    #[command(flatten)]
+    pub s3: crate::s3::S3Args,
 }
 
 /// How often, and after what pause, a problem is looked at again.
@@ -135,7 +140,7 @@ fn check(
             expected_size: if current { f.size } else { None },
             error: None,
         };
-        match cksum_file(&item.path) {
+        match store.cksum_copy(&item.path) {
             Ok((size, sum)) => {
                 item.size = Some(size);
                 item.cksum = Some(sum);
@@ -159,7 +164,12 @@ fn check(
 }
 
 pub fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
-    let store = Store::open_read_only(&args.store)?;
+    #[allow(unused_mut)]
+    let mut store = Store::open_read_only(&args.store)?;
+    #[cfg(feature = "s3")]
+    {
+        store.remote = super::remote::Remote::from_args(&args.s3)?;
+    }
     let client = args.client.as_deref().map(|c| store.resolve(c)).transpose()?;
     let id = client.as_ref().map(|c| c.id);
     let bar = if std::io::stderr().is_terminal() && !args.json {

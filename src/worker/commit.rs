@@ -242,6 +242,9 @@ impl Worker {
             if s.publish.saved_previous.is_some() {
                 all.push(Write::ClearIntent { upload: s.upload });
             }
+            // The S3 queue's rows, in the same transaction as the file's.
+            #[cfg(feature = "s3")]
+            all.extend(self.queue_writes(&s.client, &s.publish.target, s.publish.saved_previous.as_deref()));
         }
         let files_ok = ok
             && (published.is_empty()
@@ -291,9 +294,15 @@ impl Worker {
                 // version, until pruned (what pruning removes is freed).
                 let mut freed = Usage::default();
                 let keep = self.keep_versions as usize;
-                if let Err(e) = self.storage.prune_versions(&s.client, &s.name, keep, &mut freed) {
-                    log::warn!("worker: cannot prune old versions of {}: {e}", s.name);
+                match self.storage.prune_versions(&s.client, &s.name, keep, &mut freed) {
+                    #[cfg(feature = "s3")]
+                    Ok(removed) => self.queue_deletes(&s.client, &s.name, &removed),
+                    #[cfg(not(feature = "s3"))]
+                    Ok(_) => {}
+                    Err(e) => log::warn!("worker: cannot prune old versions of {}: {e}", s.name),
                 }
+                #[cfg(feature = "s3")]
+                self.note_published(s.upload, &s.publish.target);
                 let u = self.usage.entry(s.client).or_default();
                 u.add(Usage { bytes: s.size, files: 1 });
                 u.sub(freed);

@@ -39,11 +39,43 @@ pub struct FileRow {
 /// One write of a batch.
 #[derive(Debug, Clone)]
 pub enum Write {
-    InsertClient { id: ClientId, name: String },
-    SetPublicKey { id: ClientId, der: Vec<u8> },
-    Touch { id: ClientId },
-    FileVerified { id: ClientId, name: String, path: String, size: u64, cksum: u32 },
-    ClearIntent { upload: u64 },
+    InsertClient {
+        id: ClientId,
+        name: String,
+    },
+    SetPublicKey {
+        id: ClientId,
+        der: Vec<u8>,
+    },
+    Touch {
+        id: ClientId,
+    },
+    FileVerified {
+        id: ClientId,
+        name: String,
+        path: String,
+        size: u64,
+        cksum: u32,
+    },
+    ClearIntent {
+        upload: u64,
+    },
+    /// Queue a stored file (`path` relative to the data directory) for the
+    /// bucket, or with `delete` its removal from it (S3 tier).
+    Enqueue {
+        id: ClientId,
+        path: String,
+        delete: bool,
+    },
+}
+
+/// One row of the S3 queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueRow {
+    pub seq: i64,
+    pub id: ClientId,
+    pub path: String,
+    pub delete: bool,
 }
 
 /// A publish in progress, recorded before any rename so that a crash in the
@@ -75,6 +107,14 @@ CREATE TABLE IF NOT EXISTS files(
     Verified INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (ID, FileName)
 );
+CREATE TABLE IF NOT EXISTS s3_queue(
+    Seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ID BLOB(16) NOT NULL,
+    Path TEXT NOT NULL,
+    Op INTEGER NOT NULL DEFAULT 0,
+    QueuedAt INTEGER NOT NULL,
+    UNIQUE (Path, Op)
+);
 CREATE TABLE IF NOT EXISTS publish_intents(
     Upload INTEGER PRIMARY KEY,
     Target TEXT NOT NULL,
@@ -86,6 +126,30 @@ CREATE TABLE IF NOT EXISTS publish_intents(
 pub fn now_iso8601() -> String {
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     iso8601(secs)
+}
+
+/// Seconds since the epoch, now.
+pub fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Each client's rows in the S3 queue (the admin commands' `s3 pending`);
+/// empty when the database has no queue yet.
+pub fn queued_per_client(conn: &Connection) -> rusqlite::Result<std::collections::HashMap<ClientId, u64>> {
+    let mut out = std::collections::HashMap::new();
+    let mut st = match conn.prepare("SELECT ID, COUNT(*) FROM s3_queue GROUP BY ID") {
+        Ok(st) => st,
+        Err(e) if e.to_string().contains("no such table") => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    let rows = st.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
+    for row in rows {
+        let (id, n) = row?;
+        if let Some(id) = blob_id(&id) {
+            out.insert(id, n.max(0) as u64);
+        }
+    }
+    Ok(out)
 }
 
 /// Format seconds since the epoch as ISO-8601 UTC.
@@ -361,6 +425,16 @@ impl Db {
                         tx.prepare_cached("DELETE FROM publish_intents WHERE Upload=?1")?
                             .execute(params![*upload as i64])?;
                     }
+                    Write::Enqueue { id, path, delete } => {
+                        // A row queued again goes to the end of the line (a new
+                        // Seq: a report for the old one no longer removes it),
+                        // keeping the time it was first queued.
+                        tx.prepare_cached(
+                            "INSERT OR REPLACE INTO s3_queue(ID, Path, Op, QueuedAt) VALUES (?1, ?2, ?3,
+                             COALESCE((SELECT QueuedAt FROM s3_queue WHERE Path=?2 AND Op=?3), ?4))",
+                        )?
+                        .execute(params![&id[..], path, i64::from(*delete), unix_now()])?;
+                    }
                 }
             }
             Ok(())
@@ -392,6 +466,41 @@ impl Db {
         }
     }
 
+    /// The S3 queue's rows after `seq`, in order.
+    pub fn queue_after(&self, seq: i64) -> rusqlite::Result<Vec<QueueRow>> {
+        let mut st =
+            self.conn.prepare_cached("SELECT Seq, ID, Path, Op FROM s3_queue WHERE Seq > ?1 ORDER BY Seq")?;
+        let rows = st.query_map(params![seq], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, id, path, op) = row?;
+            if let Some(id) = blob_id(&id) {
+                out.push(QueueRow { seq, id, path, delete: op != 0 });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remove S3 queue rows (the store confirmed them).
+    pub fn dequeue(&mut self, seqs: &[i64]) -> rusqlite::Result<()> {
+        self.transaction(|tx| {
+            let mut st = tx.prepare_cached("DELETE FROM s3_queue WHERE Seq = ?1")?;
+            for s in seqs {
+                st.execute(params![s])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The S3 queue's length and its oldest row's time (seconds since the epoch).
+    pub fn queue_stats(&self) -> rusqlite::Result<(u64, Option<u64>)> {
+        self.conn.query_row("SELECT COUNT(*), MIN(QueuedAt) FROM s3_queue", [], |r| {
+            Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, Option<i64>>(1)?.map(|t| t.max(0) as u64)))
+        })
+    }
+
     pub fn integrity_ok(&self) -> rusqlite::Result<bool> {
         let s: String = self.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
         Ok(s == "ok")
@@ -416,6 +525,46 @@ mod tests {
         assert_eq!(iso8601(0), "1970-01-01T00:00:00Z");
         assert_eq!(iso8601(1_795_629_393), "2026-11-25T17:56:33Z");
         assert_eq!(iso8601(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn s3_queue_rows_requeue_at_the_end_and_keep_their_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("t.db"), Duration::from_secs(1)).unwrap();
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        let put = |id, path: &str| Write::Enqueue { id, path: path.into(), delete: false };
+        db.apply(&[put(a, "files/a/x"), put(a, "files/a/y"), put(b, "files/b/z")]).unwrap();
+        let rows = db.queue_after(0).unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.path.as_str()).collect::<Vec<_>>(),
+            ["files/a/x", "files/a/y", "files/b/z"]
+        );
+        let old_x = rows[0].seq;
+        let (n, oldest) = db.queue_stats().unwrap();
+        assert_eq!(n, 3);
+        // The same file queued again (a newer upload): one row, at the end
+        // of the line, so that a report for the old row leaves it queued.
+        db.apply(&[put(a, "files/a/x")]).unwrap();
+        let rows = db.queue_after(0).unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[2].path, "files/a/x");
+        assert!(rows[2].seq > old_x);
+        assert_eq!(db.queue_stats().unwrap(), (3, oldest), "the first queued time is kept");
+        db.dequeue(&[old_x]).unwrap();
+        assert_eq!(db.queue_stats().unwrap().0, 3, "the old row's report removes nothing");
+        // A removal is a row of its own beside an upload of the same path.
+        db.apply(&[Write::Enqueue { id: b, path: "files/b/z".into(), delete: true }]).unwrap();
+        let after = db.queue_after(rows[2].seq).unwrap();
+        assert_eq!(after.len(), 1);
+        assert!(after[0].delete);
+        let per = queued_per_client(&db.conn).unwrap();
+        assert_eq!((per[&a], per[&b]), (2, 2));
+        db.dequeue(&rows.iter().map(|r| r.seq).collect::<Vec<_>>()).unwrap();
+        assert_eq!(db.queue_stats().unwrap().0, 1);
+        // A database without the table (read by an admin command before any
+        // server of this version ran): nothing pending.
+        let bare = Connection::open(dir.path().join("bare.db")).unwrap();
+        assert!(queued_per_client(&bare).unwrap().is_empty());
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub mod db;
 mod fault;
 mod packets;
 mod reconcile;
+#[cfg(feature = "s3")]
+mod replica;
 pub mod storage;
 
 use std::collections::HashMap;
@@ -173,6 +175,41 @@ pub enum Completion {
     },
 }
 
+/// What the worker waits for: the loop's jobs and, with the S3 tier, the
+/// replicator's reports (merged into one channel by a forwarding thread, so
+/// that the worker blocks on one channel for both).
+pub(crate) enum Input {
+    Job(Job),
+    #[cfg(feature = "s3")]
+    Replicated(crate::s3::replicator::Report),
+}
+
+/// Where the worker's input comes from: the loop's channel itself, or the
+/// merged channel (S3 tier on).
+enum Source {
+    Jobs(Receiver<Job>),
+    #[cfg(feature = "s3")]
+    Merged(Receiver<Input>),
+}
+
+impl Source {
+    fn recv_timeout(&self, d: std::time::Duration) -> Result<Input, std::sync::mpsc::RecvTimeoutError> {
+        match self {
+            Source::Jobs(r) => r.recv_timeout(d).map(Input::Job),
+            #[cfg(feature = "s3")]
+            Source::Merged(r) => r.recv_timeout(d),
+        }
+    }
+
+    fn try_recv(&self) -> Option<Input> {
+        match self {
+            Source::Jobs(r) => r.try_recv().ok().map(Input::Job),
+            #[cfg(feature = "s3")]
+            Source::Merged(r) => r.try_recv().ok(),
+        }
+    }
+}
+
 /// Anything the loop wakes on (the server implements it for its poll waker:
 /// the worker does not know the loop's machinery).
 pub trait Wake: Send + Sync {
@@ -206,10 +243,13 @@ pub struct Worker {
     free_checked: Option<std::time::Instant>,
     /// The last measure failed (and was logged).
     free_failed: bool,
+    /// The S3 tier, when `--s3-endpoint` is set.
+    #[cfg(feature = "s3")]
+    replica: Option<replica::Replica>,
 }
 
 struct WorkerIo {
-    jobs: Receiver<Job>,
+    jobs: Source,
     done: Sender<Completion>,
     waker: Arc<dyn Wake>,
 }
@@ -241,6 +281,12 @@ impl Worker {
     pub fn open(cfg: &crate::config::Config) -> Result<Opened, String> {
         let (data_dir, db_path) = (&cfg.data_dir, &cfg.db_path());
         let (keep_versions, sync_mode) = (cfg.keep_versions, cfg.sync_mode);
+        #[cfg(not(feature = "s3"))]
+        if std::env::var_os("BACKUPD_S3_ENDPOINT").is_some_and(|v| !v.is_empty()) {
+            return Err("BACKUPD_S3_ENDPOINT is set, but this backupd was built without S3 support \
+                        (cargo feature `s3`)"
+                .into());
+        }
         let lock = datadir::acquire(data_dir)?;
         datadir::prepare(&lock)?;
         // SQLite opens its files by path: check that none of them is a link
@@ -281,6 +327,8 @@ impl Worker {
             usage: HashMap::new(),
             free_checked: None,
             free_failed: false,
+            #[cfg(feature = "s3")]
+            replica: cfg.s3.settings()?.map(replica::Replica::new),
         };
         w.reconcile().map_err(|e| format!("reconciling {}: {e}", data_dir.display()))?;
         let clients = w.db.load_clients().map_err(|e| format!("database {}: {e}", db_path.display()))?;
@@ -341,30 +389,38 @@ impl Worker {
 
     /// Serve jobs until `Shutdown` or until the loop hangs up.
     pub fn run(mut self, jobs: Receiver<Job>, done: Sender<Completion>, waker: Arc<dyn Wake>) {
+        let jobs = self.input_source(jobs);
         self.io = Some(WorkerIo { jobs, done, waker });
         let mut batch: Vec<Job> = Vec::new();
         loop {
             batch.append(&mut self.carry);
             let Some(io) = self.io.as_ref() else { break };
+            let mut inputs = Vec::new();
             if batch.is_empty() {
-                // Idle: wake once a FREE_SPACE_EVERY to measure the free space.
-                match io.jobs.recv_timeout(FREE_SPACE_EVERY) {
-                    Ok(j) => batch.push(j),
+                // Idle: wake once a FREE_SPACE_EVERY to measure the free space
+                // (and, with the S3 tier, when a held 1604 must give up).
+                match io.jobs.recv_timeout(self.idle_wait()) {
+                    Ok(i) => inputs.push(i),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                         self.refresh_free_space();
+                        self.after_reports();
                         continue;
                     }
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                 }
             }
-            while batch.len() < 512 {
+            while batch.len() + inputs.len() < 512 {
                 match io.jobs.try_recv() {
-                    Ok(j) => batch.push(j),
-                    Err(_) => break,
+                    Some(i) => inputs.push(i),
+                    None => break,
                 }
             }
+            for i in inputs {
+                self.take(i, &mut batch);
+            }
             self.metrics.worker_queue.add(-(batch.len() as i64));
-            let stop = self.handle_batch(&mut batch);
+            let stop = !batch.is_empty() && self.handle_batch(&mut batch);
+            self.after_reports();
             // Uploads fill the disk between commits too: measured at least once
             // a FREE_SPACE_EVERY while busy (and after each commit, see group_commit).
             self.refresh_free_space();
@@ -372,11 +428,80 @@ impl Worker {
                 break;
             }
         }
+        #[cfg(feature = "s3")]
+        self.stop_replica();
         // Anything still staged was never confirmed: remove it.
         for (upload, _) in std::mem::take(&mut self.uploads) {
             let _ = self.storage.remove_temp(upload);
         }
         log::debug!("worker: stopped");
+    }
+
+    /// The worker's input: the loop's channel, or with the S3 tier a merged
+    /// channel fed by a forwarding thread and the replicator (started here).
+    fn input_source(&mut self, jobs: Receiver<Job>) -> Source {
+        #[cfg(feature = "s3")]
+        if self.replica.is_some() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let fwd = tx.clone();
+            let forwarder = std::thread::Builder::new().name("backupd-jobs".into()).spawn(move || {
+                for j in jobs {
+                    if fwd.send(Input::Job(j)).is_err() {
+                        return;
+                    }
+                }
+                // The loop hung up: stop as a closed channel would.
+                let _ = fwd.send(Input::Job(Job::Shutdown));
+            });
+            match forwarder {
+                Ok(_) => {
+                    self.start_replica(&tx);
+                    return Source::Merged(rx);
+                }
+                Err(e) => {
+                    log::error!("s3: cannot start the job forwarder ({e}); nothing will be replicated");
+                    return Source::Jobs(std::sync::mpsc::channel().1);
+                }
+            }
+        }
+        Source::Jobs(jobs)
+    }
+
+    /// One input: a job joins the batch, a report waits for the batch's end.
+    fn take(&mut self, i: Input, batch: &mut Vec<Job>) {
+        match i {
+            Input::Job(j) => batch.push(j),
+            #[cfg(feature = "s3")]
+            Input::Replicated(r) => {
+                if let Some(rep) = self.replica.as_mut() {
+                    rep.reports.push(r);
+                }
+            }
+        }
+    }
+
+    /// How long to wait for input when idle.
+    fn idle_wait(&self) -> std::time::Duration {
+        #[cfg(feature = "s3")]
+        if let Some(at) = self.replica.as_ref().and_then(|r| r.next_deadline()) {
+            let d = at.saturating_duration_since(std::time::Instant::now());
+            return d.clamp(std::time::Duration::from_millis(1), FREE_SPACE_EVERY);
+        }
+        FREE_SPACE_EVERY
+    }
+
+    /// Apply the replicator's reports (S3 tier): rows done, held 1604s
+    /// released; rows queued by someone else (`backupd s3 resync`) sent on.
+    fn after_reports(&mut self) {
+        #[cfg(feature = "s3")]
+        {
+            self.dispatch_idle();
+            let mut out = Vec::new();
+            self.replicated(&mut out);
+            if !out.is_empty() {
+                self.send(out);
+            }
+        }
     }
 
     /// Send completions and wake the loop.
@@ -397,11 +522,15 @@ impl Worker {
     /// nothing after a Commit, Register or SetKey until that job's reply.)
     fn stage_arrivals(&mut self) {
         let mut staged = Vec::new();
-        while let Some(j) = self.io.as_ref().and_then(|io| io.jobs.try_recv().ok()) {
-            self.metrics.worker_queue.add(-1);
-            match j {
-                Job::Packet(p) => staged.push(self.packet(p)),
-                other => self.carry.push(other),
+        while let Some(i) = self.io.as_ref().and_then(|io| io.jobs.try_recv()) {
+            let mut jobs = Vec::new();
+            self.take(i, &mut jobs);
+            for j in jobs {
+                self.metrics.worker_queue.add(-1);
+                match j {
+                    Job::Packet(p) => staged.push(self.packet(p)),
+                    other => self.carry.push(other),
+                }
             }
         }
         if !staged.is_empty() {
@@ -453,6 +582,8 @@ impl Worker {
         }
         let mut out = Vec::new();
         self.group_commit(commits, writes, &mut out);
+        #[cfg(feature = "s3")]
+        self.dispatch_and_hold(&mut out);
         self.send(out);
         stop
     }

@@ -50,10 +50,14 @@ impl Worker {
                 keep
             })
             .map_err(|e| format!("files/: {e}"))?;
-        // ... and verified rows their file, of the size recorded.
+        // ... and verified rows their file, of the size recorded (or, with the
+        // S3 tier, a copy in the bucket: a row no longer queued was confirmed).
+        let in_bucket = self.replicated_paths()?;
         let mut torn = 0;
+        let mut remote = 0;
         for r in rows.iter().filter(|r| r.verified) {
             match (found.get(&r.path), r.size) {
+                (None, _) if in_bucket(&r.path) => remote += 1,
                 (None, _) => {
                     log::error!(
                         "startup: verified file {} of client {} is missing; marked unverified",
@@ -77,7 +81,25 @@ impl Worker {
         if torn > 0 {
             log::error!("startup: {torn} verified file(s) differ in size from their database rows");
         }
+        if remote > 0 {
+            log::info!("startup: {remote} verified file(s) are in the bucket only");
+        }
         Ok(())
+    }
+
+    /// Whether a stored path's copy is in the bucket: the S3 tier is on and
+    /// the path has no queue row left (always false without the tier).
+    fn replicated_paths(&self) -> Result<impl Fn(&str) -> bool, String> {
+        #[cfg(feature = "s3")]
+        let queued: Option<HashSet<String>> = match self.replica {
+            Some(_) => {
+                Some(self.db.queue_after(0).map_err(|e| e.to_string())?.into_iter().map(|q| q.path).collect())
+            }
+            None => None,
+        };
+        #[cfg(not(feature = "s3"))]
+        let queued: Option<HashSet<String>> = None;
+        Ok(move |p: &str| queued.as_ref().is_some_and(|q| !q.contains(p)))
     }
 
     fn verified_path(&self, rel: &str) -> bool {

@@ -143,6 +143,12 @@ impl Storage {
         &self.root
     }
 
+    /// A descriptor of the data directory, for a thread that reads stored
+    /// files (the S3 replicator) through [`Dir`] without following links.
+    pub fn root_dir(&self) -> io::Result<Dir> {
+        self.dir.try_clone()
+    }
+
     /// Path of a verified file, relative to the data directory (as stored in the DB).
     pub fn relative_path(id: &ClientId, name: &str) -> String {
         format!("files/{}/{}", id_hex(id), name)
@@ -258,8 +264,8 @@ impl Storage {
         v
     }
 
-    /// Delete the oldest versions so that at most `keep` remain. Returns how
-    /// many were removed. Folders left empty are removed, versions/<id> included.
+    /// Delete the oldest versions so that at most `keep` remain. Returns the
+    /// numbers of those removed. Folders left empty are removed, versions/<id> included.
     /// Each version removed is added to `freed` (one file, its size), also
     /// when a later removal fails.
     pub fn prune_versions(
@@ -268,16 +274,16 @@ impl Storage {
         name: &str,
         keep: usize,
         freed: &mut Usage,
-    ) -> io::Result<usize> {
+    ) -> io::Result<Vec<u64>> {
         let v = self.versions(id, name);
         let excess = v.len().saturating_sub(keep);
         if excess == 0 {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let hex = id_hex(id);
         let mut parts = vec![hex.as_str()];
         parts.extend(components(name)?);
-        let Some(dir) = self.find(&self.versions, &parts)? else { return Ok(0) };
+        let Some(dir) = self.find(&self.versions, &parts)? else { return Ok(Vec::new()) };
         for n in &v[..excess] {
             let size = dir.stat(n.to_string())?.map_or(0, |m| m.size);
             dir.remove_file(n.to_string())?;
@@ -293,7 +299,7 @@ impl Storage {
                 }
             }
         }
-        Ok(excess)
+        Ok(v[..excess].to_vec())
     }
 }
 

@@ -1,0 +1,271 @@
+//! The worker's side of the S3 tier (cargo feature `s3`): the queue table
+//! it owns, the rows handed to the replicator thread
+//! ([`crate::s3::replicator`]), its reports, and in primary mode the 1604s
+//! held until the bucket confirmed their file.
+//!
+//! The worker owns the database, so the replicator never touches it: the
+//! worker queues a row in the same transaction as the file's verified row
+//! (a crash between the publish and the upload loses nothing: the row is
+//! there at the next start), sends the new rows to the replicator after
+//! each commit, and deletes a row when the replicator reports it done.
+//! Reports come back on the worker's own input channel (see
+//! [`super::Input`]), so the worker waits on one channel for both.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{self, Sender};
+use std::time::Instant;
+
+use super::db::Write;
+use super::{Completion, Input, UploadId, Worker};
+use crate::protocol::ClientId;
+use crate::s3::client::Bucket;
+use crate::s3::replicator::{self, Item, Op, Order, Report};
+use crate::s3::{Mode, Settings};
+
+/// The S3 tier as the worker runs it.
+pub(super) struct Replica {
+    pub(super) settings: Settings,
+    /// The replicator's order channel, once started.
+    orders: Option<Sender<Order>>,
+    /// The last queue row handed to the replicator.
+    high_water: i64,
+    /// Reports received during a batch, handled after it.
+    pub(super) reports: Vec<Report>,
+    /// Primary mode: the files committed in this batch, by upload.
+    published: HashMap<UploadId, String>,
+    /// Primary mode: 1604s held until their row is done, by row, with the
+    /// time they get 1607 instead.
+    waiting: HashMap<i64, (Completion, Instant)>,
+    /// When the queue was last read outside a commit.
+    last_look: Option<Instant>,
+}
+
+impl Replica {
+    pub(super) fn new(settings: Settings) -> Replica {
+        Replica {
+            settings,
+            orders: None,
+            high_water: 0,
+            reports: Vec::new(),
+            published: HashMap::new(),
+            waiting: HashMap::new(),
+            last_look: None,
+        }
+    }
+
+    /// The next time a held 1604 must give up.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        self.waiting.values().map(|(_, at)| *at).min()
+    }
+}
+
+/// A commit's completion turned into a failure (1607), same upload and usage.
+fn failed(c: Completion) -> Completion {
+    match c {
+        Completion::Committed { conn, upload, client, usage, .. } => {
+            Completion::Committed { conn, upload, ok: false, client, usage }
+        }
+        other => other,
+    }
+}
+
+impl Worker {
+    /// Start the replicator (when the tier is on) and hand it every row
+    /// already queued (what the last run left). Returns the sender the
+    /// worker's input forwarder and the replicator share.
+    pub(super) fn start_replica(&mut self, input: &Sender<Input>) {
+        let Some(r) = self.replica.as_mut() else { return };
+        let bucket = match Bucket::new(&r.settings) {
+            Ok(b) => b,
+            Err(e) => {
+                log::error!("s3: {e}; nothing will be replicated");
+                return;
+            }
+        };
+        let root = match self.storage.root_dir() {
+            Ok(d) => d,
+            Err(e) => {
+                log::error!("s3: cannot open the data directory for the replicator: {e}");
+                return;
+            }
+        };
+        let (tx, rx) = mpsc::channel();
+        let back = input.clone();
+        let report = Box::new(move |rep: Report| {
+            let _ = back.send(Input::Replicated(rep));
+        });
+        match replicator::start(bucket, root, rx, report, self.metrics.clone()) {
+            Ok(_) => r.orders = Some(tx),
+            Err(e) => {
+                log::error!("s3: cannot start the replicator thread: {e}");
+                return;
+            }
+        }
+        self.metrics.s3_on.store(true, std::sync::atomic::Ordering::Relaxed);
+        let s = &r.settings;
+        log::info!("s3: {:?} mode, bucket {} at {}, prefix {:?}", s.mode, s.bucket, s.endpoint, s.prefix);
+        self.dispatch();
+    }
+
+    /// The queue rows a commit of these files adds (in its transaction).
+    pub(super) fn queue_writes(&self, client: &ClientId, target: &str, saved: Option<&str>) -> Vec<Write> {
+        if self.replica.is_none() {
+            return Vec::new();
+        }
+        let mut w = vec![Write::Enqueue { id: *client, path: target.to_string(), delete: false }];
+        if let Some(prev) = saved {
+            w.push(Write::Enqueue { id: *client, path: prev.to_string(), delete: false });
+        }
+        w
+    }
+
+    /// Primary mode: remember a committed file so that its 1604 waits for the bucket.
+    pub(super) fn note_published(&mut self, upload: UploadId, target: &str) {
+        if let Some(r) = self.replica.as_mut().filter(|r| r.settings.mode == Mode::Primary) {
+            r.published.insert(upload, target.to_string());
+        }
+    }
+
+    /// Queue the removal of pruned versions from the bucket.
+    pub(super) fn queue_deletes(&mut self, client: &ClientId, name: &str, removed: &[u64]) {
+        if self.replica.is_none() || removed.is_empty() {
+            return;
+        }
+        let w: Vec<Write> = removed
+            .iter()
+            .map(|n| Write::Enqueue {
+                id: *client,
+                path: super::storage::Storage::relative_version_path(client, name, *n),
+                delete: true,
+            })
+            .collect();
+        if let Err(e) = self.db.apply(&w) {
+            log::warn!("s3: cannot queue the removal of pruned versions of {name:?}: {e}");
+        }
+    }
+
+    /// Hand the rows queued since the last call to the replicator, and in
+    /// primary mode hold the 1604s of this batch's files until their row is done.
+    pub(super) fn dispatch_and_hold(&mut self, out: &mut Vec<Completion>) {
+        let rows = self.dispatch();
+        let Some(r) = self.replica.as_mut() else { return };
+        if r.published.is_empty() {
+            return;
+        }
+        let deadline = Instant::now() + r.settings.timeout;
+        let seq_of: HashMap<&str, i64> =
+            rows.iter().filter(|i| i.op == Op::Put).map(|i| (i.rel.as_str(), i.seq)).collect();
+        let mut kept = Vec::with_capacity(out.len());
+        for c in out.drain(..) {
+            let target = match &c {
+                Completion::Committed { upload, ok: true, .. } => r.published.remove(upload),
+                _ => None,
+            };
+            match target.and_then(|t| seq_of.get(t.as_str()).copied()) {
+                Some(seq) => {
+                    r.waiting.insert(seq, (c, deadline));
+                }
+                None => kept.push(c),
+            }
+        }
+        r.published.clear();
+        *out = kept;
+    }
+
+    /// Rows queued outside a commit (`backupd s3 resync` while the server
+    /// runs): looked for at most once a second.
+    pub(super) fn dispatch_idle(&mut self) {
+        let due = self
+            .replica
+            .as_ref()
+            .is_some_and(|r| r.last_look.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)));
+        if due {
+            if let Some(r) = self.replica.as_mut() {
+                r.last_look = Some(Instant::now());
+            }
+            self.dispatch();
+        }
+    }
+
+    /// Send the new queue rows to the replicator; returns them.
+    fn dispatch(&mut self) -> Vec<Item> {
+        let Some(r) = self.replica.as_mut() else { return Vec::new() };
+        let Some(orders) = &r.orders else { return Vec::new() };
+        let rows = match self.db.queue_after(r.high_water) {
+            Ok(rows) => rows,
+            Err(e) => {
+                log::warn!("s3: cannot read the queue: {e}");
+                return Vec::new();
+            }
+        };
+        let items: Vec<Item> = rows
+            .into_iter()
+            .map(|q| Item { seq: q.seq, rel: q.path, op: if q.delete { Op::Delete } else { Op::Put } })
+            .collect();
+        if let Some(last) = items.last() {
+            r.high_water = last.seq;
+            let _ = orders.send(Order::Work(items.clone()));
+        }
+        self.queue_metrics();
+        items
+    }
+
+    /// The queue's depth and age into the metrics.
+    fn queue_metrics(&self) {
+        if let Ok((n, oldest)) = self.db.queue_stats() {
+            self.metrics.s3_queue_depth.set(n as i64);
+            self.metrics.s3_oldest_queued.store(oldest.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Apply the replicator's reports: rows done go, held 1604s go out
+    /// (1607 for a failed try or an expired wait).
+    pub(super) fn replicated(&mut self, out: &mut Vec<Completion>) {
+        let Some(r) = self.replica.as_mut() else { return };
+        let reports = std::mem::take(&mut r.reports);
+        let mut done = Vec::new();
+        for rep in reports {
+            match rep {
+                Report::Done { seq } | Report::Gone { seq } => {
+                    done.push(seq);
+                    if let Some((c, _)) = r.waiting.remove(&seq) {
+                        out.push(if matches!(rep, Report::Done { .. }) { c } else { failed(c) });
+                    }
+                }
+                Report::Failed { seq } => {
+                    if let Some((c, _)) = r.waiting.remove(&seq) {
+                        out.push(failed(c));
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        let expired: Vec<i64> = r.waiting.iter().filter(|(_, (_, at))| *at <= now).map(|(s, _)| *s).collect();
+        for seq in expired {
+            if let Some((c, _)) = r.waiting.remove(&seq) {
+                log::warn!("s3: the bucket did not confirm a file within --s3-timeout; its 1029 gets 1607");
+                out.push(failed(c));
+            }
+        }
+        if !done.is_empty() {
+            if let Err(e) = self.db.dequeue(&done) {
+                log::warn!("s3: cannot remove {} confirmed row(s) from the queue: {e}", done.len());
+            }
+            self.queue_metrics();
+        }
+    }
+
+    /// At shutdown: the held 1604s become 1607s (their rows stay queued) and
+    /// the replicator is told to stop (an upload in progress is abandoned
+    /// and made again at the next start).
+    pub(super) fn stop_replica(&mut self) {
+        let Some(r) = self.replica.as_mut() else { return };
+        let held: Vec<Completion> = r.waiting.drain().map(|(_, (c, _))| failed(c)).collect();
+        if let Some(o) = r.orders.take() {
+            let _ = o.send(Order::Stop);
+        }
+        if !held.is_empty() {
+            self.send(held);
+        }
+    }
+}
