@@ -13,6 +13,7 @@ use crate::protocol::{id_hex, ClientId};
 use crate::s3::client::Bucket;
 use crate::s3::S3Args;
 use crate::worker::db::{Db, Write};
+use crate::worker::storage::tier::Tier;
 
 /// The bucket as the admin commands read it.
 pub struct Remote {
@@ -31,10 +32,9 @@ impl Remote {
 
     /// A reader of the object of a path relative to the data directory.
     pub fn open(&self, rel: &str) -> io::Result<Box<dyn io::Read>> {
-        match self.bucket.get(rel) {
-            Ok(Some(r)) => Ok(Box::new(r)),
-            Ok(None) => Err(io::Error::new(io::ErrorKind::NotFound, "not in the bucket either")),
-            Err(e) => Err(io::Error::other(format!("bucket: {e}"))),
+        match Tier::open(&self.bucket, rel)? {
+            Some(r) => Ok(r),
+            None => Err(io::Error::new(io::ErrorKind::NotFound, "not in the bucket either")),
         }
     }
 
@@ -91,8 +91,8 @@ fn resync(args: &ResyncArgs) -> Result<ExitCode, String> {
     let bucket = Bucket::new(&settings)?;
     let store = Store::open_read_only(&args.store)?;
     let mut in_bucket: HashMap<String, u64> = HashMap::new();
-    for top in ["files/", "versions/"] {
-        let listed = bucket.list(top).map_err(|e| format!("cannot list the bucket: {e}"))?;
+    for top in ["files", "versions"] {
+        let listed = Tier::list(&bucket, top).map_err(|e| format!("cannot list the bucket: {e}"))?;
         in_bucket.extend(listed);
     }
     let queued: HashSet<String> = {

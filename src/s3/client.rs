@@ -303,3 +303,28 @@ impl Bucket {
         }
     }
 }
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        io::Error::other(e)
+    }
+}
+
+/// The bucket behind the storage seam (see [`crate::worker::storage::tier`]).
+impl crate::worker::storage::tier::Tier for Bucket {
+    fn publish(&self, rel: &str, src: &mut File) -> io::Result<u64> {
+        Ok(self.put_file(rel, src)?)
+    }
+
+    fn open(&self, rel: &str) -> io::Result<Option<Box<dyn Read + Send>>> {
+        Ok(self.get(rel)?.map(|r| Box::new(r) as Box<dyn Read + Send>))
+    }
+
+    fn list(&self, top: &str) -> io::Result<Vec<(String, u64)>> {
+        Ok(Bucket::list(self, &format!("{top}/"))?)
+    }
+
+    fn delete(&self, rel: &str) -> io::Result<()> {
+        Ok(Bucket::delete(self, rel)?)
+    }
+}

@@ -21,8 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::client::{Bucket, Error, Kind};
-use crate::datadir::{components, Dir};
+use crate::datadir::Dir;
 use crate::metrics::Metrics;
+use crate::worker::storage::tier::Local;
 
 /// The longest wait between two tries.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -75,7 +76,7 @@ pub fn start(
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let mut r = Replicator {
         bucket,
-        root,
+        root: Local::new(root),
         report,
         metrics,
         line: VecDeque::new(),
@@ -88,7 +89,7 @@ pub fn start(
 
 struct Replicator {
     bucket: Bucket,
-    root: Dir,
+    root: Local,
     report: Box<dyn Fn(Report) + Send>,
     metrics: Arc<Metrics>,
     line: VecDeque<Item>,
@@ -177,14 +178,7 @@ impl Replicator {
     /// Upload a local file; Ok(false) when it is gone.
     fn put(&self, rel: &str) -> Result<bool, Error> {
         let local = |e: std::io::Error| Error { kind: Kind::Local, detail: format!("{rel}: {e}") };
-        let parts = components(rel).map_err(local)?;
-        let Some((leaf, dirs)) = parts.split_last() else { return Ok(false) };
-        let opened = self.root.open_path(dirs).and_then(|d| d.open_file(leaf));
-        let mut f = match opened {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(local(e)),
-        };
+        let Some(mut f) = self.root.open_file(rel).map_err(local)? else { return Ok(false) };
         let bytes = self.bucket.put_file(rel, &mut f)?;
         self.metrics.s3_uploaded.inc();
         self.metrics.s3_uploaded_bytes.add(bytes as i64);

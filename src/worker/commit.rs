@@ -302,7 +302,7 @@ impl Worker {
                     Err(e) => log::warn!("worker: cannot prune old versions of {}: {e}", s.name),
                 }
                 #[cfg(feature = "s3")]
-                self.note_published(s.upload, &s.publish.target);
+                self.note_published(s.upload, &s.publish.target, s.size, freed.bytes);
                 let u = self.usage.entry(s.client).or_default();
                 u.add(Usage { bytes: s.size, files: 1 });
                 u.sub(freed);

@@ -11,7 +11,7 @@
 //! Reports come back on the worker's own input channel (see
 //! [`super::Input`]), so the worker waits on one channel for both.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::mpsc::{self, Sender};
 use std::time::Instant;
 
@@ -33,11 +33,18 @@ pub(super) struct Replica {
     pub(super) reports: Vec<Report>,
     /// Primary mode: the files committed in this batch, by upload.
     published: HashMap<UploadId, String>,
+    /// Primary mode: the paths of the rows handed to the replicator, by row.
+    in_flight: HashMap<i64, String>,
     /// Primary mode: 1604s held until their row is done, by row, with the
     /// time they get 1607 instead.
     waiting: HashMap<i64, (Completion, Instant)>,
     /// When the queue was last read outside a commit.
     last_look: Option<Instant>,
+    /// Primary mode: bytes of stored copies on the local disk (the cache).
+    local_bytes: u64,
+    /// Primary mode: copies the bucket confirmed, oldest first (those found
+    /// at start first): what the cache may evict.
+    evictable: VecDeque<String>,
 }
 
 impl Replica {
@@ -49,7 +56,10 @@ impl Replica {
             reports: Vec::new(),
             published: HashMap::new(),
             waiting: HashMap::new(),
+            in_flight: HashMap::new(),
             last_look: None,
+            local_bytes: 0,
+            evictable: VecDeque::new(),
         }
     }
 
@@ -104,7 +114,31 @@ impl Worker {
         self.metrics.s3_on.store(true, std::sync::atomic::Ordering::Relaxed);
         let s = &r.settings;
         log::info!("s3: {:?} mode, bucket {} at {}, prefix {:?}", s.mode, s.bucket, s.endpoint, s.prefix);
+        self.init_cache();
         self.dispatch();
+    }
+
+    /// Primary mode: the cache as found at start (every local copy not
+    /// queued is in the bucket, and may be evicted).
+    fn init_cache(&mut self) {
+        if !self.replica.as_ref().is_some_and(|r| r.settings.mode == Mode::Primary) {
+            return;
+        }
+        let queued = self.queued_paths();
+        let stored = self.storage.list_stored();
+        let Some(r) = self.replica.as_mut() else { return };
+        match stored {
+            Ok(stored) => {
+                for (rel, size) in stored {
+                    r.local_bytes += size;
+                    if !queued.contains(&rel) {
+                        r.evictable.push_back(rel);
+                    }
+                }
+            }
+            Err(e) => log::warn!("s3: cannot measure the local cache: {e}"),
+        }
+        self.evict();
     }
 
     /// The queue rows a commit of these files adds (in its transaction).
@@ -119,10 +153,48 @@ impl Worker {
         w
     }
 
-    /// Primary mode: remember a committed file so that its 1604 waits for the bucket.
-    pub(super) fn note_published(&mut self, upload: UploadId, target: &str) {
+    /// Primary mode: remember a committed file so that its 1604 waits for
+    /// the bucket, and count it (less what pruning freed) in the cache.
+    pub(super) fn note_published(&mut self, upload: UploadId, target: &str, size: u64, freed: u64) {
         if let Some(r) = self.replica.as_mut().filter(|r| r.settings.mode == Mode::Primary) {
             r.published.insert(upload, target.to_string());
+            r.local_bytes = (r.local_bytes + size).saturating_sub(freed);
+        }
+    }
+
+    /// The paths with a queue row (not yet in the bucket).
+    fn queued_paths(&self) -> HashSet<String> {
+        self.db.queue_after(0).map(|rows| rows.into_iter().map(|q| q.path).collect()).unwrap_or_default()
+    }
+
+    /// Primary mode: evict the oldest copies the bucket confirmed until the
+    /// cache is back under 90% of `--cache-size`. A copy still queued (a
+    /// newer upload of the same name) is never evicted.
+    fn evict(&mut self) {
+        let over = self.replica.as_ref().is_some_and(|r| r.local_bytes > r.settings.cache_size);
+        if !over {
+            return;
+        }
+        let queued = self.queued_paths();
+        let Some(r) = self.replica.as_mut() else { return };
+        let target = r.settings.cache_size / 10 * 9;
+        let (mut files, mut bytes) = (0u64, 0u64);
+        while r.local_bytes > target {
+            let Some(rel) = r.evictable.pop_front() else { break };
+            if queued.contains(&rel) {
+                continue;
+            }
+            match self.storage.evict(&rel) {
+                Ok(n) => {
+                    r.local_bytes = r.local_bytes.saturating_sub(n);
+                    files += 1;
+                    bytes += n;
+                }
+                Err(e) => log::warn!("s3: cannot evict {rel} from the local cache: {e}"),
+            }
+        }
+        if files > 0 {
+            log::debug!("s3: evicted {files} file(s), {bytes} bytes, from the local cache");
         }
     }
 
@@ -202,6 +274,9 @@ impl Worker {
             .into_iter()
             .map(|q| Item { seq: q.seq, rel: q.path, op: if q.delete { Op::Delete } else { Op::Put } })
             .collect();
+        if r.settings.mode == Mode::Primary {
+            r.in_flight.extend(items.iter().filter(|i| i.op == Op::Put).map(|i| (i.seq, i.rel.clone())));
+        }
         if let Some(last) = items.last() {
             r.high_water = last.seq;
             let _ = orders.send(Order::Work(items.clone()));
@@ -228,6 +303,11 @@ impl Worker {
             match rep {
                 Report::Done { seq } | Report::Gone { seq } => {
                     done.push(seq);
+                    if let Some(rel) = r.in_flight.remove(&seq) {
+                        if matches!(rep, Report::Done { .. }) {
+                            r.evictable.push_back(rel);
+                        }
+                    }
                     if let Some((c, _)) = r.waiting.remove(&seq) {
                         out.push(if matches!(rep, Report::Done { .. }) { c } else { failed(c) });
                     }
@@ -252,6 +332,7 @@ impl Worker {
                 log::warn!("s3: cannot remove {} confirmed row(s) from the queue: {e}", done.len());
             }
             self.queue_metrics();
+            self.evict();
         }
     }
 

@@ -1,0 +1,223 @@
+//! The S3 tier end to end (feature `s3`): the real backupd against a real
+//! single-node Garage on 127.0.0.1 (its own config, data and metadata in a
+//! temp dir, a key and a bucket made at its start), no mocks.
+//!
+//! Garage is found through `GARAGE_BIN` or on `PATH`; without it each test
+//! says so and passes (`make test-s3` installs it and runs these with it).
+#![cfg(feature = "s3")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use backupd::client::{ClientError, UploadOptions};
+use common::{free_port, pseudo_random, server_bin, wait_until, Launch, TestServer};
+
+const KEY_ID: &str = "GK0123456789abcdef01234567";
+const SECRET: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+const BUCKET: &str = "backupd";
+
+fn garage_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("GARAGE_BIN").map(PathBuf::from).filter(|p| p.is_file()) {
+        return Some(p);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join("garage")).find(|p| p.is_file())
+}
+
+/// A single-node Garage, stopped and started at will on the same ports and data.
+struct Garage {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Garage {
+    fn start() -> Option<Garage> {
+        let Some(bin) = garage_bin() else {
+            eprintln!("garage not found (GARAGE_BIN or PATH): S3 end-to-end test skipped");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (port, rpc) = (free_port(), free_port());
+        let d = dir.path().display();
+        let conf = format!(
+            "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
+             replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
+             rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{SECRET}\"\n\
+             [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{port}\"\n\
+             root_domain = \".s3.garage.localhost\"\n"
+        );
+        std::fs::write(dir.path().join("garage.toml"), conf).unwrap();
+        std::fs::write(
+            dir.path().join("creds"),
+            format!("AWS_ACCESS_KEY_ID={KEY_ID}\nAWS_SECRET_ACCESS_KEY={SECRET}\n"),
+        )
+        .unwrap();
+        let mut g = Garage { bin, dir, port, child: None };
+        g.run();
+        Some(g)
+    }
+
+    fn run(&mut self) {
+        let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(self.dir.path().join("garage.toml"))
+            .args(["server", "--single-node", "--default-bucket"])
+            .env("GARAGE_DEFAULT_ACCESS_KEY", KEY_ID)
+            .env("GARAGE_DEFAULT_SECRET_KEY", SECRET)
+            .env("GARAGE_DEFAULT_BUCKET", BUCKET)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start garage");
+        self.child = Some(child);
+        // Up once its S3 port answers (any HTTP status).
+        let url = format!("127.0.0.1:{}", self.port);
+        assert!(
+            wait_until(Duration::from_secs(30), || std::net::TcpStream::connect(&url).is_ok()),
+            "garage did not start"
+        );
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The S3 flags of a server or command using this Garage.
+    fn flags(&self, prefix: &str) -> Vec<String> {
+        [
+            "--s3-endpoint",
+            &format!("http://127.0.0.1:{}", self.port),
+            "--s3-bucket",
+            BUCKET,
+            "--s3-region",
+            "garage",
+            "--s3-prefix",
+            prefix,
+            "--s3-credentials",
+            &self.dir.path().join("creds").display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn queued(db: &Path) -> i64 {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.query_row("SELECT COUNT(*) FROM s3_queue", [], |r| r.get(0)).unwrap()
+}
+
+fn admin(args: &[&str], extra: &[String]) -> (i32, String) {
+    let out = Command::new(server_bin()).args(args).args(extra).output().expect("run backupd");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Upload and confirm (1029): Ok once the server answered 1604.
+fn store(c: &mut backupd::client::Client, name: &str, data: &[u8]) -> Result<(), ClientError> {
+    c.upload_bytes(name, data, &UploadOptions::default())?;
+    c.crc_ok(name)
+}
+
+fn start_server(garage: &Garage, extra: &[&str]) -> TestServer {
+    let mut args = garage.flags("box1");
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    TestServer::start_with(&args, Launch::default(), |_| {})
+}
+
+/// Replica mode: files (one of them a multipart upload) reach the bucket; a
+/// queue filled while the store is down survives a crash and drains once the
+/// store is back; with the local copies wiped, restore and verify read the
+/// bucket.
+#[test]
+fn replica_survives_a_crash_and_an_outage_and_restores_from_the_bucket() {
+    let Some(mut garage) = Garage::start() else { return };
+    let mut server = start_server(&garage, &[]);
+    let (mut c, _id) = server.registered_client("alice");
+    let big = pseudo_random(20 << 20, 7); // two parts of a multipart upload
+    let small = b"hello bucket".to_vec();
+    store(&mut c, "docs/big.bin", &big).unwrap();
+    store(&mut c, "small.txt", &small).unwrap();
+    assert!(wait_until(Duration::from_secs(60), || queued(&server.db_path()) == 0), "queue never drained");
+
+    // The store goes away: 1604 as before, the row waits; a crash keeps it.
+    garage.stop();
+    let later = b"written while the store was down".to_vec();
+    store(&mut c, "later.txt", &later).unwrap();
+    assert_eq!(queued(&server.db_path()), 1);
+    drop(c);
+    server.kill();
+    server.restart();
+    assert_eq!(queued(&server.db_path()), 1, "the queue survives a crash");
+    garage.run();
+    assert!(wait_until(Duration::from_secs(60), || queued(&server.db_path()) == 0), "queue never drained");
+    server.stop();
+
+    // The local copies are lost: restore and verify read the bucket.
+    std::fs::remove_dir_all(server.files_dir()).unwrap();
+    let data = server.data_dir().display().to_string();
+    let to = server.temp_dir().join("restored");
+    let s3 = garage.flags("box1");
+    let (code, out) =
+        admin(&["restore", "alice", "--to", &to.display().to_string(), "--data-dir", &data], &s3);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(std::fs::read(to.join("docs/big.bin")).unwrap(), big);
+    assert_eq!(std::fs::read(to.join("small.txt")).unwrap(), small);
+    assert_eq!(std::fs::read(to.join("later.txt")).unwrap(), later);
+    let (code, out) = admin(&["verify", "--data-dir", &data], &s3);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = admin(&["verify", "--data-dir", &data], &[]);
+    assert_eq!(code, 3, "without the bucket the copies are missing: {out}");
+    // The bucket has everything: resync queues nothing.
+    let (code, out) = admin(&["s3", "resync", "--data-dir", &data], &garage.flags("box1"));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("queued 0 file(s)"), "{out}");
+    assert!(!server.log_text().contains(SECRET), "the secret key is never logged");
+}
+
+/// Primary mode: no 1604 without the store (1607 after --s3-timeout); the
+/// client's next try works once it is back, and the cache stays bounded.
+#[test]
+fn primary_answers_1607_until_the_store_is_back() {
+    let Some(mut garage) = Garage::start() else { return };
+    garage.stop();
+    let server =
+        start_server(&garage, &["--s3-mode", "primary", "--s3-timeout", "2s", "--cache-size", "1MiB"]);
+    let (mut c, _id) = server.registered_client("bob");
+    let data = pseudo_random(3 << 20, 3);
+    match store(&mut c, "f.bin", &data) {
+        Err(ClientError::Refused(_)) => {}
+        other => panic!(
+            "expected 1607 without the store, got {:?}; log:\n{}",
+            other.map(|_| ()),
+            server.log_text()
+        ),
+    }
+    garage.run();
+    // The client's retry works once the store answers (its row may still be in backoff).
+    let ok = wait_until(Duration::from_secs(60), || store(&mut c, "f.bin", &data).is_ok());
+    assert!(ok, "no 1604 once the store is back; log:\n{}", server.log_text());
+    assert!(wait_until(Duration::from_secs(60), || queued(&server.db_path()) == 0));
+    // The cache (1 MiB) keeps no 3 MiB copy once the bucket has it.
+    let local = || -> u64 {
+        let files = common::walk_files(&server.files_dir());
+        let versions = common::walk_files(&server.data_dir().join("versions"));
+        files.iter().chain(&versions).filter_map(|p| p.metadata().ok()).map(|m| m.len()).sum()
+    };
+    assert!(wait_until(Duration::from_secs(30), || local() <= 1 << 20), "cache not bounded: {}", local());
+}
