@@ -677,6 +677,25 @@ const SERVER_FLAGS: &[(&str, &str, &str)] = &[
     ("--log-file", "standard error", "BACKUPD_LOG_FILE"),
 ];
 
+/// The S3 tier's flags: in the README always, in `--help` only in builds
+/// with the `s3` feature.
+const S3_FLAGS: &[(&str, &str, &str)] = &[
+    ("--s3-endpoint", "off", "BACKUPD_S3_ENDPOINT"),
+    ("--s3-bucket", "none", "BACKUPD_S3_BUCKET"),
+    ("--s3-region", "us-east-1", "BACKUPD_S3_REGION"),
+    ("--s3-prefix", "none", "BACKUPD_S3_PREFIX"),
+    ("--s3-mode", "replica", "BACKUPD_S3_MODE"),
+    ("--s3-timeout", "30s", "BACKUPD_S3_TIMEOUT"),
+    ("--cache-size", "1GiB", "BACKUPD_CACHE_SIZE"),
+    ("--s3-credentials", "the AWS_* variables", "BACKUPD_S3_CREDENTIALS"),
+];
+
+/// The flags `--help` lists in this build.
+fn help_flags() -> Vec<(&'static str, &'static str, &'static str)> {
+    let s3: &[_] = if cfg!(feature = "s3") { S3_FLAGS } else { &[] };
+    SERVER_FLAGS.iter().chain(s3).copied().collect()
+}
+
 /// `backupd ARGS` with no BACKUPD_* variable set (a value set in the
 /// environment would show in `--help` and change what it parses).
 fn backupd_output(args: &[&str]) -> std::process::Output {
@@ -734,7 +753,8 @@ fn help_lists_every_flag_with_its_default_and_variable() {
         assert!(out.status.success(), "{args:?}: {:?}", out.status);
         let text = String::from_utf8(out.stdout).unwrap();
         let blocks = option_blocks(&text);
-        for &(flag, default, var) in SERVER_FLAGS {
+        let flags = help_flags();
+        for &(flag, default, var) in &flags {
             let block = blocks.get(flag).unwrap_or_else(|| panic!("{args:?}: {flag} missing:\n{text}"));
             assert_eq!(annotations(block, "default"), [default], "{args:?}: {flag}'s default:\n{block}");
             // clap shows `[env: NAME=]`, the variable's value after the `=` (none here).
@@ -746,7 +766,7 @@ fn help_lists_every_flag_with_its_default_and_variable() {
         }
         for flag in blocks.keys() {
             assert!(
-                SERVER_FLAGS.iter().any(|f| f.0 == flag) || flag == "--help" || flag == "--version",
+                flags.iter().any(|f| f.0 == flag) || flag == "--help" || flag == "--version",
                 "{args:?}: untested flag {flag}"
             );
         }
@@ -766,11 +786,11 @@ fn readme_lists_every_server_flag_as_help_does() {
             (flag, (cells[1].trim_matches('`'), cells[2].trim_matches('`')))
         })
         .collect();
-    for &(flag, default, var) in SERVER_FLAGS {
+    for &(flag, default, var) in SERVER_FLAGS.iter().chain(S3_FLAGS) {
         let (v, d) = rows.get(flag).unwrap_or_else(|| panic!("{flag} missing from the README's table"));
         assert_eq!((*v, *d), (var, default), "README row of {flag}");
     }
-    assert_eq!(rows.len(), SERVER_FLAGS.len(), "README rows: {:?}", rows.keys());
+    assert_eq!(rows.len(), SERVER_FLAGS.len() + S3_FLAGS.len(), "README rows: {:?}", rows.keys());
 }
 
 #[test]

@@ -147,7 +147,10 @@ fn start_server(garage: &Garage, extra: &[&str]) -> TestServer {
 #[test]
 fn replica_survives_a_crash_and_an_outage_and_restores_from_the_bucket() {
     let Some(mut garage) = Garage::start() else { return };
-    let mut server = start_server(&garage, &[]);
+    let metrics = tempfile::tempdir().unwrap();
+    let prom = metrics.path().join("backupd.prom");
+    let prom_arg = prom.display().to_string();
+    let mut server = start_server(&garage, &["--metrics-file", &prom_arg, "--metrics-interval", "1s"]);
     let (mut c, _id) = server.registered_client("alice");
     let big = pseudo_random(20 << 20, 7); // two parts of a multipart upload
     let small = b"hello bucket".to_vec();
@@ -155,11 +158,29 @@ fn replica_survives_a_crash_and_an_outage_and_restores_from_the_bucket() {
     store(&mut c, "small.txt", &small).unwrap();
     assert!(wait_until(Duration::from_secs(60), || queued(&server.db_path()) == 0), "queue never drained");
 
+    let written = |name: &str| -> Option<f64> {
+        let text = std::fs::read_to_string(&prom).ok()?;
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    };
+    assert!(wait_until(Duration::from_secs(10), || written("backupd_s3_uploaded_total") == Some(2.0)));
+    assert_eq!(written("backupd_s3_uploaded_bytes_total"), Some((big.len() + small.len()) as f64));
+    assert_eq!(written("backupd_s3_queue_depth"), Some(0.0));
+    assert_eq!(written("backupd_s3_queue_lag_seconds"), Some(0.0));
+    assert_eq!(written("backupd_s3_failures_total"), Some(0.0));
+
     // The store goes away: 1604 as before, the row waits; a crash keeps it.
     garage.stop();
     let later = b"written while the store was down".to_vec();
     store(&mut c, "later.txt", &later).unwrap();
     assert_eq!(queued(&server.db_path()), 1);
+    assert!(
+        wait_until(Duration::from_secs(10), || written("backupd_s3_failures_total").unwrap_or(0.0) >= 1.0)
+    );
+    assert!(wait_until(Duration::from_secs(10), || written("backupd_s3_queue_depth") == Some(1.0)));
+    let (code, out) =
+        admin(&["clients", "--json", "--data-dir", &server.data_dir().display().to_string()], &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("\"s3_pending\":1"), "{out}");
     drop(c);
     server.kill();
     server.restart();

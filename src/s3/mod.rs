@@ -34,11 +34,11 @@ pub enum Mode {
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct S3Args {
     /// S3 endpoint (http://127.0.0.1:3900 for a Garage node); path-style
-    /// addressing. Setting it turns the S3 tier on
+    /// addressing. Setting it turns the S3 tier on [default: off]
     #[arg(long, env = "BACKUPD_S3_ENDPOINT", value_name = "URL")]
     pub s3_endpoint: Option<String>,
 
-    /// Bucket name (required with --s3-endpoint)
+    /// Bucket name (required with --s3-endpoint) [default: none]
     #[arg(long, env = "BACKUPD_S3_BUCKET", value_name = "NAME")]
     pub s3_bucket: Option<String>,
 
@@ -47,8 +47,8 @@ pub struct S3Args {
     pub s3_region: String,
 
     /// Prefix of every key, so that boxes can share a bucket [default: none]
-    #[arg(long, env = "BACKUPD_S3_PREFIX", value_name = "P", default_value = "")]
-    pub s3_prefix: String,
+    #[arg(long, env = "BACKUPD_S3_PREFIX", value_name = "P")]
+    pub s3_prefix: Option<String>,
 
     /// replica: 1604 on local durability, then copied to the bucket;
     /// primary: 1604 once the bucket has the file (the local copy is a cache)
@@ -67,7 +67,7 @@ pub struct S3Args {
 
     /// File with `AWS_ACCESS_KEY_ID=...` and `AWS_SECRET_ACCESS_KEY=...`
     /// lines (or `aws_access_key_id = ...` as in ~/.aws/credentials)
-    /// [default: the AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY variables]
+    /// [default: the AWS_* variables]
     #[arg(long, env = "BACKUPD_S3_CREDENTIALS", value_name = "FILE")]
     pub s3_credentials: Option<PathBuf>,
 }
@@ -123,7 +123,7 @@ impl S3Args {
             endpoint: endpoint.to_string(),
             bucket,
             region: self.s3_region.clone(),
-            prefix: self.s3_prefix.trim_matches('/').to_string(),
+            prefix: self.s3_prefix.as_deref().unwrap_or("").trim_matches('/').to_string(),
             mode: self.s3_mode,
             timeout: self.s3_timeout.max(Duration::from_secs(1)),
             cache_size: self.cache_size,
@@ -235,7 +235,7 @@ mod tests {
         let a = S3Args {
             s3_endpoint: Some("http://127.0.0.1:3900".into()),
             s3_bucket: Some("b".into()),
-            s3_prefix: "/box1/".into(),
+            s3_prefix: Some("/box1/".into()),
             s3_region: "garage".into(),
             s3_timeout: Duration::from_secs(30),
             ..S3Args::default()
