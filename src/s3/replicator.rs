@@ -64,6 +64,8 @@ pub enum Report {
     Gone { seq: i64 },
     /// A try failed; the item stays first in line and is tried again.
     Failed { seq: i64 },
+    /// An upload began (primary mode stops counting its wait).
+    Started { seq: i64 },
 }
 
 /// Start the replicator thread. `report` carries each outcome to the worker.
@@ -135,7 +137,10 @@ impl Replicator {
     /// Try the head of the line once.
     fn serve(&mut self, item: Item) {
         let outcome = match item.op {
-            Op::Put => self.put(&item.rel),
+            Op::Put => {
+                (self.report)(Report::Started { seq: item.seq });
+                self.put(&item.rel)
+            }
             Op::Delete => self.bucket.delete(&item.rel).map(|_| true),
         };
         match outcome {

@@ -459,7 +459,8 @@ impl Worker {
                     return Source::Merged(rx);
                 }
                 Err(e) => {
-                    log::error!("s3: cannot start the job forwarder ({e}); nothing will be replicated");
+                    // The jobs went with the thread that could not start.
+                    log::error!("worker: cannot start the job forwarder ({e}); the worker stops");
                     return Source::Jobs(std::sync::mpsc::channel().1);
                 }
             }

@@ -37,7 +37,7 @@ pub(super) struct Replica {
     in_flight: HashMap<i64, String>,
     /// Primary mode: 1604s held until their row is done, by row, with the
     /// time they get 1607 instead.
-    waiting: HashMap<i64, (Completion, Instant)>,
+    waiting: Vec<Held>,
     /// When the queue was last read outside a commit.
     last_look: Option<Instant>,
     /// Primary mode: bytes of stored copies on the local disk (the cache).
@@ -55,7 +55,7 @@ impl Replica {
             high_water: 0,
             reports: Vec::new(),
             published: HashMap::new(),
-            waiting: HashMap::new(),
+            waiting: Vec::new(),
             in_flight: HashMap::new(),
             last_look: None,
             local_bytes: 0,
@@ -65,7 +65,26 @@ impl Replica {
 
     /// The next time a held 1604 must give up.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
-        self.waiting.values().map(|(_, at)| *at).min()
+        self.waiting.iter().filter_map(|h| h.deadline).min()
+    }
+}
+
+/// A 1604 held until the bucket confirms its file (primary mode): the queue
+/// row it waits for, and until when it waits for the replicator to start on
+/// it (None once the upload is in progress: its requests have their own
+/// `--s3-timeout`, so a large file on a slow link is not cut short).
+struct Held {
+    seq: i64,
+    completion: Completion,
+    deadline: Option<Instant>,
+}
+
+impl Replica {
+    /// Take out the completions held for `seq`.
+    fn release(&mut self, seq: i64) -> Vec<Completion> {
+        let (out, keep) = std::mem::take(&mut self.waiting).into_iter().partition(|h| h.seq == seq);
+        self.waiting = keep;
+        out.into_iter().map(|h: Held| h.completion).collect()
     }
 }
 
@@ -235,7 +254,7 @@ impl Worker {
             };
             match target.and_then(|t| seq_of.get(t.as_str()).copied()) {
                 Some(seq) => {
-                    r.waiting.insert(seq, (c, deadline));
+                    r.waiting.push(Held { seq, completion: c, deadline: Some(deadline) });
                 }
                 None => kept.push(c),
             }
@@ -308,24 +327,24 @@ impl Worker {
                             r.evictable.push_back(rel);
                         }
                     }
-                    if let Some((c, _)) = r.waiting.remove(&seq) {
-                        out.push(if matches!(rep, Report::Done { .. }) { c } else { failed(c) });
-                    }
+                    let ok = matches!(rep, Report::Done { .. });
+                    out.extend(r.release(seq).into_iter().map(|c| if ok { c } else { failed(c) }));
                 }
-                Report::Failed { seq } => {
-                    if let Some((c, _)) = r.waiting.remove(&seq) {
-                        out.push(failed(c));
+                Report::Failed { seq } => out.extend(r.release(seq).into_iter().map(failed)),
+                Report::Started { seq } => {
+                    for h in r.waiting.iter_mut().filter(|h| h.seq == seq) {
+                        h.deadline = None;
                     }
                 }
             }
         }
         let now = Instant::now();
-        let expired: Vec<i64> = r.waiting.iter().filter(|(_, (_, at))| *at <= now).map(|(s, _)| *s).collect();
-        for seq in expired {
-            if let Some((c, _)) = r.waiting.remove(&seq) {
-                log::warn!("s3: the bucket did not confirm a file within --s3-timeout; its 1029 gets 1607");
-                out.push(failed(c));
-            }
+        let (expired, keep): (Vec<Held>, Vec<Held>) =
+            std::mem::take(&mut r.waiting).into_iter().partition(|h| h.deadline.is_some_and(|at| at <= now));
+        r.waiting = keep;
+        for h in expired {
+            log::warn!("s3: the bucket did not take a file within --s3-timeout; its 1029 gets 1607");
+            out.push(failed(h.completion));
         }
         if !done.is_empty() {
             if let Err(e) = self.db.dequeue(&done) {
@@ -341,7 +360,7 @@ impl Worker {
     /// and made again at the next start).
     pub(super) fn stop_replica(&mut self) {
         let Some(r) = self.replica.as_mut() else { return };
-        let held: Vec<Completion> = r.waiting.drain().map(|(_, (c, _))| failed(c)).collect();
+        let held: Vec<Completion> = r.waiting.drain(..).map(|h| failed(h.completion)).collect();
         if let Some(o) = r.orders.take() {
             let _ = o.send(Order::Stop);
         }
