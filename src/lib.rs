@@ -12,6 +12,7 @@
 //! * [`server`]: the event loop, admission, the protocol state machine.
 //! * [`client`]: the blocking client library and `backup-client`.
 //! * [`worker`]: the worker thread, storage, the database.
+//! * `s3` (feature `s3`): the S3 tier's bucket client and replicator thread.
 //! * [`datadir`]: the data directory's lock, marker and no-follow access.
 //! * [`protocol`], [`crypto`]: the wire format and its cryptography, no I/O.
 //! * [`config`], [`units`], [`budget`], [`metrics`], [`logging`],

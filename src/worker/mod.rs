@@ -13,7 +13,9 @@
 //! Here: the jobs and completions, the batches and the free-space measure.
 //! The packet path is in `packets.rs`, the group commit in `commit.rs`,
 //! startup repair in `reconcile.rs`; the directory layout in [`storage`],
-//! the database in [`db`].
+//! the database in [`db`]; with the `s3` feature, the S3 tier's queue and
+//! the replicator's reports in `replica.rs` (the worker's input is then a
+//! channel merging the loop's jobs and those reports, see [`Input`]).
 
 mod commit;
 pub mod db;
@@ -287,6 +289,9 @@ impl Worker {
                         (cargo feature `s3`)"
                 .into());
         }
+        // The S3 flags are checked (and the credentials read) before the data directory is touched.
+        #[cfg(feature = "s3")]
+        let s3 = cfg.s3.settings()?;
         let lock = datadir::acquire(data_dir)?;
         datadir::prepare(&lock)?;
         // SQLite opens its files by path: check that none of them is a link
@@ -328,7 +333,7 @@ impl Worker {
             free_checked: None,
             free_failed: false,
             #[cfg(feature = "s3")]
-            replica: cfg.s3.settings()?.map(replica::Replica::new),
+            replica: s3.map(replica::Replica::new),
         };
         w.reconcile().map_err(|e| format!("reconciling {}: {e}", data_dir.display()))?;
         let clients = w.db.load_clients().map_err(|e| format!("database {}: {e}", db_path.display()))?;
