@@ -466,11 +466,12 @@ impl Db {
         }
     }
 
-    /// The S3 queue's rows after `seq`, in order.
-    pub fn queue_after(&self, seq: i64) -> rusqlite::Result<Vec<QueueRow>> {
-        let mut st =
-            self.conn.prepare_cached("SELECT Seq, ID, Path, Op FROM s3_queue WHERE Seq > ?1 ORDER BY Seq")?;
-        let rows = st.query_map(params![seq], |r| {
+    /// The S3 queue's rows after `seq`, in order, at most `limit` of them.
+    pub fn queue_after(&self, seq: i64, limit: usize) -> rusqlite::Result<Vec<QueueRow>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT Seq, ID, Path, Op FROM s3_queue WHERE Seq > ?1 ORDER BY Seq LIMIT ?2")?;
+        let rows = st.query_map(params![seq, i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
         })?;
         let mut out = Vec::new();
@@ -481,6 +482,13 @@ impl Db {
             }
         }
         Ok(out)
+    }
+
+    /// The row that uploads `path`, if it is queued.
+    pub fn queued_upload(&self, path: &str) -> rusqlite::Result<Option<i64>> {
+        self.conn
+            .query_row("SELECT Seq FROM s3_queue WHERE Path = ?1 AND Op = 0", params![path], |r| r.get(0))
+            .optional()
     }
 
     /// Remove S3 queue rows (the store confirmed them).
@@ -534,7 +542,7 @@ mod tests {
         let (a, b) = ([1u8; 16], [2u8; 16]);
         let put = |id, path: &str| Write::Enqueue { id, path: path.into(), delete: false };
         db.apply(&[put(a, "files/a/x"), put(a, "files/a/y"), put(b, "files/b/z")]).unwrap();
-        let rows = db.queue_after(0).unwrap();
+        let rows = db.queue_after(0, usize::MAX).unwrap();
         assert_eq!(
             rows.iter().map(|r| r.path.as_str()).collect::<Vec<_>>(),
             ["files/a/x", "files/a/y", "files/b/z"]
@@ -545,7 +553,7 @@ mod tests {
         // The same file queued again (a newer upload): one row, at the end
         // of the line, so that a report for the old row leaves it queued.
         db.apply(&[put(a, "files/a/x")]).unwrap();
-        let rows = db.queue_after(0).unwrap();
+        let rows = db.queue_after(0, usize::MAX).unwrap();
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[2].path, "files/a/x");
         assert!(rows[2].seq > old_x);
@@ -554,7 +562,7 @@ mod tests {
         assert_eq!(db.queue_stats().unwrap().0, 3, "the old row's report removes nothing");
         // A removal is a row of its own beside an upload of the same path.
         db.apply(&[Write::Enqueue { id: b, path: "files/b/z".into(), delete: true }]).unwrap();
-        let after = db.queue_after(rows[2].seq).unwrap();
+        let after = db.queue_after(rows[2].seq, 10).unwrap();
         assert_eq!(after.len(), 1);
         assert!(after[0].delete);
         let per = queued_per_client(&db.conn).unwrap();

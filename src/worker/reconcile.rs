@@ -92,9 +92,14 @@ impl Worker {
     fn replicated_paths(&self) -> Result<impl Fn(&str) -> bool, String> {
         #[cfg(feature = "s3")]
         let queued: Option<HashSet<String>> = match self.replica {
-            Some(_) => {
-                Some(self.db.queue_after(0).map_err(|e| e.to_string())?.into_iter().map(|q| q.path).collect())
-            }
+            Some(_) => Some(
+                self.db
+                    .queue_after(0, usize::MAX)
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .map(|q| q.path)
+                    .collect(),
+            ),
             None => None,
         };
         #[cfg(not(feature = "s3"))]

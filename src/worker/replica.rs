@@ -29,6 +29,8 @@ pub(super) struct Replica {
     orders: Option<Sender<Order>>,
     /// The last queue row handed to the replicator.
     high_water: i64,
+    /// Rows handed to the replicator and not yet reported done or gone.
+    outstanding: usize,
     /// Reports received during a batch, handled after it.
     pub(super) reports: Vec<Report>,
     /// Primary mode: the files committed in this batch, by upload.
@@ -53,6 +55,7 @@ impl Replica {
             settings,
             orders: None,
             high_water: 0,
+            outstanding: 0,
             reports: Vec::new(),
             published: HashMap::new(),
             waiting: Vec::new(),
@@ -68,6 +71,9 @@ impl Replica {
         self.waiting.iter().filter_map(|h| h.deadline).min()
     }
 }
+
+/// Rows the replicator holds at most (the rest wait in the table).
+const LINE: usize = 1024;
 
 /// A 1604 held until the bucket confirms its file (primary mode): the queue
 /// row it waits for, and until when it waits for the replicator to start on
@@ -183,7 +189,10 @@ impl Worker {
 
     /// The paths with a queue row (not yet in the bucket).
     fn queued_paths(&self) -> HashSet<String> {
-        self.db.queue_after(0).map(|rows| rows.into_iter().map(|q| q.path).collect()).unwrap_or_default()
+        self.db
+            .queue_after(0, usize::MAX)
+            .map(|rows| rows.into_iter().map(|q| q.path).collect())
+            .unwrap_or_default()
     }
 
     /// Primary mode: evict the oldest copies the bucket confirmed until the
@@ -238,28 +247,33 @@ impl Worker {
     /// Hand the rows queued since the last call to the replicator, and in
     /// primary mode hold the 1604s of this batch's files until their row is done.
     pub(super) fn dispatch_and_hold(&mut self, out: &mut Vec<Completion>) {
-        let rows = self.dispatch();
+        self.dispatch();
         let Some(r) = self.replica.as_mut() else { return };
         if r.published.is_empty() {
             return;
         }
-        let deadline = Instant::now() + r.settings.timeout;
-        let seq_of: HashMap<&str, i64> =
-            rows.iter().filter(|i| i.op == Op::Put).map(|i| (i.rel.as_str(), i.seq)).collect();
+        let deadline = Some(Instant::now() + r.settings.timeout);
+        let published = std::mem::take(&mut r.published);
         let mut kept = Vec::with_capacity(out.len());
         for c in out.drain(..) {
             let target = match &c {
-                Completion::Committed { upload, ok: true, .. } => r.published.remove(upload),
+                Completion::Committed { upload, ok: true, .. } => published.get(upload),
                 _ => None,
             };
-            match target.and_then(|t| seq_of.get(t.as_str()).copied()) {
-                Some(seq) => {
-                    r.waiting.push(Held { seq, completion: c, deadline: Some(deadline) });
+            let Some(target) = target else {
+                kept.push(c);
+                continue;
+            };
+            // The row went in with the file: without it (a database error)
+            // the bucket cannot confirm the file, so no 1604.
+            match (self.db.queued_upload(target), self.replica.as_mut()) {
+                (Ok(Some(seq)), Some(r)) => r.waiting.push(Held { seq, completion: c, deadline }),
+                (e, _) => {
+                    log::error!("s3: no queue row for {target} ({e:?}); its 1029 gets 1607");
+                    kept.push(failed(c));
                 }
-                None => kept.push(c),
             }
         }
-        r.published.clear();
         *out = kept;
     }
 
@@ -282,7 +296,12 @@ impl Worker {
     fn dispatch(&mut self) -> Vec<Item> {
         let Some(r) = self.replica.as_mut() else { return Vec::new() };
         let Some(orders) = &r.orders else { return Vec::new() };
-        let rows = match self.db.queue_after(r.high_water) {
+        // The replicator's line is bounded (a large queue stays in the table).
+        let room = LINE.saturating_sub(r.outstanding);
+        if room < LINE / 2 {
+            return Vec::new();
+        }
+        let rows = match self.db.queue_after(r.high_water, room) {
             Ok(rows) => rows,
             Err(e) => {
                 log::warn!("s3: cannot read the queue: {e}");
@@ -298,6 +317,7 @@ impl Worker {
         }
         if let Some(last) = items.last() {
             r.high_water = last.seq;
+            r.outstanding += items.len();
             let _ = orders.send(Order::Work(items.clone()));
         }
         self.queue_metrics();
@@ -322,6 +342,7 @@ impl Worker {
             match rep {
                 Report::Done { seq } | Report::Gone { seq } => {
                     done.push(seq);
+                    r.outstanding = r.outstanding.saturating_sub(1);
                     if let Some(rel) = r.in_flight.remove(&seq) {
                         if matches!(rep, Report::Done { .. }) {
                             r.evictable.push_back(rel);
@@ -352,6 +373,7 @@ impl Worker {
             }
             self.queue_metrics();
             self.evict();
+            self.dispatch();
         }
     }
 
