@@ -328,3 +328,40 @@ impl crate::worker::storage::tier::Tier for Bucket {
         Ok(Bucket::delete(self, rel)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: u16, body: &str) -> Error {
+        let resp = ureq::Response::new(code, "x", body).unwrap();
+        classify(ureq::Error::Status(code, resp))
+    }
+
+    #[test]
+    fn failures_are_classified_by_kind_without_urls() {
+        let e = status(503, "<Error><Code>SlowDown</Code><Message>m</Message></Error>");
+        assert_eq!((e.kind, e.detail.as_str()), (Kind::Server, "HTTP 503 SlowDown"));
+        assert_eq!(status(500, "oops").kind, Kind::Server);
+        let e = status(403, "<Error><Code>SignatureDoesNotMatch</Code></Error>");
+        assert_eq!((e.kind, e.detail.as_str()), (Kind::Denied, "HTTP 403 SignatureDoesNotMatch"));
+        assert_eq!(status(404, "").kind, Kind::Refused);
+        // A store that is not there: no URL (a presigned URL is a credential) in the message.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = format!("http://127.0.0.1:{port}/bucket/key?X-Amz-Signature=abc");
+        let e = classify(ureq::get(&url).call().unwrap_err());
+        assert_eq!(e.kind, Kind::Unreachable, "{e}");
+        assert!(!e.to_string().contains("Signature") && !e.to_string().contains("/bucket"), "{e}");
+    }
+
+    #[test]
+    fn md5_of_reads_a_range_and_leaves_the_position() {
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, b"0123456789").unwrap();
+        f.seek(SeekFrom::Start(2)).unwrap();
+        let d = md5_of(&mut f, 3).unwrap();
+        assert_eq!(hex(&d), hex(Md5::digest(b"234").as_slice()));
+        assert_eq!(f.stream_position().unwrap(), 2);
+        assert_eq!(md5_of(&mut f, 100).unwrap_err().kind, Kind::Local, "shorter than its size");
+    }
+}
