@@ -160,15 +160,23 @@ pub struct Metrics {
     /// measured them ([`FREE_UNKNOWN`] until then): what the loop checks
     /// `--min-free` against, without a system call of its own.
     pub free_bytes: AtomicU64,
-    /// The S3 tier (rendered only once it is on, see [`Metrics::s3_on`]):
-    /// queue rows, the oldest row's time (seconds since the epoch, 0 when
-    /// empty), uploads confirmed, their bytes, failed tries.
-    pub s3_on: std::sync::atomic::AtomicBool,
-    pub s3_queue_depth: Counter,
-    pub s3_oldest_queued: AtomicU64,
-    pub s3_uploaded: Counter,
-    pub s3_uploaded_bytes: Counter,
-    pub s3_failures: Counter,
+    /// The S3 tier's (feature `s3`).
+    #[cfg(feature = "s3")]
+    pub s3: S3Metrics,
+}
+
+/// The S3 tier's metrics, rendered only once it is on: queue rows, the
+/// oldest row's time (seconds since the epoch, 0 when empty), uploads
+/// confirmed, their bytes, failed tries.
+#[cfg(feature = "s3")]
+#[derive(Debug, Default)]
+pub struct S3Metrics {
+    pub on: std::sync::atomic::AtomicBool,
+    pub queue_depth: Counter,
+    pub oldest_queued: AtomicU64,
+    pub uploaded: Counter,
+    pub uploaded_bytes: Counter,
+    pub failures: Counter,
 }
 
 impl Default for Metrics {
@@ -200,12 +208,8 @@ impl Metrics {
             last_verified: Mutex::new(HashMap::new()),
             client_usage: Mutex::new(HashMap::new()),
             free_bytes: AtomicU64::new(FREE_UNKNOWN),
-            s3_on: std::sync::atomic::AtomicBool::new(false),
-            s3_queue_depth: Counter::default(),
-            s3_oldest_queued: AtomicU64::new(0),
-            s3_uploaded: Counter::default(),
-            s3_uploaded_bytes: Counter::default(),
-            s3_failures: Counter::default(),
+            #[cfg(feature = "s3")]
+            s3: S3Metrics::default(),
         }
     }
 
@@ -248,11 +252,12 @@ impl Metrics {
     }
 
     /// The S3 tier's metrics, when it is on (none otherwise).
+    #[cfg(feature = "s3")]
     fn s3_lines(&self) -> Vec<(&'static str, &'static str, &'static str, Option<f64>)> {
-        if !self.s3_on.load(Ordering::Relaxed) {
+        if !self.s3.on.load(Ordering::Relaxed) {
             return Vec::new();
         }
-        let oldest = self.s3_oldest_queued.load(Ordering::Relaxed);
+        let oldest = self.s3.oldest_queued.load(Ordering::Relaxed);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -260,11 +265,11 @@ impl Metrics {
         let lag = if oldest == 0 { 0 } else { now.saturating_sub(oldest) };
         #[rustfmt::skip]
         let lines = vec![
-            ("backupd_s3_queue_depth", "gauge", "Files and deletions queued for the bucket.", Some(self.s3_queue_depth.get().max(0) as f64)),
+            ("backupd_s3_queue_depth", "gauge", "Files and deletions queued for the bucket.", Some(self.s3.queue_depth.get().max(0) as f64)),
             ("backupd_s3_queue_lag_seconds", "gauge", "Age of the oldest queued item (0 when the queue is empty).", Some(lag as f64)),
-            ("backupd_s3_uploaded_total", "counter", "Files the bucket confirmed.", Some(self.s3_uploaded.get() as f64)),
-            ("backupd_s3_uploaded_bytes_total", "counter", "Bytes of the files the bucket confirmed.", Some(self.s3_uploaded_bytes.get() as f64)),
-            ("backupd_s3_failures_total", "counter", "Requests to the bucket that failed (each is retried).", Some(self.s3_failures.get() as f64)),
+            ("backupd_s3_uploaded_total", "counter", "Files the bucket confirmed.", Some(self.s3.uploaded.get() as f64)),
+            ("backupd_s3_uploaded_bytes_total", "counter", "Bytes of the files the bucket confirmed.", Some(self.s3.uploaded_bytes.get() as f64)),
+            ("backupd_s3_failures_total", "counter", "Requests to the bucket that failed (each is retried).", Some(self.s3.failures.get() as f64)),
         ];
         lines
     }
@@ -292,7 +297,11 @@ impl Metrics {
             ("backupd_log_records_dropped_total", "counter", "Log lines dropped because the log output was blocked.", Some(log_dropped as f64)),
             ("backupd_data_dir_free_bytes", "gauge", "Bytes available to backupd on the data directory's filesystem.", free),
         ];
-        for (name, kind, help, v) in plain.iter().chain(&self.s3_lines()) {
+        #[cfg(feature = "s3")]
+        let s3 = self.s3_lines();
+        #[cfg(not(feature = "s3"))]
+        let s3 = Vec::new();
+        for (name, kind, help, v) in plain.iter().chain(&s3) {
             if let Some(v) = v {
                 let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
             }

@@ -130,7 +130,10 @@ pub fn clients(args: &ClientsArgs) -> Result<ExitCode, String> {
     let store = Store::open_read_only(&args.store)?;
     let clients = store.clients()?;
     let usage = usage(&store, &store.files(None)?);
+    #[cfg(feature = "s3")]
     let pending = crate::worker::db::queued_per_client(&store.conn).map_err(|e| store.err(e))?;
+    #[cfg(not(feature = "s3"))]
+    let pending: HashMap<ClientId, u64> = HashMap::new();
     let none = Usage::default();
     let mut rows = Vec::new();
     let mut objects = Vec::new();

@@ -175,10 +175,17 @@ impl Store {
 
     /// Open a stored copy for reading: the local file or, when it is gone
     /// and the S3 flags are given, its object in the bucket.
+    #[cfg(not(feature = "s3"))]
+    pub fn open_copy(&self, path: &Path) -> io::Result<fs::File> {
+        fs::File::open(path)
+    }
+
+    /// Open a stored copy for reading: the local file or, when it is gone
+    /// and the S3 flags are given, its object in the bucket.
+    #[cfg(feature = "s3")]
     pub fn open_copy(&self, path: &Path) -> io::Result<Box<dyn io::Read>> {
         match fs::File::open(path) {
             Ok(f) => Ok(Box::new(f)),
-            #[cfg(feature = "s3")]
             Err(e) if e.kind() == io::ErrorKind::NotFound && self.remote.is_some() => {
                 let rel = path.strip_prefix(&self.root).map_err(|_| e)?;
                 match &self.remote {

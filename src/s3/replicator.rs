@@ -159,7 +159,7 @@ impl Replicator {
             }
             Err(e) => {
                 self.failures = self.failures.saturating_add(1);
-                self.metrics.s3_failures.inc();
+                self.metrics.s3.failures.inc();
                 let wait = super::backoff(self.failures, MAX_BACKOFF);
                 self.retry_at = Some(Instant::now() + wait);
                 let again = match self.logged {
@@ -185,8 +185,8 @@ impl Replicator {
         let local = |e: std::io::Error| Error { kind: Kind::Local, detail: format!("{rel}: {e}") };
         let Some(mut f) = self.root.open_file(rel).map_err(local)? else { return Ok(false) };
         let bytes = self.bucket.put_file(rel, &mut f)?;
-        self.metrics.s3_uploaded.inc();
-        self.metrics.s3_uploaded_bytes.add(bytes as i64);
+        self.metrics.s3.uploaded.inc();
+        self.metrics.s3.uploaded_bytes.add(bytes as i64);
         Ok(true)
     }
 }

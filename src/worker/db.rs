@@ -62,6 +62,7 @@ pub enum Write {
     },
     /// Queue a stored file (`path` relative to the data directory) for the
     /// bucket, or with `delete` its removal from it (S3 tier).
+    #[cfg(feature = "s3")]
     Enqueue {
         id: ClientId,
         path: String,
@@ -69,6 +70,7 @@ pub enum Write {
     },
 }
 
+#[cfg(feature = "s3")]
 /// One row of the S3 queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueRow {
@@ -107,6 +109,18 @@ CREATE TABLE IF NOT EXISTS files(
     Verified INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (ID, FileName)
 );
+CREATE TABLE IF NOT EXISTS publish_intents(
+    Upload INTEGER PRIMARY KEY,
+    Target TEXT NOT NULL,
+    SavedPrevious TEXT
+);
+";
+
+/// The S3 tier's queue (feature `s3`): a row per stored file (or pruned
+/// version, `Op` 1) the bucket has not confirmed yet. Written by the worker
+/// only, in the transaction of the file's verified row.
+#[cfg(feature = "s3")]
+const S3_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS s3_queue(
     Seq INTEGER PRIMARY KEY AUTOINCREMENT,
     ID BLOB(16) NOT NULL,
@@ -114,11 +128,6 @@ CREATE TABLE IF NOT EXISTS s3_queue(
     Op INTEGER NOT NULL DEFAULT 0,
     QueuedAt INTEGER NOT NULL,
     UNIQUE (Path, Op)
-);
-CREATE TABLE IF NOT EXISTS publish_intents(
-    Upload INTEGER PRIMARY KEY,
-    Target TEXT NOT NULL,
-    SavedPrevious TEXT
 );
 ";
 
@@ -128,6 +137,7 @@ pub fn now_iso8601() -> String {
     iso8601(secs)
 }
 
+#[cfg(feature = "s3")]
 /// Seconds since the epoch, now.
 pub fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
@@ -256,6 +266,8 @@ impl Db {
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
         let db = Db { conn, busy_timeout };
         db.retry(|c| c.execute_batch(SCHEMA))?;
+        #[cfg(feature = "s3")]
+        db.retry(|c| c.execute_batch(S3_SCHEMA))?;
         db.migrate()?;
         Ok(db)
     }
@@ -425,6 +437,7 @@ impl Db {
                         tx.prepare_cached("DELETE FROM publish_intents WHERE Upload=?1")?
                             .execute(params![*upload as i64])?;
                     }
+                    #[cfg(feature = "s3")]
                     Write::Enqueue { id, path, delete } => {
                         // A row queued again goes to the end of the line (a new
                         // Seq: a report for the old one no longer removes it),
@@ -466,6 +479,7 @@ impl Db {
         }
     }
 
+    #[cfg(feature = "s3")]
     /// The S3 queue's rows after `seq`, in order, at most `limit` of them.
     pub fn queue_after(&self, seq: i64, limit: usize) -> rusqlite::Result<Vec<QueueRow>> {
         let mut st = self
@@ -484,6 +498,7 @@ impl Db {
         Ok(out)
     }
 
+    #[cfg(feature = "s3")]
     /// The row that uploads `path`, if it is queued.
     pub fn queued_upload(&self, path: &str) -> rusqlite::Result<Option<i64>> {
         self.conn
@@ -491,6 +506,7 @@ impl Db {
             .optional()
     }
 
+    #[cfg(feature = "s3")]
     /// Remove S3 queue rows (the store confirmed them).
     pub fn dequeue(&mut self, seqs: &[i64]) -> rusqlite::Result<()> {
         self.transaction(|tx| {
@@ -502,6 +518,7 @@ impl Db {
         })
     }
 
+    #[cfg(feature = "s3")]
     /// The S3 queue's length and its oldest row's time (seconds since the epoch).
     pub fn queue_stats(&self) -> rusqlite::Result<(u64, Option<u64>)> {
         self.conn.query_row("SELECT COUNT(*), MIN(QueuedAt) FROM s3_queue", [], |r| {
@@ -535,6 +552,7 @@ mod tests {
         assert_eq!(iso8601(951_782_400), "2000-02-29T00:00:00Z");
     }
 
+    #[cfg(feature = "s3")]
     #[test]
     fn s3_queue_rows_requeue_at_the_end_and_keep_their_age() {
         let dir = tempfile::tempdir().unwrap();

@@ -399,30 +399,32 @@ impl Worker {
         let mut batch: Vec<Job> = Vec::new();
         loop {
             batch.append(&mut self.carry);
-            let Some(io) = self.io.as_ref() else { break };
-            let mut inputs = Vec::new();
+            // Out of `self` while inputs are taken (a report goes to `self`).
+            let Some(io) = self.io.take() else { break };
             if batch.is_empty() {
                 // Idle: wake once a FREE_SPACE_EVERY to measure the free space
                 // (and, with the S3 tier, when a held 1604 must give up).
                 match io.jobs.recv_timeout(self.idle_wait()) {
-                    Ok(i) => inputs.push(i),
+                    Ok(i) => batch.extend(self.take(i)),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        self.io = Some(io);
                         self.refresh_free_space();
                         self.after_reports();
                         continue;
                     }
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        self.io = Some(io);
+                        break;
+                    }
                 }
             }
-            while batch.len() + inputs.len() < 512 {
+            while batch.len() < 512 {
                 match io.jobs.try_recv() {
-                    Some(i) => inputs.push(i),
+                    Some(i) => batch.extend(self.take(i)),
                     None => break,
                 }
             }
-            for i in inputs {
-                self.take(i, &mut batch);
-            }
+            self.io = Some(io);
             self.metrics.worker_queue.add(-(batch.len() as i64));
             let stop = !batch.is_empty() && self.handle_batch(&mut batch);
             self.after_reports();
@@ -474,14 +476,15 @@ impl Worker {
     }
 
     /// One input: a job joins the batch, a report waits for the batch's end.
-    fn take(&mut self, i: Input, batch: &mut Vec<Job>) {
+    fn take(&mut self, i: Input) -> Option<Job> {
         match i {
-            Input::Job(j) => batch.push(j),
+            Input::Job(j) => Some(j),
             #[cfg(feature = "s3")]
             Input::Replicated(r) => {
                 if let Some(rep) = self.replica.as_mut() {
                     rep.reports.push(r);
                 }
+                None
             }
         }
     }
@@ -529,14 +532,11 @@ impl Worker {
     fn stage_arrivals(&mut self) {
         let mut staged = Vec::new();
         while let Some(i) = self.io.as_ref().and_then(|io| io.jobs.try_recv()) {
-            let mut jobs = Vec::new();
-            self.take(i, &mut jobs);
-            for j in jobs {
-                self.metrics.worker_queue.add(-1);
-                match j {
-                    Job::Packet(p) => staged.push(self.packet(p)),
-                    other => self.carry.push(other),
-                }
+            let Some(j) = self.take(i) else { continue };
+            self.metrics.worker_queue.add(-1);
+            match j {
+                Job::Packet(p) => staged.push(self.packet(p)),
+                other => self.carry.push(other),
             }
         }
         if !staged.is_empty() {

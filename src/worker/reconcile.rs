@@ -52,7 +52,10 @@ impl Worker {
             .map_err(|e| format!("files/: {e}"))?;
         // ... and verified rows their file, of the size recorded (or, with the
         // S3 tier, a copy in the bucket: a row no longer queued was confirmed).
+        #[cfg(feature = "s3")]
         let in_bucket = self.replicated_paths()?;
+        #[cfg(not(feature = "s3"))]
+        let in_bucket = |_: &str| false;
         let mut torn = 0;
         let mut remote = 0;
         for r in rows.iter().filter(|r| r.verified) {
@@ -88,9 +91,9 @@ impl Worker {
     }
 
     /// Whether a stored path's copy is in the bucket: the S3 tier is on and
-    /// the path has no queue row left (always false without the tier).
+    /// the path has no queue row left.
+    #[cfg(feature = "s3")]
     fn replicated_paths(&self) -> Result<impl Fn(&str) -> bool, String> {
-        #[cfg(feature = "s3")]
         let queued: Option<HashSet<String>> = match self.replica {
             Some(_) => Some(
                 self.db
@@ -102,8 +105,6 @@ impl Worker {
             ),
             None => None,
         };
-        #[cfg(not(feature = "s3"))]
-        let queued: Option<HashSet<String>> = None;
         Ok(move |p: &str| queued.as_ref().is_some_and(|q| !q.contains(p)))
     }
 

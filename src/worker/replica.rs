@@ -105,9 +105,10 @@ fn failed(c: Completion) -> Completion {
 }
 
 impl Worker {
-    /// Start the replicator (when the tier is on) and hand it every row
-    /// already queued (what the last run left). Returns the sender the
-    /// worker's input forwarder and the replicator share.
+    /// Start the replicator (when the tier is on), its reports going to
+    /// `input` (the worker's own input channel), and hand it the rows
+    /// already queued (what the last run left). If it cannot start, nothing
+    /// is replicated (logged) and primary mode's 1029s get 1607.
     pub(super) fn start_replica(&mut self, input: &Sender<Input>) {
         let Some(r) = self.replica.as_mut() else { return };
         let bucket = match Bucket::new(&r.settings) {
@@ -136,7 +137,7 @@ impl Worker {
                 return;
             }
         }
-        self.metrics.s3_on.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.s3.on.store(true, std::sync::atomic::Ordering::Relaxed);
         let s = &r.settings;
         log::info!("s3: {:?} mode, bucket {} at {}, prefix {:?}", s.mode, s.bucket, s.endpoint, s.prefix);
         self.init_cache();
@@ -327,8 +328,8 @@ impl Worker {
     /// The queue's depth and age into the metrics.
     fn queue_metrics(&self) {
         if let Ok((n, oldest)) = self.db.queue_stats() {
-            self.metrics.s3_queue_depth.set(n as i64);
-            self.metrics.s3_oldest_queued.store(oldest.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+            self.metrics.s3.queue_depth.set(n as i64);
+            self.metrics.s3.oldest_queued.store(oldest.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
         }
     }
 
