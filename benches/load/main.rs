@@ -49,7 +49,7 @@ use backupd::protocol::{Code, PacketHeader, RequestHeader, PACKET_HEADER_LEN, RE
 
 use cli::{parse_opts, parse_scenarios, Scn};
 use clients::BigFile;
-use json::J;
+use json::{Obj as _, J};
 use report::percentile;
 use server::hides_info;
 
@@ -99,12 +99,16 @@ fn self_check() {
     assert_eq!((percentile(&v, 50.0), percentile(&v, 99.0), percentile(&v, 100.0)), (50, 99, 100));
     assert_eq!(percentile(&[7], 99.0), 7);
     // JSON escaping and numbers.
-    let mut s = String::new();
     let mut o = J::obj();
     o.set("a\"b", "x\ny\u{1}");
-    o.set("n", vec![1.5f64, 2.0, f64::NAN]);
-    o.render(&mut s, 0);
-    assert_eq!(s, "{\n  \"a\\\"b\": \"x\\ny\\u0001\",\n  \"n\": [1.5, 2, null]\n}");
+    o.set("n", vec![1.5f64, 2.0, f64::NAN, 1.0 / 3.0]);
+    o.set("k", 7u32);
+    let s = json::render(&o);
+    assert_eq!(
+        serde_json::from_str::<J>(&s).ok(),
+        Some(serde_json::json!({"a\"b": "x\ny\u{1}", "n": [1.5, 2, null, 0.3333], "k": 7}))
+    );
+    assert!(s.find("\"n\"") < s.find("\"k\""), "keys in the order set: {s}");
     // Flags.
     let args: Vec<String> = ["--quick", "--scenario", "small,idle", "--large-mib=64", "--bench"]
         .iter()

@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::json::{json_num, J};
+use crate::json::{json_num, render, Obj as _, J};
 use crate::Res;
 
 /// Repeated measurements of a rate (higher is better).
@@ -184,9 +184,7 @@ pub(crate) fn print_targets(targets: &[Target]) {
 
 /// Every figure, to `dir/results.json`.
 pub(crate) fn write_results(dir: &Path, top: &J) -> Res<()> {
-    let mut out = String::new();
-    top.render(&mut out, 0);
-    out.push('\n');
+    let out = render(top) + "\n";
     let path = dir.join("results.json");
     fs::write(&path, out).map_err(|e| format!("{}: {e}", path.display()))?;
     println!("\nall figures: {}", path.display());

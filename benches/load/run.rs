@@ -5,6 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::cli::{Opts, Scn};
+use crate::json::{Obj as _, J};
 use crate::limits::{measure_limits, Limits};
 use crate::machine::{describe_binary, describe_machine, raise_nofile};
 use crate::report::{print_targets, write_results, Target};
@@ -77,7 +78,7 @@ fn run_measured(o: &Opts, cleanup: &mut Vec<PathBuf>) -> Res<bool> {
         ));
     }
     print_targets(&totals.targets);
-    top.set("targets", crate::json::J::Arr(totals.targets.iter().map(Target::json).collect()));
+    top.set("targets", J::Array(totals.targets.iter().map(Target::json).collect()));
     top.set("all_uploads_ok", totals.ok);
     write_results(&dir, &top)?;
     Ok(totals.ok)

@@ -16,7 +16,7 @@ use std::time::Duration;
 use rsa::RsaPrivateKey;
 
 use crate::cli::{Opts, Scn};
-use crate::json::J;
+use crate::json::{Obj as _, J};
 use crate::limits::Limits;
 use crate::report::{line, Lat, Samples, Target};
 use crate::server::{count_files, run_server_args, Server};
