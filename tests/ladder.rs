@@ -23,8 +23,11 @@ struct Row {
 
 /// The ladder table of docs/ARCHITECTURE.md: rows `| rung | `module` | owns | may import |`.
 fn ladder() -> BTreeMap<String, Row> {
-    let doc = std::fs::read_to_string(Path::new(ROOT).join("docs/ARCHITECTURE.md")).expect("docs/ARCHITECTURE.md");
-    let start = doc.find("## The module ladder").expect("docs/ARCHITECTURE.md has a \"## The module ladder\" section");
+    let doc =
+        std::fs::read_to_string(Path::new(ROOT).join("docs/ARCHITECTURE.md")).expect("docs/ARCHITECTURE.md");
+    let start = doc
+        .find("## The module ladder")
+        .expect("docs/ARCHITECTURE.md has a \"## The module ladder\" section");
     let mut rows = BTreeMap::new();
     for line in doc[start..].lines().skip(1).take_while(|l| !l.starts_with("## ")) {
         let cells: Vec<&str> = line.trim().trim_matches('|').split('|').map(str::trim).collect();
@@ -77,7 +80,9 @@ fn code_only(text: &str) -> String {
             // r"..." or r#"..."#: up to the quote followed by as many hashes.
             let close: Vec<u8> = std::iter::once(b'"').chain(std::iter::repeat_n(b'#', hashes)).collect();
             let body = &rest[hashes + 2..];
-            i += hashes + 2 + body.windows(close.len()).position(|w| w == close).map_or(body.len(), |j| j + close.len());
+            i += hashes
+                + 2
+                + body.windows(close.len()).position(|w| w == close).map_or(body.len(), |j| j + close.len());
             out.extend_from_slice(b"\"\"");
         } else if rest[0] == b'"' {
             let mut j = 1;
@@ -88,7 +93,11 @@ fn code_only(text: &str) -> String {
             out.extend_from_slice(b"\"\"");
         } else if rest[0] == b'\'' && (rest.get(1) == Some(&b'\\') || rest.get(2) == Some(&b'\'')) {
             // A char literal ('x', '\n', '\''); a lifetime has no closing quote.
-            let j = if rest[1] == b'\\' { 3 + rest[3..].iter().position(|&c| c == b'\'').unwrap_or(0) } else { 3 };
+            let j = if rest[1] == b'\\' {
+                3 + rest[3..].iter().position(|&c| c == b'\'').unwrap_or(0)
+            } else {
+                3
+            };
             i += j;
             out.extend_from_slice(b"' '");
         } else {
@@ -123,7 +132,8 @@ fn names_used(code: &str) -> BTreeSet<String> {
             if let Some(group) = rest.strip_prefix('{') {
                 let inner = &group[..group.find('}').unwrap_or(group.len())];
                 for item in inner.split(',') {
-                    let name: String = item.trim().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                    let name: String =
+                        item.trim().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
                     if !name.is_empty() {
                         out.insert(name);
                     }
@@ -163,7 +173,12 @@ fn the_ladder_is_a_ladder() {
     for (module, row) in &rows {
         for m in &row.may_import {
             let Some(other) = rows.get(m) else { panic!("{module} may import {m}, which has no row") };
-            assert!(other.rung < row.rung, "{module} (rung {}) may import {m} (rung {}): not below it", row.rung, other.rung);
+            assert!(
+                other.rung < row.rung,
+                "{module} (rung {}) may import {m} (rung {}): not below it",
+                row.rung,
+                other.rung
+            );
         }
     }
 }
@@ -197,7 +212,11 @@ fn no_import_outside_the_ladder() {
             }
         }
     }
-    assert!(wrong.is_empty(), "imports the ladder of docs/ARCHITECTURE.md does not allow:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "imports the ladder of docs/ARCHITECTURE.md does not allow:\n{}",
+        wrong.join("\n")
+    );
 }
 
 #[test]
