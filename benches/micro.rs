@@ -1,5 +1,6 @@
 //! Micro benchmarks of the server's per-byte and per-frame work (issue 5):
-//! the POSIX cksum (`crc` with `Table<16>`, the crate's [`Cksum`]), AES-256-CBC
+//! the POSIX cksum (both engines of the crate's [`Cksum`]: `crc`'s
+//! `Table<16>`, the default, and crc-fast, `--features simd-crc`), AES-256-CBC
 //! decryption ([`StreamDecryptor`]), and frame parsing
 //! (`RequestHeader::decode` + `check` + `Request::parse`).
 //!
@@ -143,38 +144,38 @@ fn main() {
     }
 }
 
-/// cksum: a cache-resident 1 MiB buffer many times, and one large buffer.
+/// cksum: a cache-resident 1 MiB buffer many times, and one large buffer,
+/// with both engines of [`Cksum`] in the same run: `crc`'s `Table<16>` (the
+/// default build) and crc-fast (`--features simd-crc`); `Table<1>` for
+/// comparison.
 fn cksum_cases(data: &[u8], s: &Sizes) -> Vec<Case> {
-    let mut cases = Vec::new();
     let one = &data[..MIB];
     let reps = s.big / MIB;
-    cases.push(measure(
-        "cksum, Table<16> (Cksum), 1 MiB x reps (cache-hot)",
-        "MB/s",
-        s.iters,
-        mb(s.big),
-        || {
-            let mut c = Cksum::new();
+    let t16 = crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_CKSUM);
+    let fast = || crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Cksum);
+    let hot = |name: &str, f: &mut dyn FnMut(&[u8])| {
+        measure(&format!("cksum, {name}, 1 MiB x reps (cache-hot)"), "MB/s", s.iters, mb(s.big), || {
             for _ in 0..reps {
-                c.update(black_box(one));
+                f(black_box(one));
             }
-            black_box(c.finalize());
-        },
-    ));
-    let label = format!("cksum, Table<16> (Cksum), {} MiB buffer", s.big / MIB);
-    cases.push(measure(&label, "MB/s", s.iters, mb(s.big), || {
-        black_box(crypto::cksum(black_box(data)));
-    }));
+        })
+    };
+    let mut d16 = t16.digest();
+    let mut df = fast();
+    let mut cases = vec![
+        hot("crc Table<16> (default)", &mut |b| d16.update(b)),
+        hot("crc-fast (simd-crc)", &mut |b| df.update(b)),
+    ];
+    black_box((d16.finalize(), df.finalize()));
+    let buffer = |name: &str, f: &dyn Fn(&[u8]) -> u64| {
+        measure(&format!("cksum, {name}, {} MiB buffer", s.big / MIB), "MB/s", s.iters, mb(s.big), || {
+            black_box(f(black_box(data)));
+        })
+    };
+    cases.push(buffer("crc Table<16> (default)", &|b| u64::from(t16.checksum(b))));
+    cases.push(buffer("crc-fast (simd-crc)", &|b| crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Cksum, b)));
     let t1 = crc::Crc::<u32, crc::Table<1>>::new(&crc::CRC_32_CKSUM);
-    cases.push(measure(
-        "cksum, crc Table<1> (for comparison), same buffer",
-        "MB/s",
-        s.iters,
-        mb(s.big),
-        || {
-            black_box(t1.checksum(black_box(data)));
-        },
-    ));
+    cases.push(buffer("crc Table<1> (for comparison)", &|b| u64::from(t1.checksum(b))));
     cases
 }
 
@@ -203,9 +204,20 @@ fn aes_cases(data: &[u8], s: &Sizes) -> Vec<Case> {
             }));
         }));
     }
-    cases.push(measure("StreamDecryptor + Cksum, 1 MiB pieces", "MB/s", s.iters, mb(ct.len()), || {
+    let engine = if cfg!(feature = "simd-crc") { "crc-fast" } else { "Table<16>" };
+    let label = format!("StreamDecryptor + Cksum ({engine}, as built), 1 MiB pieces");
+    cases.push(measure(&label, "MB/s", s.iters, mb(ct.len()), || {
         let mut dec = StreamDecryptor::new(&key);
         let mut c = Cksum::new();
+        for p in ct.chunks_mut(MIB) {
+            dec.update(p, |b| c.update(b));
+        }
+        let _ = dec.finish(|b| c.update(b));
+        black_box(c.finalize());
+    }));
+    cases.push(measure("StreamDecryptor + crc-fast, 1 MiB pieces", "MB/s", s.iters, mb(ct.len()), || {
+        let mut dec = StreamDecryptor::new(&key);
+        let mut c = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Cksum);
         for p in ct.chunks_mut(MIB) {
             dec.update(p, |b| c.update(b));
         }
