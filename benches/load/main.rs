@@ -28,6 +28,8 @@
 //! * [`clients`]: client set-up and the cheap large-file payloads;
 //! * [`scenarios`]: one module per scenario;
 //! * [`report`] and [`json`]: the figures on stdout and in `results.json`;
+//!   [`figure`]: the same run drawn in `report.svg`;
+//! * [`confine`]: the server on one core and 256 MB (`--confined`);
 //! * [`run`]: the run from start to end.
 
 #[path = "../../tests/common/mod.rs"]
@@ -35,6 +37,8 @@ mod common;
 
 mod cli;
 mod clients;
+mod confine;
+mod figure;
 mod json;
 mod limits;
 mod machine;
@@ -127,6 +131,44 @@ fn self_check() {
     assert!(hides_info(&["--log-level=error".to_string()]));
     assert!(!hides_info(&["--log-level=debug".to_string()]));
     assert!(!hides_info(&[]));
+    figure_self_check();
+}
+
+/// report.svg is drawn from a run's figures: curves, bars and their names.
+fn figure_self_check() {
+    let lat = |scale: f64| {
+        let mut l = J::obj();
+        l.set("percentiles_ms", (0..=100).map(|p| scale * (1.0 + f64::from(p) / 10.0)).collect::<Vec<f64>>());
+        l
+    };
+    let mut small = J::obj();
+    small.set("latency_total", lat(1.0));
+    small.set("files_per_s", serde_json::json!({"median": 5000.0}));
+    let mut scen = J::obj();
+    scen.set("small", small.clone());
+    let mut top = J::obj();
+    top.set("mode", "quick");
+    top.set("scenarios", scen.clone());
+    let mut confined = J::obj();
+    small.set("latency_total", lat(3.0));
+    scen.set("small", small);
+    confined.set("scenarios", scen);
+    top.set("confined", confined);
+    let limits =
+        limits::Limits { syncfs16_db: Some(8000.0), seq_write_behind: Some(2000.0), ..Default::default() };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = figure::write_figure(dir.path(), &top, &limits).expect("report.svg");
+    let svg = std::fs::read_to_string(path).expect("read report.svg");
+    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
+    for text in [
+        "scenario 1, small files",
+        "scenario 1, small files (1 core, 256 MB)",
+        "limit: 16/syncfs + SQLite",
+        "5000",
+        "8000",
+    ] {
+        assert!(svg.contains(text), "report.svg lacks {text:?}");
+    }
 }
 
 fn main() {
