@@ -12,7 +12,7 @@ use crate::logging::Esc;
 use crate::metrics::Unstored;
 use crate::peer_log;
 use crate::protocol::{id_hex, ClientId, Response};
-use crate::worker::{Completion, ConnRef, Job, PacketOutcome, Usage};
+use crate::worker::{Completion, ConnRef, Job, PacketOutcome, UploadError, Usage};
 
 use super::connection::{Awaiting, Protocol, StagedFile, Upload, MAX_STAGED};
 use super::sequence::{Ended, EndedHow};
@@ -32,7 +32,7 @@ impl<J: JobSink> Core<J> {
                     PacketOutcome::Received { cksum, ciphertext_len, plain_len } => {
                         self.packet_received(p, upload, cksum, ciphertext_len, plain_len)
                     }
-                    PacketOutcome::Failed(why) => self.packet_failed(p, upload, last, &why),
+                    PacketOutcome::Failed(err) => self.packet_failed(p, upload, last, &err),
                     PacketOutcome::Ignored => {
                         if last && p.awaiting == Awaiting::LastPacket {
                             p.awaiting = Awaiting::Nothing;
@@ -101,7 +101,7 @@ impl<J: JobSink> Core<J> {
     }
 
     /// A packet failed at the worker (decryption, write): the upload ends.
-    fn packet_failed(&mut self, p: &mut Protocol, upload: u64, last: bool, why: &str) {
+    fn packet_failed(&mut self, p: &mut Protocol, upload: u64, last: bool, err: &UploadError) {
         // Only the connection's current upload is answered: one the
         // loop already refused has had its 1607, and one abandoned
         // (new packet 1, new session key) gets no reply.
@@ -121,14 +121,14 @@ impl<J: JobSink> Core<J> {
         if last && p.awaiting == Awaiting::LastPacket {
             p.awaiting = Awaiting::Nothing;
         }
-        if why.starts_with("decryption failed") {
+        if err.is_decryption() {
             self.decryption_failed(p);
         }
         if current {
             self.metrics.unstored(Unstored::Failed);
-            p.refuse(&format!("upload failed: {why}"));
+            p.refuse(&format!("upload failed: {err}"));
         } else {
-            log::info!("{}: an abandoned or already refused upload failed: {why}", p.tag());
+            log::info!("{}: an abandoned or already refused upload failed: {err}", p.tag());
         }
     }
 
