@@ -2,7 +2,7 @@
 //! the real worker would give, the outcome chosen by the input.
 
 use backupd::protocol::{normalize_path, ClientId, Response};
-use backupd::server::{completion_conn, Flow};
+use backupd::server::fuzzing::Flow;
 use backupd::worker::{Completion, Job, PacketOutcome, UploadError, UploadId};
 
 use super::super::Input;
@@ -126,7 +126,7 @@ impl Sim<'_> {
     /// A completion reaches the loop: its connection, if still open, is
     /// checked against the model and read on.
     fn complete(&mut self, done: Completion) {
-        let conn = completion_conn(&done);
+        let conn = done.conn();
         self.follow_registry(&done);
         let live = self.slots[conn.key].model.conn == conn;
         let summary = match &done {
@@ -144,14 +144,14 @@ impl Sim<'_> {
         let slot = &mut self.slots[conn.key];
         trace!("  completion {kind:?} {summary:?} for {conn:?} (live {live})");
         let flow = self.core.on_completion(live.then_some(&mut slot.proto), done);
-        let jobs = std::mem::take(&mut self.core.jobs);
+        let jobs = self.core.take_jobs();
         if !live {
             assert_eq!(flow, Flow::Continue, "a completion for a closed connection");
             assert!(jobs.is_empty(), "a completion for a closed connection issued jobs");
             return;
         }
         assert_eq!(flow, Flow::Resume);
-        let replies = take_replies(&mut slot.proto.out);
+        let replies = take_replies(slot.proto.take_output());
         match kind {
             (0, id, ok) => self.registered(conn.key, id, ok, replies, &jobs),
             (1, id, ok) => self.key_saved(conn.key, id, ok, replies, &jobs),
@@ -347,7 +347,7 @@ impl Sim<'_> {
             }
         }
         assert_eq!(discards_only(jobs), sorted(expected), "discards of a decryption failure");
-        assert_eq!(slot.proto.session.is_some(), m.session.is_some(), "session after a failure");
+        assert_eq!(slot.proto.session().is_some(), m.session.is_some(), "session after a failure");
         self.stats.worker_failures += 1;
         let current = match &m.upload {
             MUpload::Receiving { id, field, total, next, .. }
