@@ -62,6 +62,8 @@ impl Protocol {
     /// A worker completion that this connection's state does not expect
     /// (the loop and the worker disagree about it): the state is kept as it
     /// is, not reset; 1607, one log line, and the connection closes.
+    #[cold]
+    #[inline(never)]
     pub(super) fn out_of_state(&mut self, what: &str) -> Flow {
         let (awaited, upload) = (self.awaited(), self.upload.describe());
         peer_log!(

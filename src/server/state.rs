@@ -132,17 +132,19 @@ impl From<Receiving> for Finishing {
 
 /// The upload side of a connection. Its transitions take it by value and
 /// return the next state (through [`Protocol::advance_upload`] or
-/// `Core::step_upload`).
+/// [`Protocol::advance_upload_with`]). The states are boxed so that a move
+/// is a pointer's (a file name field alone is 255 bytes): one allocation per
+/// upload and per end of one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Upload {
     Idle,
-    Receiving(Receiving),
+    Receiving(Box<Receiving>),
     /// The last packet went to the worker; its outcome is awaited.
-    Finishing(Finishing),
+    Finishing(Box<Finishing>),
     /// An upload ended (refused, or received): later packets of it are
     /// swallowed silently (see [`Ended::swallow`]), so that a client sending
     /// them back to back gets exactly one 1607, or none after its 1603.
-    Ended(Ended),
+    Ended(Box<Ended>),
 }
 
 impl Upload {
@@ -169,7 +171,7 @@ impl Upload {
     /// stays: its outcome ends it.
     pub(super) fn new_session(self) -> (Upload, Option<Receiving>) {
         match self {
-            Upload::Receiving(r) => (Upload::Idle, Some(r)),
+            Upload::Receiving(r) => (Upload::Idle, Some(*r)),
             Upload::Idle | Upload::Ended(_) => (Upload::Idle, None),
             Upload::Finishing(f) => (Upload::Finishing(f), None),
         }
@@ -183,7 +185,7 @@ impl Upload {
         match self {
             Upload::Receiving(mut r) if r.upload == id => {
                 r.started = true;
-                let next = if ends { Upload::Finishing(r.into()) } else { Upload::Receiving(r) };
+                let next = if ends { Upload::Finishing(Box::new((*r).into())) } else { Upload::Receiving(r) };
                 (next, true)
             }
             other => (other, false),
@@ -198,7 +200,7 @@ impl Upload {
             Upload::Finishing(f) if f.upload == id => {
                 let how = EndedHow::Complete;
                 let e = Ended { name_field: f.name_field.clone(), total: f.total, next: f.next, how };
-                (Upload::Ended(e), Some(f))
+                (Upload::Ended(Box::new(e)), Some(*f))
             }
             other => (other, None),
         }
@@ -208,10 +210,11 @@ impl Upload {
     /// (its later packets are swallowed) and true is returned.
     pub(super) fn failed(self, id: UploadId) -> (Upload, bool) {
         match self {
-            Upload::Receiving(r) if r.upload == id => (Upload::Ended(Ended::failed(&r)), true),
+            Upload::Receiving(r) if r.upload == id => (Upload::Ended(Box::new(Ended::failed(&r))), true),
             Upload::Finishing(f) if f.upload == id => {
                 let how = EndedHow::Refused { remaining: 0, seen: 0 };
-                (Upload::Ended(Ended { name_field: f.name_field, total: f.total, next: f.next, how }), true)
+                let Finishing { name_field, total, next, .. } = *f;
+                (Upload::Ended(Box::new(Ended { name_field, total, next, how })), true)
             }
             other => (other, false),
         }
@@ -230,7 +233,7 @@ impl Upload {
     /// and handed back.
     pub(super) fn expire(self, now: Instant, limit: Duration) -> (Upload, Option<Receiving>) {
         match self {
-            Upload::Receiving(r) if now.duration_since(r.touched) > limit => (Upload::Idle, Some(r)),
+            Upload::Receiving(r) if now.duration_since(r.touched) > limit => (Upload::Idle, Some(*r)),
             other => (other, None),
         }
     }
@@ -452,7 +455,7 @@ mod tests {
     /// ended only by that packet's outcome.
     #[test]
     fn transitions_keep_the_states_they_do_not_concern() {
-        let finishing = Upload::Finishing(receiving(5).into());
+        let finishing = Upload::Finishing(Box::new(receiving(5).into()));
         assert_eq!(finishing.clone().new_session(), (finishing.clone(), None));
         assert_eq!(finishing.clone().end_swallowing(), (finishing.clone(), ()));
         assert_eq!(finishing.clone().piece_sent(5, true), (finishing.clone(), false));
@@ -463,7 +466,7 @@ mod tests {
         assert_eq!(finishing.clone().expire(later, Duration::ZERO), (finishing.clone(), None));
         assert!(matches!(finishing.clone().received(5), (Upload::Ended(_), Some(f)) if f.upload == 5));
 
-        let r = Upload::Receiving(receiving(3));
+        let r = Upload::Receiving(Box::new(receiving(3)));
         assert_eq!(r.clone().received(3), (r.clone(), None), "received only once finishing");
         assert!(matches!(r.clone().piece_sent(3, true), (Upload::Finishing(f), true) if f.upload == 3));
         assert!(matches!(r.clone().piece_sent(3, false), (Upload::Receiving(x), true) if x.started));

@@ -160,7 +160,8 @@ impl<J: JobSink> Core<J> {
         }
         let upload = self.next_upload;
         self.next_upload += 1;
-        (Upload::Receiving(Receiving::new(upload, name, ph.file_name.clone(), ph.total_packets, a.now)), true)
+        let r = Receiving::new(upload, name, ph.file_name.clone(), ph.total_packets, a.now);
+        (Upload::Receiving(Box::new(r)), true)
     }
 
     /// Why a new upload of `announced` bytes (packet 1's `orig_file_size`)
@@ -248,9 +249,9 @@ impl<J: JobSink> Core<J> {
         let next = match upload {
             Upload::Receiving(r) => {
                 self.drop_upload(&r);
-                Upload::Ended(Ended::refused(Some(&r), ph, content_len))
+                Upload::Ended(Box::new(Ended::refused(Some(&r), ph, content_len)))
             }
-            Upload::Idle | Upload::Ended(_) => Upload::Ended(Ended::refused(None, ph, content_len)),
+            Upload::Idle | Upload::Ended(_) => Upload::Ended(Box::new(Ended::refused(None, ph, content_len))),
             // Its last packet is at the worker and no request is read
             // meanwhile; if one were, that upload's outcome still ends it.
             Upload::Finishing(f) => Upload::Finishing(f),
