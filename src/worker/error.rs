@@ -1,8 +1,8 @@
 //! The worker's errors as the layers above see them: why an upload failed
 //! ([`UploadError`], carried by `PacketOutcome::Failed` to the loop, which
 //! picks its answer and log line from it) and why the worker could not open
-//! the data directory ([`OpenError`], reported by start-up). Their messages
-//! are the log lines' text.
+//! the data directory ([`OpenError`], reported by start-up; startup repair's
+//! part of it is [`ReconcileError`]). Their messages are the log lines' text.
 
 use std::io;
 use std::path::PathBuf;
@@ -60,9 +60,33 @@ pub enum OpenError {
     Storage { dir: PathBuf, source: io::Error },
     #[error("database {}: {source}", .path.display())]
     Database { path: PathBuf, source: rusqlite::Error },
-    /// Startup repair failed (its message names the step).
-    #[error("reconciling {}: {reason}", .dir.display())]
-    Reconcile { dir: PathBuf, reason: String },
+    /// Startup repair failed.
+    #[error("reconciling {}: {source}", .dir.display())]
+    Reconcile { dir: PathBuf, source: ReconcileError },
     #[error("versions/: {0}")]
     Versions(#[source] io::Error),
+}
+
+/// Why startup repair (`Worker::reconcile`) could not finish, by the step
+/// that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("tmp/: {0}")]
+    Tmp(#[source] io::Error),
+    #[error("syncfs: {0}")]
+    Syncfs(#[source] io::Error),
+    #[error("files/: {0}")]
+    Files(#[source] io::Error),
+    #[error(transparent)]
+    Database(#[from] rusqlite::Error),
+}
+
+/// Why a batch's publish intents could not be recorded (group commit, step 2).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum IntentError {
+    #[error(transparent)]
+    Database(#[from] rusqlite::Error),
+    /// An injected fault (tests, debug builds).
+    #[error(transparent)]
+    Fault(#[from] io::Error),
 }

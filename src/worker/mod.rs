@@ -36,7 +36,8 @@ use crate::metrics::Metrics;
 use crate::protocol::{id_hex, ClientId};
 use commit::Pending;
 use db::{ClientRecord, Db, Write};
-pub use error::{OpenError, UploadError};
+use error::IntentError;
+pub use error::{OpenError, ReconcileError, UploadError};
 use packets::PartFile;
 use storage::Storage;
 
@@ -300,7 +301,7 @@ impl Worker {
             free_checked: None,
             free_failed: false,
         };
-        w.reconcile().map_err(|reason| OpenError::Reconcile { dir: data_dir.clone(), reason })?;
+        w.reconcile().map_err(|source| OpenError::Reconcile { dir: data_dir.clone(), source })?;
         let clients = w.db.load_clients().map_err(database)?;
         let verified_files = w.db.file_rows().map(|r| r.iter().filter(|r| r.verified).count()).unwrap_or(0);
         let last_verified = w.db.last_verified().unwrap_or_default();
