@@ -74,16 +74,23 @@ impl<J: JobSink> Core<J> {
         // of the upload in progress, when the bytes show it goes on.
         let wrapped = matches!(&upload, Upload::Receiving(r) if wraps_to_one(r, ph, content_len));
         let opens_upload = ph.packet_number == 1 && !wrapped;
-        let upload = match opens_upload {
-            true => match self.open_upload(p, upload, a) {
-                (opened, true) => opened,
-                (refused, false) => return (refused, None),
-            },
-            false => upload,
-        };
-        let mut r = match upload {
-            Upload::Receiving(r) => r,
-            other => {
+        let opened = match (opens_upload, upload) {
+            // A new upload; one in progress is abandoned (clients restart from packet 1).
+            (true, Upload::Receiving(r)) => self.open_upload(p, Some(r), a),
+            (true, Upload::Idle | Upload::Ended(_)) => self.open_upload(p, None, a),
+            (false, Upload::Receiving(r)) => Ok(r),
+            // No request is read while an upload's last packet is at the
+            // worker; were one read, that upload would stay until its outcome.
+            (_, Upload::Finishing(f)) => {
+                let why = format!(
+                    "packet {} of \"{}\" while the last packet of \"{}\" is at the worker",
+                    ph.packet_number,
+                    ph.file_name.display(),
+                    Esc(&f.name)
+                );
+                return (self.refuse_packet(p, Upload::Finishing(f), a, &why), None);
+            }
+            (false, other) => {
                 let why = format!(
                     "packet {} of \"{}\" with no upload in progress",
                     ph.packet_number,
@@ -91,6 +98,10 @@ impl<J: JobSink> Core<J> {
                 );
                 return (self.refuse_packet(p, other, a, &why), None);
             }
+        };
+        let mut r = match opened {
+            Ok(r) => r,
+            Err(refused) => return (refused, None),
         };
         let step = match follows(&r, ph)
             .and_then(|()| plan_packet(&mut r, ph, content_len, self.cfg.max_file_size))
@@ -110,20 +121,19 @@ impl<J: JobSink> Core<J> {
         (Upload::Receiving(r), Some(stream))
     }
 
-    /// A packet 1 opens an upload (abandoning the one in progress): its name,
-    /// size and the client's limits are checked, and a staged copy of the same
-    /// name is replaced. The upload's next state, and false if the packet
-    /// was refused.
-    fn open_upload(&mut self, p: &mut Protocol, upload: Upload, a: &Arrival) -> (Upload, bool) {
+    /// A packet 1 opens an upload, abandoning `in_progress`: its name, size
+    /// and the client's limits are checked, and a staged copy of the same
+    /// name is replaced. The new upload, or the state a refusal leaves.
+    fn open_upload(
+        &mut self,
+        p: &mut Protocol,
+        in_progress: Option<Box<Receiving>>,
+        a: &Arrival,
+    ) -> Result<Box<Receiving>, Upload> {
         let ph = a.ph;
-        // A new upload; one in progress is abandoned (clients restart from packet 1).
-        let upload = match upload {
-            Upload::Receiving(r) => {
-                self.drop_upload(&r);
-                Upload::Idle
-            }
-            other => other,
-        };
+        if let Some(r) = in_progress {
+            self.drop_upload(&r);
+        }
         let refusal = match normalize_path(ph.file_name.bytes()) {
             Err(e) => Err(format!("file name \"{}\": {e}", ph.file_name.display())),
             Ok(_) if ph.orig_file_size as u64 > self.cfg.max_file_size => Err(format!(
@@ -137,7 +147,7 @@ impl<J: JobSink> Core<J> {
         };
         let path = match refusal {
             Ok(path) => path,
-            Err(why) => return (self.refuse_packet(p, upload, a, &why), false),
+            Err(why) => return Err(self.refuse_packet(p, Upload::Idle, a, &why)),
         };
         if path.stripped() {
             peer_log!(
@@ -160,8 +170,7 @@ impl<J: JobSink> Core<J> {
         }
         let upload = self.next_upload;
         self.next_upload += 1;
-        let r = Receiving::new(upload, name, ph.file_name.clone(), ph.total_packets, a.now);
-        (Upload::Receiving(Box::new(r)), true)
+        Ok(Box::new(Receiving::new(upload, name, ph.file_name.clone(), ph.total_packets, a.now)))
     }
 
     /// Why a new upload of `announced` bytes (packet 1's `orig_file_size`)
