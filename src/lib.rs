@@ -6,17 +6,22 @@
 //! ([`metrics`]). docs/ARCHITECTURE.md has the lifecycle of a connection and
 //! of a file.
 //!
-//! The modules, from the binaries down (a module uses only those below it):
+//! The modules, from the binaries down: a module imports only modules
+//! below it, and only those its row of the ladder in docs/ARCHITECTURE.md
+//! names (`tests/ladder.rs` checks the code against it):
 //!
 //! * [`admin`]: the operator's subcommands (`backupd clients`, `verify`, ...).
 //! * [`server`]: the event loop, admission, the protocol state machine.
-//! * [`client`]: the blocking client library and `backup-client`.
-//! * [`worker`]: the worker thread, storage, the database.
-//! * `s3` (feature `s3`): the S3 tier's bucket client and replicator thread.
-//! * [`datadir`]: the data directory's lock, marker and no-follow access.
-//! * [`protocol`], [`crypto`]: the wire format and its cryptography, no I/O.
-//! * [`config`], [`units`], [`budget`], [`metrics`], [`logging`],
-//!   [`ratelimit`], [`json`]: settings and shared utilities.
+//!   [`client`], beside it: the blocking client library and
+//!   `backup-client`, on [`protocol`], [`crypto`], [`units`] and [`json`] only.
+//! * [`worker`]: the worker thread, storage, the database (and with the `s3`
+//!   feature the bucket client and the replicator thread).
+//! * [`datadir`], [`config`], [`metrics`], [`protocol`]: the data
+//!   directory's lock, marker and no-follow access; the server's settings;
+//!   the metrics; the wire format (no I/O).
+//! * [`logging`]: the logger and the escaping of peer text.
+//! * [`crypto`], [`budget`], [`ratelimit`], [`units`], [`json`]: leaves
+//!   that import nothing of the crate.
 
 pub mod admin;
 pub mod budget;
@@ -29,8 +34,6 @@ pub mod logging;
 pub mod metrics;
 pub mod protocol;
 pub mod ratelimit;
-#[cfg(feature = "s3")]
-pub mod s3;
 pub mod server;
 pub mod units;
 pub mod worker;

@@ -9,10 +9,10 @@ use std::io;
 use std::process::ExitCode;
 
 use super::store::{Store, StoreArgs};
+use crate::config::s3::S3Args;
 use crate::protocol::{id_hex, ClientId};
-use crate::s3::client::Bucket;
-use crate::s3::S3Args;
 use crate::worker::db::{Db, Write};
+use crate::worker::s3::client::Bucket;
 use crate::worker::storage::tier::Tier;
 
 /// The bucket as the admin commands read it.

@@ -50,7 +50,7 @@ pub struct RestoreArgs {
     /// Read copies that are gone locally from the bucket
     #[cfg(feature = "s3")]
     #[command(flatten)]
-    pub s3: crate::s3::S3Args,
+    pub s3: crate::config::s3::S3Args,
 }
 
 /// A stored name as a relative path, refusing anything that could leave DIR.

@@ -38,7 +38,7 @@ pub struct VerifyArgs {
     /// Read copies that are gone locally from the bucket
     #[cfg(feature = "s3")]
     #[command(flatten)]
-    pub s3: crate::s3::S3Args,
+    pub s3: crate::config::s3::S3Args,
 }
 
 /// How often, and after what pause, a problem is looked at again.

@@ -6,13 +6,13 @@ use std::collections::{HashMap, HashSet};
 
 use super::db::Write;
 use super::storage::Publish;
-use super::Worker;
+use super::{ReconcileError, Worker};
 use crate::protocol::id_hex;
 
 impl Worker {
     /// Repair what a crash can leave behind. Each fix is logged.
-    pub(super) fn reconcile(&mut self) -> Result<(), String> {
-        let (removed, moved) = self.storage.clear_tmp().map_err(|e| format!("tmp/: {e}"))?;
+    pub(super) fn reconcile(&mut self) -> Result<(), ReconcileError> {
+        let (removed, moved) = self.storage.clear_tmp().map_err(ReconcileError::Tmp)?;
         if removed > 0 {
             log::info!("startup: removed {removed} unfinished upload(s) left in tmp/");
         }
@@ -20,7 +20,7 @@ impl Worker {
             log::error!("startup: moved {moved} unexpected entr(ies) out of tmp/ into orphans/");
         }
         // Publishes interrupted between their renames and their database commit.
-        let intents = self.db.intents().map_err(|e| e.to_string())?;
+        let intents = self.db.intents()?;
         for i in &intents {
             let p = Publish { target: i.target.clone(), saved_previous: i.saved_previous.clone() };
             let verified_elsewhere = p.saved_previous.is_none() && self.verified_path(&i.target);
@@ -33,12 +33,12 @@ impl Worker {
         }
         if !intents.is_empty() {
             // The undo must be durable before its intents go.
-            self.storage.sync_filesystem().map_err(|e| format!("syncfs: {e}"))?;
+            self.storage.sync_filesystem().map_err(ReconcileError::Syncfs)?;
             let clear: Vec<Write> = intents.iter().map(|i| Write::ClearIntent { upload: i.upload }).collect();
-            self.db.apply(&clear).map_err(|e| e.to_string())?;
+            self.db.apply(&clear)?;
         }
         // Files must have a verified row (one walk of files/, one stat per entry) ...
-        let rows = self.db.file_rows().map_err(|e| e.to_string())?;
+        let rows = self.db.file_rows()?;
         let verified: HashSet<&str> = rows.iter().filter(|r| r.verified).map(|r| r.path.as_str()).collect();
         let mut found: HashMap<String, u64> = HashMap::new();
         self.storage
@@ -49,7 +49,7 @@ impl Worker {
                 }
                 keep
             })
-            .map_err(|e| format!("files/: {e}"))?;
+            .map_err(ReconcileError::Files)?;
         // ... and verified rows their file, of the size recorded (or, with the
         // S3 tier, a copy in the bucket: a row no longer queued was confirmed).
         #[cfg(feature = "s3")]
@@ -67,7 +67,7 @@ impl Worker {
                         r.path,
                         id_hex(&r.id)
                     );
-                    self.db.mark_unverified(&r.id, &r.name).map_err(|e| e.to_string())?;
+                    self.db.mark_unverified(&r.id, &r.name)?;
                 }
                 (Some(&on_disk), Some(size)) if on_disk != size => {
                     log::error!(
@@ -93,16 +93,9 @@ impl Worker {
     /// Whether a stored path's copy is in the bucket: the S3 tier is on and
     /// the path has no queue row left.
     #[cfg(feature = "s3")]
-    fn replicated_paths(&self) -> Result<impl Fn(&str) -> bool, String> {
+    fn replicated_paths(&self) -> Result<impl Fn(&str) -> bool, ReconcileError> {
         let queued: Option<HashSet<String>> = match self.replica {
-            Some(_) => Some(
-                self.db
-                    .queue_after(0, usize::MAX)
-                    .map_err(|e| e.to_string())?
-                    .into_iter()
-                    .map(|q| q.path)
-                    .collect(),
-            ),
+            Some(_) => Some(self.db.queue_after(0, usize::MAX)?.into_iter().map(|q| q.path).collect()),
             None => None,
         };
         Ok(move |p: &str| queued.as_ref().is_some_and(|q| !q.contains(p)))

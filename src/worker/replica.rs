@@ -1,6 +1,6 @@
 //! The worker's side of the S3 tier (cargo feature `s3`): the queue table
 //! it owns, the rows handed to the replicator thread
-//! ([`crate::s3::replicator`]), its reports, and in primary mode the 1604s
+//! ([`crate::worker::s3::replicator`]), its reports, and in primary mode the 1604s
 //! held until the bucket confirmed their file.
 //!
 //! The worker owns the database, so the replicator never touches it: the
@@ -17,10 +17,10 @@ use std::time::Instant;
 
 use super::db::Write;
 use super::{Completion, Input, UploadId, Worker};
+use crate::config::s3::{Mode, Settings};
 use crate::protocol::ClientId;
-use crate::s3::client::Bucket;
-use crate::s3::replicator::{self, Item, Op, Order, Report};
-use crate::s3::{Mode, Settings};
+use crate::worker::s3::client::Bucket;
+use crate::worker::s3::replicator::{self, Item, Op, Order, Report};
 
 /// The S3 tier as the worker runs it.
 pub(super) struct Replica {

@@ -1,7 +1,7 @@
 //! The seam between the server and where stored copies live: a narrow
 //! interface ([`Tier`]: publish, open for reading, list, delete) with the
 //! data directory as one implementation ([`Local`]) and, with the `s3`
-//! feature, the bucket as the other (`crate::s3::client::Bucket`).
+//! feature, the bucket as the other (`crate::worker::s3::client::Bucket`).
 //!
 //! Paths are relative to the data directory (`files/<id>/<path>`,
 //! `versions/<id>/<path>/<n>`): the bucket mirrors that layout. The crash

@@ -4,6 +4,9 @@
 //! `Config` is built once in `main` and then shared read-only by the event
 //! loop and the worker.
 
+#[cfg(feature = "s3")]
+pub mod s3;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -146,7 +149,7 @@ pub struct Config {
     /// The S3 tier (docs/OPERATIONS.md, "S3"); only in builds with the `s3` feature.
     #[cfg(feature = "s3")]
     #[command(flatten)]
-    pub s3: crate::s3::S3Args,
+    pub s3: crate::config::s3::S3Args,
 }
 
 /// How the worker makes a batch durable.

@@ -1,18 +1,12 @@
-//! The S3 tier (cargo feature `s3`): the flags, the credentials, the object
-//! keys, the bucket client ([`client`]) and the replicator thread
-//! ([`replicator`]). docs/OPERATIONS.md ("S3") is the operator's side,
-//! docs/ARCHITECTURE.md ("The S3 tier") the lifecycle.
+//! The S3 tier's settings (cargo feature `s3`): its flags (shared by the
+//! server and the admin commands that read the bucket), the mode, and the
+//! credentials. The bucket client and the replicator are the worker's
+//! (`crate::worker::s3`). docs/OPERATIONS.md ("S3 tier") is the operator's
+//! side.
 //!
-//! Object keys mirror the data directory: the file stored locally at
-//! `files/<client-id-hex>/<path>` is the object `<prefix>/files/<client-id-hex>/<path>`
-//! and version `n` of it `<prefix>/versions/<client-id-hex>/<path>/<n>`; with
-//! an empty prefix the key is the relative path itself (no leading slash).
 //! Secrets: the secret key lives in [`Secret`] only, whose `Debug` says
 //! nothing, and is never logged (requests are signed into URLs, and a URL
 //! is never logged either).
-
-pub mod client;
-pub mod replicator;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -130,7 +124,6 @@ impl S3Args {
             access_key,
             secret_key,
         };
-        client::Bucket::new(&settings)?;
         Ok(Some(settings))
     }
 }
@@ -187,48 +180,9 @@ pub fn parse_credentials(text: &str) -> Option<(String, Secret)> {
     Some((key?, secret?))
 }
 
-/// The object key of a path relative to the data directory
-/// (`files/<id>/<path>`, `versions/<id>/<path>/<n>`).
-pub fn object_key(prefix: &str, rel: &str) -> String {
-    if prefix.is_empty() {
-        rel.to_string()
-    } else {
-        format!("{prefix}/{rel}")
-    }
-}
-
-/// The path relative to the data directory of an object key under `prefix`
-/// (None for a key outside it).
-pub fn relative_of_key<'a>(prefix: &str, key: &'a str) -> Option<&'a str> {
-    if prefix.is_empty() {
-        Some(key)
-    } else {
-        key.strip_prefix(prefix)?.strip_prefix('/')
-    }
-}
-
-/// Exponential backoff after `failures` consecutive failures: 1 s, 2 s,
-/// 4 s ... capped at `cap`.
-pub fn backoff(failures: u32, cap: Duration) -> Duration {
-    let exp = failures.saturating_sub(1).min(16);
-    Duration::from_secs(1u64 << exp).min(cap)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_mirror_the_local_layout() {
-        let id = "ab".repeat(16);
-        let rel = format!("files/{id}/docs/2026/report.pdf");
-        assert_eq!(object_key("", &rel), rel, "no leading slash with an empty prefix");
-        assert_eq!(object_key("box1", &rel), format!("box1/{rel}"));
-        assert_eq!(object_key("site/box1", "versions/x/f/3"), "site/box1/versions/x/f/3");
-        assert_eq!(relative_of_key("box1", &format!("box1/{rel}")), Some(rel.as_str()));
-        assert_eq!(relative_of_key("box1", "box10/files/x"), None, "a prefix is a whole component");
-        assert_eq!(relative_of_key("", "files/x/y"), Some("files/x/y"));
-    }
 
     #[test]
     fn prefix_slashes_are_trimmed() {
@@ -264,14 +218,5 @@ mod tests {
         assert_eq!((k.as_str(), s.0.as_str()), ("GK9", "xyz"));
         assert!(parse_credentials("AWS_ACCESS_KEY_ID=only").is_none());
         assert!(parse_credentials("").is_none());
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_its_cap() {
-        let cap = Duration::from_secs(60);
-        let seq: Vec<u64> = (1..=9).map(|n| backoff(n, cap).as_secs()).collect();
-        assert_eq!(seq, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
-        assert_eq!(backoff(u32::MAX, cap), cap);
-        assert_eq!(backoff(0, cap), Duration::from_secs(1));
     }
 }

@@ -23,7 +23,8 @@ use rusty_s3::actions::{
 };
 use rusty_s3::{Credentials, UrlStyle};
 
-use super::{object_key, relative_of_key, Settings};
+use super::{object_key, relative_of_key};
+use crate::config::s3::Settings;
 
 /// Files larger than this go up as multipart uploads of parts this large.
 pub const PART_SIZE: u64 = 16 << 20;
