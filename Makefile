@@ -1,7 +1,7 @@
 # backupd: the two commands a user needs are `make run` and `make test`.
 CARGO ?= cargo
 
-.PHONY: run test lint fuzz-check build release install install-files uninstall bench bench-quick soak fuzz fuzz-corpus clean
+.PHONY: run test lint fuzz-check build release size install install-files uninstall bench bench-quick soak fuzz fuzz-corpus clean
 
 ## Build (release) and start the server with its embedded defaults.
 run:
@@ -34,6 +34,15 @@ build:
 
 release:
 	$(CARGO) build --release
+
+## The stripped release binary against its budget on the target boxes
+## (docs/PERFORMANCE.md, "Binary size"). Not part of `make test`. Fails when
+## the binary is over the budget.
+SIZE_BUDGET ?= 2097152
+size: release
+	@bytes=$$(wc -c < target/release/backupd); \
+	echo "target/release/backupd: $$bytes bytes stripped, budget $(SIZE_BUDGET) bytes (2 MiB)"; \
+	if [ $$bytes -gt $(SIZE_BUDGET) ]; then echo "over the budget by $$((bytes - $(SIZE_BUDGET))) bytes"; exit 1; fi
 
 ## Install (docs/OPERATIONS.md, "Install"): the release binaries, the systemd
 ## units, the sysusers.d entry, the logrotate example and the docs, under
