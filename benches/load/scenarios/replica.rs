@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use backupd::crypto::AES_KEY_LEN;
 use rsa::RsaPrivateKey;
 
-use super::small::{small_clients, small_round};
+use super::small::{small_clients, timed_round};
 use super::{Ctx, Totals};
 use crate::cli::Opts;
 use crate::clients::{new_client, BigFile};
@@ -169,14 +169,7 @@ fn run_mode(
     let mut clients = small_clients(o, &ctx, label)?;
     let mut confirmed = 0usize;
     for round in 1..=o.rounds {
-        let r = small_round(&mut clients, o.small_count, o.small_size, &format!("{label}-r{round}"), None);
-        let fps = r.ok as f64 / r.elapsed.as_secs_f64().max(1e-9);
-        eprintln!(
-            "[load] {label}: round {round}/{}: {} files in {:.2} s = {fps:.0} files/s",
-            o.rounds,
-            r.ok,
-            r.elapsed.as_secs_f64()
-        );
+        let (r, fps) = timed_round(o, &mut clients, label, round);
         m.small_rate.0.push(fps);
         confirmed += r.ok;
         m.errors.extend(r.errors);
