@@ -206,7 +206,7 @@ fn a_stalled_store_times_out_and_never_holds_up_the_1604() {
 fn wrong_credentials_keep_the_queue_until_they_are_fixed() {
     let g = Garage::start();
     let mut conf = S3Conf::new(g.endpoint(), &g.bucket, "replica", "creds");
-    conf.secret = "0".repeat(64);
+    conf.secret = format!("wrong{}", "5a".repeat(30));
     let mut s = S3Server::start(conf, &[]);
     let (mut c, id) = s.server.registered_client("grace");
     let fs = files(6);
