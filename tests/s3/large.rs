@@ -53,7 +53,10 @@ fn peak_rss_kib(pid: u32) -> u64 {
 #[test]
 fn a_1_gib_file_goes_up_as_multipart_in_bounded_memory() {
     let g = Garage::start();
-    let s = S3Server::start(S3Conf::new(g.endpoint(), &g.bucket, "replica", "big"), &[]);
+    // Parts of 1 GiB on a loaded machine: give each request time.
+    let mut conf = S3Conf::new(g.endpoint(), &g.bucket, "replica", "big");
+    conf.timeout = "60s";
+    let s = S3Server::start(conf, &[]);
     let opts =
         backupd::client::ClientOptions { read_timeout: Duration::from_secs(600), ..test_client_options() };
     let mut c = Client::connect(s.server.addr(), &opts).expect("connect");

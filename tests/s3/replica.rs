@@ -194,7 +194,7 @@ fn a_stalled_store_times_out_and_never_holds_up_the_1604() {
     for (name, data) in &fs {
         send_ok(&mut c, name, data);
     }
-    // --s3-timeout 3s: the stalled requests end as failures, the loop goes on.
+    // --s3-timeout (10 s here): the stalled requests end as failures, the loop goes on.
     s.wait_metric_at_least("backupd_s3_failures_total", 1.0, Duration::from_secs(60));
     send_ok(&mut c, "late.txt", b"still answered while the store hangs");
     proxy.set(Fault::Pass);

@@ -43,7 +43,7 @@ impl S3Conf {
             bucket: bucket.clone(),
             mode,
             prefix: prefix.to_string(),
-            timeout: "3s",
+            timeout: "10s",
             secret: bucket.secret.clone(),
             creds_in_env: false,
         }
