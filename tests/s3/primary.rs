@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::common::{pseudo_random, wait_until, walk_files};
 use crate::garage::Garage;
 use crate::proxy::{Fault, FaultProxy};
-use crate::support::{is_1607, send, send_ok, S3Conf, S3Server};
+use crate::support::{assert_bytes, is_1607, send, send_ok, S3Conf, S3Server};
 
 #[test]
 fn the_1604_means_the_object_is_in_the_bucket() {
@@ -20,7 +20,7 @@ fn the_1604_means_the_object_is_in_the_bucket() {
         let data = pseudo_random(40_000 * (i + 1), 40 + i as u64);
         send_ok(&mut c, name, &data);
         // No waiting: the 1604 itself says the store has it.
-        assert_eq!(s.object(&id, name), Some(data), "{name} not in the bucket at its 1604");
+        assert_bytes(s.object(&id, name).as_deref(), &data, &format!("{name} in the bucket at its 1604"));
     }
     s.assert_no_secret();
 }
@@ -41,8 +41,8 @@ fn the_store_stopped_gives_1607_and_the_retry_works_once_it_is_back() {
     g.restart();
     // The client's retry: the file again on the same connection.
     send_ok(&mut c, "second.bin", &data);
-    assert_eq!(s.object(&id, "second.bin"), Some(data));
-    assert_eq!(s.object(&id, "first.bin"), Some(pseudo_random(10_000, 1)));
+    assert_bytes(s.object(&id, "second.bin").as_deref(), &data, "second.bin");
+    assert_bytes(s.object(&id, "first.bin").as_deref(), &pseudo_random(10_000, 1), "first.bin");
 }
 
 #[test]
@@ -61,7 +61,7 @@ fn error_answers_and_a_stall_give_1607_then_the_retry_works() {
         assert!(is_1607(&r), "{fault:?}: expected 1607, got {r:?}\n{}", s.server.log_text());
         proxy.set(Fault::Pass);
         send_ok(&mut c, &name, &data);
-        assert_eq!(s.object(&id, &name), Some(data), "{fault:?}");
+        assert_bytes(s.object(&id, &name).as_deref(), &data, &format!("{name} after {fault:?}"));
     }
 }
 
@@ -102,7 +102,7 @@ fn the_cache_is_bounded_and_evicted_files_restore_from_the_bucket() {
     let bounded = wait_until(Duration::from_secs(30), || local() <= 256 * 1024);
     assert!(bounded, "the cache holds {} bytes, over --cache-size 256K", local());
     for (name, data) in &all {
-        assert_eq!(s.object(&id, name).as_deref(), Some(&data[..]), "{name}");
+        assert_bytes(s.object(&id, name).as_deref(), data, name);
     }
     // Restore reads what the cache evicted from the bucket.
     drop(c);
@@ -110,6 +110,6 @@ fn the_cache_is_bounded_and_evicted_files_restore_from_the_bucket() {
     let out_s = out.display().to_string();
     s.admin_ok(&["restore", "erin", "--to", &out_s], true, 0);
     for (name, data) in &all {
-        assert_eq!(std::fs::read(out.join(name)).ok().as_deref(), Some(&data[..]), "restored {name}");
+        assert_bytes(std::fs::read(out.join(name)).ok().as_deref(), data, &format!("restored {name}"));
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::common::pseudo_random;
 use crate::garage::Garage;
 use crate::proxy::{Fault, FaultProxy};
-use crate::support::{s3_pending, send_ok, S3Conf, S3Server};
+use crate::support::{assert_bytes, s3_pending, send_ok, S3Conf, S3Server};
 
 fn garage_addr(g: &Garage) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], g.s3_port))
@@ -52,7 +52,11 @@ fn replica_copies_each_verified_file_to_its_key() {
     assert_eq!(current, want);
     // The local copies are there too (replica: the local store is primary).
     for (name, data) in &fs {
-        assert_eq!(std::fs::read(s.server.stored_path(&id, name)).ok().as_deref(), Some(&data[..]));
+        assert_bytes(
+            std::fs::read(s.server.stored_path(&id, name)).ok().as_deref(),
+            data,
+            &format!("local {name}"),
+        );
     }
     assert!(
         s.metric("backupd_s3_uploaded_bytes_total").is_some_and(|b| b >= 370_014.0),
@@ -66,7 +70,7 @@ fn replica_copies_each_verified_file_to_its_key() {
     let newer = pseudo_random(5000, 99);
     send_ok(&mut c, "a.txt", &newer);
     s.wait_drained(fs.len() as f64 + 1.0);
-    assert_eq!(s.object(&id, "a.txt"), Some(newer));
+    assert_bytes(s.object(&id, "a.txt").as_deref(), &newer, "a.txt replaced");
     s.assert_no_secret();
 }
 
@@ -107,7 +111,7 @@ fn the_queue_survives_a_restart_and_drains_once_the_store_is_reachable() {
 
     // Restart with the store reachable: the queue, read from the database, drains.
     proxy.set(Fault::Pass);
-    s.server.restart();
+    s.restart();
     s.wait_drained(fs.len() as f64);
     assert_in_bucket(&s, &id, &fs);
     assert_eq!(s3_pending(&s, "bob"), Some(0.0));
@@ -127,7 +131,7 @@ fn a_crash_after_the_1604_loses_nothing() {
     drop(c);
     s.server.kill();
     proxy.set(Fault::Pass);
-    s.server.restart();
+    s.restart();
     s.wait_drained(fs.len() as f64);
     assert_in_bucket(&s, &id, &fs);
 }
@@ -220,7 +224,7 @@ fn wrong_credentials_keep_the_queue_until_they_are_fixed() {
     assert!(s.server.stop().success());
     let right = g.bucket.secret.clone();
     s.set_secret(&right);
-    s.server.restart();
+    s.restart();
     s.wait_drained(fs.len() as f64);
     assert_in_bucket(&s, &id, &fs);
     s.assert_no_secret();

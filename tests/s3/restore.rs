@@ -4,7 +4,7 @@
 
 use crate::common::{pseudo_random, walk_files};
 use crate::garage::Garage;
-use crate::support::{send_ok, S3Conf, S3Server};
+use crate::support::{assert_bytes, send_ok, S3Conf, S3Server};
 
 /// A server in replica mode with `alice`'s files uploaded and copied to the
 /// bucket, then stopped.
@@ -43,13 +43,13 @@ fn restore_reads_the_bucket_when_the_local_files_are_gone() {
     let out_s = out.display().to_string();
     s.admin_ok(&["restore", "alice", "--to", &out_s], true, 0);
     for (name, data) in &fs {
-        assert_eq!(std::fs::read(out.join(name)).ok().as_deref(), Some(&data[..]), "restored {name}");
+        assert_bytes(std::fs::read(out.join(name)).ok().as_deref(), data, &format!("restored {name}"));
     }
     // One file by name, too.
     let one = s.side.path().join("one");
     let one_s = one.display().to_string();
     s.admin_ok(&["restore", "alice", "photos/2026/a.jpg", "--to", &one_s], true, 0);
-    assert_eq!(std::fs::read(one.join("photos/2026/a.jpg")).ok().as_deref(), Some(&fs[1].1[..]));
+    assert_bytes(std::fs::read(one.join("photos/2026/a.jpg")).ok().as_deref(), &fs[1].1, "restored a.jpg");
 }
 
 #[test]
@@ -74,9 +74,9 @@ fn resync_queues_again_what_the_bucket_lacks() {
     assert_eq!(s.object(&id, "report.pdf"), None);
     s.admin_ok(&["s3", "resync"], true, 0);
     // The next start copies it again.
-    s.server.restart();
+    s.restart();
     s.wait_drained(1.0);
     for (name, data) in &fs {
-        assert_eq!(s.object(&id, name).as_deref(), Some(&data[..]), "{name}");
+        assert_bytes(s.object(&id, name).as_deref(), data, name);
     }
 }

@@ -101,6 +101,14 @@ impl S3Server {
         S3Server { server, conf, side }
     }
 
+    /// Start the server again (same port, data and flags), with the metrics
+    /// file of the previous run removed: its figures must not answer for
+    /// the new process.
+    pub fn restart(&mut self) {
+        let _ = std::fs::remove_file(self.prom_path());
+        self.server.restart();
+    }
+
     pub fn prom_path(&self) -> PathBuf {
         self.side.path().join("backupd.prom")
     }
@@ -249,6 +257,19 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 pub fn run_backupd(args: &[OsString]) -> Run {
     let refs: Vec<&OsStr> = args.iter().map(OsString::as_os_str).collect();
     run_admin(&refs, &[], ADMIN_TIMEOUT)
+}
+
+/// `got` is exactly `want`; on failure the message says where they part,
+/// not the bytes.
+pub fn assert_bytes(got: Option<&[u8]>, want: &[u8], what: &str) {
+    match got {
+        None => panic!("{what}: missing (expected {} bytes)", want.len()),
+        Some(g) if g == want => {}
+        Some(g) => {
+            let at = g.iter().zip(want).position(|(a, b)| a != b).unwrap_or(g.len().min(want.len()));
+            panic!("{what}: {} bytes, expected {}; they differ from byte {at}", g.len(), want.len())
+        }
+    }
 }
 
 /// Upload `data` as `name`, check the cksums and send 1029: the 1029's answer.
