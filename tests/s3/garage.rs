@@ -35,13 +35,14 @@ pub struct Garage {
 pub fn garage_bin() -> Result<PathBuf, String> {
     let mut tried = Vec::new();
     let mut candidates = Vec::new();
-    if let Some(b) = std::env::var_os("GARAGE_BIN") {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(b) = var("GARAGE_BIN") {
         candidates.push(PathBuf::from(b));
     }
-    if let Some(r) = std::env::var_os("GARAGE_ROOT") {
+    if let Some(r) = var("GARAGE_ROOT") {
         candidates.push(Path::new(&r).join("bin/garage"));
     }
-    if let Some(h) = std::env::var_os("HOME") {
+    if let Some(h) = var("HOME") {
         candidates.push(Path::new(&h).join(".cache/backupd/garage/bin/garage"));
     }
     for c in candidates {
