@@ -102,14 +102,18 @@ uninstall:
 	rm -f $(DESTDIR)$(SYSUSERSDIR)/backupd.conf $(DESTDIR)$(SYSCONFDIR)/logrotate.d/backupd
 	rm -rf $(DESTDIR)$(DOCDIR)
 
-## Benchmarks of issue 5 (docs/PERFORMANCE.md): micro benchmarks, then the
-## machine's limits and the load scenarios against the release binary.
-## Figures: stdout, target/bench/results.json and target/bench/micro.json.
+## Benchmarks of issues 5 and 14 (docs/PERFORMANCE.md): micro benchmarks,
+## then the machine's limits and the load scenarios against the release
+## binary, then the same scenarios with the server confined to one core and
+## 256 MB (--confined), reported beside. Figures: stdout,
+## target/bench/results.json, target/bench/micro.json, and drawn in
+## target/bench/report.svg.
 ## Extra load flags: make bench BENCH_ARGS="--scenario small --rounds 5".
+BENCH_SETS ?= --confined
 bench: release-s3
 	$(CARGO) build --release --bin backupd
 	$(CARGO) bench --bench micro
-	GARAGE_BIN=$(GARAGE_BIN) $(CARGO) bench --bench load -- $(BENCH_ARGS)
+	GARAGE_BIN=$(GARAGE_BIN) $(CARGO) bench --bench load -- $(BENCH_SETS) $(BENCH_ARGS)
 
 ## Scenario 5 (replica mode) runs target/release/backupd-s3, the release
 ## binary with the `s3` feature, against a Garage of its own (`make garage`;
@@ -118,11 +122,11 @@ release-s3:
 	$(CARGO) build --release --features s3 --bin backupd
 	cp target/release/backupd target/release/backupd-s3
 
-## The same, everything small (about a minute once built).
+## The same, everything small (a few minutes once built).
 bench-quick: release-s3
 	$(CARGO) build --release --bin backupd
 	$(CARGO) bench --bench micro -- --quick
-	GARAGE_BIN=$(GARAGE_BIN) $(CARGO) bench --bench load -- --quick $(BENCH_ARGS)
+	GARAGE_BIN=$(GARAGE_BIN) $(CARGO) bench --bench load -- --quick $(BENCH_SETS) $(BENCH_ARGS)
 
 ## Fuzzing (issue 4, fuzz/): each cargo-fuzz target for FUZZ_SECONDS seconds,
 ## from the committed seeds (fuzz/corpus/; new inputs go to fuzz/target/corpus/).

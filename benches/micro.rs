@@ -1,5 +1,6 @@
 //! Micro benchmarks of the server's per-byte and per-frame work (issue 5):
-//! the POSIX cksum (`crc` with `Table<16>`, the crate's [`Cksum`]), AES-256-CBC
+//! the POSIX cksum (both engines of the crate's [`Cksum`]: `crc`'s
+//! `Table<16>`, the default, and crc-fast, `--features simd-crc`), AES-256-CBC
 //! decryption ([`StreamDecryptor`]), and frame parsing
 //! (`RequestHeader::decode` + `check` + `Request::parse`).
 //!
@@ -110,12 +111,16 @@ fn parse_all(buf: &[u8]) -> usize {
     n
 }
 
-fn json_num(x: f64) -> String {
-    if x.is_finite() {
-        format!("{x:.1}")
-    } else {
-        "null".into()
-    }
+/// The sizes of a run: iterations per case and the large buffer's bytes.
+struct Sizes {
+    iters: usize,
+    big: usize,
+    /// Frames parsed per iteration.
+    frames: usize,
+}
+
+fn mb(bytes: usize) -> f64 {
+    bytes as f64 / 1e6
 }
 
 fn main() {
@@ -123,48 +128,69 @@ fn main() {
     let bench = args.iter().any(|a| a == "--bench");
     let quick = args.iter().any(|a| a == "--quick");
     // Under `cargo test`: one tiny iteration of everything.
-    let (iters, big) = match (bench, quick) {
-        (false, _) => (1, MIB),
-        (true, true) => (3, 32 * MIB),
-        (true, false) => (7, 256 * MIB),
+    let sizes = match (bench, quick) {
+        (false, _) => Sizes { iters: 1, big: MIB, frames: 1000 },
+        (true, true) => Sizes { iters: 3, big: 32 * MIB, frames: 200_000 },
+        (true, false) => Sizes { iters: 7, big: 256 * MIB, frames: 200_000 },
     };
-    let mb = |bytes: usize| bytes as f64 / 1e6;
-    println!("backupd micro benchmarks ({iters} iterations each; median and best)");
-    let mut cases = Vec::new();
+    println!("backupd micro benchmarks ({} iterations each; median and best)", sizes.iters);
+    let data = pseudo_random(sizes.big, 1);
+    let mut cases = cksum_cases(&data, &sizes);
+    cases.extend(aes_cases(&data, &sizes));
+    cases.push(frame_case(&sizes));
+    sanity_checks();
+    if bench {
+        write_json(&cases);
+    }
+}
 
-    // cksum: a cache-resident 1 MiB buffer many times, and one large buffer.
-    let data = pseudo_random(big, 1);
+/// cksum: a cache-resident 1 MiB buffer many times, and one large buffer,
+/// with both engines of [`Cksum`] in the same run: `crc`'s `Table<16>` (the
+/// default build) and crc-fast (`--features simd-crc`); `Table<1>` for
+/// comparison.
+fn cksum_cases(data: &[u8], s: &Sizes) -> Vec<Case> {
     let one = &data[..MIB];
-    let reps = big / MIB;
-    cases.push(measure("cksum, Table<16> (Cksum), 1 MiB x reps (cache-hot)", "MB/s", iters, mb(big), || {
-        let mut c = Cksum::new();
-        for _ in 0..reps {
-            c.update(black_box(one));
-        }
-        black_box(c.finalize());
-    }));
-    cases.push(measure(
-        &format!("cksum, Table<16> (Cksum), {} MiB buffer", big / MIB),
-        "MB/s",
-        iters,
-        mb(big),
-        || {
-            black_box(crypto::cksum(black_box(&data)));
-        },
-    ));
+    let reps = s.big / MIB;
+    let t16 = crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_CKSUM);
+    let fast = || crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Cksum);
+    let hot = |name: &str, f: &mut dyn FnMut(&[u8])| {
+        measure(&format!("cksum, {name}, 1 MiB x reps (cache-hot)"), "MB/s", s.iters, mb(s.big), || {
+            for _ in 0..reps {
+                f(black_box(one));
+            }
+        })
+    };
+    let mut d16 = t16.digest();
+    let mut df = fast();
+    let mut cases = vec![
+        hot("crc Table<16> (default)", &mut |b| d16.update(b)),
+        hot("crc-fast (simd-crc)", &mut |b| df.update(b)),
+    ];
+    black_box((d16.finalize(), df.finalize()));
+    let buffer = |name: &str, f: &dyn Fn(&[u8]) -> u64| {
+        measure(&format!("cksum, {name}, {} MiB buffer", s.big / MIB), "MB/s", s.iters, mb(s.big), || {
+            black_box(f(black_box(data)));
+        })
+    };
+    cases.push(buffer("crc Table<16> (default)", &|b| u64::from(t16.checksum(b))));
+    cases.push(buffer("crc-fast (simd-crc)", &|b| crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Cksum, b)));
     let t1 = crc::Crc::<u32, crc::Table<1>>::new(&crc::CRC_32_CKSUM);
-    cases.push(measure("cksum, crc Table<1> (for comparison), same buffer", "MB/s", iters, mb(big), || {
-        black_box(t1.checksum(black_box(&data)));
-    }));
+    cases.push(buffer("crc Table<1> (for comparison)", &|b| u64::from(t1.checksum(b))));
+    cases
+}
 
-    // AES-256-CBC decryption, in place, 1 MiB pieces (the server's packet size
-    // in the large scenarios) and 4 KiB pieces.
+/// AES-256-CBC decryption, in place, 1 MiB pieces (the server's packet size
+/// in the large scenarios) and 4 KiB pieces; decrypt + cksum (the server's
+/// whole per-byte path); encryption (the client's side, for the load
+/// generator's cost).
+fn aes_cases(data: &[u8], s: &Sizes) -> Vec<Case> {
+    let mut cases = Vec::new();
     let key = [0x42u8; AES_KEY_LEN];
-    let mut ct = crypto::encrypt_all(&key, &data);
+    let mut ct = crypto::encrypt_all(&key, data);
     for piece in [MIB, 4096] {
         let label =
             format!("StreamDecryptor, {} pieces, in place", if piece == MIB { "1 MiB" } else { "4 KiB" });
-        cases.push(measure(&label, "MB/s", iters, mb(ct.len()), || {
+        cases.push(measure(&label, "MB/s", s.iters, mb(ct.len()), || {
             let mut dec = StreamDecryptor::new(&key);
             for p in ct.chunks_mut(piece) {
                 dec.update(p, |b| {
@@ -178,8 +204,9 @@ fn main() {
             }));
         }));
     }
-    // The server's whole per-byte path: decrypt + cksum.
-    cases.push(measure("StreamDecryptor + Cksum, 1 MiB pieces", "MB/s", iters, mb(ct.len()), || {
+    let engine = if cfg!(feature = "simd-crc") { "crc-fast" } else { "Table<16>" };
+    let label = format!("StreamDecryptor + Cksum ({engine}, as built), 1 MiB pieces");
+    cases.push(measure(&label, "MB/s", s.iters, mb(ct.len()), || {
         let mut dec = StreamDecryptor::new(&key);
         let mut c = Cksum::new();
         for p in ct.chunks_mut(MIB) {
@@ -188,9 +215,18 @@ fn main() {
         let _ = dec.finish(|b| c.update(b));
         black_box(c.finalize());
     }));
-    // The client's side, for the load generator's cost.
-    let mut out = Vec::with_capacity(big + 16);
-    cases.push(measure("StreamEncryptor (client side), 1 MiB pieces", "MB/s", iters, mb(big), || {
+    cases.push(measure("StreamDecryptor + crc-fast, 1 MiB pieces", "MB/s", s.iters, mb(ct.len()), || {
+        let mut dec = StreamDecryptor::new(&key);
+        let mut c = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Cksum);
+        for p in ct.chunks_mut(MIB) {
+            dec.update(p, |b| c.update(b));
+        }
+        let _ = dec.finish(|b| c.update(b));
+        black_box(c.finalize());
+    }));
+    drop(ct);
+    let mut out = Vec::with_capacity(s.big + 16);
+    cases.push(measure("StreamEncryptor (client side), 1 MiB pieces", "MB/s", s.iters, mb(s.big), || {
         out.clear();
         let mut enc = StreamEncryptor::new(&key);
         for p in data.chunks(MIB) {
@@ -199,23 +235,24 @@ fn main() {
         enc.finish(&mut out);
         black_box(&out);
     }));
-    drop(ct);
+    cases
+}
 
-    // Frame parsing.
-    let n = if bench { 200_000 } else { 1000 };
-    let buf = frames(n);
-    assert_eq!(parse_all(&buf), n, "every frame parses");
-    cases.push(measure(
-        "frames: decode+check+parse (1029 and 1028 alternating)",
-        "frames/s",
-        iters,
-        n as f64,
-        || {
-            black_box(parse_all(black_box(&buf)));
-        },
-    ));
+/// Frame parsing: 1029s and small 1028s, alternating.
+fn frame_case(s: &Sizes) -> Case {
+    let buf = frames(s.frames);
+    assert_eq!(parse_all(&buf), s.frames, "every frame parses");
+    let label = "frames: decode+check+parse (1029 and 1028 alternating)";
+    measure(label, "frames/s", s.iters, s.frames as f64, || {
+        black_box(parse_all(black_box(&buf)));
+    })
+}
 
-    // Sanity: the decryptor and cksum agree with the one-shot functions.
+/// The decryptor and cksum agree with the one-shot functions and the
+/// reference CRC.
+fn sanity_checks() {
+    let key = [0x42u8; AES_KEY_LEN];
+    let t1 = crc::Crc::<u32, crc::Table<1>>::new(&crc::CRC_32_CKSUM);
     let small = pseudo_random(100_000, 2);
     let mut c = crypto::encrypt_all(&key, &small);
     let mut back = Vec::new();
@@ -225,25 +262,32 @@ fn main() {
     assert_eq!(back, small);
     assert_eq!(crypto::cksum(&small), t1.checksum(&[&small[..], &[0xa0, 0x86, 0x01][..]].concat()));
     assert_eq!(VERSION, 3);
+}
 
-    if bench {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-        let mut j = String::from("{\n  \"cases\": [\n");
-        for (i, c) in cases.iter().enumerate() {
-            let samples: Vec<String> = c.rates.iter().map(|r| json_num(*r)).collect();
-            j.push_str(&format!(
-                "    {{\"name\": \"{}\", \"unit\": \"{}\", \"median\": {}, \"best\": {}, \"samples\": [{}]}}{}\n",
-                c.name.replace('"', "'"),
-                c.unit,
-                json_num(c.median()),
-                json_num(c.best()),
-                samples.join(", "),
-                if i + 1 < cases.len() { "," } else { "" }
-            ));
+/// target/bench/micro.json: every case, its median, best and samples.
+fn write_json(cases: &[Case]) {
+    let num = |x: f64| {
+        if x.is_finite() {
+            serde_json::json!((x * 10.0).round() / 10.0)
+        } else {
+            serde_json::Value::Null
         }
-        j.push_str("  ]\n}\n");
-        if std::fs::create_dir_all(&dir).is_ok() && std::fs::write(dir.join("micro.json"), j).is_ok() {
-            println!("figures: {}", dir.join("micro.json").display());
-        }
+    };
+    let cases: Vec<serde_json::Value> = cases
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "name": c.name,
+                "unit": c.unit,
+                "median": num(c.median()),
+                "best": num(c.best()),
+                "samples": c.rates.iter().map(|r| num(*r)).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let text = serde_json::to_string_pretty(&serde_json::json!({ "cases": cases })).unwrap_or_default();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    if std::fs::create_dir_all(&dir).is_ok() && std::fs::write(dir.join("micro.json"), text + "\n").is_ok() {
+        println!("figures: {}", dir.join("micro.json").display());
     }
 }

@@ -6,16 +6,21 @@
 //! ([`metrics`]). docs/ARCHITECTURE.md has the lifecycle of a connection and
 //! of a file.
 //!
-//! The modules, from the binaries down (a module uses only those below it):
+//! The modules, from the binaries down: a module imports only modules
+//! below it, and only those its row of the ladder in docs/ARCHITECTURE.md
+//! names (`tests/ladder.rs` checks the code against it):
 //!
 //! * [`admin`]: the operator's subcommands (`backupd clients`, `verify`, ...).
 //! * [`server`]: the event loop, admission, the protocol state machine.
-//! * [`client`]: the blocking client library and `backup-client`.
+//!   [`client`], beside it: the blocking client library and
+//!   `backup-client`, on [`protocol`], [`crypto`], [`units`] and [`json`] only.
 //! * [`worker`]: the worker thread, storage, the database.
-//! * [`datadir`]: the data directory's lock, marker and no-follow access.
-//! * [`protocol`], [`crypto`]: the wire format and its cryptography, no I/O.
-//! * [`config`], [`units`], [`budget`], [`metrics`], [`logging`],
-//!   [`ratelimit`], [`json`]: settings and shared utilities.
+//! * [`datadir`], [`config`], [`metrics`], [`protocol`]: the data
+//!   directory's lock, marker and no-follow access; the server's settings;
+//!   the metrics; the wire format (no I/O).
+//! * [`logging`]: the logger and the escaping of peer text.
+//! * [`crypto`], [`budget`], [`ratelimit`], [`units`], [`json`]: leaves
+//!   that import nothing of the crate.
 
 pub mod admin;
 pub mod budget;

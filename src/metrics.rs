@@ -260,6 +260,15 @@ impl Metrics {
                 let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
             }
         }
+        self.render_labelled(&mut o);
+        self.commit_batch_size.render(&mut o, "backupd_commit_batch_files", "Files per group commit.");
+        self.commit_seconds.render(&mut o, "backupd_commit_seconds", "Time to make a group commit durable.");
+        self.render_clients(&mut o, max_clients);
+        o
+    }
+
+    /// The counters with one series per reason or code: a flat table.
+    fn render_labelled(&self, o: &mut String) {
         // (name, help, label, its values, the counters): one series per value.
         type Labelled<'a> = (&'a str, &'a str, &'a str, &'a [&'a str], &'a [Counter]);
         let labelled: [Labelled; 4] = [
@@ -298,8 +307,10 @@ impl Metrics {
                 let _ = writeln!(o, "{name}{{{label}=\"{v}\"}} {}", c.get());
             }
         }
-        self.commit_batch_size.render(&mut o, "backupd_commit_batch_files", "Files per group commit.");
-        self.commit_seconds.render(&mut o, "backupd_commit_seconds", "Time to make a group commit durable.");
+    }
+
+    /// The per-client series, at most `max_clients` of each.
+    fn render_clients(&self, o: &mut String, max_clients: usize) {
         let name = "backupd_client_last_verified_timestamp_seconds";
         let _ = writeln!(o, "# HELP {name} When each client last had a file verified.\n# TYPE {name} gauge");
         if let Ok(m) = self.last_verified.lock() {
@@ -335,7 +346,6 @@ impl Metrics {
         for (l, _, files) in &usage {
             let _ = writeln!(o, "backupd_client_files_stored{{client=\"{l}\"}} {files}");
         }
-        o
     }
 }
 

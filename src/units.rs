@@ -1,5 +1,11 @@
 //! Sizes and durations as people write them on a command line (`16MiB`,
-//! `10s`): shared by the server's flags and the client's options.
+//! `10s`): shared by the server's flags and the client's options. A leaf of
+//! the module ladder (imports nothing of the crate), so the client may use it.
+//!
+//! Written here rather than with `humantime`: tried, the stripped release
+//! `backupd` grew from 2,402,416 to 2,408,048 bytes (+5.5 KiB) against a
+//! budget it already exceeds, and humantime takes no decimals (`1.5s`, which
+//! these flags accept) while adding nothing the flags need.
 
 use std::time::Duration;
 

@@ -129,19 +129,6 @@ fn client_dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
 
-/// The value of `"key":` in a one-line JSON object (numbers, booleans, simple strings).
-fn json_field<'a>(obj: &'a str, key: &str) -> &'a str {
-    let pat = format!("\"{key}\":");
-    let start = obj.find(&pat).unwrap_or_else(|| panic!("no {key} in {obj}")) + pat.len();
-    let rest = &obj[start..];
-    let end = if let Some(stripped) = rest.strip_prefix('"') {
-        stripped.find('"').unwrap() + 2
-    } else {
-        rest.find([',', '}']).unwrap()
-    };
-    rest[..end].trim_matches('"')
-}
-
 fn wait_log_count(server: &TestServer, needle: &str, n: usize) {
     let end = Instant::now() + Duration::from_secs(10);
     while Instant::now() < end {

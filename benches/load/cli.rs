@@ -1,6 +1,9 @@
 //! The flags of the load benchmark (`--help`) and their defaults.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::confine::Confinement;
 
 use crate::scenarios::attack;
 use crate::Res;
@@ -42,6 +45,11 @@ pub(crate) struct Opts {
     pub(crate) server_args: Vec<String>,
     pub(crate) keep_data: bool,
     pub(crate) wait_quiet: u64,
+    /// `--confined`: after the scenarios, run them again with the server on
+    /// one core and 256 MB, reported beside.
+    pub(crate) confined: bool,
+    /// Set for that second pass: how the servers it starts are confined.
+    pub(crate) confinement: Option<Arc<Confinement>>,
 }
 
 impl Opts {
@@ -70,6 +78,8 @@ impl Opts {
             server_args: Vec::new(),
             keep_data: false,
             wait_quiet: 0,
+            confined: false,
+            confinement: None,
         };
         if !quick {
             return common;
@@ -117,6 +127,9 @@ load: backupd load benchmark (issue 5). Run via `cargo bench --bench load -- FLA
   --server-bin PATH       backupd binary to start [target/release/backupd]
   --server-arg ARG        extra argument for the started server (repeatable)
   --keep-data             keep the servers' data directories (target/bench/data-PID-SCENARIO)
+  --confined              then the same scenarios again with the server confined to one core
+                          (taskset -c 0) and 256 MB (systemd-run, a cgroup or prlimit, as
+                          available: the report names it), reported beside the first set
   --wait-quiet SECS       before the limits and each scenario, wait up to SECS for the rest of
                           the machine to use < 0.25 cores (shared machines) [0: don't wait]
 ";
@@ -186,6 +199,7 @@ pub(crate) fn parse_opts(args: &[String]) -> Res<Opts> {
             "--server-bin" => o.server_bin = PathBuf::from(val()?),
             "--server-arg" => o.server_args.push(val()?),
             "--keep-data" => o.keep_data = true,
+            "--confined" => o.confined = true,
             "--wait-quiet" => o.wait_quiet = parse_num(&val()?, &flag)?,
             other => return Err(format!("unknown flag {other:?} (see --help)")),
         }

@@ -1,109 +1,56 @@
-//! Hand-written JSON for `target/bench/results.json`: objects keep the order
-//! in which their keys are set.
+//! `target/bench/results.json` is written with serde_json (a dev-dependency,
+//! the same reader the tests use; its `preserve_order` feature keeps an
+//! object's keys in the order they are set). [`J`] is its `Value`; [`Obj`]
+//! adds the two calls the scenarios build their objects with.
 
-use backupd::json::json_str;
+pub(crate) use serde_json::Value as J;
 
-#[derive(Debug, Clone)]
-pub(crate) enum J {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(String),
-    Arr(Vec<J>),
-    Obj(Vec<(String, J)>),
+/// Objects built key by key.
+pub(crate) trait Obj {
+    /// An empty object.
+    fn obj() -> J;
+    /// Set `key` (a no-op on anything but an object).
+    fn set(&mut self, key: &str, v: impl Into<J>);
 }
 
-macro_rules! json_number {
-    ($($t:ty),*) => {$(
-        impl From<$t> for J {
-            fn from(x: $t) -> J {
-                J::Num(x as f64)
-            }
-        }
-    )*};
-}
-json_number!(f64, u64, usize, u32, i32);
-
-impl From<bool> for J {
-    fn from(x: bool) -> J {
-        J::Bool(x)
-    }
-}
-impl From<&str> for J {
-    fn from(x: &str) -> J {
-        J::Str(x.to_string())
-    }
-}
-impl From<String> for J {
-    fn from(x: String) -> J {
-        J::Str(x)
-    }
-}
-impl<T: Into<J>> From<Option<T>> for J {
-    fn from(x: Option<T>) -> J {
-        x.map_or(J::Null, Into::into)
-    }
-}
-impl<T: Into<J>> From<Vec<T>> for J {
-    fn from(x: Vec<T>) -> J {
-        J::Arr(x.into_iter().map(Into::into).collect())
-    }
-}
-
-impl J {
-    pub(crate) fn obj() -> J {
-        J::Obj(Vec::new())
+impl Obj for J {
+    fn obj() -> J {
+        J::Object(serde_json::Map::new())
     }
 
-    pub(crate) fn set(&mut self, key: &str, v: impl Into<J>) {
-        if let J::Obj(m) = self {
-            m.push((key.to_string(), v.into()));
-        }
-    }
-
-    pub(crate) fn render(&self, out: &mut String, indent: usize) {
-        match self {
-            J::Null => out.push_str("null"),
-            J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-            J::Num(x) => out.push_str(&json_num(*x)),
-            J::Str(s) => json_str_to(s, out),
-            J::Arr(a) if a.iter().all(|x| !matches!(x, J::Arr(_) | J::Obj(_))) => {
-                out.push('[');
-                for (i, x) in a.iter().enumerate() {
-                    if i > 0 {
-                        out.push_str(", ");
-                    }
-                    x.render(out, indent);
-                }
-                out.push(']');
-            }
-            J::Arr(a) => {
-                out.push_str("[\n");
-                for (i, x) in a.iter().enumerate() {
-                    out.push_str(&" ".repeat(indent + 2));
-                    x.render(out, indent + 2);
-                    out.push_str(if i + 1 < a.len() { ",\n" } else { "\n" });
-                }
-                out.push_str(&" ".repeat(indent));
-                out.push(']');
-            }
-            J::Obj(m) if m.is_empty() => out.push_str("{}"),
-            J::Obj(m) => {
-                out.push_str("{\n");
-                for (i, (k, v)) in m.iter().enumerate() {
-                    out.push_str(&" ".repeat(indent + 2));
-                    json_str_to(k, out);
-                    out.push_str(": ");
-                    v.render(out, indent + 2);
-                    out.push_str(if i + 1 < m.len() { ",\n" } else { "\n" });
-                }
-                out.push_str(&" ".repeat(indent));
-                out.push('}');
-            }
+    fn set(&mut self, key: &str, v: impl Into<J>) {
+        if let J::Object(m) = self {
+            m.insert(key.to_string(), v.into());
         }
     }
 }
 
+/// The document as written: pretty, numbers of 4 decimals at most (a
+/// non-finite figure is already `null`: serde_json's `From<f64>`).
+pub(crate) fn render(v: &J) -> String {
+    let mut v = v.clone();
+    round(&mut v);
+    serde_json::to_string_pretty(&v).unwrap_or_default()
+}
+
+fn round(v: &mut J) {
+    match v {
+        J::Number(n) if n.is_f64() => {
+            let x = n.as_f64().unwrap_or(f64::NAN);
+            *v = if x == x.trunc() && x.abs() < 1e15 {
+                J::from(x as i64)
+            } else {
+                J::from((x * 1e4).round() / 1e4)
+            };
+        }
+        J::Array(a) => a.iter_mut().for_each(round),
+        J::Object(m) => m.values_mut().for_each(round),
+        _ => {}
+    }
+}
+
+/// A number as the report prints it: an integer without decimals, else at
+/// most 4 decimals; "null" when not finite.
 pub(crate) fn json_num(x: f64) -> String {
     if !x.is_finite() {
         "null".into()
@@ -113,8 +60,4 @@ pub(crate) fn json_num(x: f64) -> String {
         let s = format!("{x:.4}");
         s.trim_end_matches('0').trim_end_matches('.').to_string()
     }
-}
-
-pub(crate) fn json_str_to(s: &str, out: &mut String) {
-    out.push_str(&json_str(s));
 }

@@ -16,7 +16,7 @@ use backupd::protocol::{PACKET_HEADER_LEN, REQUEST_HEADER_LEN};
 use crate::cli::Opts;
 use crate::clients::BigFile;
 use crate::common::pseudo_random;
-use crate::json::J;
+use crate::json::{Obj as _, J};
 use crate::report::{line, mb_s, Samples};
 use crate::{Res, MIB, PERIOD};
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use crate::cli::Opts;
-use crate::json::J;
+use crate::json::{Obj as _, J};
 use crate::report::line;
 use crate::usage::nproc;
 use crate::MIB;

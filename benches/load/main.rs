@@ -29,6 +29,8 @@
 //! * [`scenarios`]: one module per scenario; [`garage`], [`bucket`] and
 //!   [`support`] (from tests/s3/) give scenario 5 its store and S3 flags;
 //! * [`report`] and [`json`]: the figures on stdout and in `results.json`;
+//!   [`figure`]: the same run drawn in `report.svg`;
+//! * [`confine`]: the server on one core and 256 MB (`--confined`);
 //! * [`run`]: the run from start to end.
 
 #[path = "../../tests/common/mod.rs"]
@@ -43,6 +45,8 @@ mod support;
 
 mod cli;
 mod clients;
+mod confine;
+mod figure;
 mod json;
 mod limits;
 mod machine;
@@ -57,7 +61,7 @@ use backupd::protocol::{Code, PacketHeader, RequestHeader, PACKET_HEADER_LEN, RE
 
 use cli::{parse_opts, parse_scenarios, Scn};
 use clients::BigFile;
-use json::J;
+use json::{Obj as _, J};
 use report::percentile;
 use server::hides_info;
 
@@ -107,12 +111,16 @@ fn self_check() {
     assert_eq!((percentile(&v, 50.0), percentile(&v, 99.0), percentile(&v, 100.0)), (50, 99, 100));
     assert_eq!(percentile(&[7], 99.0), 7);
     // JSON escaping and numbers.
-    let mut s = String::new();
     let mut o = J::obj();
     o.set("a\"b", "x\ny\u{1}");
-    o.set("n", vec![1.5f64, 2.0, f64::NAN]);
-    o.render(&mut s, 0);
-    assert_eq!(s, "{\n  \"a\\\"b\": \"x\\ny\\u0001\",\n  \"n\": [1.5, 2, null]\n}");
+    o.set("n", vec![1.5f64, 2.0, f64::NAN, 1.0 / 3.0]);
+    o.set("k", 7u32);
+    let s = json::render(&o);
+    assert_eq!(
+        serde_json::from_str::<J>(&s).ok(),
+        Some(serde_json::json!({"a\"b": "x\ny\u{1}", "n": [1.5, 2, null, 0.3333], "k": 7}))
+    );
+    assert!(s.find("\"n\"") < s.find("\"k\""), "keys in the order set: {s}");
     // Flags.
     let args: Vec<String> = ["--quick", "--scenario", "small,idle", "--large-mib=64", "--bench"]
         .iter()
@@ -131,6 +139,44 @@ fn self_check() {
     assert!(hides_info(&["--log-level=error".to_string()]));
     assert!(!hides_info(&["--log-level=debug".to_string()]));
     assert!(!hides_info(&[]));
+    figure_self_check();
+}
+
+/// report.svg is drawn from a run's figures: curves, bars and their names.
+fn figure_self_check() {
+    let lat = |scale: f64| {
+        let mut l = J::obj();
+        l.set("percentiles_ms", (0..=100).map(|p| scale * (1.0 + f64::from(p) / 10.0)).collect::<Vec<f64>>());
+        l
+    };
+    let mut small = J::obj();
+    small.set("latency_total", lat(1.0));
+    small.set("files_per_s", serde_json::json!({"median": 5000.0}));
+    let mut scen = J::obj();
+    scen.set("small", small.clone());
+    let mut top = J::obj();
+    top.set("mode", "quick");
+    top.set("scenarios", scen.clone());
+    let mut confined = J::obj();
+    small.set("latency_total", lat(3.0));
+    scen.set("small", small);
+    confined.set("scenarios", scen);
+    top.set("confined", confined);
+    let limits =
+        limits::Limits { syncfs16_db: Some(8000.0), seq_write_behind: Some(2000.0), ..Default::default() };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = figure::write_figure(dir.path(), &top, &limits).expect("report.svg");
+    let svg = std::fs::read_to_string(path).expect("read report.svg");
+    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
+    for text in [
+        "scenario 1, small files",
+        "scenario 1, small files (1 core, 256 MB)",
+        "limit: 16/syncfs + SQLite",
+        "5000",
+        "8000",
+    ] {
+        assert!(svg.contains(text), "report.svg lacks {text:?}");
+    }
 }
 
 fn main() {

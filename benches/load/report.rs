@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::json::{json_num, J};
+use crate::json::{json_num, render, Obj as _, J};
 use crate::Res;
 
 /// Repeated measurements of a rate (higher is better).
@@ -61,6 +61,8 @@ pub(crate) struct Lat {
     pub(crate) p99: f64,
     pub(crate) max: f64,
     mean: f64,
+    /// The distribution: percentile 0 (the least), 1, ..., 100 (the most).
+    pub(crate) percentiles: [f64; 101],
 }
 
 pub(crate) fn lat_summary(us: &mut [u32]) -> Lat {
@@ -77,6 +79,9 @@ pub(crate) fn lat_summary(us: &mut [u32]) -> Lat {
         p99: ms(percentile(us, 99.0)),
         max: ms(us.last().copied().unwrap_or(0)),
         mean,
+        percentiles: std::array::from_fn(|p| {
+            ms(if p == 0 { us.first().copied().unwrap_or(0) } else { percentile(us, p as f64) })
+        }),
     }
 }
 
@@ -88,6 +93,7 @@ impl Lat {
         o.set("p99_ms", self.p99);
         o.set("max_ms", self.max);
         o.set("mean_ms", self.mean);
+        o.set("percentiles_ms", self.percentiles.to_vec());
         o
     }
 
@@ -184,11 +190,54 @@ pub(crate) fn print_targets(targets: &[Target]) {
 
 /// Every figure, to `dir/results.json`.
 pub(crate) fn write_results(dir: &Path, top: &J) -> Res<()> {
-    let mut out = String::new();
-    top.render(&mut out, 0);
-    out.push('\n');
+    let out = render(top) + "\n";
     let path = dir.join("results.json");
     fs::write(&path, out).map_err(|e| format!("{}: {e}", path.display()))?;
     println!("\nall figures: {}", path.display());
     Ok(())
+}
+
+/// The key figures of a scenario set, as pointers into its `results.json`
+/// object: (label, pointer, unit). Shown beside each other for the two sets
+/// (`--confined`) and drawn in report.svg. A flat table.
+pub(crate) const KEY_FIGURES: &[(&str, &str, &str)] = &[
+    ("small files/s", "/small/files_per_s/median", "files/s"),
+    ("small-file latency p50", "/small/latency_total/p50_ms", "ms"),
+    ("small-file latency p99", "/small/latency_total/p99_ms", "ms"),
+    ("one large file", "/large_single/aggregate_mb_s/median", "MB/s"),
+    ("large files in parallel", "/large_multi/aggregate_mb_s/median", "MB/s"),
+    ("small files/s beside idle clients", "/idle/small_with_idle/files_per_s/median", "files/s"),
+    ("RSS per idle connection", "/idle/rss_per_idle_connection_kib", "KiB"),
+    ("small files/s under attack", "/attack/under_attack/files_per_s/median", "files/s"),
+    ("small-file p99 under attack", "/attack/under_attack/latency_total/p99_ms", "ms"),
+];
+
+/// Server CPU (user + system, all threads) per small file of scenario 1, in
+/// microseconds.
+pub(crate) fn cpu_per_small_file_us(scenarios: &J) -> Option<f64> {
+    let small = scenarios.get("small")?;
+    let files = small.get("files_ok")?.as_f64()?;
+    let cpu: f64 = small
+        .pointer("/server/cpu/server_cpu_s")?
+        .as_object()?
+        .values()
+        .filter_map(|t| Some(t.get("user")?.as_f64()? + t.get("system")?.as_f64()?))
+        .sum();
+    (files > 0.0).then(|| cpu / files * 1e6)
+}
+
+/// The two figure sets side by side: 2 cores as the machine is, and the
+/// server confined (`how`).
+pub(crate) fn print_beside(free: &J, confined: &J, how: &str) {
+    println!("\n== the same scenarios, server on 2 cores and confined ({how}) ==");
+    println!("  {:<36} {:>14} {:>14}", "", "2 cores", "1 core, 256 MB");
+    let show = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.2}"));
+    let row = |label: &str, a: Option<f64>, b: Option<f64>, unit: &str| {
+        println!("  {:<36} {:>14} {:>14} {unit}", label, show(a), show(b));
+    };
+    for (label, ptr, unit) in KEY_FIGURES {
+        let get = |j: &J| j.pointer(ptr).and_then(J::as_f64);
+        row(label, get(free), get(confined), unit);
+    }
+    row("server CPU per small file", cpu_per_small_file_us(free), cpu_per_small_file_us(confined), "us");
 }

@@ -3,11 +3,15 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::cli::{Opts, Scn};
+use crate::confine::Confinement;
+use crate::figure::write_figure;
+use crate::json::{Obj as _, J};
 use crate::limits::{measure_limits, Limits};
 use crate::machine::{describe_binary, describe_machine, raise_nofile};
-use crate::report::{print_targets, write_results, Target};
+use crate::report::{cpu_per_small_file_us, print_beside, print_targets, write_results, Target};
 use crate::scenarios::run_scenarios;
 use crate::usage::wait_quiet;
 use crate::Res;
@@ -53,7 +57,23 @@ fn run_measured(o: &Opts, cleanup: &mut Vec<PathBuf>) -> Res<bool> {
     // directory, so that what one scenario leaves in memory is not the next
     // one's baseline.
     let (scen, mut totals) = run_scenarios(o, &dir, &limits, cleanup)?;
-    top.set("scenarios", scen);
+    top.set("server_cpu_per_small_file_us", cpu_per_small_file_us(&scen));
+    top.set("scenarios", scen.clone());
+    // The second figure set: the same scenarios, the server confined.
+    if o.confined && o.target.is_none() {
+        let c = Confinement::detect()?;
+        let how = c.describe();
+        println!("\n== second figure set: the server confined: {how} ==");
+        let oc = Opts { confinement: Some(Arc::new(c)), ..o.clone() };
+        let (scen_c, totals_c) = run_scenarios(&oc, &dir, &limits, cleanup)?;
+        totals.ok &= totals_c.ok;
+        print_beside(&scen, &scen_c, &how);
+        let mut cj = J::obj();
+        cj.set("how", how);
+        cj.set("server_cpu_per_small_file_us", cpu_per_small_file_us(&scen_c));
+        cj.set("scenarios", scen_c);
+        top.set("confined", cj);
+    }
 
     if o.target.is_none() && !totals.rss_starts.0.is_empty() {
         totals.targets.insert(
@@ -77,8 +97,12 @@ fn run_measured(o: &Opts, cleanup: &mut Vec<PathBuf>) -> Res<bool> {
         ));
     }
     print_targets(&totals.targets);
-    top.set("targets", crate::json::J::Arr(totals.targets.iter().map(Target::json).collect()));
+    top.set("targets", J::Array(totals.targets.iter().map(Target::json).collect()));
     top.set("all_uploads_ok", totals.ok);
     write_results(&dir, &top)?;
+    match write_figure(&dir, &top, &limits) {
+        Ok(p) => println!("figure: {}", p.display()),
+        Err(e) => println!("figure: not drawn: {e}"),
+    }
     Ok(totals.ok)
 }

@@ -12,6 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::cli::Opts;
+use crate::confine::Confinement;
 use crate::machine::cmd_out;
 use crate::usage::status_kib;
 use crate::Res;
@@ -32,7 +33,13 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    pub(crate) fn start(bin: &Path, data_dir: &Path, extra: &[String]) -> Res<Server> {
+    /// Start `bin`, confined as `confine` says if it is given.
+    pub(crate) fn start(
+        bin: &Path,
+        data_dir: &Path,
+        extra: &[String],
+        confine: Option<&Confinement>,
+    ) -> Res<Server> {
         if !bin.is_file() {
             return Err(format!(
                 "server binary {} not found: run `cargo build --release --bin backupd` or pass --server-bin",
@@ -49,7 +56,8 @@ impl Server {
         } else {
             "127.0.0.1:0".to_string()
         };
-        let mut child = Command::new(bin)
+        let mut child = confine
+            .map_or_else(|| Command::new(bin), |c| c.command(bin))
             .args(start_args(&listen, data_dir, extra))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -57,6 +65,11 @@ impl Server {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
         let pid = child.id();
+        if let Some(Err(e)) = confine.map(|c| c.adopt(pid)) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
         let stderr = child.stderr.take().ok_or("no stderr pipe")?;
         let log = Arc::new(Mutex::new(LogTail::default()));
         let (tx, rx) = mpsc::channel();

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::json::J;
+use crate::json::{Obj as _, J};
 use crate::report::line;
 use crate::server::Server;
 

@@ -1,7 +1,7 @@
 //! What a run says about each file: [`FileReport`] (its human line and its
 //! `--json` object), why a file failed ([`Failure`]) or was skipped
 //! ([`Done::Skipped`]), and the run's [`Tally`] for the closing line and the
-//! exit code. Formatting only: the decisions are made in `cli.rs`.
+//! exit code. Formatting only: the decisions are made in `run.rs` and `retry.rs`.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;

@@ -3,6 +3,7 @@
 use super::plan::tests::{check_plan, sample};
 use super::*;
 use crate::crypto::{ciphertext_len, Cksum, StreamDecryptor};
+use crate::protocol::{PacketHeader, RequestHeader, NAME_FIELD_LEN, PACKET_HEADER_LEN, REQUEST_HEADER_LEN};
 use proptest::prelude::*;
 
 /// A scripted server on a thread: registers, accepts a key, receives

@@ -613,3 +613,41 @@ impl TestServer {
         Duration::from_millis(ticks * 1000 / hz.max(1))
     }
 }
+
+// ---------------------------------------------------------------------------
+// JSON of the --json outputs (serde_json: one reader for every test)
+// ---------------------------------------------------------------------------
+
+/// One JSON document (the whole text), or a panic that shows it.
+pub fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"))
+}
+
+/// The value of `key` in the JSON object `obj` as text: a string as it is,
+/// anything else as JSON (`3`, `true`, `null`).
+pub fn json_field(obj: &str, key: &str) -> String {
+    match json(obj).get(key) {
+        None => panic!("no {key} in {obj}"),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+    }
+}
+
+/// Short accessors that panic with the value when it is not of the kind asked.
+pub trait JsonExt {
+    fn arr(&self) -> &[serde_json::Value];
+    fn str(&self) -> &str;
+    fn num(&self) -> u64;
+}
+
+impl JsonExt for serde_json::Value {
+    fn arr(&self) -> &[serde_json::Value] {
+        self.as_array().unwrap_or_else(|| panic!("not an array: {self}"))
+    }
+    fn str(&self) -> &str {
+        self.as_str().unwrap_or_else(|| panic!("not a string: {self}"))
+    }
+    fn num(&self) -> u64 {
+        self.as_u64().unwrap_or_else(|| panic!("not a number: {self}"))
+    }
+}

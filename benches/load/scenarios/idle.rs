@@ -8,7 +8,7 @@ use super::small::{scenario_small, SmallOutcome};
 use super::{Ctx, Totals};
 use crate::cli::Opts;
 use crate::clients::new_clients;
-use crate::json::J;
+use crate::json::{Obj as _, J};
 use crate::limits::Limits;
 use crate::report::{line, Target};
 use crate::usage::{mib, show_mib, Measured, Probe};

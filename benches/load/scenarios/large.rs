@@ -11,7 +11,7 @@ use backupd::crypto::AES_KEY_LEN;
 use super::{Ctx, Totals};
 use crate::cli::Opts;
 use crate::clients::{new_clients, BigFile};
-use crate::json::J;
+use crate::json::{Obj as _, J};
 use crate::limits::Limits;
 use crate::report::{frac, line, mb_s, Samples, Target};
 use crate::usage::{mib, Measured, Probe};

@@ -17,7 +17,7 @@ use std::time::Duration;
 use rsa::RsaPrivateKey;
 
 use crate::cli::{Opts, Scn};
-use crate::json::J;
+use crate::json::{Obj as _, J};
 use crate::limits::Limits;
 use crate::report::{line, Lat, Samples, Target};
 use crate::server::{count_files, run_server_args, Server};
@@ -100,7 +100,8 @@ pub(crate) fn run_scenarios(
         ),
     }
     for run_name in runs {
-        let data_dir = dir.join(format!("data-{}-{run_name}", std::process::id()));
+        let set = if o.confinement.is_some() { "-confined" } else { "" };
+        let data_dir = dir.join(format!("data-{}-{run_name}{set}", std::process::id()));
         let one = One { o, limits, key: &key, run_tag: &run_tag, target_addr };
         let j = one.run(run_name, &data_dir, &mut totals)?;
         scen.set(run_name, j);
@@ -132,7 +133,12 @@ impl One<'_> {
             Some(_) => None,
             None => {
                 let _ = fs::remove_dir_all(data_dir);
-                Some(Server::start(&o.server_bin, data_dir, &run_server_args(o, run_name))?)
+                Some(Server::start(
+                    &o.server_bin,
+                    data_dir,
+                    &run_server_args(o, run_name),
+                    o.confinement.as_deref(),
+                )?)
             }
         };
         let addr = self.target_addr.or(server.as_ref().map(|s| s.addr)).ok_or("no server address")?;

@@ -21,7 +21,7 @@ use super::{Ctx, Totals};
 use crate::cli::Opts;
 use crate::clients::{new_client, BigFile};
 use crate::garage::Garage;
-use crate::json::J;
+use crate::json::{Obj as _, J};
 use crate::machine::cmd_out;
 use crate::report::{line, mb_s, Samples};
 use crate::server::{run_server_args, Server};
@@ -76,6 +76,10 @@ pub(crate) fn run(o: &Opts, dir: &Path, key: &RsaPrivateKey, run_tag: &str, t: &
     };
     if o.target.is_some() {
         skip("--target: the scenario starts its own servers".into(), &mut j);
+        return Ok(j);
+    }
+    if o.confinement.is_some() {
+        skip("runs in the first (unconfined) set only: Garage would share the one core".into(), &mut j);
         return Ok(j);
     }
     let bin = match s3_binary(o) {
@@ -162,7 +166,7 @@ fn run_mode(
             "100ms".into(),
         ]);
     }
-    let mut server = Server::start(bin, data_dir, &args)?;
+    let mut server = Server::start(bin, data_dir, &args, None)?;
     let label = if garage.is_some() { "replica-on" } else { "replica-off" };
     let ctx = Ctx { addr: server.addr, server: Some(&server), key, run_tag: run_tag.to_string() };
     let mut m = ModeRun::default();

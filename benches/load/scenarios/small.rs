@@ -13,7 +13,7 @@ use super::{Ctx, Totals};
 use crate::cli::Opts;
 use crate::clients::new_clients;
 use crate::common::pseudo_random;
-use crate::json::J;
+use crate::json::{Obj as _, J};
 use crate::limits::Limits;
 use crate::report::{frac, lat_summary, line, Lat, Samples, Target};
 use crate::usage::{Measured, Probe};

@@ -12,7 +12,7 @@ use backupd::protocol::{ClientId, Code, NameField, Response, PACKET_HEADER_LEN, 
 
 use crate::clients::{client_options, write_packet_headers};
 use crate::common::{frame, name_field_raw, packet_frame};
-use crate::json::J;
+use crate::json::{Obj as _, J};
 use crate::scenarios::Ctx;
 
 use super::{BATCH, SLOW_CONTENT, SLOW_FIRST};

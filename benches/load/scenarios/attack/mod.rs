@@ -34,7 +34,7 @@ use backupd::protocol::{ClientId, PACKET_HEADER_LEN};
 
 use crate::cli::Opts;
 use crate::clients::new_clients;
-use crate::json::J;
+use crate::json::{Obj as _, J};
 use crate::report::{lat_summary, line, Lat, Samples};
 use crate::scenarios::small::{small_clients, small_round};
 use crate::scenarios::{Ctx, Totals};
@@ -146,7 +146,7 @@ impl Phase {
         j.set("errors", self.errors.len());
         j.set("first_errors", self.errors.iter().take(5).cloned().collect::<Vec<_>>());
         j.set("peak_rss_mib", mib(self.peak_kib()));
-        j.set("server_per_round", J::Arr(self.measured.iter().map(Measured::json).collect()));
+        j.set("server_per_round", J::Array(self.measured.iter().map(Measured::json).collect()));
         j
     }
 
