@@ -219,32 +219,22 @@ fn regression_65535_packets_do_not_overflow() {
 /// Feed one complete frame to the state machine as the loop does (a packet's
 /// fixed fields only); returns the flow and the replies it queued.
 fn feed(
-    core: &mut backupd::server::Core<Vec<backupd::worker::Job>>,
-    p: &mut backupd::server::connection::Protocol,
+    core: &mut backupd::server::fuzzing::Core<Vec<backupd::worker::Job>>,
+    p: &mut backupd::server::fuzzing::Protocol,
     frame_bytes: &[u8],
-) -> (backupd::server::Flow, Vec<Response>) {
-    use backupd::protocol::{RequestHeader, ResponseHeader, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN};
+) -> (backupd::server::fuzzing::Flow, Vec<Response>) {
+    use backupd::protocol::{RequestHeader, REQUEST_HEADER_LEN};
     let mut raw = [0u8; REQUEST_HEADER_LEN];
     raw.copy_from_slice(&frame_bytes[..REQUEST_HEADER_LEN]);
     let header = RequestHeader::decode(&raw);
     let code = core.check_header(p, &header).expect("a well-formed header");
     // The frame is the control payload or the packet's fixed fields; a
     // packet's content is then dropped here (this helper checks the replies).
-    let len = backupd::server::frame_len(code, &header);
-    let payload = frame_bytes[REQUEST_HEADER_LEN..REQUEST_HEADER_LEN + len].to_vec();
-    let filled = payload.len();
-    let flow = core.handle_frame(p, backupd::server::connection::Frame { header, code, payload, filled });
-    let mut replies = Vec::new();
-    let mut rest = &p.out[..];
-    while !rest.is_empty() {
-        let mut h = [0u8; RESPONSE_HEADER_LEN];
-        h.copy_from_slice(&rest[..RESPONSE_HEADER_LEN]);
-        let h = ResponseHeader::decode(&h);
-        let end = RESPONSE_HEADER_LEN + h.payload_size as usize;
-        replies.push(Response::decode(&h, &rest[RESPONSE_HEADER_LEN..end]).unwrap());
-        rest = &rest[end..];
-    }
-    p.out.clear();
+    let mut frame = backupd::server::fuzzing::Frame::new(header, code);
+    frame.fill(&frame_bytes[REQUEST_HEADER_LEN..]);
+    assert!(frame.is_complete());
+    let flow = core.handle_frame(p, frame);
+    let replies = Response::decode_all(&p.take_output()).expect("well-formed replies");
     (flow, replies)
 }
 
@@ -254,22 +244,11 @@ fn feed(
 /// the worker: a job for nothing, and a discard of an upload never started.
 #[test]
 fn regression_refused_packet_1_discards_no_upload_it_never_started() {
-    use backupd::server::{connection::Protocol, ClientEntry, Core, Flow, Registry};
+    use backupd::server::fuzzing::{Core, Flow, Protocol, Registry};
     use backupd::worker::{ConnRef, Job};
     let id = [9u8; 16];
     let mut registry = Registry::default();
-    registry.by_name.insert("alice".into(), id);
-    registry.by_id.insert(
-        id,
-        ClientEntry {
-            name: "alice".into(),
-            key: Some(test_key().to_public_key()),
-            key_owner: None,
-            registrant: None,
-            pending: false,
-            usage: Default::default(),
-        },
-    );
+    registry.insert_client(id, "alice", Some(test_key().to_public_key()));
     let cfg = std::sync::Arc::new(backupd::config::Config::defaults());
     let mut core = Core::new(cfg, registry, Vec::<Job>::new(), 1);
     let mut p = Protocol::new(ConnRef { key: 0, serial: 1 }, "192.0.2.1:4000".parse().unwrap());
@@ -277,16 +256,16 @@ fn regression_refused_packet_1_discards_no_upload_it_never_started() {
     let (flow, replies) = feed(&mut core, &mut p, &frame(&id, Code::Reconnect, &[&name_field_raw(b"alice")]));
     assert_eq!(flow, Flow::Continue);
     assert!(matches!(replies[..], [Response::ReconnectOk { .. }]), "{replies:?}");
-    assert!(matches!(core.jobs[..], [Job::Touch { .. }]));
-    core.jobs.clear();
+    assert!(matches!(core.take_jobs()[..], [Job::Touch { .. }]));
 
     // Packet 1 of 2, 32 bytes of a 20-byte file's ciphertext, content_size 999:
     // neither convention, so refused.
     let packet = packet_frame(&id, 999, 20, 1, 2, &name_field_raw(b"a.bin"), &[0u8; 32]);
     let (flow, replies) = feed(&mut core, &mut p, &packet);
     assert_eq!((flow, replies), (Flow::Continue, vec![Response::GeneralError]));
-    assert!(core.jobs.is_empty(), "jobs: {} (no packet of this upload reached the worker)", core.jobs.len());
-    assert_eq!(core.budget.used(), 0);
+    let jobs = core.take_jobs();
+    assert!(jobs.is_empty(), "jobs: {} (no packet of this upload reached the worker)", jobs.len());
+    assert_eq!(core.budget().used(), 0);
 }
 
 // ---------------------------------------------------------------------------

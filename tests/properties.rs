@@ -12,7 +12,7 @@ use backupd::protocol::{
     normalize_path, Code, NameError, NameField, PacketHeader, Request, RequestHeader, Response,
     ResponseHeader, NAME_FIELD_LEN, PACKET_HEADER_LEN, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN,
 };
-use backupd::server::{plan_packet, PacketStep};
+use backupd::server::fuzzing::{plan_packet, PacketStep};
 use proptest::collection::vec;
 use proptest::prelude::*;
 
@@ -282,22 +282,21 @@ fn run_plan(plan: &PacketPlan, max_file_size: u64) -> Result<Vec<PacketStep>, St
     let mut steps = Vec::new();
     let count = plan.packets().count();
     for (i, spec) in plan.packets().enumerate() {
-        assert_eq!(spec.number, r.next);
+        assert_eq!(spec.number, r.next());
         let ph = PacketHeader {
             content_size: spec.content_size_field,
             orig_file_size: spec.orig_file_size_field,
             packet_number: spec.number,
             total_packets: plan.total_packets,
-            file_name: r.name_field.clone(),
+            file_name: r.name_field().clone(),
         };
         let step = plan_packet(&mut r, &ph, spec.content_len, max_file_size)
             .map_err(|e| format!("packet {}: {e}", spec.number))?;
         assert_eq!(step.last, i + 1 == count, "packet {} of {count} ends the upload", spec.number);
-        r.next = r.next.wrapping_add(1);
         steps.push(step);
     }
-    assert!(r.segment.is_none());
-    assert_eq!(r.plain_total, plan.orig_size);
+    assert!(r.open_stream().is_none());
+    assert_eq!(r.plain_total(), plan.orig_size);
     Ok(steps)
 }
 

@@ -5,8 +5,7 @@ use std::time::Instant;
 
 use backupd::crypto::ciphertext_len;
 use backupd::protocol::{normalize_path, NameField, PacketHeader, NAME_FIELD_LEN};
-use backupd::server::connection::Receiving;
-use backupd::server::{plan_packet, wraps_to_one, PacketStep};
+use backupd::server::fuzzing::{plan_packet, wraps_to_one, PacketStep, Receiving};
 
 use super::Input;
 
@@ -144,8 +143,8 @@ struct Op {
 /// server expects, sometimes not.
 fn choose_packet(model: Option<&Model>, mode: u8, raw_size: u32, small: u16, sel: u8) -> Op {
     let open = model.and_then(|m| m.open);
-    let expected_next = model.map(|m| m.recv.next).unwrap_or(1);
-    let total_now = model.map(|m| m.recv.total);
+    let expected_next = model.map(|m| m.recv.next()).unwrap_or(1);
+    let total_now = model.map(|m| m.recv.total());
 
     // Packet numbering: mostly what the server expects, sometimes not.
     let packet_number = match mode & 3 {
@@ -177,7 +176,7 @@ fn choose_packet(model: Option<&Model>, mode: u8, raw_size: u32, small: u16, sel
         6 => u64::from(small),
         _ => remaining.saturating_sub(1),
     };
-    let last_len = model.map(|m| m.recv.last_stream_len).unwrap_or(0);
+    let last_len = model.map(|m| m.recv.last_stream_len()).unwrap_or(0);
     let content_size = match (sel >> 3) % 6 {
         0 | 1 => content_len as u32,
         2 => open.map(|(_, w, _)| w).unwrap_or(whole) as u32,
@@ -228,9 +227,9 @@ fn admit(model: &mut Option<Model>, op: &Op, max_file_size: u64, uploads: &mut u
         });
     }
     let next_of_upload = |m: &Model| {
-        m.recv.name_field.bytes() == ph.file_name.bytes()
-            && m.recv.total == ph.total_packets
-            && m.recv.next == ph.packet_number
+        m.recv.name_field().bytes() == ph.file_name.bytes()
+            && m.recv.total() == ph.total_packets
+            && m.recv.next() == ph.packet_number
     };
     if model.as_ref().is_some_and(|m| !next_of_upload(m)) {
         *model = None;
@@ -243,9 +242,8 @@ fn admit(model: &mut Option<Model>, op: &Op, max_file_size: u64, uploads: &mut u
 fn advance(m: &mut Model, op: &Op, before: &Receiving, step: PacketStep, numbered_last: bool) {
     let Op { ref ph, orig, whole, content_len } = *op;
     let content_size = ph.content_size;
-    m.recv.next = m.recv.next.wrapping_add(1);
     m.packets += 1;
-    assert_eq!(m.recv.packets, m.packets);
+    assert_eq!(m.recv.packets(), m.packets);
     m.accepted += content_len;
 
     // content_size is one of the two legal conventions (or 0 on an empty tail).
@@ -277,7 +275,7 @@ fn advance(m: &mut Model, op: &Op, before: &Receiving, step: PacketStep, numbere
         match m.open {
             None => {
                 assert!(numbered_last, "an empty packet that is not the last was accepted");
-                assert!(content_size == 0 || u64::from(content_size) == before.last_stream_len);
+                assert!(content_size == 0 || u64::from(content_size) == before.last_stream_len());
             }
             Some((_, w, _)) => {
                 assert!(!step.last, "a stream left incomplete at the last packet");
@@ -303,7 +301,7 @@ fn advance_stream(m: &mut Model, orig: u32, content_len: u64, step: PacketStep) 
         // The stream ends exactly when its ciphertext is complete.
         if *got == *w {
             assert_eq!(step.end_segment, Some(u64::from(*o)));
-            m.recv.last_stream_len = *w;
+            assert_eq!(m.recv.last_stream_len(), *w, "the stream just completed is the last one");
             m.open = None;
         } else {
             assert_eq!(step.end_segment, None, "stream ended at {got} of {w} bytes");
@@ -314,9 +312,9 @@ fn advance_stream(m: &mut Model, orig: u32, content_len: u64, step: PacketStep) 
 /// What holds after every accepted packet: the server's view matches the
 /// model's, no more ciphertext than the streams allow, sizes within the limit.
 fn check_totals(m: &Model, max_file_size: u64) {
-    assert_eq!(m.recv.segment.map(|s| (s.orig, s.whole, s.whole - s.remaining)), m.open);
+    assert_eq!(m.recv.open_stream(), m.open);
     assert!(m.accepted <= m.allowed, "{} ciphertext bytes accepted, {} allowed", m.accepted, m.allowed);
-    assert_eq!(m.recv.plain_total, m.plain);
+    assert_eq!(m.recv.plain_total(), m.plain);
     assert!(m.plain <= max_file_size);
     if m.spanned {
         assert_eq!(m.streams, 1, "a spanning stream mixed with per-packet streams");
@@ -366,17 +364,14 @@ fn count_file(stats: &mut SequenceStats, m: &Model, op: &Op, empty_file: bool) {
 /// could have been refused or have ended the upload.
 fn fast_forward(m: &mut Model, small: u16) {
     let Some((_, w, got)) = m.open.as_mut() else { return };
-    let to_total = u64::from(m.recv.total.wrapping_sub(m.recv.next));
+    let to_total = u64::from(m.recv.total().wrapping_sub(m.recv.next()));
     let skip = WRAP + if small & 1 == 0 { to_total } else { u64::from(small >> 1) };
-    let Some(seg) = m.recv.segment.as_mut() else { panic!("the model has a stream open, plan_packet none") };
+    assert!(m.recv.open_stream().is_some(), "the model has a stream open, plan_packet none");
     if *w - *got < skip + WRAP - 1 {
         return;
     }
-    seg.remaining -= skip;
+    assert!(m.recv.fast_forward(skip), "the stream has room for the packets skipped");
     *got += skip;
-    m.recv.next = m.recv.next.wrapping_add(skip as u16);
-    m.recv.packets += skip;
-    m.recv.multi_packet_stream = true;
     m.packets += skip;
     m.accepted += skip;
     m.spanned = true;

@@ -60,6 +60,21 @@ impl Response {
         LittleEndian::write_u32(&mut out[start + 3..start + 7], size);
     }
 
+    /// Every response in `bytes`, a stream of whole encoded replies (what
+    /// the server queued for a connection). None if one is truncated or does
+    /// not decode.
+    pub fn decode_all(mut bytes: &[u8]) -> Option<Vec<Response>> {
+        let mut all = Vec::new();
+        while !bytes.is_empty() {
+            let raw: [u8; RESPONSE_HEADER_LEN] = bytes.get(..RESPONSE_HEADER_LEN)?.try_into().ok()?;
+            let header = ResponseHeader::decode(&raw);
+            let end = RESPONSE_HEADER_LEN.checked_add(header.payload_size as usize)?;
+            all.push(Response::decode(&header, bytes.get(RESPONSE_HEADER_LEN..end)?)?);
+            bytes = &bytes[end..];
+        }
+        Some(all)
+    }
+
     /// Decode a response from its header and payload (client side).
     /// Returns None when the payload does not fit the code.
     pub fn decode(header: &ResponseHeader, payload: &[u8]) -> Option<Response> {
@@ -128,7 +143,9 @@ mod tests {
             h.copy_from_slice(&buf[..RESPONSE_HEADER_LEN]);
             let header = ResponseHeader::decode(&h);
             assert_eq!(header.payload_size as usize, buf.len() - RESPONSE_HEADER_LEN);
-            assert_eq!(Response::decode(&header, &buf[RESPONSE_HEADER_LEN..]), Some(r));
+            assert_eq!(Response::decode(&header, &buf[RESPONSE_HEADER_LEN..]), Some(r.clone()));
+            assert_eq!(Response::decode_all(&buf), Some(vec![r]));
+            assert_eq!(Response::decode_all(&buf[..buf.len() - 1]), None, "truncated");
         }
     }
 }

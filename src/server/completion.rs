@@ -1,7 +1,10 @@
 //! The state machine's side of the worker's completions: a packet
 //! processed (an upload received or failed), a registration or a key saved,
 //! a file committed; each updates the registry and answers the connection,
-//! if it is still open.
+//! if it is still open. A completion ends the wait it answers
+//! (`Protocol::end_wait`) and moves the upload on by value; one that the
+//! connection's state does not expect is refused (1607, one log line, close:
+//! `Protocol::out_of_state`), the state kept as it was.
 
 use std::time::Instant;
 
@@ -12,10 +15,9 @@ use crate::logging::Esc;
 use crate::metrics::Unstored;
 use crate::peer_log;
 use crate::protocol::{id_hex, ClientId, Response};
-use crate::worker::{Completion, ConnRef, Job, PacketOutcome, Usage};
+use crate::worker::{Completion, ConnRef, Job, PacketOutcome, UploadError, Usage};
 
-use super::connection::{Awaiting, Protocol, StagedFile, Upload, MAX_STAGED};
-use super::sequence::{Ended, EndedHow};
+use super::state::{Awaiting, Finishing, PendingKey, Protocol, StagedFile, MAX_STAGED};
 use super::{Core, Flow, JobSink};
 
 impl<J: JobSink> Core<J> {
@@ -26,28 +28,40 @@ impl<J: JobSink> Core<J> {
             Completion::Packet { conn: _, upload, buffer, last, outcome } => {
                 self.recycle(buffer.into_buffer());
                 let Some(p) = p else { return Flow::Continue };
-                p.packets_in_flight -= 1;
-                match outcome {
-                    PacketOutcome::Accepted => {}
-                    PacketOutcome::Received { cksum, ciphertext_len, plain_len } => {
-                        self.packet_received(p, upload, cksum, ciphertext_len, plain_len)
-                    }
-                    PacketOutcome::Failed(why) => self.packet_failed(p, upload, last, &why),
-                    PacketOutcome::Ignored => {
-                        if last && p.awaiting == Awaiting::LastPacket {
-                            p.awaiting = Awaiting::Nothing;
-                            if matches!(&p.upload, Upload::Finishing { upload: u, .. } if *u == upload) {
-                                p.upload = Upload::Idle;
-                            }
-                        }
-                    }
-                }
-                Flow::Resume
+                self.on_packet_done(p, upload, last, outcome)
             }
             Completion::Registered { conn: _, id, ok } => self.on_registered(p, id, ok),
             Completion::KeySaved { conn, id, ok, der } => self.on_key_saved(p, conn, id, ok, &der),
             Completion::Committed { conn: _, upload: _, ok, client, usage } => {
                 self.on_committed(p, ok, client, usage)
+            }
+        }
+    }
+
+    /// A content piece of `p` is done at the worker; `last`: the upload's
+    /// last, whose outcome `p` awaits.
+    fn on_packet_done(&mut self, p: &mut Protocol, upload: u64, last: bool, outcome: PacketOutcome) -> Flow {
+        let Some(in_flight) = p.packets_in_flight.checked_sub(1) else {
+            return p.out_of_state("a packet completion with no packet at the worker");
+        };
+        p.packets_in_flight = in_flight;
+        if last && p.end_wait(|a| if a == Awaiting::LastPacket { Ok(()) } else { Err(a) }).is_none() {
+            return p.out_of_state("the outcome of an upload's last packet");
+        }
+        match outcome {
+            PacketOutcome::Accepted => Flow::Resume,
+            PacketOutcome::Received { cksum, ciphertext_len, plain_len } => {
+                self.packet_received(p, upload, cksum, ciphertext_len, plain_len)
+            }
+            PacketOutcome::Failed(err) => {
+                self.packet_failed(p, upload, &err);
+                Flow::Resume
+            }
+            PacketOutcome::Ignored => {
+                if last {
+                    p.advance_upload(|u| u.last_ignored(upload));
+                }
+                Flow::Resume
             }
         }
     }
@@ -61,74 +75,49 @@ impl<J: JobSink> Core<J> {
         cksum: u32,
         ciphertext_len: u64,
         plain_len: u64,
-    ) {
-        if let Upload::Finishing { upload: u, name, name_field, total, next } =
-            std::mem::replace(&mut p.upload, Upload::Idle)
-        {
-            if u == upload {
-                // Its empty chunk n+1 of n, if one follows, is swallowed.
-                p.upload = Upload::Ended(Ended {
-                    name_field: name_field.clone(),
-                    total,
-                    next,
-                    how: EndedHow::Complete,
-                });
-                p.awaiting = Awaiting::Nothing;
-                let id = p.session.as_ref().map(|s| s.id).unwrap_or_default();
-                log::info!(
-                    "{}: received \"{}\" ({plain_len} bytes, cksum {cksum}); awaiting confirmation",
-                    p.tag(),
-                    Esc(&name)
-                );
-                p.staged.push_back(StagedFile { name, upload, retried: false, touched: Instant::now() });
-                if p.staged.len() > MAX_STAGED {
-                    if let Some(old) = p.staged.pop_front() {
-                        if !old.retried {
-                            self.send_job(Job::Discard { upload: old.upload, failed: None });
-                        }
-                    }
+    ) -> Flow {
+        let Some(Finishing { name, name_field, .. }) = p.advance_upload(|u| u.received(upload)) else {
+            return p.out_of_state("a received upload that is not the one finishing");
+        };
+        let id = p.session.as_ref().map(|s| s.id).unwrap_or_default();
+        log::info!(
+            "{}: received \"{}\" ({plain_len} bytes, cksum {cksum}); awaiting confirmation",
+            p.tag(),
+            Esc(&name)
+        );
+        p.staged.push_back(StagedFile { name, upload, retried: false, touched: Instant::now() });
+        if p.staged.len() > MAX_STAGED {
+            if let Some(old) = p.staged.pop_front() {
+                if !old.retried {
+                    self.send_job(Job::Discard { upload: old.upload, failed: None });
                 }
-                p.last_progress = Some(Instant::now());
-                p.reply(Response::FileReceived {
-                    id,
-                    // plan_packet refuses uploads whose total exceeds 32 bits.
-                    content_size: u32::try_from(ciphertext_len).unwrap_or(u32::MAX),
-                    file_name: name_field.0,
-                    cksum,
-                });
             }
         }
+        p.last_progress = Some(Instant::now());
+        p.reply(Response::FileReceived {
+            id,
+            // plan_packet refuses uploads whose total exceeds 32 bits.
+            content_size: u32::try_from(ciphertext_len).unwrap_or(u32::MAX),
+            file_name: name_field.0,
+            cksum,
+        });
+        Flow::Resume
     }
 
     /// A packet failed at the worker (decryption, write): the upload ends.
-    fn packet_failed(&mut self, p: &mut Protocol, upload: u64, last: bool, why: &str) {
+    fn packet_failed(&mut self, p: &mut Protocol, upload: u64, err: &UploadError) {
         // Only the connection's current upload is answered: one the
         // loop already refused has had its 1607, and one abandoned
         // (new packet 1, new session key) gets no reply.
-        let current = match &p.upload {
-            Upload::Receiving(r) if r.upload == upload => {
-                p.upload = Upload::Ended(Ended::failed(r));
-                true
-            }
-            Upload::Finishing { upload: u, name_field, total, next, .. } if *u == upload => {
-                let how = EndedHow::Refused { remaining: 0, seen: 0 };
-                let (name_field, total, next) = (name_field.clone(), *total, *next);
-                p.upload = Upload::Ended(Ended { name_field, total, next, how });
-                true
-            }
-            _ => false,
-        };
-        if last && p.awaiting == Awaiting::LastPacket {
-            p.awaiting = Awaiting::Nothing;
-        }
-        if why.starts_with("decryption failed") {
+        let current = p.advance_upload(|u| u.failed(upload));
+        if err.is_decryption() {
             self.decryption_failed(p);
         }
         if current {
             self.metrics.unstored(Unstored::Failed);
-            p.refuse(&format!("upload failed: {why}"));
+            p.refuse(&format!("upload failed: {err}"));
         } else {
-            log::info!("{}: an abandoned or already refused upload failed: {why}", p.tag());
+            log::info!("{}: an abandoned or already refused upload failed: {err}", p.tag());
         }
     }
 
@@ -143,7 +132,9 @@ impl<J: JobSink> Core<J> {
         }
         self.metrics.clients.set(self.registry.by_id.len() as i64);
         let Some(p) = p else { return Flow::Continue };
-        p.awaiting = Awaiting::Nothing;
+        if p.end_wait(|a| if a == Awaiting::Register { Ok(()) } else { Err(a) }).is_none() {
+            return p.out_of_state("a registration saved");
+        }
         if ok {
             self.set_registrant(p, id);
             peer_log!(Level::Info, p.peer.ip(), "{}: registered as {}", p.tag(), id_hex(&id));
@@ -178,10 +169,12 @@ impl<J: JobSink> Core<J> {
             }
             return Flow::Continue;
         };
-        let Awaiting::Key { encrypted_key, key, name, public } =
-            std::mem::replace(&mut p.awaiting, Awaiting::Nothing)
-        else {
-            return Flow::Continue;
+        let awaited = p.end_wait(|a| match a {
+            Awaiting::Key(k) => Ok(k),
+            other => Err(other),
+        });
+        let Some(PendingKey { encrypted_key, key, name, public }) = awaited.map(|k| *k) else {
+            return p.out_of_state("a public key saved");
         };
         if ok {
             // The key on file is what a later reconnect encrypts to.
@@ -206,8 +199,12 @@ impl<J: JobSink> Core<J> {
             }
         }
         let Some(p) = p else { return Flow::Continue };
-        let Awaiting::Commit { name } = std::mem::replace(&mut p.awaiting, Awaiting::Nothing) else {
-            return Flow::Continue;
+        let awaited = p.end_wait(|a| match a {
+            Awaiting::Commit { name } => Ok(name),
+            other => Err(other),
+        });
+        let Some(name) = awaited else {
+            return p.out_of_state("a commit done");
         };
         let id = p.session.as_ref().map(|s| s.id).unwrap_or_default();
         if ok {
@@ -223,5 +220,65 @@ impl<J: JobSink> Core<J> {
             p.refuse(&format!("\"{}\" could not be stored; upload it again", Esc(&name)));
         }
         Flow::Resume
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::budget::Piece;
+    use crate::config::Config;
+    use crate::protocol::Response;
+    use crate::server::Registry;
+
+    fn core() -> Core<Vec<Job>> {
+        Core::new(Arc::new(Config::defaults()), Registry::default(), Vec::new(), 1)
+    }
+
+    fn protocol() -> Protocol {
+        Protocol::new(ConnRef { key: 0, serial: 1 }, "192.0.2.1:4000".parse().unwrap())
+    }
+
+    fn replies(p: &mut Protocol) -> Vec<Response> {
+        Response::decode_all(&std::mem::take(&mut p.out)).expect("well-formed replies")
+    }
+
+    /// A completion the connection's state does not expect is refused (1607,
+    /// close) and leaves the state as it was: nothing is reset silently.
+    #[test]
+    fn unexpected_completions_are_refused_not_reset() {
+        let mut core = core();
+        let conn = ConnRef { key: 0, serial: 1 };
+        // A commit done while no commit is awaited.
+        let mut p = protocol();
+        p.wait_for(Awaiting::Register);
+        let done =
+            Completion::Committed { conn, upload: 7, ok: true, client: [1; 16], usage: Usage::default() };
+        assert_eq!(core.on_completion(Some(&mut p), done), Flow::Close);
+        assert_eq!(replies(&mut p), vec![Response::GeneralError]);
+        assert!(p.awaits_reply(), "the awaited registration is kept");
+        // The last packet's outcome for an upload that is not the one finishing.
+        let mut p = protocol();
+        p.wait_for(Awaiting::LastPacket);
+        p.packets_in_flight = 1;
+        let outcome = PacketOutcome::Received { cksum: 1, ciphertext_len: 16, plain_len: 3 };
+        let done = Completion::Packet { conn, upload: 7, buffer: Piece::empty(), last: true, outcome };
+        assert_eq!(core.on_completion(Some(&mut p), done), Flow::Close);
+        assert_eq!(replies(&mut p), vec![Response::GeneralError]);
+        assert!(p.staged.is_empty(), "nothing staged for an upload that was not finishing");
+        // A packet completion with no packet at the worker.
+        let mut p = protocol();
+        let done = Completion::Packet {
+            conn,
+            upload: 7,
+            buffer: Piece::empty(),
+            last: false,
+            outcome: PacketOutcome::Accepted,
+        };
+        assert_eq!(core.on_completion(Some(&mut p), done), Flow::Close);
+        assert_eq!(replies(&mut p), vec![Response::GeneralError]);
+        assert!(core.jobs.is_empty());
     }
 }

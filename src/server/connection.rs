@@ -1,5 +1,6 @@
-//! One client connection: its socket, its read and write buffers
-//! ([`Connection`]), and where it stands in the protocol ([`Protocol`], no I/O).
+//! One client connection's I/O: its socket, its read and write buffers and
+//! where its read side stands ([`Connection`], [`ReadState`]), around its
+//! place in the protocol ([`Protocol`], `state.rs`, no I/O).
 //!
 //! Reads never take more bytes than the current frame needs: first exactly
 //! the 23 header bytes, then (once the header has been checked) the payload
@@ -11,8 +12,12 @@
 //! taken just before it is read; the content of a refused packet is read and
 //! dropped. So an announced size reserves nothing: a connection holds at most
 //! one piece being filled plus what the worker has not yet consumed.
+//!
+//! The read state moves by value: a complete frame, piece or drained packet
+//! leaves it and the next state comes back (`Connection::complete`); the
+//! loop sets the state that follows a header or a frame only from
+//! `AwaitHeader` (`Connection::expect`).
 
-use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -21,50 +26,63 @@ use mio::net::TcpStream;
 
 use crate::budget::Piece;
 use crate::metrics::Closed;
-use crate::protocol::{ClientId, Code, NameField, RequestHeader, REQUEST_HEADER_LEN};
-use crate::worker::{ConnRef, UploadId};
+use crate::protocol::{Code, RequestHeader, REQUEST_HEADER_LEN};
+use crate::worker::ConnRef;
 
-use super::sequence::Ended;
+use super::machine::frame_len;
+use super::state::{transition, Protocol};
 
 /// Replies waiting to be sent beyond this many bytes pause reading from the
 /// connection: a client that never reads cannot make the server buffer without end.
-pub const MAX_PENDING_OUTPUT: usize = 64 * 1024;
-
-/// The session a 1602/1605 opened: it belongs to this connection only.
-pub struct Session {
-    pub id: ClientId,
-    pub name: String,
-    pub key: [u8; 32],
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.key = [0; 32];
-    }
-}
+pub(super) const MAX_PENDING_OUTPUT: usize = 64 * 1024;
 
 /// A frame whose header has been checked and whose payload is being read:
 /// a control frame's whole payload, or a file packet's fixed fields.
 pub struct Frame {
-    pub header: RequestHeader,
-    pub code: Code,
-    pub payload: Vec<u8>,
-    pub filled: usize,
+    pub(super) header: RequestHeader,
+    pub(super) code: Code,
+    pub(super) payload: Vec<u8>,
+    pub(super) filled: usize,
+}
+
+impl Frame {
+    /// The frame a checked header announces, its payload still to be read
+    /// (see [`frame_len`]).
+    pub fn new(header: RequestHeader, code: Code) -> Frame {
+        let payload = vec![0; frame_len(code, &header)];
+        Frame { header, code, payload, filled: 0 }
+    }
+
+    /// All of its payload has been read.
+    pub fn is_complete(&self) -> bool {
+        self.filled == self.payload.len()
+    }
 }
 
 /// An admitted file packet's content, read one piece at a time.
-pub struct ContentRead {
+pub(super) struct ContentRead {
     /// Content bytes of this packet not yet read.
-    pub remaining: u64,
+    pub(super) remaining: u64,
     /// The piece being filled, once the budget granted it (None: waiting for budget).
-    pub piece: Option<Piece>,
-    pub filled: usize,
+    pub(super) piece: Option<Piece>,
+    pub(super) filled: usize,
     /// The piece must be complete by then (set with the grant).
-    pub deadline: Option<Instant>,
+    pub(super) deadline: Option<Instant>,
+}
+
+impl ContentRead {
+    pub(super) fn new(remaining: u64) -> ContentRead {
+        ContentRead { remaining, piece: None, filled: 0, deadline: None }
+    }
+
+    /// The piece being filled is full.
+    fn piece_full(&self) -> bool {
+        self.piece.as_ref().is_some_and(|p| self.filled == p.len())
+    }
 }
 
 /// Where the read side stands.
-pub enum ReadState {
+pub(super) enum ReadState {
     /// Collecting the 23 header bytes.
     AwaitHeader,
     /// Reading a control frame's payload, or a file packet's fixed fields.
@@ -75,246 +93,58 @@ pub enum ReadState {
     Drain { remaining: u64, deadline: Instant },
 }
 
-/// What the protocol logic decided about a file packet's content (see
-/// [`Protocol::incoming`]); the loop reads it accordingly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Incoming {
-    /// Read it and hand it to the worker, piece by piece.
-    Stream { len: u64 },
-    /// Read it and drop it (the packet was refused).
-    Drain { len: u64 },
-}
-
-/// How a CBC stream is being received (see docs/PROTOCOL.md, "file packets").
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Receiving {
-    pub upload: UploadId,
-    /// The normalized path the file is stored under.
-    pub name: String,
-    pub name_field: NameField,
-    pub total: u16,
-    /// The number the next packet must carry (wraps past 65,535).
-    pub next: u16,
-    /// Packets accepted so far.
-    pub packets: u64,
-    /// Content of it went to the worker (which then has its temp file).
-    pub started: bool,
-    /// The open CBC stream, if any: its orig_file_size, its whole ciphertext
-    /// length and the ciphertext bytes it still expects.
-    pub segment: Option<Segment>,
-    /// The ciphertext length of the last completed stream (for the empty
-    /// trailing packet of clients that put the whole length in content_size).
-    pub last_stream_len: u64,
-    /// Plaintext bytes of all streams begun so far.
-    pub plain_total: u64,
-    /// Ciphertext bytes of all streams begun so far (whole stream lengths):
-    /// the 1603 reports it in 32 bits, so it may not exceed u32::MAX.
-    pub ciphertext_total: u64,
-    /// Some stream spanned more than one packet: per-packet encryption is then ruled out.
-    pub multi_packet_stream: bool,
-    pub touched: Instant,
-}
-
-impl Receiving {
-    /// The state of a new upload, at its packet 1.
-    pub fn new(upload: UploadId, name: String, name_field: NameField, total: u16, now: Instant) -> Receiving {
-        Receiving {
-            upload,
-            name,
-            name_field,
-            total,
-            next: 1,
-            packets: 0,
-            started: false,
-            segment: None,
-            last_stream_len: 0,
-            plain_total: 0,
-            ciphertext_total: 0,
-            multi_packet_stream: false,
-            touched: now,
+impl ReadState {
+    /// What a complete frame, piece or drained packet leaves behind: the
+    /// next state and what was completed, or the state unchanged and None.
+    fn complete(self) -> (ReadState, Option<ReadOutcome>) {
+        match self {
+            ReadState::AwaitPayload(f) if f.is_complete() => {
+                (ReadState::AwaitHeader, Some(ReadOutcome::Frame(f)))
+            }
+            ReadState::Content(mut c) if c.piece_full() => {
+                let Some(piece) = c.piece.take() else { return (ReadState::Content(c), None) };
+                c.remaining -= piece.len() as u64;
+                c.filled = 0;
+                c.deadline = None;
+                // The next piece waits for its own grant.
+                let last = c.remaining == 0;
+                let next = if last { ReadState::AwaitHeader } else { ReadState::Content(c) };
+                (next, Some(ReadOutcome::Piece { piece, last }))
+            }
+            ReadState::Drain { remaining: 0, .. } => (ReadState::AwaitHeader, Some(ReadOutcome::Drained)),
+            other => (other, None),
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment {
-    pub orig: u32,
-    pub whole: u64,
-    pub remaining: u64,
-}
-
-/// The upload side of a connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Upload {
-    Idle,
-    Receiving(Receiving),
-    /// The last packet went to the worker; its outcome is awaited.
-    Finishing {
-        upload: UploadId,
-        /// The normalized path the file is stored under.
-        name: String,
-        name_field: NameField,
-        total: u16,
-        /// The number a packet after the last would carry.
-        next: u16,
-    },
-    /// An upload ended (refused, or received): later packets of it are
-    /// swallowed silently (see [`Ended::swallow`]), so that a client sending
-    /// them back to back gets exactly one 1607, or none after its 1603.
-    Ended(Ended),
-}
-
-/// A file that reached 1603 (or was then retried), keyed by name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StagedFile {
-    pub name: String,
-    pub upload: UploadId,
-    /// 1030 was received: the staged copy is gone, a resend is expected.
-    pub retried: bool,
-    pub touched: Instant,
-}
-
-/// At most this many staged files per connection; the oldest is dropped beyond it.
-pub const MAX_STAGED: usize = 16;
-
-/// A reply-bearing job is at the worker; its completion sends the reply.
-/// (No `Debug`: a variant holds a session key, which must never be logged.)
-#[derive(Clone, PartialEq, Eq)]
-pub enum Awaiting {
-    Nothing,
-    Register,
-    Key {
-        encrypted_key: Vec<u8>,
-        key: [u8; 32],
-        name: String,
-        public: rsa::RsaPublicKey,
-    },
-    Commit {
-        name: String,
-    },
-    /// Waiting for the outcome of the upload's last packet.
-    LastPacket,
-}
-
-/// One connection's place in the protocol: everything the state machine of
-/// `machine.rs` reads and changes, and nothing about sockets, so that it can
-/// run without one (the fuzz target `session` drives it with bytes).
-pub struct Protocol {
-    /// Names the connection in jobs and completions (slab key + unique serial).
-    pub conn: ConnRef,
-    pub peer: SocketAddr,
-    /// Encoded replies not yet written (the loop writes from `Connection`'s position).
-    pub out: Vec<u8>,
-    pub session: Option<Session>,
-    /// The id this connection registered (1600), which may send its first key.
-    pub registered_id: Option<ClientId>,
-    /// The client named by the last request that carried a known id (for log lines).
-    pub client_label: Option<String>,
-    pub upload: Upload,
-    pub staged: VecDeque<StagedFile>,
-    pub awaiting: Awaiting,
-    /// Content pieces handed to the worker and not yet completed.
-    pub packets_in_flight: usize,
-    /// Set by a file packet's fixed fields: what to do with its content.
-    pub incoming: Option<Incoming>,
-    /// The packet whose content is streaming: the worker flags of its pieces.
-    pub streaming: Option<PacketStream>,
-    /// When this connection last made upload progress: content received, or
-    /// a 1603/1604 sent. Requests that cost nothing (register, reconnect) do
-    /// not count: this decides who is evicted when the table is full.
-    pub last_progress: Option<Instant>,
-}
-
-/// The content of one admitted file packet on its way to the worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PacketStream {
-    pub upload: UploadId,
-    /// No piece has gone yet (the first carries `new_segment`, and `start` on packet 1).
-    pub first: bool,
-    /// The first piece is the upload's first (packet 1): it opens the temp file.
-    pub opens_upload: bool,
-    pub new_segment: bool,
-    pub end_segment: Option<u64>,
-    /// The upload's last packet.
-    pub last_packet: bool,
-}
-
-impl Protocol {
-    pub fn new(conn: ConnRef, peer: SocketAddr) -> Protocol {
-        Protocol {
-            conn,
-            peer,
-            out: Vec::new(),
-            session: None,
-            registered_id: None,
-            client_label: None,
-            upload: Upload::Idle,
-            staged: VecDeque::new(),
-            awaiting: Awaiting::Nothing,
-            packets_in_flight: 0,
-            incoming: None,
-            streaming: None,
-            last_progress: None,
-        }
-    }
-
-    /// "peer name" or "peer" for log lines.
-    pub fn tag(&self) -> String {
-        match &self.client_label {
-            Some(l) => format!("{} {}", self.peer, crate::logging::Esc(l)),
-            None => self.peer.to_string(),
-        }
-    }
-
-    /// May the loop parse this connection's next request? Not while a reply
-    /// is owed by the worker (replies leave in request order) nor with
-    /// `PIPELINE_DEPTH` packets at the worker.
-    pub fn may_read(&self) -> bool {
-        self.awaiting == Awaiting::Nothing && self.packets_in_flight < super::PIPELINE_DEPTH
-    }
-
-    /// Nothing at the worker and no transfer that a close would lose.
-    pub fn is_idle(&self) -> bool {
-        self.awaiting == Awaiting::Nothing
-            && self.packets_in_flight == 0
-            && matches!(self.upload, Upload::Idle | Upload::Ended(_))
-            && self.staged.iter().all(|s| s.retried)
-    }
-
-    /// Find a staged file by name.
-    pub fn staged_index(&self, name: &str) -> Option<usize> {
-        self.staged.iter().position(|s| s.name == name)
     }
 }
 
 /// A client connection: the socket and its I/O state around a [`Protocol`].
-pub struct Connection {
-    pub socket: TcpStream,
-    pub read: ReadState,
+pub(super) struct Connection {
+    pub(super) socket: TcpStream,
+    read: ReadState,
     header: [u8; REQUEST_HEADER_LEN],
     header_len: usize,
     /// When the first byte of the current header arrived.
-    pub header_started: Option<Instant>,
+    header_started: Option<Instant>,
     /// How much of `proto.out` has been written.
     out_pos: usize,
     /// The socket may have unread bytes (edge-triggered readiness).
-    pub readable: bool,
-    pub last_activity: Instant,
+    pub(super) readable: bool,
+    pub(super) last_activity: Instant,
     /// Close once the output is flushed (and the peer has closed, or after a grace period).
-    pub closing: Option<Instant>,
+    pub(super) closing: Option<Instant>,
     /// Why, for the metrics: a half-close by the peer, or a framing error.
-    pub closing_kind: Closed,
+    pub(super) closing_kind: Closed,
     write_shut: bool,
     /// When the connection was accepted (for the login timeout and eviction order).
-    pub accepted: Instant,
+    pub(super) accepted: Instant,
     /// The connection has had a session (1602 or 1605): it no longer counts
     /// against the per-address cap on connections without one.
-    pub authed: bool,
-    pub proto: Protocol,
+    pub(super) authed: bool,
+    pub(super) proto: Protocol,
 }
 
 /// Result of one read attempt.
-pub enum ReadOutcome {
+pub(super) enum ReadOutcome {
     /// No more bytes now.
     WouldBlock,
     /// The peer closed (or reset) the connection.
@@ -330,7 +160,7 @@ pub enum ReadOutcome {
 }
 
 impl Connection {
-    pub fn new(socket: TcpStream, peer: SocketAddr, conn: ConnRef, now: Instant) -> Connection {
+    pub(super) fn new(socket: TcpStream, peer: SocketAddr, conn: ConnRef, now: Instant) -> Connection {
         Connection {
             socket,
             read: ReadState::AwaitHeader,
@@ -349,40 +179,52 @@ impl Connection {
         }
     }
 
-    pub fn serial(&self) -> u64 {
+    pub(super) fn serial(&self) -> u64 {
         self.proto.conn.serial
     }
 
     /// "peer name" or "peer" for log lines.
-    pub fn tag(&self) -> String {
+    pub(super) fn tag(&self) -> String {
         self.proto.tag()
     }
 
     /// The framing can no longer be trusted: close once the 1607 is out.
-    pub fn close_protocol(&mut self, now: Instant) {
+    pub(super) fn close_protocol(&mut self, now: Instant) {
         self.closing = Some(now);
         self.closing_kind = Closed::Protocol;
     }
 
     /// Some bytes of a header have arrived, but not all 23.
-    pub fn header_in_progress(&self) -> bool {
+    pub(super) fn header_in_progress(&self) -> bool {
         self.header_len > 0
     }
 
-    pub fn pending_output(&self) -> usize {
+    /// When the first byte of the current header arrived, if one is being read.
+    pub(super) fn header_started(&self) -> Option<Instant> {
+        self.header_started
+    }
+
+    /// Where the read side stands.
+    pub(super) fn read_state(&self) -> &ReadState {
+        &self.read
+    }
+
+    /// Between frames: no header byte read, no payload or content pending.
+    pub(super) fn between_frames(&self) -> bool {
+        matches!(self.read, ReadState::AwaitHeader) && self.header_len == 0
+    }
+
+    pub(super) fn pending_output(&self) -> usize {
         self.proto.out.len() - self.out_pos
     }
 
     /// Is the connection between frames with nothing outstanding?
-    pub fn is_quiet(&self) -> bool {
-        matches!(self.read, ReadState::AwaitHeader)
-            && self.header_len == 0
-            && self.pending_output() == 0
-            && self.proto.is_idle()
+    pub(super) fn is_quiet(&self) -> bool {
+        self.between_frames() && self.pending_output() == 0 && self.proto.is_idle()
     }
 
     /// Write pending output until done or WouldBlock.
-    pub fn flush(&mut self, now: Instant) -> io::Result<()> {
+    pub(super) fn flush(&mut self, now: Instant) -> io::Result<()> {
         let out = &mut self.proto.out;
         while self.out_pos < out.len() {
             match self.socket.write(&out[self.out_pos..]) {
@@ -404,28 +246,36 @@ impl Connection {
         Ok(())
     }
 
+    /// What is read after a header or a frame: a frame's payload, or a file
+    /// packet's content. Only from `AwaitHeader` (a header or a frame has
+    /// just completed): the state in place is handed back otherwise, and the
+    /// new one is not taken (which the loop logs and closes on).
+    pub(super) fn expect(&mut self, next: ReadState) -> Result<(), &'static str> {
+        transition(&mut self.read, ReadState::AwaitHeader, |r| match r {
+            ReadState::AwaitHeader => (next, Ok(())),
+            ReadState::AwaitPayload(f) => {
+                (ReadState::AwaitPayload(f), Err("a frame's payload is being read"))
+            }
+            ReadState::Content(c) => (ReadState::Content(c), Err("a packet's content is being read")),
+            d @ ReadState::Drain { .. } => (d, Err("a refused packet's content is being read")),
+        })
+    }
+
     /// Read toward the current frame. Nothing is read while a content piece
     /// waits for its grant.
-    pub fn read_some(&mut self, now: Instant) -> io::Result<ReadOutcome> {
+    pub(super) fn read_some(&mut self, now: Instant) -> io::Result<ReadOutcome> {
         let mut scratch = [0u8; 16 * 1024];
         loop {
+            if let Some(done) = self.complete() {
+                return Ok(done);
+            }
             let res = match &mut self.read {
                 ReadState::AwaitHeader => self.socket.read(&mut self.header[self.header_len..]),
-                ReadState::AwaitPayload(f) => {
-                    if f.filled == f.payload.len() {
-                        return Ok(self.take_frame());
-                    }
-                    self.socket.read(&mut f.payload[f.filled..])
-                }
+                ReadState::AwaitPayload(f) => self.socket.read(&mut f.payload[f.filled..]),
                 ReadState::Content(c) => match &mut c.piece {
                     None => return Ok(ReadOutcome::WouldBlock),
-                    Some(p) if c.filled == p.len() => return Ok(self.take_piece()),
                     Some(p) => self.socket.read(&mut p.bytes[c.filled..]),
                 },
-                ReadState::Drain { remaining: 0, .. } => {
-                    self.read = ReadState::AwaitHeader;
-                    return Ok(ReadOutcome::Drained);
-                }
                 ReadState::Drain { remaining, .. } => {
                     let n = scratch.len().min(usize::try_from(*remaining).unwrap_or(usize::MAX));
                     self.socket.read(&mut scratch[..n])
@@ -435,31 +285,8 @@ impl Connection {
                 Ok(0) => return Ok(ReadOutcome::Closed),
                 Ok(n) => {
                     self.last_activity = now;
-                    match &mut self.read {
-                        ReadState::AwaitHeader => {
-                            if self.header_len == 0 {
-                                self.header_started = Some(now);
-                            }
-                            self.header_len += n;
-                            if self.header_len == REQUEST_HEADER_LEN {
-                                self.header_len = 0;
-                                return Ok(ReadOutcome::Header(RequestHeader::decode(&self.header)));
-                            }
-                        }
-                        ReadState::AwaitPayload(f) => {
-                            f.filled += n;
-                            if f.filled == f.payload.len() {
-                                return Ok(self.take_frame());
-                            }
-                        }
-                        ReadState::Content(c) => {
-                            c.filled += n;
-                            self.proto.last_progress = Some(now);
-                            if c.piece.as_ref().is_some_and(|p| c.filled == p.len()) {
-                                return Ok(self.take_piece());
-                            }
-                        }
-                        ReadState::Drain { remaining, .. } => *remaining -= n as u64,
+                    if let Some(h) = self.took(n, now) {
+                        return Ok(ReadOutcome::Header(h));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadOutcome::WouldBlock),
@@ -477,36 +304,53 @@ impl Connection {
         }
     }
 
-    fn take_frame(&mut self) -> ReadOutcome {
-        match std::mem::replace(&mut self.read, ReadState::AwaitHeader) {
-            ReadState::AwaitPayload(f) => {
-                self.header_started = None;
-                ReadOutcome::Frame(f)
+    /// Count `n` bytes just read into the current state; a header, once all
+    /// 23 bytes are in.
+    fn took(&mut self, n: usize, now: Instant) -> Option<RequestHeader> {
+        match &mut self.read {
+            ReadState::AwaitHeader => {
+                if self.header_len == 0 {
+                    self.header_started = Some(now);
+                }
+                self.header_len += n;
+                if self.header_len == REQUEST_HEADER_LEN {
+                    self.header_len = 0;
+                    return Some(RequestHeader::decode(&self.header));
+                }
             }
-            other => {
-                self.read = other;
-                ReadOutcome::WouldBlock
+            ReadState::AwaitPayload(f) => f.filled += n,
+            ReadState::Content(c) => {
+                c.filled += n;
+                self.proto.last_progress = Some(now);
             }
+            ReadState::Drain { remaining, .. } => *remaining -= n as u64,
         }
+        None
     }
 
-    /// A full piece leaves the read state; the next piece waits for its own grant.
-    fn take_piece(&mut self) -> ReadOutcome {
-        let ReadState::Content(c) = &mut self.read else { return ReadOutcome::WouldBlock };
-        let Some(piece) = c.piece.take() else { return ReadOutcome::WouldBlock };
-        c.remaining -= piece.len() as u64;
-        c.filled = 0;
-        c.deadline = None;
-        let last = c.remaining == 0;
-        if last {
-            self.read = ReadState::AwaitHeader;
+    /// A complete frame, piece or drained packet leaves the read state by
+    /// value (see [`ReadState::complete`]).
+    fn complete(&mut self) -> Option<ReadOutcome> {
+        let done = transition(&mut self.read, ReadState::AwaitHeader, ReadState::complete);
+        if matches!(done, Some(ReadOutcome::Frame(_))) {
+            self.header_started = None;
         }
-        ReadOutcome::Piece { piece, last }
+        done
+    }
+
+    /// Give the content being read the piece the budget granted, to be
+    /// filled by `deadline`.
+    pub(super) fn install_piece(&mut self, piece: Piece, deadline: Instant) {
+        if let ReadState::Content(cr) = &mut self.read {
+            cr.deadline = Some(deadline);
+            cr.filled = 0;
+            cr.piece = Some(piece);
+        }
     }
 
     /// The size of the next content piece to ask the budget for, if the
     /// connection is reading content and has none granted.
-    pub fn wants_piece(&self, piece_size: usize) -> Option<usize> {
+    pub(super) fn wants_piece(&self, piece_size: usize) -> Option<usize> {
         match &self.read {
             ReadState::Content(c) if c.piece.is_none() => {
                 Some(usize::try_from(c.remaining).unwrap_or(usize::MAX).min(piece_size))
@@ -517,7 +361,7 @@ impl Connection {
 
     /// Read and drop whatever the peer sends (a connection being closed).
     /// Returns true once the peer has closed its side or the socket failed.
-    pub fn discard_input(&mut self) -> bool {
+    pub(super) fn discard_input(&mut self) -> bool {
         let mut sink = [0u8; 4096];
         for _ in 0..256 {
             match self.socket.read(&mut sink) {
@@ -532,7 +376,7 @@ impl Connection {
     }
 
     /// Send FIN after the last reply (once).
-    pub fn shut_write(&mut self) {
+    pub(super) fn shut_write(&mut self) {
         if !self.write_shut {
             self.write_shut = true;
             let _ = self.socket.shutdown(std::net::Shutdown::Write);

@@ -23,28 +23,28 @@ const POOL_BUFFERS: usize = 32;
 const POOL_BYTES: usize = 4 << 20;
 
 /// A registered client, in memory for the life of the process.
-pub struct ClientEntry {
-    pub name: String,
-    pub key: Option<rsa::RsaPublicKey>,
+pub(super) struct ClientEntry {
+    pub(super) name: String,
+    pub(super) key: Option<rsa::RsaPublicKey>,
     /// The connection that sent the key (or whose 1026 is at the worker):
     /// only it may send another. None after a restart or a failed save.
-    pub key_owner: Option<ConnRef>,
+    pub(super) key_owner: Option<ConnRef>,
     /// The open connection that registered the client (got its 1600), if any.
-    pub registrant: Option<ConnRef>,
+    pub(super) registrant: Option<ConnRef>,
     /// The registration is not yet durable (its 1600 has not been sent).
-    pub pending: bool,
+    pub(super) pending: bool,
     /// What the client stores (current files and kept versions): loaded at
     /// start, then as each commit reports it. `--quota` and `--quota-files`
     /// are checked against it. (Its versions part is counted only when a
     /// quota or the metrics need it, see `Worker::open`.)
-    pub usage: Usage,
+    pub(super) usage: Usage,
 }
 
 /// The clients known to the server, by id and by name.
 #[derive(Default)]
 pub struct Registry {
-    pub by_id: HashMap<ClientId, ClientEntry>,
-    pub by_name: HashMap<String, ClientId>,
+    pub(super) by_id: HashMap<ClientId, ClientEntry>,
+    pub(super) by_name: HashMap<String, ClientId>,
 }
 
 /// Where the loop's jobs go: the worker's channel, or a plain `Vec` when the
@@ -72,18 +72,18 @@ impl JobSink for Vec<Job> {
 /// budget and buffer pool, upload ids, the registration rate limiter, and
 /// where jobs go.
 pub struct Core<J: JobSink = Sender<Job>> {
-    pub cfg: Arc<Config>,
-    pub registry: Registry,
-    pub budget: Budget,
+    pub(super) cfg: Arc<Config>,
+    pub(super) registry: Registry,
+    pub(super) budget: Budget,
     pool: Vec<Vec<u8>>,
-    pub next_upload: u64,
-    pub jobs: J,
-    pub registrations: RateLimiter,
+    pub(super) next_upload: u64,
+    pub(super) jobs: J,
+    pub(super) registrations: RateLimiter,
     /// Decryption failures per client: a legitimate client never fails to
     /// decrypt, a forger (1027 then ciphertext it cannot make) fails 255 times
     /// in 256. Out of tokens, the client's reconnects are refused for a while.
-    pub decrypt_failures: RateLimiter<ClientId>,
-    pub metrics: Arc<Metrics>,
+    pub(super) decrypt_failures: RateLimiter<ClientId>,
+    pub(super) metrics: Arc<Metrics>,
 }
 
 /// Decryption failures a client may cause at once, and per second after that

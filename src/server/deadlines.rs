@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::connection::{self, Connection, ReadState};
+use super::connection::{Connection, ReadState};
 use super::{Server, CLOSE_GRACE, MIN_PAYLOAD_RATE};
 use crate::config::Config;
 use crate::metrics::Closed;
@@ -20,13 +20,7 @@ impl Server {
                 to_close.push((key, c.serial(), why));
                 continue;
             }
-            let stale_upload = match &c.proto.upload {
-                connection::Upload::Receiving(r) => now.duration_since(r.touched) > cfg.stale_upload_timeout,
-                _ => false,
-            };
-            if stale_upload
-                || c.proto.staged.iter().any(|s| now.duration_since(s.touched) > cfg.stale_upload_timeout)
-            {
+            if c.proto.has_stale(now, cfg.stale_upload_timeout) {
                 stale.push((key, c.serial()));
             }
         }
@@ -51,15 +45,15 @@ fn overdue(c: &Connection, cfg: &Config, now: Instant) -> Option<String> {
     if let Some(t) = c.closing {
         return (now.duration_since(t) > CLOSE_GRACE).then(|| "closing connection timed out".into());
     }
-    if let (Some(start), true) = (c.header_started, c.header_in_progress()) {
+    if let (Some(start), true) = (c.header_started(), c.header_in_progress()) {
         if now.duration_since(start) > cfg.header_timeout {
             return Some(format!("header not complete within {:?}", cfg.header_timeout));
         }
     }
-    match &c.read {
+    match c.read_state() {
         ReadState::AwaitPayload(f) => {
             let allowed = cfg.header_timeout + slowest(f.payload.len() as u64);
-            if c.header_started.is_some_and(|start| now.duration_since(start) > allowed) {
+            if c.header_started().is_some_and(|start| now.duration_since(start) > allowed) {
                 return Some(format!("frame not complete within {allowed:?}"));
             }
         }
@@ -71,11 +65,11 @@ fn overdue(c: &Connection, cfg: &Config, now: Instant) -> Option<String> {
         }
         _ => {}
     }
-    let at_worker = c.proto.awaiting != connection::Awaiting::Nothing || c.proto.packets_in_flight > 0;
+    let at_worker = c.proto.awaits_reply() || c.proto.packets_in_flight > 0;
     if !c.authed && !at_worker && now.duration_since(c.accepted) > cfg.login_timeout {
         return Some(format!("no session within --login-timeout ({:?})", cfg.login_timeout));
     }
-    let waiting_for_budget = matches!(&c.read, ReadState::Content(cr) if cr.piece.is_none());
+    let waiting_for_budget = matches!(c.read_state(), ReadState::Content(cr) if cr.piece.is_none());
     if !at_worker && !waiting_for_budget && now.duration_since(c.last_activity) > cfg.idle_timeout {
         return Some(format!("idle for {:?}", cfg.idle_timeout));
     }

@@ -5,9 +5,10 @@
 use std::io;
 use std::time::Instant;
 
-use super::connection::{self, ContentRead, Incoming, ReadOutcome, ReadState};
+use super::connection::{ContentRead, Frame, ReadOutcome, ReadState, MAX_PENDING_OUTPUT};
 use super::deadlines::slowest;
-use super::{machine, Flow, Server, FRAMES_PER_TURN};
+use super::state::Incoming;
+use super::{Flow, Server, FRAMES_PER_TURN};
 use crate::budget::Piece;
 use crate::metrics::Closed;
 
@@ -52,7 +53,7 @@ impl Server {
             // read and dropped meanwhile so that the close does not turn
             // into a reset that could destroy the reply in flight.
             let peer_done = c.discard_input();
-            if c.pending_output() == 0 && c.proto.awaiting == connection::Awaiting::Nothing {
+            if c.pending_output() == 0 && !c.proto.awaits_reply() {
                 c.shut_write();
                 if peer_done {
                     let kind = c.closing_kind;
@@ -65,7 +66,7 @@ impl Server {
             self.close(key, serial, Closed::Shutdown, Some("server shutting down"));
             return false;
         }
-        if !c.readable || !c.proto.may_read() || c.pending_output() > connection::MAX_PENDING_OUTPUT {
+        if !c.readable || !c.proto.may_read() || c.pending_output() > MAX_PENDING_OUTPUT {
             return false;
         }
         if frames >= FRAMES_PER_TURN {
@@ -105,9 +106,8 @@ impl Server {
                 return false;
             }
             Ok(ReadOutcome::Closed) => {
-                let mid_frame = c.header_in_progress() || !matches!(c.read, ReadState::AwaitHeader);
-                if !mid_frame && (c.proto.awaiting != connection::Awaiting::Nothing || c.pending_output() > 0)
-                {
+                let mid_frame = !c.between_frames();
+                if !mid_frame && (c.proto.awaits_reply() || c.pending_output() > 0) {
                     // The peer half-closed after its last request: deliver the
                     // reply it is owed, then close.
                     c.closing = Some(now);
@@ -123,11 +123,7 @@ impl Server {
             }
             Ok(ReadOutcome::Header(h)) => match self.core.check_header(&mut c.proto, &h) {
                 None => c.close_protocol(now),
-                Some(code) => {
-                    let payload = vec![0; machine::frame_len(code, &h)];
-                    c.read =
-                        ReadState::AwaitPayload(connection::Frame { header: h, code, payload, filled: 0 });
-                }
+                Some(code) => return self.expect(key, serial, ReadState::AwaitPayload(Frame::new(h, code))),
             },
             Ok(ReadOutcome::Frame(f)) => {
                 *frames += 1;
@@ -135,22 +131,16 @@ impl Server {
                     Flow::Continue | Flow::Resume => {}
                     Flow::Close => c.close_protocol(now),
                 }
-                match c.proto.incoming.take() {
-                    _ if c.closing.is_some() => {}
-                    None => {}
-                    Some(Incoming::Stream { len }) => {
-                        c.read = ReadState::Content(ContentRead {
-                            remaining: len,
-                            piece: None,
-                            filled: 0,
-                            deadline: None,
-                        })
-                    }
+                let next = match c.proto.take_incoming() {
+                    _ if c.closing.is_some() => return true,
+                    None => return true,
+                    Some(Incoming::Stream { len }) => ReadState::Content(ContentRead::new(len)),
                     Some(Incoming::Drain { len }) => {
                         let deadline = now + self.core.cfg.header_timeout + slowest(len);
-                        c.read = ReadState::Drain { remaining: len, deadline };
+                        ReadState::Drain { remaining: len, deadline }
                     }
-                }
+                };
+                return self.expect(key, serial, next);
             }
             Ok(ReadOutcome::Piece { piece, last }) => {
                 *frames += 1;
@@ -162,16 +152,27 @@ impl Server {
         true
     }
 
+    /// Set what a connection reads next after a header or a frame. A read
+    /// state that does not expect it is a bug of the loop: the connection is
+    /// closed with one log line, not reset.
+    fn expect(&mut self, key: usize, serial: u64, next: ReadState) -> bool {
+        let Some(c) = self.conns.get_mut(key) else { return false };
+        match c.expect(next) {
+            Ok(()) => true,
+            Err(state) => {
+                let why = format!("internal error: read state out of step ({state})");
+                self.close(key, serial, Closed::Error, Some(&why));
+                false
+            }
+        }
+    }
+
     /// Give a connection waiting for it the content piece it asked for; it
     /// must be read by a deadline.
     pub(super) fn install_piece(&mut self, key: usize, piece: Piece, now: Instant) {
-        let header_timeout = self.core.cfg.header_timeout;
+        let deadline = now + self.core.cfg.header_timeout + slowest(piece.len() as u64);
         if let Some(c) = self.conns.get_mut(key) {
-            if let ReadState::Content(cr) = &mut c.read {
-                cr.deadline = Some(now + header_timeout + slowest(piece.len() as u64));
-                cr.filled = 0;
-                cr.piece = Some(piece);
-            }
+            c.install_piece(piece, deadline);
         }
     }
 

@@ -1,6 +1,6 @@
 //! Protocol logic: what each complete request does to its connection's
-//! [`Protocol`], the client registry and the worker, and what each worker
-//! completion answers. No sockets here: [`Core`]'s methods take the
+//! [`Protocol`] (`state.rs`), the client registry and the worker, and what
+//! each worker completion answers. No sockets here: [`Core`]'s methods take the
 //! connection's protocol state and return a [`Flow`] telling the loop what
 //! to do next, so the fuzz target `session` can drive them with bytes.
 //!
@@ -21,7 +21,8 @@ use crate::protocol::{
 };
 use crate::worker::Job;
 
-use super::connection::{Awaiting, Frame, Protocol, Receiving, Session, Upload};
+use super::connection::Frame;
+use super::state::{Awaiting, PendingKey, Protocol, Receiving, Session, Upload};
 use super::{ClientEntry, Core, JobSink};
 
 /// Longest client name accepted at registration (the field holds 254 bytes + NUL).
@@ -54,6 +55,23 @@ impl Protocol {
     /// Answer 1607 before a close: the framing can no longer be trusted.
     fn refuse_and_close(&mut self, why: &str) -> Flow {
         peer_log!(Level::Warn, self.peer.ip(), "{}: protocol error, closing: {why}", self.tag());
+        self.reply(Response::GeneralError);
+        Flow::Close
+    }
+
+    /// A worker completion that this connection's state does not expect
+    /// (the loop and the worker disagree about it): the state is kept as it
+    /// is, not reset; 1607, one log line, and the connection closes.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn out_of_state(&mut self, what: &str) -> Flow {
+        let (awaited, upload) = (self.awaited(), self.upload.describe());
+        peer_log!(
+            Level::Error,
+            self.peer.ip(),
+            "{}: internal error, closing: {what} with {awaited} and {upload}",
+            self.tag()
+        );
         self.reply(Response::GeneralError);
         Flow::Close
     }
@@ -107,9 +125,7 @@ impl<J: JobSink> Core<J> {
             }
             other => {
                 // Any request other than a file packet ends the swallowing of an ended upload.
-                if matches!(p.upload, Upload::Ended(_)) {
-                    p.upload = Upload::Idle;
-                }
+                p.advance_upload(Upload::end_swallowing);
                 match other {
                     Request::Register { name } => self.on_register(p, name),
                     Request::PublicKey { name, key: der } => self.on_public_key(p, hid, name, der),
@@ -196,7 +212,7 @@ impl<J: JobSink> Core<J> {
                 usage: Default::default(),
             },
         );
-        p.awaiting = Awaiting::Register;
+        p.wait_for(Awaiting::Register);
         p.client_label = Some(n.to_string());
         self.send_job(Job::Register { conn: p.conn, id, name: n.to_string() });
     }
@@ -254,7 +270,7 @@ impl<J: JobSink> Core<J> {
             None => String::new(),
         };
         p.client_label = Some(label.clone());
-        p.awaiting = Awaiting::Key { encrypted_key, key: aes, name: label, public };
+        p.wait_for(Awaiting::Key(Box::new(PendingKey { encrypted_key, key: aes, name: label, public })));
         self.send_job(Job::SetKey { conn: p.conn, id, der: exact });
     }
 
@@ -310,7 +326,7 @@ impl<J: JobSink> Core<J> {
         for upload in dropped {
             self.send_job(Job::Discard { upload, failed: None });
         }
-        if let Upload::Receiving(r) = std::mem::replace(&mut p.upload, Upload::Idle) {
+        if let Some(r) = p.advance_upload(Upload::new_session) {
             self.drop_upload(&r);
         }
     }
@@ -350,7 +366,7 @@ impl<J: JobSink> Core<J> {
             }
             CrcKind::Ok => {
                 p.staged.remove(idx);
-                p.awaiting = Awaiting::Commit { name: fname.clone() };
+                p.wait_for(Awaiting::Commit { name: fname.clone() });
                 self.send_job(Job::Commit { conn, upload, client, name: fname });
             }
             CrcKind::Retry => {
@@ -427,8 +443,8 @@ impl<J: JobSink> Core<J> {
         let mut uploads: Vec<u64> = p.staged.iter().filter(|s| !s.retried).map(|s| s.upload).collect();
         match &p.upload {
             Upload::Receiving(r) if r.started => uploads.push(r.upload),
-            Upload::Finishing { upload, .. } => uploads.push(*upload),
-            _ => {}
+            Upload::Finishing(f) => uploads.push(f.upload),
+            Upload::Receiving(_) | Upload::Idle | Upload::Ended(_) => {}
         }
         for upload in uploads {
             // At shutdown the worker may already be gone: nothing is lost then.
@@ -440,12 +456,9 @@ impl<J: JobSink> Core<J> {
     pub fn purge_stale(&mut self, p: &mut Protocol, now: Instant) {
         let limit = self.cfg.stale_upload_timeout;
         let mut drop_uploads = Vec::new();
-        if let Upload::Receiving(r) = &p.upload {
-            if now.duration_since(r.touched) > limit {
-                if r.started {
-                    drop_uploads.push(r.upload);
-                }
-                p.upload = Upload::Idle;
+        if let Some(r) = p.advance_upload(|u| u.expire(now, limit)) {
+            if r.started {
+                drop_uploads.push(r.upload);
             }
         }
         p.staged.retain(|s| {
@@ -558,7 +571,7 @@ mod tests {
         let p = &mut server.conns[key].proto;
         p.registered_id = Some(id); // this connection registered kim
         server.core.on_public_key(p, id, NameField::from_name(b"kim").unwrap(), der);
-        assert!(server.conns[key].proto.awaiting != Awaiting::Nothing, "the key goes to the worker first");
+        assert!(server.conns[key].proto.awaits_reply(), "the key goes to the worker first");
         server.close(key, serial, crate::metrics::Closed::Peer, Some("peer went away"));
         let done = server.done.recv_timeout(Duration::from_secs(10)).expect("the worker answers");
         assert!(matches!(done, Completion::KeySaved { ok: true, .. }));

@@ -1,10 +1,10 @@
 //! The event loop: one thread, one `mio::Poll`, every socket nonblocking.
 //!
-//! The loop ([`Server`]) owns the listener, the [`Slab`] of [`Connection`]s
+//! The loop ([`Server`]) owns the listener, the [`Slab`] of `Connection`s
 //! and the timers; it does the I/O only. What requests and completions mean
-//! is decided by [`Core`] (the in-memory client registry, the memory budget,
+//! is decided by `Core` (the in-memory client registry, the memory budget,
 //! the job sink; its protocol logic is in `machine.rs`) acting on each
-//! connection's [`connection::Protocol`]. Neither touches a socket: the
+//! connection's `Protocol` (`state.rs`). Neither touches a socket: the
 //! fuzz target `session` runs them on bytes. The loop never touches a file or the
 //! database and never sleeps: disk and database work goes to the worker as
 //! [`Job`]s, and the worker's [`Completion`]s come back over a channel with a
@@ -25,27 +25,34 @@
 //!
 //! Here: the loop itself (poll, signals, close, completions, shutdown). Start-up
 //! is in `start.rs`, accepting in `accept.rs`, driving a connection in
-//! `drive.rs`, the housekeeping deadlines in `deadlines.rs`, [`Core`] in
-//! `core.rs`; the state machine in `machine.rs`, with its packet path in
-//! `upload.rs` and its completions in `completion.rs`.
+//! `drive.rs`, the housekeeping deadlines in `deadlines.rs`, `Core` in
+//! `core.rs`; a connection's I/O in `connection.rs` and its protocol states
+//! in `state.rs` (enums moved by value, see docs/ARCHITECTURE.md, "The
+//! connection's states"); the state machine in `machine.rs`, with its packet
+//! path in `upload.rs` and its completions in `completion.rs`. Every field
+//! is private to this module; the fuzz harness drives `Core` and `Protocol`
+//! through `fuzzing.rs` (cargo feature `fuzzing`).
 
 mod accept;
 pub mod admission;
 mod completion;
-pub mod connection;
+mod connection;
 mod core;
 mod deadlines;
 mod drive;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod machine;
 mod notify;
-pub mod sequence;
+mod sequence;
 mod start;
+mod state;
 mod upload;
 
-pub use self::core::{ClientEntry, Core, JobSink, Registry};
-pub use machine::{frame_len, Flow};
-pub use sequence::{plan_packet, wraps_to_one, Ended, EndedHow, PacketStep};
 pub use start::StartError;
+
+use self::core::{ClientEntry, Core, JobSink, Registry};
+use machine::Flow;
 
 use std::collections::VecDeque;
 use std::io;
@@ -62,7 +69,7 @@ use slab::Slab;
 
 use crate::metrics::Closed;
 use crate::peer_log;
-use crate::worker::{Completion, ConnRef, Job};
+use crate::worker::{Completion, Job};
 use accept::Held;
 use admission::PerAddress;
 use connection::Connection;
@@ -303,7 +310,7 @@ impl Server {
     /// Hand a worker completion to the state machine of its connection (if
     /// that connection is still open) and do what it asks.
     fn on_completion(&mut self, done: Completion) {
-        let conn = completion_conn(&done);
+        let conn = done.conn();
         let proto = self.conns.get_mut(conn.key).filter(|c| c.serial() == conn.serial).map(|c| &mut c.proto);
         match self.core.on_completion(proto, done) {
             Flow::Continue => {}
@@ -335,21 +342,12 @@ impl crate::worker::Wake for Waker {
     }
 }
 
-/// The connection a worker completion is for.
-pub fn completion_conn(done: &Completion) -> ConnRef {
-    match done {
-        Completion::Registered { conn, .. }
-        | Completion::KeySaved { conn, .. }
-        | Completion::Packet { conn, .. }
-        | Completion::Committed { conn, .. } => *conn,
-    }
-}
-
 #[cfg(test)]
 pub(super) mod tests {
     use super::connection::{ContentRead, ReadState};
     use super::*;
     use crate::config::Config;
+    use crate::worker::ConnRef;
 
     /// The defaults with a data directory under `dir`.
     pub(in crate::server) fn test_config(dir: &std::path::Path) -> Config {
@@ -398,12 +396,7 @@ pub(super) mod tests {
         let mut conns = Vec::new();
         for _ in 0..3 {
             let (key, serial, client) = add_connection(&mut server);
-            server.conns[key].read = ReadState::Content(ContentRead {
-                remaining: 1 << 20,
-                piece: None,
-                filled: 0,
-                deadline: None,
-            });
+            server.conns[key].expect(ReadState::Content(ContentRead::new(1 << 20))).unwrap();
             server.drive(key, serial);
             conns.push((key, serial, client));
         }
@@ -416,7 +409,7 @@ pub(super) mod tests {
         server.wake_budget_waiters();
         assert!(server.budget_waiters.is_empty());
         for (key, _, _) in &conns {
-            assert!(matches!(&server.conns[*key].read, ReadState::Content(c) if c.piece.is_some()));
+            assert!(matches!(server.conns[*key].read_state(), ReadState::Content(c) if c.piece.is_some()));
         }
         assert_eq!(server.core.budget.used(), 3 * CONTENT_PIECE);
         // A closed connection's piece goes back to the budget with it.

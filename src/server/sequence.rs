@@ -13,7 +13,7 @@
 use crate::crypto::ciphertext_len;
 use crate::protocol::{NameField, PacketHeader};
 
-use super::connection::{Receiving, Segment};
+use super::state::{Receiving, Segment};
 
 /// Packets between two packets that carry the same u16 number.
 const WRAP: u64 = 1 << 16;
@@ -42,8 +42,9 @@ struct Streams {
 }
 
 /// Check one packet (already known to be the upload's next, by name, total
-/// and number) against the upload's sizes and decide its CBC steps. On a
-/// refusal `r` is unchanged.
+/// and number) against the upload's sizes and decide its CBC steps; an
+/// accepted packet advances `r` (its streams, its count, the number the next
+/// packet must carry). On a refusal `r` is unchanged.
 pub fn plan_packet(
     r: &mut Receiving,
     ph: &PacketHeader,
@@ -69,6 +70,7 @@ pub fn plan_packet(
     r.multi_packet_stream = s.multi_packet_stream;
     (r.ciphertext_total, r.plain_total) = (s.ciphertext_total, s.plain_total);
     r.packets += 1;
+    r.next = r.next.wrapping_add(1);
     Ok(PacketStep { new_segment, end_segment, last })
 }
 
@@ -223,16 +225,16 @@ pub fn wraps_to_one(r: &Receiving, ph: &PacketHeader, content_len: u64) -> bool 
 /// An upload that ended on this connection, and which of its later packets
 /// are swallowed: read and dropped with no reply and no log line.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ended {
-    pub name_field: NameField,
-    pub total: u16,
+pub(super) struct Ended {
+    pub(super) name_field: NameField,
+    pub(super) total: u16,
     /// The number its next packet would carry.
-    pub next: u16,
-    pub how: EndedHow,
+    pub(super) next: u16,
+    pub(super) how: EndedHow,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndedHow {
+pub(super) enum EndedHow {
     /// Refused (one 1607 went): every later packet of it is swallowed, so
     /// that a client sending them back to back reads exactly one 1607.
     Refused {
@@ -250,7 +252,7 @@ pub enum EndedHow {
 impl Ended {
     /// The upload `r` (None: none was in progress) is refused at packet `ph`
     /// with `content_len` bytes.
-    pub fn refused(r: Option<&Receiving>, ph: &PacketHeader, content_len: u64) -> Ended {
+    pub(super) fn refused(r: Option<&Receiving>, ph: &PacketHeader, content_len: u64) -> Ended {
         let own = r.filter(|r| {
             r.name_field.bytes() == ph.file_name.bytes()
                 && r.total == ph.total_packets
@@ -273,7 +275,7 @@ impl Ended {
 
     /// The upload `r` failed at the worker after the loop admitted its
     /// packets up to `r.next - 1`.
-    pub fn failed(r: &Receiving) -> Ended {
+    pub(super) fn failed(r: &Receiving) -> Ended {
         Ended {
             name_field: r.name_field.clone(),
             total: r.total,
@@ -284,7 +286,7 @@ impl Ended {
 
     /// Is this packet a later packet of the ended upload? If so it is
     /// swallowed and the state advances past it.
-    pub fn swallow(&mut self, ph: &PacketHeader, content_len: u64) -> bool {
+    pub(super) fn swallow(&mut self, ph: &PacketHeader, content_len: u64) -> bool {
         let same = self.name_field.bytes() == ph.file_name.bytes()
             && self.total == ph.total_packets
             && self.next == ph.packet_number;
@@ -340,9 +342,7 @@ mod tests {
     /// Feed packets as the session does (numbers checked, `next` wrapping).
     fn feed(r: &mut Receiving, p: &PacketHeader, len: u64) -> Result<PacketStep, String> {
         assert_eq!(p.packet_number, r.next, "the test feeds packets in order");
-        let step = plan_packet(r, p, len, u32::MAX as u64)?;
-        r.next = r.next.wrapping_add(1);
-        Ok(step)
+        plan_packet(r, p, len, u32::MAX as u64)
     }
 
     #[test]

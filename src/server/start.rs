@@ -19,39 +19,40 @@ use super::{notify, ClientEntry, Core, Registry, Server, LISTENER, LISTEN_BACKLO
 use crate::config::Config;
 use crate::protocol::ClientId;
 use crate::worker::db::ClientRecord;
-use crate::worker::{Completion, Job, Usage, Worker};
+use crate::worker::{Completion, Job, OpenError, Usage, Worker};
 
 /// Why the server could not start.
-#[derive(Debug)]
-pub struct StartError(pub String);
-
-impl std::fmt::Display for StartError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory or the database could not be opened.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// The flags, or what the loop needs from the system (poll, listener,
+    /// signals, threads).
+    #[error("{0}")]
+    Setup(String),
 }
-
-impl std::error::Error for StartError {}
 impl Server {
     /// Open storage and database (reconciling them), bind the listener,
     /// register signals and start the worker.
     pub fn bind(cfg: Config, addr: SocketAddr) -> Result<Server, StartError> {
         check_flags(&cfg)?;
         check_descriptor_limit(cfg.max_connections);
-        let opened = Worker::open(&cfg).map_err(StartError)?;
-        let poll = Poll::new().map_err(|e| StartError(format!("cannot create poll: {e}")))?;
+        let opened = Worker::open(&cfg)?;
+        let poll = Poll::new().map_err(|e| StartError::Setup(format!("cannot create poll: {e}")))?;
         let mut listener =
-            bind_listener(addr).map_err(|e| StartError(format!("cannot listen on {addr}: {e}")))?;
-        let local_addr = listener.local_addr().map_err(|e| StartError(e.to_string()))?;
+            bind_listener(addr).map_err(|e| StartError::Setup(format!("cannot listen on {addr}: {e}")))?;
+        let local_addr = listener.local_addr().map_err(|e| StartError::Setup(e.to_string()))?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
-            .map_err(|e| StartError(e.to_string()))?;
-        let mut signals =
-            Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| StartError(format!("signals: {e}")))?;
+            .map_err(|e| StartError::Setup(e.to_string()))?;
+        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
+            .map_err(|e| StartError::Setup(format!("signals: {e}")))?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
-            .map_err(|e| StartError(e.to_string()))?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| StartError(e.to_string()))?);
+            .map_err(|e| StartError::Setup(e.to_string()))?;
+        let waker =
+            Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| StartError::Setup(e.to_string()))?);
 
         let registry = load_registry(opened.clients, opened.usage);
         log::info!("{} registered client(s) loaded", registry.by_id.len());
@@ -74,7 +75,7 @@ impl Server {
         let handle = std::thread::Builder::new()
             .name("backupd-worker".into())
             .spawn(move || worker.run(jobs_rx, done_tx, wk))
-            .map_err(|e| StartError(format!("cannot start worker thread: {e}")))?;
+            .map_err(|e| StartError::Setup(format!("cannot start worker thread: {e}")))?;
 
         Ok(Server {
             poll,
@@ -109,16 +110,16 @@ fn check_flags(cfg: &Config) -> Result<(), StartError> {
     // budget, if smaller) and control frames do not use the budget: any
     // budget of at least 4 KiB serves every frame.
     if cfg.memory_budget < 4096 {
-        return Err(StartError(format!(
+        return Err(StartError::Setup(format!(
             "--memory-budget ({}) must be at least 4096 bytes",
             cfg.memory_budget
         )));
     }
     if cfg.max_packet > u32::MAX as u64 || cfg.max_packet < crate::protocol::PACKET_HEADER_LEN as u64 {
-        return Err(StartError("--max-packet must be between 267 bytes and 4 GiB".into()));
+        return Err(StartError::Setup("--max-packet must be between 267 bytes and 4 GiB".into()));
     }
     if cfg.max_file_size > u32::MAX as u64 {
-        return Err(StartError("--max-file-size cannot exceed 4294967295 (a 32-bit field)".into()));
+        return Err(StartError::Setup("--max-file-size cannot exceed 4294967295 (a 32-bit field)".into()));
     }
     Ok(())
 }
@@ -166,7 +167,7 @@ fn start_metrics_writer(cfg: &Config, core: &Core) -> Result<Option<crate::metri
             };
             Some(
                 crate::metrics::spawn_writer(path.clone(), cfg.metrics_interval, src)
-                    .map_err(|e| StartError(format!("cannot start the metrics thread: {e}")))?,
+                    .map_err(|e| StartError::Setup(format!("cannot start the metrics thread: {e}")))?,
             )
         }
         None => None,

@@ -1,7 +1,8 @@
 //! The file packet path of the state machine: a packet's fixed fields
 //! checked against the connection's upload (a packet 1 opens one, within the
 //! client's limits), its content handed to the worker piece by piece, and
-//! refusals that swallow the rest of a refused upload.
+//! refusals that swallow the rest of a refused upload. Each step takes the
+//! connection's `Upload` by value and returns the next one.
 
 use std::time::Instant;
 
@@ -11,79 +12,30 @@ use crate::budget::Piece;
 use crate::logging::Esc;
 use crate::metrics::Unstored;
 use crate::peer_log;
-use crate::protocol::{id_hex, normalize_path, PacketHeader};
+use crate::protocol::{id_hex, normalize_path, ClientId, PacketHeader};
 use crate::worker::{Job, PacketJob, StartUpload};
 
-use super::connection::{Awaiting, Incoming, PacketStream, Protocol, Receiving, Upload};
 use super::sequence::{plan_packet, wraps_to_one, Ended};
+use super::state::{Awaiting, Incoming, PacketStream, Protocol, Receiving, Upload};
 use super::{Core, JobSink};
+
+/// A file packet's fixed fields as the state machine takes them: the
+/// client id of its header, the fields, its content's length and when it came.
+struct Arrival<'a> {
+    id: ClientId,
+    ph: &'a PacketHeader,
+    content_len: u64,
+    now: Instant,
+}
 
 impl<J: JobSink> Core<J> {
     /// A file packet's fixed fields: check them against the upload and decide
     /// what happens to its `content_len` content bytes (`p.incoming`).
-    pub(super) fn on_packet(&mut self, p: &mut Protocol, id: [u8; 16], ph: PacketHeader, content_len: u64) {
-        let now = Instant::now();
-
-        // A later packet of an upload that ended (refused, or received) is
-        // swallowed: read and dropped, no reply, no log line.
-        if let Upload::Ended(e) = &mut p.upload {
-            if e.swallow(&ph, content_len) {
-                p.incoming = Some(Incoming::Drain { len: content_len });
-                return;
-            }
-            p.upload = Upload::Idle;
-        }
-
-        if p.session.as_ref().is_none_or(|s| s.id != id) {
-            let why = format!("file packet without a session key for id {} on this connection", id_hex(&id));
-            return self.refuse_packet(p, &ph, content_len, &why);
-        }
-
-        // Packet numbers wrap past 65,535: a packet 1 may be the next packet
-        // of the upload in progress, when the bytes show it goes on.
-        let wrapped = matches!(&p.upload, Upload::Receiving(r) if wraps_to_one(r, &ph, content_len));
-        let opens_upload = ph.packet_number == 1 && !wrapped;
-        if opens_upload && !self.open_upload(p, id, &ph, content_len, now) {
-            return;
-        }
-
-        let Upload::Receiving(r) = &mut p.upload else {
-            let why = format!(
-                "packet {} of \"{}\" with no upload in progress",
-                ph.packet_number,
-                ph.file_name.display()
-            );
-            return self.refuse_packet(p, &ph, content_len, &why);
-        };
-        if r.name_field.bytes() != ph.file_name.bytes()
-            || r.total != ph.total_packets
-            || r.next != ph.packet_number
-        {
-            let why = format!(
-                "packet {}/{} of \"{}\" does not follow packet {}/{} of \"{}\"",
-                ph.packet_number,
-                ph.total_packets,
-                ph.file_name.display(),
-                r.next.wrapping_sub(1),
-                r.total,
-                r.name_field.display()
-            );
-            return self.refuse_packet(p, &ph, content_len, &why);
-        }
-        let step = match plan_packet(r, &ph, content_len, self.cfg.max_file_size) {
-            Ok(s) => s,
-            Err(why) => return self.refuse_packet(p, &ph, content_len, &why),
-        };
-        r.touched = now;
-        r.next = r.next.wrapping_add(1);
-        p.streaming = Some(PacketStream {
-            upload: r.upload,
-            first: true,
-            opens_upload,
-            new_segment: step.new_segment,
-            end_segment: step.end_segment,
-            last_packet: step.last,
-        });
+    pub(super) fn on_packet(&mut self, p: &mut Protocol, id: ClientId, ph: PacketHeader, content_len: u64) {
+        let a = Arrival { id, ph: &ph, content_len, now: Instant::now() };
+        let admitted = p.advance_upload_with(self, |core, p, upload| core.admit_packet(p, upload, &a));
+        let Some(stream) = admitted else { return };
+        p.streaming = Some(stream);
         if content_len == 0 {
             self.content_piece(p, Piece::empty(), true);
         } else {
@@ -91,41 +43,112 @@ impl<J: JobSink> Core<J> {
         }
     }
 
-    /// A packet 1 opens an upload (abandoning the one in progress): its name,
-    /// size and the client's limits are checked, and a staged copy of the same
-    /// name is replaced. False when it was refused.
+    /// The upload's next state after a packet's fixed fields, and the packet's
+    /// stream to the worker if it is admitted (None: swallowed or refused,
+    /// its content drained).
+    fn admit_packet(
+        &mut self,
+        p: &mut Protocol,
+        upload: Upload,
+        a: &Arrival,
+    ) -> (Upload, Option<PacketStream>) {
+        let (ph, content_len) = (a.ph, a.content_len);
+        let upload = match upload {
+            // A later packet of an upload that ended (refused, or received) is
+            // swallowed: read and dropped, no reply, no log line.
+            Upload::Ended(mut e) => {
+                if e.swallow(ph, content_len) {
+                    p.incoming = Some(Incoming::Drain { len: content_len });
+                    return (Upload::Ended(e), None);
+                }
+                Upload::Idle
+            }
+            other => other,
+        };
+        if p.session.as_ref().is_none_or(|s| s.id != a.id) {
+            let why =
+                format!("file packet without a session key for id {} on this connection", id_hex(&a.id));
+            return (self.refuse_packet(p, upload, a, &why), None);
+        }
+        // Packet numbers wrap past 65,535: a packet 1 may be the next packet
+        // of the upload in progress, when the bytes show it goes on.
+        let wrapped = matches!(&upload, Upload::Receiving(r) if wraps_to_one(r, ph, content_len));
+        let opens_upload = ph.packet_number == 1 && !wrapped;
+        let opened = match (opens_upload, upload) {
+            // A new upload; one in progress is abandoned (clients restart from packet 1).
+            (true, Upload::Receiving(r)) => self.open_upload(p, Some(r), a),
+            (true, Upload::Idle | Upload::Ended(_)) => self.open_upload(p, None, a),
+            (false, Upload::Receiving(r)) => Ok(r),
+            // No request is read while an upload's last packet is at the
+            // worker; were one read, that upload would stay until its outcome.
+            (_, Upload::Finishing(f)) => {
+                let why = format!(
+                    "packet {} of \"{}\" while the last packet of \"{}\" is at the worker",
+                    ph.packet_number,
+                    ph.file_name.display(),
+                    Esc(&f.name)
+                );
+                return (self.refuse_packet(p, Upload::Finishing(f), a, &why), None);
+            }
+            (false, other) => {
+                let why = format!(
+                    "packet {} of \"{}\" with no upload in progress",
+                    ph.packet_number,
+                    ph.file_name.display()
+                );
+                return (self.refuse_packet(p, other, a, &why), None);
+            }
+        };
+        let mut r = match opened {
+            Ok(r) => r,
+            Err(refused) => return (refused, None),
+        };
+        let step = match follows(&r, ph)
+            .and_then(|()| plan_packet(&mut r, ph, content_len, self.cfg.max_file_size))
+        {
+            Ok(s) => s,
+            Err(why) => return (self.refuse_packet(p, Upload::Receiving(r), a, &why), None),
+        };
+        r.touched = a.now;
+        let stream = PacketStream {
+            upload: r.upload,
+            first: true,
+            opens_upload,
+            new_segment: step.new_segment,
+            end_segment: step.end_segment,
+            last_packet: step.last,
+        };
+        (Upload::Receiving(r), Some(stream))
+    }
+
+    /// A packet 1 opens an upload, abandoning `in_progress`: its name, size
+    /// and the client's limits are checked, and a staged copy of the same
+    /// name is replaced. The new upload, or the state a refusal leaves.
     fn open_upload(
         &mut self,
         p: &mut Protocol,
-        id: [u8; 16],
-        ph: &PacketHeader,
-        content_len: u64,
-        now: Instant,
-    ) -> bool {
-        // A new upload; one in progress is abandoned (clients restart from packet 1).
-        if let Upload::Receiving(r) = std::mem::replace(&mut p.upload, Upload::Idle) {
+        in_progress: Option<Box<Receiving>>,
+        a: &Arrival,
+    ) -> Result<Box<Receiving>, Upload> {
+        let ph = a.ph;
+        if let Some(r) = in_progress {
             self.drop_upload(&r);
         }
-        let path = match normalize_path(ph.file_name.bytes()) {
-            Ok(path) => path,
-            Err(e) => {
-                let why = format!("file name \"{}\": {e}", ph.file_name.display());
-                self.refuse_packet(p, ph, content_len, &why);
-                return false;
-            }
-        };
-        if ph.orig_file_size as u64 > self.cfg.max_file_size {
-            let why = format!(
+        let refusal = match normalize_path(ph.file_name.bytes()) {
+            Err(e) => Err(format!("file name \"{}\": {e}", ph.file_name.display())),
+            Ok(_) if ph.orig_file_size as u64 > self.cfg.max_file_size => Err(format!(
                 "file of {} bytes exceeds the {}-byte limit",
                 ph.orig_file_size, self.cfg.max_file_size
-            );
-            self.refuse_packet(p, ph, content_len, &why);
-            return false;
-        }
-        if let Some(why) = self.over_limit(id, ph.orig_file_size as u64) {
-            self.refuse_packet(p, ph, content_len, &why);
-            return false;
-        }
+            )),
+            Ok(path) => match self.over_limit(a.id, ph.orig_file_size as u64) {
+                Some(why) => Err(why),
+                None => Ok(path),
+            },
+        };
+        let path = match refusal {
+            Ok(path) => path,
+            Err(why) => return Err(self.refuse_packet(p, Upload::Idle, a, &why)),
+        };
         if path.stripped() {
             peer_log!(
                 Level::Info,
@@ -147,9 +170,7 @@ impl<J: JobSink> Core<J> {
         }
         let upload = self.next_upload;
         self.next_upload += 1;
-        p.upload =
-            Upload::Receiving(Receiving::new(upload, name, ph.file_name.clone(), ph.total_packets, now));
-        true
+        Ok(Box::new(Receiving::new(upload, name, ph.file_name.clone(), ph.total_packets, a.now)))
     }
 
     /// Why a new upload of `announced` bytes (packet 1's `orig_file_size`)
@@ -203,31 +224,18 @@ impl<J: JobSink> Core<J> {
         if last {
             p.streaming = None;
         }
+        let last_of_upload = last && stream.last_packet;
         // The upload failed at the worker meanwhile (its 1607 is sent): the
         // rest of this packet's content is dropped, not sent.
-        let current = matches!(&p.upload, Upload::Receiving(r) if r.upload == stream.upload);
-        if !current {
+        if !p.advance_upload(|u| u.piece_sent(stream.upload, last_of_upload)) {
             return;
         }
         let start = match (&p.session, stream.first && stream.opens_upload) {
             (Some(s), true) => Some(StartUpload { client: s.id, key: s.key }),
             _ => None,
         };
-        if let Upload::Receiving(r) = &mut p.upload {
-            r.started = true;
-        }
-        let last_of_upload = last && stream.last_packet;
         if last_of_upload {
-            if let Upload::Receiving(r) = std::mem::replace(&mut p.upload, Upload::Idle) {
-                p.upload = Upload::Finishing {
-                    upload: r.upload,
-                    name: r.name,
-                    name_field: r.name_field,
-                    total: r.total,
-                    next: r.next,
-                };
-            }
-            p.awaiting = Awaiting::LastPacket;
+            p.wait_for(Awaiting::LastPacket);
         }
         p.packets_in_flight += 1;
         self.send_job(Job::Packet(PacketJob {
@@ -242,18 +250,42 @@ impl<J: JobSink> Core<J> {
     }
 
     /// Refuse a file packet: 1607 once, drop the upload, swallow its later
-    /// packets; its content is read and dropped.
-    fn refuse_packet(&mut self, p: &mut Protocol, ph: &PacketHeader, content_len: u64, why: &str) {
+    /// packets; its content is read and dropped. The upload's next state.
+    fn refuse_packet(&mut self, p: &mut Protocol, upload: Upload, a: &Arrival, why: &str) -> Upload {
+        let (ph, content_len) = (a.ph, a.content_len);
         p.incoming = Some(Incoming::Drain { len: content_len });
         self.metrics.unstored(Unstored::Refused);
-        let dropped = match std::mem::replace(&mut p.upload, Upload::Idle) {
-            Upload::Receiving(r) => Some(r),
-            _ => None,
+        let next = match upload {
+            Upload::Receiving(r) => {
+                self.drop_upload(&r);
+                Upload::Ended(Box::new(Ended::refused(Some(&r), ph, content_len)))
+            }
+            Upload::Idle | Upload::Ended(_) => Upload::Ended(Box::new(Ended::refused(None, ph, content_len))),
+            // Its last packet is at the worker and no request is read
+            // meanwhile; if one were, that upload's outcome still ends it.
+            Upload::Finishing(f) => Upload::Finishing(f),
         };
-        if let Some(r) = &dropped {
-            self.drop_upload(r);
-        }
-        p.upload = Upload::Ended(Ended::refused(dropped.as_ref(), ph, content_len));
         p.refuse(why);
+        next
     }
+}
+
+/// Does the packet follow the upload in progress (same name and total, the
+/// next number)? Why not, if it does not.
+fn follows(r: &Receiving, ph: &PacketHeader) -> Result<(), String> {
+    if r.name_field.bytes() == ph.file_name.bytes()
+        && r.total == ph.total_packets
+        && r.next == ph.packet_number
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "packet {}/{} of \"{}\" does not follow packet {}/{} of \"{}\"",
+        ph.packet_number,
+        ph.total_packets,
+        ph.file_name.display(),
+        r.next.wrapping_sub(1),
+        r.total,
+        r.name_field.display()
+    ))
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 use super::db::{Intent, Write};
 use super::fault::{self, Point};
 use super::storage::{Dirty, Publish, Storage};
-use super::{stamp, Completion, ConnRef, PartFile, UploadId, Usage, Worker};
+use super::{stamp, Completion, ConnRef, IntentError, PartFile, UploadId, Usage, Worker};
 use crate::config::SyncMode;
 use crate::protocol::{id_hex, ClientId};
 
@@ -149,9 +149,8 @@ impl Worker {
             .collect();
         if !intents.is_empty() {
             let names = staged.iter().filter(|s| s.publish.saved_previous.is_some()).map(|s| s.name.as_str());
-            let r = self.db.add_intents(&intents).map_err(|e| e.to_string());
-            if let Err(e) = r.and_then(|_| fault::check_all(Point::Intent, names).map_err(|e| e.to_string()))
-            {
+            let r = self.db.add_intents(&intents).map_err(IntentError::from);
+            if let Err(e) = r.and_then(|()| Ok(fault::check_all(Point::Intent, names)?)) {
                 log::error!("worker: database error recording {} publish(es): {e}", staged.len());
                 let clear = intents.iter().map(|i| Write::ClearIntent { upload: i.upload }).collect();
                 writes.push((Pending::Silent, clear));

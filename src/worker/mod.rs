@@ -17,6 +17,7 @@
 
 mod commit;
 pub mod db;
+mod error;
 mod fault;
 mod packets;
 mod reconcile;
@@ -35,6 +36,8 @@ use crate::metrics::Metrics;
 use crate::protocol::{id_hex, ClientId};
 use commit::Pending;
 use db::{ClientRecord, Db, Write};
+use error::IntentError;
+pub use error::{OpenError, ReconcileError, UploadError};
 use packets::PartFile;
 use storage::Storage;
 
@@ -127,7 +130,7 @@ pub enum Job {
     Shutdown,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum PacketOutcome {
     /// Stored; more packets expected.
     Accepted,
@@ -135,7 +138,7 @@ pub enum PacketOutcome {
     Received { cksum: u32, ciphertext_len: u64, plain_len: u64 },
     /// The upload failed (decryption, size, disk); its temp file is gone.
     /// Later packets of it are `Ignored`.
-    Failed(String),
+    Failed(UploadError),
     /// The upload was already failed or discarded.
     Ignored,
 }
@@ -171,6 +174,18 @@ pub enum Completion {
         client: ClientId,
         usage: Usage,
     },
+}
+
+impl Completion {
+    /// The connection the completion is for.
+    pub fn conn(&self) -> ConnRef {
+        match self {
+            Completion::Registered { conn, .. }
+            | Completion::KeySaved { conn, .. }
+            | Completion::Packet { conn, .. }
+            | Completion::Committed { conn, .. } => *conn,
+        }
+    }
 }
 
 /// Anything the loop wakes on (the server implements it for its poll waker:
@@ -226,6 +241,30 @@ pub struct Opened {
     pub usage: HashMap<ClientId, Usage>,
 }
 
+/// SQLite opens its files by path: none of them may be a link (or anything
+/// but a file) where the database belongs in the data directory.
+fn check_database_files(
+    lock: &DirLock,
+    data_dir: &std::path::Path,
+    db_path: &std::path::Path,
+) -> Result<(), OpenError> {
+    if db_path.parent() != Some(data_dir) {
+        return Ok(());
+    }
+    let Some(db_name) = db_path.file_name().and_then(|n| n.to_str()) else { return Ok(()) };
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let name = format!("{db_name}{suffix}");
+        match lock.dir().stat(&name) {
+            Ok(None) | Ok(Some(datadir::Meta { kind: Kind::File, .. })) => {}
+            Ok(Some(m)) => {
+                return Err(OpenError::DatabaseNotAFile { path: db_path.to_path_buf(), name, kind: m.kind })
+            }
+            Err(source) => return Err(OpenError::DatabaseFile { path: db_path.to_path_buf(), name, source }),
+        }
+    }
+    Ok(())
+}
+
 fn stamp() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
@@ -238,36 +277,16 @@ pub fn upload_id_seed() -> UploadId {
 impl Worker {
     /// Lock and check the data directory (see [`datadir`]), open storage
     /// and database, and reconcile them after a crash.
-    pub fn open(cfg: &crate::config::Config) -> Result<Opened, String> {
+    pub fn open(cfg: &crate::config::Config) -> Result<Opened, OpenError> {
         let (data_dir, db_path) = (&cfg.data_dir, &cfg.db_path());
         let (keep_versions, sync_mode) = (cfg.keep_versions, cfg.sync_mode);
-        let lock = datadir::acquire(data_dir)?;
-        datadir::prepare(&lock)?;
-        // SQLite opens its files by path: check that none of them is a link
-        // (or anything but a file) where the database belongs.
-        if db_path.parent() == Some(data_dir.as_path()) {
-            if let Some(db_name) = db_path.file_name().and_then(|n| n.to_str()) {
-                for suffix in ["", "-wal", "-shm", "-journal"] {
-                    let name = format!("{db_name}{suffix}");
-                    match lock.dir().stat(&name) {
-                        Ok(None) | Ok(Some(datadir::Meta { kind: Kind::File, .. })) => {}
-                        Ok(Some(m)) => {
-                            return Err(format!(
-                                "database {}: {name} is a {:?}, not a file; backupd follows no link \
-                                 inside its data directory (move it away, keep the real file there)",
-                                db_path.display(),
-                                m.kind
-                            ))
-                        }
-                        Err(e) => return Err(format!("database {}: {name}: {e}", db_path.display())),
-                    }
-                }
-            }
-        }
+        let lock = datadir::acquire(data_dir).map_err(OpenError::DataDir)?;
+        datadir::prepare(&lock).map_err(OpenError::DataDir)?;
+        check_database_files(&lock, data_dir, db_path)?;
         let storage =
-            Storage::open(data_dir).map_err(|e| format!("data directory {}: {e}", data_dir.display()))?;
-        let db = Db::open(db_path, cfg.db_busy_timeout)
-            .map_err(|e| format!("database {}: {e}", db_path.display()))?;
+            Storage::open(data_dir).map_err(|source| OpenError::Storage { dir: data_dir.clone(), source })?;
+        let database = |source| OpenError::Database { path: db_path.clone(), source };
+        let db = Db::open(db_path, cfg.db_busy_timeout).map_err(database)?;
         let mut w = Worker {
             _lock: lock,
             storage,
@@ -282,17 +301,17 @@ impl Worker {
             free_checked: None,
             free_failed: false,
         };
-        w.reconcile().map_err(|e| format!("reconciling {}: {e}", data_dir.display()))?;
-        let clients = w.db.load_clients().map_err(|e| format!("database {}: {e}", db_path.display()))?;
+        w.reconcile().map_err(|source| OpenError::Reconcile { dir: data_dir.clone(), source })?;
+        let clients = w.db.load_clients().map_err(database)?;
         let verified_files = w.db.file_rows().map(|r| r.iter().filter(|r| r.verified).count()).unwrap_or(0);
         let last_verified = w.db.last_verified().unwrap_or_default();
         // Usage: the files' sizes from the database, the versions' from one
         // walk of versions/ (after reconciliation, which may have changed both).
         // The walk (about a second per 100,000 versions with a warm cache) is
         // made only when something reads the figures: a quota or the metrics.
-        let mut usage = w.db.current_usage().map_err(|e| format!("database {}: {e}", db_path.display()))?;
+        let mut usage = w.db.current_usage().map_err(database)?;
         if cfg.quota > 0 || cfg.quota_files > 0 || cfg.metrics_file.is_some() {
-            let versions = w.storage.version_usage().map_err(|e| format!("versions/: {e}"))?;
+            let versions = w.storage.version_usage().map_err(OpenError::Versions)?;
             for (id, v) in versions {
                 usage.entry(id).or_default().add(v);
             }

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{self, Write as _};
 
 use super::fault::{self, Point};
-use super::{Completion, PacketJob, PacketOutcome, StartUpload, UploadId, Worker};
+use super::{Completion, PacketJob, PacketOutcome, StartUpload, UploadError, UploadId, Worker};
 use crate::crypto::{Cksum, StreamDecryptor, AES_KEY_LEN};
 use crate::protocol::ClientId;
 
@@ -104,7 +104,7 @@ impl Worker {
         Completion::Packet { conn, upload, buffer: p.content, last, outcome }
     }
 
-    fn packet_inner(&mut self, p: &mut PacketJob) -> Result<PacketOutcome, String> {
+    fn packet_inner(&mut self, p: &mut PacketJob) -> Result<PacketOutcome, UploadError> {
         if let Some(start) = p.start.take() {
             self.open_upload(p.upload, start)?;
         }
@@ -117,7 +117,7 @@ impl Worker {
             return Ok(PacketOutcome::Accepted);
         }
         if u.dec.is_some() {
-            return Err("upload ended inside a CBC stream".into());
+            return Err(UploadError::EndedInsideStream);
         }
         // The temp file is made durable at commit time, together with the
         // rest of its batch: 1603 promises nothing about durability, 1604 does.
@@ -129,8 +129,8 @@ impl Worker {
     }
 
     /// A packet 1: the upload's temp file and stream state.
-    fn open_upload(&mut self, upload: UploadId, start: StartUpload) -> Result<(), String> {
-        let file = self.storage.create_temp(upload).map_err(|e| format!("cannot create temp file: {e}"))?;
+    fn open_upload(&mut self, upload: UploadId, start: StartUpload) -> Result<(), UploadError> {
+        let file = self.storage.create_temp(upload).map_err(UploadError::CreateTemp)?;
         self.uploads.insert(
             upload,
             PartFile {
@@ -153,10 +153,10 @@ impl Worker {
 impl PartFile {
     /// Decrypt, checksum and append a packet's content (and finish its CBC
     /// stream when the packet ends one).
-    fn append(&mut self, p: &mut PacketJob) -> Result<(), String> {
+    fn append(&mut self, p: &mut PacketJob) -> Result<(), UploadError> {
         let u = self;
         if u.received.is_some() {
-            return Err("packet after the last one".into());
+            return Err(UploadError::AfterLast);
         }
         if p.new_segment {
             u.dec = Some(StreamDecryptor::new(&u.key.0));
@@ -165,7 +165,7 @@ impl PartFile {
         let content = &mut p.content.bytes[..];
         u.ciphertext += content.len() as u64;
         let PartFile { file: Some(file), cksum, dec, .. } = u else {
-            return Err("packet after the last one".into());
+            return Err(UploadError::AfterLast);
         };
         let mut err: Option<io::Error> = None;
         let mut sink = |pt: &[u8]| {
@@ -187,12 +187,12 @@ impl PartFile {
             }
             // The empty last packet of convention 2 follows the completed stream.
             None if content.is_empty() => {}
-            None => return Err("packet outside a CBC stream".into()),
+            None => return Err(UploadError::OutsideStream),
         }
         if let Some(expected) = p.end_segment {
-            let d = u.dec.take().ok_or("no CBC stream to finish")?;
+            let d = u.dec.take().ok_or(UploadError::NoStreamToFinish)?;
             let PartFile { file: Some(file), cksum, .. } = u else {
-                return Err("packet after the last one".into());
+                return Err(UploadError::AfterLast);
             };
             let mut sink = |pt: &[u8]| {
                 if err.is_none() {
@@ -202,25 +202,24 @@ impl PartFile {
                     }
                 }
             };
-            d.finish(&mut sink).map_err(|_| "decryption failed".to_string())?;
+            d.finish(&mut sink).map_err(|_| UploadError::Decryption)?;
             if u.cksum.len() - u.segment_start != expected {
-                return Err("decryption failed".into());
+                return Err(UploadError::Decryption);
             }
         }
         if let Some(e) = err {
-            return Err(format!("cannot write temp file: {e}"));
+            return Err(UploadError::WriteTemp(e));
         }
         Ok(())
     }
 
     /// Write-behind (see `write_behind`).
-    fn kick_writeback(&mut self) -> Result<(), String> {
+    fn kick_writeback(&mut self) -> Result<(), UploadError> {
         let u = self;
         let written = u.cksum.len();
         if written - u.writeback_from >= WRITEBACK_STEP {
             if let Some(f) = &u.file {
-                write_behind(f, u.dropped_to, u.writeback_from, written)
-                    .map_err(|e| format!("cannot write temp file (writeback): {e}"))?;
+                write_behind(f, u.dropped_to, u.writeback_from, written).map_err(UploadError::Writeback)?;
             }
             u.dropped_to = u.writeback_from;
             u.writeback_from = written;

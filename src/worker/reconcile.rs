@@ -6,13 +6,13 @@ use std::collections::{HashMap, HashSet};
 
 use super::db::Write;
 use super::storage::Publish;
-use super::Worker;
+use super::{ReconcileError, Worker};
 use crate::protocol::id_hex;
 
 impl Worker {
     /// Repair what a crash can leave behind. Each fix is logged.
-    pub(super) fn reconcile(&mut self) -> Result<(), String> {
-        let (removed, moved) = self.storage.clear_tmp().map_err(|e| format!("tmp/: {e}"))?;
+    pub(super) fn reconcile(&mut self) -> Result<(), ReconcileError> {
+        let (removed, moved) = self.storage.clear_tmp().map_err(ReconcileError::Tmp)?;
         if removed > 0 {
             log::info!("startup: removed {removed} unfinished upload(s) left in tmp/");
         }
@@ -20,7 +20,7 @@ impl Worker {
             log::error!("startup: moved {moved} unexpected entr(ies) out of tmp/ into orphans/");
         }
         // Publishes interrupted between their renames and their database commit.
-        let intents = self.db.intents().map_err(|e| e.to_string())?;
+        let intents = self.db.intents()?;
         for i in &intents {
             let p = Publish { target: i.target.clone(), saved_previous: i.saved_previous.clone() };
             let verified_elsewhere = p.saved_previous.is_none() && self.verified_path(&i.target);
@@ -33,12 +33,12 @@ impl Worker {
         }
         if !intents.is_empty() {
             // The undo must be durable before its intents go.
-            self.storage.sync_filesystem().map_err(|e| format!("syncfs: {e}"))?;
+            self.storage.sync_filesystem().map_err(ReconcileError::Syncfs)?;
             let clear: Vec<Write> = intents.iter().map(|i| Write::ClearIntent { upload: i.upload }).collect();
-            self.db.apply(&clear).map_err(|e| e.to_string())?;
+            self.db.apply(&clear)?;
         }
         // Files must have a verified row (one walk of files/, one stat per entry) ...
-        let rows = self.db.file_rows().map_err(|e| e.to_string())?;
+        let rows = self.db.file_rows()?;
         let verified: HashSet<&str> = rows.iter().filter(|r| r.verified).map(|r| r.path.as_str()).collect();
         let mut found: HashMap<String, u64> = HashMap::new();
         self.storage
@@ -49,7 +49,7 @@ impl Worker {
                 }
                 keep
             })
-            .map_err(|e| format!("files/: {e}"))?;
+            .map_err(ReconcileError::Files)?;
         // ... and verified rows their file, of the size recorded.
         let mut torn = 0;
         for r in rows.iter().filter(|r| r.verified) {
@@ -60,7 +60,7 @@ impl Worker {
                         r.path,
                         id_hex(&r.id)
                     );
-                    self.db.mark_unverified(&r.id, &r.name).map_err(|e| e.to_string())?;
+                    self.db.mark_unverified(&r.id, &r.name)?;
                 }
                 (Some(&on_disk), Some(size)) if on_disk != size => {
                     log::error!(

@@ -44,8 +44,7 @@ use std::time::{Duration, Instant};
 use backupd::config::Config;
 use backupd::crypto::OaepHash;
 use backupd::protocol::{ClientId, NameField, Response, ResponseHeader, RESPONSE_HEADER_LEN};
-use backupd::server::connection::Awaiting;
-use backupd::server::{Core, Registry};
+use backupd::server::fuzzing::{Core, Registry};
 use backupd::worker::{Job, PacketJob, UploadId};
 
 use self::model::{expected_is_quiet, Ledger, MClient, MUpload, Owed};
@@ -228,7 +227,7 @@ pub fn session_stats(data: &[u8]) -> SessionStats {
 
 /// Parse every reply in `out` (which is emptied): each must be a complete,
 /// well-formed response that encodes back to the same bytes.
-fn take_replies(out: &mut Vec<u8>) -> Vec<Response> {
+fn take_replies(out: Vec<u8>) -> Vec<Response> {
     let mut replies = Vec::new();
     let mut rest = &out[..];
     while !rest.is_empty() {
@@ -247,7 +246,6 @@ fn take_replies(out: &mut Vec<u8>) -> Vec<Response> {
         replies.push(r);
         rest = &rest[end..];
     }
-    out.clear();
     replies
 }
 
@@ -321,7 +319,7 @@ impl Sim<'_> {
         for c in self.clients.values_mut().filter(|c| c.registrant == Some(old.model.conn)) {
             c.registrant = None;
         }
-        let jobs = std::mem::take(&mut self.core.jobs);
+        let jobs = self.core.take_jobs();
         let m = &old.model;
         let mut expected: Vec<UploadId> = m.staged.iter().filter(|f| !f.retried).map(|f| f.upload).collect();
         if let MUpload::Receiving { id, .. } | MUpload::Finishing { id, .. } = m.upload {
@@ -342,8 +340,8 @@ impl Sim<'_> {
         let now = Instant::now() + if future { Duration::from_secs(86_400) } else { Duration::ZERO };
         let slot = &mut self.slots[s];
         self.core.purge_stale(&mut slot.proto, now);
-        let jobs = std::mem::take(&mut self.core.jobs);
-        assert!(take_replies(&mut slot.proto.out).is_empty());
+        let jobs = self.core.take_jobs();
+        assert!(take_replies(slot.proto.take_output()).is_empty());
         let m = &mut slot.model;
         let mut expected = Vec::new();
         if future {
@@ -368,15 +366,15 @@ impl Sim<'_> {
             })
             .sum();
         let held: usize = self.slots.iter().map(Slot::reserved).sum();
-        assert_eq!(self.core.budget.used(), at_worker + held, "budget in use vs content bytes held");
+        assert_eq!(self.core.budget().used(), at_worker + held, "budget in use vs content bytes held");
         for slot in &self.slots {
             let (p, m) = (&slot.proto, &slot.model);
             let mine = |j: &&Job| match j {
                 Job::Packet(x) => x.conn == m.conn,
                 _ => false,
             };
-            assert_eq!(p.packets_in_flight, self.queue.iter().filter(mine).count(), "packets_in_flight");
-            assert_eq!(p.awaiting == Awaiting::Nothing, m.owed == Owed::Nothing, "awaiting vs the model");
+            assert_eq!(p.packets_in_flight(), self.queue.iter().filter(mine).count(), "packets_in_flight");
+            assert_eq!(!p.awaits_reply(), m.owed == Owed::Nothing, "awaiting vs the model");
             let waited = match &m.owed {
                 Owed::Nothing => true,
                 Owed::Register(id) => self
@@ -408,15 +406,15 @@ impl Sim<'_> {
         }
         assert!(self.queue.is_empty());
         for slot in &self.slots {
-            assert!(slot.proto.awaiting == Awaiting::Nothing, "awaiting after every completion");
-            assert_eq!(slot.proto.packets_in_flight, 0);
+            assert!(!slot.proto.awaits_reply(), "awaiting after every completion");
+            assert_eq!(slot.proto.packets_in_flight(), 0);
         }
-        assert_eq!(self.core.budget.used(), self.slots.iter().map(Slot::reserved).sum::<usize>());
+        assert_eq!(self.core.budget().used(), self.slots.iter().map(Slot::reserved).sum::<usize>());
         self.close(0);
         self.close(1);
         self.deliver(usize::MAX);
         self.check_global();
-        assert_eq!(self.core.budget.used(), 0, "budget left in use with nothing in flight");
+        assert_eq!(self.core.budget().used(), 0, "budget left in use with nothing in flight");
         assert!(
             self.worker.is_empty(),
             "uploads left at the worker: {:?}",

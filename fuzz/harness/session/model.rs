@@ -247,7 +247,7 @@ impl Sim<'_> {
         m.session = Some((id, None));
         m.sealed = sealed;
         assert_eq!(discards, sorted(expected), "discards of a new session");
-        assert!(self.slots[s].proto.session.as_ref().is_some_and(|x| x.id == id));
+        assert!(self.slots[s].proto.session().is_some_and(|(x, _)| x == id));
     }
 
     pub(super) fn on_crc(

@@ -2,7 +2,7 @@
 //! refused with one 1607, or admitted (its content then streams to the worker).
 
 use backupd::protocol::{normalize_path, ClientId, NameField, PacketHeader, Response};
-use backupd::server::connection::{Incoming, Upload};
+use backupd::server::fuzzing::Incoming;
 use backupd::worker::{Job, PacketJob, UploadId};
 
 use super::model::{MConn, MUpload};
@@ -76,7 +76,7 @@ impl Sim<'_> {
             return false;
         }
         assert!(replies.is_empty() && jobs.is_empty(), "a swallowed packet was answered or sent on");
-        assert_eq!(slot.proto.incoming, Some(Incoming::Drain { len: content_len }));
+        assert_eq!(slot.proto.incoming(), Some(Incoming::Drain { len: content_len }));
         let (field, refused) = (field.clone(), *refused);
         m.upload = MUpload::Ended { field, next: k.wrapping_add(1), total: n, refused };
         self.stats.packets_skipped += u32::from(refused);
@@ -94,7 +94,7 @@ impl Sim<'_> {
         assert!(pjobs.is_empty(), "a refused packet went to the worker");
         assert!(!seen.must_accept(max_file_size), "packet {k}/{n} follows the rules but was refused");
         assert_eq!(
-            slot.proto.incoming,
+            slot.proto.incoming(),
             Some(Incoming::Drain { len: seen.content_len }),
             "refused content is dropped"
         );
@@ -126,10 +126,8 @@ impl Sim<'_> {
         let m = &mut slot.model;
         assert!(seen.session.is_some(), "a packet admitted without this connection's session key");
         // The upload the state machine streams this packet's content to.
-        let upload = match &slot.proto.upload {
-            Upload::Receiving(r) => r.upload,
-            Upload::Finishing { upload, .. } => *upload,
-            _ => panic!("packet {k}/{n} admitted with no upload in the state machine"),
+        let Some(upload) = slot.proto.current_upload() else {
+            panic!("packet {k}/{n} admitted with no upload in the state machine")
         };
         if k == 1 {
             let Some(name) = &seen.name else { panic!("a packet 1 with a bad file name was accepted") };
@@ -171,12 +169,12 @@ impl Sim<'_> {
         slot.streaming = Some(Streaming { upload, k, n, first: true, ends });
         if content_len == 0 {
             // An empty packet goes to the worker at once, as one empty piece.
-            assert_eq!(slot.proto.incoming, None);
+            assert_eq!(slot.proto.incoming(), None);
             assert!(pjobs.len() == 1, "an empty packet makes one packet job");
             self.check_piece(s, pjobs.first().copied(), &[], true);
         } else {
             assert!(pjobs.is_empty(), "content went to the worker before it was read");
-            assert_eq!(slot.proto.incoming, Some(Incoming::Stream { len: content_len }));
+            assert_eq!(slot.proto.incoming(), Some(Incoming::Stream { len: content_len }));
         }
     }
 }

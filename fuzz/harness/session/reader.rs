@@ -6,8 +6,7 @@ use std::collections::{HashSet, VecDeque};
 use backupd::budget::Piece;
 use backupd::crypto::decrypt_session_key;
 use backupd::protocol::{Code, Request, RequestHeader, Response, PACKET_HEADER_LEN, REQUEST_HEADER_LEN};
-use backupd::server::connection::{Frame, Incoming, Protocol};
-use backupd::server::{frame_len, Flow};
+use backupd::server::fuzzing::{Flow, Frame, Incoming, Protocol};
 use backupd::worker::{ConnRef, Job, PacketJob, UploadId};
 
 use super::generator::Plan;
@@ -130,17 +129,16 @@ impl Sim<'_> {
         match self.core.check_header(&mut slot.proto, &h) {
             None => {
                 assert!(h.check(self.max_payload as u32).is_err());
-                let replies = take_replies(&mut slot.proto.out);
+                let replies = take_replies(slot.proto.take_output());
                 assert_eq!(replies, vec![Response::GeneralError], "framing error");
-                assert!(self.core.jobs.is_empty());
+                assert!(self.core.take_jobs().is_empty());
                 slot.closing = true;
                 self.stats.framing_errors += 1;
                 false
             }
             Some(code) => {
                 assert_eq!(code.as_u16(), h.code);
-                let payload = vec![0; frame_len(code, &h)];
-                slot.read = ReadPhase::Payload(Frame { header: h, code, payload, filled: 0 });
+                slot.read = ReadPhase::Payload(Frame::new(h, code));
                 true
             }
         }
@@ -150,23 +148,19 @@ impl Sim<'_> {
     /// the frame is handled and what follows it (content or nothing) is set up.
     fn read_payload(&mut self, s: usize) -> bool {
         let slot = &mut self.slots[s];
-        let avail = slot.inbuf.len() - slot.pos;
         let ReadPhase::Payload(f) = &mut slot.read else { unreachable!() };
-        let n = avail.min(f.payload.len() - f.filled);
-        f.payload[f.filled..f.filled + n].copy_from_slice(&slot.inbuf[slot.pos..slot.pos + n]);
-        f.filled += n;
-        slot.pos += n;
-        if f.filled < f.payload.len() {
+        slot.pos += f.fill(&slot.inbuf[slot.pos..]);
+        if !f.is_complete() {
             return false;
         }
         let ReadPhase::Payload(f) = std::mem::replace(&mut slot.read, ReadPhase::Header) else {
             unreachable!()
         };
-        let end = slot.frame_start + REQUEST_HEADER_LEN + f.header.payload_size as usize;
+        let end = slot.frame_start + REQUEST_HEADER_LEN + f.header().payload_size as usize;
         let conforming = slot.conforming.remove(&(slot.frame_start, end));
         self.handle(s, f, conforming);
         let slot = &mut self.slots[s];
-        match slot.proto.incoming.take() {
+        match slot.proto.take_incoming() {
             _ if slot.closing => {}
             None => {}
             Some(Incoming::Stream { len }) => {
@@ -206,8 +200,8 @@ impl Sim<'_> {
                 assert!(
                     self.queue.iter().any(is_packet_job) || other > 0,
                     "a piece waits for budget ({} of {} used) with nothing in flight",
-                    self.core.budget.used(),
-                    self.core.budget.limit()
+                    self.core.budget().used(),
+                    self.core.budget().limit()
                 );
                 self.stats.budget_waits += 1;
                 return false;
@@ -239,8 +233,8 @@ impl Sim<'_> {
         let bytes = piece.bytes.clone();
         let slot = &mut self.slots[s];
         self.core.content_piece(&mut slot.proto, piece, last);
-        let jobs = std::mem::take(&mut self.core.jobs);
-        assert!(take_replies(&mut slot.proto.out).is_empty(), "content is not answered");
+        let jobs = self.core.take_jobs();
+        assert!(take_replies(slot.proto.take_output()).is_empty(), "content is not answered");
         assert!(jobs.len() <= 1 && jobs.iter().all(is_packet_job), "a piece makes one packet job at most");
         self.check_piece(s, packet_jobs(&jobs).first().copied(), &bytes, last);
         self.enqueue(jobs);
@@ -289,10 +283,10 @@ impl Sim<'_> {
         let Some((sid, skey)) = m.session else {
             panic!("a Job::Packet without this connection's session key")
         };
-        let proto_session = slot.proto.session.as_ref().expect("the state machine has the session");
-        assert_eq!(proto_session.id, sid);
+        let (proto_id, proto_key) = slot.proto.session().expect("the state machine has the session");
+        assert_eq!(proto_id, sid);
         assert_eq!(start.client, sid);
-        assert_eq!(start.key, proto_session.key, "packet 1 carries this connection's session key");
+        assert_eq!(start.key, proto_key, "packet 1 carries this connection's session key");
         let key = match (skey, m.sealed.take()) {
             (Some(k), _) => Some(k),
             (None, Some(ct)) if self.check_key => {
@@ -313,15 +307,14 @@ impl Sim<'_> {
 
     /// One complete frame through `handle_frame`, checked against the model.
     fn handle(&mut self, s: usize, f: Frame, conforming: bool) {
-        let payload = f.payload.clone();
-        let f_payload_size = f.header.payload_size;
-        let hid = f.header.client_id;
-        let parsed = Request::parse(f.code, &payload);
+        let f_payload_size = f.header().payload_size;
+        let hid = f.header().client_id;
+        let parsed = Request::parse(f.code(), f.payload());
         let slot = &mut self.slots[s];
         trace!("  slot {s} handles {:?} (conforming {conforming}): model {:?}", parsed, slot.model.upload);
         let flow = self.core.handle_frame(&mut slot.proto, f);
-        let replies = take_replies(&mut slot.proto.out);
-        let jobs = std::mem::take(&mut self.core.jobs);
+        let replies = take_replies(slot.proto.take_output());
+        let jobs = self.core.take_jobs();
         trace!("    -> {replies:?}, jobs {:?}", jobs.iter().map(job_name).collect::<Vec<_>>());
         let req = match parsed {
             Ok(r) => r,

@@ -2,12 +2,35 @@
 //! the real worker would give, the outcome chosen by the input.
 
 use backupd::protocol::{normalize_path, ClientId, Response};
-use backupd::server::{completion_conn, Flow};
-use backupd::worker::{Completion, Job, PacketOutcome, UploadId};
+use backupd::server::fuzzing::Flow;
+use backupd::worker::{Completion, Job, PacketOutcome, UploadError, UploadId};
 
 use super::super::Input;
 use super::model::{MStaged, MUpload, Owed};
 use super::{discards_only, sorted, take_replies, tracing, Sim, DECRYPT_FAILURE_BURST};
+
+/// What the model checks of a packet completion's outcome (outcomes are
+/// not `Clone`: a failure may carry an I/O error).
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Accepted,
+    Received { cksum: u32, ciphertext_len: u64 },
+    Failed { decryption: bool },
+    Ignored,
+}
+
+impl From<&PacketOutcome> for Outcome {
+    fn from(o: &PacketOutcome) -> Outcome {
+        match o {
+            PacketOutcome::Accepted => Outcome::Accepted,
+            PacketOutcome::Received { cksum, ciphertext_len, .. } => {
+                Outcome::Received { cksum: *cksum, ciphertext_len: *ciphertext_len }
+            }
+            PacketOutcome::Failed(e) => Outcome::Failed { decryption: e.is_decryption() },
+            PacketOutcome::Ignored => Outcome::Ignored,
+        }
+    }
+}
 
 /// The fake worker's upload state (the real worker's `Upload`).
 pub(super) struct WUpload {
@@ -61,7 +84,7 @@ impl Sim<'_> {
                         if fail(&mut self.input) {
                             self.worker.remove(&p.upload);
                             self.failed.insert(p.upload);
-                            PacketOutcome::Failed("decryption failed".into())
+                            PacketOutcome::Failed(UploadError::Decryption)
                         } else if p.last {
                             u.received = true;
                             let cksum = self.input.u32();
@@ -103,11 +126,13 @@ impl Sim<'_> {
     /// A completion reaches the loop: its connection, if still open, is
     /// checked against the model and read on.
     fn complete(&mut self, done: Completion) {
-        let conn = completion_conn(&done);
+        let conn = done.conn();
         self.follow_registry(&done);
         let live = self.slots[conn.key].model.conn == conn;
         let summary = match &done {
-            Completion::Packet { upload, last, outcome, .. } => Some((*upload, *last, outcome.clone())),
+            Completion::Packet { upload, last, outcome, .. } => {
+                Some((*upload, *last, Outcome::from(outcome)))
+            }
             _ => None,
         };
         let kind = match &done {
@@ -119,14 +144,14 @@ impl Sim<'_> {
         let slot = &mut self.slots[conn.key];
         trace!("  completion {kind:?} {summary:?} for {conn:?} (live {live})");
         let flow = self.core.on_completion(live.then_some(&mut slot.proto), done);
-        let jobs = std::mem::take(&mut self.core.jobs);
+        let jobs = self.core.take_jobs();
         if !live {
             assert_eq!(flow, Flow::Continue, "a completion for a closed connection");
             assert!(jobs.is_empty(), "a completion for a closed connection issued jobs");
             return;
         }
         assert_eq!(flow, Flow::Resume);
-        let replies = take_replies(&mut slot.proto.out);
+        let replies = take_replies(slot.proto.take_output());
         match kind {
             (0, id, ok) => self.registered(conn.key, id, ok, replies, &jobs),
             (1, id, ok) => self.key_saved(conn.key, id, ok, replies, &jobs),
@@ -228,7 +253,7 @@ impl Sim<'_> {
         s: usize,
         upload: UploadId,
         last: bool,
-        outcome: PacketOutcome,
+        outcome: Outcome,
         replies: Vec<Response>,
         jobs: &[Job],
     ) {
@@ -237,14 +262,14 @@ impl Sim<'_> {
             assert_eq!(m.owed, Owed::LastPacket(upload), "the last packet's outcome is awaited");
         }
         match outcome {
-            PacketOutcome::Accepted => {
+            Outcome::Accepted => {
                 assert!(replies.is_empty() && jobs.is_empty());
             }
-            PacketOutcome::Received { cksum, ciphertext_len, .. } => {
+            Outcome::Received { cksum, ciphertext_len } => {
                 self.file_received(s, upload, cksum, ciphertext_len, replies, jobs);
             }
-            PacketOutcome::Failed(why) => self.packet_failed(s, upload, last, &why, replies, jobs),
-            PacketOutcome::Ignored => {
+            Outcome::Failed { decryption } => self.packet_failed(s, upload, last, decryption, replies, jobs),
+            Outcome::Ignored => {
                 assert!(replies.is_empty() && jobs.is_empty());
                 if last {
                     m.owed = Owed::Nothing;
@@ -305,14 +330,14 @@ impl Sim<'_> {
         s: usize,
         upload: UploadId,
         last: bool,
-        why: &str,
+        decryption: bool,
         replies: Vec<Response>,
         jobs: &[Job],
     ) {
         let slot = &mut self.slots[s];
         let m = &mut slot.model;
         let mut expected = Vec::new();
-        if let (true, Some((sid, _))) = (why.starts_with("decryption failed"), m.session) {
+        if let (true, Some((sid, _))) = (decryption, m.session) {
             let n = self.decrypt_failures.entry(sid).or_insert(0);
             *n += 1;
             if *n > DECRYPT_FAILURE_BURST {
@@ -322,7 +347,7 @@ impl Sim<'_> {
             }
         }
         assert_eq!(discards_only(jobs), sorted(expected), "discards of a decryption failure");
-        assert_eq!(slot.proto.session.is_some(), m.session.is_some(), "session after a failure");
+        assert_eq!(slot.proto.session().is_some(), m.session.is_some(), "session after a failure");
         self.stats.worker_failures += 1;
         let current = match &m.upload {
             MUpload::Receiving { id, field, total, next, .. }
