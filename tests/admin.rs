@@ -9,7 +9,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use backupd::client::UploadOptions;
@@ -19,18 +18,7 @@ use common::*;
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The outcome of one admin command.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Debug for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
-    }
-}
+type Run = AdminRun;
 
 /// Run `backupd ARGS --data-dir DATA` (no BACKUPD_* variables from outside);
 /// killed past the timeout.
@@ -42,39 +30,7 @@ fn admin(data: &Path, args: &[&str]) -> Run {
 
 /// Run `backupd ARGS` with exactly the BACKUPD_* variables given.
 fn admin_env(args: &[&std::ffi::OsStr], env: &[(&str, &Path)]) -> Run {
-    let mut cmd = Command::new(server_bin());
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("BACKUPD_") {
-            cmd.env_remove(k);
-        }
-    }
-    let child = cmd
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn backupd");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(ADMIN_TIMEOUT) {
-        Ok(out) => out.expect("wait for backupd"),
-        Err(_) => {
-            unsafe {
-                libc::kill(pid as i32, libc::SIGKILL);
-            }
-            panic!("backupd {args:?} did not finish within {ADMIN_TIMEOUT:?}");
-        }
-    };
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    run_admin(args, env, ADMIN_TIMEOUT)
 }
 
 /// Run and expect exit `code`.

@@ -15,6 +15,7 @@ pub(crate) enum Scn {
     Idle,
     Attack,
     Limits,
+    Replica,
 }
 
 #[derive(Debug, Clone)]
@@ -56,7 +57,7 @@ impl Opts {
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
         let common = Opts {
             quick,
-            scenarios: vec![Scn::Limits, Scn::Small, Scn::Large, Scn::Idle, Scn::Attack],
+            scenarios: vec![Scn::Limits, Scn::Small, Scn::Large, Scn::Idle, Scn::Attack, Scn::Replica],
             rounds: 3,
             small_count: 10_000,
             small_clients: 16,
@@ -104,7 +105,7 @@ pub(crate) const HELP: &str = "\
 load: backupd load benchmark (issue 5). Run via `cargo bench --bench load -- FLAGS`.
 
   --quick                 everything small (about a minute)
-  --scenario LIST         comma-separated: small,large,idle,attack,limits (or all) [all]
+  --scenario LIST         comma-separated: small,large,idle,attack,replica,limits (or all) [all]
   --rounds N              timed rounds per scenario [3; quick 2]
   --small-count N         files per small-file round [10000; quick 1000]
   --small-clients N       concurrent small-file clients [16]
@@ -146,10 +147,11 @@ pub(crate) fn parse_scenarios(s: &str) -> Res<Vec<Scn>> {
             "idle" => v.push(Scn::Idle),
             "attack" => v.push(Scn::Attack),
             "limits" => v.push(Scn::Limits),
-            "all" => v.extend([Scn::Limits, Scn::Small, Scn::Large, Scn::Idle, Scn::Attack]),
+            "replica" => v.push(Scn::Replica),
+            "all" => v.extend([Scn::Limits, Scn::Small, Scn::Large, Scn::Idle, Scn::Attack, Scn::Replica]),
             other => {
                 return Err(format!(
-                    "--scenario: unknown scenario {other:?} (small, large, idle, attack, limits)"
+                    "--scenario: unknown scenario {other:?} (small, large, idle, attack, replica, limits)"
                 ))
             }
         }

@@ -6,7 +6,7 @@
 //! to the limit that bounds it. Every figure also goes to
 //! `target/bench/results.json`. See docs/PERFORMANCE.md.
 //!
-//! Run: `cargo bench --bench load -- [--quick] [--scenario small,large,idle,attack,limits] ...`
+//! Run: `cargo bench --bench load -- [--quick] [--scenario small,large,idle,attack,replica,limits] ...`
 //! (`--help` lists the flags). Under `cargo test` (no `--bench` argument) only
 //! the harness's own self-checks run.
 //!
@@ -26,7 +26,8 @@
 //! * [`server`]: the started `backupd` process; [`usage`]: the memory and CPU
 //!   time it (and the rest of the machine) uses, from /proc;
 //! * [`clients`]: client set-up and the cheap large-file payloads;
-//! * [`scenarios`]: one module per scenario;
+//! * [`scenarios`]: one module per scenario; [`garage`], [`bucket`] and
+//!   [`support`] (from tests/s3/) give scenario 5 its store and S3 flags;
 //! * [`report`] and [`json`]: the figures on stdout and in `results.json`;
 //!   [`figure`]: the same run drawn in `report.svg`;
 //! * [`confine`]: the server on one core and 256 MB (`--confined`);
@@ -34,6 +35,13 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+// The S3 test support (Garage, the bucket reader, the S3 flags) for scenario 5.
+#[path = "../../tests/s3/bucket.rs"]
+mod bucket;
+#[path = "../../tests/s3/garage.rs"]
+mod garage;
+#[path = "../../tests/s3/support.rs"]
+mod support;
 
 mod cli;
 mod clients;

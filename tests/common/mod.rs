@@ -400,6 +400,58 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// The outcome of one admin command (`backupd clients`, `restore`, ...).
+pub struct AdminRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Debug for AdminRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
+    }
+}
+
+/// Run `backupd ARGS` with exactly the BACKUPD_* and AWS_* variables in
+/// `env` (none from outside); killed (and the test failed) past `timeout`.
+pub fn run_admin(args: &[&std::ffi::OsStr], env: &[(&str, &Path)], timeout: Duration) -> AdminRun {
+    let mut cmd = Command::new(server_bin());
+    for (k, _) in std::env::vars_os() {
+        let name = k.to_string_lossy();
+        if name.starts_with("BACKUPD_") || name.starts_with("AWS_") {
+            cmd.env_remove(&k);
+        }
+    }
+    let child = cmd
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn backupd");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(timeout) {
+        Ok(out) => out.expect("wait for backupd"),
+        Err(_) => {
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+            panic!("backupd {args:?} did not finish within {timeout:?}");
+        }
+    };
+    AdminRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 /// A `backupd` process started with exactly `args` in `cwd` (no harness flags),
 /// its standard error captured. Killed on drop.
 pub struct RawServer {

@@ -5,7 +5,8 @@
 //! * [`large`]: scenario 2a, one large file;
 //! * [`parallel`]: scenario 2b, large files in parallel;
 //! * [`idle`]: scenario 3, idle connections;
-//! * [`attack`]: scenario 4, small files under attack.
+//! * [`attack`]: scenario 4, small files under attack;
+//! * [`replica`]: scenario 5, replication to S3 off vs on (its own servers).
 
 use std::fs;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -27,6 +28,7 @@ pub(crate) mod attack;
 pub(crate) mod idle;
 pub(crate) mod large;
 pub(crate) mod parallel;
+pub(crate) mod replica;
 pub(crate) mod small;
 
 /// What every scenario needs.
@@ -65,6 +67,7 @@ pub(crate) fn run_scenarios(
         ("large_multi", Scn::Large),
         ("idle", Scn::Idle),
         ("attack", Scn::Attack),
+        ("replica", Scn::Replica),
     ]
     .into_iter()
     .filter(|r| want(r.1))
@@ -121,6 +124,10 @@ struct One<'a> {
 impl One<'_> {
     fn run(&self, run_name: &str, data_dir: &Path, totals: &mut Totals) -> Res<J> {
         let o = self.o;
+        if run_name == "replica" {
+            let dir = data_dir.parent().unwrap_or(data_dir);
+            return replica::run(o, dir, self.key, self.run_tag, totals);
+        }
         let quiet = (o.wait_quiet > 0).then(|| wait_quiet(o.wait_quiet, run_name));
         let mut server = match self.target_addr {
             Some(_) => None,

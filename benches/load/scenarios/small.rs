@@ -186,6 +186,21 @@ pub(crate) fn small_clients(o: &Opts, ctx: &Ctx, label: &str) -> Res<Vec<SmallCl
         .collect())
 }
 
+/// Round `round` of `label` (all of `o.small_count` files), its progress
+/// line, and its rate in files/s.
+pub(crate) fn timed_round(o: &Opts, cl: &mut [SmallClient], label: &str, round: usize) -> (SmallRound, f64) {
+    let r = small_round(cl, o.small_count, o.small_size, &format!("{label}-r{round}"), None);
+    let fps = r.ok as f64 / r.elapsed.as_secs_f64().max(1e-9);
+    eprintln!(
+        "[load] {label}: round {round}/{}: {} files in {:.2} s = {fps:.0} files/s{}",
+        o.rounds,
+        r.ok,
+        r.elapsed.as_secs_f64(),
+        if r.errors.is_empty() { String::new() } else { format!(", {} error(s)", r.errors.len()) }
+    );
+    (r, fps)
+}
+
 /// Scenario 1 (also the second half of scenario 3): register the clients,
 /// then `rounds` timed rounds.
 pub(crate) fn scenario_small(o: &Opts, ctx: &Ctx, label: &str) -> Res<SmallOutcome> {
@@ -196,15 +211,7 @@ pub(crate) fn scenario_small(o: &Opts, ctx: &Ctx, label: &str) -> Res<SmallOutco
     let mut errors = Vec::new();
     let mut files = 0;
     for round in 1..=o.rounds {
-        let r = small_round(&mut cl, o.small_count, o.small_size, &format!("{label}-r{round}"), None);
-        let fps = r.ok as f64 / r.elapsed.as_secs_f64().max(1e-9);
-        eprintln!(
-            "[load] {label}: round {round}/{}: {} files in {:.2} s = {fps:.0} files/s{}",
-            o.rounds,
-            r.ok,
-            r.elapsed.as_secs_f64(),
-            if r.errors.is_empty() { String::new() } else { format!(", {} error(s)", r.errors.len()) }
-        );
+        let (r, fps) = timed_round(o, &mut cl, label, round);
         rate.0.push(fps);
         files += r.ok;
         t.extend(r.total_us);
