@@ -242,3 +242,94 @@ fn primary_answers_1607_until_the_store_is_back() {
     };
     assert!(wait_until(Duration::from_secs(30), || local() <= 1 << 20), "cache not bounded: {}", local());
 }
+
+/// The bucket on its own, as the admin commands' flags name it.
+fn bucket(garage: &Garage, prefix: &str) -> backupd::worker::s3::client::Bucket {
+    let args = backupd::config::s3::S3Args {
+        s3_endpoint: Some(format!("http://127.0.0.1:{}", garage.port)),
+        s3_bucket: Some(BUCKET.into()),
+        s3_region: "garage".into(),
+        s3_prefix: Some(prefix.into()),
+        s3_credentials: Some(garage.dir.path().join("creds")),
+        ..Default::default()
+    };
+    let settings = args.settings().unwrap().unwrap();
+    backupd::worker::s3::client::Bucket::new(&settings).unwrap()
+}
+
+/// A lost box: the whole data directory (database included) is gone. The
+/// bucket describes itself (client names, sizes and cksums in each object's
+/// metadata), so restore (by name or id, versions too) and verify work from
+/// it alone, without creating a data directory; an object whose bytes no
+/// longer match its metadata makes verify fail, naming it.
+#[test]
+fn a_lost_box_restores_and_verifies_from_the_bucket_alone() {
+    let Some(garage) = Garage::start() else { return };
+    let mut server = start_server(&garage, &[]);
+    let (mut c, id) = server.registered_client("Zoë's laptop");
+    let first = b"first text".to_vec();
+    let second = b"second text, longer".to_vec();
+    let big = pseudo_random((16 << 20) + 12345, 11); // a multipart upload
+    store(&mut c, "notes/a.txt", &first).unwrap();
+    store(&mut c, "big.bin", &big).unwrap();
+    store(&mut c, "notes/a.txt", &second).unwrap(); // the first becomes version 1
+    assert!(wait_until(Duration::from_secs(60), || queued(&server.db_path()) == 0), "queue never drained");
+    drop(c);
+    server.stop();
+
+    let data = server.data_dir();
+    std::fs::remove_dir_all(&data).unwrap();
+    let data_arg = data.display().to_string();
+    let s3 = garage.flags("box1");
+    let to = server.temp_dir().join("restored");
+    let to_arg = to.display().to_string();
+    let (code, out) = admin(&["restore", "Zoë's laptop", "--to", &to_arg, "--data-dir", &data_arg], &s3);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("reading the bucket alone"), "{out}");
+    assert_eq!(std::fs::read(to.join("notes/a.txt")).unwrap(), second);
+    assert_eq!(std::fs::read(to.join("big.bin")).unwrap(), big);
+    // By id, an earlier version.
+    let old = server.temp_dir().join("old");
+    let hex = backupd::protocol::id_hex(&id);
+    let (code, out) = admin(
+        &["restore", &hex, "notes/a.txt", "--version", "1", "--to", &old.display().to_string()],
+        &[&["--data-dir".to_string(), data_arg.clone()][..], &s3].concat(),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(std::fs::read(old.join("notes/a.txt")).unwrap(), first);
+    // --before reads the stored time from the metadata.
+    let (code, out) = admin(
+        &["restore", &hex, "big.bin", "--before", "@9999999999", "--to", &old.display().to_string()],
+        &[&["--data-dir".to_string(), data_arg.clone()][..], &s3].concat(),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(std::fs::read(old.join("big.bin")).unwrap(), big);
+    let (code, out) = admin(&["verify", "--data-dir", &data_arg], &s3);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("checked 2 files and 1 versions"), "{out}");
+    assert!(!data.exists(), "reading the bucket creates no data directory");
+
+    // Bit rot in the bucket: other bytes under the same metadata.
+    let b = bucket(&garage, "box1");
+    let rel = format!("files/{hex}/notes/a.txt");
+    let (_, meta) = b.head(&rel).unwrap().expect("the object is there");
+    let meta = meta.expect("the object carries its metadata");
+    assert_eq!((meta.client.as_str(), meta.size), ("Zoë's laptop", second.len() as u64));
+    let mut rotten = tempfile::tempfile().unwrap();
+    let mut bytes = second.clone();
+    bytes[3] ^= 0x20;
+    std::io::Write::write_all(&mut rotten, &bytes).unwrap();
+    b.put_file(&rel, &mut rotten, Some(&meta)).unwrap();
+    let (code, out) = admin(&["verify", "--data-dir", &data_arg], &s3);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("mismatched") && out.contains("Zoë's laptop/notes/a.txt"), "{out}");
+    let again = server.temp_dir().join("again");
+    let (code, out) = admin(
+        &["restore", "Zoë's laptop", "--to", &again.display().to_string()],
+        &[&["--data-dir".to_string(), data_arg.clone()][..], &s3].concat(),
+    );
+    assert_eq!(code, 1, "a damaged object is not restored: {out}");
+    assert!(out.contains("damaged"), "{out}");
+    assert!(!again.join("notes/a.txt").exists());
+    assert!(!data.exists());
+}

@@ -61,10 +61,11 @@ fn relative(name: &str) -> Option<PathBuf> {
 }
 
 /// When a copy was received: the database's time for the current copy, the
-/// file's modification time (when its upload was written) for a version.
-fn received_nanos(f: &FileInfo, c: &Copy) -> Option<i128> {
+/// file's modification time (when its upload was written) for a version, or
+/// for a copy in the bucket only the time its metadata records.
+fn received_nanos(store: &Store, f: &FileInfo, c: &Copy) -> Option<i128> {
     let db = (c.index == 0).then(|| f.received.as_deref().and_then(|r| parse_time(r).ok())).flatten();
-    db.or_else(|| mtime_nanos(&c.path).ok())
+    db.or_else(|| mtime_nanos(&c.path).ok()).or_else(|| store.stored_nanos(&c.path))
 }
 
 /// Which copy of `f` the arguments ask for.
@@ -76,7 +77,7 @@ fn choose(store: &Store, args: &RestoreArgs, f: &FileInfo) -> Result<Copy, Strin
     if let Some(t) = args.before {
         return copies
             .into_iter()
-            .find(|c| received_nanos(f, c).is_some_and(|r| r < t))
+            .find(|c| received_nanos(store, f, c).is_some_and(|r| r < t))
             .ok_or_else(|| format!("{}: no copy received before {}", f.name, format_nanos(t)));
     }
     copies.into_iter().next().ok_or_else(|| format!("{}: no stored copy", f.name))
@@ -137,6 +138,13 @@ fn write_copy(store: &Store, f: &FileInfo, c: &Copy, dest: &Path) -> Result<u64,
                 ));
             }
         }
+        if let Some((rs, rk)) = store.recorded(&c.path).filter(|r| *r != (size, sum)) {
+            return Err(format!(
+                "{}: the bucket's copy is damaged (cksum {sum}, {size} bytes; its metadata says {rk}, \
+                 {rs} bytes); not restored (see `backupd verify`)",
+                f.name
+            ));
+        }
         out.sync_all().map_err(|e| format!("cannot write {}: {e}", temp.display()))?;
         fs::rename(&temp, dest).map_err(|e| format!("cannot rename to {}: {e}", dest.display()))?;
         Ok(size)
@@ -148,12 +156,10 @@ fn write_copy(store: &Store, f: &FileInfo, c: &Copy, dest: &Path) -> Result<u64,
 }
 
 pub fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
-    #[allow(unused_mut)]
-    let mut store = Store::open_read_only(&args.store)?;
     #[cfg(feature = "s3")]
-    {
-        store.remote = super::remote::Remote::from_args(&args.s3)?;
-    }
+    let store = super::remote::open_store(&args.store, &args.s3)?;
+    #[cfg(not(feature = "s3"))]
+    let store = Store::open_read_only(&args.store)?;
     let client = store.resolve(&args.client)?;
     let files: Vec<FileInfo> = store.files(Some(&client.id))?.into_iter().filter(|f| f.verified).collect();
     let (chosen, unmatched) = select(&files, &args.paths);

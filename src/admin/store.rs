@@ -109,6 +109,44 @@ impl Store {
         Ok(store)
     }
 
+    /// A store whose database is `conn` (filled from the bucket, with
+    /// `label` for its messages) and whose data directory `root` is not read.
+    #[cfg(feature = "s3")]
+    pub fn from_bucket(
+        root: PathBuf,
+        conn: Connection,
+        label: PathBuf,
+        remote: super::remote::Remote,
+    ) -> Store {
+        Store { root, conn, db_path: label, remote: Some(remote) }
+    }
+
+    /// The size and cksum a copy read from the bucket says it has (its
+    /// metadata), once it was opened; None for a local copy.
+    #[cfg(feature = "s3")]
+    pub fn recorded(&self, path: &Path) -> Option<(u64, u32)> {
+        let rel = path.strip_prefix(&self.root).ok()?;
+        self.remote.as_ref()?.recorded(&rel.to_string_lossy())
+    }
+
+    #[cfg(not(feature = "s3"))]
+    pub fn recorded(&self, _path: &Path) -> Option<(u64, u32)> {
+        None
+    }
+
+    /// When a copy in the bucket was stored (nanoseconds since the epoch, as
+    /// its metadata records it); None without the bucket or the metadata.
+    #[cfg(feature = "s3")]
+    pub fn stored_nanos(&self, path: &Path) -> Option<i128> {
+        let rel = path.strip_prefix(&self.root).ok()?;
+        self.remote.as_ref()?.stored_secs(&rel.to_string_lossy()).map(|s| i128::from(s) * 1_000_000_000)
+    }
+
+    #[cfg(not(feature = "s3"))]
+    pub fn stored_nanos(&self, _path: &Path) -> Option<i128> {
+        None
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

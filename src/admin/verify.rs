@@ -144,8 +144,13 @@ fn check(
             Ok((size, sum)) => {
                 item.size = Some(size);
                 item.cksum = Some(sum);
+                // A copy read from the bucket is checked against its metadata too.
+                let recorded = store.recorded(&item.path);
+                item.expected = item.expected.or(recorded.map(|r| r.1));
+                item.expected_size = item.expected_size.or(recorded.map(|r| r.0));
                 let size_wrong = item.expected_size.is_some_and(|s| s != size);
-                if size_wrong || item.expected.is_some_and(|e| e != sum) {
+                let meta_wrong = recorded.is_some_and(|r| r != (size, sum));
+                if size_wrong || meta_wrong || item.expected.is_some_and(|e| e != sum) {
                     item.status = Status::Mismatched;
                 }
             }
@@ -164,12 +169,10 @@ fn check(
 }
 
 pub fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
-    #[allow(unused_mut)]
-    let mut store = Store::open_read_only(&args.store)?;
     #[cfg(feature = "s3")]
-    {
-        store.remote = super::remote::Remote::from_args(&args.s3)?;
-    }
+    let store = super::remote::open_store(&args.store, &args.s3)?;
+    #[cfg(not(feature = "s3"))]
+    let store = Store::open_read_only(&args.store)?;
     let client = args.client.as_deref().map(|c| store.resolve(c)).transpose()?;
     let id = client.as_ref().map(|c| c.id);
     let bar = if std::io::stderr().is_terminal() && !args.json {
@@ -230,7 +233,7 @@ fn text_item(i: &Item, owner: Option<&String>) -> String {
     let path = i.path.display();
     match i.status {
         Status::Mismatched => format!(
-            "mismatched    {what}: cksum {} ({} bytes), database says {} ({} bytes) [{path}]",
+            "mismatched    {what}: cksum {} ({} bytes), recorded {} ({} bytes) [{path}]",
             i.cksum.unwrap_or(0),
             i.size.unwrap_or(0),
             or_dash(i.expected),

@@ -78,6 +78,8 @@ pub struct QueueRow {
     pub id: ClientId,
     pub path: String,
     pub delete: bool,
+    /// The client's name ("" when it has no row any more).
+    pub client: String,
 }
 
 /// A publish in progress, recorded before any rename so that a crash in the
@@ -265,11 +267,25 @@ impl Db {
         }
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
         let db = Db { conn, busy_timeout };
-        db.retry(|c| c.execute_batch(SCHEMA))?;
-        #[cfg(feature = "s3")]
-        db.retry(|c| c.execute_batch(S3_SCHEMA))?;
-        db.migrate()?;
+        db.create()?;
         Ok(db)
+    }
+
+    /// The schema (and its migrations) in the open database.
+    fn create(&self) -> rusqlite::Result<()> {
+        self.retry(|c| c.execute_batch(SCHEMA))?;
+        #[cfg(feature = "s3")]
+        self.retry(|c| c.execute_batch(S3_SCHEMA))?;
+        self.migrate()
+    }
+
+    /// A database with our schema in memory only: `restore` and `verify`
+    /// fill one from the bucket when the data directory is lost (S3 tier).
+    #[cfg(feature = "s3")]
+    pub fn in_memory() -> rusqlite::Result<Connection> {
+        let db = Db { conn: Connection::open_in_memory()?, busy_timeout: Duration::ZERO };
+        db.create()?;
+        Ok(db.conn)
     }
 
     /// Add our extra columns to a database created by an older server.
@@ -482,17 +498,24 @@ impl Db {
     #[cfg(feature = "s3")]
     /// The S3 queue's rows after `seq`, in order, at most `limit` of them.
     pub fn queue_after(&self, seq: i64, limit: usize) -> rusqlite::Result<Vec<QueueRow>> {
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT Seq, ID, Path, Op FROM s3_queue WHERE Seq > ?1 ORDER BY Seq LIMIT ?2")?;
+        let mut st = self.conn.prepare_cached(
+            "SELECT q.Seq, q.ID, q.Path, q.Op, COALESCE(c.Name, '') FROM s3_queue q
+                 LEFT JOIN clients c ON c.ID = q.ID WHERE q.Seq > ?1 ORDER BY q.Seq LIMIT ?2",
+        )?;
         let rows = st.query_map(params![seq, i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
+            ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (seq, id, path, op) = row?;
+            let (seq, id, path, op, client) = row?;
             if let Some(id) = blob_id(&id) {
-                out.push(QueueRow { seq, id, path, delete: op != 0 });
+                out.push(QueueRow { seq, id, path, delete: op != 0, client });
             }
         }
         Ok(out)

@@ -311,7 +311,12 @@ impl Worker {
         };
         let items: Vec<Item> = rows
             .into_iter()
-            .map(|q| Item { seq: q.seq, rel: q.path, op: if q.delete { Op::Delete } else { Op::Put } })
+            .map(|q| Item {
+                seq: q.seq,
+                rel: q.path,
+                op: if q.delete { Op::Delete } else { Op::Put },
+                client: q.client,
+            })
             .collect();
         if r.settings.mode == Mode::Primary {
             r.in_flight.extend(items.iter().filter(|i| i.op == Op::Put).map(|i| (i.seq, i.rel.clone())));

@@ -132,6 +132,82 @@ fn etag(resp: &ureq::Response) -> String {
     resp.header("etag").unwrap_or("").trim_matches('"').to_string()
 }
 
+/// What each object says of itself (`x-amz-meta-*` headers), so that the
+/// bucket alone is enough to restore and verify it: the name of its client
+/// (percent-encoded UTF-8), its size and POSIX cksum, and when it was stored
+/// (seconds since the epoch: the local file's modification time).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub client: String,
+    pub size: u64,
+    pub cksum: u32,
+    pub stored: i64,
+}
+
+impl Meta {
+    /// The headers, sorted by name (as rusty-s3 signs them).
+    fn headers(&self) -> [(&'static str, String); 4] {
+        [
+            ("x-amz-meta-cksum", self.cksum.to_string()),
+            ("x-amz-meta-client", percent_encode(&self.client)),
+            ("x-amz-meta-size", self.size.to_string()),
+            ("x-amz-meta-stored", self.stored.to_string()),
+        ]
+    }
+
+    /// The URL of `action` signed with the headers of `meta` (if any)...
+    fn sign<'a, A: S3Action<'a>>(meta: Option<&Meta>, mut action: A) -> impl AsRef<str> {
+        for (k, v) in meta.map(Meta::headers).into_iter().flatten() {
+            action.headers_mut().insert(k, v);
+        }
+        action.sign(SIGNED_FOR)
+    }
+
+    /// ... and the request that sends them.
+    fn set(meta: Option<&Meta>, mut req: ureq::Request) -> ureq::Request {
+        for (k, v) in meta.map(Meta::headers).into_iter().flatten() {
+            req = req.set(k, &v);
+        }
+        req
+    }
+
+    /// The metadata of an answer (None for an object stored without it).
+    fn of(resp: &ureq::Response) -> Option<Meta> {
+        let get = |k: &str| resp.header(&format!("x-amz-meta-{k}"));
+        Some(Meta {
+            client: percent_decode(get("client")?)?,
+            size: get("size")?.parse().ok()?,
+            cksum: get("cksum")?.parse().ok()?,
+            stored: get("stored")?.parse().ok()?,
+        })
+    }
+}
+
+/// Header-safe text: bytes outside `[A-Za-z0-9._-]` as `%XX`.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hi = (bytes.next()? as char).to_digit(16)?;
+            let lo = (bytes.next()? as char).to_digit(16)?;
+            out.push((hi * 16 + lo) as u8);
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// One bucket (with the prefix of this box's keys) and a client for it.
 pub struct Bucket {
     bucket: rusty_s3::Bucket,
@@ -164,18 +240,24 @@ impl Bucket {
     }
 
     /// Upload the local file `f` as the object of `rel` (a path relative to
-    /// the data directory). Returns the bytes sent.
-    pub fn put_file(&self, rel: &str, f: &mut File) -> Result<u64, Error> {
+    /// the data directory), with `meta` as its metadata. Returns the bytes sent.
+    pub fn put_file(&self, rel: &str, f: &mut File, meta: Option<&Meta>) -> Result<u64, Error> {
         let size = f.metadata().map_err(local)?.len();
         f.seek(SeekFrom::Start(0)).map_err(local)?;
         let key = self.key(rel);
         if size <= PART_SIZE {
-            let url = PutObject::new(&self.bucket, Some(&self.creds), &key).sign(SIGNED_FOR);
-            self.send_body(self.request("PUT", &url), f, size)?;
+            let action = PutObject::new(&self.bucket, Some(&self.creds), &key);
+            let url = Meta::sign(meta, action);
+            self.send_body(Meta::set(meta, self.request("PUT", &url)), f, size)?;
             return Ok(size);
         }
-        let url = CreateMultipartUpload::new(&self.bucket, Some(&self.creds), &key).sign(SIGNED_FOR);
-        let body = self.request("POST", &url).call().map_err(classify)?.into_string().map_err(local)?;
+        let action = CreateMultipartUpload::new(&self.bucket, Some(&self.creds), &key);
+        let url = Meta::sign(meta, action);
+        let body = Meta::set(meta, self.request("POST", &url))
+            .call()
+            .map_err(classify)?
+            .into_string()
+            .map_err(local)?;
         let created = CreateMultipartUpload::parse_response(&body)
             .map_err(|e| err(Kind::Refused, format!("CreateMultipartUpload answer: {e}")))?;
         let upload_id = created.upload_id().to_string();
@@ -242,25 +324,38 @@ impl Bucket {
     }
 
     fn head_key(&self, key: &str) -> Result<Option<u64>, Error> {
+        Ok(self.head_meta_key(key)?.map(|(size, _)| size))
+    }
+
+    /// The size and metadata of the object at `key`, None when the bucket lacks it.
+    fn head_meta_key(&self, key: &str) -> Result<Option<(u64, Option<Meta>)>, Error> {
         let url = HeadObject::new(&self.bucket, Some(&self.creds), key).sign(SIGNED_FOR);
         match self.request("HEAD", &url).call() {
-            Ok(resp) => Ok(resp.header("content-length").and_then(|l| l.parse().ok())),
+            Ok(resp) => {
+                let size = resp.header("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+                Ok(Some((size, Meta::of(&resp))))
+            }
             Err(ureq::Error::Status(404, _)) => Ok(None),
             Err(e) => Err(classify(e)),
         }
     }
 
-    /// The size of the object of `rel`, None when the bucket lacks it.
-    pub fn head(&self, rel: &str) -> Result<Option<u64>, Error> {
-        self.head_key(&self.key(rel))
+    /// The size and metadata of the object of `rel`, None when the bucket lacks it.
+    pub fn head(&self, rel: &str) -> Result<Option<(u64, Option<Meta>)>, Error> {
+        self.head_meta_key(&self.key(rel))
     }
 
-    /// A reader of the object of `rel`, None when the bucket lacks it.
-    pub fn get(&self, rel: &str) -> Result<Option<Box<dyn Read + Send + Sync>>, Error> {
+    /// A reader of the object of `rel` (streamed) and its metadata, None
+    /// when the bucket lacks it.
+    #[allow(clippy::type_complexity)]
+    pub fn get(&self, rel: &str) -> Result<Option<(Box<dyn Read + Send + Sync>, Option<Meta>)>, Error> {
         let key = self.key(rel);
         let url = GetObject::new(&self.bucket, Some(&self.creds), &key).sign(SIGNED_FOR);
         match self.request("GET", &url).call() {
-            Ok(resp) => Ok(Some(resp.into_reader())),
+            Ok(resp) => {
+                let meta = Meta::of(&resp);
+                Ok(Some((resp.into_reader(), meta)))
+            }
             Err(ureq::Error::Status(404, _)) => Ok(None),
             Err(e) => Err(classify(e)),
         }
@@ -314,11 +409,11 @@ impl From<Error> for io::Error {
 /// The bucket behind the storage seam (see [`crate::worker::storage::tier`]).
 impl crate::worker::storage::tier::Tier for Bucket {
     fn publish(&self, rel: &str, src: &mut File) -> io::Result<u64> {
-        Ok(self.put_file(rel, src)?)
+        Ok(self.put_file(rel, src, None)?)
     }
 
     fn open(&self, rel: &str) -> io::Result<Option<Box<dyn Read + Send>>> {
-        Ok(self.get(rel)?.map(|r| Box::new(r) as Box<dyn Read + Send>))
+        Ok(self.get(rel)?.map(|(r, _)| Box::new(r) as Box<dyn Read + Send>))
     }
 
     fn list(&self, top: &str) -> io::Result<Vec<(String, u64)>> {
@@ -353,6 +448,21 @@ mod tests {
         let e = classify(ureq::get(&url).call().unwrap_err());
         assert_eq!(e.kind, Kind::Unreachable, "{e}");
         assert!(!e.to_string().contains("Signature") && !e.to_string().contains("/bucket"), "{e}");
+    }
+
+    #[test]
+    fn metadata_text_round_trips() {
+        for name in ["alice", "Zoë's laptop", "a b/c%d", ""] {
+            let enc = percent_encode(name);
+            assert!(enc.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-%".contains(&b)), "{enc}");
+            assert_eq!(percent_decode(&enc).as_deref(), Some(name));
+        }
+        assert_eq!(percent_decode("%4"), None);
+        assert_eq!(percent_decode("%zz"), None);
+        let names: Vec<&str> = Meta::default().headers().iter().map(|h| h.0).collect();
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        assert_eq!(names, sorted, "rusty-s3 signs headers sorted by name");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::client::{Bucket, Error, Kind};
+use super::client::{Bucket, Error, Kind, Meta};
 use crate::datadir::Dir;
 use crate::metrics::Metrics;
 use crate::worker::storage::tier::Local;
@@ -47,6 +47,8 @@ pub struct Item {
     /// Path relative to the data directory (`files/<id>/<path>`, ...).
     pub rel: String,
     pub op: Op,
+    /// The client's name (written into the object's metadata).
+    pub client: String,
 }
 
 /// What the worker sends.
@@ -139,7 +141,7 @@ impl Replicator {
         let outcome = match item.op {
             Op::Put => {
                 (self.report)(Report::Started { seq: item.seq });
-                self.put(&item.rel)
+                self.put(&item.rel, &item.client)
             }
             Op::Delete => self.bucket.delete(&item.rel).map(|_| true),
         };
@@ -180,13 +182,38 @@ impl Replicator {
         }
     }
 
-    /// Upload a local file; Ok(false) when it is gone.
-    fn put(&self, rel: &str) -> Result<bool, Error> {
+    /// Upload a local file with its metadata; Ok(false) when it is gone.
+    fn put(&self, rel: &str, client: &str) -> Result<bool, Error> {
         let local = |e: std::io::Error| Error { kind: Kind::Local, detail: format!("{rel}: {e}") };
         let Some(mut f) = self.root.open_file(rel).map_err(local)? else { return Ok(false) };
-        let bytes = self.bucket.put_file(rel, &mut f)?;
+        let meta = meta_of(&mut f, client).map_err(local)?;
+        let bytes = self.bucket.put_file(rel, &mut f, Some(&meta))?;
         self.metrics.s3.uploaded.inc();
         self.metrics.s3.uploaded_bytes.add(bytes as i64);
         Ok(true)
     }
+}
+
+/// The metadata of a stored file: its size and cksum (one read of it: the
+/// object is checked against them later, by `backupd verify` with the bucket
+/// alone) and its modification time (when its upload was written).
+fn meta_of(f: &mut std::fs::File, client: &str) -> std::io::Result<Meta> {
+    use std::io::Read;
+    let stored = f
+        .metadata()?
+        .modified()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let mut sum = crate::crypto::Cksum::new();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => sum.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Meta { client: client.to_string(), size: sum.len(), cksum: sum.finalize(), stored })
 }
