@@ -80,6 +80,9 @@ pub struct QueueRow {
     pub delete: bool,
     /// The client's name ("" when it has no row any more).
     pub client: String,
+    /// The size and cksum the files table records for this path (a current
+    /// file; None for a version).
+    pub recorded: Option<(u64, u32)>,
 }
 
 /// A publish in progress, recorded before any rename so that a crash in the
@@ -499,23 +502,28 @@ impl Db {
     /// The S3 queue's rows after `seq`, in order, at most `limit` of them.
     pub fn queue_after(&self, seq: i64, limit: usize) -> rusqlite::Result<Vec<QueueRow>> {
         let mut st = self.conn.prepare_cached(
-            "SELECT q.Seq, q.ID, q.Path, q.Op, COALESCE(c.Name, '') FROM s3_queue q
-                 LEFT JOIN clients c ON c.ID = q.ID WHERE q.Seq > ?1 ORDER BY q.Seq LIMIT ?2",
+            "SELECT q.Seq, q.ID, q.Path, q.Op, COALESCE(c.Name, ''), f.Size, f.Cksum FROM s3_queue q
+             LEFT JOIN clients c ON c.ID = q.ID
+             LEFT JOIN files f ON f.ID = q.ID AND f.PathName = q.Path AND f.Verified = 1
+             WHERE q.Seq > ?1 ORDER BY q.Seq LIMIT ?2",
         )?;
         let rows = st.query_map(params![seq, i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+            let size = r.get::<_, Option<i64>>(5)?.and_then(|s| u64::try_from(s).ok());
+            let cksum = r.get::<_, Option<i64>>(6)?.and_then(|c| u32::try_from(c).ok());
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, Vec<u8>>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, i64>(3)?,
                 r.get::<_, String>(4)?,
+                size.zip(cksum),
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (seq, id, path, op, client) = row?;
+            let (seq, id, path, op, client, recorded) = row?;
             if let Some(id) = blob_id(&id) {
-                out.push(QueueRow { seq, id, path, delete: op != 0, client });
+                out.push(QueueRow { seq, id, path, delete: op != 0, client, recorded });
             }
         }
         Ok(out)
@@ -610,6 +618,18 @@ mod tests {
         assert_eq!((per[&a], per[&b]), (2, 2));
         db.dequeue(&rows.iter().map(|r| r.seq).collect::<Vec<_>>()).unwrap();
         assert_eq!(db.queue_stats().unwrap().0, 1);
+        // A row brings its client's name and, for a current file, the size
+        // and cksum of its verified row (the object's metadata).
+        db.apply(&[
+            Write::InsertClient { id: a, name: "alice".into() },
+            Write::FileVerified { id: a, name: "x".into(), path: "files/a/x".into(), size: 5, cksum: 7 },
+            put(a, "files/a/x"),
+            put(a, "versions/a/x/1"),
+        ])
+        .unwrap();
+        let rows = db.queue_after(after[0].seq, 10).unwrap();
+        let got: Vec<_> = rows.iter().map(|r| (r.client.as_str(), r.recorded)).collect();
+        assert_eq!(got, [("alice", Some((5, 7))), ("alice", None)]);
         // A database without the table (read by an admin command before any
         // server of this version ran): nothing pending.
         let bare = Connection::open(dir.path().join("bare.db")).unwrap();

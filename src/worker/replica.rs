@@ -316,6 +316,7 @@ impl Worker {
                 rel: q.path,
                 op: if q.delete { Op::Delete } else { Op::Put },
                 client: q.client,
+                recorded: q.recorded,
             })
             .collect();
         if r.settings.mode == Mode::Primary {

@@ -49,6 +49,9 @@ pub struct Item {
     pub op: Op,
     /// The client's name (written into the object's metadata).
     pub client: String,
+    /// The size and cksum the database records (a current file): the
+    /// object's metadata, without reading the file for them.
+    pub recorded: Option<(u64, u32)>,
 }
 
 /// What the worker sends.
@@ -141,7 +144,7 @@ impl Replicator {
         let outcome = match item.op {
             Op::Put => {
                 (self.report)(Report::Started { seq: item.seq });
-                self.put(&item.rel, &item.client)
+                self.put(&item)
             }
             Op::Delete => self.bucket.delete(&item.rel).map(|_| true),
         };
@@ -183,10 +186,11 @@ impl Replicator {
     }
 
     /// Upload a local file with its metadata; Ok(false) when it is gone.
-    fn put(&self, rel: &str, client: &str) -> Result<bool, Error> {
+    fn put(&self, item: &Item) -> Result<bool, Error> {
+        let rel = item.rel.as_str();
         let local = |e: std::io::Error| Error { kind: Kind::Local, detail: format!("{rel}: {e}") };
         let Some(mut f) = self.root.open_file(rel).map_err(local)? else { return Ok(false) };
-        let meta = meta_of(&mut f, client).map_err(local)?;
+        let meta = meta_of(&mut f, &item.client, item.recorded).map_err(local)?;
         let bytes = self.bucket.put_file(rel, &mut f, Some(&meta))?;
         self.metrics.s3.uploaded.inc();
         self.metrics.s3.uploaded_bytes.add(bytes as i64);
@@ -194,17 +198,19 @@ impl Replicator {
     }
 }
 
-/// The metadata of a stored file: its size and cksum (one read of it: the
-/// object is checked against them later, by `backupd verify` with the bucket
-/// alone) and its modification time (when its upload was written).
-fn meta_of(f: &mut std::fs::File, client: &str) -> std::io::Result<Meta> {
+/// The metadata of a stored file (the object is checked against it later,
+/// by `backupd verify` with the bucket alone): its size and cksum, those the
+/// database records for a current file of that size (a file replaced since
+/// its row was read is queued again, and sent again with its own), else
+/// read from it (a version: the database keeps no cksum of it); and its
+/// modification time (when its upload was written).
+fn meta_of(f: &mut std::fs::File, client: &str, recorded: Option<(u64, u32)>) -> std::io::Result<Meta> {
     use std::io::Read;
-    let stored = f
-        .metadata()?
-        .modified()?
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let m = f.metadata()?;
+    let stored = m.modified()?.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    if let Some((size, cksum)) = recorded.filter(|r| r.0 == m.len()) {
+        return Ok(Meta { client: client.to_string(), size, cksum, stored });
+    }
     let mut sum = crate::crypto::Cksum::new();
     let mut buf = vec![0u8; 256 << 10];
     loop {
