@@ -308,6 +308,12 @@ fn a_lost_box_restores_and_verifies_from_the_bucket_alone() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("checked 2 files and 1 versions"), "{out}");
     assert!(!data.exists(), "reading the bucket creates no data directory");
+    // A new box's empty data directory: the same, and it stays empty.
+    let empty = server.temp_dir().join("new-box");
+    std::fs::create_dir(&empty).unwrap();
+    let (code, out) = admin(&["verify", "--data-dir", &empty.display().to_string()], &s3);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0, "nothing written into it");
 
     // Bit rot in the bucket: other bytes under the same metadata.
     let b = bucket(&garage, "box1");
