@@ -513,6 +513,23 @@ mod tests {
         }
     }
 
+    /// The lock is free once dropped, but a child process that another test
+    /// thread forks at that moment holds a copy of the lock's descriptor
+    /// until its exec closes it (`O_CLOEXEC`), and the flock with it: wait
+    /// for that release, bounded, instead of failing by chance under load.
+    fn acquire_after_release(data: &Path) -> DirLock {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match acquire(data) {
+                Ok(lock) => return lock,
+                Err(e) if std::time::Instant::now() < end && e.contains("in use by process") => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     #[test]
     fn lock_marker_and_refusal() {
         let t = tempfile::tempdir().unwrap();
@@ -529,7 +546,7 @@ mod tests {
             format!("data directory {} is in use by process {}", data.display(), std::process::id())
         );
         drop(lock);
-        let lock = acquire(&data).unwrap();
+        let lock = acquire_after_release(&data);
         prepare(&lock).unwrap();
         drop(lock);
         // An empty existing directory is accepted.
