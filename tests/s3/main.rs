@@ -15,7 +15,10 @@
 //! * [`replica`]: replica mode, its queue across restarts and faults;
 //! * [`primary`]: primary mode, 1607 while the store fails, the cache bound;
 //! * [`restore`]: restore, verify and resync from the bucket;
-//! * [`large`]: a 1 GiB file as a multipart upload in bounded memory.
+//! * [`large`]: a 1 GiB file as a multipart upload in bounded memory;
+//! * [`tier`]: the tier's crash, outage and cache-bound paths, and a lost
+//!   box (its whole data directory gone) restored and verified from the
+//!   bucket alone.
 #![cfg(feature = "s3")]
 
 #[path = "../common/mod.rs"]
@@ -31,3 +34,4 @@ mod large;
 mod primary;
 mod replica;
 mod restore;
+mod tier;

@@ -1,93 +1,44 @@
-//! The S3 tier end to end (feature `s3`): the real backupd against a real
-//! single-node Garage on 127.0.0.1 (its own config, data and metadata in a
-//! temp dir, a key and a bucket made at its start), no mocks.
-//!
-//! Garage is found through `GARAGE_BIN` or on `PATH`; without it each test
-//! says so and passes (`make test-s3` installs it and runs these with it).
-#![cfg(feature = "s3")]
+//! The S3 tier end to end: the real backupd against the shared single-node
+//! Garage ([`crate::garage`]): a crash and an outage in replica mode, primary
+//! mode's 1607 and cache bound, and a lost box restored from the bucket
+//! alone. No mocks; Garage missing fails the test, as everywhere here.
 
-mod common;
-
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
+use crate::common::{pseudo_random, server_bin, wait_until, Launch, TestServer};
+use crate::support::write_credentials;
 use backupd::client::{ClientError, UploadOptions};
-use common::{free_port, pseudo_random, server_bin, wait_until, Launch, TestServer};
 
-const KEY_ID: &str = "GK0123456789abcdef01234567";
-const SECRET: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-const BUCKET: &str = "backupd";
-
-fn garage_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("GARAGE_BIN").map(PathBuf::from).filter(|p| p.is_file()) {
-        return Some(p);
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join("garage")).find(|p| p.is_file())
-}
-
-/// A single-node Garage, stopped and started at will on the same ports and data.
+/// The shared single-node Garage of these tests ([`crate::garage`]), with
+/// a credentials file for its key and the flags the tests here pass.
 struct Garage {
-    bin: PathBuf,
-    dir: tempfile::TempDir,
+    g: crate::garage::Garage,
+    creds: tempfile::TempDir,
     port: u16,
-    child: Option<Child>,
 }
 
 impl Garage {
-    fn start() -> Option<Garage> {
-        let Some(bin) = garage_bin() else {
-            eprintln!("garage not found (GARAGE_BIN or PATH): S3 end-to-end test skipped");
-            return None;
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let (port, rpc) = (free_port(), free_port());
-        let d = dir.path().display();
-        let conf = format!(
-            "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
-             replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
-             rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{SECRET}\"\n\
-             [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{port}\"\n\
-             root_domain = \".s3.garage.localhost\"\n"
-        );
-        std::fs::write(dir.path().join("garage.toml"), conf).unwrap();
-        std::fs::write(
-            dir.path().join("creds"),
-            format!("AWS_ACCESS_KEY_ID={KEY_ID}\nAWS_SECRET_ACCESS_KEY={SECRET}\n"),
-        )
-        .unwrap();
-        let mut g = Garage { bin, dir, port, child: None };
-        g.run();
-        Some(g)
+    fn start() -> Garage {
+        let g = crate::garage::Garage::start();
+        let creds = tempfile::tempdir().unwrap();
+        write_credentials(&creds.path().join("creds"), &g.bucket.key_id, &g.bucket.secret);
+        let port = g.s3_port;
+        Garage { g, creds, port }
     }
 
+    /// Start it again (same folders and ports) after [`Garage::stop`].
     fn run(&mut self) {
-        let child = Command::new(&self.bin)
-            .arg("-c")
-            .arg(self.dir.path().join("garage.toml"))
-            .args(["server", "--single-node", "--default-bucket"])
-            .env("GARAGE_DEFAULT_ACCESS_KEY", KEY_ID)
-            .env("GARAGE_DEFAULT_SECRET_KEY", SECRET)
-            .env("GARAGE_DEFAULT_BUCKET", BUCKET)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start garage");
-        self.child = Some(child);
-        // Up once its S3 port answers (any HTTP status).
-        let url = format!("127.0.0.1:{}", self.port);
-        assert!(
-            wait_until(Duration::from_secs(30), || std::net::TcpStream::connect(&url).is_ok()),
-            "garage did not start"
-        );
+        self.g.restart();
     }
 
     fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.g.stop();
+    }
+
+    fn secret(&self) -> &str {
+        &self.g.bucket.secret
     }
 
     /// The S3 flags of a server or command using this Garage.
@@ -96,23 +47,17 @@ impl Garage {
             "--s3-endpoint",
             &format!("http://127.0.0.1:{}", self.port),
             "--s3-bucket",
-            BUCKET,
+            &self.g.bucket.bucket,
             "--s3-region",
-            "garage",
+            &self.g.bucket.region,
             "--s3-prefix",
             prefix,
             "--s3-credentials",
-            &self.dir.path().join("creds").display().to_string(),
+            &self.creds.path().join("creds").display().to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
         .collect()
-    }
-}
-
-impl Drop for Garage {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -146,7 +91,7 @@ fn start_server(garage: &Garage, extra: &[&str]) -> TestServer {
 /// bucket.
 #[test]
 fn replica_survives_a_crash_and_an_outage_and_restores_from_the_bucket() {
-    let Some(mut garage) = Garage::start() else { return };
+    let mut garage = Garage::start();
     let metrics = tempfile::tempdir().unwrap();
     let prom = metrics.path().join("backupd.prom");
     let prom_arg = prom.display().to_string();
@@ -208,14 +153,14 @@ fn replica_survives_a_crash_and_an_outage_and_restores_from_the_bucket() {
     let (code, out) = admin(&["s3", "resync", "--data-dir", &data], &garage.flags("box1"));
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("queued 0 file(s)"), "{out}");
-    assert!(!server.log_text().contains(SECRET), "the secret key is never logged");
+    assert!(!server.log_text().contains(garage.secret()), "the secret key is never logged");
 }
 
 /// Primary mode: no 1604 without the store (1607 after --s3-timeout); the
 /// client's next try works once it is back, and the cache stays bounded.
 #[test]
 fn primary_answers_1607_until_the_store_is_back() {
-    let Some(mut garage) = Garage::start() else { return };
+    let mut garage = Garage::start();
     garage.stop();
     let server =
         start_server(&garage, &["--s3-mode", "primary", "--s3-timeout", "2s", "--cache-size", "1MiB"]);
@@ -236,8 +181,8 @@ fn primary_answers_1607_until_the_store_is_back() {
     assert!(wait_until(Duration::from_secs(60), || queued(&server.db_path()) == 0));
     // The cache (1 MiB) keeps no 3 MiB copy once the bucket has it.
     let local = || -> u64 {
-        let files = common::walk_files(&server.files_dir());
-        let versions = common::walk_files(&server.data_dir().join("versions"));
+        let files = crate::common::walk_files(&server.files_dir());
+        let versions = crate::common::walk_files(&server.data_dir().join("versions"));
         files.iter().chain(&versions).filter_map(|p| p.metadata().ok()).map(|m| m.len()).sum()
     };
     assert!(wait_until(Duration::from_secs(30), || local() <= 1 << 20), "cache not bounded: {}", local());
@@ -247,10 +192,10 @@ fn primary_answers_1607_until_the_store_is_back() {
 fn bucket(garage: &Garage, prefix: &str) -> backupd::worker::s3::client::Bucket {
     let args = backupd::config::s3::S3Args {
         s3_endpoint: Some(format!("http://127.0.0.1:{}", garage.port)),
-        s3_bucket: Some(BUCKET.into()),
-        s3_region: "garage".into(),
+        s3_bucket: Some(garage.g.bucket.bucket.clone()),
+        s3_region: garage.g.bucket.region.clone(),
         s3_prefix: Some(prefix.into()),
-        s3_credentials: Some(garage.dir.path().join("creds")),
+        s3_credentials: Some(garage.creds.path().join("creds")),
         ..Default::default()
     };
     let settings = args.settings().unwrap().unwrap();
@@ -264,7 +209,7 @@ fn bucket(garage: &Garage, prefix: &str) -> backupd::worker::s3::client::Bucket 
 /// longer match its metadata makes verify fail, naming it.
 #[test]
 fn a_lost_box_restores_and_verifies_from_the_bucket_alone() {
-    let Some(garage) = Garage::start() else { return };
+    let garage = Garage::start();
     let mut server = start_server(&garage, &[]);
     let (mut c, id) = server.registered_client("Zoë's laptop");
     let first = b"first text".to_vec();
