@@ -549,6 +549,11 @@ impl TestServer {
         states
     }
 
+    /// How many descriptors the server process has open (`/proc/PID/fd`).
+    pub fn open_descriptors(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
+    }
+
     /// CPU time (user + system) the server process has used so far.
     pub fn cpu_time(&self) -> Duration {
         let stat =
