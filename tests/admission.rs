@@ -441,7 +441,7 @@ fn a_stderr_pipe_nobody_reads_does_not_stop_the_server() {
     let mut addr = None;
     let mut line = String::new();
     while addr.is_none() && stderr.read_line(&mut line).is_ok_and(|n| n > 0) {
-        addr = line.split_once("listening on ").and_then(|(_, a)| a.trim().parse::<SocketAddr>().ok());
+        addr = listen_address(&line);
         line.clear();
     }
     let addr = addr.expect("the server did not start listening");
