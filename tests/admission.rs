@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -423,11 +423,9 @@ fn a_stderr_pipe_nobody_reads_does_not_stop_the_server() {
     const EACH: usize = 625;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut child = Reaped(
         Command::new(server_bin())
-            .arg("--listen")
-            .arg(addr.to_string())
+            .args(["--listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(&data)
             .args(["--log-level", "debug"])
@@ -437,10 +435,16 @@ fn a_stderr_pipe_nobody_reads_does_not_stop_the_server() {
             .spawn()
             .expect("spawn backupd"),
     );
-    // Held open, not read until the end.
-    let mut stderr = child.0.stderr.take().unwrap();
-    let up = wait_until(Duration::from_secs(20), || TcpStream::connect(addr).is_ok());
-    assert!(up, "the server did not start listening");
+    // Read up to the line naming the port (the kernel chose it: a port picked
+    // beforehand could be taken meanwhile), then held open, not read until the end.
+    let mut stderr = io::BufReader::new(child.0.stderr.take().unwrap());
+    let mut addr = None;
+    let mut line = String::new();
+    while addr.is_none() && stderr.read_line(&mut line).is_ok_and(|n| n > 0) {
+        addr = listen_address(&line);
+        line.clear();
+    }
+    let addr = addr.expect("the server did not start listening");
 
     let answered = Arc::new(AtomicUsize::new(0));
     let floods: Vec<_> = (0..THREADS)

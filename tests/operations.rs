@@ -86,21 +86,20 @@ fn the_metrics_file_counts_what_happened_and_is_written_at_shutdown() {
 fn sighup_reopens_the_log_file_after_a_rotation() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("backupd.log");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let data = dir.path().join("data");
     let mut server = RawServer::spawn(
         dir.path(),
         &[
             OsStr::new("--listen"),
-            OsStr::new(&listen),
+            OsStr::new("127.0.0.1:0"),
             OsStr::new("--data-dir"),
             data.as_os_str(),
             OsStr::new("--log-file"),
             log.as_os_str(),
         ],
     );
-    assert!(wait_until(Duration::from_secs(20), || read(&log).contains("listening on")), "{}", read(&log));
+    assert!(wait_until(Duration::from_secs(20), || listen_address(&read(&log)).is_some()), "{}", read(&log));
+    let addr = listen_address(&read(&log)).expect("listen address");
     // logrotate: move the file away, then SIGHUP.
     let rotated = dir.path().join("backupd.log.1");
     std::fs::rename(&log, &rotated).unwrap();
@@ -113,7 +112,6 @@ fn sighup_reopens_the_log_file_after_a_rotation() {
         read(&rotated)
     );
     // New lines go to the new file; the server still serves.
-    let addr: std::net::SocketAddr = listen.parse().unwrap();
     let mut c = backupd::client::Client::connect(addr, &test_client_options()).unwrap();
     c.register("after-rotation").unwrap();
     assert!(wait_until(Duration::from_secs(10), || read(&log).contains("registered as")));

@@ -11,8 +11,11 @@
 //!   row (committed before the rename) is in the copy and is undone in DIR
 //!   here, as the server undoes one after a crash;
 //! - a file replaced since it was linked is checked by cksum against its
-//!   row: the linked copy or the store's current file must be the one the
-//!   row describes, or the snapshot is made again (at most five times);
+//!   row: the linked copy, the store's current file or one of its kept
+//!   versions (a publish keeps the content it replaces there, so a file
+//!   replaced again after the copy of the database is still found) must be
+//!   the one the row describes, or the snapshot is made again (at most five
+//!   times);
 //! - a file linked without a verified row in the copy (a publish that had
 //!   not committed) is left out, as the server would move it out of files/.
 //!
@@ -164,7 +167,12 @@ fn settle(live: &Store, snap: &Store) -> Result<bool, String> {
         private_dir(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         let temp = parent.join(format!(".snapshot-{}", std::process::id()));
         let _ = fs::remove_file(&temp);
-        let fixed = fs::hard_link(&current, &temp).is_ok() && holds(&temp, row);
+        // The current file, or (replaced again since the copy) a kept version,
+        // newest first. Linked before it is checked: what is checked stays.
+        let fixed = live.copies(row).iter().any(|c| {
+            let _ = fs::remove_file(&temp);
+            fs::hard_link(&c.path, &temp).is_ok() && holds(&temp, row)
+        });
         if fixed {
             fs::rename(&temp, &copy).map_err(|e| format!("cannot rename to {}: {e}", copy.display()))?;
             continue;

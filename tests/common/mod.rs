@@ -59,19 +59,18 @@ fn spawn(
     std::thread::spawn(move || {
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Some(pos) = line.find("listening on ") {
+            let Ok(mut line) = line else { break };
+            line.push('\n');
+            if let Some(addr) = listen_address(&line) {
                 if let Some(t) = tx.take() {
-                    let _ = t.send(line[pos + 13..].trim().to_string());
+                    let _ = t.send(addr);
                 }
             }
-            let mut l = log.lock().unwrap();
-            l.push_str(&line);
-            l.push('\n');
+            log.lock().unwrap().push_str(&line);
         }
     });
     let addr = match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(a) => a.parse().expect("listen address"),
+        Ok(a) => a,
         Err(_) => {
             let _ = child.kill();
             panic!("backupd did not start listening within 20 s");
@@ -395,7 +394,17 @@ pub fn db_verified(db: &Path, id: &ClientId, name: &str) -> Option<i64> {
         .expect("query files")
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
+/// The address of the server's "listening on ADDR" line in `log`, once that
+/// line is complete (a log file may be read while the line is written).
+/// Servers listen on port 0 and are reached there: a port picked beforehand
+/// and released (see [`free_port`]) can be taken by a parallel test meanwhile.
+pub fn listen_address(log: &str) -> Option<SocketAddr> {
+    let (_, rest) = log.split_once("listening on ")?;
+    rest.split_once('\n')?.0.trim().parse().ok()
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released): only for what cannot
+/// listen on port 0 and say where (a parallel test can take it meanwhile).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -599,6 +608,11 @@ impl TestServer {
             states.push((tid, stat[open + 1..close].to_string(), state));
         }
         states
+    }
+
+    /// How many descriptors the server process has open (`/proc/PID/fd`).
+    pub fn open_descriptors(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
     }
 
     /// CPU time (user + system) the server process has used so far.
