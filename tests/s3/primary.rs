@@ -113,3 +113,52 @@ fn the_cache_is_bounded_and_evicted_files_restore_from_the_bucket() {
         assert_bytes(std::fs::read(out.join(name)).ok().as_deref(), data, &format!("restored {name}"));
     }
 }
+
+/// A store that accepts a request and then says nothing holds one client's
+/// commit in primary mode, and nothing else: while that 1029 waits, another
+/// client registers (a worker job) and an earlier file of the first client
+/// restores; once the store answers again the waiting client gets its reply.
+#[test]
+fn a_stalled_store_holds_only_the_commit_that_waits_for_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let g = Garage::start();
+    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], g.s3_port)), Fault::Pass);
+    let mut conf = S3Conf::new(proxy.endpoint(), &g.bucket, "primary", "stall");
+    conf.timeout = "120s";
+    let s = S3Server::start(conf, &[]);
+    let (mut c, id) = s.server.registered_client("erin");
+    send_ok(&mut c, "before.bin", &pseudo_random(5_000, 9));
+    proxy.set(Fault::Stall);
+    let before = proxy.accepted();
+    let answered = Arc::new(AtomicBool::new(false));
+    let waiting = {
+        let answered = answered.clone();
+        std::thread::spawn(move || {
+            let r = send(&mut c, "held.bin", &pseudo_random(70_000, 10));
+            answered.store(true, Ordering::SeqCst);
+            r
+        })
+    };
+    // The held upload has reached the (stalled) store.
+    assert!(
+        wait_until(Duration::from_secs(60), || proxy.accepted() > before),
+        "the upload never reached the store"
+    );
+    // Meanwhile the server serves others: a registration, a local read.
+    let (_other, _) = s.server.registered_client("frank");
+    let local = s.server.stored_path(&id, "before.bin");
+    assert_eq!(
+        std::fs::read(&local).ok(),
+        Some(pseudo_random(5_000, 9)),
+        "the earlier file is stored locally"
+    );
+    assert!(!answered.load(Ordering::SeqCst), "the held 1029 was answered before the store said anything");
+    // The store answers again (the stalled connections close): the waiting
+    // client gets a reply, 1604 or 1607, and the server is still up.
+    proxy.set(Fault::Pass);
+    let r = waiting.join().expect("uploader thread");
+    assert!(r.is_ok() || is_1607(&r), "the held upload got neither 1604 nor 1607: {r:?}");
+    let (mut again, _) = s.server.registered_client("gina");
+    send_ok(&mut again, "after.bin", b"the store is back");
+}
