@@ -4,7 +4,6 @@
 //! ([`JobSink`]: the worker's channel, or a `Vec` in the fuzz harness).
 
 use std::collections::HashMap;
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use super::admission::RateLimiter;
@@ -13,7 +12,7 @@ use crate::budget::{Budget, Piece};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::ClientId;
-use crate::worker::{ConnRef, Job, Usage};
+use crate::worker::{ConnRef, Job, Jobs, Usage};
 
 /// Recycled content-piece buffers kept for reuse: enough for eight
 /// connections with their `PIPELINE_DEPTH` pieces at the worker, so that a
@@ -54,9 +53,9 @@ pub trait JobSink {
     fn send(&mut self, job: Job) -> bool;
 }
 
-impl JobSink for Sender<Job> {
+impl JobSink for Jobs {
     fn send(&mut self, job: Job) -> bool {
-        Sender::send(self, job).is_ok()
+        Jobs::send(self, job)
     }
 }
 
@@ -71,7 +70,7 @@ impl JobSink for Vec<Job> {
 /// no socket, poll or timer in it: configuration, client registry, memory
 /// budget and buffer pool, upload ids, the registration rate limiter, and
 /// where jobs go.
-pub struct Core<J: JobSink = Sender<Job>> {
+pub struct Core<J: JobSink = Jobs> {
     pub(super) cfg: Arc<Config>,
     pub(super) registry: Registry,
     pub(super) budget: Budget,

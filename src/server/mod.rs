@@ -58,7 +58,6 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::mpsc::Receiver;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
@@ -115,7 +114,7 @@ pub struct Server {
     next_serial: u64,
     core: Core,
     done: Receiver<Completion>,
-    worker: Option<JoinHandle<()>>,
+    worker: Option<crate::worker::Threads>,
     /// Connections waiting for a content piece's grant, in arrival order.
     budget_waiters: VecDeque<(usize, u64)>,
     /// Connections per peer address.
@@ -270,7 +269,7 @@ impl Server {
         }
         let _ = self.core.jobs.send(Job::Shutdown);
         if let Some(h) = self.worker.take() {
-            if h.join().is_err() {
+            if !h.join() {
                 log::error!("worker thread panicked");
                 return Err(io::Error::other("worker thread panicked"));
             }

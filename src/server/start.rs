@@ -19,7 +19,7 @@ use super::{notify, ClientEntry, Core, Registry, Server, LISTENER, LISTEN_BACKLO
 use crate::config::Config;
 use crate::protocol::ClientId;
 use crate::worker::db::ClientRecord;
-use crate::worker::{Completion, Job, OpenError, Usage, Worker};
+use crate::worker::{Completion, OpenError, Usage, Worker};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +57,7 @@ impl Server {
         let registry = load_registry(opened.clients, opened.usage);
         log::info!("{} registered client(s) loaded", registry.by_id.len());
 
-        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+        let (jobs_tx, queues) = crate::worker::channel();
         let (done_tx, done_rx) = mpsc::channel::<Completion>();
         let cfg = Arc::new(cfg);
         let core = Core::new(cfg.clone(), registry, jobs_tx, crate::worker::upload_id_seed());
@@ -72,10 +72,9 @@ impl Server {
         let mut worker = opened.worker;
         worker.set_metrics(core.metrics.clone());
         let wk: Arc<dyn crate::worker::Wake> = waker;
-        let handle = std::thread::Builder::new()
-            .name("backupd-worker".into())
-            .spawn(move || worker.run(jobs_rx, done_tx, wk))
-            .map_err(|e| StartError::Setup(format!("cannot start worker thread: {e}")))?;
+        let handle = worker
+            .spawn(queues, done_tx, wk)
+            .map_err(|e| StartError::Setup(format!("cannot start the worker threads: {e}")))?;
 
         Ok(Server {
             poll,

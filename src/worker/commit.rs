@@ -10,7 +10,7 @@ use std::time::Instant;
 use super::db::{Intent, Write};
 use super::fault::{self, Point};
 use super::storage::{Dirty, Publish, Storage};
-use super::{stamp, Completion, ConnRef, IntentError, PartFile, UploadId, Usage, Worker};
+use super::{stamp, Completion, ConnRef, IntentError, Staged, UploadId, Usage, Worker};
 use crate::config::SyncMode;
 use crate::protocol::{id_hex, ClientId};
 
@@ -53,8 +53,6 @@ impl Worker {
         self.sync_contents(&mut staged, out);
         self.record_intents(&mut staged, &mut writes, out);
         let (published, ok) = self.rename_into_place(staged, &mut writes, out);
-        // Packets that arrived during the syncs are staged now, not after the commit.
-        self.stage_arrivals();
         let (files_ok, others_ok) = self.record(&published, &writes, ok, started);
         self.report_published(published, files_ok, out);
         self.report_writes(writes, others_ok, out);
@@ -80,10 +78,8 @@ impl Worker {
                 deferred.push((conn, upload, client, name));
                 continue;
             }
-            let ready = matches!(self.uploads.get(&upload), Some(u) if u.client == client);
-            let Some(PartFile { received: Some((cksum, size)), .. }) =
-                self.uploads.remove(&upload).filter(|_| ready)
-            else {
+            let ready = matches!(self.staged.get(&upload), Some(u) if u.client == client);
+            let Some(Staged { cksum, size, .. }) = self.staged.remove(&upload).filter(|_| ready) else {
                 // Refused (e.g. another client's upload): the loop no longer
                 // tracks it, so its temp file goes now.
                 let _ = self.storage.remove_temp(upload);

@@ -1,21 +1,29 @@
-//! The worker thread: the only code that touches the storage directory and
-//! the SQLite database.
+//! The worker: the only code that touches the storage directory and the
+//! SQLite database, in two threads.
 //!
 //! The event loop sends [`Job`]s (owning their buffers: packet bytes are
-//! moved, never copied) over a channel; the worker answers each with at most
-//! one [`Completion`] on another channel and wakes the loop through its
-//! [`Wake`]. Jobs are taken in batches: packets are decrypted,
-//! checksummed and appended to temp files as they come, and every commit,
-//! registration and key change queued in the batch is made durable together:
-//! one intent transaction, renames, one fsync per touched directory, one
-//! database transaction (group commit).
+//! moved, never copied) through [`Jobs`], which routes them: file packets,
+//! discards and the shutdown to the **packet thread** ([`Packets`], in
+//! `packets.rs`), which decrypts, checksums and appends packets to their
+//! temp files in `tmp/` as they come; everything else to the **committing
+//! worker** ([`Worker`]), which alone owns the database and the published
+//! tree. Each job gets at most one [`Completion`] on the loop's channel, and
+//! the thread that sent it wakes the loop through its [`Wake`]. A received
+//! upload passes from the packet thread to the committing worker on the
+//! latter's own channel ([`Input::Staged`]) before the loop hears of it, so
+//! the loop's 1029 always finds it staged. The committing worker takes its
+//! input in batches: every commit, registration and key change queued is made
+//! durable together: one intent transaction, renames, one sync, one database
+//! transaction (group commit). Packets never wait for that sync: this split
+//! is what keeps a small upload's 1603 and the next batch's files coming
+//! while a batch is made durable (docs/PERFORMANCE.md, issue 14).
 //!
-//! Here: the jobs and completions, the batches and the free-space measure.
-//! The packet path is in `packets.rs`, the group commit in `commit.rs`,
-//! startup repair in `reconcile.rs`; the directory layout in [`storage`],
-//! the database in [`db`]; with the `s3` feature, the S3 tier's queue and
-//! the replicator's reports in `replica.rs` (the worker's input is then a
-//! channel merging the loop's jobs and those reports, see [`Input`]).
+//! Here: the jobs, the channels and completions, the batches and the
+//! free-space measure. The group commit is in `commit.rs`, startup repair in
+//! `reconcile.rs`; the directory layout in [`storage`], the database in
+//! [`db`]; with the `s3` feature, the S3 tier's queue and the replicator's
+//! reports in `replica.rs` (its reports come on the committing worker's
+//! channel too, see [`Input`]).
 
 mod commit;
 pub mod db;
@@ -39,12 +47,12 @@ use crate::config::SyncMode;
 use crate::crypto::AES_KEY_LEN;
 use crate::datadir::{self, DirLock, Kind};
 use crate::metrics::Metrics;
-use crate::protocol::{id_hex, ClientId};
+use crate::protocol::ClientId;
 use commit::Pending;
 use db::{ClientRecord, Db, Write};
 use error::IntentError;
 pub use error::{OpenError, ReconcileError, UploadError};
-use packets::PartFile;
+use packets::{Packets, Staged};
 use storage::Storage;
 
 /// A connection as the worker names it: the slab key plus a serial number
@@ -182,38 +190,67 @@ pub enum Completion {
     },
 }
 
-/// What the worker waits for: the loop's jobs and, with the S3 tier, the
-/// replicator's reports (merged into one channel by a forwarding thread, so
-/// that the worker blocks on one channel for both).
+/// What the committing worker waits for, on one channel: the loop's jobs
+/// other than packets, what the packet thread hands over (in the order it
+/// took the loop's jobs) and, with the S3 tier, the replicator's reports.
 pub(crate) enum Input {
+    /// From the loop: registrations, keys, touches, commits.
     Job(Job),
+    /// From the packet thread: an upload received, its temp file staged.
+    Staged(Staged),
+    /// From the packet thread: the loop discarded an upload that was no
+    /// longer being received (staged, or failed).
+    Discard(UploadId),
+    /// From the packet thread: the loop shut down (or hung up).
+    Stop,
     #[cfg(feature = "s3")]
     Replicated(crate::worker::s3::replicator::Report),
 }
 
-/// Where the worker's input comes from: the loop's channel itself, or the
-/// merged channel (S3 tier on).
-enum Source {
-    Jobs(Receiver<Job>),
-    #[cfg(feature = "s3")]
-    Merged(Receiver<Input>),
+/// The loop's end of the worker's two channels: file packets, discards and
+/// the shutdown go to the packet thread, everything else to the committing
+/// worker (see [`Packets`] for why this keeps each upload's order).
+pub struct Jobs {
+    packets: Sender<Job>,
+    commits: Sender<Input>,
 }
 
-impl Source {
-    fn recv_timeout(&self, d: std::time::Duration) -> Result<Input, std::sync::mpsc::RecvTimeoutError> {
-        match self {
-            Source::Jobs(r) => r.recv_timeout(d).map(Input::Job),
-            #[cfg(feature = "s3")]
-            Source::Merged(r) => r.recv_timeout(d),
+impl Jobs {
+    /// Hand over a job; false when the worker is gone.
+    pub fn send(&self, job: Job) -> bool {
+        match job {
+            Job::Packet(_) | Job::Discard { .. } | Job::Shutdown => self.packets.send(job).is_ok(),
+            other => self.commits.send(Input::Job(other)).is_ok(),
         }
     }
+}
 
-    fn try_recv(&self) -> Option<Input> {
-        match self {
-            Source::Jobs(r) => r.try_recv().ok().map(Input::Job),
-            #[cfg(feature = "s3")]
-            Source::Merged(r) => r.try_recv().ok(),
-        }
+/// The worker threads' ends of the channels (see [`channel`]).
+pub struct Queues {
+    packets: Receiver<Job>,
+    commits: Receiver<Input>,
+    /// For the packet thread (and the replicator) to reach the committing worker.
+    to_commit: Sender<Input>,
+}
+
+/// The channels between the loop and the worker threads.
+pub fn channel() -> (Jobs, Queues) {
+    let (ptx, prx) = std::sync::mpsc::channel();
+    let (ctx, crx) = std::sync::mpsc::channel();
+    (Jobs { packets: ptx, commits: ctx.clone() }, Queues { packets: prx, commits: crx, to_commit: ctx })
+}
+
+/// The running worker threads (the packet thread and the committing worker).
+pub struct Threads {
+    packets: std::thread::JoinHandle<()>,
+    commits: std::thread::JoinHandle<()>,
+}
+
+impl Threads {
+    /// Wait for both to end (after the loop's `Shutdown`); false if one panicked.
+    pub fn join(self) -> bool {
+        let p = self.packets.join().is_ok();
+        self.commits.join().is_ok() && p
     }
 }
 
@@ -249,12 +286,10 @@ pub struct Worker {
     db: Db,
     keep_versions: u32,
     sync_mode: SyncMode,
-    uploads: HashMap<UploadId, PartFile>,
-    /// The channels, once `run` has them (see `stage_arrivals`).
+    /// Received uploads waiting for their 1029 (handed over by the packet thread).
+    staged: HashMap<UploadId, Staged>,
+    /// The channels, once `run` has them.
     io: Option<WorkerIo>,
-    /// Jobs taken off the channel during a group commit that must wait for
-    /// the next batch (everything but file packets), in arrival order.
-    carry: Vec<Job>,
     metrics: Arc<Metrics>,
     /// Each client's usage (see [`Usage`]), kept up to date at every commit.
     usage: HashMap<ClientId, Usage>,
@@ -268,7 +303,7 @@ pub struct Worker {
 }
 
 struct WorkerIo {
-    jobs: Source,
+    jobs: Receiver<Input>,
     done: Sender<Completion>,
     waker: Arc<dyn Wake>,
 }
@@ -348,9 +383,8 @@ impl Worker {
             db,
             keep_versions,
             sync_mode,
-            uploads: HashMap::new(),
+            staged: HashMap::new(),
             io: None,
-            carry: Vec::new(),
             metrics: Arc::new(Metrics::new()),
             usage: HashMap::new(),
             free_checked: None,
@@ -415,101 +449,92 @@ impl Worker {
         self.metrics.free_bytes.store(free, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Serve jobs until `Shutdown` or until the loop hangs up.
-    pub fn run(mut self, jobs: Receiver<Job>, done: Sender<Completion>, waker: Arc<dyn Wake>) {
-        let jobs = self.input_source(jobs);
+    /// Start the packet thread and the committing worker (this one), on the
+    /// channels of [`channel`].
+    #[cfg_attr(not(feature = "s3"), allow(unused_mut))] // the replicator starts here
+    pub fn spawn(
+        mut self,
+        queues: Queues,
+        done: Sender<Completion>,
+        waker: Arc<dyn Wake>,
+    ) -> std::io::Result<Threads> {
+        let Queues { packets, commits, to_commit } = queues;
+        let temps = self.storage.temp_files()?;
+        #[cfg(feature = "s3")]
+        self.start_replica(&to_commit);
+        let stage = Packets::new(temps, to_commit, done.clone(), waker.clone(), self.metrics.clone());
+        let named = |n: &str| std::thread::Builder::new().name(n.into());
+        let packets = named("backupd-packets").spawn(move || stage.run(packets))?;
+        let commits = named("backupd-worker").spawn(move || self.run(commits, done, waker))?;
+        Ok(Threads { packets, commits })
+    }
+
+    /// Serve the committing worker's input until the packet thread passes on
+    /// the loop's `Shutdown` (or everyone hung up).
+    fn run(mut self, jobs: Receiver<Input>, done: Sender<Completion>, waker: Arc<dyn Wake>) {
         self.io = Some(WorkerIo { jobs, done, waker });
         let mut batch: Vec<Job> = Vec::new();
-        loop {
-            batch.append(&mut self.carry);
+        let mut stop = false;
+        while !stop {
             // Out of `self` while inputs are taken (a report goes to `self`).
             let Some(io) = self.io.take() else { break };
-            if batch.is_empty() {
-                // Idle: wake once a FREE_SPACE_EVERY to measure the free space
-                // (and, with the S3 tier, when a held 1604 must give up).
-                match io.jobs.recv_timeout(self.idle_wait()) {
-                    Ok(i) => batch.extend(self.take(i)),
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        self.io = Some(io);
-                        self.refresh_free_space();
-                        self.after_reports();
-                        continue;
-                    }
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                        self.io = Some(io);
-                        break;
-                    }
-                }
+            // Idle: wake once a FREE_SPACE_EVERY to measure the free space
+            // (and, with the S3 tier, when a held 1604 must give up).
+            match io.jobs.recv_timeout(self.idle_wait()) {
+                Ok(i) => stop |= self.take(i, &mut batch),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => stop = true,
             }
-            while batch.len() < 512 {
+            while !stop && batch.len() < 512 {
                 match io.jobs.try_recv() {
-                    Some(i) => batch.extend(self.take(i)),
-                    None => break,
+                    Ok(i) => stop |= self.take(i, &mut batch),
+                    Err(_) => break,
                 }
             }
             self.io = Some(io);
             self.metrics.worker_queue.add(-(batch.len() as i64));
-            let stop = !batch.is_empty() && self.handle_batch(&mut batch);
+            if !batch.is_empty() {
+                self.handle_batch(&mut batch);
+            }
             self.after_reports();
             // Uploads fill the disk between commits too: measured at least once
             // a FREE_SPACE_EVERY while busy (and after each commit, see group_commit).
             self.refresh_free_space();
-            if stop {
-                break;
-            }
         }
         #[cfg(feature = "s3")]
         self.stop_replica();
         // Anything still staged was never confirmed: remove it.
-        for (upload, _) in std::mem::take(&mut self.uploads) {
+        for (upload, _) in std::mem::take(&mut self.staged) {
             let _ = self.storage.remove_temp(upload);
         }
         log::debug!("worker: stopped");
     }
 
-    /// The worker's input: the loop's channel, or with the S3 tier a merged
-    /// channel fed by a forwarding thread and the replicator (started here).
-    fn input_source(&mut self, jobs: Receiver<Job>) -> Source {
-        #[cfg(feature = "s3")]
-        if self.replica.is_some() {
-            let (tx, rx) = std::sync::mpsc::channel();
-            let fwd = tx.clone();
-            let forwarder = std::thread::Builder::new().name("backupd-jobs".into()).spawn(move || {
-                for j in jobs {
-                    if fwd.send(Input::Job(j)).is_err() {
-                        return;
+    /// One input: a job joins the batch, a staged upload waits for its
+    /// commit, a discard removes it, a report waits for the batch's end.
+    /// True at the stop.
+    fn take(&mut self, i: Input, batch: &mut Vec<Job>) -> bool {
+        match i {
+            Input::Job(j) => batch.push(j),
+            Input::Staged(s) => {
+                self.staged.insert(s.upload, s);
+            }
+            Input::Discard(upload) => {
+                if self.staged.remove(&upload).is_some() {
+                    if let Err(e) = self.storage.remove_temp(upload) {
+                        log::warn!("worker: cannot remove {}: {e}", self.storage.temp_path(upload).display());
                     }
                 }
-                // The loop hung up: stop as a closed channel would.
-                let _ = fwd.send(Input::Job(Job::Shutdown));
-            });
-            match forwarder {
-                Ok(_) => {
-                    self.start_replica(&tx);
-                    return Source::Merged(rx);
-                }
-                Err(e) => {
-                    // The jobs went with the thread that could not start.
-                    log::error!("worker: cannot start the job forwarder ({e}); the worker stops");
-                    return Source::Jobs(std::sync::mpsc::channel().1);
-                }
             }
-        }
-        Source::Jobs(jobs)
-    }
-
-    /// One input: a job joins the batch, a report waits for the batch's end.
-    fn take(&mut self, i: Input) -> Option<Job> {
-        match i {
-            Input::Job(j) => Some(j),
+            Input::Stop => return true,
             #[cfg(feature = "s3")]
             Input::Replicated(r) => {
                 if let Some(rep) = self.replica.as_mut() {
                     rep.reports.push(r);
                 }
-                None
             }
         }
+        false
     }
 
     /// How long to wait for input when idle.
@@ -546,35 +571,11 @@ impl Worker {
         }
     }
 
-    /// Called while a group commit waits for the disk: stage the file packets
-    /// that arrived meanwhile, so that a small upload's 1603 does not wait for
-    /// another batch's sync. Every other job is kept, in order, for the next
-    /// batch. (Reordering packets ahead of those is safe: the loop sends no job
-    /// for an upload after its Commit or Discard, and a connection sends
-    /// nothing after a Commit, Register or SetKey until that job's reply.)
-    fn stage_arrivals(&mut self) {
-        let mut staged = Vec::new();
-        while let Some(i) = self.io.as_ref().and_then(|io| io.jobs.try_recv()) {
-            let Some(j) = self.take(i) else { continue };
-            self.metrics.worker_queue.add(-1);
-            match j {
-                Job::Packet(p) => staged.push(self.packet(p)),
-                other => self.carry.push(other),
-            }
-        }
-        if !staged.is_empty() {
-            self.send(staged);
-        }
-    }
-
-    fn handle_batch(&mut self, batch: &mut Vec<Job>) -> bool {
-        let mut stop = false;
+    fn handle_batch(&mut self, batch: &mut Vec<Job>) {
         let mut writes: Vec<(Pending, Vec<Write>)> = Vec::new();
         let mut commits: Vec<(ConnRef, UploadId, ClientId, String)> = Vec::new();
-        let mut staged = Vec::new();
         for job in batch.drain(..) {
             match job {
-                Job::Packet(p) => staged.push(self.packet(p)),
                 Job::Register { conn, id, name } => {
                     writes.push((Pending::Register { conn, id }, vec![Write::InsertClient { id, name }]))
                 }
@@ -584,36 +585,17 @@ impl Worker {
                 }
                 Job::Touch { id } => writes.push((Pending::Silent, vec![Write::Touch { id }])),
                 Job::Commit { conn, upload, client, name } => commits.push((conn, upload, client, name)),
-                Job::Discard { upload, failed } => {
-                    if self.uploads.remove(&upload).is_some() {
-                        if let Err(e) = self.storage.remove_temp(upload) {
-                            log::warn!(
-                                "worker: cannot remove {}: {e}",
-                                self.storage.temp_path(upload).display()
-                            );
-                        }
-                    }
-                    if let Some((id, _)) = failed {
-                        log::debug!(
-                            "worker: upload {upload} of client {} aborted; nothing recorded",
-                            id_hex(&id)
-                        );
-                    }
-                }
-                Job::Shutdown => stop = true,
+                // The packet thread's (see `Jobs::send`).
+                Job::Packet(_) | Job::Discard { .. } | Job::Shutdown => {}
             }
         }
-        if !staged.is_empty() {
-            self.send(staged);
-        }
         if writes.is_empty() && commits.is_empty() {
-            return stop;
+            return;
         }
         let mut out = Vec::new();
         self.group_commit(commits, writes, &mut out);
         #[cfg(feature = "s3")]
         self.dispatch_and_hold(&mut out);
         self.send(out);
-        stop
     }
 }

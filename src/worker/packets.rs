@@ -1,23 +1,28 @@
-//! The packet path: a packet's content decrypted, checksummed and appended
-//! to its upload's temp file in cache-sized pieces, with write-behind for
-//! large uploads; the upload's stream state ([`PartFile`]).
+//! The packet thread ([`Packets`]) and its path: a packet's content
+//! decrypted, checksummed and appended to its upload's temp file in
+//! cache-sized pieces, with write-behind for large uploads; the upload's
+//! stream state ([`PartFile`]); the hand-over of a received upload to the
+//! committing worker ([`Staged`]).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write as _};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
 
 use super::fault::{self, Point};
-use super::{Completion, PacketJob, PacketOutcome, StartUpload, UploadError, UploadId, Worker};
+use super::storage::TempFiles;
+use super::{Completion, Input, Job, PacketJob, PacketOutcome, StartUpload, UploadError, UploadId, Wake};
 use crate::crypto::{Cksum, StreamDecryptor, AES_KEY_LEN};
-use crate::protocol::ClientId;
+use crate::metrics::Metrics;
+use crate::protocol::{id_hex, ClientId};
 
-/// An upload at the worker: its temp file (`tmp/<n>.part`), the decryptor
-/// and cksum of its stream, until it is published or discarded.
-pub(super) struct PartFile {
-    pub(super) client: ClientId,
+/// An upload being received: its temp file (`tmp/<n>.part`), the decryptor
+/// and cksum of its stream, until its last packet or its discard.
+struct PartFile {
+    client: ClientId,
     key: SessionKey,
-    /// Open while packets arrive; closed once the upload is received, so that
-    /// staged files awaiting their 1029 hold no file descriptor.
-    file: Option<File>,
+    file: File,
     dec: Option<StreamDecryptor>,
     cksum: Cksum,
     ciphertext: u64,
@@ -26,7 +31,15 @@ pub(super) struct PartFile {
     writeback_from: u64,
     /// ... and before this one written out and dropped from the page cache.
     dropped_to: u64,
-    pub(super) received: Option<(u32, u64)>,
+}
+
+/// A received upload handed to the committing worker: its temp file waits
+/// in `tmp/` for the 1029 (or a discard).
+pub(crate) struct Staged {
+    pub(super) upload: UploadId,
+    pub(super) client: ClientId,
+    pub(super) cksum: u32,
+    pub(super) size: u64,
 }
 
 /// Bytes of a packet processed at a time (decrypt, cksum, write): fits L2.
@@ -88,15 +101,102 @@ impl Drop for SessionKey {
     }
 }
 
-impl Worker {
+/// The packet thread: every upload being received, from its packet 1 to its
+/// last packet. It decrypts, checksums and appends packets to their temp
+/// files and answers each with a [`Completion::Packet`]; once an upload is
+/// received it hands the staged temp file to the committing worker
+/// ([`Input::Staged`]) before it tells the loop, so the loop's 1029 for it
+/// always finds it there (one channel, in causal order). It takes the
+/// loop's discards and its shutdown too, and passes on what concerns the
+/// committing worker in the same order. It never waits for a sync or the
+/// database: a packet is answered while a batch is being made durable.
+pub(super) struct Packets {
+    temps: TempFiles,
+    uploads: HashMap<UploadId, PartFile>,
+    to_commit: Sender<Input>,
+    done: Sender<Completion>,
+    waker: Arc<dyn Wake>,
+    metrics: Arc<Metrics>,
+}
+
+impl Packets {
+    pub(super) fn new(
+        temps: TempFiles,
+        to_commit: Sender<Input>,
+        done: Sender<Completion>,
+        waker: Arc<dyn Wake>,
+        metrics: Arc<Metrics>,
+    ) -> Packets {
+        Packets { temps, uploads: HashMap::new(), to_commit, done, waker, metrics }
+    }
+
+    /// Serve the loop's packet jobs until its `Shutdown` or until it hangs up;
+    /// then tell the committing worker to stop too.
+    pub(super) fn run(mut self, jobs: Receiver<Job>) {
+        let mut answers = Vec::new();
+        while let Ok(first) = jobs.recv() {
+            let mut next = Some(first);
+            let mut stop = false;
+            // Everything already queued is answered with one wake of the loop.
+            while let Some(job) = next.take() {
+                self.metrics.worker_queue.add(-1);
+                match job {
+                    Job::Packet(p) => answers.push(self.packet(p)),
+                    Job::Discard { upload, failed } => self.discard(upload, failed),
+                    Job::Shutdown => stop = true,
+                    // The loop sends these to the committing worker (see `Jobs::send`).
+                    other => self.forward(Input::Job(other)),
+                }
+                if stop || answers.len() >= 64 {
+                    break;
+                }
+                next = jobs.try_recv().ok();
+            }
+            if !answers.is_empty() {
+                for c in answers.drain(..) {
+                    let _ = self.done.send(c);
+                }
+                self.waker.wake();
+            }
+            if stop {
+                break;
+            }
+        }
+        // Anything still being received was never confirmed: remove it.
+        for (upload, _) in std::mem::take(&mut self.uploads) {
+            let _ = self.temps.remove(upload);
+        }
+        self.forward(Input::Stop);
+        log::debug!("worker: packet thread stopped");
+    }
+
+    fn forward(&self, i: Input) {
+        let _ = self.to_commit.send(i);
+    }
+
+    /// Drop an upload: here while it is being received, else at the
+    /// committing worker (staged, or already gone).
+    fn discard(&mut self, upload: UploadId, failed: Option<(ClientId, String)>) {
+        if self.uploads.remove(&upload).is_some() {
+            if let Err(e) = self.temps.remove(upload) {
+                log::warn!("worker: cannot remove {}: {e}", self.temps.path(upload).display());
+            }
+        } else {
+            self.forward(Input::Discard(upload));
+        }
+        if let Some((id, _)) = failed {
+            log::debug!("worker: upload {upload} of client {} aborted; nothing recorded", id_hex(&id));
+        }
+    }
+
     /// Decrypt, checksum and append one packet.
-    pub(super) fn packet(&mut self, mut p: PacketJob) -> Completion {
+    fn packet(&mut self, mut p: PacketJob) -> Completion {
         let (conn, upload, last) = (p.conn, p.upload, p.last);
         let outcome = match self.packet_inner(&mut p) {
             Ok(o) => o,
             Err(reason) => {
                 if self.uploads.remove(&upload).is_some() {
-                    let _ = self.storage.remove_temp(upload);
+                    let _ = self.temps.remove(upload);
                 }
                 PacketOutcome::Failed(reason)
             }
@@ -122,28 +222,30 @@ impl Worker {
         // The temp file is made durable at commit time, together with the
         // rest of its batch: 1603 promises nothing about durability, 1604 does.
         let plain_len = u.cksum.len();
-        let sum = std::mem::take(&mut u.cksum).finalize();
-        u.received = Some((sum, plain_len));
-        u.file = None;
-        Ok(PacketOutcome::Received { cksum: sum, ciphertext_len: u.ciphertext, plain_len })
+        let cksum = std::mem::take(&mut u.cksum).finalize();
+        let ciphertext_len = u.ciphertext;
+        let client = u.client;
+        // Closed here (key zeroed): a staged file holds no descriptor.
+        self.uploads.remove(&p.upload);
+        self.forward(Input::Staged(Staged { upload: p.upload, client, cksum, size: plain_len }));
+        Ok(PacketOutcome::Received { cksum, ciphertext_len, plain_len })
     }
 
     /// A packet 1: the upload's temp file and stream state.
     fn open_upload(&mut self, upload: UploadId, start: StartUpload) -> Result<(), UploadError> {
-        let file = self.storage.create_temp(upload).map_err(UploadError::CreateTemp)?;
+        let file = self.temps.create(upload).map_err(UploadError::CreateTemp)?;
         self.uploads.insert(
             upload,
             PartFile {
                 client: start.client,
                 key: SessionKey(start.key),
-                file: Some(file),
+                file,
                 dec: None,
                 cksum: Cksum::new(),
                 ciphertext: 0,
                 segment_start: 0,
                 writeback_from: 0,
                 dropped_to: 0,
-                received: None,
             },
         );
         Ok(())
@@ -155,18 +257,13 @@ impl PartFile {
     /// stream when the packet ends one).
     fn append(&mut self, p: &mut PacketJob) -> Result<(), UploadError> {
         let u = self;
-        if u.received.is_some() {
-            return Err(UploadError::AfterLast);
-        }
         if p.new_segment {
             u.dec = Some(StreamDecryptor::new(&u.key.0));
             u.segment_start = u.cksum.len();
         }
         let content = &mut p.content.bytes[..];
         u.ciphertext += content.len() as u64;
-        let PartFile { file: Some(file), cksum, dec, .. } = u else {
-            return Err(UploadError::AfterLast);
-        };
+        let PartFile { file, cksum, dec, .. } = u;
         let mut err: Option<io::Error> = None;
         let mut sink = |pt: &[u8]| {
             if err.is_none() {
@@ -191,9 +288,7 @@ impl PartFile {
         }
         if let Some(expected) = p.end_segment {
             let d = u.dec.take().ok_or(UploadError::NoStreamToFinish)?;
-            let PartFile { file: Some(file), cksum, .. } = u else {
-                return Err(UploadError::AfterLast);
-            };
+            let PartFile { file, cksum, .. } = u;
             let mut sink = |pt: &[u8]| {
                 if err.is_none() {
                     cksum.update(pt);
@@ -218,9 +313,7 @@ impl PartFile {
         let u = self;
         let written = u.cksum.len();
         if written - u.writeback_from >= WRITEBACK_STEP {
-            if let Some(f) = &u.file {
-                write_behind(f, u.dropped_to, u.writeback_from, written).map_err(UploadError::Writeback)?;
-            }
+            write_behind(&u.file, u.dropped_to, u.writeback_from, written).map_err(UploadError::Writeback)?;
             u.dropped_to = u.writeback_from;
             u.writeback_from = written;
         }

@@ -26,7 +26,8 @@
 //! one component at a time, no symbolic link followed. An unexpected entry
 //! (a link, a file where a folder belongs or the reverse) is never written or
 //! removed through: the operation fails, and startup moves the entry itself
-//! to `orphans/`. Only the worker thread calls into this module.
+//! to `orphans/`. Only the worker thread calls into this module, and the
+//! packet thread into its [`TempFiles`] (`tmp/` alone).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -52,6 +53,44 @@ pub struct Storage {
     files: Dir,
     versions: Dir,
     tmp: Dir,
+}
+
+/// The temp files of uploads being received (`tmp/<upload>.part`), as the
+/// packet thread sees the data directory: it creates and removes its own
+/// uploads' temp files there and touches nothing else. Once an upload is
+/// received, its temp file is the committing worker's ([`Storage`]).
+#[derive(Debug)]
+pub struct TempFiles {
+    root: PathBuf,
+    tmp: Dir,
+}
+
+impl TempFiles {
+    /// Create a new temp file for an upload, mode 0600 (never through a link).
+    pub fn create(&self, upload: u64) -> io::Result<File> {
+        self.tmp.create_file(temp_name(upload), 0o600)
+    }
+
+    /// Remove an upload's temp file, if there is one.
+    pub fn remove(&self, upload: u64) -> io::Result<()> {
+        remove_temp(&self.tmp, upload)
+    }
+
+    /// Where a temp file is (for messages).
+    pub fn path(&self, upload: u64) -> PathBuf {
+        temp_path(&self.root, upload)
+    }
+}
+
+fn temp_path(root: &Path, upload: u64) -> PathBuf {
+    root.join("tmp").join(temp_name(upload))
+}
+
+fn remove_temp(tmp: &Dir, upload: u64) -> io::Result<()> {
+    match tmp.remove_file(temp_name(upload)) {
+        Err(e) if !not_found(&e) => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Directories whose entries changed and must be made durable.
@@ -165,14 +204,14 @@ impl Storage {
         format!("{}/{n}", Storage::relative_versions_dir(id, name))
     }
 
-    /// Where a temp file is (for messages and tests; it is opened through `tmp/`'s descriptor).
-    pub fn temp_path(&self, upload: u64) -> PathBuf {
-        self.root.join("tmp").join(temp_name(upload))
+    /// A handle on `tmp/` alone, for the packet thread (see [`TempFiles`]).
+    pub fn temp_files(&self) -> io::Result<TempFiles> {
+        Ok(TempFiles { root: self.root.clone(), tmp: self.tmp.try_clone()? })
     }
 
-    /// Create a new temp file for an upload, mode 0600 (never through a link).
-    pub fn create_temp(&self, upload: u64) -> io::Result<File> {
-        self.tmp.create_file(temp_name(upload), 0o600)
+    /// Where a temp file is (for messages and tests; it is opened through `tmp/`'s descriptor).
+    pub fn temp_path(&self, upload: u64) -> PathBuf {
+        temp_path(&self.root, upload)
     }
 
     /// Open a staged temp file (to sync it).
@@ -182,10 +221,7 @@ impl Storage {
 
     /// Remove an upload's temp file, if there is one.
     pub fn remove_temp(&self, upload: u64) -> io::Result<()> {
-        match self.tmp.remove_file(temp_name(upload)) {
-            Err(e) if !not_found(&e) => Err(e),
-            _ => Ok(()),
-        }
+        remove_temp(&self.tmp, upload)
     }
 
     /// Empty tmp/ at start: its uploads were never acknowledged. Only regular

@@ -13,7 +13,7 @@ fn open() -> (tempfile::TempDir, Storage) {
 /// Stage `content` as upload `upload` and publish it as `name` (no commit).
 fn publish(s: &Storage, id: &ClientId, name: &str, upload: u64, content: &[u8]) -> io::Result<Publish> {
     use std::io::Write;
-    s.create_temp(upload)?.write_all(content)?;
+    s.temp_files()?.create(upload)?.write_all(content)?;
     let mut dirty = Dirty::default();
     let p = s.plan_publish(id, name, upload)?;
     s.save_previous(&p, name, &mut dirty)?;
