@@ -46,17 +46,25 @@ pub(crate) struct Staged {
 const CACHE_PIECE: usize = 128 * 1024;
 
 /// How much an upload writes between two writeback kicks.
-const WRITEBACK_STEP: u64 = 8 << 20;
+const WRITEBACK_STEP: u64 = 4 << 20;
+
+/// How far behind the end of the file a range must be before the packet
+/// thread waits for its writeback: three steps, so that the range has had
+/// the time of writing two more steps to reach the disk, and the wait
+/// rarely waits (it used to be the step just before, and the packet thread
+/// sat in that wait for about a quarter of a large upload).
+const WRITEBACK_LAG: u64 = 3 * WRITEBACK_STEP;
 
 /// Write-behind for a large upload, every WRITEBACK_STEP bytes: start
-/// writeback of the range just written, then wait for the range before it
-/// and drop it from the page cache. Dirty pages stay bounded (two steps),
-/// their pages are recycled instead of the page cache growing into new
-/// memory (costly in a VM, scarce on a small box), and the sync at commit
-/// time has at most two steps left to flush. A writeback error is reported
-/// here (and consumed: a later fsync may not see it again), so it fails the
-/// upload; only "not supported" is ignored.
-fn write_behind(f: &File, dropped_to: u64, kicked_from: u64, written: u64) -> io::Result<()> {
+/// writeback of the range just written, then wait for the ranges more than
+/// WRITEBACK_LAG behind the end and drop them from the page cache. Dirty
+/// pages stay bounded (the lag and a step: 16 MiB), their pages are recycled
+/// instead of the page cache growing into new memory (costly in a VM, scarce
+/// on a small box), and the sync at commit time has at most that left to
+/// flush. A writeback error is reported here (and consumed: a later fsync
+/// may not see it again), so it fails the upload; only "not supported" is
+/// ignored. Returns the new end of the dropped range.
+fn write_behind(f: &File, dropped_to: u64, kicked_from: u64, written: u64) -> io::Result<u64> {
     use std::os::fd::AsRawFd;
     let fd = f.as_raw_fd();
     fault::check(Point::WriteBehind, "")?;
@@ -76,19 +84,22 @@ fn write_behind(f: &File, dropped_to: u64, kicked_from: u64, written: u64) -> io
         Err(e)
     };
     if !range(kicked_from, written - kicked_from, libc::SYNC_FILE_RANGE_WRITE)? {
-        return Ok(());
+        return Ok(dropped_to);
     }
-    if kicked_from > dropped_to {
+    // Only ranges already kicked (before `kicked_from`) are waited for.
+    let wait_to = kicked_from.min(written.saturating_sub(WRITEBACK_LAG));
+    if wait_to > dropped_to {
         let all = libc::SYNC_FILE_RANGE_WAIT_BEFORE
             | libc::SYNC_FILE_RANGE_WRITE
             | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-        let len = kicked_from - dropped_to;
+        let len = wait_to - dropped_to;
         if range(dropped_to, len, all)? {
             // SAFETY: advice only, on a descriptor owned by `f`.
             unsafe { libc::posix_fadvise(fd, dropped_to as i64, len as i64, libc::POSIX_FADV_DONTNEED) };
         }
+        return Ok(wait_to);
     }
-    Ok(())
+    Ok(dropped_to)
 }
 
 /// A session key held by the worker; zeroed when dropped so that it does
@@ -133,33 +144,20 @@ impl Packets {
     /// Serve the loop's packet jobs until its `Shutdown` or until it hangs up;
     /// then tell the committing worker to stop too.
     pub(super) fn run(mut self, jobs: Receiver<Job>) {
-        let mut answers = Vec::new();
-        while let Ok(first) = jobs.recv() {
-            let mut next = Some(first);
-            let mut stop = false;
-            // Everything already queued is answered with one wake of the loop.
-            while let Some(job) = next.take() {
-                self.metrics.worker_queue.add(-1);
-                match job {
-                    Job::Packet(p) => answers.push(self.packet(p)),
-                    Job::Discard { upload, failed } => self.discard(upload, failed),
-                    Job::Shutdown => stop = true,
-                    // The loop sends these to the committing worker (see `Jobs::send`).
-                    other => self.forward(Input::Job(other)),
+        while let Ok(job) = jobs.recv() {
+            self.metrics.worker_queue.add(-1);
+            match job {
+                // Answered at once, each: the loop's pipeline of a large upload
+                // (a few pieces per connection) refills while the next is decrypted.
+                Job::Packet(p) => {
+                    let answer = self.packet(p);
+                    let _ = self.done.send(answer);
+                    self.waker.wake();
                 }
-                if stop || answers.len() >= 64 {
-                    break;
-                }
-                next = jobs.try_recv().ok();
-            }
-            if !answers.is_empty() {
-                for c in answers.drain(..) {
-                    let _ = self.done.send(c);
-                }
-                self.waker.wake();
-            }
-            if stop {
-                break;
+                Job::Discard { upload, failed } => self.discard(upload, failed),
+                Job::Shutdown => break,
+                // The loop sends these to the committing worker (see `Jobs::send`).
+                other => self.forward(Input::Job(other)),
             }
         }
         // Anything still being received was never confirmed: remove it.
@@ -313,8 +311,8 @@ impl PartFile {
         let u = self;
         let written = u.cksum.len();
         if written - u.writeback_from >= WRITEBACK_STEP {
-            write_behind(&u.file, u.dropped_to, u.writeback_from, written).map_err(UploadError::Writeback)?;
-            u.dropped_to = u.writeback_from;
+            u.dropped_to = write_behind(&u.file, u.dropped_to, u.writeback_from, written)
+                .map_err(UploadError::Writeback)?;
             u.writeback_from = written;
         }
         Ok(())
