@@ -127,20 +127,28 @@ impl Dir {
     /// Returns whether it was created.
     pub fn ensure_dir(&self, name: impl AsRef<OsStr>) -> io::Result<(Dir, bool)> {
         let c = component(name.as_ref())?;
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY;
+        // Opened first: the folder almost always exists (one call, not two).
+        match self.openat(&c, flags, 0) {
+            Ok(fd) => return Ok((Dir { fd }, false)),
+            Err(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(e),
+            Err(_) => {}
+        }
         // SAFETY: valid descriptor and C string.
         let created = match cvt(unsafe { libc::mkdirat(self.fd.as_raw_fd(), c.as_ptr(), 0o700) }) {
             Ok(_) => true,
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => false,
             Err(e) => return Err(e),
         };
-        Ok((Dir { fd: self.openat(&c, libc::O_RDONLY | libc::O_DIRECTORY, 0)? }, created))
+        Ok((Dir { fd: self.openat(&c, flags, 0)? }, created))
     }
 
     /// Open a chain of sub-directories, one component at a time, never
     /// following a link.
     pub fn open_path(&self, parts: &[&str]) -> io::Result<Dir> {
-        let mut d = self.try_clone()?;
-        for p in parts {
+        let Some((first, rest)) = parts.split_first() else { return self.try_clone() };
+        let mut d = self.open_dir(first)?;
+        for p in rest {
             d = d.open_dir(p)?;
         }
         Ok(d)

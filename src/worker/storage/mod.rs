@@ -256,15 +256,20 @@ impl Storage {
     /// The folder `top/<parts...>`, creating what is missing (0700); each
     /// folder whose entries changed is added to `dirty`.
     fn make(&self, top_rel: &str, top: &Dir, parts: &[&str], dirty: &mut Dirty) -> io::Result<(String, Dir)> {
-        let (mut rel, mut cur) = (top_rel.to_string(), top.try_clone()?);
+        let (mut rel, mut cur) = (top_rel.to_string(), None::<Dir>);
         for p in parts {
-            let (d, created) = cur.ensure_dir(p)?;
+            let base = cur.as_ref().unwrap_or(top);
+            let (d, created) = base.ensure_dir(p)?;
             if created {
-                dirty.push(&rel, &cur)?;
+                dirty.push(&rel, base)?;
             }
             rel = format!("{rel}/{p}");
-            cur = d;
+            cur = Some(d);
         }
+        let cur = match cur {
+            Some(d) => d,
+            None => top.try_clone()?,
+        };
         Ok((rel, cur))
     }
 
