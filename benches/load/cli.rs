@@ -25,6 +25,8 @@ pub(crate) struct Opts {
     pub(crate) rounds: usize,
     pub(crate) small_count: usize,
     pub(crate) small_clients: usize,
+    /// Clients of scenario 1b (small files with many active clients, issue 14).
+    pub(crate) many_clients: usize,
     pub(crate) small_size: usize,
     pub(crate) large_mib: u64,
     pub(crate) multi_clients: usize,
@@ -61,6 +63,7 @@ impl Opts {
             rounds: 3,
             small_count: 10_000,
             small_clients: 16,
+            many_clients: 256,
             small_size: 4096,
             large_mib: 1024,
             multi_clients: 4,
@@ -109,6 +112,7 @@ load: backupd load benchmark (issue 5). Run via `cargo bench --bench load -- FLA
   --rounds N              timed rounds per scenario [3; quick 2]
   --small-count N         files per small-file round [10000; quick 1000]
   --small-clients N       concurrent small-file clients [16]
+  --many-clients N        clients of scenario 1b, small files with many active clients [256]
   --small-size BYTES      small file size [4096]
   --large-mib N           size of the single large file, MiB (1 MiB packets) [1024; quick 128]
   --multi-clients N       clients of the parallel large uploads [4]
@@ -183,6 +187,7 @@ pub(crate) fn parse_opts(args: &[String]) -> Res<Opts> {
             "--rounds" => o.rounds = parse_num(&val()?, &flag)?,
             "--small-count" => o.small_count = parse_num(&val()?, &flag)?,
             "--small-clients" => o.small_clients = parse_num(&val()?, &flag)?,
+            "--many-clients" => o.many_clients = parse_num(&val()?, &flag)?,
             "--small-size" => o.small_size = parse_num(&val()?, &flag)?,
             "--large-mib" => o.large_mib = parse_num(&val()?, &flag)?,
             "--multi-clients" => o.multi_clients = parse_num(&val()?, &flag)?,
@@ -206,6 +211,7 @@ pub(crate) fn parse_opts(args: &[String]) -> Res<Opts> {
     }
     if o.rounds == 0
         || o.small_clients == 0
+        || o.many_clients == 0
         || o.multi_clients == 0
         || o.limit_iters == 0
         || o.attack_secs == 0

@@ -22,6 +22,7 @@ use crate::Res;
 /// The latency curves: (label, pointer to a `Lat` object below a scenario set).
 const CURVES: &[(&str, &str)] = &[
     ("scenario 1, small files", "/small/latency_total"),
+    ("scenario 1b, many active clients", "/small_many/latency_total"),
     ("scenario 3, beside idle clients", "/idle/small_with_idle/latency_total"),
     ("scenario 4, quiet phases", "/attack/quiet/latency_total"),
     ("scenario 4, under attack", "/attack/under_attack/latency_total"),

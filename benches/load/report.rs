@@ -166,9 +166,9 @@ impl Target {
     }
 }
 
-/// The targets of issue 5, each with its verdict.
-pub(crate) fn print_targets(targets: &[Target]) {
-    println!("\n== targets of issue 5 ==");
+/// Targets, each with its verdict, under a heading.
+pub(crate) fn print_targets(heading: &str, targets: &[Target]) {
+    println!("\n== {heading} ==");
     for t in targets {
         let verdict = match t.met() {
             Some(true) => "met",
@@ -217,13 +217,84 @@ pub(crate) const KEY_FIGURES: &[(&str, &str, &str)] = &[
 pub(crate) fn cpu_per_small_file_us(scenarios: &J) -> Option<f64> {
     let small = scenarios.get("small")?;
     let files = small.get("files_ok")?.as_f64()?;
-    let cpu: f64 = small
-        .pointer("/server/cpu/server_cpu_s")?
-        .as_object()?
-        .values()
-        .filter_map(|t| Some(t.get("user")?.as_f64()? + t.get("system")?.as_f64()?))
-        .sum();
+    let cpu = server_cpu_s(small)?;
     (files > 0.0).then(|| cpu / files * 1e6)
+}
+
+/// A scenario's server CPU time (user + system, all threads), seconds.
+fn server_cpu_s(scenario: &J) -> Option<f64> {
+    let threads = scenario.pointer("/server/cpu/server_cpu_s")?.as_object()?;
+    Some(threads.values().filter_map(|t| Some(t.get("user")?.as_f64()? + t.get("system")?.as_f64()?)).sum())
+}
+
+/// Server CPU (user + system, all threads) per GB uploaded in a large-file
+/// scenario, in core-seconds.
+pub(crate) fn cpu_per_gb_s(scenarios: &J, scenario: &str) -> Option<f64> {
+    let s = scenarios.get(scenario)?;
+    let mib = s.get("clients")?.as_f64()? * s.get("mib_per_client")?.as_f64()? * s.get("rounds")?.as_f64()?;
+    let cpu = server_cpu_s(s)?;
+    (mib > 0.0).then(|| cpu / (mib * 1_048_576.0 / 1e9))
+}
+
+/// The targets of issue 14, set against the limits measured in the same run
+/// (`limits`: the `limits` object of results.json), each with its verdict.
+pub(crate) fn issue14_targets(scenarios: &J, limits: &J) -> Vec<Target> {
+    let at = |j: &J, p: &str| j.pointer(p).and_then(J::as_f64);
+    let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
+    let durable = at(limits, "/syncfs_batched16_sqlite_files_per_s/median");
+    let behind = at(limits, "/seq_write_behind_dontneed_mb_s/median");
+    let note = |what: &str, l: Option<f64>| format!("{what} {:.0} in this run", l.unwrap_or(f64::NAN));
+    vec![
+        Target::at_least(
+            "small files / durable limit",
+            ratio(at(scenarios, "/small/files_per_s/median"), durable),
+            0.9,
+            "x",
+            note("syncfs per 16 + SQLite commit, files/s:", durable),
+        ),
+        Target::at_most(
+            "small-file latency p99",
+            at(scenarios, "/small/latency_total/p99_ms"),
+            2.0,
+            "ms",
+            "16 clients".into(),
+        ),
+        Target::at_most(
+            "small-file p99, many clients",
+            at(scenarios, "/small_many/latency_total/p99_ms"),
+            20.0,
+            "ms",
+            "256 active clients".into(),
+        ),
+        Target::at_least(
+            "1 GiB upload / write-behind limit",
+            ratio(at(scenarios, "/large_single/aggregate_mb_s/median"), behind),
+            0.8,
+            "x",
+            note("write-behind + DONTNEED, MB/s:", behind),
+        ),
+        Target::at_least(
+            "parallel uploads / write-behind",
+            ratio(at(scenarios, "/large_multi/aggregate_mb_s/median"), behind),
+            0.8,
+            "x",
+            "4 x 256 MiB".into(),
+        ),
+        Target::at_most(
+            "server CPU per small file",
+            cpu_per_small_file_us(scenarios),
+            60.0,
+            "us",
+            String::new(),
+        ),
+        Target::at_most(
+            "server CPU per GB uploaded",
+            cpu_per_gb_s(scenarios, "large_single"),
+            0.6,
+            "core-s",
+            "1 GiB file".into(),
+        ),
+    ]
 }
 
 /// The two figure sets side by side: 2 cores as the machine is, and the

@@ -11,7 +11,9 @@ use crate::figure::write_figure;
 use crate::json::{Obj as _, J};
 use crate::limits::{measure_limits, Limits};
 use crate::machine::{describe_binary, describe_machine, raise_nofile};
-use crate::report::{cpu_per_small_file_us, print_beside, print_targets, write_results, Target};
+use crate::report::{
+    cpu_per_small_file_us, issue14_targets, print_beside, print_targets, write_results, Target,
+};
 use crate::scenarios::run_scenarios;
 use crate::usage::wait_quiet;
 use crate::Res;
@@ -36,7 +38,8 @@ pub(crate) fn run(o: &Opts) -> Res<bool> {
 fn run_measured(o: &Opts, cleanup: &mut Vec<PathBuf>) -> Res<bool> {
     let dir = bench_dir();
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let nofile = raise_nofile((o.idle_clients + o.small_clients + o.multi_clients + 256) as u64);
+    let nofile =
+        raise_nofile((o.idle_clients + o.small_clients.max(o.many_clients) + o.multi_clients + 256) as u64);
     let want = |s: Scn| o.scenarios.contains(&s);
 
     // Machine.
@@ -96,8 +99,13 @@ fn run_measured(o: &Opts, cleanup: &mut Vec<PathBuf>) -> Res<bool> {
             String::new(),
         ));
     }
-    print_targets(&totals.targets);
+    print_targets("targets of issue 5", &totals.targets);
     top.set("targets", J::Array(totals.targets.iter().map(Target::json).collect()));
+    if o.target.is_none() {
+        let t14 = issue14_targets(&scen, limits.json.as_ref().unwrap_or(&J::Null));
+        print_targets("targets of issue 14 (ratios to this run's limits)", &t14);
+        top.set("targets_issue14", J::Array(t14.iter().map(Target::json).collect()));
+    }
     top.set("all_uploads_ok", totals.ok);
     write_results(&dir, &top)?;
     match write_figure(&dir, &top, &limits) {

@@ -63,6 +63,7 @@ pub(crate) fn run_scenarios(
     let want = |s: Scn| o.scenarios.contains(&s);
     let runs: Vec<&str> = [
         ("small", Scn::Small),
+        ("small_many", Scn::Small),
         ("large_single", Scn::Large),
         ("large_multi", Scn::Large),
         ("idle", Scn::Idle),
@@ -165,6 +166,7 @@ impl One<'_> {
         let (o, limits) = (self.o, self.limits);
         match run_name {
             "small" => small::run(o, ctx, limits, start_line, totals),
+            "small_many" => small::run_many(o, ctx, limits, start_line, totals),
             "large_single" => large::run(o, ctx, limits, start_line, totals),
             "large_multi" => parallel::run(o, ctx, limits, start_line, totals),
             "attack" => attack::run(o, ctx, start_line, totals),

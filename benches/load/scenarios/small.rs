@@ -317,3 +317,26 @@ pub(crate) fn run(o: &Opts, ctx: &Ctx, limits: &Limits, start_line: &str, t: &mu
     ));
     Ok((r.json(o), r.files))
 }
+
+/// Scenario 1b (issue 14): the same small files with many active clients
+/// (`--many-clients`, 256), each uploading one file after another: the
+/// latency a file sees when the server is shared by many busy clients.
+pub(crate) fn run_many(
+    o: &Opts,
+    ctx: &Ctx,
+    limits: &Limits,
+    start_line: &str,
+    t: &mut Totals,
+) -> Res<(J, usize)> {
+    let many = Opts { small_clients: o.many_clients, ..o.clone() };
+    println!(
+        "\n== scenario 1b: small files, many active clients ({} clients x {} B, {} files/round, {} rounds) ==",
+        many.small_clients, many.small_size, many.small_count, many.rounds
+    );
+    println!("  {start_line}");
+    let r = scenario_small(&many, ctx, "many")?;
+    r.print(&many, limits, ctx.server.is_some());
+    t.ok &= r.errors.is_empty();
+    // Its target is among issue 14's (report::issue14_targets).
+    Ok((r.json(&many), r.files))
+}
