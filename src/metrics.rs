@@ -293,7 +293,7 @@ impl Metrics {
             ("backupd_clients", "gauge", "Registered clients.", Some(self.clients.get() as f64)),
             ("backupd_budget_bytes_in_use", "gauge", "Memory budget granted to file content in flight.", Some(budget.used() as f64)),
             ("backupd_budget_bytes_limit", "gauge", "The memory budget (--memory-budget).", Some(budget.limit() as f64)),
-            ("backupd_worker_queue_depth", "gauge", "Jobs waiting for the worker thread.", Some(self.worker_queue.get().max(0) as f64)),
+            ("backupd_worker_queue_depth", "gauge", "Jobs waiting for the worker threads.", Some(self.worker_queue.get().max(0) as f64)),
             ("backupd_log_records_dropped_total", "counter", "Log lines dropped because the log output was blocked.", Some(log_dropped as f64)),
             ("backupd_data_dir_free_bytes", "gauge", "Bytes available to backupd on the data directory's filesystem.", free),
         ];

@@ -22,6 +22,8 @@ pub(crate) struct LogTail {
     lines: VecDeque<String>,
     warn: u64,
     error: u64,
+    /// The last WARN or ERROR line, shown with the counts.
+    last_bad: Option<String>,
 }
 
 pub(crate) struct Server {
@@ -123,6 +125,11 @@ impl Server {
         self.log.lock().map(|t| (t.warn, t.error)).unwrap_or((0, 0))
     }
 
+    /// The last WARN or ERROR line the server logged.
+    pub(crate) fn last_bad_line(&self) -> Option<String> {
+        self.log.lock().ok().and_then(|t| t.last_bad.clone())
+    }
+
     pub(crate) fn rss_kib(&self) -> Option<u64> {
         status_kib(self.pid, "VmRSS")
     }
@@ -193,6 +200,9 @@ fn read_log(stderr: ChildStderr, log: &Mutex<LogTail>, tx: mpsc::Sender<String>)
         let Ok(mut t) = log.lock() else { break };
         t.warn += u64::from(l.contains("[WARN]"));
         t.error += u64::from(l.contains("[ERROR]"));
+        if l.contains("[WARN]") || l.contains("[ERROR]") {
+            t.last_bad = Some(l.clone());
+        }
         t.lines.push_back(l);
         if t.lines.len() > 40 {
             t.lines.pop_front();

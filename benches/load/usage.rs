@@ -200,6 +200,8 @@ pub(crate) struct Measured {
     rss_after_kib: Option<u64>,
     pub(crate) warn: u64,
     pub(crate) error: u64,
+    /// The last of those lines.
+    last_bad: Option<String>,
 }
 
 impl<'a> Probe<'a> {
@@ -226,6 +228,7 @@ impl<'a> Probe<'a> {
             rss_after_kib: s.and_then(|s| s.rss_kib()),
             warn: w - self.log0.0,
             error: e - self.log0.1,
+            last_bad: s.and_then(|s| s.last_bad_line()),
         }
     }
 }
@@ -267,6 +270,9 @@ impl Measured {
         line("CPU", self.cpu.show(server));
         if self.warn + self.error > 0 {
             line("server log", format!("{} warning(s), {} error(s)", self.warn, self.error));
+            if let Some(l) = &self.last_bad {
+                line("  the last of them", l.chars().take(160).collect::<String>());
+            }
         }
     }
 }
