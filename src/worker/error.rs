@@ -21,8 +21,6 @@ pub enum UploadError {
     Decryption,
     #[error("upload ended inside a CBC stream")]
     EndedInsideStream,
-    #[error("packet after the last one")]
-    AfterLast,
     #[error("packet outside a CBC stream")]
     OutsideStream,
     #[error("no CBC stream to finish")]
