@@ -27,6 +27,12 @@ pub(crate) struct Opts {
     pub(crate) small_clients: usize,
     /// Clients of scenario 1b (small files with many active clients, issue 14).
     pub(crate) many_clients: usize,
+    /// Scenario 1b's second part: the same clients sending this many files/s
+    /// together, each at its own steady pace (an open load; 0: skipped).
+    pub(crate) many_rate: f64,
+    /// Set for that part: the small-file clients' aggregate pace (0: as fast
+    /// as each can, one file after another).
+    pub(crate) small_rate: f64,
     pub(crate) small_size: usize,
     pub(crate) large_mib: u64,
     pub(crate) multi_clients: usize,
@@ -64,6 +70,8 @@ impl Opts {
             small_count: 10_000,
             small_clients: 16,
             many_clients: 256,
+            many_rate: 4000.0,
+            small_rate: 0.0,
             small_size: 4096,
             large_mib: 1024,
             multi_clients: 4,
@@ -113,6 +121,8 @@ load: backupd load benchmark (issue 5). Run via `cargo bench --bench load -- FLA
   --small-count N         files per small-file round [10000; quick 1000]
   --small-clients N       concurrent small-file clients [16]
   --many-clients N        clients of scenario 1b, small files with many active clients [256]
+  --many-rate N           then the same clients at N files/s together, each at a steady pace
+                          (an open load: latency counted from each file's scheduled start) [4000; 0: skip]
   --small-size BYTES      small file size [4096]
   --large-mib N           size of the single large file, MiB (1 MiB packets) [1024; quick 128]
   --multi-clients N       clients of the parallel large uploads [4]
@@ -188,6 +198,7 @@ pub(crate) fn parse_opts(args: &[String]) -> Res<Opts> {
             "--small-count" => o.small_count = parse_num(&val()?, &flag)?,
             "--small-clients" => o.small_clients = parse_num(&val()?, &flag)?,
             "--many-clients" => o.many_clients = parse_num(&val()?, &flag)?,
+            "--many-rate" => o.many_rate = parse_num::<usize>(&val()?, &flag)? as f64,
             "--small-size" => o.small_size = parse_num(&val()?, &flag)?,
             "--large-mib" => o.large_mib = parse_num(&val()?, &flag)?,
             "--multi-clients" => o.multi_clients = parse_num(&val()?, &flag)?,

@@ -23,6 +23,7 @@ use crate::Res;
 const CURVES: &[(&str, &str)] = &[
     ("scenario 1, small files", "/small/latency_total"),
     ("scenario 1b, many active clients", "/small_many/latency_total"),
+    ("scenario 1b, the same at a steady pace", "/small_many/paced/latency_total"),
     ("scenario 3, beside idle clients", "/idle/small_with_idle/latency_total"),
     ("scenario 4, quiet phases", "/attack/quiet/latency_total"),
     ("scenario 4, under attack", "/attack/under_attack/latency_total"),

@@ -266,6 +266,16 @@ pub(crate) fn issue14_targets(scenarios: &J, limits: &J) -> Vec<Target> {
             "ms",
             "256 active clients".into(),
         ),
+        Target::at_most(
+            "small-file p99, many, open load",
+            at(scenarios, "/small_many/paced/latency_total/p99_ms"),
+            20.0,
+            "ms",
+            format!(
+                "256 clients at {:.0} files/s together",
+                at(scenarios, "/small_many/paced/offered_files_per_s").unwrap_or(f64::NAN)
+            ),
+        ),
         Target::at_least(
             "1 GiB upload / write-behind limit",
             ratio(at(scenarios, "/large_single/aggregate_mb_s/median"), behind),

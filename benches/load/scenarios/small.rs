@@ -47,10 +47,12 @@ pub(crate) fn small_round(
     size: usize,
     tag: &str,
     until: Option<Instant>,
+    pace: Option<Duration>,
 ) -> SmallRound {
     let next = AtomicUsize::new(0);
     let barrier = Barrier::new(cl.len() + 1);
-    let round = Round { next: &next, count, size, tag, until, opts: UploadOptions::default() };
+    let clients = cl.len();
+    let round = Round { next: &next, count, size, tag, until, pace, clients, opts: UploadOptions::default() };
     thread::scope(|s| {
         let handles: Vec<_> = cl
             .iter_mut()
@@ -101,6 +103,11 @@ struct Round<'a> {
     size: usize,
     tag: &'a str,
     until: Option<Instant>,
+    /// Each client starts a file every this long (an open load) instead of
+    /// one right after the other.
+    pace: Option<Duration>,
+    /// How many clients share the round (the paced ones spread their phases over the interval).
+    clients: usize,
     opts: UploadOptions,
 }
 
@@ -110,13 +117,26 @@ impl Round<'_> {
     fn client(&self, sc: &mut SmallClient) -> (Latencies, Vec<String>, Instant) {
         let mut lat = (Vec::new(), Vec::new(), Vec::new());
         let mut errs = Vec::new();
+        let mut scheduled: Option<Instant> = None;
         loop {
             let i = self.next.fetch_add(1, Ordering::Relaxed);
             if i >= self.count || self.until.is_some_and(|u| Instant::now() >= u) {
                 break;
             }
+            // Paced: start at the scheduled time (the clients' first files
+            // spread evenly over one interval: the first `clients` numbers go
+            // one to each), and count the latency from it, so a file that had
+            // to wait for the one before counts that wait too.
+            let start = self.pace.map(|p| {
+                let phase = (i % self.clients.max(1)) as f64 / self.clients.max(1) as f64;
+                let due = scheduled.map_or_else(|| Instant::now() + p.mul_f64(phase), |s| s + p);
+                scheduled = Some(due);
+                thread::sleep(due.saturating_duration_since(Instant::now()));
+                due
+            });
             let name = format!("{}-{i:07}.bin", self.tag);
             let t0 = Instant::now();
+            let from = start.unwrap_or(t0);
             match sc.c.upload_ciphertext(&name, &sc.ct, self.size as u64, sc.cksum, &self.opts) {
                 Ok(up) if up.cksum_matches() => {}
                 Ok(up) => {
@@ -144,7 +164,7 @@ impl Round<'_> {
                 break;
             }
             let t2 = Instant::now();
-            lat.0.push(us(t2 - t0));
+            lat.0.push(us(t2 - from));
             lat.1.push(us(t1 - t0));
             lat.2.push(us(t2 - t1));
         }
@@ -189,7 +209,8 @@ pub(crate) fn small_clients(o: &Opts, ctx: &Ctx, label: &str) -> Res<Vec<SmallCl
 /// Round `round` of `label` (all of `o.small_count` files), its progress
 /// line, and its rate in files/s.
 pub(crate) fn timed_round(o: &Opts, cl: &mut [SmallClient], label: &str, round: usize) -> (SmallRound, f64) {
-    let r = small_round(cl, o.small_count, o.small_size, &format!("{label}-r{round}"), None);
+    let pace = (o.small_rate > 0.0).then(|| Duration::from_secs_f64(cl.len() as f64 / o.small_rate));
+    let r = small_round(cl, o.small_count, o.small_size, &format!("{label}-r{round}"), None, pace);
     let fps = r.ok as f64 / r.elapsed.as_secs_f64().max(1e-9);
     eprintln!(
         "[load] {label}: round {round}/{}: {} files in {:.2} s = {fps:.0} files/s{}",
@@ -272,10 +293,12 @@ impl SmallOutcome {
         line("latency per file (1028..1604)", self.total.show());
         line("  of which 1028 -> 1603", self.upload.show());
         line("  of which 1029 -> 1604", self.commit.show());
-        line(
-            "  Little's law: clients / rate",
-            format!("{:.2} ms mean at {} clients", o.small_clients as f64 / r * 1000.0, o.small_clients),
-        );
+        if o.small_rate == 0.0 {
+            line(
+                "  Little's law: clients / rate",
+                format!("{:.2} ms mean at {} clients", o.small_clients as f64 / r * 1000.0, o.small_clients),
+            );
+        }
         self.measured.print(server);
         let cpu = &self.measured.cpu;
         if server && self.files > 0 {
@@ -337,6 +360,24 @@ pub(crate) fn run_many(
     let r = scenario_small(&many, ctx, "many")?;
     r.print(&many, limits, ctx.server.is_some());
     t.ok &= r.errors.is_empty();
-    // Its target is among issue 14's (report::issue14_targets).
-    Ok((r.json(&many), r.files))
+    let mut j = r.json(&many);
+    let mut files = r.files;
+    // The same clients at a steady aggregate rate: what a file waits when
+    // many clients are active but the server is not saturated.
+    if o.many_rate > 0.0 {
+        let paced = Opts { small_rate: o.many_rate, ..many.clone() };
+        println!(
+            "  -- the same {} clients at {:.0} files/s together (open load) --",
+            paced.small_clients, paced.small_rate
+        );
+        let p = scenario_small(&paced, ctx, "paced")?;
+        p.print(&paced, limits, ctx.server.is_some());
+        t.ok &= p.errors.is_empty();
+        let mut pj = p.json(&paced);
+        pj.set("offered_files_per_s", paced.small_rate);
+        j.set("paced", pj);
+        files += p.files;
+    }
+    // Its targets are among issue 14's (report::issue14_targets).
+    Ok((j, files))
 }

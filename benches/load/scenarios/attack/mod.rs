@@ -253,10 +253,10 @@ pub(crate) fn scenario_attack(o: &Opts, ctx: &Ctx) -> Res<AttackOutcome> {
                         });
                     }
                     thread::sleep(RAMP);
-                    small_round(&mut cl, usize::MAX, o.small_size, tag, Some(until))
+                    small_round(&mut cl, usize::MAX, o.small_size, tag, Some(until), None)
                 })
             } else {
-                small_round(&mut cl, usize::MAX, o.small_size, &tag, Some(Instant::now() + secs))
+                small_round(&mut cl, usize::MAX, o.small_size, &tag, Some(Instant::now() + secs), None)
             };
             let measured = probe.end();
             let fps = r.ok as f64 / r.elapsed.as_secs_f64().max(1e-9);
