@@ -804,3 +804,56 @@ fn usage_errors_exit_2() {
         assert!(help.contains(&format!("\n  {code}")), "exit code {code}not in --help:\n{help}");
     }
 }
+
+/// The worker's two threads (issue 14): an upload still being received is
+/// the packet thread's, a received one waiting for its 1029 is the committing
+/// worker's. A shutdown with one of each leaves neither temp file behind and
+/// publishes neither; a client that hangs up mid-upload leaves nothing either,
+/// and the server keeps serving.
+#[test]
+fn temp_files_of_received_and_half_received_uploads_are_removed_by_whichever_thread_holds_them() {
+    let mut server = TestServer::start(&["--shutdown-timeout", "2s"]);
+    let o = opts(1024, ContentSizeField::ThisPacket);
+    // Received, 1603 answered, no 1029: staged at the committing worker.
+    let (mut staged, sid) = server.registered_client("staged");
+    let data = pseudo_random(5000, 14);
+    assert!(staged.upload_bytes("staged.bin", &data, &o).unwrap().cksum_matches());
+    // Packet 1 of 5 only: being received at the packet thread.
+    let (mut half, hid) = server.registered_client("half");
+    let key = *half.aes_key().unwrap();
+    let nf = name_field_raw(b"half.bin");
+    let frames = packet_frames(&hid, &key, &nf, &pseudo_random(5000, 15), 1024);
+    assert_eq!(frames.len(), 5);
+    half.send_raw(&frames[0]).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || walk_files(&server.data_dir().join("tmp")).len() == 2));
+
+    // A third client hangs up in the middle of its upload: its temp file goes.
+    {
+        let (mut gone, gid) = server.registered_client("gone");
+        let key = *gone.aes_key().unwrap();
+        let nf = name_field_raw(b"gone.bin");
+        let frames = packet_frames(&gid, &key, &nf, &pseudo_random(5000, 16), 1024);
+        gone.send_raw(&frames[..2].concat()).unwrap();
+        assert!(wait_until(Duration::from_secs(10), || walk_files(&server.data_dir().join("tmp")).len() == 3));
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || walk_files(&server.data_dir().join("tmp")).len() == 2),
+        "the temp file of a closed connection's upload stayed"
+    );
+    // The server still serves: a whole upload by another client.
+    let (mut other, oid) = server.registered_client("other");
+    upload_confirm_check(&server, &mut other, &oid, "other.bin", &pseudo_random(3000, 17), &o);
+
+    let status = server.stop();
+    assert!(status.success(), "{status:?}\n{}", server.log_text());
+    server.wait_for_log("shut down cleanly", Duration::from_secs(5));
+    assert!(
+        tmp_is_empty(&server),
+        "a temp file outlived the shutdown: {:?}",
+        walk_files(&server.data_dir().join("tmp"))
+    );
+    assert!(!server.stored_path(&sid, "staged.bin").exists());
+    assert!(!server.stored_path(&hid, "half.bin").exists());
+    assert_eq!(db_verified(&server.db_path(), &sid, "staged.bin").unwrap_or(0), 0);
+    drop((staged, half));
+}
