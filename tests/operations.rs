@@ -82,24 +82,29 @@ fn the_metrics_file_counts_what_happened_and_is_written_at_shutdown() {
     assert!(read(&prom).contains("backupd_client_last_verified_timestamp_seconds{client=\"metered\"}"));
 }
 
+/// The real binary on a port of its own, data in `dir/data`, its log in
+/// `dir/backupd.log` (whose "listening on" line gives the address).
+fn serve_with_log_file(dir: &Path, extra: &[&str]) -> (RawServer, std::path::PathBuf, std::net::SocketAddr) {
+    let (log, data) = (dir.join("backupd.log"), dir.join("data"));
+    let mut args = vec![
+        OsStr::new("--listen"),
+        OsStr::new("127.0.0.1:0"),
+        OsStr::new("--data-dir"),
+        data.as_os_str(),
+        OsStr::new("--log-file"),
+        log.as_os_str(),
+    ];
+    args.extend(extra.iter().map(OsStr::new));
+    let server = RawServer::spawn(dir, &args);
+    assert!(wait_until(Duration::from_secs(20), || listen_address(&read(&log)).is_some()), "{}", read(&log));
+    let addr = listen_address(&read(&log)).expect("listen address");
+    (server, log, addr)
+}
+
 #[test]
 fn sighup_reopens_the_log_file_after_a_rotation() {
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("backupd.log");
-    let data = dir.path().join("data");
-    let mut server = RawServer::spawn(
-        dir.path(),
-        &[
-            OsStr::new("--listen"),
-            OsStr::new("127.0.0.1:0"),
-            OsStr::new("--data-dir"),
-            data.as_os_str(),
-            OsStr::new("--log-file"),
-            log.as_os_str(),
-        ],
-    );
-    assert!(wait_until(Duration::from_secs(20), || listen_address(&read(&log)).is_some()), "{}", read(&log));
-    let addr = listen_address(&read(&log)).expect("listen address");
+    let (mut server, log, addr) = serve_with_log_file(dir.path(), &[]);
     // logrotate: move the file away, then SIGHUP.
     let rotated = dir.path().join("backupd.log.1");
     std::fs::rename(&log, &rotated).unwrap();
@@ -168,4 +173,86 @@ fn sd_notify_ready_watchdog_and_stopping() {
     assert!(stopping, "no STOPPING=1 after SIGTERM");
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// The log writer gathers lines while they keep coming (issue 14). Under a
+/// burst of uploads from several clients, with the operator rotating the log
+/// (SIGHUP) in the middle of it and stopping the server at the end, every
+/// line still lands exactly once, in order per connection, none dropped: the
+/// lines gathered before the reopen go to the old file, the rest to the new.
+#[test]
+fn a_burst_of_log_lines_across_a_rotation_and_a_shutdown_loses_none() {
+    const CLIENTS: usize = 6;
+    const FILES: usize = 120;
+    let dir = tempfile::tempdir().unwrap();
+    let rotated = dir.path().join("backupd.log.1");
+    let (mut server, log, addr) = serve_with_log_file(dir.path(), &["--max-connections-per-ip", "0"]);
+    // The clients stop half-way until the log is rotated: the first half of
+    // every client's lines belongs in the old file, the second in the new.
+    let (half, go) = (std::sync::Barrier::new(CLIENTS + 1), std::sync::Barrier::new(CLIENTS + 1));
+    std::thread::scope(|s| {
+        for k in 0..CLIENTS {
+            let (half, go) = (&half, &go);
+            s.spawn(move || {
+                let mut c = backupd::client::Client::connect(addr, &test_client_options()).unwrap();
+                let name = format!("burst{k}");
+                c.register(&name).unwrap();
+                c.send_public_key(&name, test_key()).unwrap();
+                for i in 0..FILES {
+                    if i == FILES / 2 {
+                        half.wait();
+                        go.wait();
+                    }
+                    let f = format!("f{i:04}.bin");
+                    let up = c.upload_bytes(
+                        &f,
+                        &pseudo_random(512, (k * FILES + i) as u64),
+                        &UploadOptions::default(),
+                    );
+                    assert!(up.unwrap().cksum_matches());
+                    c.crc_ok(&f).unwrap();
+                }
+            });
+        }
+        // Every client has had its first half stored (its 1604s came back);
+        // their log lines may still be gathered in the writer when it reopens.
+        half.wait();
+        std::fs::rename(&log, &rotated).unwrap();
+        unsafe {
+            libc::kill(server.pid() as i32, libc::SIGHUP);
+        }
+        assert!(wait_until(Duration::from_secs(10), || read(&log).contains("log file reopened")));
+        go.wait();
+    });
+    unsafe {
+        libc::kill(server.pid() as i32, libc::SIGTERM);
+    }
+    assert!(server.wait_exit(Duration::from_secs(30)).is_some_and(|s| s.success()));
+    let (old, new) = (read(&rotated), read(&log));
+    assert!(new.contains("log file reopened"), "no reopen line in the new file");
+    assert!(
+        new.trim_end().ends_with("shut down cleanly"),
+        "the last line is not the shutdown's:\n{}",
+        tail(&new)
+    );
+    let both = format!("{old}{new}");
+    assert!(!both.contains("were dropped"), "lines were dropped");
+    for k in 0..CLIENTS {
+        let mut last = None;
+        for i in 0..FILES {
+            let line = format!("burst{k}: \"f{i:04}.bin\" verified and stored");
+            let at: Vec<usize> = both.match_indices(&line).map(|(p, _)| p).collect();
+            assert_eq!(at.len(), 1, "{line:?} appears {} times", at.len());
+            let in_old = at[0] < old.len();
+            assert_eq!(in_old, i < FILES / 2, "{line:?} in the wrong file (old: {in_old})");
+            // The lines of one connection stay in their order.
+            assert!(last < Some(at[0]), "{line:?} out of order");
+            last = Some(at[0]);
+        }
+    }
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
 }

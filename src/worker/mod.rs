@@ -585,8 +585,10 @@ impl Worker {
                 }
                 Job::Touch { id } => writes.push((Pending::Silent, vec![Write::Touch { id }])),
                 Job::Commit { conn, upload, client, name } => commits.push((conn, upload, client, name)),
-                // The packet thread's (see `Jobs::send`).
-                Job::Packet(_) | Job::Discard { .. } | Job::Shutdown => {}
+                // The packet thread's: `Jobs::send` never routes them here.
+                Job::Packet(_) | Job::Discard { .. } | Job::Shutdown => {
+                    log::error!("worker: internal error: a packet-thread job reached the committing worker")
+                }
             }
         }
         if writes.is_empty() && commits.is_empty() {
