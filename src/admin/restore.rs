@@ -13,8 +13,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 
-use super::store::{copy_with_cksum, mtime_nanos, Copy, FileInfo, Store, StoreArgs};
+use super::store::{mtime_nanos, Copy, FileInfo, Store, StoreArgs};
 use super::time::{format_nanos, parse_time};
+use crate::crypto::copy_with_cksum;
 
 /// Copy a client's files out of the store into DIR.
 #[derive(clap::Args, Debug, Clone)]

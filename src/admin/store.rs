@@ -323,22 +323,7 @@ pub fn mtime_nanos(path: &Path) -> io::Result<i128> {
     })
 }
 
-/// Copy `src` to `dst` and return the bytes copied and their cksum.
-pub fn copy_with_cksum(src: &mut dyn io::Read, dst: &mut dyn io::Write) -> io::Result<(u64, u32)> {
-    let mut sum = crate::crypto::Cksum::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = match src.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        sum.update(&buf[..n]);
-        dst.write_all(&buf[..n])?;
-    }
-    Ok((sum.len(), sum.finalize()))
-}
+use crate::crypto::copy_with_cksum;
 
 /// The size and cksum of a stored file.
 pub fn cksum_file(path: &Path) -> io::Result<(u64, u32)> {

@@ -145,6 +145,27 @@ impl Cksum {
     }
 }
 
+/// The size and POSIX `cksum` of everything `src` yields, each piece also
+/// written to `dst` (`io::sink()` to only read).
+pub fn copy_with_cksum(
+    src: &mut dyn std::io::Read,
+    dst: &mut dyn std::io::Write,
+) -> std::io::Result<(u64, u32)> {
+    let mut sum = Cksum::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        sum.update(&buf[..n]);
+        dst.write_all(&buf[..n])?;
+    }
+    Ok((sum.len(), sum.finalize()))
+}
+
 /// POSIX `cksum` CRC of `data`.
 pub fn cksum(data: &[u8]) -> u32 {
     let mut c = Cksum::new();

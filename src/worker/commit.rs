@@ -1,8 +1,10 @@
 //! The group commit: a batch's received uploads published into `files/` and
 //! made durable together with the batch's other database writes, in the
 //! numbered steps of docs/ARCHITECTURE.md (contents, intents, previous
-//! versions, renames, directory syncs, one transaction), then each item
-//! reported; and the undo of a batch that could not be made durable.
+//! versions, renames, directory syncs, one transaction; for a batch of new
+//! files with syncfs, renames, one transaction, one sync: "One sync per
+//! batch"), then each item reported; and the undo of a batch that could not
+//! be made durable.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -51,9 +53,12 @@ impl Worker {
         let started = Instant::now();
         let (mut staged, deferred) = self.take_received(commits, out);
         self.sync_contents(&mut staged, out);
+        // New files only, with syncfs: one sync makes the files and their
+        // rows durable together (see `record`).
+        let one_sync = self.one_sync && staged.iter().all(|s| s.publish.saved_previous.is_none());
         self.record_intents(&mut staged, &mut writes, out);
-        let (published, ok) = self.rename_into_place(staged, &mut writes, out);
-        let (files_ok, others_ok) = self.record(&published, &writes, ok, started);
+        let (published, ok) = self.rename_into_place(staged, &mut writes, !one_sync, out);
+        let (files_ok, others_ok) = self.record(&published, &writes, ok, one_sync, started);
         self.report_published(published, files_ok, out);
         self.report_writes(writes, others_ok, out);
         if !deferred.is_empty() {
@@ -158,12 +163,14 @@ impl Worker {
     }
 
     /// Steps 3 to 5: keep previous versions, durably, then rename into place
-    /// and make the directory entries (and, with syncfs, file contents)
-    /// durable. The files renamed (or to be undone), and whether all of it held.
+    /// and, with `sync`, make the directory entries (and, with syncfs, file
+    /// contents) durable. The files renamed (or to be undone), and whether
+    /// all of it held.
     fn rename_into_place(
         &mut self,
         staged: Vec<Publishing>,
         writes: &mut Vec<(Pending, Vec<Write>)>,
+        sync: bool,
         out: &mut Vec<Completion>,
     ) -> (Vec<Publishing>, bool) {
         let mut dirty = Dirty::default();
@@ -206,7 +213,7 @@ impl Worker {
         }
         // 5. Directory entries (and, with syncfs, file contents) durable.
         let names: Vec<&str> = published.iter().map(|s| s.name.as_str()).collect();
-        if ok && !published.is_empty() {
+        if sync && ok && !published.is_empty() {
             ok &= self.sync_dirs(&mut dirty, Point::SyncPublish, &names);
         }
         if ok && !published.is_empty() {
@@ -218,14 +225,29 @@ impl Worker {
     /// Step 6: one transaction records the files; the rest of the batch
     /// follows. A batch that did not go in is unpublished. Whether the
     /// files, and the other writes, were recorded.
+    ///
+    /// With `one_sync` (new files only, syncfs), step 5 comes after the
+    /// transaction instead: its commit does not sync the WAL, the one
+    /// syncfs makes the files, their folders and their rows durable
+    /// together. Until then a crash can leave a row without its whole file;
+    /// the rows are marked (`unsynced_files`, in the same transaction), and
+    /// startup drops a marked row whose file is not whole (`reconcile`).
+    /// The marks go once the 1604s are out (`clear_unsynced`), so that a
+    /// stored file lost later is reported as damage, not taken for an upload
+    /// that was never acknowledged.
     fn record(
         &mut self,
         published: &[Publishing],
         writes: &[(Pending, Vec<Write>)],
         ok: bool,
+        one_sync: bool,
         started: Instant,
     ) -> (bool, bool) {
         let mut all: Vec<Write> = Vec::new();
+        if one_sync {
+            all.push(Write::ClearUnsynced);
+            all.extend(published.iter().map(|s| Write::MarkUnsynced { path: s.publish.target.clone() }));
+        }
         for s in published {
             all.push(Write::FileVerified {
                 id: s.client,
@@ -241,13 +263,16 @@ impl Worker {
             #[cfg(feature = "s3")]
             all.extend(self.queue_writes(&s.client, &s.publish.target, s.publish.saved_previous.as_deref()));
         }
-        let files_ok = ok
+        let apply = |db: &mut super::db::Db| if one_sync { db.apply_unsynced(&all) } else { db.apply(&all) };
+        let mut files_ok = ok
             && (published.is_empty()
-                || self
-                    .db
-                    .apply(&all)
+                || apply(&mut self.db)
                     .map_err(|e| log::error!("worker: database commit failed: {e}"))
                     .is_ok());
+        if one_sync && files_ok && !published.is_empty() {
+            self.unsynced = true;
+            files_ok = self.sync_recorded(published);
+        }
         if files_ok && !published.is_empty() {
             // Committed: from here only a crash (for the tests) can interrupt.
             let _ = fault::check_all(Point::Commit, published.iter().map(|s| s.name.as_str()));
@@ -264,6 +289,38 @@ impl Worker {
             self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
         }
         (files_ok, others_ok)
+    }
+
+    /// Step 5 of a `one_sync` batch, after its transaction: the one syncfs.
+    /// When it fails, the rows go again (the caller unpublishes the files).
+    fn sync_recorded(&mut self, published: &[Publishing]) -> bool {
+        let names: Vec<&str> = published.iter().map(|s| s.name.as_str()).collect();
+        // Only a crash (for the tests) can interrupt here.
+        let _ = fault::check_all(Point::Recorded, names.iter().copied());
+        if self.sync_dirs(&mut Dirty::default(), Point::SyncPublish, &names) {
+            return true;
+        }
+        let mut undo: Vec<Write> = published
+            .iter()
+            .map(|s| Write::DropFile { id: s.client, name: s.name.clone(), path: s.publish.target.clone() })
+            .collect();
+        undo.push(Write::ClearUnsynced);
+        if let Err(e) = self.db.apply(&undo) {
+            log::error!("worker: cannot remove the rows of {} file(s) not made durable: {e}", undo.len() - 1);
+        }
+        false
+    }
+
+    /// Clear the marks of the last `one_sync` batch once its sync is done
+    /// and its 1604s sent (again when the worker idles or stops, if that
+    /// failed). Not synced: a mark that outlives a power cut only has
+    /// startup check a file the sync made whole.
+    pub(super) fn clear_unsynced(&mut self) {
+        if std::mem::take(&mut self.unsynced) {
+            if let Err(e) = self.db.apply_unsynced(&[Write::ClearUnsynced]) {
+                log::warn!("worker: cannot clear the marks of files recorded before their sync: {e}");
+            }
+        }
     }
 
     /// Report each file of the batch: stored (its versions pruned, its

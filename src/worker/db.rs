@@ -60,6 +60,20 @@ pub enum Write {
     ClearIntent {
         upload: u64,
     },
+    /// The file at `path` was recorded before its one sync (new files with
+    /// syncfs, see `commit.rs`): until cleared, startup checks it is whole.
+    MarkUnsynced {
+        path: String,
+    },
+    /// Every such mark goes: the syncs they waited for are done.
+    ClearUnsynced,
+    /// A new file's row (and its S3 queue row) goes again: its one sync
+    /// failed, or startup found it not whole on disk.
+    DropFile {
+        id: ClientId,
+        name: String,
+        path: String,
+    },
     /// Queue a stored file (`path` relative to the data directory) for the
     /// bucket, or with `delete` its removal from it (S3 tier).
     #[cfg(feature = "s3")]
@@ -118,6 +132,9 @@ CREATE TABLE IF NOT EXISTS publish_intents(
     Upload INTEGER PRIMARY KEY,
     Target TEXT NOT NULL,
     SavedPrevious TEXT
+);
+CREATE TABLE IF NOT EXISTS unsynced_files(
+    PathName TEXT PRIMARY KEY
 );
 ";
 
@@ -422,6 +439,27 @@ impl Db {
         })
     }
 
+    /// Apply a batch of writes in one transaction whose commit does not
+    /// sync the WAL (`synchronous=NORMAL`): the caller makes it durable with
+    /// its own syncfs before anyone is told (new files with syncfs, see
+    /// `commit.rs`). NORMAL, not OFF: SQLite still syncs around its
+    /// checkpoints, so a checkpoint never gets ahead of that syncfs.
+    pub fn apply_unsynced(&mut self, writes: &[Write]) -> rusqlite::Result<()> {
+        self.conn.execute_batch("PRAGMA synchronous=NORMAL")?;
+        let r = self.apply(writes);
+        // Back to FULL whatever happened: every other commit syncs itself.
+        let back = self.conn.execute_batch("PRAGMA synchronous=FULL");
+        r.and(back)
+    }
+
+    /// The files recorded before their one sync whose marks were not
+    /// cleared (see [`Write::MarkUnsynced`]).
+    pub fn unsynced_files(&self) -> rusqlite::Result<Vec<String>> {
+        let mut st = self.conn.prepare("SELECT PathName FROM unsynced_files")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        rows.collect()
+    }
+
     /// Apply a batch of writes in one transaction (retried as a whole).
     pub fn apply(&mut self, writes: &[Write]) -> rusqlite::Result<()> {
         if writes.is_empty() {
@@ -455,6 +493,19 @@ impl Db {
                     Write::ClearIntent { upload } => {
                         tx.prepare_cached("DELETE FROM publish_intents WHERE Upload=?1")?
                             .execute(params![*upload as i64])?;
+                    }
+                    Write::MarkUnsynced { path } => {
+                        tx.prepare_cached("INSERT OR REPLACE INTO unsynced_files(PathName) VALUES (?1)")?
+                            .execute(params![path])?;
+                    }
+                    Write::ClearUnsynced => {
+                        tx.prepare_cached("DELETE FROM unsynced_files")?.execute([])?;
+                    }
+                    Write::DropFile { id, name, path } => {
+                        tx.prepare_cached("DELETE FROM files WHERE ID=?1 AND FileName=?2 AND PathName=?3")?
+                            .execute(params![&id[..], name, path])?;
+                        #[cfg(feature = "s3")]
+                        tx.prepare_cached("DELETE FROM s3_queue WHERE Path=?1 AND Op=0")?.execute(params![path])?;
                     }
                     #[cfg(feature = "s3")]
                     Write::Enqueue { id, path, delete } => {

@@ -21,6 +21,9 @@
 //! `sync-previous` (the sync after the links), `rename`, `sync-publish` (the
 //! sync after the renames), `after-rename` (just before the database
 //! commit), `commit` (committed, before the 1604; `fail` is ignored there).
+//! New files with syncfs (one sync per batch, see `commit.rs`) pass
+//! `rename`, `after-rename`, `recorded` (their rows written, the sync not
+//! yet done; `fail` is ignored there), `sync-publish`, `commit`.
 //! Sync points are checked at each real sync call (the syncfs, or each
 //! fdatasync/fsync), so that a removed sync step shows in a test.
 
@@ -38,6 +41,7 @@ pub enum Point {
     Rename,
     SyncPublish,
     AfterRename,
+    Recorded,
     Commit,
 }
 
@@ -54,6 +58,7 @@ impl Point {
             Point::Rename => "rename",
             Point::SyncPublish => "sync-publish",
             Point::AfterRename => "after-rename",
+            Point::Recorded => "recorded",
             Point::Commit => "commit",
         }
     }

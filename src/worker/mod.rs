@@ -297,6 +297,12 @@ pub struct Worker {
     free_checked: Option<std::time::Instant>,
     /// The last measure failed (and was logged).
     free_failed: bool,
+    /// Marks of files recorded before their one sync may be left (see
+    /// `commit.rs`, `record`).
+    unsynced: bool,
+    /// Batches of new files get one sync (syncfs, and the database on the
+    /// data directory's filesystem).
+    one_sync: bool,
     /// The S3 tier, when `--s3-endpoint` is set.
     #[cfg(feature = "s3")]
     replica: Option<replica::Replica>,
@@ -377,6 +383,17 @@ impl Worker {
             Storage::open(data_dir).map_err(|source| OpenError::Storage { dir: data_dir.clone(), source })?;
         let database = |source| OpenError::Database { path: db_path.clone(), source };
         let db = Db::open(db_path, cfg.db_busy_timeout).map_err(database)?;
+        // One sync per batch of new files needs the database (and its WAL,
+        // beside it) on the data directory's filesystem: syncfs covers one.
+        let same_fs =
+            |p: &std::path::Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::dev(&m));
+        let one_sync = sync_mode == SyncMode::Syncfs && {
+            let same = matches!((same_fs(data_dir), same_fs(db_path)), (Ok(a), Ok(b)) if a == b);
+            if !same {
+                log::info!("database not on the data directory's filesystem: each batch syncs both");
+            }
+            same
+        };
         let mut w = Worker {
             _lock: lock,
             storage,
@@ -389,6 +406,8 @@ impl Worker {
             usage: HashMap::new(),
             free_checked: None,
             free_failed: false,
+            unsynced: false,
+            one_sync,
             #[cfg(feature = "s3")]
             replica: s3.map(replica::Replica::new),
         };
@@ -482,7 +501,7 @@ impl Worker {
             // (and, with the S3 tier, when a held 1604 must give up).
             match io.jobs.recv_timeout(self.idle_wait()) {
                 Ok(i) => stop |= self.take(i, &mut batch),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => self.clear_unsynced(),
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => stop = true,
             }
             while !stop && batch.len() < 512 {
@@ -501,6 +520,7 @@ impl Worker {
             // a FREE_SPACE_EVERY while busy (and after each commit, see group_commit).
             self.refresh_free_space();
         }
+        self.clear_unsynced();
         #[cfg(feature = "s3")]
         self.stop_replica();
         // Anything still staged was never confirmed: remove it.
@@ -599,5 +619,7 @@ impl Worker {
         #[cfg(feature = "s3")]
         self.dispatch_and_hold(&mut out);
         self.send(out);
+        // The 1604s are out: the marks of files recorded before their sync go.
+        self.clear_unsynced();
     }
 }

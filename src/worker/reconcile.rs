@@ -5,8 +5,10 @@
 use std::collections::{HashMap, HashSet};
 
 use super::db::Write;
+use super::storage::tier::Local;
 use super::storage::Publish;
 use super::{ReconcileError, Worker};
+use crate::crypto::copy_with_cksum;
 use crate::protocol::id_hex;
 
 impl Worker {
@@ -37,6 +39,7 @@ impl Worker {
             let clear: Vec<Write> = intents.iter().map(|i| Write::ClearIntent { upload: i.upload }).collect();
             self.db.apply(&clear)?;
         }
+        self.check_unsynced()?;
         // Files must have a verified row (one walk of files/, one stat per entry) ...
         let rows = self.db.file_rows()?;
         let verified: HashSet<&str> = rows.iter().filter(|r| r.verified).map(|r| r.path.as_str()).collect();
@@ -87,6 +90,46 @@ impl Worker {
         if remote > 0 {
             log::info!("startup: {remote} verified file(s) are in the bucket only");
         }
+        Ok(())
+    }
+
+    /// New files recorded before their one sync (see `commit.rs`, `record`)
+    /// whose marks outlived the server: a row stays only when its file is
+    /// whole (the size and cksum of the row). Otherwise the crash came before
+    /// the sync, the 1604 never went out, and the row goes; the walk of
+    /// files/ then moves a partial file to orphans/.
+    fn check_unsynced(&mut self) -> Result<(), ReconcileError> {
+        let marked = self.db.unsynced_files()?;
+        if marked.is_empty() {
+            return Ok(());
+        }
+        let rows = self.db.file_rows()?;
+        let local = Local::new(self.storage.root_dir().map_err(ReconcileError::Files)?);
+        // With the S3 tier, a copy confirmed by the bucket may have been evicted.
+        #[cfg(feature = "s3")]
+        let in_bucket = self.replicated_paths()?;
+        #[cfg(not(feature = "s3"))]
+        let in_bucket = |_: &str| false;
+        let mut writes = Vec::new();
+        for path in &marked {
+            let Some(r) = rows.iter().find(|r| r.verified && &r.path == path) else { continue };
+            let on_disk = match local.open_file(path) {
+                Ok(Some(mut f)) => copy_with_cksum(&mut f, &mut std::io::sink()).ok(),
+                Ok(None) if in_bucket(path) => continue,
+                _ => None,
+            };
+            if on_disk.is_some() && on_disk == r.size.zip(r.cksum) {
+                continue;
+            }
+            log::warn!(
+                "startup: {path} of client {} was being stored when the server stopped and is not whole \
+                 on disk; its row is removed (the client was never told it was stored)",
+                id_hex(&r.id)
+            );
+            writes.push(Write::DropFile { id: r.id, name: r.name.clone(), path: path.clone() });
+        }
+        writes.push(Write::ClearUnsynced);
+        self.db.apply(&writes)?;
         Ok(())
     }
 

@@ -205,21 +205,11 @@ impl Replicator {
 /// read from it (a version: the database keeps no cksum of it); and its
 /// modification time (when its upload was written).
 fn meta_of(f: &mut std::fs::File, client: &str, recorded: Option<(u64, u32)>) -> std::io::Result<Meta> {
-    use std::io::Read;
     let m = f.metadata()?;
     let stored = m.modified()?.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     if let Some((size, cksum)) = recorded.filter(|r| r.0 == m.len()) {
         return Ok(Meta { client: client.to_string(), size, cksum, stored });
     }
-    let mut sum = crate::crypto::Cksum::new();
-    let mut buf = vec![0u8; 256 << 10];
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => sum.update(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(Meta { client: client.to_string(), size: sum.len(), cksum: sum.finalize(), stored })
+    let (size, cksum) = crate::crypto::copy_with_cksum(f, &mut std::io::sink())?;
+    Ok(Meta { client: client.to_string(), size, cksum, stored })
 }
