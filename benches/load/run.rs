@@ -26,7 +26,7 @@ pub(crate) fn run(o: &Opts) -> Res<bool> {
     let mut cleanup = Vec::new();
     let r = run_measured(o, &mut cleanup);
     // Deleting many files makes the next file creations on the same ext4
-    // block groups slow for about 30 s when the filesystem has no journal
+    // block groups slow for up to 5 minutes when the filesystem has no journal
     // (ext4 then skips recently deleted inodes, reading each one's inode
     // table block), so nothing is deleted before the last measurement.
     for d in cleanup {
@@ -61,7 +61,7 @@ fn run_measured(o: &Opts, cleanup: &mut Vec<PathBuf>) -> Res<bool> {
     // one's baseline.
     // Scenario 5 runs last, after the confined set: it removes what it made
     // (its Garage's blocks, its data directories), and file creation on the
-    // same ext4 block groups is slow for ~30 s after a mass deletion (see
+    // same ext4 block groups is slow for minutes after a mass deletion (see
     // `run` above and docs/PERFORMANCE.md, "ext4 and deleted files").
     let replica = o.scenarios.contains(&Scn::Replica);
     let o = &Opts {
