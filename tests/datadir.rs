@@ -485,6 +485,39 @@ fn the_durability_steps_come_in_order_before_the_1604() {
     }
 }
 
+/// One syncfs covers one filesystem: with the database on another, a batch
+/// of new files keeps the sync of its files before the database's own.
+#[test]
+fn a_database_on_another_filesystem_keeps_the_files_sync_before_the_commit() {
+    let db_dir = tempfile::tempdir().unwrap();
+    if !mount_tmpfs(db_dir.path(), "16m") {
+        println!("cannot mount a tmpfs here: skipped");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(db_dir.path());
+    let db = db_dir.path().join("backupd.db");
+    let launch = with_faults(&Arc::new(Mutex::new("trace".into())));
+    let mut server = TestServer::start_with(&["--db", db.to_str().unwrap()], launch, |_| {});
+    let (mut c, id) = server.registered_client("apart");
+    upload_confirm(&mut c, "t", b"one");
+    wait_until(Duration::from_secs(5), || !steps(&server.log_text(), "t").is_empty());
+    assert_eq!(
+        steps(&server.log_text(), "t"),
+        vec![vec!["rename", "sync-publish", "after-rename", "commit", "1604"]]
+    );
+    assert!(server.log_text().contains("database not on the data directory's filesystem"));
+    assert_eq!(std::fs::read(server.stored_path(&id, "t")).unwrap(), b"one");
+    assert_eq!(row(&db, &id, "t").expect("a files row in the database apart").0, 1);
+    drop(c);
+    assert!(server.stop().success());
+}
+
 #[test]
 fn a_torn_file_is_reported_at_start_and_left_in_place() {
     let mut server = TestServer::start(&[]);

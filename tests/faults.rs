@@ -490,15 +490,6 @@ fn tmpfs_works() -> bool {
     ok
 }
 
-fn mount_tmpfs(dir: &Path, size: &str) -> bool {
-    Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
-        .arg(dir)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// The disk-full scenario against a server whose data cannot grow past a
 /// few MiB; `big` must not fit.
 fn disk_full(server: &TestServer, big: usize) {

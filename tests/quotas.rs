@@ -197,17 +197,6 @@ impl Drop for Mounted {
     }
 }
 
-fn mount_tmpfs(dir: &Path, size: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    root && Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
-        .arg(dir)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[test]
 fn min_free_refuses_an_upload_that_would_leave_too_little() {
     // Anywhere: a --min-free larger than any disk refuses every upload.
