@@ -232,9 +232,10 @@ impl Worker {
     /// together. Until then a crash can leave a row without its whole file;
     /// the rows are marked (`unsynced_files`, in the same transaction), and
     /// startup drops a marked row whose file is not whole (`reconcile`).
-    /// The marks go once the 1604s are out (`clear_unsynced`), so that a
-    /// stored file lost later is reported as damage, not taken for an upload
-    /// that was never acknowledged.
+    /// The marks go with the next such transaction, or once the 1604s are
+    /// out and nothing is queued (`clear_unsynced`), so that a stored file
+    /// lost later is reported as damage, not taken for an upload that was
+    /// never acknowledged.
     fn record(
         &mut self,
         published: &[Publishing],
@@ -312,9 +313,9 @@ impl Worker {
     }
 
     /// Clear the marks of the last `one_sync` batch once its sync is done
-    /// and its 1604s sent (again when the worker idles or stops, if that
-    /// failed). Not synced: a mark that outlives a power cut only has
-    /// startup check a file the sync made whole.
+    /// and its 1604s sent: when the worker finds nothing queued (and at its
+    /// stop). Not synced: a mark that outlives a power cut only has startup
+    /// check a file the sync made whole.
     pub(super) fn clear_unsynced(&mut self) {
         if std::mem::take(&mut self.unsynced) {
             if let Err(e) = self.db.apply_unsynced(&[Write::ClearUnsynced]) {

@@ -499,10 +499,22 @@ impl Worker {
             let Some(io) = self.io.take() else { break };
             // Idle: wake once a FREE_SPACE_EVERY to measure the free space
             // (and, with the S3 tier, when a held 1604 must give up).
-            match io.jobs.recv_timeout(self.idle_wait()) {
+            use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
+            let first = match io.jobs.try_recv() {
+                Ok(i) => Ok(i),
+                Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
+                Err(TryRecvError::Empty) => {
+                    // Nothing queued: the marks of the last batch of new
+                    // files (its 1604s are out) go now. Under load, the
+                    // next batch's transaction clears them instead.
+                    self.clear_unsynced();
+                    io.jobs.recv_timeout(self.idle_wait())
+                }
+            };
+            match first {
                 Ok(i) => stop |= self.take(i, &mut batch),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => self.clear_unsynced(),
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => stop = true,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => stop = true,
             }
             while !stop && batch.len() < 512 {
                 match io.jobs.try_recv() {
@@ -619,7 +631,5 @@ impl Worker {
         #[cfg(feature = "s3")]
         self.dispatch_and_hold(&mut out);
         self.send(out);
-        // The 1604s are out: the marks of files recorded before their sync go.
-        self.clear_unsynced();
     }
 }
