@@ -1,6 +1,7 @@
 //! Startup reconciliation: what a crash can leave behind (unfinished temp
-//! files, publishes without their database commit, files without a verified
-//! row, verified rows without their file) repaired, each fix logged.
+//! files, publishes without their database commit, rows recorded before
+//! their one sync whose file is not whole, files without a verified row,
+//! verified rows without their file) repaired, each fix logged.
 
 use std::collections::{HashMap, HashSet};
 
