@@ -374,12 +374,19 @@ fn a_crash_between_new_rows_and_their_sync_keeps_only_whole_files() {
     upload_confirm(&mut c, "before", b"acknowledged earlier");
     drop(c);
     let orphans = |server: &TestServer| walk_files(&server.data_dir().join("orphans"));
-    // What the power cut took: nothing, the rename, the file's data.
+    // What the power cut took: nothing, the rename, the file's data; or what
+    // someone put there instead: a link to a copy of the file elsewhere,
+    // which is never followed (read, it would pass the check).
     type Cut = fn(&Path);
-    let cases: [(&str, Cut); 3] = [
+    let cases: [(&str, Cut); 4] = [
         ("whole", |_| {}),
         ("unrenamed", |p| std::fs::remove_file(p).unwrap()),
         ("torn", |p| std::fs::OpenOptions::new().write(true).open(p).unwrap().set_len(3000).unwrap()),
+        ("linked", |p| {
+            let copy = p.parent().unwrap().parent().unwrap().parent().unwrap().parent().unwrap().join("copy");
+            std::fs::rename(p, &copy).unwrap();
+            symlink(&copy, p).unwrap();
+        }),
     ];
     for (i, (name, cut)) in cases.into_iter().enumerate() {
         let data = pseudo_random(9_000, 40 + i as u64);
@@ -409,8 +416,17 @@ fn a_crash_between_new_rows_and_their_sync_keeps_only_whole_files() {
         assert!(!server.log_text().contains("is missing; marked unverified"), "{name}: reported as damage");
         assert_verified(&server, &id, "before", b"acknowledged earlier", name);
     }
-    // The torn file is set aside, never deleted.
+    // The torn file and the link are set aside, never deleted; the link's target is untouched.
     assert!(orphans(&server).iter().any(|p| std::fs::read(p).unwrap().len() == 3000), "torn not in orphans/");
+    let orphaned = std::fs::read_dir(server.data_dir().join("orphans")).unwrap();
+    assert!(
+        orphaned
+            .map(|e| e.unwrap().path())
+            .any(|p| std::fs::symlink_metadata(p).unwrap().file_type().is_symlink()),
+        "the link not in orphans/"
+    );
+    let copy = server.data_dir().parent().unwrap().join("copy");
+    assert_eq!(std::fs::read(&copy).unwrap(), pseudo_random(9_000, 43), "the link's target");
     // Marks of a batch whose sync is done go once its 1604s are out: a file
     // lost after its 1604 (here with the server killed at once) is damage,
     // reported at start, never taken for an upload that was not acknowledged.

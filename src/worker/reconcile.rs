@@ -56,10 +56,7 @@ impl Worker {
             .map_err(ReconcileError::Files)?;
         // ... and verified rows their file, of the size recorded (or, with the
         // S3 tier, a copy in the bucket: a row no longer queued was confirmed).
-        #[cfg(feature = "s3")]
         let in_bucket = self.replicated_paths()?;
-        #[cfg(not(feature = "s3"))]
-        let in_bucket = |_: &str| false;
         let mut torn = 0;
         let mut remote = 0;
         for r in rows.iter().filter(|r| r.verified) {
@@ -107,17 +104,21 @@ impl Worker {
         let rows = self.db.file_rows()?;
         let local = Local::new(self.storage.root_dir().map_err(ReconcileError::Files)?);
         // With the S3 tier, a copy confirmed by the bucket may have been evicted.
-        #[cfg(feature = "s3")]
         let in_bucket = self.replicated_paths()?;
-        #[cfg(not(feature = "s3"))]
-        let in_bucket = |_: &str| false;
         let mut writes = Vec::new();
         for path in &marked {
             let Some(r) = rows.iter().find(|r| r.verified && &r.path == path) else { continue };
-            let on_disk = match local.open_file(path) {
-                Ok(Some(mut f)) => copy_with_cksum(&mut f, &mut std::io::sink()).ok(),
+            let on_disk = match local.open_file(path).and_then(|f| f.map(cksum_of).transpose()) {
                 Ok(None) if in_bucket(path) => continue,
-                _ => None,
+                Ok(on_disk) => on_disk,
+                // No regular file there (a link, a folder): not whole either.
+                Err(e) if no_regular_file(&e) => None,
+                // A read error says nothing of what the sync did: the row
+                // stays, for the operator (`backupd verify`).
+                Err(e) => {
+                    log::error!("startup: cannot read {path} back to check it: {e}; its row is kept");
+                    continue;
+                }
             };
             if on_disk.is_some() && on_disk == r.size.zip(r.cksum) {
                 continue;
@@ -134,6 +135,12 @@ impl Worker {
         Ok(())
     }
 
+    /// Whether a stored path's copy is in the bucket: never without the S3 tier.
+    #[cfg(not(feature = "s3"))]
+    fn replicated_paths(&self) -> Result<impl Fn(&str) -> bool, ReconcileError> {
+        Ok(|_: &str| false)
+    }
+
     /// Whether a stored path's copy is in the bucket: the S3 tier is on and
     /// the path has no queue row left.
     #[cfg(feature = "s3")]
@@ -148,4 +155,16 @@ impl Worker {
     fn verified_path(&self, rel: &str) -> bool {
         self.db.file_rows().map(|rows| rows.iter().any(|r| r.verified && r.path == rel)).unwrap_or(false)
     }
+}
+
+/// The size and cksum of a stored file, read back.
+fn cksum_of(mut f: std::fs::File) -> std::io::Result<(u64, u32)> {
+    copy_with_cksum(&mut f, &mut std::io::sink())
+}
+
+/// The error of opening something that is not a regular file (a link is
+/// never followed: ELOOP; a folder: InvalidInput; a file on the way: ENOTDIR).
+fn no_regular_file(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::InvalidInput
+        || matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR))
 }
