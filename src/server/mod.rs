@@ -57,7 +57,9 @@ use machine::Flow;
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
@@ -114,6 +116,8 @@ pub struct Server {
     next_serial: u64,
     core: Core,
     done: Receiver<Completion>,
+    /// What the worker threads wake the loop with (see [`LoopWaker`]).
+    waker: Arc<LoopWaker>,
     worker: Option<crate::worker::Threads>,
     /// Connections waiting for a content piece's grant, in arrival order.
     budget_waiters: VecDeque<(usize, u64)>,
@@ -325,6 +329,7 @@ impl Server {
     }
 
     fn drain_completions(&mut self) {
+        self.waker.draining();
         while let Ok(c) = self.done.try_recv() {
             self.on_completion(c);
         }
@@ -332,10 +337,35 @@ impl Server {
     }
 }
 
-/// The worker wakes the loop through its `mio::Waker`.
-impl crate::worker::Wake for Waker {
+/// The worker threads wake the loop through its `mio::Waker`, once per
+/// batch of completions: a wake still pending (the loop has not drained the
+/// completions since) is not repeated. Under load this spares the worker
+/// threads an eventfd write, and the loop a return from poll, per file.
+pub(super) struct LoopWaker {
+    waker: Waker,
+    pending: AtomicBool,
+}
+
+impl LoopWaker {
+    pub(super) fn new(waker: Waker) -> LoopWaker {
+        LoopWaker { waker, pending: AtomicBool::new(false) }
+    }
+
+    /// The loop is about to drain the completions: what is sent from now on
+    /// wakes it again. (AcqRel: a completion sent before a wake that was
+    /// skipped is seen by the drain that follows.)
+    fn draining(&self) {
+        self.pending.swap(false, Ordering::AcqRel);
+    }
+}
+
+impl crate::worker::Wake for LoopWaker {
     fn wake(&self) {
-        if let Err(e) = Waker::wake(self) {
+        if self.pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(e) = self.waker.wake() {
+            self.pending.store(false, Ordering::Release);
             log::error!("worker: cannot wake the event loop: {e}");
         }
     }
@@ -347,6 +377,30 @@ pub(super) mod tests {
     use super::*;
     use crate::config::Config;
     use crate::worker::ConnRef;
+
+    /// A wake is skipped only while an earlier one is pending: once the
+    /// loop starts draining, the next wake reaches poll again.
+    #[test]
+    fn a_wake_after_the_drain_always_reaches_the_loop() {
+        use crate::worker::Wake;
+        let mut poll = Poll::new().unwrap();
+        let waker = LoopWaker::new(Waker::new(poll.registry(), WAKER).unwrap());
+        let mut events = Events::with_capacity(8);
+        let mut woken = |poll: &mut Poll| {
+            poll.poll(&mut events, Some(Duration::ZERO)).unwrap();
+            events.iter().filter(|e| e.token() == WAKER).count()
+        };
+        waker.wake();
+        waker.wake();
+        assert_eq!(woken(&mut poll), 1, "the first wake reaches the loop");
+        waker.wake();
+        assert_eq!(woken(&mut poll), 0, "pending: the loop has not drained yet");
+        for _ in 0..3 {
+            waker.draining();
+            waker.wake();
+            assert_eq!(woken(&mut poll), 1, "a wake after the drain began");
+        }
+    }
 
     /// The defaults with a data directory under `dir`.
     pub(in crate::server) fn test_config(dir: &std::path::Path) -> Config {

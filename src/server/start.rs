@@ -15,7 +15,9 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
 use super::admission::PerAddress;
-use super::{notify, ClientEntry, Core, Registry, Server, LISTENER, LISTEN_BACKLOG, SIGNALS, WAKER};
+use super::{
+    notify, ClientEntry, Core, LoopWaker, Registry, Server, LISTENER, LISTEN_BACKLOG, SIGNALS, WAKER,
+};
 use crate::config::Config;
 use crate::protocol::ClientId;
 use crate::worker::db::ClientRecord;
@@ -51,8 +53,9 @@ impl Server {
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(|e| StartError::Setup(e.to_string()))?;
-        let waker =
-            Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| StartError::Setup(e.to_string()))?);
+        let waker = Arc::new(LoopWaker::new(
+            Waker::new(poll.registry(), WAKER).map_err(|e| StartError::Setup(e.to_string()))?,
+        ));
 
         let registry = load_registry(opened.clients, opened.usage);
         log::info!("{} registered client(s) loaded", registry.by_id.len());
@@ -71,7 +74,7 @@ impl Server {
         let metrics_writer = start_metrics_writer(&cfg, &core)?;
         let mut worker = opened.worker;
         worker.set_metrics(core.metrics.clone());
-        let wk: Arc<dyn crate::worker::Wake> = waker;
+        let wk: Arc<dyn crate::worker::Wake> = waker.clone();
         let handle = worker
             .spawn(queues, done_tx, wk)
             .map_err(|e| StartError::Setup(format!("cannot start the worker threads: {e}")))?;
@@ -87,6 +90,7 @@ impl Server {
             metrics_writer,
             notifier: notify::Notifier::from_env(),
             done: done_rx,
+            waker,
             worker: Some(handle),
             budget_waiters: VecDeque::new(),
             per_address: PerAddress::default(),
