@@ -14,6 +14,7 @@ use super::fault::{self, Point};
 use super::storage::{Dirty, Publish, Storage};
 use super::{stamp, Completion, ConnRef, IntentError, Staged, UploadId, Usage, Worker};
 use crate::config::SyncMode;
+use crate::datadir::Dir;
 use crate::protocol::{id_hex, ClientId};
 
 /// A commit asked for by the loop: its connection, the upload, the client
@@ -37,6 +38,8 @@ pub(super) struct Publishing {
     size: u64,
     cksum: u32,
     publish: Publish,
+    /// The target's folder as the plan found it (None: to be created).
+    folder: Option<Dir>,
 }
 
 impl Worker {
@@ -94,7 +97,9 @@ impl Worker {
                 continue;
             };
             match self.storage.plan_publish(&client, &name, base + i as u64) {
-                Ok(publish) => staged.push(Publishing { conn, upload, client, name, size, cksum, publish }),
+                Ok((publish, folder)) => {
+                    staged.push(Publishing { conn, upload, client, name, size, cksum, publish, folder })
+                }
                 Err(e) => {
                     log::error!("worker: cannot publish {name:?} of client {}: {e}", id_hex(&client));
                     let _ = self.storage.remove_temp(upload);
@@ -173,7 +178,10 @@ impl Worker {
         sync: bool,
         out: &mut Vec<Completion>,
     ) -> (Vec<Publishing>, bool) {
-        let mut dirty = Dirty::default();
+        let mut dirty = match self.sync_mode {
+            SyncMode::Syncfs => Dirty::untracked(),
+            SyncMode::Fsync => Dirty::default(),
+        };
         let mut published = Vec::new();
         let mut ok = true;
         let mut linked = Vec::new();
@@ -199,7 +207,7 @@ impl Worker {
                 published.push(s);
                 continue;
             }
-            match self.storage.install(s.upload, &s.publish, &s.name, &mut dirty) {
+            match self.storage.install(s.upload, &s.publish, s.folder.as_ref(), &s.name, &mut dirty) {
                 Ok(()) => published.push(s),
                 Err(e) => {
                     log::error!("worker: cannot publish {:?} of client {}: {e}", s.name, id_hex(&s.client));
@@ -345,9 +353,14 @@ impl Worker {
                 );
                 // The new file counts in full; a replaced one stays, as a
                 // version, until pruned (what pruning removes is freed).
+                // Only a replacement adds a version, so only it prunes.
                 let mut freed = Usage::default();
                 let keep = self.keep_versions as usize;
-                match self.storage.prune_versions(&s.client, &s.name, keep, &mut freed) {
+                let pruned = match s.publish.saved_previous {
+                    Some(_) => self.storage.prune_versions(&s.client, &s.name, keep, &mut freed),
+                    None => Ok(Vec::new()),
+                };
+                match pruned {
                     #[cfg(feature = "s3")]
                     Ok(removed) => self.queue_deletes(&s.client, &s.name, &removed),
                     #[cfg(not(feature = "s3"))]

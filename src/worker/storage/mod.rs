@@ -95,27 +95,41 @@ fn remove_temp(tmp: &Dir, upload: u64) -> io::Result<()> {
 
 /// Directories whose entries changed and must be made durable.
 #[derive(Debug, Default)]
-pub struct Dirty(Vec<(String, Dir)>);
+pub struct Dirty {
+    dirs: Vec<(String, Dir)>,
+    changed: bool,
+    /// Only whether something changed is kept (see [`Dirty::untracked`]).
+    untracked: bool,
+}
 
 impl Dirty {
+    /// For `--sync-mode syncfs`: one syncfs covers every folder, so only
+    /// whether one changed matters (no descriptor kept per folder).
+    pub fn untracked() -> Dirty {
+        Dirty { untracked: true, ..Dirty::default() }
+    }
+
     fn push(&mut self, rel: &str, dir: &Dir) -> io::Result<()> {
-        if !self.0.iter().any(|(r, _)| r == rel) {
-            self.0.push((rel.to_string(), dir.try_clone()?));
+        self.changed = true;
+        if !self.untracked && !self.dirs.iter().any(|(r, _)| r == rel) {
+            self.dirs.push((rel.to_string(), dir.try_clone()?));
         }
         Ok(())
     }
 
+    /// Nothing changed since the last `clear`.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        !self.changed
     }
 
     /// The directories (relative to the data directory) and their descriptors.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Dir)> {
-        self.0.iter().map(|(r, d)| (r.as_str(), d))
+        self.dirs.iter().map(|(r, d)| (r.as_str(), d))
     }
 
     pub fn clear(&mut self) {
-        self.0.clear();
+        self.dirs.clear();
+        self.changed = false;
     }
 }
 
@@ -362,10 +376,14 @@ impl Storage {
     /// `--keep-versions 0`, so that the publish can be undone until its commit;
     /// pruning removes it afterwards. Fails when something other than a file
     /// (a link, a folder) is at the target or a component on its way is not a folder.
-    pub fn plan_publish(&self, id: &ClientId, name: &str, stamp: u64) -> io::Result<Publish> {
+    ///
+    /// Also returns the target's folder, when it exists, as opened for the
+    /// plan: `install` renames into it (one open per file, not two).
+    pub fn plan_publish(&self, id: &ClientId, name: &str, stamp: u64) -> io::Result<(Publish, Option<Dir>)> {
         let target = Storage::relative_path(id, name);
         let (top, parts, leaf) = self.top(&target)?;
-        let existing = match self.find(top, &parts)? {
+        let folder = self.find(top, &parts)?;
+        let existing = match &folder {
             Some(d) => d.stat(leaf)?,
             None => None,
         };
@@ -374,7 +392,7 @@ impl Storage {
             Some(Meta { kind: Kind::File, .. }) => Some(Storage::relative_version_path(id, name, stamp)),
             Some(m) => return Err(unexpected(&target, m.kind)),
         };
-        Ok(Publish { target, saved_previous })
+        Ok((Publish { target, saved_previous }, folder))
     }
 
     /// Publish step 1: keep the current version (if the plan says so) as a
@@ -392,14 +410,29 @@ impl Storage {
         dirty.push(&vrel, &vdir)
     }
 
-    /// Publish step 2: rename the staged temp file over the target, creating
-    /// the folders on its way. Directories touched are added to `dirty`.
-    pub fn install(&self, upload: u64, p: &Publish, name: &str, dirty: &mut Dirty) -> io::Result<()> {
+    /// Publish step 2: rename the staged temp file over the target, into
+    /// `folder` (the target's folder as `plan_publish` found it) or into the
+    /// folders created on its way. Directories touched are added to `dirty`.
+    pub fn install(
+        &self,
+        upload: u64,
+        p: &Publish,
+        folder: Option<&Dir>,
+        name: &str,
+        dirty: &mut Dirty,
+    ) -> io::Result<()> {
         let (_, parts, leaf) = self.top(&p.target)?;
-        let (rel, dir) = self.make("files", &self.files, &parts, dirty)?;
+        let made;
+        let (rel, dir) = match folder {
+            Some(d) => (p.target.rsplit_once('/').map_or("files", |(r, _)| r), d),
+            None => {
+                made = self.make("files", &self.files, &parts, dirty)?;
+                (made.0.as_str(), &made.1)
+            }
+        };
         fault::check(Point::Rename, name)?;
-        self.tmp.rename(temp_name(upload), &dir, leaf)?;
-        dirty.push(&rel, &dir)
+        self.tmp.rename(temp_name(upload), dir, leaf)?;
+        dirty.push(rel, dir)
     }
 
     /// Undo a publish: put the previous version back, or remove the new file.

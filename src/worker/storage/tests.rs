@@ -15,9 +15,9 @@ fn publish(s: &Storage, id: &ClientId, name: &str, upload: u64, content: &[u8]) 
     use std::io::Write;
     s.temp_files()?.create(upload)?.write_all(content)?;
     let mut dirty = Dirty::default();
-    let p = s.plan_publish(id, name, upload)?;
+    let (p, folder) = s.plan_publish(id, name, upload)?;
     s.save_previous(&p, name, &mut dirty)?;
-    s.install(upload, &p, name, &mut dirty)?;
+    s.install(upload, &p, folder.as_ref(), name, &mut dirty)?;
     Ok(p)
 }
 
@@ -42,7 +42,7 @@ fn publish_and_undo_keep_the_previous_version() {
     assert!(!stored(&s, &id, "f").exists());
     // Undo after the link but before the rename leaves the current file alone.
     publish(&s, &id, "f", 3, b"three").unwrap();
-    let p = s.plan_publish(&id, "f", 4).unwrap();
+    let (p, _) = s.plan_publish(&id, "f", 4).unwrap();
     s.save_previous(&p, "f", &mut Dirty::default()).unwrap();
     s.undo(&p).unwrap();
     assert_eq!(fs::read(stored(&s, &id, "f")).unwrap(), b"three");
