@@ -273,6 +273,32 @@ fn every_failed_sync_rename_or_link_gives_1607_with_fsync() {
     failing_steps("fsync");
 }
 
+/// A failed syncfs reports a writeback error once, to itself: an upload
+/// written before it (whose data that writeback may have lost) gets 1607 at
+/// its 1029, whoever's file the failing sync was for, and is stored when
+/// sent again; one begun after the failure is stored at once.
+#[test]
+fn an_upload_written_before_a_failed_sync_is_refused_and_stored_when_sent_again() {
+    let faults = Arc::new(Mutex::new("fail@sync-publish:x".to_string()));
+    let server = TestServer::start_with(&["--sync-mode", "syncfs"], with_faults(&faults), |_| {});
+    let (mut early, id) = server.registered_client("early");
+    let (mut failing, _) = server.registered_client("failing");
+    let y = pseudo_random(50_000, 7);
+    assert!(early.upload_bytes("y", &y, &UploadOptions::default()).unwrap().cksum_matches());
+    assert!(failing.upload_bytes("x", b"x", &UploadOptions::default()).unwrap().cksum_matches());
+    let e = failing.crc_ok("x").expect_err("the sync of x's batch fails");
+    assert_eq!(e.refusal_code(), Some(ResponseCode::GeneralError), "x: {e}");
+    let e = early.crc_ok("y").expect_err("y was written before the failed sync");
+    assert_eq!(e.refusal_code(), Some(ResponseCode::GeneralError), "y: {e}");
+    server.wait_for_log("was being written when a sync of the data directory failed", Duration::from_secs(5));
+    assert!(row(&server.db_path(), &id, "y").is_none(), "a row for the refused y");
+    assert!(!server.stored_path(&id, "y").exists(), "the refused y published");
+    upload_confirm(&mut early, "y", &y);
+    assert_verified(&server, &id, "y", &y, "y sent again");
+    upload_confirm(&mut early, "z", b"begun after the failure");
+    assert!(wait_until(Duration::from_secs(5), || walk_files(&server.tmp_dir()).is_empty()), "tmp/");
+}
+
 #[test]
 fn a_failed_write_or_writeback_fails_the_upload() {
     for (point, len) in [("write", 50_000), ("write-behind", (8 << 20) + 100_000)] {

@@ -7,6 +7,7 @@
 //! be made durable.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::db::{Intent, Write};
@@ -87,28 +88,42 @@ impl Worker {
                 continue;
             }
             let ready = matches!(self.staged.get(&upload), Some(u) if u.client == client);
-            let Some(Staged { cksum, size, .. }) = self.staged.remove(&upload).filter(|_| ready) else {
+            let Some(Staged { cksum, size, failed_syncs, .. }) =
+                self.staged.remove(&upload).filter(|_| ready)
+            else {
                 // Refused (e.g. another client's upload): the loop no longer
                 // tracks it, so its temp file goes now.
-                let _ = self.storage.remove_temp(upload);
                 log::warn!("worker: commit of {name:?} for an upload that is not staged");
-                let usage = self.usage_of(&client);
-                out.push(Completion::Committed { conn, upload, ok: false, client, usage });
+                self.refuse(conn, upload, client, out);
                 continue;
             };
+            // A syncfs failed since this upload began: the writeback error it
+            // reported may have been this file's (the error is reported once,
+            // so this file's own sync would not see it). Refused: sent again.
+            if failed_syncs != self.failed_syncs.load(Ordering::Acquire) {
+                log::error!(
+                    "worker: {name:?} of client {} was being written when a sync of the data directory failed; refused, to be sent again",
+                    id_hex(&client)
+                );
+                self.refuse(conn, upload, client, out);
+                continue;
+            }
             match self.storage.plan_publish(&client, &name, base + i as u64) {
                 Ok((publish, folder)) => {
                     staged.push(Publishing { conn, upload, client, name, size, cksum, publish, folder })
                 }
                 Err(e) => {
                     log::error!("worker: cannot publish {name:?} of client {}: {e}", id_hex(&client));
-                    let _ = self.storage.remove_temp(upload);
-                    let usage = self.usage_of(&client);
-                    out.push(Completion::Committed { conn, upload, ok: false, client, usage });
+                    self.refuse(conn, upload, client, out);
                 }
             }
         }
         (staged, deferred)
+    }
+
+    /// A commit that will not be published: its temp file goes, its 1029 gets 1607.
+    fn refuse(&self, conn: ConnRef, upload: UploadId, client: ClientId, out: &mut Vec<Completion>) {
+        refuse(&self.storage, &self.usage, (conn, upload, client), out);
     }
 
     /// Step 1: file contents (per-file mode; syncfs covers them in step 5).
@@ -421,6 +436,7 @@ impl Worker {
                     .and_then(|_| self.storage.sync_filesystem());
                 if let Err(e) = r {
                     log::error!("worker: syncfs failed: {e}");
+                    self.failed_syncs.fetch_add(1, Ordering::AcqRel);
                     ok = false;
                 }
             }
@@ -457,7 +473,16 @@ impl Worker {
 
 /// A staged file that will not be published: its temp file goes, its 1029 gets 1607.
 fn fail(storage: &Storage, usage: &HashMap<ClientId, Usage>, s: Publishing, out: &mut Vec<Completion>) {
-    let _ = storage.remove_temp(s.upload);
-    let usage = usage.get(&s.client).copied().unwrap_or_default();
-    out.push(Completion::Committed { conn: s.conn, upload: s.upload, ok: false, client: s.client, usage });
+    refuse(storage, usage, (s.conn, s.upload, s.client), out);
+}
+
+fn refuse(
+    storage: &Storage,
+    usage: &HashMap<ClientId, Usage>,
+    (conn, upload, client): (ConnRef, UploadId, ClientId),
+    out: &mut Vec<Completion>,
+) {
+    let _ = storage.remove_temp(upload);
+    let usage = usage.get(&client).copied().unwrap_or_default();
+    out.push(Completion::Committed { conn, upload, ok: false, client, usage });
 }

@@ -303,6 +303,9 @@ pub struct Worker {
     /// Batches of new files get one sync (syncfs, and the database on the
     /// data directory's filesystem).
     one_sync: bool,
+    /// How many syncfs calls have failed (read by the packet thread when an
+    /// upload starts; see [`packets::Staged`]).
+    failed_syncs: Arc<std::sync::atomic::AtomicU64>,
     /// The S3 tier, when `--s3-endpoint` is set.
     #[cfg(feature = "s3")]
     replica: Option<replica::Replica>,
@@ -408,6 +411,7 @@ impl Worker {
             free_failed: false,
             unsynced: false,
             one_sync,
+            failed_syncs: Default::default(),
             #[cfg(feature = "s3")]
             replica: s3.map(replica::Replica::new),
         };
@@ -428,11 +432,6 @@ impl Worker {
         }
         w.usage = usage.clone();
         Ok(Opened { worker: w, clients, verified_files, last_verified, usage })
-    }
-
-    /// A client's usage as the worker knows it now.
-    fn usage_of(&self, id: &ClientId) -> Usage {
-        self.usage.get(id).copied().unwrap_or_default()
     }
 
     /// Report to these metrics (shared with the loop).
@@ -481,7 +480,9 @@ impl Worker {
         let temps = self.storage.temp_files()?;
         #[cfg(feature = "s3")]
         self.start_replica(&to_commit);
-        let stage = Packets::new(temps, to_commit, done.clone(), waker.clone(), self.metrics.clone());
+        let failed_syncs = self.failed_syncs.clone();
+        let stage =
+            Packets::new(temps, to_commit, done.clone(), waker.clone(), self.metrics.clone(), failed_syncs);
         let named = |n: &str| std::thread::Builder::new().name(n.into());
         let packets = named("backupd-packets").spawn(move || stage.run(packets))?;
         let commits = named("backupd-worker").spawn(move || self.run(commits, done, waker))?;

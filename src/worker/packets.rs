@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write as _};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
@@ -31,6 +32,8 @@ struct PartFile {
     writeback_from: u64,
     /// ... and before this one written out and dropped from the page cache.
     dropped_to: u64,
+    /// Failed syncs of the data directory before its first packet (see [`Staged`]).
+    failed_syncs: u64,
 }
 
 /// A received upload handed to the committing worker: its temp file waits
@@ -40,6 +43,11 @@ pub(crate) struct Staged {
     pub(super) client: ClientId,
     pub(super) cksum: u32,
     pub(super) size: u64,
+    /// How many syncs of the data directory had failed when its first
+    /// packet came: a sync that fails after that may have been the one
+    /// whose writeback lost this file's data, and the error is reported to
+    /// that sync only (see `Worker::take_received`).
+    pub(super) failed_syncs: u64,
 }
 
 /// Bytes of a packet processed at a time (decrypt, cksum, write): fits L2.
@@ -128,6 +136,8 @@ pub(super) struct Packets {
     done: Sender<Completion>,
     waker: Arc<dyn Wake>,
     metrics: Arc<Metrics>,
+    /// The committing worker's count of failed syncs (see [`Staged`]).
+    failed_syncs: Arc<AtomicU64>,
 }
 
 impl Packets {
@@ -137,8 +147,9 @@ impl Packets {
         done: Sender<Completion>,
         waker: Arc<dyn Wake>,
         metrics: Arc<Metrics>,
+        failed_syncs: Arc<AtomicU64>,
     ) -> Packets {
-        Packets { temps, uploads: HashMap::new(), to_commit, done, waker, metrics }
+        Packets { temps, uploads: HashMap::new(), to_commit, done, waker, metrics, failed_syncs }
     }
 
     /// Serve the loop's packet jobs until its `Shutdown` or until it hangs up;
@@ -222,10 +233,16 @@ impl Packets {
         let plain_len = u.cksum.len();
         let cksum = std::mem::take(&mut u.cksum).finalize();
         let ciphertext_len = u.ciphertext;
-        let client = u.client;
+        let (client, failed_syncs) = (u.client, u.failed_syncs);
         // Closed here (key zeroed): a staged file holds no descriptor.
         self.uploads.remove(&p.upload);
-        self.forward(Input::Staged(Staged { upload: p.upload, client, cksum, size: plain_len }));
+        self.forward(Input::Staged(Staged {
+            upload: p.upload,
+            client,
+            cksum,
+            size: plain_len,
+            failed_syncs,
+        }));
         Ok(PacketOutcome::Received { cksum, ciphertext_len, plain_len })
     }
 
@@ -244,6 +261,8 @@ impl Packets {
                 segment_start: 0,
                 writeback_from: 0,
                 dropped_to: 0,
+                // Read before anything is written to the file.
+                failed_syncs: self.failed_syncs.load(Ordering::Acquire),
             },
         );
         Ok(())
