@@ -102,12 +102,14 @@ impl Worker {
             return Ok(());
         }
         let rows = self.db.file_rows()?;
+        let by_path: HashMap<&str, _> =
+            rows.iter().filter(|r| r.verified).map(|r| (r.path.as_str(), r)).collect();
         let local = Local::new(self.storage.root_dir().map_err(ReconcileError::Files)?);
         // With the S3 tier, a copy confirmed by the bucket may have been evicted.
         let in_bucket = self.replicated_paths()?;
         let mut writes = Vec::new();
         for path in &marked {
-            let Some(r) = rows.iter().find(|r| r.verified && &r.path == path) else { continue };
+            let Some(r) = by_path.get(path.as_str()) else { continue };
             let on_disk = match local.open_file(path).and_then(|f| f.map(cksum_of).transpose()) {
                 Ok(None) if in_bucket(path) => continue,
                 Ok(on_disk) => on_disk,
