@@ -9,8 +9,11 @@
 //! the loop at shutdown). No code adjusts the count by hand, so no path can
 //! leak budget or return it twice.
 //!
-//! Only the loop takes grants, so a check followed by a take cannot race; the
-//! worker only ever returns bytes, which can only make room.
+//! The loop takes grants for what it reads; the packet thread takes one for
+//! each upload it writes direct (its two chunk buffers, see
+//! `worker/sink.rs`). A take is one compare-and-swap, so the limit holds
+//! whoever takes; everything else only returns bytes, which can only make
+//! room.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -42,11 +45,11 @@ impl Budget {
     }
 
     /// Take `bytes` from the budget, or None when it cannot hold them now.
+    /// One compare-and-swap: a take never overshoots the limit, whichever
+    /// threads take at once.
     pub fn try_grant(&self, bytes: usize) -> Option<Grant> {
-        if !self.fits(bytes) {
-            return None;
-        }
-        self.used.fetch_add(bytes, Ordering::AcqRel);
+        let fit = |used: usize| used.checked_add(bytes).filter(|&u| u <= self.limit);
+        self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, fit).ok()?;
         Some(Grant { bytes, used: Some(self.used.clone()) })
     }
 }

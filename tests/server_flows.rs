@@ -857,3 +857,104 @@ fn temp_files_of_received_and_half_received_uploads_are_removed_by_whichever_thr
     assert_eq!(db_verified(&server.db_path(), &sid, "staged.bin").unwrap_or(0), 0);
     drop((staged, half));
 }
+
+/// A launch with `BACKUPD_FAULTS` set to `spec`.
+fn faults(spec: &'static str) -> Launch {
+    let tweak = move |cmd: &mut std::process::Command| {
+        cmd.env("BACKUPD_FAULTS", spec);
+    };
+    Launch { tweak: Some(Arc::new(tweak)), ..Launch::default() }
+}
+
+/// Large uploads go to the disk direct (O_DIRECT) past their first 8 MiB,
+/// in 1 MiB chunks (src/worker/sink.rs): sizes at and around that point and
+/// the chunk and 4 KiB edges, packets that straddle them, every packet
+/// convention, all stored byte-identical. Once as is (the trace shows that
+/// direct writes happened) and once with every direct write refused as a
+/// filesystem without O_DIRECT refuses it (the page-cache fallback).
+#[test]
+fn large_uploads_written_direct_are_stored_byte_identical() {
+    use ContentSizeField::*;
+    const FROM: usize = 8 * MIB;
+    let cases = [
+        (FROM, MIB, ThisPacket),
+        (FROM + 1, MIB, ThisPacket),
+        (FROM + MIB, MIB, ThisPacket),
+        (FROM + MIB + 4095, 777_777, ThisPacket),
+        (FROM + MIB + 4096, MIB, ThisPacket),
+        (FROM + 3 * MIB + 4097, 65_536, WholeFile),
+        (FROM + 2 * MIB + 5, MIB, PerPacketEncrypted),
+    ];
+    // (faults, arguments, direct writes made, direct writes refused)
+    let runs: [(&str, &[&str], bool, usize); 3] = [
+        ("trace", &[], true, 0),
+        // Refused once per upload with a direct write to make (all but the
+        // first two: 8 MiB, and 8 MiB + 1 whose one byte past is the tail),
+        // the rest of it then through the page cache.
+        ("trace,fail@direct-write", &[], true, 5),
+        // The chunk buffers do not fit in the memory budget: none are taken.
+        ("trace", &["--memory-budget", "2MiB"], false, 0),
+    ];
+    for (spec, args, direct, refused) in runs {
+        let server = TestServer::start_with(args, faults(spec), |_| {});
+        let (mut c, id) = server.registered_client("large");
+        for (i, (n, p, conv)) in cases.into_iter().enumerate() {
+            let data = pseudo_random(n, 300 + i as u64);
+            upload_confirm_check(&server, &mut c, &id, &format!("large-{i}-{n}.bin"), &data, &opts(p, conv));
+        }
+        assert!(wait_until(Duration::from_secs(5), || tmp_is_empty(&server)), "staging files left in tmp/");
+        let log = server.log_text();
+        let count = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
+        assert_eq!(count("fault point direct-write") > 0, direct, "{spec} {args:?}: direct writes made");
+        assert_eq!(count("direct write refused"), refused, "{spec} {args:?}: direct writes refused");
+        let no_room = if direct { 0 } else { 6 };
+        assert_eq!(count("no room in the memory budget to write direct"), no_room, "{spec} {args:?}");
+    }
+}
+
+/// At most four uploads write direct at once (each holds two 1 MiB
+/// buffers): six large uploads all past their first 8 MiB together, two go
+/// on through the page cache; all six are stored byte-identical.
+#[test]
+fn at_most_four_uploads_write_direct_at_once_and_the_others_are_stored_too() {
+    let server = TestServer::start(&[]);
+    let tmp = server.data_dir().join("tmp");
+    let uploads: Vec<_> = (0..6)
+        .map(|i| {
+            let (c, id) = server.registered_client(&format!("big{i}"));
+            let key = *c.aes_key().expect("session key");
+            let name = name_field_raw(format!("big-{i}.bin").as_bytes());
+            let data = pseudo_random(12 * MIB + 100 * i, 400 + i as u64);
+            let frames = packet_frames(&id, &key, &name, &data, MIB);
+            (c, id, name, data, frames)
+        })
+        .collect();
+    let mut uploads = uploads;
+    // Ten packets each: every upload is past 8 MiB and has written its first chunk ...
+    for (c, _, _, _, frames) in &mut uploads {
+        c.send_raw(&frames[..10].concat()).unwrap();
+    }
+    let past = || {
+        let sizes: Vec<u64> =
+            walk_files(&tmp).iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).collect();
+        sizes.len() == 6 && sizes.iter().all(|&s| s >= 9 * MIB as u64)
+    };
+    assert!(wait_until(Duration::from_secs(20), past), "six temp files of 9 MiB or more");
+    // ... before any ends.
+    for (c, id, name, data, frames) in &mut uploads {
+        c.send_raw(&frames[10..].concat()).unwrap();
+        match c.read_response() {
+            Ok(Response::FileReceived { cksum, .. }) => assert_eq!(cksum, crypto::cksum(data)),
+            other => panic!("expected 1603, got {other:?}"),
+        }
+        c.send_frame(Code::CrcOk, &[&name[..]]).unwrap();
+        expect_reply(c, ResponseCode::Ack);
+        let stored = server.stored_path(
+            id,
+            std::str::from_utf8(&name[..name.iter().position(|&b| b == 0).unwrap()]).unwrap(),
+        );
+        assert!(std::fs::read(stored).unwrap() == *data, "a large upload stored with other bytes");
+    }
+    let cached = server.log_text().lines().filter(|l| l.contains("uploads write direct already")).count();
+    assert_eq!(cached, 2, "uploads beyond the four going through the page cache");
+}

@@ -76,7 +76,7 @@ impl Server {
         worker.set_metrics(core.metrics.clone());
         let wk: Arc<dyn crate::worker::Wake> = waker.clone();
         let handle = worker
-            .spawn(queues, done_tx, wk)
+            .spawn(queues, done_tx, wk, core.budget.clone())
             .map_err(|e| StartError::Setup(format!("cannot start the worker threads: {e}")))?;
 
         Ok(Server {

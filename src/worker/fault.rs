@@ -16,6 +16,9 @@
 //! Points, in the order an upload and its commit pass them (see "Lifecycle
 //! of a file" in docs/ARCHITECTURE.md): `write` and `write-behind` (each
 //! temp-file write and writeback call while packets arrive; no file name),
+//! `direct-write` (each `O_DIRECT` write of a large upload's chunk, see
+//! `sink.rs`; `fail` there acts as a filesystem that refuses the direct
+//! write (EINVAL), so the fallback through the page cache is what it tests),
 //! `fdatasync` (the temp file's data, `--sync-mode fsync`), `intent` (the
 //! publish intents committed), `link` (the previous version's hard link),
 //! `sync-previous` (the sync after the links), `rename`, `sync-publish` (the
@@ -34,6 +37,7 @@ use std::io;
 pub enum Point {
     Write,
     WriteBehind,
+    DirectWrite,
     Fdatasync,
     Intent,
     Link,
@@ -51,6 +55,7 @@ impl Point {
         match self {
             Point::Write => "write",
             Point::WriteBehind => "write-behind",
+            Point::DirectWrite => "direct-write",
             Point::Fdatasync => "fdatasync",
             Point::Intent => "intent",
             Point::Link => "link",

@@ -35,6 +35,7 @@ mod reconcile;
 mod replica;
 #[cfg(feature = "s3")]
 pub mod s3;
+mod sink;
 pub mod storage;
 
 use std::collections::HashMap;
@@ -475,14 +476,15 @@ impl Worker {
         queues: Queues,
         done: Sender<Completion>,
         waker: Arc<dyn Wake>,
+        budget: crate::budget::Budget,
     ) -> std::io::Result<Threads> {
         let Queues { packets, commits, to_commit } = queues;
         let temps = self.storage.temp_files()?;
         #[cfg(feature = "s3")]
         self.start_replica(&to_commit);
         let failed_syncs = self.failed_syncs.clone();
-        let stage =
-            Packets::new(temps, to_commit, done.clone(), waker.clone(), self.metrics.clone(), failed_syncs);
+        let (metrics, done2) = (self.metrics.clone(), done.clone());
+        let stage = Packets::new(temps, to_commit, done2, waker.clone(), metrics, failed_syncs, budget);
         let named = |n: &str| std::thread::Builder::new().name(n.into());
         let packets = named("backupd-packets").spawn(move || stage.run(packets))?;
         let commits = named("backupd-worker").spawn(move || self.run(commits, done, waker))?;

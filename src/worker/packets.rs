@@ -6,14 +6,16 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Write as _};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
 use super::fault::{self, Point};
+use super::sink::{run_writer, Chunk, DirectWrites, TempSink};
 use super::storage::TempFiles;
 use super::{Completion, Input, Job, PacketJob, PacketOutcome, StartUpload, UploadError, UploadId, Wake};
+use crate::budget::Budget;
 use crate::crypto::{Cksum, StreamDecryptor, AES_KEY_LEN};
 use crate::metrics::Metrics;
 use crate::protocol::{id_hex, ClientId};
@@ -23,7 +25,7 @@ use crate::protocol::{id_hex, ClientId};
 struct PartFile {
     client: ClientId,
     key: SessionKey,
-    file: File,
+    sink: TempSink,
     dec: Option<StreamDecryptor>,
     cksum: Cksum,
     ciphertext: u64,
@@ -138,6 +140,10 @@ pub(super) struct Packets {
     metrics: Arc<Metrics>,
     /// The committing worker's count of failed syncs (see [`Staged`]).
     failed_syncs: Arc<AtomicU64>,
+    /// The writer thread's queue, for uploads writing direct (see `sink.rs`).
+    direct: DirectWrites,
+    /// Its other end, until `run` starts the writer thread.
+    chunks: Option<Receiver<Chunk>>,
 }
 
 impl Packets {
@@ -148,13 +154,40 @@ impl Packets {
         waker: Arc<dyn Wake>,
         metrics: Arc<Metrics>,
         failed_syncs: Arc<AtomicU64>,
+        budget: Budget,
     ) -> Packets {
-        Packets { temps, uploads: HashMap::new(), to_commit, done, waker, metrics, failed_syncs }
+        let (queue, chunks) = std::sync::mpsc::channel();
+        Packets {
+            temps,
+            uploads: HashMap::new(),
+            to_commit,
+            done,
+            waker,
+            metrics,
+            failed_syncs,
+            direct: DirectWrites { chunks: queue, live: Arc::new(AtomicUsize::new(0)), budget },
+            chunks: Some(chunks),
+        }
     }
 
     /// Serve the loop's packet jobs until its `Shutdown` or until it hangs up;
     /// then tell the committing worker to stop too.
     pub(super) fn run(mut self, jobs: Receiver<Job>) {
+        let chunks = self.chunks.take();
+        std::thread::scope(|s| {
+            let writer = std::thread::Builder::new().name("backupd-writer".into());
+            if let Some(Err(e)) = chunks.map(|c| writer.spawn_scoped(s, move || run_writer(c))) {
+                log::warn!(
+                    "worker: cannot start the writer thread ({e}); large uploads go through the page cache"
+                );
+                self.direct.disable();
+            }
+            // Returns with `self` dropped: the writer thread's queue closes.
+            self.serve(jobs);
+        });
+    }
+
+    fn serve(mut self, jobs: Receiver<Job>) {
         while let Ok(job) = jobs.recv() {
             self.metrics.worker_queue.add(-1);
             match job {
@@ -220,7 +253,7 @@ impl Packets {
         let Some(u) = self.uploads.get_mut(&p.upload) else {
             return Ok(PacketOutcome::Ignored);
         };
-        u.append(p)?;
+        u.append(p, &self.direct)?;
         u.kick_writeback()?;
         if !p.last {
             return Ok(PacketOutcome::Accepted);
@@ -228,6 +261,7 @@ impl Packets {
         if u.dec.is_some() {
             return Err(UploadError::EndedInsideStream);
         }
+        u.sink.finish().map_err(UploadError::WriteTemp)?;
         // The temp file is made durable at commit time, together with the
         // rest of its batch: 1603 promises nothing about durability, 1604 does.
         let plain_len = u.cksum.len();
@@ -254,7 +288,7 @@ impl Packets {
             PartFile {
                 client: start.client,
                 key: SessionKey(start.key),
-                file,
+                sink: TempSink::new(file),
                 dec: None,
                 cksum: Cksum::new(),
                 ciphertext: 0,
@@ -272,7 +306,7 @@ impl Packets {
 impl PartFile {
     /// Decrypt, checksum and append a packet's content (and finish its CBC
     /// stream when the packet ends one).
-    fn append(&mut self, p: &mut PacketJob) -> Result<(), UploadError> {
+    fn append(&mut self, p: &mut PacketJob, direct: &DirectWrites) -> Result<(), UploadError> {
         let u = self;
         if p.new_segment {
             u.dec = Some(StreamDecryptor::new(&u.key.0));
@@ -280,12 +314,12 @@ impl PartFile {
         }
         let content = &mut p.content.bytes[..];
         u.ciphertext += content.len() as u64;
-        let PartFile { file, cksum, dec, .. } = u;
+        let PartFile { sink: out, cksum, dec, .. } = u;
         let mut err: Option<io::Error> = None;
         let mut sink = |pt: &[u8]| {
             if err.is_none() {
                 cksum.update(pt);
-                if let Err(e) = fault::check(Point::Write, "").and_then(|_| file.write_all(pt)) {
+                if let Err(e) = fault::check(Point::Write, "").and_then(|_| out.write(pt, direct)) {
                     err = Some(e);
                 }
             }
@@ -305,11 +339,11 @@ impl PartFile {
         }
         if let Some(expected) = p.end_segment {
             let d = u.dec.take().ok_or(UploadError::NoStreamToFinish)?;
-            let PartFile { file, cksum, .. } = u;
+            let PartFile { sink: out, cksum, .. } = u;
             let mut sink = |pt: &[u8]| {
                 if err.is_none() {
                     cksum.update(pt);
-                    if let Err(e) = fault::check(Point::Write, "").and_then(|_| file.write_all(pt)) {
+                    if let Err(e) = fault::check(Point::Write, "").and_then(|_| out.write(pt, direct)) {
                         err = Some(e);
                     }
                 }
@@ -329,8 +363,8 @@ impl PartFile {
     fn kick_writeback(&mut self) -> Result<(), UploadError> {
         let u = self;
         let written = u.cksum.len();
-        if written - u.writeback_from >= WRITEBACK_STEP {
-            u.dropped_to = write_behind(&u.file, u.dropped_to, u.writeback_from, written)
+        if u.sink.cached() && written - u.writeback_from >= WRITEBACK_STEP {
+            u.dropped_to = write_behind(u.sink.file(), u.dropped_to, u.writeback_from, written)
                 .map_err(UploadError::Writeback)?;
             u.writeback_from = written;
         }

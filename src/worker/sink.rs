@@ -1,0 +1,324 @@
+//! An upload's temp file as the packet thread writes it ([`TempSink`]):
+//! through the page cache for its first [`DIRECT_FROM`] bytes (with
+//! write-behind, see `packets.rs`), then, for a large upload, straight to
+//! the disk with `O_DIRECT` in aligned chunks of [`CHUNK`] bytes, so that a
+//! large upload costs no copy into the page cache, no page allocation and no
+//! writeback work (docs/PERFORMANCE.md, issue 14, "7."). The chunk buffers
+//! ([`DirectBuf`]) are bounded: at most [`MAX_DIRECT`] uploads write direct
+//! at once; the others, and every upload on a filesystem that refuses
+//! `O_DIRECT`, stay on the page-cache path to their end.
+//!
+//! Durability is unchanged: a direct write is on the device (maybe in its
+//! volatile cache) when it returns, and the file is made durable at commit
+//! time exactly as before (the batch's syncfs, or the file's fdatasync,
+//! both flush the device's cache and write the file's metadata).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+
+use super::fault::{self, Point};
+use crate::budget::{Budget, Grant};
+
+/// Bytes of an upload written through the page cache before it goes
+/// direct: small files never go direct, and the offset where a large one
+/// does is aligned.
+pub(super) const DIRECT_FROM: u64 = 8 << 20;
+
+/// Bytes of one direct write.
+const CHUNK: usize = 1 << 20;
+
+/// Alignment of a direct write's buffer, offset and length: the largest
+/// logical block size of the disks we meet.
+const ALIGN: usize = 4096;
+
+/// Uploads writing direct at once. Each holds two chunk buffers, paid for
+/// by the memory budget ([`GRANT`]); four keep the budget they can hold
+/// (stalled, say) to 8 MiB of the default 64.
+const MAX_DIRECT: usize = 4;
+
+/// What an upload writing direct takes from the memory budget.
+const GRANT: usize = 2 * (CHUNK + ALIGN);
+
+/// A chunk buffer, aligned for `O_DIRECT`.
+pub(super) struct ChunkBuf {
+    v: Vec<u8>,
+    off: usize,
+}
+
+impl ChunkBuf {
+    fn new() -> ChunkBuf {
+        let v = vec![0u8; CHUNK + ALIGN];
+        let off = v.as_ptr().align_offset(ALIGN);
+        ChunkBuf { v, off }
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        &mut self.v[self.off..self.off + CHUNK]
+    }
+}
+
+/// One of the [`MAX_DIRECT`] places of uploads writing direct, held while
+/// the upload does (it bounds their buffers: two each).
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(live: &Arc<AtomicUsize>) -> Option<Slot> {
+        if live.fetch_add(1, Ordering::AcqRel) >= MAX_DIRECT {
+            live.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(live.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A full chunk for the writer thread, and where to answer.
+pub(super) struct Chunk {
+    file: Arc<File>,
+    buf: ChunkBuf,
+    at: u64,
+    done: Sender<Written>,
+}
+
+/// A chunk written (or not), its buffer back for the next one.
+struct Written {
+    buf: ChunkBuf,
+    result: io::Result<bool>,
+}
+
+/// The writer thread: writes full chunks direct, in the order sent, while
+/// the packet thread decrypts the next ones. It stops when the packet
+/// thread drops its sender.
+pub(super) fn run_writer(chunks: Receiver<Chunk>) {
+    while let Ok(Chunk { file, mut buf, at, done }) = chunks.recv() {
+        let result = direct_write(&file, &buf.bytes()[..], at);
+        // The upload may be gone (discarded): nothing waits then.
+        let _ = done.send(Written { buf, result });
+    }
+}
+
+/// What the packet thread needs to write direct: the writer thread's
+/// queue and the count of uploads doing so.
+pub(super) struct DirectWrites {
+    pub(super) chunks: Sender<Chunk>,
+    pub(super) live: Arc<AtomicUsize>,
+    /// The memory budget, which pays for the chunk buffers.
+    pub(super) budget: Budget,
+}
+
+impl DirectWrites {
+    /// No upload writes direct (every place taken for good).
+    pub(super) fn disable(&self) {
+        self.live.store(MAX_DIRECT << 16, Ordering::Release);
+    }
+}
+
+/// An upload writing direct: the chunk being filled, the one being written.
+struct Direct {
+    _slot: Slot,
+    _grant: Grant,
+    buf: ChunkBuf,
+    fill: usize,
+    /// The offset of `buf[0]`.
+    at: u64,
+    /// A chunk is at the writer thread: its answer comes on `answers`.
+    in_flight: bool,
+    answers: Receiver<Written>,
+    answer_to: Sender<Written>,
+    spare: Option<ChunkBuf>,
+}
+
+impl Direct {
+    /// Wait for the chunk at the writer thread, if any; its buffer becomes
+    /// the spare. Ok(false): the filesystem refused the direct write (the
+    /// chunk was written through the page cache and `O_DIRECT` turned off).
+    fn wait(&mut self) -> io::Result<bool> {
+        if !std::mem::take(&mut self.in_flight) {
+            return Ok(true);
+        }
+        let w = self.answers.recv().map_err(|_| io::Error::other("the writer thread stopped"))?;
+        self.spare = Some(w.buf);
+        w.result
+    }
+}
+
+enum Mode {
+    /// Through the page cache, until [`DIRECT_FROM`].
+    Cached,
+    /// Through the page cache to the end: no place was free, the
+    /// filesystem refused `O_DIRECT`, or the upload is finished.
+    CachedToEnd,
+    Direct(Box<Direct>),
+}
+
+/// An upload's temp file and how its bytes reach it; every write is at an
+/// explicit offset (the file's position is never used).
+pub(super) struct TempSink {
+    file: Arc<File>,
+    written: u64,
+    mode: Mode,
+}
+
+impl TempSink {
+    pub(super) fn new(file: File) -> TempSink {
+        TempSink { file: Arc::new(file), written: 0, mode: Mode::Cached }
+    }
+
+    pub(super) fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Whether the bytes written so far went through the page cache (and
+    /// so write-behind concerns them).
+    pub(super) fn cached(&self) -> bool {
+        !matches!(self.mode, Mode::Direct(_))
+    }
+
+    /// Append `data`.
+    pub(super) fn write(&mut self, mut data: &[u8], direct: &DirectWrites) -> io::Result<()> {
+        if matches!(self.mode, Mode::Cached) && self.written + data.len() as u64 > DIRECT_FROM {
+            let head = (DIRECT_FROM - self.written) as usize;
+            self.cached_write(&data[..head])?;
+            data = &data[head..];
+            self.mode = self.go_direct(direct);
+        }
+        let Mode::Direct(d) = &mut self.mode else {
+            return self.cached_write(data);
+        };
+        let mut refused = false;
+        while !data.is_empty() {
+            let n = (CHUNK - d.fill).min(data.len());
+            d.buf.bytes()[d.fill..d.fill + n].copy_from_slice(&data[..n]);
+            d.fill += n;
+            data = &data[n..];
+            self.written += n as u64;
+            if d.fill < CHUNK {
+                continue;
+            }
+            if !d.wait()? {
+                refused = true;
+                break;
+            }
+            let next = d.spare.take().unwrap_or_else(ChunkBuf::new);
+            let full = std::mem::replace(&mut d.buf, next);
+            let chunk = Chunk { file: self.file.clone(), buf: full, at: d.at, done: d.answer_to.clone() };
+            direct.chunks.send(chunk).map_err(|_| io::Error::other("the writer thread stopped"))?;
+            d.in_flight = true;
+            d.at += CHUNK as u64;
+            d.fill = 0;
+        }
+        if refused {
+            // Refused after all: this chunk and the rest through the page cache.
+            if let Mode::Direct(mut d) = std::mem::replace(&mut self.mode, Mode::CachedToEnd) {
+                self.file.write_all_at(d.buf.bytes(), d.at)?;
+            }
+            return self.cached_write(data);
+        }
+        Ok(())
+    }
+
+    /// Write what is still buffered: the aligned part direct, the rest
+    /// through the page cache. The upload's bytes are then all in the file.
+    pub(super) fn finish(&mut self) -> io::Result<()> {
+        let Mode::Direct(mut d) = std::mem::replace(&mut self.mode, Mode::CachedToEnd) else {
+            return Ok(());
+        };
+        let mut done = 0;
+        if d.wait()? {
+            let aligned = d.fill / ALIGN * ALIGN;
+            if aligned > 0 && direct_write(&self.file, &d.buf.bytes()[..aligned], d.at)? {
+                done = aligned;
+            }
+            set_direct(&self.file, false)?;
+        }
+        self.file.write_all_at(&d.buf.bytes()[done..d.fill], d.at + done as u64)
+    }
+
+    fn cached_write(&mut self, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, self.written)?;
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    /// At [`DIRECT_FROM`]: direct from here if a place is free and the
+    /// filesystem takes `O_DIRECT`.
+    fn go_direct(&self, direct: &DirectWrites) -> Mode {
+        let Some(slot) = Slot::take(&direct.live) else {
+            log::debug!(
+                "worker: {MAX_DIRECT} uploads write direct already; this one goes on through the page cache"
+            );
+            return Mode::CachedToEnd;
+        };
+        let Some(grant) = direct.budget.try_grant(GRANT) else {
+            log::debug!("worker: no room in the memory budget to write direct; through the page cache");
+            return Mode::CachedToEnd;
+        };
+        if let Err(e) = set_direct(&self.file, true) {
+            log::debug!("worker: no O_DIRECT for a temp file: {e}");
+            return Mode::CachedToEnd;
+        }
+        let (answer_to, answers) = channel();
+        Mode::Direct(Box::new(Direct {
+            _slot: slot,
+            _grant: grant,
+            buf: ChunkBuf::new(),
+            fill: 0,
+            at: self.written,
+            in_flight: false,
+            answers,
+            answer_to,
+            spare: None,
+        }))
+    }
+}
+
+/// Turn `O_DIRECT` on or off for the file's descriptor.
+fn set_direct(f: &File, on: bool) -> io::Result<()> {
+    let fd = f.as_raw_fd();
+    // SAFETY: plain fcntl calls on a descriptor owned by `f`.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let new = if on { flags | libc::O_DIRECT } else { flags & !libc::O_DIRECT };
+    // SAFETY: as above.
+    if new != flags && unsafe { libc::fcntl(fd, libc::F_SETFL, new) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Write an aligned chunk direct at `at`. Returns false, with the chunk
+/// written through the page cache and `O_DIRECT` turned off, when the
+/// filesystem refuses the direct write (EINVAL: some filesystems take the
+/// flag and refuse the write).
+fn direct_write(f: &File, data: &[u8], at: u64) -> io::Result<bool> {
+    let mut done = 0;
+    while done < data.len() {
+        let refused =
+            fault::check(Point::DirectWrite, "").map_err(|_| io::Error::from_raw_os_error(libc::EINVAL));
+        match refused.and_then(|_| f.write_at(&data[done..], at + done as u64)) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                log::debug!("worker: direct write refused ({e}); through the page cache");
+                set_direct(f, false)?;
+                f.write_all_at(&data[done..], at + done as u64)?;
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
