@@ -314,9 +314,11 @@ impl PartFile {
         }
         let content = &mut p.content.bytes[..];
         u.ciphertext += content.len() as u64;
-        let PartFile { sink: out, cksum, dec, .. } = u;
+        // Out of `u` while the closure below borrows its sink and cksum.
+        let mut dec = u.dec.take();
+        let PartFile { sink: out, cksum, .. } = u;
         let mut err: Option<io::Error> = None;
-        let mut sink = |pt: &[u8]| {
+        let mut emit = |pt: &[u8]| {
             if err.is_none() {
                 cksum.update(pt);
                 if let Err(e) = fault::check(Point::Write, "").and_then(|_| out.write(pt, direct)) {
@@ -326,11 +328,11 @@ impl PartFile {
         };
         match dec.as_mut() {
             // In cache-sized pieces: each is decrypted, checksummed and copied
-            // to the page cache while it is still in L2, instead of three
-            // passes over a whole packet through main memory.
-            Some(dec) => {
+            // out while it is still in L2, instead of three passes over a
+            // whole packet through main memory.
+            Some(d) => {
                 for piece in content.chunks_mut(CACHE_PIECE) {
-                    dec.update(piece, &mut sink);
+                    d.update(piece, &mut emit);
                 }
             }
             // The empty last packet of convention 2 follows the completed stream.
@@ -338,21 +340,13 @@ impl PartFile {
             None => return Err(UploadError::OutsideStream),
         }
         if let Some(expected) = p.end_segment {
-            let d = u.dec.take().ok_or(UploadError::NoStreamToFinish)?;
-            let PartFile { sink: out, cksum, .. } = u;
-            let mut sink = |pt: &[u8]| {
-                if err.is_none() {
-                    cksum.update(pt);
-                    if let Err(e) = fault::check(Point::Write, "").and_then(|_| out.write(pt, direct)) {
-                        err = Some(e);
-                    }
-                }
-            };
-            d.finish(&mut sink).map_err(|_| UploadError::Decryption)?;
+            let d = dec.take().ok_or(UploadError::NoStreamToFinish)?;
+            d.finish(&mut emit).map_err(|_| UploadError::Decryption)?;
             if u.cksum.len() - u.segment_start != expected {
                 return Err(UploadError::Decryption);
             }
         }
+        u.dec = dec;
         if let Some(e) = err {
             return Err(UploadError::WriteTemp(e));
         }
