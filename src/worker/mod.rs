@@ -5,7 +5,8 @@
 //! moved, never copied) through [`Jobs`], which routes them: file packets,
 //! discards and the shutdown to the **packet thread** ([`Packets`], in
 //! `packets.rs`), which decrypts, checksums and appends packets to their
-//! temp files in `tmp/` as they come; everything else to the **committing
+//! temp files in `tmp/` as they come (past 8 MiB, a writer thread of its own
+//! writes the chunks direct: `sink.rs`); everything else to the **committing
 //! worker** ([`Worker`]), which alone owns the database and the published
 //! tree. Each job gets at most one [`Completion`] on the loop's channel, and
 //! the thread that sent it wakes the loop through its [`Wake`]. A received

@@ -1,6 +1,8 @@
 //! The packet thread ([`Packets`]) and its path: a packet's content
 //! decrypted, checksummed and appended to its upload's temp file in
-//! cache-sized pieces, with write-behind for large uploads; the upload's
+//! cache-sized pieces (through its `TempSink`, `sink.rs`: past 8 MiB, written
+//! direct by the writer thread this thread starts), with write-behind for the
+//! part that goes through the page cache; the upload's
 //! stream state ([`PartFile`]); the hand-over of a received upload to the
 //! committing worker ([`Staged`]).
 

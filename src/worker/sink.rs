@@ -1,12 +1,14 @@
-//! An upload's temp file as the packet thread writes it ([`TempSink`]):
-//! through the page cache for its first [`DIRECT_FROM`] bytes (with
-//! write-behind, see `packets.rs`), then, for a large upload, straight to
-//! the disk with `O_DIRECT` in aligned chunks of [`CHUNK`] bytes, so that a
-//! large upload costs no copy into the page cache, no page allocation and no
-//! writeback work (docs/PERFORMANCE.md, issue 14, "7."). The chunk buffers
-//! ([`DirectBuf`]) are bounded: at most [`MAX_DIRECT`] uploads write direct
-//! at once; the others, and every upload on a filesystem that refuses
-//! `O_DIRECT`, stay on the page-cache path to their end.
+//! How an upload's bytes reach its temp file ([`TempSink`]): through the
+//! page cache for its first [`DIRECT_FROM`] bytes (with write-behind, see
+//! `packets.rs`), then, for a large upload, straight to the disk with
+//! `O_DIRECT` in aligned chunks of [`CHUNK`] bytes, so that a large upload
+//! costs no copy into the page cache, no page allocation and no writeback
+//! work (docs/PERFORMANCE.md, issue 14, "7."). The packet thread fills one
+//! chunk buffer ([`ChunkBuf`]) while the writer thread ([`run_writer`])
+//! writes the one before. Bounded: at most [`MAX_DIRECT`] uploads write
+//! direct at once, each with two buffers paid for by the memory budget; the
+//! others, and every upload on a filesystem that refuses `O_DIRECT`, stay on
+//! the page-cache path to their end.
 //!
 //! Durability is unchanged: a direct write is on the device (maybe in its
 //! volatile cache) when it returns, and the file is made durable at commit
@@ -102,6 +104,9 @@ struct Written {
 pub(super) fn run_writer(chunks: Receiver<Chunk>) {
     while let Ok(Chunk { file, mut buf, at, done }) = chunks.recv() {
         let result = direct_write(&file, &buf.bytes()[..], at);
+        // Closed here first: once the packet thread has the answer, no
+        // descriptor of a received upload's file is left open.
+        drop(file);
         // The upload may be gone (discarded): nothing waits then.
         let _ = done.send(Written { buf, result });
     }
