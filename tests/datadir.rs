@@ -336,16 +336,22 @@ fn an_abort_leaves_no_row_pointing_at_nothing() {
     assert_verified(&server, &id, "kept", &v1, "after an aborted second version");
 }
 
+/// A server whose faults can be set at each restart, and a client `who`
+/// with one file `name` stored (10,000 bytes, returned).
+fn with_one_file(who: &str, name: &str) -> (TestServer, Arc<Mutex<String>>, ClientId, Vec<u8>) {
+    let faults = Arc::new(Mutex::new(String::new()));
+    let server = TestServer::start_with(&[], with_faults(&faults), |_| {});
+    let (mut c, id) = server.registered_client(who);
+    let data = pseudo_random(10_000, 1);
+    upload_confirm(&mut c, name, &data);
+    (server, faults, id, data)
+}
+
 /// Crash points between the rename and the commit, and between the commit
 /// and the 1604: the next start repairs them as docs/ARCHITECTURE.md says.
 #[test]
 fn crashes_around_the_commit_are_repaired_at_the_next_start() {
-    let faults = Arc::new(Mutex::new(String::new()));
-    let mut server = TestServer::start_with(&[], with_faults(&faults), |_| {});
-    let (mut c, id) = server.registered_client("crashy");
-    let v1 = pseudo_random(10_000, 1);
-    upload_confirm(&mut c, "victim", &v1);
-    drop(c);
+    let (mut server, faults, id, v1) = with_one_file("crashy", "victim");
     let crash = |server: &mut TestServer, point: &str, name: &str, data: &[u8]| {
         let mut c = restart_with(server, &faults, &format!("crash@{point}:{name}"), (id, "crashy"));
         assert!(c.upload_bytes(name, data, &UploadOptions::default()).unwrap().cksum_matches());
@@ -581,4 +587,33 @@ fn a_torn_file_is_reported_at_start_and_left_in_place() {
     assert_eq!(std::fs::metadata(&cut).unwrap().len(), 1000, "left in place");
     assert_eq!(row(&server.db_path(), &id, "cut").unwrap().0, 1);
     assert!(!server.log_text().contains(&format!("files/{}/whole of client", id_hex(&id))));
+}
+
+/// A crash in the middle of a large upload's direct writes (at the writer
+/// thread's first chunk past 8 MiB, src/worker/sink.rs) loses nothing
+/// acknowledged: the file stored before is whole and verified, the
+/// unfinished upload's temp file is removed at the next start and leaves no
+/// row, and the upload sent again is stored whole.
+#[test]
+fn a_crash_during_a_large_uploads_direct_writes_loses_nothing_acknowledged() {
+    let (mut server, faults, id, before) = with_one_file("direct", "before");
+    let big = pseudo_random(12 << 20, 2);
+    let mut c = restart_with(&mut server, &faults, "crash@direct-write", (id, "direct"));
+    let r = c.upload_bytes("big", &big, &UploadOptions::default());
+    assert!(r.as_ref().is_err_and(|e| e.is_network()), "the upload went through: {r:?}");
+    assert_eq!(server.wait(Duration::from_secs(10)).code(), Some(86), "not the injected crash");
+    let tmp = server.data_dir().join("tmp");
+    let parts: Vec<u64> = walk_files(&tmp).iter().map(|p| std::fs::metadata(p).unwrap().len()).collect();
+    assert!(matches!(parts[..], [n] if n >= 8 << 20), "the crash was not past 8 MiB: temp files {parts:?}");
+    *faults.lock().unwrap() = String::new();
+    server.restart();
+    server.wait_for_log("removed 1 unfinished upload", Duration::from_secs(5));
+    assert!(walk_files(&tmp).is_empty(), "temp file left");
+    assert_verified(&server, &id, "before", &before, "after the crash");
+    assert!(!server.stored_path(&id, "big").exists());
+    assert!(row(&server.db_path(), &id, "big").is_none(), "a row for the unfinished upload");
+    let mut c = server.connect();
+    c.reconnect(id, "direct", test_key()).unwrap();
+    upload_confirm(&mut c, "big", &big);
+    assert_verified(&server, &id, "big", &big, "sent again");
 }
