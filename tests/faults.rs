@@ -490,6 +490,20 @@ fn tmpfs_works() -> bool {
     ok
 }
 
+/// A server whose data directory is a tmpfs of `size`, with `--min-free 0`:
+/// the disk itself must fill (the default would refuse every upload on so
+/// small a filesystem, see tests/quotas.rs).
+fn tmpfs_server(size: &str) -> TmpfsServer {
+    let mut mounted = None;
+    let server = TestServer::start_with(&["--min-free", "0"], Launch::default(), |temp| {
+        let d = temp.join("data");
+        std::fs::create_dir(&d).unwrap();
+        assert!(mount_tmpfs(&d, size), "mount tmpfs");
+        mounted = Some(d);
+    });
+    TmpfsServer { server, mount: mounted }
+}
+
 /// The disk-full scenario against a server whose data cannot grow past a
 /// few MiB; `big` must not fit.
 fn disk_full(server: &TestServer, big: usize) {
@@ -527,17 +541,34 @@ fn disk_full_on_a_small_tmpfs_or_a_file_size_limit() {
         assert!(server.is_alive());
         return;
     }
-    let mut mounted = None;
-    // --min-free 0: the disk itself must fill (the default would refuse
-    // every upload on so small a filesystem, see tests/quotas.rs).
-    let server = TestServer::start_with(&["--min-free", "0"], Launch::default(), |temp| {
-        let d = temp.join("data");
-        std::fs::create_dir(&d).unwrap();
-        assert!(mount_tmpfs(&d, "4m"), "mount tmpfs");
-        mounted = Some(d);
-    });
-    let mut t = TmpfsServer { server, mount: mounted };
+    let mut t = tmpfs_server("4m");
     disk_full(&t.server, 6 << 20);
+    assert!(t.server.is_alive());
+    t.unmount();
+}
+
+/// The same with a large upload that fills the disk while it is written
+/// direct (past its first 8 MiB, src/worker/sink.rs): its 1607, no temp file
+/// left, the files before it intact; then, with room again, a large upload is
+/// stored whole (the failed one gave back its place and its budget).
+#[test]
+fn disk_full_during_a_large_uploads_direct_writes() {
+    let mut t = if tmpfs_works() {
+        tmpfs_server("16m")
+    } else {
+        println!("cannot mount a tmpfs here: using RLIMIT_FSIZE instead");
+        let launch = Launch::with_rlimit(libc::RLIMIT_FSIZE, 12 << 20);
+        TmpfsServer { server: TestServer::start_with(&[], launch, |_| {}), mount: None }
+    };
+    let fits = 10 << 20;
+    disk_full(&t.server, 24 << 20);
+    assert!(t.server.log_text().contains("cannot write temp file"), "the direct write's error");
+    let (mut c, id) = t.server.registered_client("after");
+    let data = pseudo_random(fits, 5);
+    let opts = UploadOptions { packet_size: 1 << 20, ..Default::default() };
+    assert!(c.upload_bytes("fits", &data, &opts).unwrap().cksum_matches());
+    c.crc_ok("fits").unwrap();
+    assert!(std::fs::read(t.server.stored_path(&id, "fits")).unwrap() == data, "stored with other bytes");
     assert!(t.server.is_alive());
     t.unmount();
 }

@@ -912,6 +912,16 @@ fn large_uploads_written_direct_are_stored_byte_identical() {
     }
 }
 
+/// Wait (20 s at most) until `tmp` holds `n` temp files of 9 MiB or more:
+/// `n` uploads past their first 8 MiB and their first direct chunk.
+fn past_9_mib(tmp: &std::path::Path, n: usize) -> bool {
+    wait_until(Duration::from_secs(20), || {
+        let files = walk_files(tmp);
+        files.len() == n
+            && files.iter().all(|p| std::fs::metadata(p).is_ok_and(|m| m.len() >= 9 * MIB as u64))
+    })
+}
+
 /// At most four uploads write direct at once (each holds two 1 MiB
 /// buffers): six large uploads all past their first 8 MiB together, two go
 /// on through the page cache; all six are stored byte-identical.
@@ -934,12 +944,7 @@ fn at_most_four_uploads_write_direct_at_once_and_the_others_are_stored_too() {
     for (c, _, _, _, frames) in &mut uploads {
         c.send_raw(&frames[..10].concat()).unwrap();
     }
-    let past = || {
-        let sizes: Vec<u64> =
-            walk_files(&tmp).iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).collect();
-        sizes.len() == 6 && sizes.iter().all(|&s| s >= 9 * MIB as u64)
-    };
-    assert!(wait_until(Duration::from_secs(20), past), "six temp files of 9 MiB or more");
+    assert!(past_9_mib(&tmp, 6), "six temp files of 9 MiB or more");
     // ... before any ends.
     for (c, id, name, data, frames) in &mut uploads {
         c.send_raw(&frames[10..].concat()).unwrap();
@@ -957,4 +962,39 @@ fn at_most_four_uploads_write_direct_at_once_and_the_others_are_stored_too() {
     }
     let cached = server.log_text().lines().filter(|l| l.contains("uploads write direct already")).count();
     assert_eq!(cached, 2, "uploads beyond the four going through the page cache");
+}
+
+/// Peers that send little but hold much: four connections start large
+/// uploads, pass 8 MiB (each takes a place to write direct and 2 MiB of the
+/// memory budget) and stall. Another client's large upload and a small one
+/// are still stored (the large one through the page cache); once the four
+/// are gone their places and budget are free again: the next large upload
+/// writes direct, and no temp file is left.
+#[test]
+fn uploads_stalled_past_8_mib_hold_no_place_once_their_connections_are_gone() {
+    let server = TestServer::start(&[]);
+    let tmp = server.data_dir().join("tmp");
+    let mut stalled = Vec::new();
+    for i in 0..4 {
+        let (mut c, id) = server.registered_client(&format!("staller{i}"));
+        let key = *c.aes_key().expect("session key");
+        let name = name_field_raw(format!("held-{i}.bin").as_bytes());
+        let frames = packet_frames(&id, &key, &name, &pseudo_random(16 * MIB, 500 + i as u64), MIB);
+        c.send_raw(&frames[..10].concat()).unwrap();
+        stalled.push(c);
+    }
+    assert!(past_9_mib(&tmp, 4), "four temp files of 9 MiB or more");
+    let o = opts(MIB, ContentSizeField::ThisPacket);
+    let (mut c, id) = server.registered_client("patient");
+    let direct_refused = |s: &TestServer| s.log_text().matches("uploads write direct already").count();
+    upload_confirm_check(&server, &mut c, &id, "during.bin", &pseudo_random(12 * MIB, 600), &o);
+    upload_confirm_check(&server, &mut c, &id, "small.bin", &pseudo_random(4096, 601), &o);
+    assert_eq!(direct_refused(&server), 1, "the large upload during the stall went through the page cache");
+    drop(stalled);
+    assert!(
+        wait_until(Duration::from_secs(10), || tmp_is_empty(&server)),
+        "the stalled uploads' temp files left"
+    );
+    upload_confirm_check(&server, &mut c, &id, "after.bin", &pseudo_random(12 * MIB, 602), &o);
+    assert_eq!(direct_refused(&server), 1, "a place still held after the stalled connections closed");
 }
