@@ -888,10 +888,13 @@ fn large_uploads_written_direct_are_stored_byte_identical() {
     // (faults, arguments, direct writes made, direct writes refused)
     let runs: [(&str, &[&str], bool, usize); 3] = [
         ("trace", &[], true, 0),
-        // Refused once per upload with a direct write to make (all but the
-        // first two: 8 MiB, and 8 MiB + 1 whose one byte past is the tail),
-        // the rest of it then through the page cache.
-        ("trace,fail@direct-write", &[], true, 5),
+        // Every direct write refused: the uploads with a direct write to
+        // make (all but the first two: 8 MiB, and 8 MiB + 1 whose one byte
+        // past is the tail) see it refused at their first chunk, and at
+        // their second when it was queued behind the first before the
+        // refusal came back (8 MiB + 3 MiB + 4097, 8 MiB + 2 MiB + 5); the
+        // rest of each then through the page cache.
+        ("trace,fail@direct-write", &[], true, 7),
         // The chunk buffers do not fit in the memory budget: none are taken.
         ("trace", &["--memory-budget", "2MiB"], false, 0),
     ];
@@ -922,7 +925,7 @@ fn past_9_mib(tmp: &std::path::Path, n: usize) -> bool {
     })
 }
 
-/// At most four uploads write direct at once (each holds two 1 MiB
+/// At most four uploads write direct at once (each holds three 1 MiB
 /// buffers): six large uploads all past their first 8 MiB together, two go
 /// on through the page cache; all six are stored byte-identical.
 #[test]
@@ -965,7 +968,7 @@ fn at_most_four_uploads_write_direct_at_once_and_the_others_are_stored_too() {
 }
 
 /// Peers that send little but hold much: four connections start large
-/// uploads, pass 8 MiB (each takes a place to write direct and 2 MiB of the
+/// uploads, pass 8 MiB (each takes a place to write direct and 3 MiB of the
 /// memory budget) and stall. Another client's large upload and a small one
 /// are still stored (the large one through the page cache); once the four
 /// are gone their places and budget are free again: the next large upload

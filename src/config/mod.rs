@@ -73,7 +73,7 @@ pub struct Config {
     #[arg(long, env = "BACKUPD_MAX_FILE_SIZE", default_value = "4294967295", value_parser = parse_size)]
     pub max_file_size: u64,
 
-    /// Packet bytes in flight between the network and the disk (incl. 2 MiB per large upload written direct, at most 4); over it the server stops reading sockets
+    /// Packet bytes in flight between the network and the disk (incl. 3 MiB per large upload written direct, at most 4); over it the server stops reading sockets
     #[arg(long, env = "BACKUPD_MEMORY_BUDGET", default_value = "64MiB", value_parser = parse_size)]
     pub memory_budget: u64,
 

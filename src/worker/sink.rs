@@ -3,10 +3,11 @@
 //! `packets.rs`), then, for a large upload, straight to the disk with
 //! `O_DIRECT` in aligned chunks of [`CHUNK`] bytes, so that a large upload
 //! costs no copy into the page cache, no page allocation and no writeback
-//! work (docs/PERFORMANCE.md, issue 14, "7."). The packet thread fills one
-//! chunk buffer ([`ChunkBuf`]) while the writer thread ([`run_writer`])
-//! writes the one before. Bounded: at most [`MAX_DIRECT`] uploads write
-//! direct at once, each with two buffers paid for by the memory budget; the
+//! work (docs/PERFORMANCE.md, issue 14, "7." and "9."). The packet thread
+//! fills one chunk buffer ([`ChunkBuf`]) while the writer thread
+//! ([`run_writer`]) writes the ones before (up to two queued, so that it
+//! never waits for the next). Bounded: at most [`MAX_DIRECT`] uploads write
+//! direct at once, each with [`BUFFERS`] buffers paid for by the memory budget; the
 //! others, and every upload on a filesystem that refuses `O_DIRECT`, stay on
 //! the page-cache path to their end.
 //!
@@ -38,13 +39,18 @@ const CHUNK: usize = 1 << 20;
 /// logical block size of the disks we meet.
 const ALIGN: usize = 4096;
 
-/// Uploads writing direct at once. Each holds two chunk buffers, paid for
-/// by the memory budget ([`GRANT`]); four keep the budget they can hold
-/// (stalled, say) to 8 MiB of the default 64.
+/// Uploads writing direct at once. Each holds [`BUFFERS`] chunk buffers,
+/// paid for by the memory budget ([`GRANT`]); four keep the budget they can
+/// hold (stalled, say) to 12 MiB of the default 64.
 const MAX_DIRECT: usize = 4;
 
+/// Chunk buffers of an upload writing direct: one being filled, up to two
+/// at the writer thread (queued behind the one being written), so that the
+/// writer always has the next chunk when a write returns.
+const BUFFERS: usize = 3;
+
 /// What an upload writing direct takes from the memory budget.
-const GRANT: usize = 2 * (CHUNK + ALIGN);
+const GRANT: usize = BUFFERS * (CHUNK + ALIGN);
 
 /// A chunk buffer, aligned for `O_DIRECT`.
 pub(super) struct ChunkBuf {
@@ -137,24 +143,34 @@ struct Direct {
     fill: usize,
     /// The offset of `buf[0]`.
     at: u64,
-    /// A chunk is at the writer thread: its answer comes on `answers`.
-    in_flight: bool,
+    /// Chunks at the writer thread: their answers come on `answers`, in
+    /// the order sent.
+    in_flight: usize,
     answers: Receiver<Written>,
     answer_to: Sender<Written>,
-    spare: Option<ChunkBuf>,
+    spares: Vec<ChunkBuf>,
 }
 
 impl Direct {
-    /// Wait for the chunk at the writer thread, if any; its buffer becomes
-    /// the spare. Ok(false): the filesystem refused the direct write (the
+    /// Wait for the oldest chunk at the writer thread; its buffer becomes a
+    /// spare. Ok(false): the filesystem refused the direct write (the
     /// chunk was written through the page cache and `O_DIRECT` turned off).
-    fn wait(&mut self) -> io::Result<bool> {
-        if !std::mem::take(&mut self.in_flight) {
-            return Ok(true);
-        }
+    fn wait_one(&mut self) -> io::Result<bool> {
         let w = self.answers.recv().map_err(|_| io::Error::other("the writer thread stopped"))?;
-        self.spare = Some(w.buf);
+        self.in_flight -= 1;
+        self.spares.push(w.buf);
         w.result
+    }
+
+    /// Wait for every chunk at the writer thread (the later ones are
+    /// written, through the page cache, even after a refusal). Ok(false)
+    /// if any was refused.
+    fn wait_all(&mut self) -> io::Result<bool> {
+        let mut direct = true;
+        while self.in_flight > 0 {
+            direct &= self.wait_one()?;
+        }
+        Ok(direct)
     }
 }
 
@@ -211,21 +227,23 @@ impl TempSink {
             if d.fill < CHUNK {
                 continue;
             }
-            if !d.wait()? {
+            if d.in_flight == BUFFERS - 1 && !d.wait_one()? {
                 refused = true;
                 break;
             }
-            let next = d.spare.take().unwrap_or_else(ChunkBuf::new);
+            let next = d.spares.pop().unwrap_or_else(ChunkBuf::new);
             let full = std::mem::replace(&mut d.buf, next);
             let chunk = Chunk { file: self.file.clone(), buf: full, at: d.at, done: d.answer_to.clone() };
             direct.chunks.send(chunk).map_err(|_| io::Error::other("the writer thread stopped"))?;
-            d.in_flight = true;
+            d.in_flight += 1;
             d.at += CHUNK as u64;
             d.fill = 0;
         }
         if refused {
-            // Refused after all: this chunk and the rest through the page cache.
+            // Refused after all: this chunk and the rest through the page
+            // cache, once the chunks still queued are written.
             if let Mode::Direct(mut d) = std::mem::replace(&mut self.mode, Mode::CachedToEnd) {
+                d.wait_all()?;
                 self.file.write_all_at(d.buf.bytes(), d.at)?;
             }
             return self.cached_write(data);
@@ -240,7 +258,7 @@ impl TempSink {
             return Ok(());
         };
         let mut done = 0;
-        if d.wait()? {
+        if d.wait_all()? {
             let aligned = d.fill / ALIGN * ALIGN;
             if aligned > 0 && direct_write(&self.file, &d.buf.bytes()[..aligned], d.at)? {
                 done = aligned;
@@ -280,10 +298,10 @@ impl TempSink {
             buf: ChunkBuf::new(),
             fill: 0,
             at: self.written,
-            in_flight: false,
+            in_flight: 0,
             answers,
             answer_to,
-            spare: None,
+            spares: Vec::with_capacity(BUFFERS - 1),
         }))
     }
 }
