@@ -196,7 +196,19 @@ pub(crate) enum Durability {
 /// `mode` says; with `db`, also the SQLite transaction (WAL,
 /// synchronous=FULL) the worker makes per batch of new files (their files
 /// rows; replacements add a publish-intent transaction before the renames).
-pub(crate) fn limit_durable(dir: &Path, n: usize, batch: usize, mode: Durability, db: bool) -> Res<f64> {
+///
+/// Returns files per second and the calling thread's CPU time (user +
+/// system) per file, in microseconds: what this work costs the thread that
+/// does it, without the server's network path and threads. Writeback that
+/// the kernel's flusher threads do for the syncfs is in neither, as it is
+/// not in the server's own CPU figures.
+pub(crate) fn limit_durable(
+    dir: &Path,
+    n: usize,
+    batch: usize,
+    mode: Durability,
+    db: bool,
+) -> Res<(f64, f64)> {
     let tmp = dir.join("tmp");
     let files = dir.join("files");
     for d in [&tmp, &files] {
@@ -218,6 +230,7 @@ pub(crate) fn limit_durable(dir: &Path, n: usize, batch: usize, mode: Durability
     let root = File::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let data = pseudo_random(4096, 3);
     let t0 = Instant::now();
+    let cpu0 = thread_cpu_secs();
     let mut i = 0;
     while i < n {
         let end = (i + batch).min(n);
@@ -254,7 +267,18 @@ pub(crate) fn limit_durable(dir: &Path, n: usize, batch: usize, mode: Durability
         }
         i = end;
     }
-    Ok(n as f64 / t0.elapsed().as_secs_f64().max(1e-9))
+    let cpu_us = (thread_cpu_secs() - cpu0) * 1e6 / n.max(1) as f64;
+    Ok((n as f64 / t0.elapsed().as_secs_f64().max(1e-9), cpu_us))
+}
+
+/// CPU time (user + system) of the calling thread, in seconds.
+fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec we own; the clock always exists on Linux.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return f64::NAN;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// The limits. What they write is left in `bench_dir/limits-PID` for the
@@ -359,14 +383,17 @@ fn durable_rates(o: &Opts, dir: &Path, j: &mut J) -> Res<Vec<f64>> {
         (16, Durability::Syncfs, false, "syncfs_batched16_files_per_s", "  write+rename, one syncfs per 16"),
         (16, Durability::Syncfs, true, "syncfs_batched16_sqlite_files_per_s", "    + 1 SQLite commit per 16"),
     ] {
-        let mut s = Samples::default();
+        let (mut s, mut cpu) = (Samples::default(), Samples::default());
         for it in 0..o.limit_iters {
             let d = dir.join(format!("{key}-{it}"));
-            s.0.push(limit_durable(&d, o.fsync_files, batch, mode, db)?);
+            let (rate, cpu_us) = limit_durable(&d, o.fsync_files, batch, mode, db)?;
+            s.0.push(rate);
+            cpu.0.push(cpu_us);
         }
-        line(label, s.show("files/s"));
+        line(label, format!("{}   CPU per file {:>5.1} us", s.show("files/s"), cpu.median()));
         let mut t = s.json();
         t.set("files_per_iteration", o.fsync_files);
+        t.set("cpu_us_per_file", cpu.json());
         j.set(key, t);
         fs_rates.push(s.median());
     }
