@@ -16,7 +16,9 @@
 //!   with no symbolic link followed (`openat` with `O_NOFOLLOW`, `O_DIRECTORY`
 //!   for folders; `mkdirat`, `renameat`, `linkat`, `unlinkat`, `fstatat`
 //!   with `AT_SYMLINK_NOFOLLOW`). Only the data directory's own path (given by
-//!   the operator) is resolved normally.
+//!   the operator) is resolved normally, and the one link that is followed
+//!   is `/proc/self/fd/<n>`, the process's own descriptor of a file without
+//!   a name, to give it one ([`Dir::link_unnamed`]).
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
@@ -202,6 +204,39 @@ impl Dir {
         let c = component(name.as_ref())?;
         // SAFETY: valid descriptor and C string.
         cvt(unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) }).map(drop)
+    }
+
+    /// Create a regular file without a name in this directory's filesystem
+    /// (`O_TMPFILE`, mode 0600): it is freed when its last descriptor
+    /// closes unless [`Dir::link_unnamed`] gives it a name first. Fails
+    /// (EOPNOTSUPP, EISDIR, EINVAL) where the filesystem or kernel has no
+    /// such files.
+    pub fn create_unnamed(&self) -> io::Result<File> {
+        let flags = libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC;
+        // SAFETY: valid descriptor and C string; the result is owned at once.
+        let fd =
+            cvt(unsafe { libc::openat(self.fd.as_raw_fd(), c".".as_ptr(), flags, 0o600 as libc::c_uint) })?;
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Give a file made by [`Dir::create_unnamed`] the name `to_name` here.
+    /// Never replaces an entry (EEXIST). The file is reached through
+    /// `/proc/self/fd` (`linkat` with `AT_EMPTY_PATH` needs a capability).
+    pub fn link_unnamed(&self, file: &File, to_name: impl AsRef<OsStr>) -> io::Result<()> {
+        let b = component(to_name.as_ref())?;
+        let src = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(io::Error::other)?;
+        // SAFETY: valid descriptors and C strings.
+        cvt(unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                src.as_ptr(),
+                self.fd.as_raw_fd(),
+                b.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        })
+        .map(drop)
     }
 
     /// Rename `name` to `to/to_name` (the entry itself moves, whatever it is).
@@ -519,6 +554,30 @@ mod tests {
         for bad in ["a//b", "/a", "a/", "a/./b", "a/../b", "."] {
             assert!(components(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_unnamed_file_gets_its_name_only_where_none_is() {
+        let t = tempfile::tempdir().unwrap();
+        let d = Dir::open(t.path()).unwrap();
+        let mut f = d.create_unnamed().unwrap();
+        f.write_all(b"content").unwrap();
+        // No entry until it is linked.
+        assert!(d.entries().unwrap().is_empty());
+        std::fs::write(t.path().join("taken"), b"keep").unwrap();
+        assert_eq!(d.link_unnamed(&f, "taken").unwrap_err().raw_os_error(), Some(libc::EEXIST));
+        assert_eq!(std::fs::read(t.path().join("taken")).unwrap(), b"keep");
+        symlink(t.path().join("taken"), t.path().join("alink")).unwrap();
+        assert_eq!(d.link_unnamed(&f, "alink").unwrap_err().raw_os_error(), Some(libc::EEXIST));
+        assert_eq!(d.link_unnamed(&f, "a/b").unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        d.link_unnamed(&f, "named").unwrap();
+        assert_eq!(std::fs::read(t.path().join("named")).unwrap(), b"content");
+        let m = std::fs::metadata(t.path().join("named")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        // Dropped without a name: nothing is left.
+        let g = d.create_unnamed().unwrap();
+        drop(g);
+        assert_eq!(d.entries().unwrap().len(), 3);
     }
 
     /// The lock is free once dropped, but a child process that another test

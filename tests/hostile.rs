@@ -246,6 +246,9 @@ fn snapshot(dir: &Path, data: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// The size of the owner's staged file.
+const OWNED_LEN: usize = 200_000;
+
 /// A server with a victim client whose owner connection holds a staged file
 /// (1603 received, not yet confirmed), and the bookkeeping of checks (c).
 struct Hostile {
@@ -265,7 +268,8 @@ impl Hostile {
         let server = TestServer::start(args);
         let (mut owner, victim) = server.registered_client("victim");
         let (_, other) = server.registered_client("other");
-        let owned = pseudo_random(3000, 1);
+        // Larger than one content piece: staged in tmp/ under its name.
+        let owned = pseudo_random(OWNED_LEN, 1);
         let up = owner.upload_bytes("owned", &owned, &UploadOptions::default()).unwrap();
         assert!(up.cksum_matches());
         let owner_key = *owner.aes_key().unwrap();
@@ -317,7 +321,8 @@ impl Hostile {
         self.confirm(&victim, &name, data);
     }
 
-    /// (c): nothing outside, files/ = confirmed, tmp/ back to the owner's staged file, alive.
+    /// (c): nothing outside, files/ = confirmed, tmp/ back to the owner's staged file and no
+    /// file without a name held, alive.
     fn check_disk(&mut self, tag: &str) {
         assert_eq!(self.snapshot(), self.outside, "{tag}: something changed outside files/ and tmp/");
         for p in &self.escapes {
@@ -334,8 +339,14 @@ impl Hostile {
         for (p, data) in &self.confirmed {
             assert!(std::fs::read(p).unwrap() == *data, "{tag}: {} differs", p.display());
         }
-        let settled = wait_until(Duration::from_secs(5), || self.tmp_count() == 1);
-        assert!(settled, "{tag}: tmp/ holds {:?}", walk_files(&self.server.tmp_dir()));
+        let settled =
+            wait_until(Duration::from_secs(5), || self.tmp_count() == 1 && self.server.unnamed_temps() == 0);
+        assert!(
+            settled,
+            "{tag}: tmp/ holds {:?}, and {} files without a name are held",
+            walk_files(&self.server.tmp_dir()),
+            self.server.unnamed_temps()
+        );
         assert!(self.server.is_alive(), "{tag}: server died");
     }
 
@@ -423,7 +434,7 @@ impl Hostile {
         }
         h.owner.crc_ok("owned").expect("the owner's staged file survives every row");
         let victim = h.victim;
-        h.confirm(&victim, "owned", pseudo_random(3000, 1));
+        h.confirm(&victim, "owned", pseudo_random(OWNED_LEN, 1));
         assert!(wait_until(Duration::from_secs(5), || h.tmp_count() == 0), "tmp/ not empty at the end");
         h.check_files_only();
     }

@@ -42,23 +42,35 @@ fn late_failure_of_an_already_refused_upload_gets_no_second_1607() {
 
 /// A 1029 refused by the worker (the staged upload belongs to another client:
 /// the connection switched identity with 1027 after the 1603) must not leave
-/// the staged temp file behind in tmp/ until the next restart.
+/// the staged temp file behind in tmp/ until the next restart, nor hold a
+/// small upload's temp file without a name.
 #[test]
 fn refused_commit_of_another_clients_upload_removes_its_temp_file() {
     let server = TestServer::start(&[]);
-    let (mut alice, _alice_id) = server.registered_client("alice");
-    let (_bob_conn, bob_id) = server.registered_client("bob");
-    let data = pseudo_random(5000, 9);
-    let up = alice.upload_bytes("f.bin", &data, &UploadOptions::default()).unwrap();
-    assert!(up.cksum_matches());
-    assert_eq!(walk_files(&server.tmp_dir()).len(), 1, "the staged upload is in tmp/");
-    // Same connection, now as bob (the same test key is bob's key too).
-    alice.reconnect(bob_id, "bob", test_key()).unwrap();
-    let err = alice.crc_ok("f.bin").expect_err("bob cannot confirm alice's upload");
-    assert_eq!(err.refusal_code(), Some(ResponseCode::GeneralError), "{err}");
-    let cleaned = wait_until(Duration::from_secs(5), || walk_files(&server.tmp_dir()).is_empty());
-    assert!(cleaned, "temp files left: {:?}", walk_files(&server.tmp_dir()));
-    assert!(walk_files(&server.files_dir()).is_empty(), "nothing may be published");
+    // Larger than one content piece: named in tmp/; 5000 bytes: without a name.
+    for (len, named, unnamed) in [(200_000, 1, 0), (5000, 0, 1)] {
+        let (mut alice, _alice_id) = server.registered_client(&format!("alice{len}"));
+        let (bob, bob_id) = (format!("bob{len}"), server.registered_client(&format!("bob{len}")).1);
+        let data = pseudo_random(len, 9);
+        let up = alice.upload_bytes("f.bin", &data, &UploadOptions::default()).unwrap();
+        assert!(up.cksum_matches());
+        assert_eq!(walk_files(&server.tmp_dir()).len(), named, "{len}: the staged upload in tmp/");
+        assert_eq!(server.unnamed_temps(), unnamed, "{len}: the staged upload without a name");
+        // Same connection, now as bob (the same test key is bob's key too).
+        alice.reconnect(bob_id, &bob, test_key()).unwrap();
+        let err = alice.crc_ok("f.bin").expect_err("bob cannot confirm alice's upload");
+        assert_eq!(err.refusal_code(), Some(ResponseCode::GeneralError), "{err}");
+        let cleaned = wait_until(Duration::from_secs(5), || {
+            walk_files(&server.tmp_dir()).is_empty() && server.unnamed_temps() == 0
+        });
+        assert!(
+            cleaned,
+            "{len}: temp files left: {:?}, {} without a name",
+            walk_files(&server.tmp_dir()),
+            server.unnamed_temps()
+        );
+        assert!(walk_files(&server.files_dir()).is_empty(), "nothing may be published");
+    }
 }
 
 /// Files waiting for their 1029 must not hold a file descriptor each: with
@@ -66,13 +78,18 @@ fn refused_commit_of_another_clients_upload_removes_its_temp_file() {
 /// would need over 4000 descriptors, and once out of them every client's
 /// uploads and commits fail. Here three connections stage 16 files each under
 /// a limit of 48 descriptors; every upload must get 1603 and every 1029 1604.
-/// Both sync modes (`fsync` reopens each staged file to sync it).
+/// Both sync modes (`fsync` reopens each staged file to sync it). Small
+/// uploads' temp files without a name do hold one each until their commit:
+/// only as many as the limit leaves beyond --max-connections + 64 (none
+/// under 48; four under 84 with 16 connections), and only with syncfs.
 #[test]
 fn staged_files_do_not_hold_file_descriptors() {
-    for mode in ["syncfs", "fsync"] {
+    for (mode, limit, max_conns, unnamed) in
+        [("syncfs", 48, "256", 0), ("fsync", 48, "256", 0), ("syncfs", 84, "16", 4), ("fsync", 84, "16", 0)]
+    {
         let server = TestServer::start_with(
-            &["--sync-mode", mode],
-            Launch::with_rlimit(libc::RLIMIT_NOFILE, 48),
+            &["--sync-mode", mode, "--max-connections", max_conns],
+            Launch::with_rlimit(libc::RLIMIT_NOFILE, limit),
             |_| {},
         );
         let mut conns: Vec<_> = (0..3).map(|i| server.registered_client(&format!("fd{i}"))).collect();
@@ -86,6 +103,7 @@ fn staged_files_do_not_hold_file_descriptors() {
                 assert!(up.cksum_matches());
             }
         }
+        assert_eq!(server.unnamed_temps(), unnamed, "{mode}, limit {limit}: files without a name");
         for (i, (c, id)) in conns.iter_mut().enumerate() {
             for n in 0..16 {
                 let name = format!("c{i}-{n}.bin");

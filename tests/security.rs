@@ -216,8 +216,10 @@ fn data_directory_is_private_even_with_umask_0() {
         assert!(c.upload_bytes("doc", &data, &UploadOptions::default()).unwrap().cksum_matches());
         c.crc_ok("doc").unwrap();
     }
-    // One upload left staged in tmp/.
-    assert!(c.upload_bytes("staged", &[7; 100], &UploadOptions::default()).unwrap().cksum_matches());
+    // One upload left staged in tmp/ (larger than a content piece: a
+    // smaller one waits in a file without a name, which has no mode to see
+    // until it is published, as "doc" was).
+    assert!(c.upload_bytes("staged", &vec![7; 200_000], &UploadOptions::default()).unwrap().cksum_matches());
     let data = server.data_dir();
     assert_eq!(mode(&data), 0o700, "data dir");
     assert_eq!(walk_files(&data.join("tmp")).len(), 1);

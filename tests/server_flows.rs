@@ -1001,3 +1001,59 @@ fn uploads_stalled_past_8_mib_hold_no_place_once_their_connections_are_gone() {
     upload_confirm_check(&server, &mut c, &id, "after.bin", &pseudo_random(12 * MIB, 602), &o);
     assert_eq!(direct_refused(&server), 1, "a place still held after the stalled connections closed");
 }
+
+/// Small uploads (all of them in their first content piece) wait for their
+/// 1029 in temp files without a name: nothing in tmp/, a descriptor held.
+/// At most 32 at once (the others are named in tmp/); every one is stored
+/// byte-identical once confirmed, a dropped one leaves nothing, a
+/// replacement goes through tmp/ under its name. With `fail@unnamed` (a
+/// filesystem without `O_TMPFILE`), every upload is named.
+#[test]
+fn small_uploads_wait_without_a_name_at_most_32_and_the_rest_in_tmp() {
+    let server = TestServer::start(&[]);
+    let o = UploadOptions::default();
+    let mut staged: Vec<_> = (0..40)
+        .map(|i| {
+            let (mut c, id) = server.registered_client(&format!("small{i}"));
+            let data = pseudo_random(4096 + i, 700 + i as u64);
+            assert!(c.upload_bytes("s.bin", &data, &o).unwrap().cksum_matches());
+            (c, id, data)
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || server.unnamed_temps() == 32),
+        "files without a name: {}",
+        server.unnamed_temps()
+    );
+    assert_eq!(walk_files(&server.tmp_dir()).len(), 8, "the uploads past the 32 are named in tmp/");
+    // One of them hangs up: its file goes with its descriptor, nothing is stored.
+    let (gone, gone_id, _) = staged.remove(0);
+    drop(gone);
+    assert!(wait_until(Duration::from_secs(10), || server.unnamed_temps() == 31));
+    for (c, id, data) in &mut staged {
+        c.crc_ok("s.bin").unwrap();
+        assert!(std::fs::read(server.stored_path(id, "s.bin")).unwrap() == *data);
+    }
+    assert!(!server.stored_path(&gone_id, "s.bin").exists());
+    assert!(wait_until(Duration::from_secs(10), || server.unnamed_temps() == 0 && tmp_is_empty(&server)));
+    // A replacement of a stored file, from a file without a name.
+    let (c, id, older) = &mut staged[0];
+    let newer = pseudo_random(3000, 799);
+    upload_confirm_check(&server, c, id, "s.bin", &newer, &o);
+    assert!(tmp_is_empty(&server));
+    let kept = walk_files(&server.data_dir().join("versions"));
+    assert_eq!(kept.len(), 1, "the replaced version is kept");
+    assert!(std::fs::read(&kept[0]).unwrap() == *older);
+
+    // No files without a name here: the same small upload waits in tmp/.
+    let named = TestServer::start_with(&[], faults("fail@unnamed"), |_| {});
+    named.wait_for_log("small uploads use named ones", Duration::from_secs(5));
+    let (mut c, id) = named.registered_client("named");
+    let data = pseudo_random(4096, 800);
+    assert!(c.upload_bytes("n.bin", &data, &o).unwrap().cksum_matches());
+    assert_eq!(walk_files(&named.tmp_dir()).len(), 1);
+    assert_eq!(named.unnamed_temps(), 0);
+    c.crc_ok("n.bin").unwrap();
+    assert!(std::fs::read(named.stored_path(&id, "n.bin")).unwrap() == data);
+    assert!(tmp_is_empty(&named));
+}

@@ -39,7 +39,7 @@ impl Server {
     /// register signals and start the worker.
     pub fn bind(cfg: Config, addr: SocketAddr) -> Result<Server, StartError> {
         check_flags(&cfg)?;
-        check_descriptor_limit(cfg.max_connections);
+        let spare_descriptors = check_descriptor_limit(cfg.max_connections);
         let opened = Worker::open(&cfg)?;
         let poll = Poll::new().map_err(|e| StartError::Setup(format!("cannot create poll: {e}")))?;
         let mut listener =
@@ -76,7 +76,7 @@ impl Server {
         worker.set_metrics(core.metrics.clone());
         let wk: Arc<dyn crate::worker::Wake> = waker.clone();
         let handle = worker
-            .spawn(queues, done_tx, wk, core.budget.clone())
+            .spawn(queues, done_tx, wk, core.budget.clone(), spare_descriptors)
             .map_err(|e| StartError::Setup(format!("cannot start the worker threads: {e}")))?;
 
         Ok(Server {
@@ -180,13 +180,15 @@ fn start_metrics_writer(cfg: &Config, core: &Core) -> Result<Option<crate::metri
 
 /// Raise the soft descriptor limit to the hard one, and warn when even that
 /// cannot hold `--max-connections` (each connection needs a socket; the worker
-/// needs a few descriptors for files and the database).
-fn check_descriptor_limit(max_connections: usize) {
+/// needs a few descriptors for files and the database). Returns how many
+/// descriptors the limit leaves beyond that (for small uploads' temp files
+/// without a name, each held open until its commit).
+fn check_descriptor_limit(max_connections: usize) -> usize {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return;
+            return 0;
         }
         if lim.rlim_cur < lim.rlim_max {
             let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
@@ -202,6 +204,7 @@ fn check_descriptor_limit(max_connections: usize) {
             lim.rlim_cur
         );
     }
+    usize::try_from(lim.rlim_cur.saturating_sub(needed)).unwrap_or(usize::MAX)
 }
 
 fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {

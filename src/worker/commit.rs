@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use super::db::{Intent, Write};
 use super::fault::{self, Point};
-use super::storage::{Dirty, Publish, Storage};
+use super::storage::{Dirty, Publish, Storage, Unnamed};
 use super::{stamp, Completion, ConnRef, IntentError, Staged, UploadId, Usage, Worker};
 use crate::config::SyncMode;
 use crate::datadir::Dir;
@@ -41,6 +41,8 @@ pub(super) struct Publishing {
     publish: Publish,
     /// The target's folder as the plan found it (None: to be created).
     folder: Option<Dir>,
+    /// The temp file, if it has no name (None: `tmp/<upload>.part`).
+    unnamed: Option<Unnamed>,
 }
 
 impl Worker {
@@ -88,7 +90,7 @@ impl Worker {
                 continue;
             }
             let ready = matches!(self.staged.get(&upload), Some(u) if u.client == client);
-            let Some(Staged { cksum, size, failed_syncs, .. }) =
+            let Some(Staged { cksum, size, failed_syncs, unnamed, .. }) =
                 self.staged.remove(&upload).filter(|_| ready)
             else {
                 // Refused (e.g. another client's upload): the loop no longer
@@ -109,9 +111,17 @@ impl Worker {
                 continue;
             }
             match self.storage.plan_publish(&client, &name, base + i as u64) {
-                Ok((publish, folder)) => {
-                    staged.push(Publishing { conn, upload, client, name, size, cksum, publish, folder })
-                }
+                Ok((publish, folder)) => staged.push(Publishing {
+                    conn,
+                    upload,
+                    client,
+                    name,
+                    size,
+                    cksum,
+                    publish,
+                    folder,
+                    unnamed,
+                }),
                 Err(e) => {
                     log::error!("worker: cannot publish {name:?} of client {}: {e}", id_hex(&client));
                     self.refuse(conn, upload, client, out);
@@ -131,6 +141,7 @@ impl Worker {
         if self.sync_mode == SyncMode::Fsync {
             let mut synced = Vec::with_capacity(staged.len());
             for s in staged.drain(..) {
+                // (No temp file without a name in this mode: see `Worker::spawn`.)
                 let r = self.storage.open_temp(s.upload).and_then(|f| {
                     fault::check(Point::Fdatasync, &s.name)?;
                     f.sync_data()
@@ -222,7 +233,9 @@ impl Worker {
                 published.push(s);
                 continue;
             }
-            match self.storage.install(s.upload, &s.publish, s.folder.as_ref(), &s.name, &mut dirty) {
+            let unnamed = s.unnamed.as_ref().map(|(f, _)| f);
+            match self.storage.install(s.upload, unnamed, &s.publish, s.folder.as_ref(), &s.name, &mut dirty)
+            {
                 Ok(()) => published.push(s),
                 Err(e) => {
                     log::error!("worker: cannot publish {:?} of client {}: {e}", s.name, id_hex(&s.client));

@@ -27,6 +27,9 @@
 //! New files with syncfs (one sync per batch, see `commit.rs`) pass
 //! `rename`, `after-rename`, `recorded` (their rows written, the sync not
 //! yet done; `fail` is ignored there), `sync-publish`, `commit`.
+//! `unnamed` is checked once at start, where the packet thread's temp files
+//! are set up: `fail` there acts as a filesystem without `O_TMPFILE`, so
+//! every upload gets a named temp file.
 //! Sync points are checked at each real sync call (the syncfs, or each
 //! fdatasync/fsync), so that a removed sync step shows in a test.
 
@@ -47,6 +50,7 @@ pub enum Point {
     AfterRename,
     Recorded,
     Commit,
+    Unnamed,
 }
 
 impl Point {
@@ -65,6 +69,7 @@ impl Point {
             Point::AfterRename => "after-rename",
             Point::Recorded => "recorded",
             Point::Commit => "commit",
+            Point::Unnamed => "unnamed",
         }
     }
 }

@@ -470,7 +470,9 @@ impl Worker {
     }
 
     /// Start the packet thread and the committing worker (this one), on the
-    /// channels of [`channel`].
+    /// channels of [`channel`]. `spare_descriptors`: what the descriptor
+    /// limit leaves beyond the connections and the worker's own (a bound on
+    /// small uploads' temp files without a name, see [`storage::TempFiles`]).
     #[cfg_attr(not(feature = "s3"), allow(unused_mut))] // the replicator starts here
     pub fn spawn(
         mut self,
@@ -478,9 +480,25 @@ impl Worker {
         done: Sender<Completion>,
         waker: Arc<dyn Wake>,
         budget: crate::budget::Budget,
+        spare_descriptors: usize,
     ) -> std::io::Result<Threads> {
         let Queues { packets, commits, to_commit } = queues;
-        let temps = self.storage.temp_files()?;
+        let unnamed_max = match self.sync_mode {
+            // A file linked into place would need a sync of its own: the
+            // directory's does not write the file's new link count.
+            SyncMode::Fsync => {
+                log::info!("--sync-mode fsync: small uploads use named temp files");
+                0
+            }
+            SyncMode::Syncfs if spare_descriptors == 0 => {
+                log::info!(
+                    "the descriptor limit leaves none for temp files without a name: small uploads use named ones"
+                );
+                0
+            }
+            SyncMode::Syncfs => spare_descriptors.min(storage::UNNAMED_MAX),
+        };
+        let temps = self.storage.temp_files(unnamed_max)?;
         #[cfg(feature = "s3")]
         self.start_replica(&to_commit);
         let failed_syncs = self.failed_syncs.clone();
@@ -540,8 +558,10 @@ impl Worker {
         #[cfg(feature = "s3")]
         self.stop_replica();
         // Anything still staged was never confirmed: remove it.
-        for (upload, _) in std::mem::take(&mut self.staged) {
-            let _ = self.storage.remove_temp(upload);
+        for (upload, s) in std::mem::take(&mut self.staged) {
+            if s.unnamed.is_none() {
+                let _ = self.storage.remove_temp(upload);
+            }
         }
         log::debug!("worker: stopped");
     }
@@ -556,7 +576,8 @@ impl Worker {
                 self.staged.insert(s.upload, s);
             }
             Input::Discard(upload) => {
-                if self.staged.remove(&upload).is_some() {
+                // One without a name goes with its descriptor.
+                if self.staged.remove(&upload).is_some_and(|s| s.unnamed.is_none()) {
                     if let Err(e) = self.storage.remove_temp(upload) {
                         log::warn!("worker: cannot remove {}: {e}", self.storage.temp_path(upload).display());
                     }

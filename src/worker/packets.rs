@@ -15,19 +15,22 @@ use std::sync::Arc;
 
 use super::fault::{self, Point};
 use super::sink::{run_writer, Chunk, DirectWrites, TempSink};
-use super::storage::TempFiles;
+use super::storage::{TempFiles, Unnamed, UnnamedSlot};
 use super::{Completion, Input, Job, PacketJob, PacketOutcome, StartUpload, UploadError, UploadId, Wake};
 use crate::budget::Budget;
 use crate::crypto::{Cksum, StreamDecryptor, AES_KEY_LEN};
 use crate::metrics::Metrics;
 use crate::protocol::{id_hex, ClientId};
 
-/// An upload being received: its temp file (`tmp/<n>.part`), the decryptor
-/// and cksum of its stream, until its last packet or its discard.
+/// An upload being received: its temp file (`tmp/<n>.part`, or one without
+/// a name), the decryptor and cksum of its stream, until its last packet or
+/// its discard.
 struct PartFile {
     client: ClientId,
     key: SessionKey,
     sink: TempSink,
+    /// The temp file has no name: its place among the few that may not.
+    unnamed: Option<UnnamedSlot>,
     dec: Option<StreamDecryptor>,
     cksum: Cksum,
     ciphertext: u64,
@@ -41,12 +44,14 @@ struct PartFile {
 }
 
 /// A received upload handed to the committing worker: its temp file waits
-/// in `tmp/` for the 1029 (or a discard).
+/// in `tmp/` for the 1029 (or a discard), or comes along, without a name.
 pub(crate) struct Staged {
     pub(super) upload: UploadId,
     pub(super) client: ClientId,
     pub(super) cksum: u32,
     pub(super) size: u64,
+    /// The temp file without a name (None: `tmp/<upload>.part`).
+    pub(super) unnamed: Option<Unnamed>,
     /// How many syncs of the data directory had failed when its first
     /// packet came: a sync that fails after that may have been the one
     /// whose writeback lost this file's data, and the error is reported to
@@ -207,11 +212,20 @@ impl Packets {
             }
         }
         // Anything still being received was never confirmed: remove it.
-        for (upload, _) in std::mem::take(&mut self.uploads) {
-            let _ = self.temps.remove(upload);
+        for (upload, u) in std::mem::take(&mut self.uploads) {
+            let _ = self.remove_temp(upload, u);
         }
         self.forward(Input::Stop);
         log::debug!("worker: packet thread stopped");
+    }
+
+    /// An upload dropped before it was received: its named temp file is
+    /// removed; one without a name goes with its descriptor.
+    fn remove_temp(&self, upload: UploadId, u: PartFile) -> io::Result<()> {
+        match u.unnamed {
+            Some(_) => Ok(()),
+            None => self.temps.remove(upload),
+        }
     }
 
     fn forward(&self, i: Input) {
@@ -221,8 +235,8 @@ impl Packets {
     /// Drop an upload: here while it is being received, else at the
     /// committing worker (staged, or already gone).
     fn discard(&mut self, upload: UploadId, failed: Option<(ClientId, String)>) {
-        if self.uploads.remove(&upload).is_some() {
-            if let Err(e) = self.temps.remove(upload) {
+        if let Some(u) = self.uploads.remove(&upload) {
+            if let Err(e) = self.remove_temp(upload, u) {
                 log::warn!("worker: cannot remove {}: {e}", self.temps.path(upload).display());
             }
         } else {
@@ -239,8 +253,8 @@ impl Packets {
         let outcome = match self.packet_inner(&mut p) {
             Ok(o) => o,
             Err(reason) => {
-                if self.uploads.remove(&upload).is_some() {
-                    let _ = self.temps.remove(upload);
+                if let Some(u) = self.uploads.remove(&upload) {
+                    let _ = self.remove_temp(upload, u);
                 }
                 PacketOutcome::Failed(reason)
             }
@@ -250,7 +264,8 @@ impl Packets {
 
     fn packet_inner(&mut self, p: &mut PacketJob) -> Result<PacketOutcome, UploadError> {
         if let Some(start) = p.start.take() {
-            self.open_upload(p.upload, start)?;
+            // All of it in this piece: a small upload.
+            self.open_upload(p.upload, start, p.last)?;
         }
         let Some(u) = self.uploads.get_mut(&p.upload) else {
             return Ok(PacketOutcome::Ignored);
@@ -270,27 +285,40 @@ impl Packets {
         let cksum = std::mem::take(&mut u.cksum).finalize();
         let ciphertext_len = u.ciphertext;
         let (client, failed_syncs) = (u.client, u.failed_syncs);
-        // Closed here (key zeroed): a staged file holds no descriptor.
-        self.uploads.remove(&p.upload);
+        // The key is zeroed here; a named temp file is closed (a staged file
+        // holds no descriptor), one without a name goes along.
+        let unnamed = match self.uploads.remove(&p.upload) {
+            Some(PartFile { sink, unnamed: Some(slot), .. }) => Some((
+                sink.into_file().ok_or(UploadError::WriteTemp(io::Error::other("temp file still in use")))?,
+                slot,
+            )),
+            _ => None,
+        };
         self.forward(Input::Staged(Staged {
             upload: p.upload,
             client,
             cksum,
             size: plain_len,
+            unnamed,
             failed_syncs,
         }));
         Ok(PacketOutcome::Received { cksum, ciphertext_len, plain_len })
     }
 
-    /// A packet 1: the upload's temp file and stream state.
-    fn open_upload(&mut self, upload: UploadId, start: StartUpload) -> Result<(), UploadError> {
-        let file = self.temps.create(upload).map_err(UploadError::CreateTemp)?;
+    /// A packet 1: the upload's temp file (without a name if `small` and
+    /// one is available) and stream state.
+    fn open_upload(&mut self, upload: UploadId, start: StartUpload, small: bool) -> Result<(), UploadError> {
+        let (file, unnamed) = match small.then(|| self.temps.create_unnamed()).flatten() {
+            Some((file, slot)) => (file, Some(slot)),
+            None => (self.temps.create(upload).map_err(UploadError::CreateTemp)?, None),
+        };
         self.uploads.insert(
             upload,
             PartFile {
                 client: start.client,
                 key: SessionKey(start.key),
                 sink: TempSink::new(file),
+                unnamed,
                 dec: None,
                 cksum: Cksum::new(),
                 ciphertext: 0,

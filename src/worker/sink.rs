@@ -196,6 +196,12 @@ impl TempSink {
         TempSink { file: Arc::new(file), written: 0, mode: Mode::Cached }
     }
 
+    /// The file, once no chunk of it is at the writer thread (after
+    /// `finish`); None while one still is.
+    pub(super) fn into_file(self) -> Option<File> {
+        Arc::try_unwrap(self.file).ok()
+    }
+
     pub(super) fn file(&self) -> &File {
         &self.file
     }

@@ -593,6 +593,18 @@ impl TestServer {
         self.data_dir().join("tmp")
     }
 
+    /// Temp files without a name the server holds (small uploads being
+    /// received or waiting for their 1029): its descriptors of files in
+    /// tmp/ that have no name there (`/proc/PID/fd` shows `tmp/#<inode> (deleted)`).
+    pub fn unnamed_temps(&self) -> usize {
+        let tmp = self.tmp_dir();
+        let Ok(rd) = std::fs::read_dir(format!("/proc/{}/fd", self.pid())) else { return 0 };
+        rd.flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter(|t| t.starts_with(&tmp) && t.to_string_lossy().ends_with(" (deleted)"))
+            .count()
+    }
+
     /// Each thread of the server: (thread id, name, scheduler state), the
     /// state being the letter of `/proc/PID/task/TID/stat`: `R` running or
     /// runnable, `S` asleep (in `epoll_wait`, on a channel or a timer), `D` in

@@ -8,6 +8,7 @@
 //! files/<client-id-hex>/<path>            verified files, current version
 //! versions/<client-id-hex>/<path>/<n>     earlier verified versions (hard links), newest = largest n
 //! tmp/<upload>.part                       uploads being received or waiting for 1029
+//!                                         (small ones have no name there: see [`TempFiles`])
 //! orphans/                                anything startup moved out of the way
 //! ```
 //!
@@ -34,6 +35,8 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use super::fault::{self, Point};
 use super::Usage;
@@ -59,13 +62,64 @@ pub struct Storage {
 /// packet thread sees the data directory: it creates and removes its own
 /// uploads' temp files there and touches nothing else. Once an upload is
 /// received, its temp file is the committing worker's ([`Storage`]).
+///
+/// A small upload (all of it in its first content piece) gets a file
+/// without a name instead ([`TempFiles::create_unnamed`], `O_TMPFILE` in
+/// `tmp/`), which the commit links into place: `tmp/` then changes with
+/// no small file, so a batch's sync does not write its folder and a new
+/// temp file never waits for that write. At most [`UNNAMED_MAX`] live at
+/// once; where the filesystem has none, every upload gets a named one.
 #[derive(Debug)]
 pub struct TempFiles {
     root: PathBuf,
     tmp: Dir,
+    /// How many files without a name are held; None: not available here.
+    unnamed: Option<Arc<AtomicUsize>>,
+    /// How many may be: [`UNNAMED_MAX`], or fewer where the descriptor limit
+    /// leaves fewer to spare.
+    unnamed_max: usize,
+}
+
+/// Temp files without a name held at once (received or being received):
+/// each holds a descriptor (of the 64 that the server keeps beyond
+/// `--max-connections`) and, after a machine crash on a filesystem without
+/// a journal, its blocks until the next `fsck` (at most one content piece
+/// each: 128 KiB). Past it, uploads get named temp files.
+pub const UNNAMED_MAX: usize = 32;
+
+/// A small upload's temp file without a name, and its place among the
+/// [`UNNAMED_MAX`] (given back when dropped, with the file: closed, the
+/// kernel frees it unless the commit linked it into place).
+pub type Unnamed = (File, UnnamedSlot);
+
+/// A place among the [`UNNAMED_MAX`] files without a name.
+#[derive(Debug)]
+pub struct UnnamedSlot(Arc<AtomicUsize>);
+
+impl Drop for UnnamedSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl TempFiles {
+    /// A temp file without a name for a small upload, if one is available
+    /// (supported here, fewer than [`UNNAMED_MAX`] held, created); None:
+    /// use [`TempFiles::create`].
+    pub fn create_unnamed(&self) -> Option<Unnamed> {
+        let held = self.unnamed.as_ref()?;
+        let max = self.unnamed_max;
+        held.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        let slot = UnnamedSlot(Arc::clone(held));
+        match self.tmp.create_unnamed() {
+            Ok(file) => Some((file, slot)),
+            Err(e) => {
+                log::debug!("worker: no temp file without a name ({e}); a named one instead");
+                None
+            }
+        }
+    }
+
     /// Create a new temp file for an upload, mode 0600 (never through a link).
     pub fn create(&self, upload: u64) -> io::Result<File> {
         self.tmp.create_file(temp_name(upload), 0o600)
@@ -218,9 +272,32 @@ impl Storage {
         format!("{}/{n}", Storage::relative_versions_dir(id, name))
     }
 
-    /// A handle on `tmp/` alone, for the packet thread (see [`TempFiles`]).
-    pub fn temp_files(&self) -> io::Result<TempFiles> {
-        Ok(TempFiles { root: self.root.clone(), tmp: self.tmp.try_clone()? })
+    /// A handle on `tmp/` alone, for the packet thread (see [`TempFiles`]),
+    /// with at most `unnamed_max` temp files without a name at once.
+    /// Whether those can be made and named here is tried once, now, with a
+    /// file linked into `tmp/` and removed.
+    pub fn temp_files(&self, unnamed_max: usize) -> io::Result<TempFiles> {
+        let unnamed = match (unnamed_max, self.try_unnamed()) {
+            (0, _) => None,
+            (_, Ok(())) => Some(Arc::new(AtomicUsize::new(0))),
+            (_, Err(e)) => {
+                log::info!(
+                    "temp files without a name are not available in {} ({e}): small uploads use named ones",
+                    self.root.join("tmp").display()
+                );
+                None
+            }
+        };
+        Ok(TempFiles { root: self.root.clone(), tmp: self.tmp.try_clone()?, unnamed, unnamed_max })
+    }
+
+    fn try_unnamed(&self) -> io::Result<()> {
+        fault::check(Point::Unnamed, "")?;
+        let f = self.tmp.create_unnamed()?;
+        // A temp file's name: one left by a crash here goes with the others at start.
+        let probe = temp_name(u64::MAX);
+        self.tmp.link_unnamed(&f, &probe)?;
+        self.tmp.remove_file(&probe)
     }
 
     /// Where a temp file is (for messages and tests; it is opened through `tmp/`'s descriptor).
@@ -413,9 +490,14 @@ impl Storage {
     /// Publish step 2: rename the staged temp file over the target, into
     /// `folder` (the target's folder as `plan_publish` found it) or into the
     /// folders created on its way. Directories touched are added to `dirty`.
+    ///
+    /// A temp file without a name (`unnamed`) is linked in place of the
+    /// rename, which never replaces an entry; over a previous version it is
+    /// first linked into `tmp/` under its upload's name and renamed from there.
     pub fn install(
         &self,
         upload: u64,
+        unnamed: Option<&File>,
         p: &Publish,
         folder: Option<&Dir>,
         name: &str,
@@ -431,7 +513,14 @@ impl Storage {
             }
         };
         fault::check(Point::Rename, name)?;
-        self.tmp.rename(temp_name(upload), dir, leaf)?;
+        match unnamed {
+            Some(f) if p.saved_previous.is_none() => dir.link_unnamed(f, leaf)?,
+            Some(f) => {
+                self.tmp.link_unnamed(f, temp_name(upload))?;
+                self.tmp.rename(temp_name(upload), dir, leaf)?;
+            }
+            None => self.tmp.rename(temp_name(upload), dir, leaf)?,
+        }
         dirty.push(rel, dir)
     }
 

@@ -13,33 +13,79 @@ fn open() -> (tempfile::TempDir, Storage) {
 /// Stage `content` as upload `upload` and publish it as `name` (no commit).
 fn publish(s: &Storage, id: &ClientId, name: &str, upload: u64, content: &[u8]) -> io::Result<Publish> {
     use std::io::Write;
-    s.temp_files()?.create(upload)?.write_all(content)?;
+    s.temp_files(UNNAMED_MAX)?.create(upload)?.write_all(content)?;
+    install(s, id, name, upload, None)
+}
+
+fn install(
+    s: &Storage,
+    id: &ClientId,
+    name: &str,
+    upload: u64,
+    unnamed: Option<&File>,
+) -> io::Result<Publish> {
     let mut dirty = Dirty::default();
     let (p, folder) = s.plan_publish(id, name, upload)?;
     s.save_previous(&p, name, &mut dirty)?;
-    s.install(upload, &p, folder.as_ref(), name, &mut dirty)?;
+    s.install(upload, unnamed, &p, folder.as_ref(), name, &mut dirty)?;
     Ok(p)
+}
+
+/// [`publish`] through a temp file without a name.
+fn publish_unnamed(
+    s: &Storage,
+    id: &ClientId,
+    name: &str,
+    upload: u64,
+    content: &[u8],
+) -> io::Result<Publish> {
+    use std::io::Write;
+    let (mut f, _slot) = s.temp_files(UNNAMED_MAX)?.create_unnamed().ok_or(io::ErrorKind::Unsupported)?;
+    f.write_all(content)?;
+    install(s, id, name, upload, Some(&f))
+}
+
+#[test]
+fn at_most_unnamed_max_temp_files_without_a_name_live_at_once() {
+    let (_t, s) = open();
+    let temps = s.temp_files(UNNAMED_MAX).unwrap();
+    let mut held: Vec<_> = (0..UNNAMED_MAX).map(|_| temps.create_unnamed().unwrap()).collect();
+    assert!(temps.create_unnamed().is_none());
+    held.pop();
+    let again = temps.create_unnamed().unwrap();
+    assert!(temps.create_unnamed().is_none());
+    drop((held, again));
+    assert!(temps.create_unnamed().is_some());
+    // None of them left anything behind.
+    assert_eq!(fs::read_dir(s.root().join("tmp")).unwrap().count(), 0);
 }
 
 fn stored(s: &Storage, id: &ClientId, name: &str) -> PathBuf {
     s.root().join(Storage::relative_path(id, name))
 }
 
+/// Named temp files and temp files without a name (a replacement of those
+/// is linked into tmp/ under its name, then renamed) alike.
 #[test]
 fn publish_and_undo_keep_the_previous_version() {
+    type Publisher = fn(&Storage, &ClientId, &str, u64, &[u8]) -> io::Result<Publish>;
+    for (publish_as, id) in [(publish as Publisher, [0xab; 16]), (publish_unnamed as Publisher, [0xcd; 16])] {
+        let (_t, s) = open();
+        let p1 = publish_as(&s, &id, "f", 1, b"one").unwrap();
+        assert_eq!(p1.saved_previous, None);
+        let p2 = publish_as(&s, &id, "f", 2, b"two").unwrap();
+        assert_eq!(fs::read(stored(&s, &id, "f")).unwrap(), b"two");
+        assert_eq!(s.versions(&id, "f"), vec![2]);
+        assert_eq!(fs::read_dir(s.root().join("tmp")).unwrap().count(), 0, "nothing left in tmp/");
+        s.undo(&p2).unwrap();
+        s.undo(&p2).unwrap(); // idempotent
+        assert_eq!(fs::read(stored(&s, &id, "f")).unwrap(), b"one");
+        assert!(s.versions(&id, "f").is_empty());
+        s.undo(&p1).unwrap();
+        assert!(!stored(&s, &id, "f").exists());
+    }
     let (_t, s) = open();
     let id = [0xab; 16];
-    let p1 = publish(&s, &id, "f", 1, b"one").unwrap();
-    assert_eq!(p1.saved_previous, None);
-    let p2 = publish(&s, &id, "f", 2, b"two").unwrap();
-    assert_eq!(fs::read(stored(&s, &id, "f")).unwrap(), b"two");
-    assert_eq!(s.versions(&id, "f"), vec![2]);
-    s.undo(&p2).unwrap();
-    s.undo(&p2).unwrap(); // idempotent
-    assert_eq!(fs::read(stored(&s, &id, "f")).unwrap(), b"one");
-    assert!(s.versions(&id, "f").is_empty());
-    s.undo(&p1).unwrap();
-    assert!(!stored(&s, &id, "f").exists());
     // Undo after the link but before the rename leaves the current file alone.
     publish(&s, &id, "f", 3, b"three").unwrap();
     let (p, _) = s.plan_publish(&id, "f", 4).unwrap();
