@@ -277,10 +277,11 @@ impl Storage {
     /// Whether those can be made and named here is tried once, now, with a
     /// file linked into `tmp/` and removed.
     pub fn temp_files(&self, unnamed_max: usize) -> io::Result<TempFiles> {
-        let unnamed = match (unnamed_max, self.try_unnamed()) {
-            (0, _) => None,
-            (_, Ok(())) => Some(Arc::new(AtomicUsize::new(0))),
-            (_, Err(e)) => {
+        let tried = (unnamed_max > 0).then(|| self.try_unnamed());
+        let unnamed = match tried {
+            None => None,
+            Some(Ok(())) => Some(Arc::new(AtomicUsize::new(0))),
+            Some(Err(e)) => {
                 log::info!(
                     "temp files without a name are not available in {} ({e}): small uploads use named ones",
                     self.root.join("tmp").display()
