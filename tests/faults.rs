@@ -573,6 +573,57 @@ fn disk_full_during_a_large_uploads_direct_writes() {
     t.unmount();
 }
 
+/// A full disk under small uploads, which wait in temp files without a name
+/// (an operator's data directory on a filesystem that fills up): each gets
+/// 1607, none is held or left in tmp/, nothing is stored; once there is room
+/// again, the same upload is stored byte-identical. Needs a tmpfs (a file
+/// size limit would stop SQLite first at sizes this small).
+#[test]
+fn disk_full_under_small_uploads_without_a_temp_name() {
+    if !tmpfs_works() {
+        println!("cannot mount a tmpfs here: skipped");
+        return;
+    }
+    let mut t = tmpfs_server("4m");
+    let server = &mut t.server;
+    let (mut c, id) = server.registered_client("small-filler");
+    let before = pseudo_random(3000, 40);
+    upload_and_confirm(&mut c, "before", &before);
+    // Fill what is left, page by page, until the filesystem refuses.
+    let filler = server.data_dir().join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let page = vec![0u8; 4096];
+    while std::io::Write::write_all(&mut f, &page).is_ok() {}
+    drop(f);
+    for i in 0..3 {
+        let data = pseudo_random(5000, 41 + i);
+        let name = format!("full-{i}");
+        let err = c.upload_bytes(&name, &data, &UploadOptions::default()).expect_err("no room");
+        assert_eq!(err.refusal_code(), Some(ResponseCode::GeneralError), "{err}");
+        assert!(!server.stored_path(&id, &name).exists());
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || server.unnamed_temps() == 0
+            && walk_files(&server.tmp_dir()).is_empty()),
+        "a temp file is held or left: {} without a name, tmp/ {:?}",
+        server.unnamed_temps(),
+        walk_files(&server.tmp_dir())
+    );
+    std::fs::remove_file(&filler).unwrap();
+    let after = pseudo_random(5000, 41);
+    upload_and_confirm(&mut c, "full-0", &after);
+    assert!(std::fs::read(server.stored_path(&id, "full-0")).unwrap() == after);
+    assert!(std::fs::read(server.stored_path(&id, "before")).unwrap() == before, "earlier file damaged");
+    assert_eq!(server.unnamed_temps(), 0);
+    assert!(server.is_alive());
+    t.unmount();
+}
+
+fn upload_and_confirm(c: &mut Client, name: &str, data: &[u8]) {
+    assert!(c.upload_bytes(name, data, &UploadOptions::default()).unwrap().cksum_matches());
+    c.crc_ok(name).unwrap();
+}
+
 #[test]
 fn file_size_limit_rlimit_fsize() {
     let mut server = TestServer::start_with(&[], Launch::with_rlimit(libc::RLIMIT_FSIZE, 1 << 20), |_| {});
