@@ -102,6 +102,9 @@ fn framing_errors_get_1607_and_close() {
     for (what, bytes) in &cases {
         assert_1607_and_close(&server, what, bytes);
     }
+    // The operator is told which setting refused a packet too large (a
+    // client that sends a whole file in one packet).
+    server.wait_for_log("for code 1028 exceeds its bound 16777216 (--max-packet;", Duration::from_secs(5));
     // A session does not change this: a framing error on a connection that has a key.
     let (mut c, _) = server.registered_client("framing-session");
     c.send_raw(&raw_header(&c.id(), 3, 1029, 1000)).unwrap();

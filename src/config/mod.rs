@@ -186,15 +186,20 @@ impl Config {
 }
 
 /// Read the port from a `port.info` file; fall back to 1256 with a warning.
+/// A UTF-8 byte order mark (Windows Notepad writes one) is skipped, as the
+/// client does for its own files.
 pub fn port_from_file(path: &Path) -> (u16, Option<String>) {
     match std::fs::read_to_string(path) {
-        Ok(s) => match s.trim().parse::<u16>() {
-            Ok(p) if p != 0 => (p, None),
-            _ => (
-                DEFAULT_PORT,
-                Some(format!("{}: invalid port {:?}; using {DEFAULT_PORT}", path.display(), s.trim())),
-            ),
-        },
+        Ok(s) => {
+            let s = s.strip_prefix('\u{feff}').unwrap_or(&s).trim();
+            match s.parse::<u16>() {
+                Ok(p) if p != 0 => (p, None),
+                _ => (
+                    DEFAULT_PORT,
+                    Some(format!("{}: invalid port {s:?}; using {DEFAULT_PORT}", path.display())),
+                ),
+            }
+        }
         Err(e) => (DEFAULT_PORT, Some(format!("{}: {e}; using port {DEFAULT_PORT}", path.display()))),
     }
 }
@@ -225,6 +230,8 @@ mod tests {
         assert_eq!(port_from_file(&p).0, DEFAULT_PORT);
         std::fs::write(&p, "4321\n").unwrap();
         assert_eq!(port_from_file(&p), (4321, None));
+        std::fs::write(&p, "\u{feff}4322\r\n").unwrap();
+        assert_eq!(port_from_file(&p), (4322, None), "a byte order mark and CRLF, as Notepad writes");
         std::fs::write(&p, "nope").unwrap();
         let (port, warn) = port_from_file(&p);
         assert_eq!(port, DEFAULT_PORT);

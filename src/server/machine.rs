@@ -17,7 +17,7 @@ use crate::logging::Esc;
 use crate::metrics::Unstored;
 use crate::peer_log;
 use crate::protocol::{
-    id_hex, normalize_path, Code, NameField, Request, RequestHeader, Response, PACKET_HEADER_LEN,
+    id_hex, normalize_path, Code, HeaderError, NameField, Request, RequestHeader, Response, PACKET_HEADER_LEN,
 };
 use crate::worker::Job;
 
@@ -103,7 +103,15 @@ impl<J: JobSink> Core<J> {
         match h.check(self.cfg.max_packet as u32) {
             Ok(code) => Some(code),
             Err(e) => {
-                let _ = p.refuse_and_close(&e.to_string());
+                // A file packet over the bound is most often a client that
+                // sends a whole file in one packet: say which setting bounds it.
+                let hint = match e {
+                    HeaderError::PayloadTooLarge { code, .. } if code == Code::FilePacket.as_u16() => {
+                        " (--max-packet; a client that sends a file in one packet needs it above the file's size)"
+                    }
+                    _ => "",
+                };
+                let _ = p.refuse_and_close(&format!("{e}{hint}"));
                 None
             }
         }
