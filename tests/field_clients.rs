@@ -50,25 +50,6 @@ fn expect_received(c: &mut Client, field: &NameField, data: &[u8]) -> u32 {
     }
 }
 
-/// The per-chunk client: each 4,000-byte read encrypted on its own (its own
-/// zero IV and padding), `orig_file_size` and `content_size` its own sizes,
-/// reading until EOF, so a file whose size is a multiple of 4,000 ends with
-/// an encrypted EMPTY chunk numbered n+1 "of n" (and an empty file is packet
-/// 1 of 0).
-fn per_chunk_frames(id: &ClientId, key: &[u8; 32], field: &NameField, data: &[u8]) -> Vec<u8> {
-    let chunks: Vec<&[u8]> = data.chunks(4000).collect();
-    let n = chunks.len() as u16;
-    let mut out = Vec::new();
-    for (i, chunk) in chunks.iter().chain([&[][..]].iter()).enumerate() {
-        if i == chunks.len() && !data.len().is_multiple_of(4000) {
-            break; // a short last chunk: no empty one follows
-        }
-        let ct = encrypt_all(key, chunk);
-        out.extend(packet_frame(id, ct.len() as u32, chunk.len() as u32, i as u16 + 1, n, field, &ct));
-    }
-    out
-}
-
 #[test]
 fn per_chunk_client_file_size_a_multiple_of_4000() {
     let server = TestServer::start(&[]);
@@ -78,7 +59,7 @@ fn per_chunk_client_file_size_a_multiple_of_4000() {
         let data = pseudo_random(len, len as u64);
         let field = name_field_raw(name.as_bytes());
         // Packets 1..n of n, then (for a multiple of 4,000) the empty chunk n+1 of n.
-        c.send_raw(&per_chunk_frames(&id, &key, &field, &data)).unwrap();
+        c.send_raw(&per_chunk_frames(&id, &key, &field, &data, 4000)).unwrap();
         // The 1603 counts the ciphertext stored; the empty chunk is not part of it.
         let stored: u64 = data.chunks(4000).map(|ch| ciphertext_len(ch.len() as u64)).sum();
         assert_eq!(expect_received(&mut c, &field, &data) as u64, stored);
@@ -98,7 +79,7 @@ fn empty_file_as_packet_1_of_0() {
     let (mut c, id) = server.registered_client("empty");
     let (_, key) = session(&c);
     let field = name_field_raw(b"empty.txt");
-    let frames = per_chunk_frames(&id, &key, &field, &[]);
+    let frames = per_chunk_frames(&id, &key, &field, &[], 4000);
     assert_eq!(frames, packet_frame(&id, 16, 0, 1, 0, &field, &encrypt_all(&key, &[])));
     c.send_raw(&frames).unwrap();
     assert_eq!(expect_received(&mut c, &field, &[]), 16);
@@ -299,7 +280,7 @@ fn uploads_failed_by_the_worker_get_one_1607() {
     let (_, key) = session(&c);
     let data = pseudo_random(40_000, 8);
     // Every chunk under a wrong key: the first packet fails.
-    c.send_raw(&per_chunk_frames(&id, &[0x11; 32], &field_of("all.bin"), &data)).unwrap();
+    c.send_raw(&per_chunk_frames(&id, &[0x11; 32], &field_of("all.bin"), &data, 4000)).unwrap();
     expect_reply(&mut c, GeneralError);
     assert_usable(&server, &mut c, "after1.bin");
     // Only the last chunk under a wrong key: the last packet fails, then the empty chunk comes.

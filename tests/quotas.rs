@@ -232,4 +232,46 @@ fn min_free_refuses_an_upload_that_would_leave_too_little() {
     refused_at_packet_1(&mut c, "three", 3 << 20);
     server.wait_for_log("would go below --min-free 4194304 bytes", Duration::from_secs(10));
     send(&mut c, "one", &pseudo_random(1 << 20, 2));
+    // About 5 MiB left: 2 MiB more in 4,000-byte chunks each encrypted on its
+    // own (packet 1 announces 4,000 bytes) is refused at the chunk that
+    // would cross the line, not stored.
+    let (id, key) = (c.id(), *c.aes_key().expect("session key"));
+    let field = name_field_raw(b"chunks");
+    c.send_raw(&per_chunk_frames(&id, &key, &field, &pseudo_random(2 << 20, 3), 4000)).unwrap();
+    expect_reply(&mut c, GeneralError);
+    let lines = wait_until(Duration::from_secs(10), || log_lines(server, "--min-free 4194304") == 2);
+    assert!(lines, "{}", server.log_text());
+    assert!(!server.stored_path(&id, "chunks").exists());
+}
+
+/// Clients that encrypt each chunk on its own announce one chunk at a time
+/// (packet 1's `orig_file_size` is its first chunk's): every chunk that
+/// begins is checked against `--quota` with all the file's chunks so far, so
+/// no file of theirs takes them past it. One 1607, the rest swallowed.
+#[test]
+fn per_chunk_uploads_are_checked_chunk_by_chunk() {
+    let server = TestServer::start(&["--quota", "20000"]);
+    let (mut c, id) = server.registered_client("chunky");
+    let key = *c.aes_key().expect("session key");
+    let field = name_field_raw(b"big.bin");
+    // Ten chunks of 4,000: the sixth would make 24,000 > 20,000.
+    c.send_raw(&per_chunk_frames(&id, &key, &field, &pseudo_random(40_000, 1), 4000)).unwrap();
+    expect_reply(&mut c, GeneralError);
+    server.wait_for_log("it stores 0 bytes and the file announces 24000", Duration::from_secs(10));
+    assert!(!server.stored_path(&id, "big.bin").exists());
+    // What fits is stored, sent the same way (the reply to it is the next one read:
+    // the big file's later chunks had none).
+    for (name, len) in [("fits.bin", 16_000usize), ("last.bin", 4_000)] {
+        let data = pseudo_random(len, len as u64);
+        let field = name_field_raw(name.as_bytes());
+        c.send_raw(&per_chunk_frames(&id, &key, &field, &data, 4000)).unwrap();
+        expect_reply(&mut c, backupd::protocol::ResponseCode::FileReceived);
+        c.send_frame(backupd::protocol::Code::CrcOk, &[&field]).unwrap();
+        expect_reply(&mut c, backupd::protocol::ResponseCode::Ack);
+        assert_eq!(std::fs::read(server.stored_path(&id, name)).unwrap(), data, "{name}");
+    }
+    // At the quota: refused at packet 1.
+    refused_at_packet_1(&mut c, "more.bin", 600);
+    server.wait_for_log("it stores 20000 bytes and the file announces 600", Duration::from_secs(10));
+    assert_eq!(log_lines(&server, "--quota 20000"), 2, "{}", server.log_text());
 }

@@ -80,6 +80,10 @@ pub struct Receiving {
     pub(super) ciphertext_total: u64,
     /// Some stream spanned more than one packet: per-packet encryption is then ruled out.
     pub(super) multi_packet_stream: bool,
+    /// The data directory's free space as measured when packet 1 came (None:
+    /// unknown): what the upload's later streams are checked against, since
+    /// later measures count what it wrote itself.
+    pub(super) free_at_open: Option<u64>,
     pub(super) touched: Instant,
 }
 
@@ -99,6 +103,7 @@ impl Receiving {
             plain_total: 0,
             ciphertext_total: 0,
             multi_packet_stream: false,
+            free_at_open: None,
             touched: now,
         }
     }

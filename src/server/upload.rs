@@ -103,9 +103,20 @@ impl<J: JobSink> Core<J> {
             Ok(r) => r,
             Err(refused) => return (refused, None),
         };
-        let step = match follows(&r, ph)
-            .and_then(|()| plan_packet(&mut r, ph, content_len, self.cfg.max_file_size))
-        {
+        // A later packet that begins a CBC stream (per-chunk encryption)
+        // announces more plaintext: the client's limits are checked again.
+        let begins_stream = r.packets > 0 && r.segment.is_none() && content_len > 0;
+        let more = Announced {
+            total: r.plain_total.saturating_add(ph.orig_file_size as u64),
+            free: r.free_at_open,
+            new_file: false,
+        };
+        let limits = || match begins_stream.then(|| self.over_limit_with(a.id, more)).flatten() {
+            Some(why) => Err(why),
+            None => Ok(()),
+        };
+        let checked = follows(&r, ph).and_then(|()| limits());
+        let step = match checked.and_then(|()| plan_packet(&mut r, ph, content_len, self.cfg.max_file_size)) {
             Ok(s) => s,
             Err(why) => return (self.refuse_packet(p, Upload::Receiving(r), a, &why), None),
         };
@@ -170,7 +181,9 @@ impl<J: JobSink> Core<J> {
         }
         let upload = self.next_upload;
         self.next_upload += 1;
-        Ok(Box::new(Receiving::new(upload, name, ph.file_name.clone(), ph.total_packets, a.now)))
+        let mut r = Receiving::new(upload, name, ph.file_name.clone(), ph.total_packets, a.now);
+        r.free_at_open = self.metrics.free_bytes();
+        Ok(Box::new(r))
     }
 
     /// Why a new upload of `announced` bytes (packet 1's `orig_file_size`)
@@ -182,9 +195,21 @@ impl<J: JobSink> Core<J> {
     /// copy is kept as a version until pruned). See docs/OPERATIONS.md,
     /// "Quotas and free space".
     pub(super) fn over_limit(&self, id: [u8; 16], announced: u64) -> Option<String> {
+        let free = self.metrics.free_bytes();
+        self.over_limit_with(id, Announced { total: announced, free, new_file: true })
+    }
+
+    /// [`Core::over_limit`] for what an upload announces so far: its
+    /// streams' plaintext in all (`total`, against `--quota`, and against
+    /// `--min-free` with the free space as it was when the upload opened:
+    /// `free`), and whether it is the file's first (`--quota-files`). A
+    /// client that encrypts each chunk on its own announces one chunk at a
+    /// time: each is checked as it begins.
+    fn over_limit_with(&self, id: [u8; 16], a: Announced) -> Option<String> {
         let cfg = &self.cfg;
         let entry = self.registry.by_id.get(&id)?;
         let used = entry.usage;
+        let announced = a.total;
         if cfg.quota > 0 && used.bytes.saturating_add(announced) > cfg.quota {
             return Some(format!(
                 "client \"{}\" would exceed --quota {} bytes: it stores {} bytes and the file announces {announced}",
@@ -193,7 +218,7 @@ impl<J: JobSink> Core<J> {
                 used.bytes
             ));
         }
-        if cfg.quota_files > 0 && used.files >= cfg.quota_files {
+        if a.new_file && cfg.quota_files > 0 && used.files >= cfg.quota_files {
             return Some(format!(
                 "client \"{}\" would exceed --quota-files {}: it stores {} files (current and versions)",
                 Esc(&entry.name),
@@ -202,7 +227,7 @@ impl<J: JobSink> Core<J> {
             ));
         }
         if cfg.min_free > 0 {
-            if let Some(free) = self.metrics.free_bytes() {
+            if let Some(free) = a.free {
                 if announced.saturating_add(cfg.min_free) > free {
                     return Some(format!(
                         "the data directory's filesystem would go below --min-free {} bytes: {free} bytes free, \
@@ -268,6 +293,14 @@ impl<J: JobSink> Core<J> {
         p.refuse(why);
         next
     }
+}
+
+/// Plaintext an upload announces, for [`Core::over_limit_with`].
+#[derive(Clone, Copy)]
+struct Announced {
+    total: u64,
+    free: Option<u64>,
+    new_file: bool,
 }
 
 /// Does the packet follow the upload in progress (same name and total, the

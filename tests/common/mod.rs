@@ -334,6 +334,32 @@ pub fn packet_frames(
         .collect()
 }
 
+/// The frames of a per-chunk client (convention 3): each `chunk`-byte read
+/// encrypted on its own (its own zero IV and padding), `orig_file_size` and
+/// `content_size` its own sizes, reading until EOF, so a file whose size is
+/// a multiple of `chunk` ends with an encrypted EMPTY chunk numbered n+1
+/// "of n" (and an empty file is packet 1 of 0). Numbers and the total are
+/// u16, wrapping past 65,535 as the field's clients do.
+pub fn per_chunk_frames(
+    id: &ClientId,
+    key: &[u8; 32],
+    field: &[u8; backupd::protocol::NAME_FIELD_LEN],
+    data: &[u8],
+    chunk: usize,
+) -> Vec<u8> {
+    let chunks: Vec<&[u8]> = data.chunks(chunk).collect();
+    let n = chunks.len() as u16;
+    let mut out = Vec::new();
+    for (i, piece) in chunks.iter().chain([&[][..]].iter()).enumerate() {
+        if i == chunks.len() && !data.len().is_multiple_of(chunk) {
+            break; // a short last chunk: no empty one follows
+        }
+        let ct = backupd::crypto::encrypt_all(key, piece);
+        out.extend(packet_frame(id, ct.len() as u32, piece.len() as u32, (i + 1) as u16, n, field, &ct));
+    }
+    out
+}
+
 /// Read one reply and check its code (panics with the reply otherwise).
 pub fn expect_reply(c: &mut Client, code: backupd::protocol::ResponseCode) -> backupd::protocol::Response {
     match c.read_response() {
