@@ -884,3 +884,56 @@ fn uploads_that_fail_to_decrypt_cost_the_client_its_reconnects() {
     // The file is untouched.
     assert_eq!(std::fs::read(server.stored_path(&id, "doc.bin")).unwrap(), data);
 }
+
+/// A flood of reconnects (1027) from one address, for a client of its own:
+/// each 1605 costs the loop an RSA encryption, so the address gets its
+/// `--session-burst` and then `--session-rate`, the rest 1606 with a
+/// rate-limited log line. Another address's client is served meanwhile.
+#[test]
+fn a_reconnect_flood_from_one_address_is_rate_limited() {
+    const CONNS: usize = 4;
+    const EACH: usize = 500;
+    let server = TestServer::start(&["--session-rate", "5", "--session-burst", "20"]);
+    let addr = server.addr();
+    let mut own = client_from(2, addr);
+    let id = own.register("flooder").unwrap();
+    own.send_public_key("flooder", test_key()).unwrap(); // the first of its 20
+    let started = Instant::now();
+    let flood: Vec<_> = (0..CONNS)
+        .map(|_| {
+            thread::spawn(move || {
+                let mut c = client_from(2, addr);
+                let mut w = c.stream().try_clone().unwrap();
+                let writer = thread::spawn(move || {
+                    let req = frame(&id, Code::Reconnect, &[&name_field_raw(b"flooder")]);
+                    w.write_all(&req.repeat(EACH)).unwrap();
+                });
+                let mut ok = 0;
+                for i in 0..EACH {
+                    match c.read_response() {
+                        Ok(Response::ReconnectOk { .. }) => ok += 1,
+                        Ok(Response::ReconnectDenied { .. }) => {}
+                        other => panic!("reconnect {i}: {other:?}"),
+                    }
+                }
+                writer.join().unwrap();
+                ok
+            })
+        })
+        .collect();
+    legit(&server, "during-reconnect-flood");
+    let ok: usize = flood.into_iter().map(|t| t.join().unwrap()).sum();
+    let secs = started.elapsed().as_secs_f64().ceil();
+    println!("{ok} of {} reconnects granted in about {secs} s", CONNS * EACH);
+    assert!(ok >= 19, "the burst was not granted: {ok}");
+    let most = 19 + (5.0 * (secs + 1.0)) as usize;
+    assert!(ok <= most, "{ok} reconnects granted (at most {most} in {secs} s)");
+    let refused = wait_until(Duration::from_secs(3), || {
+        server.log_text().contains("reconnect denied: over the rate of session keys for this address")
+    });
+    assert!(refused, "no refusal line:\n{}", tail(&server.log_text(), 20));
+    // Another address is not limited by it.
+    let mut other = client_from(3, addr);
+    other.register("elsewhere").unwrap();
+    other.send_public_key("elsewhere", test_key()).expect("another address gets its session key");
+}

@@ -646,6 +646,8 @@ const SERVER_FLAGS: &[(&str, &str, &str)] = &[
     ("--max-clients", "100000", "BACKUPD_MAX_CLIENTS"),
     ("--registration-rate", "10", "BACKUPD_REGISTRATION_RATE"),
     ("--registration-burst", "100", "BACKUPD_REGISTRATION_BURST"),
+    ("--session-rate", "50", "BACKUPD_SESSION_RATE"),
+    ("--session-burst", "512", "BACKUPD_SESSION_BURST"),
     ("--max-packet", "16MiB", "BACKUPD_MAX_PACKET"),
     ("--max-file-size", "4294967295", "BACKUPD_MAX_FILE_SIZE"),
     ("--memory-budget", "64MiB", "BACKUPD_MEMORY_BUDGET"),

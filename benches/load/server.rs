@@ -219,7 +219,8 @@ impl Drop for Server {
 /// The server's arguments for one scenario: `--server-arg`s, plus what the
 /// scenario needs. Scenario 3 connects and registers its idle clients from
 /// one address (as a site behind a NAT would), so the per-address caps and
-/// the registration rate are turned off there, when the binary has them.
+/// the registration and session-key rates are turned off there, when the
+/// binary has them.
 /// Scenario 4 runs the server's own defaults for the connection table and
 /// the idle timeout in place of the harness's (see [`Server::start`]).
 pub(crate) fn run_server_args(o: &Opts, run: &str) -> Vec<String> {
@@ -230,6 +231,7 @@ pub(crate) fn run_server_args(o: &Opts, run: &str) -> Vec<String> {
             ("--max-connections-per-ip", "0"),
             ("--max-unauthenticated-per-ip", "0"),
             ("--registration-rate", "0"),
+            ("--session-rate", "0"),
         ],
         "attack" => &[("--max-connections", "256"), ("--idle-timeout", "60s")],
         _ => &[],

@@ -65,6 +65,14 @@ pub struct Config {
     #[arg(long, env = "BACKUPD_REGISTRATION_BURST", default_value_t = 100)]
     pub registration_burst: u32,
 
+    /// Session keys (1602, 1605: an RSA encryption each) granted per second to one address, on average (0: no limit)
+    #[arg(long, env = "BACKUPD_SESSION_RATE", default_value_t = 50.0)]
+    pub session_rate: f64,
+
+    /// Session keys one address may be granted at once before the rate applies
+    #[arg(long, env = "BACKUPD_SESSION_BURST", default_value_t = 512)]
+    pub session_burst: u32,
+
     /// Largest request frame accepted (a file packet's payload), e.g. 16MiB
     #[arg(long, env = "BACKUPD_MAX_PACKET", default_value = "16MiB", value_parser = parse_size)]
     pub max_packet: u64,
@@ -248,6 +256,8 @@ mod tests {
         assert_eq!(c.max_clients, 100_000);
         assert_eq!(c.registration_rate, 10.0);
         assert_eq!(c.registration_burst, 100);
+        assert_eq!(c.session_rate, 50.0);
+        assert_eq!(c.session_burst, 512);
         assert_eq!(c.max_packet, 16 << 20);
         assert_eq!(c.max_file_size, u32::MAX as u64);
         assert_eq!(c.memory_budget, 64 << 20);

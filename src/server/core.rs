@@ -78,6 +78,10 @@ pub struct Core<J: JobSink = Jobs> {
     pub(super) next_upload: u64,
     pub(super) jobs: J,
     pub(super) registrations: RateLimiter,
+    /// Session keys per address: each 1602 and 1605 costs the loop an RSA
+    /// encryption (tens to hundreds of microseconds), so a flood of 1027s
+    /// from a few addresses could otherwise stall every other client.
+    pub(super) session_keys: RateLimiter,
     /// Decryption failures per client: a legitimate client never fails to
     /// decrypt, a forger (1027 then ciphertext it cannot make) fails 255 times
     /// in 256. Out of tokens, the client's reconnects are refused for a while.
@@ -95,6 +99,7 @@ impl<J: JobSink> Core<J> {
     pub fn new(cfg: Arc<Config>, registry: Registry, jobs: J, next_upload: u64) -> Core<J> {
         let budget = Budget::new(cfg.memory_budget as usize);
         let registrations = RateLimiter::new(cfg.registration_rate, cfg.registration_burst as f64);
+        let session_keys = RateLimiter::new(cfg.session_rate, cfg.session_burst as f64);
         let metrics = Arc::new(Metrics::new());
         metrics.clients.set(registry.by_id.len() as i64);
         let decrypt_failures = RateLimiter::new(DECRYPT_FAILURES_PER_SEC, DECRYPT_FAILURE_BURST);
@@ -106,6 +111,7 @@ impl<J: JobSink> Core<J> {
             next_upload,
             jobs,
             registrations,
+            session_keys,
             decrypt_failures,
             metrics,
         }

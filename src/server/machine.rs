@@ -262,6 +262,10 @@ impl<J: JobSink> Core<J> {
                 return;
             }
         };
+        if let Some(why) = self.session_key_refusal(p) {
+            p.refuse(&format!("public key: {why}"));
+            return;
+        }
         let aes = random_aes_key();
         let encrypted_key = match encrypt_session_key(&public, &aes, self.cfg.oaep_hash) {
             Ok(k) => k,
@@ -307,6 +311,11 @@ impl<J: JobSink> Core<J> {
             p.reply(Response::ReconnectDenied { id });
             return;
         };
+        if let Some(why) = self.session_key_refusal(p) {
+            peer_log!(Level::Warn, p.peer.ip(), "{}: reconnect denied: {why}", p.tag());
+            p.reply(Response::ReconnectDenied { id });
+            return;
+        }
         let aes = random_aes_key();
         match encrypt_session_key(&public, &aes, self.cfg.oaep_hash) {
             Ok(encrypted_key) => {
@@ -317,6 +326,13 @@ impl<J: JobSink> Core<J> {
             }
             Err(e) => p.refuse(&format!("reconnect: cannot encrypt to the stored key: {e}")),
         }
+    }
+
+    /// Why the peer's address may not be granted one more session key now
+    /// (`--session-rate`, `--session-burst`), if it may not.
+    fn session_key_refusal(&mut self, p: &Protocol) -> Option<String> {
+        let ok = self.session_keys.allow(p.peer.ip(), Instant::now());
+        (!ok).then(|| "over the rate of session keys for this address (--session-rate)".to_string())
     }
 
     /// Install a new session key on the connection. An upload in progress
