@@ -60,8 +60,12 @@ fn per_chunk_client_file_size_a_multiple_of_4000() {
         let field = name_field_raw(name.as_bytes());
         // Packets 1..n of n, then (for a multiple of 4,000) the empty chunk n+1 of n.
         c.send_raw(&per_chunk_frames(&id, &key, &field, &data, 4000)).unwrap();
-        // The 1603 counts the ciphertext stored; the empty chunk is not part of it.
-        let stored: u64 = data.chunks(4000).map(|ch| ciphertext_len(ch.len() as u64)).sum();
+        // The 1603 counts the ciphertext received: the chunks, and the empty
+        // chunk after a full last one (the upload ends with it: it tells a
+        // last chunk from a count that wrapped past 65,535), except after a
+        // single packet, which ends the file at once (swallowed after the 1603).
+        let empty = if len % 4000 == 0 && len > 4000 { 16 } else { 0 };
+        let stored: u64 = data.chunks(4000).map(|ch| ciphertext_len(ch.len() as u64)).sum::<u64>() + empty;
         assert_eq!(expect_received(&mut c, &field, &data) as u64, stored);
         // The empty chunk had no reply: the next one is the 1604 for the 1029.
         c.send_frame(Code::CrcOk, &[&field]).unwrap();
@@ -147,6 +151,64 @@ fn wrapped_counters_small_packets() {
     wrapped_upload_is_stored(&server, &mut c, "cs-whole.bin", &data, 16, true);
     assert_usable(&server, &mut c, "after.bin");
     assert_eq!(log_lines(&server, "refused"), 0, "{}", server.log_text());
+}
+
+/// Per-chunk encryption past 65,535 packets: numbers and the total wrap
+/// and no field counts the file's bytes, so a full chunk numbered as the
+/// total is the end only if the empty chunk follows it; a non-empty chunk
+/// after it is the count going on. 16-byte chunks: the end is pending at
+/// every wrap point, and the file (a multiple of 16) ends with the empty
+/// chunk; then a file with a short last chunk. One 1603 each, stored whole.
+#[test]
+fn per_chunk_client_past_65535_packets() {
+    let server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("wrap-chunks");
+    let (_, key) = session(&c);
+    for (name, len) in [("multiple.bin", 65_540 * 16), ("short.bin", 65_540 * 16 + 5)] {
+        let data = pseudo_random(len, len as u64);
+        let field = name_field_raw(name.as_bytes());
+        c.send_raw(&per_chunk_frames(&id, &key, &field, &data, 16)).unwrap();
+        expect_received(&mut c, &field, &data);
+        c.send_frame(Code::CrcOk, &[&field]).unwrap();
+        expect_reply(&mut c, Ack);
+        assert_eq!(std::fs::read(server.stored_path(&id, name)).unwrap(), data, "{name}");
+    }
+    // 65,537 chunks: the total wraps to 1 and packet 1 of 1 looks like a
+    // single-packet file, which it ends. The client gets one 1603 (its cksum
+    // does not match), the rest is swallowed: it aborts and stays in step.
+    let data = pseudo_random(65_537 * 16, 3);
+    let field = name_field_raw(b"total-one.bin");
+    c.send_raw(&per_chunk_frames(&id, &key, &field, &data, 16)).unwrap();
+    match c.read_response() {
+        Ok(Response::FileReceived { cksum, .. }) => assert_ne!(cksum, crypto::cksum(&data)),
+        other => panic!("expected 1603, got {other:?}"),
+    }
+    c.send_frame(Code::CrcAbort, &[&field]).unwrap();
+    expect_reply(&mut c, Ack);
+    assert!(!server.stored_path(&id, "total-one.bin").exists());
+    assert_usable(&server, &mut c, "after.bin");
+    assert_eq!(log_lines(&server, "refused"), 0, "{}", server.log_text());
+}
+
+/// A per-chunk client that sends no empty chunk after a full last one (and
+/// waits for its 1603): the file ends there after a short wait.
+#[test]
+fn per_chunk_client_without_the_empty_chunk() {
+    let server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("no-empty-chunk");
+    let (_, key) = session(&c);
+    let data = pseudo_random(12_000, 5);
+    let field = name_field_raw(b"three.bin");
+    let mut frames = per_chunk_frames(&id, &key, &field, &data, 4000);
+    let empty = packet_frame(&id, 16, 0, 4, 3, &field, &encrypt_all(&key, &[]));
+    assert!(frames.ends_with(&empty));
+    frames.truncate(frames.len() - empty.len());
+    c.send_raw(&frames).unwrap();
+    assert_eq!(expect_received(&mut c, &field, &data), 3 * 4016);
+    c.send_frame(Code::CrcOk, &[&field]).unwrap();
+    expect_reply(&mut c, Ack);
+    assert_eq!(std::fs::read(server.stored_path(&id, "three.bin")).unwrap(), data);
+    assert_usable(&server, &mut c, "after.bin");
 }
 
 /// The row: 1 KiB packets, the total ciphertext in every packet's
@@ -267,6 +329,12 @@ fn one_1607_for_a_long_refused_upload() {
     // The next reply is the next upload's 1603: nothing was queued in between.
     assert_usable(&server, &mut c, "after.bin");
     assert_eq!(log_lines(&server, "refused"), 1, "{}", server.log_text());
+    // The same with per-chunk encryption (each 16-byte chunk its own stream).
+    let (id, key) = session(&c);
+    c.send_raw(&per_chunk_frames(&id, &key, &field, &data, 16)).unwrap();
+    expect_reply(&mut c, GeneralError);
+    assert_usable(&server, &mut c, "after-chunks.bin");
+    assert_eq!(log_lines(&server, "refused"), 2, "{}", server.log_text());
 }
 
 /// Uploads the worker fails (here: encrypted under another key, so every

@@ -15,6 +15,7 @@ impl Server {
         let cfg = self.core.cfg.clone();
         let mut to_close: Vec<(usize, u64, String)> = Vec::new();
         let mut stale: Vec<(usize, u64)> = Vec::new();
+        let mut ended: Vec<(usize, u64)> = Vec::new();
         for (key, c) in self.conns.iter() {
             if let Some(why) = overdue(c, &cfg, now) {
                 to_close.push((key, c.serial(), why));
@@ -22,6 +23,14 @@ impl Server {
             }
             if c.proto.has_stale(now, cfg.stale_upload_timeout) {
                 stale.push((key, c.serial()));
+            }
+            if c.between_frames() && c.proto.end_overdue(now, END_GRACE) {
+                ended.push((key, c.serial()));
+            }
+        }
+        for (key, serial) in ended {
+            if let Some(c) = self.conns.get_mut(key).filter(|c| c.serial() == serial) {
+                self.core.finish_pending_end(&mut c.proto);
             }
         }
         for (key, serial, why) in to_close {
@@ -34,6 +43,11 @@ impl Server {
         }
     }
 }
+
+/// How long a per-chunk upload's pending end (a full chunk numbered as the
+/// total) waits for the empty chunk or the next chunk that per-chunk clients
+/// send right after it, before the file ends there (`sequence.rs`).
+const END_GRACE: Duration = Duration::from_secs(1);
 
 /// Time allowed for `bytes` at the slowest rate tolerated.
 pub(super) fn slowest(bytes: u64) -> Duration {

@@ -64,7 +64,29 @@ pub fn plan_packet(
         None if content_len == 0 && !first => empty_last_packet(&s, ph)?,
         None => start_stream(&mut s, ph, content_len, first, max_file_size)?,
     };
-    let last = ends_upload(&s, ph, first)?;
+    let mut last = ends_upload(&s, ph, first)?;
+    // Per-chunk encryption (convention 3): each packet a whole stream.
+    let whole_here = new_segment && end_segment.is_some();
+    let chunk = match (first, whole_here) {
+        (true, true) => Some(ph.orig_file_size),
+        (false, true) => r.chunk,
+        (_, false) => None,
+    };
+    let orig = ph.orig_file_size;
+    // After a full chunk numbered as the total, the empty chunk per-chunk
+    // clients send next (n+1 "of n") ends the file; a non-empty one goes on.
+    if r.end_pending && whole_here && orig == 0 {
+        last = true;
+    }
+    // A full chunk numbered as the total: the file's last, or the point
+    // where a count past 65,535 wraps to the total. Decided by what follows
+    // (see docs/PROTOCOL.md); never on packet 1 (a single-packet file).
+    let end_pending = last && !first && orig > 0 && chunk == Some(orig) && !s.multi_packet_stream;
+    if end_pending {
+        last = false;
+    }
+    r.chunk = chunk;
+    r.end_pending = end_pending;
     r.segment = s.segment;
     r.last_stream_len = s.last_stream_len;
     r.multi_packet_stream = s.multi_packet_stream;
@@ -215,11 +237,13 @@ fn check_content_size(field: u32, content_len: u64, whole: u64) -> Result<(), St
 /// same name field and total, and the bytes show the upload goes on: a
 /// stream is open, or it is the empty last packet after the stream.
 pub fn wraps_to_one(r: &Receiving, ph: &PacketHeader, content_len: u64) -> bool {
+    // Per-chunk encryption past 65,535 packets: the next chunk.
+    let chunk_goes_on = r.chunk.is_some() && r.packets >= WRAP - 1 && content_len > 0;
     r.next == 1
         && ph.packet_number == 1
         && r.name_field.bytes() == ph.file_name.bytes()
         && r.total == ph.total_packets
-        && (r.segment.is_some() || content_len == 0)
+        && (r.segment.is_some() || content_len == 0 || chunk_goes_on)
 }
 
 /// An upload that ended on this connection, and which of its later packets
@@ -242,6 +266,9 @@ pub(super) enum EndedHow {
         remaining: u64,
         /// Packets of it seen on this connection.
         seen: u64,
+        /// Its later packets each carry a whole stream of their own (per-chunk
+        /// encryption): past 65,535 of them a packet 1 is the count wrapping.
+        chunks: bool,
     },
     /// Received (the 1603 went): only an empty chunk numbered one past the
     /// total, which per-chunk clients send after a file whose size is a
@@ -269,6 +296,7 @@ impl Ended {
             how: EndedHow::Refused {
                 remaining: stream_left.saturating_sub(content_len),
                 seen: own.map_or(0, |r| r.packets) + 1,
+                chunks: own.is_some_and(|r| r.chunk.is_some()),
             },
         }
     }
@@ -280,7 +308,11 @@ impl Ended {
             name_field: r.name_field.clone(),
             total: r.total,
             next: r.next,
-            how: EndedHow::Refused { remaining: r.segment.map_or(0, |s| s.remaining), seen: r.packets },
+            how: EndedHow::Refused {
+                remaining: r.segment.map_or(0, |s| s.remaining),
+                seen: r.packets,
+                chunks: r.chunk.is_some(),
+            },
         }
     }
 
@@ -294,18 +326,29 @@ impl Ended {
             && match &mut self.how {
                 // A packet 1 starts something new, unless the counter wrapped
                 // and the bytes show the refused upload goes on.
-                EndedHow::Refused { remaining, seen } => {
-                    let goes_on = ph.packet_number != 1 || (*seen >= WRAP && *remaining > 0);
+                EndedHow::Refused { remaining, seen, chunks } => {
+                    let goes_on = ph.packet_number != 1 || (*seen >= WRAP && (*remaining > 0 || *chunks));
                     if goes_on {
+                        // A whole stream in this packet alone, after the last one ended.
+                        let whole = ciphertext_len(ph.orig_file_size as u64);
+                        *chunks |= *remaining == 0 && content_len > 0 && content_len == whole;
                         *remaining = remaining.saturating_sub(content_len);
                         *seen += 1;
                     }
                     goes_on
                 }
                 EndedHow::Complete => {
-                    self.next == self.total.wrapping_add(1)
-                        && ph.orig_file_size == 0
-                        && (content_len == 0 || content_len == EMPTY_CHUNK)
+                    let n_plus_1 = self.next == self.total.wrapping_add(1);
+                    let empty = ph.orig_file_size == 0 && (content_len == 0 || content_len == EMPTY_CHUNK);
+                    // A non-empty chunk of its own after the end: a per-chunk
+                    // upload whose count wrapped to a total of 1 ended at its
+                    // packet 1 (see docs/PROTOCOL.md). Its 1603 went; the rest
+                    // of it is swallowed, so the client stays in step.
+                    let chunk = content_len > 0 && content_len == ciphertext_len(ph.orig_file_size as u64);
+                    if chunk && !empty {
+                        self.how = EndedHow::Refused { remaining: 0, seen: self.next as u64, chunks: true };
+                    }
+                    n_plus_1 && (empty || chunk)
                 }
             };
         if ok {
@@ -425,6 +468,60 @@ mod tests {
         }
     }
 
+    /// Per-chunk encryption (convention 3): a full chunk numbered as the
+    /// total leaves the end pending; the empty chunk n+1 of n ends the file,
+    /// a non-empty one means the count wrapped and the upload goes on, to the
+    /// short (or empty) chunk numbered as the total 65,536 packets later.
+    #[test]
+    fn per_chunk_uploads_end_by_what_follows_a_full_chunk() {
+        // 3 chunks of 4,000 and the empty chunk: the end waits for it.
+        let mut r = receiving(3);
+        for k in 1..=3u16 {
+            let s = feed(&mut r, &ph(4016, 4000, k, 3), 4016).unwrap();
+            assert!(!s.last, "packet {k}");
+        }
+        assert!(r.end_pending);
+        let s = feed(&mut r, &ph(16, 0, 4, 3), 16).unwrap();
+        assert!(s.last && !r.end_pending, "the empty chunk ends it");
+        // A short last chunk ends it at once; so does packet 1 of 1 (a single packet).
+        let mut r = receiving(2);
+        feed(&mut r, &ph(4016, 4000, 1, 2), 4016).unwrap();
+        assert!(feed(&mut r, &ph(16, 5, 2, 2), 16).unwrap().last);
+        let mut r = receiving(1);
+        assert!(feed(&mut r, &ph(4016, 4000, 1, 1), 4016).unwrap().last);
+        // One stream over packets (convention 1): numbered as the total, complete: the end.
+        let mut r = receiving(2);
+        feed(&mut r, &ph(32, 20, 1, 2), 16).unwrap();
+        assert!(feed(&mut r, &ph(32, 20, 2, 2), 16).unwrap().last);
+        // Wrapped: 65,536 + 3 chunks of 1 byte and a short... every chunk
+        // is full here, so the file ends with the empty chunk n+1.
+        for (n_chunks, last_len) in [(65_539u64, 1u32), (65_541, 0), (131_075, 1)] {
+            let total = n_chunks as u16;
+            let mut r = receiving(total);
+            let mut pending_seen = 0;
+            for i in 0..n_chunks {
+                let k = (i + 1) as u16;
+                let orig = if i + 1 == n_chunks && last_len == 0 { 0 } else { 1 };
+                let len = ciphertext_len(orig);
+                let p = ph(len, orig, k, total);
+                if k == 1 && i > 0 {
+                    assert!(wraps_to_one(&r, &p, len), "packet {} continues", i + 1);
+                }
+                let s = feed(&mut r, &p, len).unwrap_or_else(|e| panic!("packet {}: {e}", i + 1));
+                pending_seen += usize::from(r.end_pending);
+                let expect_last = last_len == 0 && i + 1 == n_chunks;
+                assert_eq!(s.last, expect_last, "packet {} of {n_chunks}", i + 1);
+            }
+            if last_len == 1 {
+                // The last full chunk numbered as the total: pending; the empty chunk ends it.
+                assert!(r.end_pending);
+                let s = feed(&mut r, &ph(16, 0, total.wrapping_add(1), total), 16).unwrap();
+                assert!(s.last);
+            }
+            assert!(pending_seen >= 1, "the end was pending at each wrap point");
+        }
+    }
+
     #[test]
     fn a_packet_1_after_the_stream_is_a_new_upload() {
         let mut r = receiving(1);
@@ -481,7 +578,7 @@ mod tests {
             name_field: field("f"),
             total: 4,
             next: 5,
-            how: EndedHow::Refused { remaining: 0, seen: 4 },
+            how: EndedHow::Refused { remaining: 0, seen: 4, chunks: false },
         };
         assert!(e.swallow(&ph(16, 0, 5, 4), 16));
     }
@@ -493,7 +590,13 @@ mod tests {
         assert!(e.swallow(&ph(16, 0, 3, 2), 16));
         assert!(!e.swallow(&ph(16, 0, 4, 2), 16), "only one");
         assert!(done.clone().swallow(&ph(0, 0, 3, 2), 0));
-        assert!(!done.clone().swallow(&ph(32, 20, 3, 2), 32), "not empty");
+        assert!(!done.clone().swallow(&ph(48, 20, 3, 2), 16), "not empty, not a chunk of its own");
+        // A chunk of its own: a per-chunk upload ended too early (a total
+        // that wrapped to 1): it and the rest of it are swallowed.
+        let mut e = Ended { name_field: field("f"), total: 1, next: 2, how: EndedHow::Complete };
+        for k in 2..=5u16 {
+            assert!(e.swallow(&ph(32, 20, k, 1), 32), "packet {k}");
+        }
         assert!(!done.clone().swallow(&ph(16, 0, 1, 2), 16), "not n+1");
         assert!(!done.clone().swallow(&ph(16, 0, 3, 3), 16), "another total");
         // Wrapped: n = 65,535 (mod 65,536), n+1 = 0.

@@ -84,6 +84,14 @@ pub struct Receiving {
     /// unknown): what the upload's later streams are checked against, since
     /// later measures count what it wrote itself.
     pub(super) free_at_open: Option<u64>,
+    /// Per-chunk encryption so far (every packet a whole CBC stream of its
+    /// own): the plaintext size of packet 1's chunk. None otherwise.
+    pub(super) chunk: Option<u32>,
+    /// The last packet was a full chunk numbered as the total: the file is
+    /// complete if nothing of it follows, or with the empty chunk that
+    /// per-chunk clients send next; a non-empty chunk next means the u16
+    /// counter wrapped and the upload goes on (see `sequence.rs`).
+    pub(super) end_pending: bool,
     pub(super) touched: Instant,
 }
 
@@ -104,6 +112,8 @@ impl Receiving {
             ciphertext_total: 0,
             multi_packet_stream: false,
             free_at_open: None,
+            chunk: None,
+            end_pending: false,
             touched: now,
         }
     }
@@ -217,7 +227,7 @@ impl Upload {
         match self {
             Upload::Receiving(r) if r.upload == id => (Upload::Ended(Box::new(Ended::failed(&r))), true),
             Upload::Finishing(f) if f.upload == id => {
-                let how = EndedHow::Refused { remaining: 0, seen: 0 };
+                let how = EndedHow::Refused { remaining: 0, seen: 0, chunks: false };
                 let Finishing { name_field, total, next, .. } = *f;
                 (Upload::Ended(Box::new(Ended { name_field, total, next, how })), true)
             }
@@ -393,6 +403,14 @@ impl Protocol {
         let stale_upload =
             matches!(&self.upload, Upload::Receiving(r) if now.duration_since(r.touched) > limit);
         stale_upload || self.staged.iter().any(|s| now.duration_since(s.touched) > limit)
+    }
+
+    /// The upload's end has been pending (a full chunk numbered as the
+    /// total, see `sequence.rs`) with nothing of it since for `grace` at `now`.
+    pub(super) fn end_overdue(&self, now: Instant, grace: Duration) -> bool {
+        matches!(&self.upload, Upload::Receiving(r) if r.end_pending && now.duration_since(r.touched) > grace)
+            && self.streaming.is_none()
+            && !self.awaits_reply()
     }
 
     /// Find a staged file by name.

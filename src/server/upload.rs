@@ -240,6 +240,28 @@ impl<J: JobSink> Core<J> {
         None
     }
 
+    /// A per-chunk upload whose last packet was a full chunk numbered as
+    /// the total, with nothing of it since (no empty chunk, no wrapped
+    /// count going on): it ends there, as if an empty last packet came.
+    pub(super) fn finish_pending_end(&mut self, p: &mut Protocol) {
+        let upload = match &mut p.upload {
+            Upload::Receiving(r) if r.end_pending && p.streaming.is_none() => {
+                r.end_pending = false;
+                r.upload
+            }
+            _ => return,
+        };
+        p.streaming = Some(PacketStream {
+            upload,
+            first: false,
+            opens_upload: false,
+            new_segment: false,
+            end_segment: None,
+            last_packet: true,
+        });
+        self.content_piece(p, Piece::empty(), true);
+    }
+
     /// A piece of the streaming packet's content has been read (`last`: the
     /// packet's last piece): it goes to the worker with its grant.
     pub fn content_piece(&mut self, p: &mut Protocol, piece: Piece, last: bool) {

@@ -20,6 +20,10 @@ pub(super) enum MUpload {
         total: u16,
         next: u16,
         conforming: bool,
+        /// Every packet so far a whole CBC stream of its own: packet 1's plaintext size.
+        chunk: Option<u32>,
+        /// The last packet was a full chunk numbered as the total: the end waits.
+        pending: bool,
     },
     Finishing {
         id: UploadId,

@@ -1,6 +1,7 @@
 //! The model's checks of a file packet: swallowed after an ended upload,
 //! refused with one 1607, or admitted (its content then streams to the worker).
 
+use backupd::crypto::ciphertext_len;
 use backupd::protocol::{normalize_path, ClientId, NameField, PacketHeader, Response};
 use backupd::server::fuzzing::Incoming;
 use backupd::worker::{Job, PacketJob, UploadId};
@@ -27,7 +28,7 @@ impl Sim<'_> {
         }
         let m = &self.slots[s].model;
         let receiving = match &m.upload {
-            MUpload::Receiving { id, field, total, next, conforming } => {
+            MUpload::Receiving { id, field, total, next, conforming, .. } => {
                 Some((*id, field.clone(), *total, *next, *conforming))
             }
             _ => None,
@@ -71,13 +72,20 @@ impl Sim<'_> {
             && k == n.wrapping_add(1)
             && ph.orig_file_size == 0
             && (content_len == 0 || content_len == 16);
-        if !(same && ((*refused && k != 1) || trailer)) {
+        // A chunk of its own after a received upload: a per-chunk upload
+        // ended too early (its total wrapped); it and the rest are swallowed.
+        let chunk_after = !*refused
+            && k == n.wrapping_add(1)
+            && !trailer
+            && content_len > 0
+            && content_len == ciphertext_len(u64::from(ph.orig_file_size));
+        if !(same && ((*refused && k != 1) || trailer || chunk_after)) {
             m.upload = MUpload::Idle;
             return false;
         }
         assert!(replies.is_empty() && jobs.is_empty(), "a swallowed packet was answered or sent on");
         assert_eq!(slot.proto.incoming(), Some(Incoming::Drain { len: content_len }));
-        let (field, refused) = (field.clone(), *refused);
+        let (field, refused) = (field.clone(), *refused || chunk_after);
         m.upload = MUpload::Ended { field, next: k.wrapping_add(1), total: n, refused };
         self.stats.packets_skipped += u32::from(refused);
         self.stats.trailers += u32::from(!refused);
@@ -125,6 +133,10 @@ impl Sim<'_> {
         let slot = &mut self.slots[s];
         let m = &mut slot.model;
         assert!(seen.session.is_some(), "a packet admitted without this connection's session key");
+        let (prev_chunk, prev_pending) = match &m.upload {
+            MUpload::Receiving { chunk, pending, .. } => (*chunk, *pending),
+            _ => (None, false),
+        };
         // The upload the state machine streams this packet's content to.
         let Some(upload) = slot.proto.current_upload() else {
             panic!("packet {k}/{n} admitted with no upload in the state machine")
@@ -144,7 +156,9 @@ impl Sim<'_> {
                 "a new upload drops the previous one and the staged copy"
             );
             let (field, conforming) = (ph.file_name.clone(), seen.conforming);
-            m.upload = MUpload::Receiving { id: upload, field, total: n, next: 2, conforming };
+            let (chunk, pending) = (None, false);
+            m.upload =
+                MUpload::Receiving { id: upload, field, total: n, next: 2, conforming, chunk, pending };
         } else {
             assert!(seen.discards.is_empty());
             let Some((id, field, total, next, was)) = seen.receiving else {
@@ -161,11 +175,28 @@ impl Sim<'_> {
                 total,
                 next: next.wrapping_add(1),
                 conforming: was && seen.conforming,
+                chunk: None,
+                pending: false,
             };
         }
         // No input here sends a file big enough to wrap its counter: a packet
-        // numbered as the total ends the upload, or is refused.
-        let ends = k == n || (k == 1 && n == 0 && ph.orig_file_size == 0 && content_len == 16);
+        // numbered as the total ends the upload, or is refused; with
+        // per-chunk encryption a full chunk numbered as the total leaves the
+        // end pending, and the empty chunk after it ends the upload.
+        let orig = ph.orig_file_size;
+        let whole_here = content_len > 0 && content_len == ciphertext_len(u64::from(orig));
+        let chunk = match (k == 1, whole_here) {
+            (true, true) => Some(orig),
+            (false, true) => prev_chunk,
+            (_, false) => None,
+        };
+        let mut ends = k == n || (k == 1 && n == 0 && orig == 0 && content_len == 16);
+        ends |= prev_pending && whole_here && orig == 0;
+        let pending = ends && k != 1 && orig > 0 && chunk == Some(orig);
+        ends &= !pending;
+        if let MUpload::Receiving { chunk: c, pending: p, .. } = &mut m.upload {
+            (*c, *p) = (chunk, pending);
+        }
         slot.streaming = Some(Streaming { upload, k, n, first: true, ends });
         if content_len == 0 {
             // An empty packet goes to the worker at once, as one empty piece.
