@@ -496,7 +496,9 @@ fn admin_ok(data: &Path, args: &[&str], code: i32) -> AdminRun {
 /// stores the new file.
 #[test]
 fn a_verified_file_missing_at_start_keeps_its_row_and_is_taken_back() {
-    let mut server = TestServer::start(&[]);
+    let metrics = tempfile::tempdir().unwrap();
+    let prom = metrics.path().join("backupd.prom");
+    let mut server = TestServer::start(&["--metrics-file", prom.to_str().unwrap()]);
     let (mut c, id) = server.registered_client("moved");
     let a = pseudo_random(7_000, 61);
     let b = pseudo_random(3_000, 62);
@@ -562,6 +564,17 @@ fn a_verified_file_missing_at_start_keeps_its_row_and_is_taken_back() {
     admin_ok(&data, &["verify"], 0);
     drop(c);
     assert!(server.stop().success());
+    // Its row was replaced, not added to: the client's use is what it stores
+    // (written at shutdown), as `backupd clients` reads it from the store.
+    let text = std::fs::read_to_string(&prom).unwrap();
+    let stored = (fresh.len() + b.len() + b"serving".len()).to_string();
+    for line in ["backupd_files_stored 3", "backupd_client_files_stored{client=\"moved\"} 3"] {
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
+    let bytes = format!("backupd_client_bytes_stored{{client=\"moved\"}} {stored}");
+    assert!(text.lines().any(|l| l == bytes), "{bytes} in:\n{text}");
+    let listed = admin_ok(&data, &["clients"], 0).stdout;
+    assert!(listed.lines().any(|l| l.contains("moved") && l.contains(&stored)), "{listed}");
 }
 
 /// The steps of each commit, in order, as the trace shows them (repeats of

@@ -72,6 +72,7 @@ impl Worker {
                     // Kept verified: the file may come back (a disk moved
                     // and put back), and then it is accepted as it was.
                     missing += 1;
+                    self.missing.insert(r.path.clone(), r.size.unwrap_or(0));
                     if missing <= MISSING_NAMED {
                         log::error!(
                             "startup: verified file {} of client {} is missing; its row is kept",
