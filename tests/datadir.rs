@@ -577,6 +577,32 @@ fn a_verified_file_missing_at_start_keeps_its_row_and_is_taken_back() {
     assert!(listed.lines().any(|l| l.contains("moved") && l.contains(&stored)), "{listed}");
 }
 
+/// Many verified files missing at start: the first 20 named one line each,
+/// then one summary line counting all of them; every row kept.
+#[test]
+fn many_missing_files_are_named_up_to_twenty_and_counted() {
+    let mut server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("many");
+    let names: Vec<String> = (0..23).map(|i| format!("f{i:02}")).collect();
+    for n in &names {
+        upload_confirm(&mut c, n, n.as_bytes());
+    }
+    drop(c);
+    assert!(server.stop().success());
+    std::fs::remove_dir_all(server.files_dir().join(id_hex(&id))).unwrap();
+    server.restart();
+    server.wait_for_log(
+        "23 verified file(s) are missing from files/ (the first 20 named above)",
+        Duration::from_secs(5),
+    );
+    let named = server.log_text().lines().filter(|l| l.contains("is missing; its row is kept")).count();
+    assert_eq!(named, 20, "{}", server.log_text());
+    for n in &names {
+        assert_eq!(row(&server.db_path(), &id, n).unwrap().0, 1, "{n}: its row kept verified");
+    }
+    assert!(server.stop().success());
+}
+
 /// The steps of each commit, in order, as the trace shows them (repeats of
 /// one step, e.g. one fsync per folder, folded).
 fn steps(log: &str, name: &str) -> Vec<Vec<String>> {
