@@ -210,12 +210,14 @@ fn a_client_folder_replaced_by_a_link_is_never_written_through() {
     server.wait_for_log("cannot publish", Duration::from_secs(5));
     assert!(row(&server.db_path(), &id, "b").is_none());
     assert!(wait_until(Duration::from_secs(5), || walk_files(&server.tmp_dir()).is_empty()));
-    // At the next start the link is moved aside, the verified row whose file is gone unverified.
+    // At the next start the link is moved aside; the verified row whose file
+    // is gone stays verified, reported missing.
     drop(c);
     server.restart();
     assert!(std::fs::symlink_metadata(&client_dir).is_err());
     assert_eq!(std::fs::read(other.join("a")).unwrap(), b"not the server's");
-    assert_eq!(row(&server.db_path(), &id, "a").unwrap().0, 0);
+    server.wait_for_log(&format!("verified file files/{}/a of client", id_hex(&id)), Duration::from_secs(5));
+    assert_eq!(row(&server.db_path(), &id, "a").unwrap().0, 1);
 }
 
 /// Each write, sync and rename step made to fail: 1607, no published file,
@@ -445,7 +447,7 @@ fn a_crash_between_new_rows_and_their_sync_keeps_only_whole_files() {
             assert!(!server.stored_path(&id, name).exists(), "{name}: left in files/");
             assert!(server.log_text().contains(&dropped), "{name}: not logged");
         }
-        assert!(!server.log_text().contains("is missing; marked unverified"), "{name}: reported as damage");
+        assert!(!server.log_text().contains("is missing; its row is kept"), "{name}: reported as damage");
         assert_verified(&server, &id, "before", b"acknowledged earlier", name);
     }
     // The torn file and the link are set aside, never deleted; the link's target is untouched.
@@ -474,7 +476,131 @@ fn a_crash_between_new_rows_and_their_sync_keeps_only_whole_files() {
         &format!("verified file files/{}/acked of client {} is missing", id_hex(&id), id_hex(&id)),
         Duration::from_secs(5),
     );
-    assert_eq!(row(&server.db_path(), &id, "acked").unwrap().0, 0, "acked: marked unverified");
+    assert_eq!(row(&server.db_path(), &id, "acked").unwrap().0, 1, "acked: its row kept");
+}
+
+/// Run `backupd ARGS --data-dir DATA` and expect exit `code`.
+fn admin_ok(data: &Path, args: &[&str], code: i32) -> AdminRun {
+    let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    all.extend([OsStr::new("--data-dir"), data.as_os_str()]);
+    let r = run_admin(&all, &[], Duration::from_secs(120));
+    assert_eq!(r.code, code, "backupd {args:?}: {r:?}");
+    r
+}
+
+/// A verified file missing at start (files/ moved to another disk with a
+/// link left, which start-up sets aside, never following it) keeps its row:
+/// an error line names it, `verify`, `files` and `restore` say it is
+/// missing, and once the folder is back the next start takes the files as
+/// they were (nothing to orphans/). An upload of a missing name simply
+/// stores the new file.
+#[test]
+fn a_verified_file_missing_at_start_keeps_its_row_and_is_taken_back() {
+    let metrics = tempfile::tempdir().unwrap();
+    let prom = metrics.path().join("backupd.prom");
+    let mut server = TestServer::start(&["--metrics-file", prom.to_str().unwrap()]);
+    let (mut c, id) = server.registered_client("moved");
+    let a = pseudo_random(7_000, 61);
+    let b = pseudo_random(3_000, 62);
+    upload_confirm(&mut c, "a.bin", &a);
+    upload_confirm(&mut c, "docs/b.txt", &b);
+    drop(c);
+    assert!(server.stop().success());
+    let data = server.data_dir();
+    let files = data.join("files");
+    let other = server.temp_dir().join("other-disk");
+    std::fs::rename(&files, &other).unwrap();
+    symlink(&other, &files).unwrap();
+    server.restart();
+    for name in ["a.bin", "docs/b.txt"] {
+        server.wait_for_log(
+            &format!("verified file files/{}/{name} of client {} is missing", id_hex(&id), id_hex(&id)),
+            Duration::from_secs(5),
+        );
+        assert_eq!(row(&server.db_path(), &id, name).unwrap().0, 1, "{name}: its row kept verified");
+    }
+    server.wait_for_log("2 verified file(s) are missing from files/", Duration::from_secs(5));
+    // While they are missing the admin commands say so.
+    let r = admin_ok(&data, &["verify"], 3);
+    assert!(r.stdout.contains("missing") && r.stdout.contains("2 problem(s)"), "{r:?}");
+    let r = admin_ok(&data, &["files", "moved"], 0);
+    assert_eq!(r.stdout.matches("(missing)").count(), 2, "{r:?}");
+    let listed = json(&admin_ok(&data, &["files", "moved", "--json"], 0).stdout);
+    assert!(listed.arr().iter().all(|f| f["missing"] == true), "{listed:?}");
+    let out = server.temp_dir().join("restored-while-missing");
+    let r = admin_ok(&data, &["restore", "moved", "a.bin", "--to", out.to_str().unwrap()], 1);
+    assert!(r.stderr.contains("a.bin: the stored copy is missing"), "{r:?}");
+    assert!(!out.join("a.bin").exists());
+    assert!(server.stop().success());
+
+    // The folder back: taken as it was, nothing moved to orphans/.
+    std::fs::remove_dir(&files).unwrap();
+    std::fs::rename(&other, &files).unwrap();
+    server.restart();
+    let mut c = server.connect();
+    c.reconnect(id, "moved", test_key()).unwrap();
+    upload_confirm(&mut c, "after", b"serving");
+    assert_verified(&server, &id, "a.bin", &a, "back");
+    assert_verified(&server, &id, "docs/b.txt", &b, "back");
+    assert!(!server.log_text().contains("has no verified database row"), "{}", server.log_text());
+    assert!(walk_files(&data.join("orphans")).iter().all(|p| p.is_symlink()), "only the link set aside");
+    let r = admin_ok(&data, &["verify"], 0);
+    assert!(r.stdout.contains("checked 3 files") && r.stdout.contains("all well"), "{r:?}");
+    let out = server.temp_dir().join("restored");
+    admin_ok(&data, &["restore", "moved", "--to", out.to_str().unwrap()], 0);
+    assert_eq!(std::fs::read(out.join("a.bin")).unwrap(), a);
+    assert_eq!(std::fs::read(out.join("docs/b.txt")).unwrap(), b);
+
+    // A name sent again while its file is missing is simply stored anew.
+    drop(c);
+    assert!(server.stop().success());
+    std::fs::remove_file(server.stored_path(&id, "a.bin")).unwrap();
+    server.restart();
+    let mut c = server.connect();
+    c.reconnect(id, "moved", test_key()).unwrap();
+    let fresh = pseudo_random(5_000, 63);
+    upload_confirm(&mut c, "a.bin", &fresh);
+    assert_verified(&server, &id, "a.bin", &fresh, "sent again");
+    admin_ok(&data, &["verify"], 0);
+    drop(c);
+    assert!(server.stop().success());
+    // Its row was replaced, not added to: the client's use is what it stores
+    // (written at shutdown), as `backupd clients` reads it from the store.
+    let text = std::fs::read_to_string(&prom).unwrap();
+    let stored = (fresh.len() + b.len() + b"serving".len()).to_string();
+    for line in ["backupd_files_stored 3", "backupd_client_files_stored{client=\"moved\"} 3"] {
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
+    let bytes = format!("backupd_client_bytes_stored{{client=\"moved\"}} {stored}");
+    assert!(text.lines().any(|l| l == bytes), "{bytes} in:\n{text}");
+    let listed = admin_ok(&data, &["clients"], 0).stdout;
+    assert!(listed.lines().any(|l| l.contains("moved") && l.contains(&stored)), "{listed}");
+}
+
+/// Many verified files missing at start: the first 20 named one line each,
+/// then one summary line counting all of them; every row kept.
+#[test]
+fn many_missing_files_are_named_up_to_twenty_and_counted() {
+    let mut server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("many");
+    let names: Vec<String> = (0..23).map(|i| format!("f{i:02}")).collect();
+    for n in &names {
+        upload_confirm(&mut c, n, n.as_bytes());
+    }
+    drop(c);
+    assert!(server.stop().success());
+    std::fs::remove_dir_all(server.files_dir().join(id_hex(&id))).unwrap();
+    server.restart();
+    server.wait_for_log(
+        "23 verified file(s) are missing from files/ (the first 20 named above)",
+        Duration::from_secs(5),
+    );
+    let named = server.log_text().lines().filter(|l| l.contains("is missing; its row is kept")).count();
+    assert_eq!(named, 20, "{}", server.log_text());
+    for n in &names {
+        assert_eq!(row(&server.db_path(), &id, n).unwrap().0, 1, "{n}: its row kept verified");
+    }
+    assert!(server.stop().success());
 }
 
 /// The steps of each commit, in order, as the trace shows them (repeats of

@@ -190,14 +190,16 @@ pub fn files(args: &FilesArgs) -> Result<ExitCode, String> {
     for f in &files {
         let owner = names.get(&f.id).map(String::as_str);
         let versions = if f.verified { versions_of(&store, f) } else { Vec::new() };
+        let missing = store.is_missing(f);
         if args.json {
             let mut o = format!(
-                "{{\"client_id\":{},\"client\":{},\"name\":{},\"verified\":{},\"size\":{},\"cksum\":{},\
+                "{{\"client_id\":{},\"client\":{},\"name\":{},\"verified\":{},\"missing\":{},\"size\":{},\"cksum\":{},\
                  \"received\":{},\"versions\":{}",
                 json_str(&id_hex(&f.id)),
                 json_opt_str(owner),
                 json_str(&f.name),
                 f.verified,
+                missing,
                 json_opt_num(f.size),
                 json_opt_num(f.cksum),
                 json_opt_str(f.received.as_deref()),
@@ -227,7 +229,11 @@ pub fn files(args: &FilesArgs) -> Result<ExitCode, String> {
             or_dash(f.size),
             or_dash(f.cksum),
             f.received.clone().unwrap_or_else(|| "-".into()),
-            if f.verified { versions.len().to_string() } else { "not verified".into() },
+            match (f.verified, missing) {
+                (false, _) => "not verified".into(),
+                (true, true) => format!("{} (missing)", versions.len()),
+                (true, false) => versions.len().to_string(),
+            },
         ]);
         if args.versions {
             for v in &versions {

@@ -117,8 +117,15 @@ fn write_copy(store: &Store, f: &FileInfo, c: &Copy, dest: &Path) -> Result<u64,
     let base = dest.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
     let temp = parent.join(format!(".{base}.restore-{}", std::process::id()));
     let result = (|| {
-        let mut src =
-            store.open_copy(&c.path).map_err(|e| format!("cannot read {}: {e}", c.path.display()))?;
+        let mut src = store.open_copy(&c.path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => format!(
+                "{}: the stored copy is missing ({}); not restored (see `backupd verify` and \
+                 docs/OPERATIONS.md, \"A missing file\")",
+                f.name,
+                c.path.display()
+            ),
+            _ => format!("cannot read {}: {e}", c.path.display()),
+        })?;
         let mut out = OpenOptions::new()
             .write(true)
             .create_new(true)

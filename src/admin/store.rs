@@ -211,6 +211,24 @@ impl Store {
         out
     }
 
+    /// Whether the current copy of a verified file is gone from files/
+    /// (the server keeps its row; docs/OPERATIONS.md, "A missing file").
+    /// With the S3 tier a copy gone locally is missing only while its upload
+    /// to the bucket is still queued (otherwise the bucket has it).
+    pub fn is_missing(&self, f: &FileInfo) -> bool {
+        let gone = matches!(fs::symlink_metadata(self.root.join(&f.path)), Err(e) if e.kind() == io::ErrorKind::NotFound);
+        #[cfg(feature = "s3")]
+        let gone = gone && self.remote.is_none() && self.upload_queued(&f.path);
+        f.verified && gone
+    }
+
+    /// Whether the S3 queue still holds the upload of a stored path.
+    #[cfg(feature = "s3")]
+    fn upload_queued(&self, path: &str) -> bool {
+        let q = "SELECT 1 FROM s3_queue WHERE Path = ?1 AND Op = 0";
+        self.conn.query_row(q, [path], |_| Ok(())).is_ok()
+    }
+
     /// Open a stored copy for reading: the local file or, when it is gone
     /// and the S3 flags are given, its object in the bucket.
     #[cfg(not(feature = "s3"))]

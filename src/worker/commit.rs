@@ -368,7 +368,11 @@ impl Worker {
         let measure = files_ok && !published.is_empty();
         for s in published {
             if files_ok {
-                if s.publish.saved_previous.is_none() {
+                // A name whose verified file was missing at start: the new
+                // file replaces its row, which counted (size, one file) already.
+                let was_missing =
+                    self.missing.remove(&s.publish.target).filter(|_| s.publish.saved_previous.is_none());
+                if s.publish.saved_previous.is_none() && was_missing.is_none() {
                     self.metrics.files_stored.inc();
                 }
                 self.metrics.bytes_stored.add(s.size as i64);
@@ -400,6 +404,9 @@ impl Worker {
                 let u = self.usage.entry(s.client).or_default();
                 u.add(Usage { bytes: s.size, files: 1 });
                 u.sub(freed);
+                if let Some(bytes) = was_missing {
+                    u.sub(Usage { bytes, files: 1 });
+                }
                 let usage = *u;
                 out.push(Completion::Committed {
                     conn: s.conn,

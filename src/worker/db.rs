@@ -411,13 +411,6 @@ impl Db {
         Ok(v.unwrap_or(0) != 0)
     }
 
-    pub fn mark_unverified(&self, id: &ClientId, name: &str) -> rusqlite::Result<()> {
-        self.retry(|c| {
-            c.execute("UPDATE files SET Verified=0 WHERE ID=?1 AND FileName=?2", params![&id[..], name])
-        })?;
-        Ok(())
-    }
-
     pub fn intents(&self) -> rusqlite::Result<Vec<Intent>> {
         let mut st = self.conn.prepare("SELECT Upload, Target, SavedPrevious FROM publish_intents")?;
         let rows = st.query_map([], |r| {

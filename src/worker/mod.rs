@@ -308,6 +308,10 @@ pub struct Worker {
     /// How many syncfs calls have failed (read by the packet thread when an
     /// upload starts; see [`packets::Staged`]).
     failed_syncs: Arc<std::sync::atomic::AtomicU64>,
+    /// Verified files missing at start (their rows kept, see `reconcile`):
+    /// stored path -> the size their row counts in its client's usage, until
+    /// the name is stored again (a new file that replaces the row).
+    missing: HashMap<String, u64>,
     /// The S3 tier, when `--s3-endpoint` is set.
     #[cfg(feature = "s3")]
     replica: Option<replica::Replica>,
@@ -414,6 +418,7 @@ impl Worker {
             unsynced: false,
             one_sync,
             failed_syncs: Default::default(),
+            missing: HashMap::new(),
             #[cfg(feature = "s3")]
             replica: s3.map(replica::Replica::new),
         };

@@ -1,7 +1,8 @@
 //! Startup reconciliation: what a crash can leave behind (unfinished temp
 //! files, publishes without their database commit, rows recorded before
-//! their one sync whose file is not whole, files without a verified row,
-//! verified rows without their file) repaired, each fix logged.
+//! their one sync whose file is not whole, files without a verified row)
+//! repaired, each fix logged; verified rows without their file, or with a
+//! file of another size, reported and kept for the operator.
 
 use std::collections::{HashMap, HashSet};
 
@@ -11,6 +12,10 @@ use super::storage::Publish;
 use super::{ReconcileError, Worker};
 use crate::crypto::copy_with_cksum;
 use crate::protocol::id_hex;
+
+/// Missing verified files named one log line each at start; the summary
+/// line counts them all.
+const MISSING_NAMED: usize = 20;
 
 impl Worker {
     /// Repair what a crash can leave behind. Each fix is logged.
@@ -59,16 +64,22 @@ impl Worker {
         let in_bucket = self.replicated_paths()?;
         let mut torn = 0;
         let mut remote = 0;
+        let mut missing = 0usize;
         for r in rows.iter().filter(|r| r.verified) {
             match (found.get(&r.path), r.size) {
                 (None, _) if in_bucket(&r.path) => remote += 1,
                 (None, _) => {
-                    log::error!(
-                        "startup: verified file {} of client {} is missing; marked unverified",
-                        r.path,
-                        id_hex(&r.id)
-                    );
-                    self.db.mark_unverified(&r.id, &r.name)?;
+                    // Kept verified: the file may come back (a disk moved
+                    // and put back), and then it is accepted as it was.
+                    missing += 1;
+                    self.missing.insert(r.path.clone(), r.size.unwrap_or(0));
+                    if missing <= MISSING_NAMED {
+                        log::error!(
+                            "startup: verified file {} of client {} is missing; its row is kept",
+                            r.path,
+                            id_hex(&r.id)
+                        );
+                    }
                 }
                 (Some(&on_disk), Some(size)) if on_disk != size => {
                     log::error!(
@@ -81,6 +92,18 @@ impl Worker {
                 }
                 _ => {}
             }
+        }
+        if missing > 0 {
+            let named = if missing > MISSING_NAMED {
+                format!(" (the first {MISSING_NAMED} named above)")
+            } else {
+                String::new()
+            };
+            log::error!(
+                "startup: {missing} verified file(s) are missing from files/{named}; their rows are kept: \
+                 put them back, or restore them from a snapshot (`backupd verify` lists them; \
+                 docs/OPERATIONS.md, \"A missing file\")"
+            );
         }
         if torn > 0 {
             log::error!("startup: {torn} verified file(s) differ in size from their database rows");
