@@ -552,3 +552,63 @@ fn a_snapshot_of_a_publish_caught_half_way_is_repaired_as_after_a_crash() {
     // The store itself is untouched (the server repairs it at its start).
     assert_eq!(std::fs::read(&doc).unwrap(), b"not committed");
 }
+
+/// Every entry below `dir` with its content (folders as empty), to compare.
+fn listing(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p.clone());
+                out.insert(p, Vec::new());
+            } else if !p.to_string_lossy().contains("backupd.db") {
+                out.insert(p.clone(), std::fs::read(&p).unwrap_or_default());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn restore_refuses_a_destination_inside_the_data_directory() {
+    let mut f = fixture();
+    let data = f.server.data_dir();
+    let tmp = f.server.temp_dir().to_path_buf();
+    let hex = id_hex(&f.alice);
+    let before = listing(&data);
+    let link = tmp.join("link");
+    std::os::unix::fs::symlink(data.join("files"), &link).unwrap();
+    let inside = [
+        // Over the current copy, while the server runs.
+        data.join("files").join(&hex),
+        data.clone(),
+        data.join("new-folder"),
+        // Through a link, and through `..` below a folder that does not exist.
+        link.join(&hex),
+        tmp.join("nothing").join("..").join("data").join("files"),
+    ];
+    for to in &inside {
+        let t = to.to_str().unwrap();
+        for args in [
+            &["restore", "alice", "doc.txt", "--version", "1", "--to", t, "--force"][..],
+            &["restore", "alice", "--to", t],
+        ] {
+            let r = admin_ok(&data, args, 1);
+            assert!(r.stderr.contains("inside the data directory"), "{args:?}: {r:?}");
+        }
+    }
+    assert!(listing(&data) == before, "something was written into the data directory");
+    assert!(!tmp.join("nothing").exists());
+    admin_ok(&data, &["verify"], 0);
+
+    // DIR outside, but a stored name that leads back into the data directory.
+    f.server.stop();
+    let sneaky = format!("data/files/{hex}/doc.txt");
+    add_nested(&f.server, &f.alice, &sneaky, b"not alice's doc");
+    let r = admin_ok(&data, &["restore", "alice", &sneaky, "--to", tmp.to_str().unwrap(), "--force"], 1);
+    assert!(r.stderr.contains("inside the data directory"), "{r:?}");
+    assert!(std::fs::read(f.server.stored_path(&f.alice, "doc.txt")).unwrap() == f.files["doc.txt"]);
+    admin_ok(&data, &["verify"], 0);
+}

@@ -4,7 +4,9 @@
 //! Read-only on the store (it works while the server runs). Each file is
 //! written to a temp file beside its destination, checked against the
 //! database's cksum when it is the current copy, synced, then renamed into
-//! place; an existing file is never replaced without `--force`. The exit
+//! place; an existing file is never replaced without `--force`, and
+//! nothing is written inside the data directory (DIR and each destination
+//! are resolved first, links followed, and refused there). The exit
 //! status is 1 when anything asked for was missing or could not be written.
 
 use std::collections::BTreeMap;
@@ -13,7 +15,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 
-use super::store::{mtime_nanos, Copy, FileInfo, Store, StoreArgs};
+use super::store::{mtime_nanos, refuse_inside_data_dir, Copy, FileInfo, Store, StoreArgs};
 use super::time::{format_nanos, parse_time};
 use crate::crypto::copy_with_cksum;
 
@@ -162,6 +164,7 @@ pub fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
     #[cfg(not(feature = "s3"))]
     let store = Store::open_read_only(&args.store)?;
     let client = store.resolve(&args.client)?;
+    refuse_inside_data_dir(&args.to, store.root())?;
     let files: Vec<FileInfo> = store.files(Some(&client.id))?.into_iter().filter(|f| f.verified).collect();
     let (chosen, unmatched) = select(&files, &args.paths);
     let mut failed = 0usize;
@@ -175,6 +178,8 @@ pub fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
         let outcome = (|| {
             let rel = relative(name).ok_or_else(|| format!("{name:?}: not a relative path; skipped"))?;
             let dest = args.to.join(rel);
+            // DIR outside, but a name leading back in (DIR above the data directory).
+            refuse_inside_data_dir(&dest, store.root())?;
             if let Ok(m) = fs::symlink_metadata(&dest) {
                 if m.is_dir() || !args.force {
                     return Err(format!("{} exists; not replaced (use --force)", dest.display()));

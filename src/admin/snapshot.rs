@@ -33,7 +33,7 @@ use std::time::Duration;
 use rusqlite::backup::{Backup, StepResult};
 use rusqlite::Connection;
 
-use super::store::{cksum_file, walk, FileInfo, Store, StoreArgs};
+use super::store::{cksum_file, refuse_inside_data_dir, walk, FileInfo, Store, StoreArgs};
 use crate::datadir::{self, DirLock};
 use crate::worker::storage::{Publish, Storage};
 
@@ -128,13 +128,8 @@ fn prepare(dir: &Path, root: &Path) -> Result<DirLock, String> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("{}: {e}", dir.display())),
     }
+    refuse_inside_data_dir(dir, root)?;
     let lock = datadir::acquire(dir)?;
-    let (d, r) = (fs::canonicalize(dir), fs::canonicalize(root));
-    if let (Ok(d), Ok(r)) = (d, r) {
-        if d.starts_with(&r) {
-            return Err(format!("{} is inside the data directory", dir.display()));
-        }
-    }
     datadir::prepare(&lock)?;
     Ok(lock)
 }

@@ -300,6 +300,51 @@ pub struct StoredEntry {
     pub path: PathBuf,
 }
 
+/// `path` as it will be once created: its deepest existing ancestor resolved
+/// (links followed, made absolute), the components below it (which do not
+/// exist, so are no links) applied to that by name.
+pub fn resolved(path: &Path) -> io::Result<PathBuf> {
+    let abs = std::env::current_dir()?.join(path);
+    let mut base = abs.as_path();
+    let mut out = loop {
+        match fs::canonicalize(base) {
+            Ok(p) => break p,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        match base.parent() {
+            Some(p) => base = p,
+            None => return Err(io::ErrorKind::NotFound.into()),
+        }
+    };
+    for c in abs.strip_prefix(base).unwrap_or(Path::new("")).components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::Normal(n) => out.push(n),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Refuse a destination (`restore --to`, `snapshot DIR`) that is, or once
+/// created would be, the data directory `root` or inside it: writing there
+/// would change the store under the server. Both paths are resolved first.
+pub fn refuse_inside_data_dir(dest: &Path, root: &Path) -> Result<(), String> {
+    let d = resolved(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    let r = resolved(root).map_err(|e| format!("data directory {}: {e}", root.display()))?;
+    if d.starts_with(&r) {
+        return Err(format!(
+            "{} is inside the data directory {}; choose a directory outside it",
+            dest.display(),
+            root.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Every non-directory entry below `dir` (symbolic links are not followed).
 pub fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
     for e in fs::read_dir(dir)? {
