@@ -612,3 +612,56 @@ fn restore_refuses_a_destination_inside_the_data_directory() {
     assert!(std::fs::read(f.server.stored_path(&f.alice, "doc.txt")).unwrap() == f.files["doc.txt"]);
     admin_ok(&data, &["verify"], 0);
 }
+
+#[test]
+fn a_client_named_with_another_clients_id_cannot_stand_for_it() {
+    let mut f = fixture();
+    let data = f.server.data_dir();
+    let bob = id_hex(&f.bob);
+    // The server refuses such a name (1601, as a taken one), in either case.
+    for name in [bob.clone(), bob.to_uppercase(), "0123456789abcdef0123456789abcdef".to_string()] {
+        let mut eve = f.server.connect();
+        let refused = eve.register(&name).unwrap_err();
+        assert_eq!(
+            refused.refusal_code(),
+            Some(backupd::protocol::ResponseCode::RegistrationFailed),
+            "{name}: {refused}"
+        );
+    }
+    f.server.wait_for_log("has the form of a client id", Duration::from_secs(10));
+    f.server.stop();
+    // One made before that refusal (here: alice renamed in the database).
+    let conn = rusqlite::Connection::open(f.server.db_path()).unwrap();
+    conn.execute("UPDATE clients SET Name=?1 WHERE ID=?2", rusqlite::params![&bob, &f.alice[..]]).unwrap();
+    drop(conn);
+    let out = f.server.temp_dir().join("out");
+    let o = out.to_str().unwrap();
+    for args in [
+        &["restore", &bob, "--to", o][..],
+        &["files", &bob],
+        &["verify", &bob],
+        &["remove-client", &bob],
+        &["reset-key", &bob],
+    ] {
+        let r = admin_ok(&data, args, 1);
+        assert!(
+            r.stderr.contains(&format!("id:{bob}")) && r.stderr.contains(&format!("name:{bob}")),
+            "{r:?}"
+        );
+    }
+    assert!(!out.exists() || walk_files(&out).is_empty());
+    let list = json(&admin_ok(&data, &["clients", "--json"], 0).stdout);
+    assert_eq!(list.arr().len(), 2);
+    assert!(list.arr().iter().all(|c| c["has_key"] == true));
+    // Said which, each means its own client.
+    admin_ok(&data, &["restore", &format!("id:{bob}"), "--to", o], 0);
+    assert_eq!(tree(&out).keys().collect::<Vec<_>>(), ["x"]);
+    let theirs = f.server.temp_dir().join("theirs");
+    admin_ok(&data, &["restore", &format!("name:{bob}"), "--to", theirs.to_str().unwrap()], 0);
+    assert_eq!(tree(&theirs).len(), 3);
+    admin_ok(&data, &["remove-client", &format!("id:{bob}")], 0);
+    // Now the argument is only alice's name.
+    let rows = json(&admin_ok(&data, &["files", &bob, "--json"], 0).stdout);
+    assert_eq!(rows.arr().len(), 3);
+    admin_ok(&data, &["files", &format!("id:{bob}")], 1);
+}

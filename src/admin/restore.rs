@@ -22,7 +22,7 @@ use crate::crypto::copy_with_cksum;
 /// Copy a client's files out of the store into DIR.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RestoreArgs {
-    /// The client: its name or its id (32 hex characters)
+    /// The client: its id (32 hex characters) or its name; id:HEX or name:NAME to say which
     pub client: String,
 
     /// Stored files or folders to restore (`/`-separated, as `backupd files`

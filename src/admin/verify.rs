@@ -25,7 +25,7 @@ use crate::protocol::{id_hex, ClientId};
 /// Check every stored file and version against the database.
 #[derive(clap::Args, Debug, Clone)]
 pub struct VerifyArgs {
-    /// The client: its name or its id (32 hex characters) [default: every client]
+    /// The client: its id (32 hex characters) or its name; id:HEX or name:NAME to say which [default: every client]
     pub client: Option<String>,
 
     /// One JSON array with an object per file and version checked (and per problem)
