@@ -665,3 +665,55 @@ fn a_client_named_with_another_clients_id_cannot_stand_for_it() {
     assert_eq!(rows.arr().len(), 3);
     admin_ok(&data, &["files", &format!("id:{bob}")], 1);
 }
+
+#[test]
+fn restore_looks_again_at_a_copy_the_server_is_publishing_before_calling_it_damaged() {
+    let mut f = fixture();
+    f.server.stop();
+    let data = f.server.data_dir();
+    // doc.txt as a publish leaves it between its rename and its commit: the
+    // new content in place, the row still the old one's.
+    let new = pseudo_random(6000, 9);
+    let doc = f.server.stored_path(&f.alice, "doc.txt");
+    let staged = data.join("tmp").join("9.part");
+    std::fs::write(&staged, &new).unwrap();
+    std::fs::rename(&staged, &doc).unwrap();
+    let out = f.server.temp_dir().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let mut child = std::process::Command::new(server_bin())
+        .args(["restore", "alice", "doc.txt", "--to", out.to_str().unwrap(), "--data-dir"])
+        .arg(&data)
+        .env_remove("BACKUPD_DATA_DIR")
+        .env_remove("BACKUPD_DB")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The commit comes while restore holds its copy (its temp file is there),
+    // or after it gave up.
+    let temp = out.join(format!(".doc.txt.restore-{}", child.id()));
+    let seen =
+        wait_until(ADMIN_TIMEOUT, || temp.exists() || child.try_wait().map(|s| s.is_some()).unwrap_or(true));
+    assert!(seen);
+    let conn = rusqlite::Connection::open(f.server.db_path()).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.execute(
+        "UPDATE files SET Size=?1, Cksum=?2 WHERE ID=?3 AND FileName='doc.txt'",
+        rusqlite::params![new.len() as i64, cksum(&new), &f.alice[..]],
+    )
+    .unwrap();
+    drop(conn);
+    let r = child.wait_with_output().unwrap();
+    assert!(r.status.success(), "restore during a publish: {r:?}");
+    assert!(std::fs::read(out.join("doc.txt")).unwrap() == new);
+
+    // A copy that stays wrong is still called damaged, and not restored.
+    let mut bytes = new.clone();
+    bytes[10] ^= 1;
+    std::fs::write(&doc, &bytes).unwrap();
+    let again = f.server.temp_dir().join("again");
+    let r = admin_ok(&data, &["restore", "alice", "doc.txt", "--to", again.to_str().unwrap()], 1);
+    assert!(r.stderr.contains("the stored copy is damaged"), "{r:?}");
+    assert!(!again.join("doc.txt").exists());
+    assert!(walk_files(&again).is_empty(), "a temp file was left");
+}

@@ -3,20 +3,24 @@
 //!
 //! Read-only on the store (it works while the server runs). Each file is
 //! written to a temp file beside its destination, checked against the
-//! database's cksum when it is the current copy, synced, then renamed into
-//! place; an existing file is never replaced without `--force`, and
-//! nothing is written inside the data directory (DIR and each destination
-//! are resolved first, links followed, and refused there). The exit
+//! database's cksum when it is the current copy (a mismatch is looked at
+//! again for up to five seconds, as `verify` does: the server may be
+//! publishing that file), synced, then renamed into place; an existing file
+//! is never replaced without `--force`, and nothing is written inside the
+//! data directory (DIR and each destination are resolved first, links
+//! followed, and refused there). The exit
 //! status is 1 when anything asked for was missing or could not be written.
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
+use std::io::Seek;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 
 use super::store::{mtime_nanos, refuse_inside_data_dir, Copy, FileInfo, Store, StoreArgs};
 use super::time::{format_nanos, parse_time};
+use super::verify::recheck;
 use crate::crypto::copy_with_cksum;
 
 /// Copy a client's files out of the store into DIR.
@@ -119,25 +123,43 @@ fn write_copy(store: &Store, f: &FileInfo, c: &Copy, dest: &Path) -> Result<u64,
     let base = dest.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
     let temp = parent.join(format!(".{base}.restore-{}", std::process::id()));
     let result = (|| {
-        let mut src =
-            store.open_copy(&c.path).map_err(|e| format!("cannot read {}: {e}", c.path.display()))?;
         let mut out = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&temp)
             .map_err(|e| format!("cannot create {}: {e}", temp.display()))?;
-        let (size, sum) = copy_with_cksum(&mut src, &mut out)
-            .map_err(|e| format!("cannot copy {} to {}: {e}", c.path.display(), temp.display()))?;
+        // The copy into the (emptied) temp file: its size and cksum.
+        let copy = |out: &mut fs::File| {
+            let mut src =
+                store.open_copy(&c.path).map_err(|e| format!("cannot read {}: {e}", c.path.display()))?;
+            out.set_len(0)
+                .and_then(|_| out.rewind())
+                .and_then(|_| copy_with_cksum(&mut src, out))
+                .map_err(|e| format!("cannot copy {} to {}: {e}", c.path.display(), temp.display()))
+        };
+        let (mut size, mut sum) = copy(&mut out)?;
         if c.index == 0 && f.cksum.is_some_and(|e| e != sum) {
-            // The server may have replaced the file since its row was read.
-            let now = store.files(Some(&f.id))?.into_iter().find(|r| r.name == f.name);
-            if now.and_then(|r| r.cksum) != Some(sum) {
+            // The server may have replaced the file since its row was read, or
+            // be doing so (between its rename and its commit): the row read
+            // again, then, as `verify` does, the copy made again and compared
+            // with the row as it is then, before the copy is called damaged.
+            let row_cksum = || -> Result<Option<u32>, String> {
+                Ok(store.files(Some(&f.id))?.into_iter().find(|r| r.name == f.name).and_then(|r| r.cksum))
+            };
+            let mut expected = row_cksum()?;
+            let damaged = expected != Some(sum)
+                && recheck(|| {
+                    (size, sum) = copy(&mut out)?;
+                    expected = row_cksum()?;
+                    Ok(expected != Some(sum))
+                })?;
+            if damaged {
                 return Err(format!(
                     "{}: the stored copy is damaged (cksum {sum}, the database says {}); not restored \
                      (see `backupd verify`)",
                     f.name,
-                    f.cksum.unwrap_or(0)
+                    expected.map_or("nothing".into(), |e| e.to_string())
                 ));
             }
         }
