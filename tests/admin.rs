@@ -717,3 +717,61 @@ fn restore_looks_again_at_a_copy_the_server_is_publishing_before_calling_it_dama
     assert!(!again.join("doc.txt").exists());
     assert!(walk_files(&again).is_empty(), "a temp file was left");
 }
+
+#[test]
+fn a_refused_or_failed_snapshot_leaves_nothing_behind() {
+    let f = fixture();
+    let data = f.server.data_dir();
+    let before = listing(&data);
+    // Inside the data directory, directly or through `..`: refused, nothing made.
+    let inside = data.join("snapX");
+    let r = admin_ok(&data, &["snapshot", inside.to_str().unwrap()], 1);
+    assert!(r.stderr.contains("inside the data directory"), "{r:?}");
+    let r = admin_ok(&data, &["snapshot", &format!("{}/../data/snapY/z", data.display())], 1);
+    assert!(r.stderr.contains("inside the data directory"), "{r:?}");
+    assert!(listing(&data) == before, "the refused snapshots left something");
+
+    // On another filesystem (a tmpfs): refused before anything is made,
+    // whether DIR is new or an empty folder there; a retry says the same.
+    let other = f.server.temp_dir().join("other");
+    std::fs::create_dir(&other).unwrap();
+    if !mount_tmpfs(&other, "4m") {
+        println!("cannot mount a tmpfs here: the other-filesystem half skipped");
+        return;
+    }
+    let _unmount = Unmount(&other);
+    std::fs::create_dir(other.join("empty")).unwrap();
+    for dir in [other.join("new"), other.join("empty"), other.join("new")] {
+        let r = admin_ok(&data, &["snapshot", dir.to_str().unwrap()], 1);
+        assert!(r.stderr.contains("another filesystem"), "{r:?}");
+    }
+    assert_eq!(listing(&other).into_keys().collect::<Vec<_>>(), [other.join("empty")]);
+
+    // A failure after DIR was made (here: the copy of the database, over
+    // the file size limit, with SIGXFSZ ignored so that the write fails):
+    // DIR is removed again, or emptied when it was there before.
+    let late = f.server.temp_dir().join("late");
+    let empty = f.server.temp_dir().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    for dir in [&late, &empty] {
+        let out = std::process::Command::new("sh")
+            .args(["-c", "trap '' XFSZ; ulimit -f 2; exec \"$0\" \"$@\""])
+            .arg(server_bin())
+            .args(["snapshot", dir.to_str().unwrap(), "--data-dir", data.to_str().unwrap()])
+            .env_remove("BACKUPD_DATA_DIR")
+            .env_remove("BACKUPD_DB")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("backupd.db.part"), "{stderr}");
+        if dir == &late {
+            assert!(!late.exists(), "{:?}", listing(&late).keys());
+        } else {
+            assert!(listing(&empty).is_empty(), "{:?}", listing(&empty).keys());
+        }
+    }
+    // And then it is made there.
+    admin_ok(&data, &["snapshot", late.to_str().unwrap()], 0);
+    admin_ok(&late, &["verify"], 0);
+}
