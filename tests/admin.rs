@@ -455,11 +455,17 @@ fn read_only_commands_leave_the_stored_files_alone() {
         v
     };
     let server_pid = f.server.pid();
+    let lock = data.join("backupd.lock");
+    let lock_state = || {
+        let m = std::fs::metadata(&lock).unwrap();
+        (std::fs::read_to_string(&lock).unwrap(), m.mtime(), m.mtime_nsec())
+    };
     for running in [true, false] {
         if !running {
             f.server.stop();
         }
         let before = listing();
+        let lock_before = lock_state();
         let out = f.server.temp_dir().join(format!("out-{running}"));
         let snap = f.server.temp_dir().join(format!("snap-{running}"));
         admin_ok(&data, &["clients"], 0);
@@ -468,9 +474,11 @@ fn read_only_commands_leave_the_stored_files_alone() {
         admin_ok(&data, &["restore", "alice", "--to", out.to_str().unwrap()], 0);
         admin_ok(&data, &["snapshot", snap.to_str().unwrap()], 0);
         assert_eq!(listing(), before, "running: {running}");
-        // The lock file still names the server: no read-only command took it.
-        let holder = std::fs::read_to_string(data.join("backupd.lock")).unwrap();
-        assert_eq!(holder.trim(), server_pid.to_string(), "a read-only command took the lock");
+        // The lock file is as it was (the server's pid while it runs, empty
+        // after its clean stop): no read-only command took it.
+        assert_eq!(lock_state(), lock_before, "a read-only command took the lock");
+        let holder = if running { format!("{server_pid}\n") } else { String::new() };
+        assert_eq!(lock_before.0, holder);
     }
 }
 
@@ -774,4 +782,52 @@ fn a_refused_or_failed_snapshot_leaves_nothing_behind() {
     // And then it is made there.
     admin_ok(&data, &["snapshot", late.to_str().unwrap()], 0);
     admin_ok(&late, &["verify"], 0);
+}
+
+/// The no-systemd SIGHUP lines of docs/OPERATIONS.md ("Logs and rotation"),
+/// for the data directory `data`.
+fn sighup_recipe(data: &Path) -> String {
+    let docs =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/OPERATIONS.md")).unwrap();
+    let start = docs.find("f=/var/lib/backupd/backupd.lock").expect("the recipe in OPERATIONS.md");
+    let end = start + docs[start..].find("```").unwrap();
+    docs[start..end].replace("/var/lib/backupd", data.to_str().unwrap())
+}
+
+fn sh(script: &str) {
+    let o = std::process::Command::new("sh").args(["-c", script]).output().unwrap();
+    assert!(o.status.success(), "{script}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn the_lock_names_no_process_after_a_clean_exit_and_the_sighup_recipe_signals_only_the_server() {
+    let mut f = fixture();
+    let data = f.server.data_dir();
+    let lock = data.join("backupd.lock");
+    let recipe = sighup_recipe(&data);
+    assert_eq!(std::fs::read_to_string(&lock).unwrap().trim(), f.server.pid().to_string());
+    sh(&recipe);
+    f.server.wait_for_log("SIGHUP: log file reopened", Duration::from_secs(10));
+
+    // Stopped cleanly: the pid is gone; and after a writing command.
+    f.server.stop();
+    assert_eq!(std::fs::read_to_string(&lock).unwrap(), "");
+    admin_ok(&data, &["reset-key", "bob"], 0);
+    assert_eq!(std::fs::read_to_string(&lock).unwrap(), "");
+
+    // A pid left by a server that was killed, now another process's: an
+    // unrelated one, and another backupd server (of another data directory).
+    let mut unrelated = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let mut other = TestServer::start(&[]);
+    for pid in [unrelated.id(), other.pid()] {
+        std::fs::write(&lock, format!("{pid}\n")).unwrap();
+        sh(&recipe);
+    }
+    assert!(unrelated.try_wait().unwrap().is_none(), "the recipe signalled an unrelated process");
+    let _ = unrelated.kill();
+    let _ = unrelated.wait();
+    // The other server got nothing: a SIGHUP sent before its SIGTERM is
+    // handled (and logged) before it stops.
+    other.stop();
+    assert!(!other.log_text().contains("SIGHUP"), "{}", other.log_text());
 }
