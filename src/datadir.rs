@@ -6,7 +6,8 @@
 //!   `<data-dir>/backupd.lock`, taken before anything else in the directory is
 //!   touched and held for the life of the process (or of an admin command). The
 //!   holder's pid is written into the file, so that a second server (or a
-//!   writing admin command) can say who holds it and exit at once.
+//!   writing admin command) can say who holds it and exit at once, and
+//!   taken out again when the lock is released cleanly.
 //! - **A marker, not a guess** ([`prepare`]): backupd creates a data directory
 //!   only when it does not exist or is empty, and marks it with
 //!   `backupd.layout` (the layout version). A non-empty folder without the
@@ -337,7 +338,7 @@ impl Dir {
 /// process ends, however it ends).
 #[derive(Debug)]
 pub struct DirLock {
-    _file: File,
+    file: File,
     dir: Dir,
     path: PathBuf,
 }
@@ -351,6 +352,16 @@ impl DirLock {
     /// The data directory, opened (see [`Dir`]).
     pub fn dir(&self) -> &Dir {
         &self.dir
+    }
+}
+
+/// On a clean release the pid is taken out of the lock file (still under
+/// the lock, so never another holder's): a pid left there would name
+/// whatever process gets that number next. A process that dies keeps its
+/// pid in the file until the next holder writes its own.
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        let _ = self.file.set_len(0);
     }
 }
 
@@ -476,7 +487,7 @@ fn lock(data_dir: &Path, create: bool) -> Result<DirLock, String> {
         .and_then(|_| file.rewind())
         .and_then(|_| file.write_all(pid.as_bytes()))
         .map_err(|e| format!("data directory {d}: cannot write {LOCK_FILE}: {e}"))?;
-    Ok(DirLock { _file: file, dir, path: data_dir.to_path_buf() })
+    Ok(DirLock { file, dir, path: data_dir.to_path_buf() })
 }
 
 /// Mark a locked data directory as backupd's if it is still empty (a marker

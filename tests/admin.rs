@@ -455,11 +455,17 @@ fn read_only_commands_leave_the_stored_files_alone() {
         v
     };
     let server_pid = f.server.pid();
+    let lock = data.join("backupd.lock");
+    let lock_state = || {
+        let m = std::fs::metadata(&lock).unwrap();
+        (std::fs::read_to_string(&lock).unwrap(), m.mtime(), m.mtime_nsec())
+    };
     for running in [true, false] {
         if !running {
             f.server.stop();
         }
         let before = listing();
+        let lock_before = lock_state();
         let out = f.server.temp_dir().join(format!("out-{running}"));
         let snap = f.server.temp_dir().join(format!("snap-{running}"));
         admin_ok(&data, &["clients"], 0);
@@ -468,9 +474,11 @@ fn read_only_commands_leave_the_stored_files_alone() {
         admin_ok(&data, &["restore", "alice", "--to", out.to_str().unwrap()], 0);
         admin_ok(&data, &["snapshot", snap.to_str().unwrap()], 0);
         assert_eq!(listing(), before, "running: {running}");
-        // The lock file still names the server: no read-only command took it.
-        let holder = std::fs::read_to_string(data.join("backupd.lock")).unwrap();
-        assert_eq!(holder.trim(), server_pid.to_string(), "a read-only command took the lock");
+        // The lock file is as it was (the server's pid while it runs, empty
+        // after its clean stop): no read-only command took it.
+        assert_eq!(lock_state(), lock_before, "a read-only command took the lock");
+        let holder = if running { format!("{server_pid}\n") } else { String::new() };
+        assert_eq!(lock_before.0, holder);
     }
 }
 
@@ -551,4 +559,275 @@ fn a_snapshot_of_a_publish_caught_half_way_is_repaired_as_after_a_crash() {
     assert!(!snap.join("files").join(&hex).join("uncommitted.bin").exists());
     // The store itself is untouched (the server repairs it at its start).
     assert_eq!(std::fs::read(&doc).unwrap(), b"not committed");
+}
+
+/// Every entry below `dir` with its content (folders as empty), to compare.
+fn listing(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p.clone());
+                out.insert(p, Vec::new());
+            } else if !p.to_string_lossy().contains("backupd.db") {
+                out.insert(p.clone(), std::fs::read(&p).unwrap_or_default());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn restore_refuses_a_destination_inside_the_data_directory() {
+    let mut f = fixture();
+    let data = f.server.data_dir();
+    let tmp = f.server.temp_dir().to_path_buf();
+    let hex = id_hex(&f.alice);
+    let before = listing(&data);
+    let link = tmp.join("link");
+    std::os::unix::fs::symlink(data.join("files"), &link).unwrap();
+    let inside = [
+        // Over the current copy, while the server runs.
+        data.join("files").join(&hex),
+        data.clone(),
+        data.join("new-folder"),
+        // Through a link, and through `..` below a folder that does not exist.
+        link.join(&hex),
+        tmp.join("nothing").join("..").join("data").join("files"),
+    ];
+    for to in &inside {
+        let t = to.to_str().unwrap();
+        for args in [
+            &["restore", "alice", "doc.txt", "--version", "1", "--to", t, "--force"][..],
+            &["restore", "alice", "--to", t],
+        ] {
+            let r = admin_ok(&data, args, 1);
+            assert!(r.stderr.contains("inside the data directory"), "{args:?}: {r:?}");
+        }
+    }
+    assert!(listing(&data) == before, "something was written into the data directory");
+    assert!(!tmp.join("nothing").exists());
+    admin_ok(&data, &["verify"], 0);
+
+    // DIR outside, but a stored name that leads back into the data directory.
+    f.server.stop();
+    let sneaky = format!("data/files/{hex}/doc.txt");
+    add_nested(&f.server, &f.alice, &sneaky, b"not alice's doc");
+    let r = admin_ok(&data, &["restore", "alice", &sneaky, "--to", tmp.to_str().unwrap(), "--force"], 1);
+    assert!(r.stderr.contains("inside the data directory"), "{r:?}");
+    assert!(std::fs::read(f.server.stored_path(&f.alice, "doc.txt")).unwrap() == f.files["doc.txt"]);
+    admin_ok(&data, &["verify"], 0);
+}
+
+#[test]
+fn a_client_named_with_another_clients_id_cannot_stand_for_it() {
+    let mut f = fixture();
+    let data = f.server.data_dir();
+    let bob = id_hex(&f.bob);
+    // The server refuses such a name (1601, as a taken one), in either case.
+    for name in [bob.clone(), bob.to_uppercase(), "0123456789abcdef0123456789abcdef".to_string()] {
+        let mut eve = f.server.connect();
+        let refused = eve.register(&name).unwrap_err();
+        assert_eq!(
+            refused.refusal_code(),
+            Some(backupd::protocol::ResponseCode::RegistrationFailed),
+            "{name}: {refused}"
+        );
+    }
+    f.server.wait_for_log("has the form of a client id", Duration::from_secs(10));
+    f.server.stop();
+    // One made before that refusal (here: alice renamed in the database).
+    let conn = rusqlite::Connection::open(f.server.db_path()).unwrap();
+    conn.execute("UPDATE clients SET Name=?1 WHERE ID=?2", rusqlite::params![&bob, &f.alice[..]]).unwrap();
+    drop(conn);
+    let out = f.server.temp_dir().join("out");
+    let o = out.to_str().unwrap();
+    for args in [
+        &["restore", &bob, "--to", o][..],
+        &["files", &bob],
+        &["verify", &bob],
+        &["remove-client", &bob],
+        &["reset-key", &bob],
+    ] {
+        let r = admin_ok(&data, args, 1);
+        assert!(
+            r.stderr.contains(&format!("id:{bob}")) && r.stderr.contains(&format!("name:{bob}")),
+            "{r:?}"
+        );
+    }
+    assert!(!out.exists() || walk_files(&out).is_empty());
+    let list = json(&admin_ok(&data, &["clients", "--json"], 0).stdout);
+    assert_eq!(list.arr().len(), 2);
+    assert!(list.arr().iter().all(|c| c["has_key"] == true));
+    // Said which, each means its own client.
+    admin_ok(&data, &["restore", &format!("id:{bob}"), "--to", o], 0);
+    assert_eq!(tree(&out).keys().collect::<Vec<_>>(), ["x"]);
+    let theirs = f.server.temp_dir().join("theirs");
+    admin_ok(&data, &["restore", &format!("name:{bob}"), "--to", theirs.to_str().unwrap()], 0);
+    assert_eq!(tree(&theirs).len(), 3);
+    admin_ok(&data, &["remove-client", &format!("id:{bob}")], 0);
+    // Now the argument is only alice's name.
+    let rows = json(&admin_ok(&data, &["files", &bob, "--json"], 0).stdout);
+    assert_eq!(rows.arr().len(), 3);
+    admin_ok(&data, &["files", &format!("id:{bob}")], 1);
+}
+
+#[test]
+fn restore_looks_again_at_a_copy_the_server_is_publishing_before_calling_it_damaged() {
+    let mut f = fixture();
+    f.server.stop();
+    let data = f.server.data_dir();
+    // doc.txt as a publish leaves it between its rename and its commit: the
+    // new content in place, the row still the old one's.
+    let new = pseudo_random(6000, 9);
+    let doc = f.server.stored_path(&f.alice, "doc.txt");
+    let staged = data.join("tmp").join("9.part");
+    std::fs::write(&staged, &new).unwrap();
+    std::fs::rename(&staged, &doc).unwrap();
+    let out = f.server.temp_dir().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let mut child = std::process::Command::new(server_bin())
+        .args(["restore", "alice", "doc.txt", "--to", out.to_str().unwrap(), "--data-dir"])
+        .arg(&data)
+        .env_remove("BACKUPD_DATA_DIR")
+        .env_remove("BACKUPD_DB")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The commit comes while restore holds its copy (its temp file is there),
+    // or after it gave up.
+    let temp = out.join(format!(".doc.txt.restore-{}", child.id()));
+    let seen =
+        wait_until(ADMIN_TIMEOUT, || temp.exists() || child.try_wait().map(|s| s.is_some()).unwrap_or(true));
+    assert!(seen);
+    let conn = rusqlite::Connection::open(f.server.db_path()).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.execute(
+        "UPDATE files SET Size=?1, Cksum=?2 WHERE ID=?3 AND FileName='doc.txt'",
+        rusqlite::params![new.len() as i64, cksum(&new), &f.alice[..]],
+    )
+    .unwrap();
+    drop(conn);
+    let r = child.wait_with_output().unwrap();
+    assert!(r.status.success(), "restore during a publish: {r:?}");
+    assert!(std::fs::read(out.join("doc.txt")).unwrap() == new);
+
+    // A copy that stays wrong is still called damaged, and not restored.
+    let mut bytes = new.clone();
+    bytes[10] ^= 1;
+    std::fs::write(&doc, &bytes).unwrap();
+    let again = f.server.temp_dir().join("again");
+    let r = admin_ok(&data, &["restore", "alice", "doc.txt", "--to", again.to_str().unwrap()], 1);
+    assert!(r.stderr.contains("the stored copy is damaged"), "{r:?}");
+    assert!(!again.join("doc.txt").exists());
+    assert!(walk_files(&again).is_empty(), "a temp file was left");
+}
+
+#[test]
+fn a_refused_or_failed_snapshot_leaves_nothing_behind() {
+    let f = fixture();
+    let data = f.server.data_dir();
+    let before = listing(&data);
+    // Inside the data directory, directly or through `..`: refused, nothing made.
+    let inside = data.join("snapX");
+    let r = admin_ok(&data, &["snapshot", inside.to_str().unwrap()], 1);
+    assert!(r.stderr.contains("inside the data directory"), "{r:?}");
+    let r = admin_ok(&data, &["snapshot", &format!("{}/../data/snapY/z", data.display())], 1);
+    assert!(r.stderr.contains("inside the data directory"), "{r:?}");
+    assert!(listing(&data) == before, "the refused snapshots left something");
+
+    // On another filesystem (a tmpfs): refused before anything is made,
+    // whether DIR is new or an empty folder there; a retry says the same.
+    let other = f.server.temp_dir().join("other");
+    std::fs::create_dir(&other).unwrap();
+    if !mount_tmpfs(&other, "4m") {
+        println!("cannot mount a tmpfs here: the other-filesystem half skipped");
+        return;
+    }
+    let _unmount = Unmount(&other);
+    std::fs::create_dir(other.join("empty")).unwrap();
+    for dir in [other.join("new"), other.join("empty"), other.join("new")] {
+        let r = admin_ok(&data, &["snapshot", dir.to_str().unwrap()], 1);
+        assert!(r.stderr.contains("another filesystem"), "{r:?}");
+    }
+    assert_eq!(listing(&other).into_keys().collect::<Vec<_>>(), [other.join("empty")]);
+
+    // A failure after DIR was made (here: the copy of the database, over
+    // the file size limit, with SIGXFSZ ignored so that the write fails):
+    // DIR is removed again, or emptied when it was there before.
+    let late = f.server.temp_dir().join("late");
+    let empty = f.server.temp_dir().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    for dir in [&late, &empty] {
+        let out = std::process::Command::new("sh")
+            .args(["-c", "trap '' XFSZ; ulimit -f 2; exec \"$0\" \"$@\""])
+            .arg(server_bin())
+            .args(["snapshot", dir.to_str().unwrap(), "--data-dir", data.to_str().unwrap()])
+            .env_remove("BACKUPD_DATA_DIR")
+            .env_remove("BACKUPD_DB")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("backupd.db.part"), "{stderr}");
+        if dir == &late {
+            assert!(!late.exists(), "{:?}", listing(&late).keys());
+        } else {
+            assert!(listing(&empty).is_empty(), "{:?}", listing(&empty).keys());
+        }
+    }
+    // And then it is made there.
+    admin_ok(&data, &["snapshot", late.to_str().unwrap()], 0);
+    admin_ok(&late, &["verify"], 0);
+}
+
+/// The no-systemd SIGHUP lines of docs/OPERATIONS.md ("Logs and rotation"),
+/// for the data directory `data`.
+fn sighup_recipe(data: &Path) -> String {
+    let docs =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/OPERATIONS.md")).unwrap();
+    let start = docs.find("f=/var/lib/backupd/backupd.lock").expect("the recipe in OPERATIONS.md");
+    let end = start + docs[start..].find("```").unwrap();
+    docs[start..end].replace("/var/lib/backupd", data.to_str().unwrap())
+}
+
+fn sh(script: &str) {
+    let o = std::process::Command::new("sh").args(["-c", script]).output().unwrap();
+    assert!(o.status.success(), "{script}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn the_lock_names_no_process_after_a_clean_exit_and_the_sighup_recipe_signals_only_the_server() {
+    let mut f = fixture();
+    let data = f.server.data_dir();
+    let lock = data.join("backupd.lock");
+    let recipe = sighup_recipe(&data);
+    assert_eq!(std::fs::read_to_string(&lock).unwrap().trim(), f.server.pid().to_string());
+    sh(&recipe);
+    f.server.wait_for_log("SIGHUP: log file reopened", Duration::from_secs(10));
+
+    // Stopped cleanly: the pid is gone; and after a writing command.
+    f.server.stop();
+    assert_eq!(std::fs::read_to_string(&lock).unwrap(), "");
+    admin_ok(&data, &["reset-key", "bob"], 0);
+    assert_eq!(std::fs::read_to_string(&lock).unwrap(), "");
+
+    // A pid left by a server that was killed, now another process's: an
+    // unrelated one, and another backupd server (of another data directory).
+    let mut unrelated = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let mut other = TestServer::start(&[]);
+    for pid in [unrelated.id(), other.pid()] {
+        std::fs::write(&lock, format!("{pid}\n")).unwrap();
+        sh(&recipe);
+    }
+    assert!(unrelated.try_wait().unwrap().is_none(), "the recipe signalled an unrelated process");
+    let _ = unrelated.kill();
+    let _ = unrelated.wait();
+    // The other server got nothing: a SIGHUP sent before its SIGTERM is
+    // handled (and logged) before it stops.
+    other.stop();
+    assert!(!other.log_text().contains("SIGHUP"), "{}", other.log_text());
 }

@@ -668,12 +668,6 @@ fn a_database_on_another_filesystem_keeps_the_files_sync_before_the_commit() {
         println!("cannot mount a tmpfs here: skipped");
         return;
     }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(self.0).status();
-        }
-    }
     let _unmount = Unmount(db_dir.path());
     let db = db_dir.path().join("backupd.db");
     let launch = with_faults(&Arc::new(Mutex::new("trace".into())));

@@ -32,7 +32,7 @@ pub struct ClientsArgs {
 /// List the files of one client, or of all clients.
 #[derive(clap::Args, Debug, Clone)]
 pub struct FilesArgs {
-    /// The client: its name or its id (32 hex characters) [default: every client]
+    /// The client: its id (32 hex characters) or its name; id:HEX or name:NAME to say which [default: every client]
     pub client: Option<String>,
 
     /// Also list each earlier version kept of every file

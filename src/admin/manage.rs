@@ -18,7 +18,7 @@ use crate::protocol::id_hex;
 /// Remove a client's registration and, unless --keep-files, its files and versions.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RemoveClientArgs {
-    /// The client: its name or its id (32 hex characters)
+    /// The client: its id (32 hex characters) or its name; id:HEX or name:NAME to say which
     pub client: String,
 
     /// Keep the client's files and versions: they are moved to
@@ -33,7 +33,7 @@ pub struct RemoveClientArgs {
 /// Forget a client's public key, so that its next connection can set a new one.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ResetKeyArgs {
-    /// The client: its name or its id (32 hex characters)
+    /// The client: its id (32 hex characters) or its name; id:HEX or name:NAME to say which
     pub client: String,
 
     #[command(flatten)]

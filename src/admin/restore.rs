@@ -3,24 +3,30 @@
 //!
 //! Read-only on the store (it works while the server runs). Each file is
 //! written to a temp file beside its destination, checked against the
-//! database's cksum when it is the current copy, synced, then renamed into
-//! place; an existing file is never replaced without `--force`. The exit
+//! database's cksum when it is the current copy (a mismatch is looked at
+//! again for up to five seconds, as `verify` does: the server may be
+//! publishing that file), synced, then renamed into place; an existing file
+//! is never replaced without `--force`, and nothing is written inside the
+//! data directory (DIR and each destination are resolved first, links
+//! followed, and refused there). The exit
 //! status is 1 when anything asked for was missing or could not be written.
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
+use std::io::Seek;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 
-use super::store::{mtime_nanos, Copy, FileInfo, Store, StoreArgs};
+use super::store::{mtime_nanos, refuse_inside_data_dir, Copy, FileInfo, Store, StoreArgs};
 use super::time::{format_nanos, parse_time};
+use super::verify::recheck;
 use crate::crypto::copy_with_cksum;
 
 /// Copy a client's files out of the store into DIR.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RestoreArgs {
-    /// The client: its name or its id (32 hex characters)
+    /// The client: its id (32 hex characters) or its name; id:HEX or name:NAME to say which
     pub client: String,
 
     /// Stored files or folders to restore (`/`-separated, as `backupd files`
@@ -117,32 +123,50 @@ fn write_copy(store: &Store, f: &FileInfo, c: &Copy, dest: &Path) -> Result<u64,
     let base = dest.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
     let temp = parent.join(format!(".{base}.restore-{}", std::process::id()));
     let result = (|| {
-        let mut src = store.open_copy(&c.path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => format!(
-                "{}: the stored copy is missing ({}); not restored (see `backupd verify` and \
-                 docs/OPERATIONS.md, \"A missing file\")",
-                f.name,
-                c.path.display()
-            ),
-            _ => format!("cannot read {}: {e}", c.path.display()),
-        })?;
         let mut out = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&temp)
             .map_err(|e| format!("cannot create {}: {e}", temp.display()))?;
-        let (size, sum) = copy_with_cksum(&mut src, &mut out)
-            .map_err(|e| format!("cannot copy {} to {}: {e}", c.path.display(), temp.display()))?;
+        // The copy into the (emptied) temp file: its size and cksum.
+        let copy = |out: &mut fs::File| {
+            let mut src = store.open_copy(&c.path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => format!(
+                    "{}: the stored copy is missing ({}); not restored (see `backupd verify` and \
+                     docs/OPERATIONS.md, \"A missing file\")",
+                    f.name,
+                    c.path.display()
+                ),
+                _ => format!("cannot read {}: {e}", c.path.display()),
+            })?;
+            out.set_len(0)
+                .and_then(|_| out.rewind())
+                .and_then(|_| copy_with_cksum(&mut src, out))
+                .map_err(|e| format!("cannot copy {} to {}: {e}", c.path.display(), temp.display()))
+        };
+        let (mut size, mut sum) = copy(&mut out)?;
         if c.index == 0 && f.cksum.is_some_and(|e| e != sum) {
-            // The server may have replaced the file since its row was read.
-            let now = store.files(Some(&f.id))?.into_iter().find(|r| r.name == f.name);
-            if now.and_then(|r| r.cksum) != Some(sum) {
+            // The server may have replaced the file since its row was read, or
+            // be doing so (between its rename and its commit): the row read
+            // again, then, as `verify` does, the copy made again and compared
+            // with the row as it is then, before the copy is called damaged.
+            let row_cksum = || -> Result<Option<u32>, String> {
+                Ok(store.files(Some(&f.id))?.into_iter().find(|r| r.name == f.name).and_then(|r| r.cksum))
+            };
+            let mut expected = row_cksum()?;
+            let damaged = expected != Some(sum)
+                && recheck(|| {
+                    (size, sum) = copy(&mut out)?;
+                    expected = row_cksum()?;
+                    Ok(expected != Some(sum))
+                })?;
+            if damaged {
                 return Err(format!(
                     "{}: the stored copy is damaged (cksum {sum}, the database says {}); not restored \
                      (see `backupd verify`)",
                     f.name,
-                    f.cksum.unwrap_or(0)
+                    expected.map_or("nothing".into(), |e| e.to_string())
                 ));
             }
         }
@@ -169,6 +193,7 @@ pub fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
     #[cfg(not(feature = "s3"))]
     let store = Store::open_read_only(&args.store)?;
     let client = store.resolve(&args.client)?;
+    refuse_inside_data_dir(&args.to, store.root())?;
     let files: Vec<FileInfo> = store.files(Some(&client.id))?.into_iter().filter(|f| f.verified).collect();
     let (chosen, unmatched) = select(&files, &args.paths);
     let mut failed = 0usize;
@@ -182,6 +207,8 @@ pub fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
         let outcome = (|| {
             let rel = relative(name).ok_or_else(|| format!("{name:?}: not a relative path; skipped"))?;
             let dest = args.to.join(rel);
+            // DIR outside, but a name leading back in (DIR above the data directory).
+            refuse_inside_data_dir(&dest, store.root())?;
             if let Ok(m) = fs::symlink_metadata(&dest) {
                 if m.is_dir() || !args.force {
                     return Err(format!("{} exists; not replaced (use --force)", dest.display()));

@@ -20,7 +20,9 @@
 //!   not committed) is left out, as the server would move it out of files/.
 //!
 //! DIR is a data directory: `backupd --data-dir DIR` serves it,
-//! `backupd verify --data-dir DIR` checks it.
+//! `backupd verify --data-dir DIR` checks it. It is checked (new or empty,
+//! outside the data directory, on its filesystem) before anything is made,
+//! and a snapshot that fails after that removes what it made.
 
 use std::collections::HashSet;
 use std::fs;
@@ -33,7 +35,7 @@ use std::time::Duration;
 use rusqlite::backup::{Backup, StepResult};
 use rusqlite::Connection;
 
-use super::store::{cksum_file, walk, FileInfo, Store, StoreArgs};
+use super::store::{cksum_file, refuse_inside_data_dir, resolved, walk, FileInfo, Store, StoreArgs};
 use crate::datadir::{self, DirLock};
 use crate::worker::storage::{Publish, Storage};
 
@@ -115,10 +117,11 @@ fn link_tree(from: &Path, to: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// DIR must be new or empty, and outside the data directory. It is made
-/// a data directory (created if missing, locked while the snapshot is made,
-/// then marked), so that a server started on it meanwhile refuses it.
-fn prepare(dir: &Path, root: &Path) -> Result<DirLock, String> {
+/// Every refusal, before anything is created: DIR must be new or empty,
+/// outside the data directory, and on its filesystem (a snapshot is hard
+/// links). For a DIR still to be made, the filesystem is its deepest
+/// existing ancestor's.
+fn check_target(dir: &Path, root: &Path) -> Result<(), String> {
     match fs::read_dir(dir) {
         Ok(mut rd) => {
             if rd.next().is_some() {
@@ -128,15 +131,49 @@ fn prepare(dir: &Path, root: &Path) -> Result<DirLock, String> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("{}: {e}", dir.display())),
     }
-    let lock = datadir::acquire(dir)?;
-    let (d, r) = (fs::canonicalize(dir), fs::canonicalize(root));
-    if let (Ok(d), Ok(r)) = (d, r) {
-        if d.starts_with(&r) {
-            return Err(format!("{} is inside the data directory", dir.display()));
-        }
+    refuse_inside_data_dir(dir, root)?;
+    let store = fs::metadata(root.join("files")).or_else(|_| fs::metadata(root));
+    let store = store.map_err(|e| format!("data directory {}: {e}", root.display()))?;
+    let target = resolved(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let here = target.ancestors().find_map(|a| fs::metadata(a).ok());
+    if here.is_some_and(|m| m.dev() != store.dev()) {
+        return Err(format!(
+            "{} is on another filesystem than the data directory (a snapshot is hard links)",
+            dir.display()
+        ));
     }
+    Ok(())
+}
+
+/// Make DIR a data directory (created if missing, locked while the
+/// snapshot is made, then marked), so that a server started on it meanwhile
+/// refuses it.
+fn prepare(dir: &Path) -> Result<DirLock, String> {
+    let lock = datadir::acquire(dir)?;
     datadir::prepare(&lock)?;
     Ok(lock)
+}
+
+/// After a failure: remove what the snapshot made, DIR itself when it was
+/// not there before (it was new or empty: everything in it is ours).
+fn remove_made(dir: &Path, existed: bool) {
+    let result = if existed {
+        fs::read_dir(dir).and_then(|rd| {
+            rd.into_iter().try_for_each(|e| {
+                let e = e?;
+                if e.file_type()?.is_dir() {
+                    fs::remove_dir_all(e.path())
+                } else {
+                    fs::remove_file(e.path())
+                }
+            })
+        })
+    } else {
+        fs::remove_dir_all(dir)
+    };
+    if let Err(e) = result {
+        eprintln!("backupd: snapshot: cannot remove what was made in {}: {e}", dir.display());
+    }
 }
 
 /// Does the file at `path` hold what `row` describes?
@@ -213,7 +250,18 @@ fn settle(live: &Store, snap: &Store) -> Result<bool, String> {
 pub fn snapshot(args: &SnapshotArgs) -> Result<ExitCode, String> {
     let store = Store::open_read_only(&args.store)?;
     let root = store.root().to_path_buf();
-    let _lock = prepare(&args.dir, &root)?;
+    check_target(&args.dir, &root)?;
+    let existed = args.dir.symlink_metadata().is_ok();
+    let made = make(args, &store, &root);
+    if made.is_err() {
+        remove_made(&args.dir, existed);
+    }
+    made
+}
+
+/// The snapshot itself, into a DIR `check_target` accepted.
+fn make(args: &SnapshotArgs, store: &Store, root: &Path) -> Result<ExitCode, String> {
+    let _lock = prepare(&args.dir)?;
     let part = args.dir.join("backupd.db.part");
     for attempt in 1..=ATTEMPTS {
         for sub in ["files", "versions"] {
@@ -228,9 +276,9 @@ pub fn snapshot(args: &SnapshotArgs) -> Result<ExitCode, String> {
         for sub in ["files", "versions"] {
             link_tree(&root.join(sub), &args.dir.join(sub)).map_err(|e| e.to_string())?;
         }
-        backup_db(&store, &part)?;
+        backup_db(store, &part)?;
         let snap = Store::open_read_write(&StoreArgs { data_dir: args.dir.clone(), db: Some(part.clone()) })?;
-        let settled = settle(&store, &snap)?;
+        let settled = settle(store, &snap)?;
         drop(snap);
         if settled {
             let db = args.dir.join("backupd.db");

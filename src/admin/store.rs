@@ -176,13 +176,32 @@ impl Store {
         Ok(out)
     }
 
-    /// The client named by `spec`: its name, or its id as 32 hex characters.
+    /// The client named by `spec`: `id:HEX` or `name:NAME`, or without a
+    /// prefix its id as 32 hex characters or its name. An id wins over a
+    /// name (a client cannot take another's place by naming itself with its
+    /// id); a spec that is one client's id and another's name is refused as
+    /// ambiguous.
     pub fn resolve(&self, spec: &str) -> Result<ClientInfo, String> {
         let clients = self.clients()?;
-        let id = parse_id_hex(spec);
-        clients.into_iter().find(|c| c.name == spec || Some(c.id) == id).ok_or_else(|| {
-            format!("no client named {spec:?} (give a name or a 32-hex id; see `backupd clients`)")
-        })
+        let (by_id, by_name) = match (spec.strip_prefix("id:"), spec.strip_prefix("name:")) {
+            (Some(hex), _) => (parse_id_hex(hex), None),
+            (_, Some(name)) => (None, Some(name)),
+            _ => (parse_id_hex(spec), Some(spec)),
+        };
+        let id_match = clients.iter().find(|c| by_id == Some(c.id));
+        let name_match = clients.iter().find(|c| by_name == Some(c.name.as_str()));
+        match (id_match, name_match) {
+            (Some(a), Some(b)) if a.id != b.id => Err(format!(
+                "{spec:?} is the id of client {:?} and the name of another client ({}); \
+                 say which: id:{spec} or name:{spec}",
+                a.name,
+                id_hex(&b.id)
+            )),
+            (Some(c), _) | (None, Some(c)) => Ok(c.clone()),
+            (None, None) => Err(format!(
+                "no client named {spec:?} (give a name, a 32-hex id, name:NAME or id:HEX; see `backupd clients`)"
+            )),
+        }
     }
 
     /// The file rows of one client, or of all, sorted by client and name.
@@ -316,6 +335,51 @@ pub struct StoredEntry {
     /// Its path below that directory (for a version: `<name>/<n>`).
     pub name: String,
     pub path: PathBuf,
+}
+
+/// `path` as it will be once created: its deepest existing ancestor resolved
+/// (links followed, made absolute), the components below it (which do not
+/// exist, so are no links) applied to that by name.
+pub fn resolved(path: &Path) -> io::Result<PathBuf> {
+    let abs = std::env::current_dir()?.join(path);
+    let mut base = abs.as_path();
+    let mut out = loop {
+        match fs::canonicalize(base) {
+            Ok(p) => break p,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        match base.parent() {
+            Some(p) => base = p,
+            None => return Err(io::ErrorKind::NotFound.into()),
+        }
+    };
+    for c in abs.strip_prefix(base).unwrap_or(Path::new("")).components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::Normal(n) => out.push(n),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Refuse a destination (`restore --to`, `snapshot DIR`) that is, or once
+/// created would be, the data directory `root` or inside it: writing there
+/// would change the store under the server. Both paths are resolved first.
+pub fn refuse_inside_data_dir(dest: &Path, root: &Path) -> Result<(), String> {
+    let d = resolved(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    let r = resolved(root).map_err(|e| format!("data directory {}: {e}", root.display()))?;
+    if d.starts_with(&r) {
+        return Err(format!(
+            "{} is inside the data directory {}; choose a directory outside it",
+            dest.display(),
+            root.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Every non-directory entry below `dir` (symbolic links are not followed).

@@ -25,7 +25,7 @@ use crate::protocol::{id_hex, ClientId};
 /// Check every stored file and version against the database.
 #[derive(clap::Args, Debug, Clone)]
 pub struct VerifyArgs {
-    /// The client: its name or its id (32 hex characters) [default: every client]
+    /// The client: its id (32 hex characters) or its name; id:HEX or name:NAME to say which [default: every client]
     pub client: Option<String>,
 
     /// One JSON array with an object per file and version checked (and per problem)
@@ -44,6 +44,20 @@ pub struct VerifyArgs {
 /// How often, and after what pause, a problem is looked at again.
 const RECHECKS: usize = 10;
 const RECHECK_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Look again at something that looks wrong while the server may be
+/// publishing it (between its rename and its commit): `still_wrong` after
+/// each pause, until it says false or RECHECKS pauses passed. True when
+/// it stayed wrong. `verify` and `restore` both decide so.
+pub fn recheck(mut still_wrong: impl FnMut() -> Result<bool, String>) -> Result<bool, String> {
+    for _ in 0..RECHECKS {
+        std::thread::sleep(RECHECK_PAUSE);
+        if !still_wrong()? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
 
 /// Exit status when verify found a problem.
 pub const EXIT_PROBLEMS: u8 = 3;
@@ -192,16 +206,18 @@ pub fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
     // A publish between its rename and its commit looks like a problem for
     // a moment: look again, with what the database says then, until nothing
     // is left or the problems stay for RECHECKS pauses.
-    for _ in 0..RECHECKS {
-        let suspects: HashSet<PathBuf> =
-            items.iter().filter(|i| i.status != Status::Ok).map(|i| i.path.clone()).collect();
-        if suspects.is_empty() {
-            break;
-        }
-        std::thread::sleep(RECHECK_PAUSE);
-        let again = check(&store, id.as_ref(), Some(&suspects), &bar)?;
-        items.retain(|i| !suspects.contains(&i.path));
-        items.extend(again);
+    let suspects_of = |items: &[Item]| -> HashSet<PathBuf> {
+        items.iter().filter(|i| i.status != Status::Ok).map(|i| i.path.clone()).collect()
+    };
+    let mut suspects = suspects_of(&items);
+    if !suspects.is_empty() {
+        recheck(|| {
+            let again = check(&store, id.as_ref(), Some(&suspects), &bar)?;
+            items.retain(|i| !suspects.contains(&i.path));
+            items.extend(again);
+            suspects = suspects_of(&items);
+            Ok(!suspects.is_empty())
+        })?;
     }
     items.sort_by(|a, b| (&a.client, &a.name, a.version).cmp(&(&b.client, &b.name, b.version)));
     let names: HashMap<String, String> =

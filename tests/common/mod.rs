@@ -716,3 +716,12 @@ pub fn mount_tmpfs(dir: &Path, size: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// Unmounts (lazily) a tmpfs that [`mount_tmpfs`] mounted, when dropped.
+pub struct Unmount<'a>(pub &'a Path);
+
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0).status();
+    }
+}
