@@ -937,3 +937,26 @@ fn a_reconnect_flood_from_one_address_is_rate_limited() {
     other.register("elsewhere").unwrap();
     other.send_public_key("elsewhere", test_key()).expect("another address gets its session key");
 }
+
+/// A flood of new connections that never send a byte, at a full table: each
+/// evicts the oldest connection that has got least far. A client between its
+/// registration (1600) and its key keeps its slot (1600s are rate-limited per
+/// address, so a flood cannot make its own); its key is then accepted.
+#[test]
+fn a_connection_flood_does_not_evict_a_client_between_1600_and_its_key() {
+    let server = TestServer::start(&["--max-connections", "8"]);
+    let addr = server.addr();
+    let mut c = Client::connect(addr, &quick()).unwrap();
+    c.register("slow-keygen").unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..24 {
+        silent.push(connect_from(2, addr).unwrap());
+        thread::sleep(Duration::from_millis(20));
+    }
+    server.wait_for_log("evicted: the connection table is full", IO_TIMEOUT);
+    c.send_public_key("slow-keygen", test_key()).expect("the registering client kept its slot");
+    let data = pseudo_random(3000, 1);
+    let up = c.upload_bytes("kept.bin", &data, &UploadOptions::default()).unwrap();
+    assert!(up.cksum_matches(), "{up:?}");
+    drop(silent);
+}

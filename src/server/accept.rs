@@ -116,7 +116,8 @@ impl Server {
             .conns
             .iter()
             .min_by_key(|(_, c)| {
-                (c.closing.is_none(), eviction_rank(c.proto.last_progress, c.authed, c.accepted))
+                let registering = c.proto.registered_id.is_some() && c.proto.session.is_none();
+                (c.closing.is_none(), eviction_rank(c.proto.last_progress, c.authed, registering, c.accepted))
             })
             .map(|(k, c)| (k, c.serial()));
         let Some((key, serial)) = victim else { return false };

@@ -86,13 +86,17 @@ impl PerAddress {
 
 /// The order in which connections are evicted when the table is full: the
 /// smallest rank goes first. `last_progress`: the last upload progress (None:
-/// never); `authed`: has had a session; `accepted`: when it connected.
+/// never); `authed`: has had a session; `registering`: got a 1600 and has no
+/// session yet (a client between its registration and its key: 1600s are
+/// rate-limited per address, so a flood of new connections cannot make its
+/// own); `accepted`: when it connected.
 pub fn eviction_rank(
     last_progress: Option<Instant>,
     authed: bool,
+    registering: bool,
     accepted: Instant,
-) -> (bool, Option<Instant>, bool, Instant) {
-    (last_progress.is_some(), last_progress, authed, accepted)
+) -> (bool, Option<Instant>, bool, bool, Instant) {
+    (last_progress.is_some(), last_progress, authed, registering, accepted)
 }
 
 /// A token bucket per key (an address, a client id): `rate` per second, up
@@ -168,14 +172,18 @@ mod tests {
     fn never_uploaded_connections_are_evicted_first() {
         let t0 = Instant::now();
         let t1 = t0 + Duration::from_secs(1);
-        let uploader = eviction_rank(Some(t0), true, t0);
-        let reconnecting = eviction_rank(None, true, t1);
-        let fresh = eviction_rank(None, false, t1);
-        let old_fresh = eviction_rank(None, false, t0);
+        let uploader = eviction_rank(Some(t0), true, false, t0);
+        let reconnecting = eviction_rank(None, true, false, t1);
+        let fresh = eviction_rank(None, false, false, t1);
+        let old_fresh = eviction_rank(None, false, false, t0);
+        // Registered on this connection (1600), key not sent yet: after the
+        // connections that have not got that far, however old.
+        let registering = eviction_rank(None, false, true, t0);
+        assert!(fresh < registering && registering < reconnecting);
         let mut v = vec![uploader, reconnecting, fresh, old_fresh];
         v.sort();
         assert_eq!(v, vec![old_fresh, fresh, reconnecting, uploader]);
-        assert!(eviction_rank(Some(t0), true, t1) < eviction_rank(Some(t1), true, t0));
+        assert!(eviction_rank(Some(t0), true, false, t1) < eviction_rank(Some(t1), true, false, t0));
     }
 
     #[test]
