@@ -427,14 +427,26 @@ pub fn now_secs() -> u64 {
 }
 
 /// Write `text` to `path` atomically: a temp file beside it, then rename.
+/// The file is readable by all (0644, whatever the umask: the service's is
+/// 0077), so that node_exporter, another user, can read it; the temp file
+/// goes when something fails.
 pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    drop(f);
-    std::fs::rename(&tmp, path)
+    let r = f
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .and_then(|()| f.write_all(text.as_bytes()))
+        .and_then(|()| {
+            drop(f);
+            std::fs::rename(&tmp, path)
+        });
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
 }
 
 /// The thread that writes the metrics file; dropping it (or `stop`) writes

@@ -256,3 +256,43 @@ fn tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(5)..].join("\n")
 }
+
+/// The metrics file is readable by node_exporter (another user) whatever
+/// the service's umask (the shipped unit has `UMask=0077`); an interval of
+/// 0 (which would rewrite it without pause) is refused at start.
+#[test]
+fn the_metrics_file_is_readable_by_all_and_its_interval_has_a_floor() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let prom = dir.path().join("backupd.prom");
+    let prom_arg = prom.to_str().unwrap().to_string();
+    let umask077 = |cmd: &mut std::process::Command| {
+        // SAFETY: umask is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::umask(0o077);
+                Ok(())
+            });
+        }
+    };
+    let launch = Launch { tweak: Some(std::sync::Arc::new(umask077)), ..Launch::default() };
+    let args = ["--metrics-file", &prom_arg, "--metrics-interval", "200ms"];
+    let mut server = TestServer::start_with(&args, launch, |_| {});
+    assert!(wait_until(Duration::from_secs(10), || prom.exists()), "no metrics file");
+    server.stop();
+    let mode = std::fs::metadata(&prom).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644, "the metrics file's mode");
+    assert!(!dir.path().join("backupd.prom.tmp").exists());
+
+    let data = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(server_bin())
+        .args(["--listen", "127.0.0.1:0", "--metrics-file", &prom_arg, "--metrics-interval", "0s"])
+        .arg("--data-dir")
+        .arg(data.path().join("d"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--metrics-interval must be at least 100ms"), "{err}");
+}

@@ -121,6 +121,9 @@ fn check_flags(cfg: &Config) -> Result<(), StartError> {
     if cfg.max_packet > u32::MAX as u64 || cfg.max_packet < crate::protocol::PACKET_HEADER_LEN as u64 {
         return Err(StartError::Setup("--max-packet must be between 267 bytes and 4 GiB".into()));
     }
+    if cfg.metrics_file.is_some() && cfg.metrics_interval < std::time::Duration::from_millis(100) {
+        return Err(StartError::Setup("--metrics-interval must be at least 100ms".into()));
+    }
     if cfg.max_file_size > u32::MAX as u64 {
         return Err(StartError::Setup("--max-file-size cannot exceed 4294967295 (a 32-bit field)".into()));
     }
