@@ -11,6 +11,9 @@
 //!   only when it does not exist or is empty, and marks it with
 //!   `backupd.layout` (the layout version). A non-empty folder without the
 //!   marker is refused, its mode and contents untouched.
+//! - **One owner of the database too** ([`lock_database`], [`DbLock`]): an
+//!   exclusive `flock` on `<db>.lock` beside the database, wherever `--db`
+//!   puts it, with the holder's pid, as for the data directory.
 //! - **Nothing is followed** ([`Dir`]): every entry inside the data directory
 //!   is reached relative to a directory descriptor, one component at a time,
 //!   with no symbolic link followed (`openat` with `O_NOFOLLOW`, `O_DIRECTORY`
@@ -446,19 +449,27 @@ fn lock(data_dir: &Path, create: bool) -> Result<DirLock, String> {
     }
     let dir = Dir::open(data_dir).map_err(|e| format!("data directory {d}: {e}"))?;
     check_marked_or_empty(&dir, data_dir)?;
-    let c = component(OsStr::new(LOCK_FILE)).map_err(|e| e.to_string())?;
+    let file = lock_pid(&dir, LOCK_FILE, &format!("data directory {d}"))?;
+    Ok(DirLock { _file: file, dir, path: data_dir.to_path_buf() })
+}
+
+/// Lock `dir/name` (`flock(LOCK_EX | LOCK_NB)`, created if missing, never
+/// through a link) and write our pid into it. `what` names the thing locked
+/// in the messages ("data directory D", "database D").
+fn lock_pid(dir: &Dir, name: &str, what: &str) -> Result<File, String> {
+    let c = component(OsStr::new(name)).map_err(|e| e.to_string())?;
     let fd = dir.openat(&c, libc::O_RDWR | libc::O_CREAT, 0o600).map_err(|e| {
         if e.raw_os_error() == Some(libc::ELOOP) {
-            format!("data directory {d}: {LOCK_FILE} is a symbolic link; remove it")
+            format!("{what}: {name} is a symbolic link; remove it")
         } else {
-            format!("data directory {d}: cannot open {LOCK_FILE}: {e}")
+            format!("{what}: cannot open {name}: {e}")
         }
     })?;
     let mut file = File::from(fd);
     match file.metadata() {
         Ok(m) if m.is_file() => {}
-        Ok(_) => return Err(format!("data directory {d}: {LOCK_FILE} is not a regular file")),
-        Err(e) => return Err(format!("data directory {d}: {LOCK_FILE}: {e}")),
+        Ok(_) => return Err(format!("{what}: {name} is not a regular file")),
+        Err(e) => return Err(format!("{what}: {name}: {e}")),
     }
     // SAFETY: valid descriptor owned by `file`.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -467,16 +478,41 @@ fn lock(data_dir: &Path, create: bool) -> Result<DirLock, String> {
             let mut s = String::new();
             let _ = Read::by_ref(&mut file).take(32).read_to_string(&mut s);
             let holder = s.trim().parse::<u32>().map(|p| p.to_string()).unwrap_or_else(|_| "?".into());
-            return Err(format!("data directory {d} is in use by process {holder}"));
+            return Err(format!("{what} is in use by process {holder}"));
         }
-        return Err(format!("data directory {d}: cannot lock {LOCK_FILE}: {e}"));
+        return Err(format!("{what}: cannot lock {name}: {e}"));
     }
     let pid = format!("{}\n", std::process::id());
     file.set_len(0)
         .and_then(|_| file.rewind())
         .and_then(|_| file.write_all(pid.as_bytes()))
-        .map_err(|e| format!("data directory {d}: cannot write {LOCK_FILE}: {e}"))?;
-    Ok(DirLock { _file: file, dir, path: data_dir.to_path_buf() })
+        .map_err(|e| format!("{what}: cannot write {name}: {e}"))?;
+    Ok(file)
+}
+
+/// Holds a database's lock (`<db>.lock` beside it); released when dropped.
+#[derive(Debug)]
+pub struct DbLock {
+    _file: File,
+}
+
+/// Lock the database at `db` for one owner: an exclusive `flock` on
+/// `<db>.lock` in the database's folder, with our pid in it, as for the data
+/// directory. A separate file, not the database itself: SQLite takes POSIX
+/// (`fcntl`) locks on the database, and where `flock` is emulated with
+/// `fcntl` locks (NFS) the two would meet. The error is the message for the
+/// user, e.g. "database D is in use by process N".
+pub fn lock_database(db: &Path) -> Result<DbLock, String> {
+    let what = format!("database {}", db.display());
+    let parent = match db.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = db.file_name().ok_or_else(|| format!("{what}: not a file name"))?;
+    let dir = Dir::open(parent).map_err(|e| format!("{what}: {}: {e}", parent.display()))?;
+    let mut lock_name = name.to_os_string();
+    lock_name.push(".lock");
+    Ok(DbLock { _file: lock_pid(&dir, &lock_name.to_string_lossy(), &what)? })
 }
 
 /// Mark a locked data directory as backupd's if it is still empty (a marker

@@ -284,6 +284,8 @@ const FREE_SPACE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 pub struct Worker {
     /// The data directory's lock, held as long as the worker owns the directory.
     _lock: DirLock,
+    /// The database's lock (`<db>.lock`), held as long as the worker writes it.
+    _db_lock: datadir::DbLock,
     storage: Storage,
     db: Db,
     keep_versions: u32,
@@ -384,6 +386,7 @@ impl Worker {
         let lock = datadir::acquire(data_dir).map_err(OpenError::DataDir)?;
         datadir::prepare(&lock).map_err(OpenError::DataDir)?;
         check_database_files(&lock, data_dir, db_path)?;
+        let db_lock = datadir::lock_database(db_path).map_err(OpenError::DataDir)?;
         let storage =
             Storage::open(data_dir).map_err(|source| OpenError::Storage { dir: data_dir.clone(), source })?;
         let database = |source| OpenError::Database { path: db_path.clone(), source };
@@ -401,6 +404,7 @@ impl Worker {
         };
         let mut w = Worker {
             _lock: lock,
+            _db_lock: db_lock,
             storage,
             db,
             keep_versions,
