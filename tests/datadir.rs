@@ -163,7 +163,10 @@ fn an_empty_existing_folder_is_taken_and_marked() {
         std::fs::create_dir(temp.join("data")).unwrap();
     });
     let marker = std::fs::read_to_string(server.data_dir().join("backupd.layout")).unwrap();
-    assert_eq!(marker, "backupd data directory, layout 1\n");
+    let (first, id) = marker.split_once('\n').unwrap();
+    assert_eq!(first, "backupd data directory, layout 1");
+    let id = id.strip_prefix("id ").and_then(|i| i.strip_suffix('\n')).unwrap();
+    assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{marker:?}");
     let lock = std::fs::read_to_string(server.data_dir().join("backupd.lock")).unwrap();
     assert_eq!(lock.trim(), server.pid().to_string());
 }
@@ -701,4 +704,66 @@ fn a_database_outside_the_data_directory_is_locked_while_the_server_runs() {
     let mut c = server.connect();
     c.reconnect(id, "alice", test_key()).unwrap();
     upload_confirm(&mut c, "a2", b"and it takes more");
+}
+
+#[test]
+fn a_database_serves_only_the_data_directory_it_records() {
+    let (_dbs, db, mut server, id) = server_with_outside_db("alice", "a", b"kept verified");
+    assert!(server.stop().success());
+    let canonical = std::fs::canonicalize(server.data_dir()).unwrap();
+    let owner = canonical.to_str().unwrap();
+    // A server with another data directory and this database.
+    let other = server.temp_dir().join("other-data");
+    let wrong = raw_server_db(server.temp_dir(), &other, &db);
+    assert_refused(wrong, &[&db.display().to_string(), owner, &other.display().to_string(), "--data-dir"]);
+    // A writing command with another data directory (here an empty folder).
+    let empty = server.temp_dir().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let r = admin_on(&empty, &db, &["reset-key", "alice"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains(owner) && r.stderr.contains(&empty.display().to_string()), "{r:?}");
+    // A reader beside another marked data directory too (one without a
+    // marker may be a lost disk, read from the bucket).
+    assert!(other.join("backupd.layout").is_file());
+    let r = admin_on(&other, &db, &["clients"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains(owner), "{r:?}");
+    // Nothing was marked unverified, nothing moved: the right start serves it.
+    assert_eq!(db_verified(&db, &id, "a"), Some(1));
+    server.restart();
+    let orphans = server.data_dir().join("orphans");
+    assert!(!orphans.exists() || walk_files(&orphans).is_empty());
+    assert_verified_in(&server, &db, &id, "a", b"kept verified", "after the refused starts");
+}
+
+#[test]
+fn a_database_of_an_earlier_version_is_adopted_by_the_data_directory_it_is_first_opened_with() {
+    let mut server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("carol");
+    upload_confirm(&mut c, "c", b"from before");
+    drop(c);
+    assert!(server.stop().success());
+    // As an earlier backupd left them: no id in the marker, no settings table.
+    let marker = server.data_dir().join("backupd.layout");
+    std::fs::write(&marker, "backupd data directory, layout 1\n").unwrap();
+    let conn = rusqlite::Connection::open(server.db_path()).unwrap();
+    conn.execute_batch("DROP TABLE settings").unwrap();
+    drop(conn);
+    server.restart();
+    assert_verified(&server, &id, "c", b"from before", "adopted");
+    let text = std::fs::read_to_string(&marker).unwrap();
+    let id_line =
+        text.lines().nth(1).and_then(|l| l.strip_prefix("id ")).expect("an id in the marker").to_string();
+    let conn =
+        rusqlite::Connection::open_with_flags(server.db_path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let recorded: String =
+        conn.query_row("SELECT Value FROM settings WHERE Key='data_dir_id'", [], |r| r.get(0)).unwrap();
+    assert_eq!(recorded, id_line);
+    drop(conn);
+    assert!(server.stop().success());
+    // From now on it is that directory's: another one is refused.
+    let other = server.temp_dir().join("other-data");
+    let s = raw_server_db(server.temp_dir(), &other, &server.db_path());
+    assert_refused(s, &["belongs to the data directory"]);
 }

@@ -35,6 +35,7 @@ use rusqlite::Connection;
 
 use super::store::{cksum_file, walk, FileInfo, Store, StoreArgs};
 use crate::datadir::{self, DirLock};
+use crate::worker::db::{set_owner, Owner};
 use crate::worker::storage::{Publish, Storage};
 
 /// Write a consistent copy of the database and hard links of the stored files into DIR.
@@ -118,7 +119,7 @@ fn link_tree(from: &Path, to: &Path) -> io::Result<()> {
 /// DIR must be new or empty, and outside the data directory. It is made
 /// a data directory (created if missing, locked while the snapshot is made,
 /// then marked), so that a server started on it meanwhile refuses it.
-fn prepare(dir: &Path, root: &Path) -> Result<DirLock, String> {
+fn prepare(dir: &Path, root: &Path) -> Result<(DirLock, String), String> {
     match fs::read_dir(dir) {
         Ok(mut rd) => {
             if rd.next().is_some() {
@@ -135,8 +136,8 @@ fn prepare(dir: &Path, root: &Path) -> Result<DirLock, String> {
             return Err(format!("{} is inside the data directory", dir.display()));
         }
     }
-    datadir::prepare(&lock)?;
-    Ok(lock)
+    let id = datadir::prepare(&lock)?;
+    Ok((lock, id))
 }
 
 /// Does the file at `path` hold what `row` describes?
@@ -213,7 +214,7 @@ fn settle(live: &Store, snap: &Store) -> Result<bool, String> {
 pub fn snapshot(args: &SnapshotArgs) -> Result<ExitCode, String> {
     let store = Store::open_read_only(&args.store)?;
     let root = store.root().to_path_buf();
-    let _lock = prepare(&args.dir, &root)?;
+    let (_lock, id) = prepare(&args.dir, &root)?;
     let part = args.dir.join("backupd.db.part");
     for attempt in 1..=ATTEMPTS {
         for sub in ["files", "versions"] {
@@ -229,6 +230,14 @@ pub fn snapshot(args: &SnapshotArgs) -> Result<ExitCode, String> {
             link_tree(&root.join(sub), &args.dir.join(sub)).map_err(|e| e.to_string())?;
         }
         backup_db(&store, &part)?;
+        // The copy belongs to DIR, not to the data directory it came from.
+        let owner = Owner {
+            id: id.clone(),
+            path: fs::canonicalize(&args.dir).map_err(|e| e.to_string())?.to_string_lossy().into_owned(),
+        };
+        Connection::open(&part)
+            .and_then(|c| set_owner(&c, &owner))
+            .map_err(|e| format!("{}: {e}", part.display()))?;
         let snap = Store::open_read_write(&StoreArgs { data_dir: args.dir.clone(), db: Some(part.clone()) })?;
         let settled = settle(&store, &snap)?;
         drop(snap);

@@ -384,13 +384,15 @@ impl Worker {
             s3::client::Bucket::new(s).map_err(OpenError::S3)?;
         }
         let lock = datadir::acquire(data_dir).map_err(OpenError::DataDir)?;
-        datadir::prepare(&lock).map_err(OpenError::DataDir)?;
+        let id = datadir::prepare(&lock).map_err(OpenError::DataDir)?;
         check_database_files(&lock, data_dir, db_path)?;
         let db_lock = datadir::lock_database(db_path).map_err(OpenError::DataDir)?;
-        let storage =
-            Storage::open(data_dir).map_err(|source| OpenError::Storage { dir: data_dir.clone(), source })?;
         let database = |source| OpenError::Database { path: db_path.clone(), source };
         let db = Db::open(db_path, cfg.db_busy_timeout).map_err(database)?;
+        db::check_owner(db.conn(), db_path, data_dir, Some(&id), db::Opener::Server)
+            .map_err(OpenError::DataDir)?;
+        let storage =
+            Storage::open(data_dir).map_err(|source| OpenError::Storage { dir: data_dir.clone(), source })?;
         // One sync per batch of new files needs the database (and its WAL,
         // beside it) on the data directory's filesystem: syncfs covers one.
         let same_fs =
