@@ -670,6 +670,14 @@ fn assert_refused(mut s: RawServer, needles: &[&str]) -> String {
     log
 }
 
+/// What the data directory's lock file holds is rewritten by every start:
+/// the rest of the tree is compared.
+fn tree_but_lock(dir: &Path) -> BTreeMap<PathBuf, (u32, Option<Vec<u8>>)> {
+    let mut t = tree(dir);
+    t.remove(&dir.join("backupd.lock"));
+    t
+}
+
 #[test]
 fn a_database_outside_the_data_directory_is_locked_while_the_server_runs() {
     let (_dbs, db, server, id) = server_with_outside_db("alice", "a", b"kept verified");
@@ -734,6 +742,27 @@ fn a_database_serves_only_the_data_directory_it_records() {
     let orphans = server.data_dir().join("orphans");
     assert!(!orphans.exists() || walk_files(&orphans).is_empty());
     assert_verified_in(&server, &db, &id, "a", b"kept verified", "after the refused starts");
+}
+
+#[test]
+fn a_data_directory_with_stored_files_and_no_database_is_refused_untouched() {
+    let (_dbs, db, mut server, id) = server_with_outside_db("bob", "b", b"stored once");
+    assert!(server.stop().success());
+    let data = server.data_dir();
+    let before = tree_but_lock(&data);
+    // Started by hand without the --db the server runs with.
+    let s = raw_server(server.temp_dir(), &data);
+    let missing = data.join("backupd.db");
+    assert_refused(
+        s,
+        &[&format!("no database at {}", missing.display()), "--db", "move the data directory away"],
+    );
+    assert_eq!(tree_but_lock(&data), before, "the data directory was changed");
+    assert!(!missing.exists());
+    // With the right --db, everything is where it was.
+    server.restart();
+    assert_eq!(db_verified(&db, &id, "b"), Some(1));
+    assert_verified_in(&server, &db, &id, "b", b"stored once", "after the refused start");
 }
 
 #[test]

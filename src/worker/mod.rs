@@ -357,6 +357,47 @@ fn check_database_files(
     Ok(())
 }
 
+/// A data directory that holds stored files (`files/` or `versions/` not
+/// empty) but no database at `db_path` is refused, before anything is
+/// created: a new, empty database would leave every stored file without a
+/// row, and start-up would move them all to orphans/. The usual cause is a
+/// start without the `--db` (or `BACKUPD_DB`) the server normally runs with.
+fn check_database_exists(
+    lock: &DirLock,
+    data_dir: &std::path::Path,
+    db_path: &std::path::Path,
+) -> Result<(), OpenError> {
+    if std::fs::symlink_metadata(db_path).is_ok() {
+        return Ok(());
+    }
+    let mut stored = Vec::new();
+    for sub in ["files", "versions"] {
+        let found = match lock.dir().open_dir(sub) {
+            Ok(d) => !d
+                .entries()
+                .map_err(|source| OpenError::Storage { dir: data_dir.join(sub), source })?
+                .is_empty(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(source) => return Err(OpenError::Storage { dir: data_dir.join(sub), source }),
+        };
+        if found {
+            stored.push(format!("{sub}/"));
+        }
+    }
+    if stored.is_empty() {
+        return Ok(());
+    }
+    Err(OpenError::DataDir(format!(
+        "data directory {} holds stored files ({}) but there is no database at {}: pass the --db \
+         (or BACKUPD_DB) this data directory was used with. A new database would leave every stored \
+         file without its row; to start over deliberately, move the data directory away and start \
+         with a new one",
+        data_dir.display(),
+        stored.join(", "),
+        db_path.display()
+    )))
+}
+
 fn stamp() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
@@ -384,6 +425,7 @@ impl Worker {
             s3::client::Bucket::new(s).map_err(OpenError::S3)?;
         }
         let lock = datadir::acquire(data_dir).map_err(OpenError::DataDir)?;
+        check_database_exists(&lock, data_dir, db_path)?;
         let id = datadir::prepare(&lock).map_err(OpenError::DataDir)?;
         check_database_files(&lock, data_dir, db_path)?;
         let db_lock = datadir::lock_database(db_path).map_err(OpenError::DataDir)?;
