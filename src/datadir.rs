@@ -10,8 +10,12 @@
 //!   taken out again when the lock is released cleanly.
 //! - **A marker, not a guess** ([`prepare`]): backupd creates a data directory
 //!   only when it does not exist or is empty, and marks it with
-//!   `backupd.layout` (the layout version). A non-empty folder without the
-//!   marker is refused, its mode and contents untouched.
+//!   `backupd.layout` (the layout version, and the directory's id, which its
+//!   database records: see `worker::db::check_owner`). A non-empty folder
+//!   without the marker is refused, its mode and contents untouched.
+//! - **One owner of the database too** ([`lock_database`], [`DbLock`]): an
+//!   exclusive `flock` on `<db>.lock` beside the database, wherever `--db`
+//!   puts it, with the holder's pid, as for the data directory.
 //! - **Nothing is followed** ([`Dir`]): every entry inside the data directory
 //!   is reached relative to a directory descriptor, one component at a time,
 //!   with no symbolic link followed (`openat` with `O_NOFOLLOW`, `O_DIRECTORY`
@@ -372,35 +376,21 @@ fn counts_as_content(name: &OsStr, meta: &Meta) -> bool {
         || name == OsStr::new("lost+found") && meta.kind == Kind::Dir)
 }
 
+/// What a data directory's marker says: its layout and, once a backupd that
+/// ties databases to data directories has used it, its id (the second line,
+/// `id <32 hex digits>`), which its database records too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marker {
+    pub id: Option<String>,
+}
+
 /// Is the directory ours (marked) or free to take (empty)? Reads only.
-/// `Ok(true)`: marked; `Ok(false)`: empty; `Err`: the message that refuses it.
-fn check_marked_or_empty(dir: &Dir, path: &Path) -> Result<bool, String> {
-    let d = path.display();
-    match dir.stat(MARKER_FILE).map_err(|e| format!("data directory {d}: {MARKER_FILE}: {e}"))? {
-        Some(Meta { kind: Kind::File, .. }) => {
-            let mut s = String::new();
-            dir.open_file(MARKER_FILE)
-                .and_then(|mut f| Read::by_ref(&mut f).take(256).read_to_string(&mut s))
-                .map_err(|e| format!("data directory {d}: cannot read {MARKER_FILE}: {e}"))?;
-            let version = s.trim().strip_prefix(MARKER_PREFIX).and_then(|v| v.parse::<u32>().ok());
-            return match version {
-                Some(v) if v <= LAYOUT_VERSION => Ok(true),
-                Some(v) => Err(format!(
-                    "data directory {d} has layout {v}, newer than this backupd understands ({LAYOUT_VERSION}); \
-                     run a newer backupd"
-                )),
-                None => Err(format!(
-                    "data directory {d}: {MARKER_FILE} is not a backupd marker ({:?}); \
-                     check the folder before starting",
-                    s.chars().take(60).collect::<String>()
-                )),
-            };
-        }
-        Some(_) => {
-            return Err(format!("data directory {d}: {MARKER_FILE} is not a regular file; check the folder"));
-        }
-        None => {}
+/// `Ok(Some(marker))`: marked; `Ok(None)`: empty; `Err`: the message that refuses it.
+fn check_marked_or_empty(dir: &Dir, path: &Path) -> Result<Option<Marker>, String> {
+    if let Some(marker) = read_marker(dir, path)? {
+        return Ok(Some(marker));
     }
+    let d = path.display();
     let entries = dir.entries().map_err(|e| format!("data directory {d}: cannot list it: {e}"))?;
     let mut found: Vec<String> = entries
         .iter()
@@ -408,7 +398,7 @@ fn check_marked_or_empty(dir: &Dir, path: &Path) -> Result<bool, String> {
         .map(|(n, _)| n.to_string_lossy().into_owned())
         .collect();
     if found.is_empty() {
-        return Ok(false);
+        return Ok(None);
     }
     found.sort();
     let more = found.len().saturating_sub(5);
@@ -424,6 +414,47 @@ fn check_marked_or_empty(dir: &Dir, path: &Path) -> Result<bool, String> {
          `echo '{MARKER_PREFIX}{LAYOUT_VERSION}' > {}` and start again",
         Path::new(path).join(MARKER_FILE).display()
     ))
+}
+
+/// The marker of the data directory `dir` (at `path`, for messages), None
+/// when it has none. Reads only.
+fn read_marker(dir: &Dir, path: &Path) -> Result<Option<Marker>, String> {
+    let d = path.display();
+    match dir.stat(MARKER_FILE).map_err(|e| format!("data directory {d}: {MARKER_FILE}: {e}"))? {
+        Some(Meta { kind: Kind::File, .. }) => {}
+        Some(_) => {
+            return Err(format!("data directory {d}: {MARKER_FILE} is not a regular file; check the folder"));
+        }
+        None => return Ok(None),
+    }
+    let mut s = String::new();
+    dir.open_file(MARKER_FILE)
+        .and_then(|mut f| Read::by_ref(&mut f).take(256).read_to_string(&mut s))
+        .map_err(|e| format!("data directory {d}: cannot read {MARKER_FILE}: {e}"))?;
+    let mut lines = s.lines();
+    let first = lines.next().unwrap_or("").trim();
+    let id = lines.find_map(|l| l.trim().strip_prefix("id ")).map(str::trim);
+    let id_ok = id.is_none_or(|i| i.len() == 32 && i.bytes().all(|b| b.is_ascii_hexdigit()));
+    match first.strip_prefix(MARKER_PREFIX).and_then(|v| v.parse::<u32>().ok()) {
+        Some(v) if v <= LAYOUT_VERSION && id_ok => Ok(Some(Marker { id: id.map(str::to_string) })),
+        Some(v) if v > LAYOUT_VERSION => Err(format!(
+            "data directory {d} has layout {v}, newer than this backupd understands ({LAYOUT_VERSION}); \
+             run a newer backupd"
+        )),
+        _ => Err(format!(
+            "data directory {d}: {MARKER_FILE} is not a backupd marker ({:?}); \
+             check the folder before starting",
+            s.chars().take(60).collect::<String>()
+        )),
+    }
+}
+
+/// The id in the marker of the data directory at `path` (None when it has
+/// no marker, or a marker without an id). Reads only, takes no lock: for the
+/// admin commands, which check that a database belongs to it.
+pub fn marker_id(path: &Path) -> Result<Option<String>, String> {
+    let dir = Dir::open(path).map_err(|e| format!("data directory {}: {e}", path.display()))?;
+    Ok(read_marker(&dir, path)?.and_then(|m| m.id))
 }
 
 /// Take the data directory's lock: create the directory (mode 0700) if it
@@ -457,19 +488,27 @@ fn lock(data_dir: &Path, create: bool) -> Result<DirLock, String> {
     }
     let dir = Dir::open(data_dir).map_err(|e| format!("data directory {d}: {e}"))?;
     check_marked_or_empty(&dir, data_dir)?;
-    let c = component(OsStr::new(LOCK_FILE)).map_err(|e| e.to_string())?;
+    let file = lock_pid(&dir, LOCK_FILE, &format!("data directory {d}"))?;
+    Ok(DirLock { file, dir, path: data_dir.to_path_buf() })
+}
+
+/// Lock `dir/name` (`flock(LOCK_EX | LOCK_NB)`, created if missing, never
+/// through a link) and write our pid into it. `what` names the thing locked
+/// in the messages ("data directory D", "database D").
+fn lock_pid(dir: &Dir, name: &str, what: &str) -> Result<File, String> {
+    let c = component(OsStr::new(name)).map_err(|e| e.to_string())?;
     let fd = dir.openat(&c, libc::O_RDWR | libc::O_CREAT, 0o600).map_err(|e| {
         if e.raw_os_error() == Some(libc::ELOOP) {
-            format!("data directory {d}: {LOCK_FILE} is a symbolic link; remove it")
+            format!("{what}: {name} is a symbolic link; remove it")
         } else {
-            format!("data directory {d}: cannot open {LOCK_FILE}: {e}")
+            format!("{what}: cannot open {name}: {e}")
         }
     })?;
     let mut file = File::from(fd);
     match file.metadata() {
         Ok(m) if m.is_file() => {}
-        Ok(_) => return Err(format!("data directory {d}: {LOCK_FILE} is not a regular file")),
-        Err(e) => return Err(format!("data directory {d}: {LOCK_FILE}: {e}")),
+        Ok(_) => return Err(format!("{what}: {name} is not a regular file")),
+        Err(e) => return Err(format!("{what}: {name}: {e}")),
     }
     // SAFETY: valid descriptor owned by `file`.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -478,37 +517,96 @@ fn lock(data_dir: &Path, create: bool) -> Result<DirLock, String> {
             let mut s = String::new();
             let _ = Read::by_ref(&mut file).take(32).read_to_string(&mut s);
             let holder = s.trim().parse::<u32>().map(|p| p.to_string()).unwrap_or_else(|_| "?".into());
-            return Err(format!("data directory {d} is in use by process {holder}"));
+            return Err(format!("{what} is in use by process {holder}"));
         }
-        return Err(format!("data directory {d}: cannot lock {LOCK_FILE}: {e}"));
+        return Err(format!("{what}: cannot lock {name}: {e}"));
     }
     let pid = format!("{}\n", std::process::id());
     file.set_len(0)
         .and_then(|_| file.rewind())
         .and_then(|_| file.write_all(pid.as_bytes()))
-        .map_err(|e| format!("data directory {d}: cannot write {LOCK_FILE}: {e}"))?;
-    Ok(DirLock { file, dir, path: data_dir.to_path_buf() })
+        .map_err(|e| format!("{what}: cannot write {name}: {e}"))?;
+    Ok(file)
+}
+
+/// Holds a database's lock (`<db>.lock` beside it); released when dropped,
+/// its pid emptied (as the data directory's).
+#[derive(Debug)]
+pub struct DbLock {
+    file: File,
+}
+
+impl Drop for DbLock {
+    fn drop(&mut self) {
+        let _ = self.file.set_len(0);
+    }
+}
+
+/// Lock the database at `db` for one owner: an exclusive `flock` on
+/// `<db>.lock` in the database's folder, with our pid in it, as for the data
+/// directory. A separate file, not the database itself: SQLite takes POSIX
+/// (`fcntl`) locks on the database, and where `flock` is emulated with
+/// `fcntl` locks (NFS) the two would meet. The error is the message for the
+/// user, e.g. "database D is in use by process N".
+pub fn lock_database(db: &Path) -> Result<DbLock, String> {
+    let what = format!("database {}", db.display());
+    let parent = match db.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = db.file_name().ok_or_else(|| format!("{what}: not a file name"))?;
+    let dir = Dir::open(parent).map_err(|e| format!("{what}: {}: {e}", parent.display()))?;
+    let mut lock_name = name.to_os_string();
+    lock_name.push(".lock");
+    Ok(DbLock { file: lock_pid(&dir, &lock_name.to_string_lossy(), &what)? })
 }
 
 /// Mark a locked data directory as backupd's if it is still empty (a marker
-/// naming the layout version, made durable), or check the marker it has.
-pub fn prepare(lock: &DirLock) -> Result<(), String> {
+/// naming the layout version and a new id, made durable), or check the
+/// marker it has, giving it an id if it has none (a marker written before
+/// databases were tied to data directories). Returns the id.
+pub fn prepare(lock: &DirLock) -> Result<String, String> {
     let (dir, d) = (&lock.dir, lock.path.display());
-    if check_marked_or_empty(dir, &lock.path)? {
-        return Ok(());
+    let marked = check_marked_or_empty(dir, &lock.path)?;
+    if let Some(Marker { id: Some(id) }) = marked {
+        return Ok(id);
     }
+    let id = new_id().map_err(|e| format!("data directory {d}: cannot make an id: {e}"))?;
     let tmp = format!("{MARKER_FILE}.new");
     let _ = dir.remove_file(&tmp);
     dir.create_file(&tmp, 0o600)
         .and_then(|mut f| {
-            f.write_all(format!("{MARKER_PREFIX}{LAYOUT_VERSION}\n").as_bytes())?;
+            f.write_all(format!("{MARKER_PREFIX}{LAYOUT_VERSION}\nid {id}\n").as_bytes())?;
             f.sync_all()
         })
         .and_then(|_| dir.rename(&tmp, dir, MARKER_FILE))
         .and_then(|_| dir.sync())
         .map_err(|e| format!("data directory {d}: cannot write {MARKER_FILE}: {e}"))?;
-    log::info!("data directory {d} created (layout {LAYOUT_VERSION})");
-    Ok(())
+    if marked.is_some() {
+        log::info!("data directory {d}: {MARKER_FILE} given the id {id}");
+    } else {
+        log::info!("data directory {d} created (layout {LAYOUT_VERSION})");
+    }
+    Ok(id)
+}
+
+/// 16 random bytes from the kernel, in hex.
+fn new_id() -> io::Result<String> {
+    let mut b = [0u8; 16];
+    let mut got = 0;
+    while got < b.len() {
+        // SAFETY: writes at most the remaining length into a local buffer.
+        let n = unsafe { libc::getrandom(b[got..].as_mut_ptr().cast(), b.len() - got, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        got += n as usize;
+    }
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 #[cfg(test)]

@@ -71,8 +71,13 @@ fn intents(db: &Path) -> i64 {
 
 /// The verified row of `name` describes exactly `data`, which is the file on disk.
 fn assert_verified(server: &TestServer, id: &ClientId, name: &str, data: &[u8], tag: &str) {
+    assert_verified_in(server, &server.db_path(), id, name, data, tag)
+}
+
+/// [`assert_verified`] with the database at `db`.
+fn assert_verified_in(server: &TestServer, db: &Path, id: &ClientId, name: &str, data: &[u8], tag: &str) {
     assert_eq!(std::fs::read(server.stored_path(id, name)).unwrap(), data, "{tag}: {name} on disk");
-    let (verified, size, cksum, path) = row(&server.db_path(), id, name).expect("a files row");
+    let (verified, size, cksum, path) = row(db, id, name).expect("a files row");
     assert_eq!(verified, 1, "{tag}: {name} verified");
     assert_eq!(size, Some(data.len() as i64), "{tag}: {name} size");
     assert_eq!(cksum, Some(backupd::crypto::cksum(data) as i64), "{tag}: {name} cksum");
@@ -95,8 +100,14 @@ fn tree(dir: &Path) -> BTreeMap<PathBuf, (u32, Option<Vec<u8>>)> {
 }
 
 fn raw_server(cwd: &Path, data: &Path) -> RawServer {
-    let args: Vec<&OsStr> =
+    raw_server_with(cwd, data, &[])
+}
+
+/// A server started with exactly `--data-dir data`, a free port and `extra`.
+fn raw_server_with(cwd: &Path, data: &Path, extra: &[&OsStr]) -> RawServer {
+    let mut args: Vec<&OsStr> =
         vec![OsStr::new("--listen"), OsStr::new("127.0.0.1:0"), OsStr::new("--data-dir"), data.as_os_str()];
+    args.extend(extra);
     RawServer::spawn(cwd, &args)
 }
 
@@ -152,7 +163,10 @@ fn an_empty_existing_folder_is_taken_and_marked() {
         std::fs::create_dir(temp.join("data")).unwrap();
     });
     let marker = std::fs::read_to_string(server.data_dir().join("backupd.layout")).unwrap();
-    assert_eq!(marker, "backupd data directory, layout 1\n");
+    let (first, id) = marker.split_once('\n').unwrap();
+    assert_eq!(first, "backupd data directory, layout 1");
+    let id = id.strip_prefix("id ").and_then(|i| i.strip_suffix('\n')).unwrap();
+    assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{marker:?}");
     let lock = std::fs::read_to_string(server.data_dir().join("backupd.lock")).unwrap();
     assert_eq!(lock.trim(), server.pid().to_string());
 }
@@ -736,4 +750,169 @@ fn a_crash_during_a_large_uploads_direct_writes_loses_nothing_acknowledged() {
     c.reconnect(id, "direct", test_key()).unwrap();
     upload_confirm(&mut c, "big", &big);
     assert_verified(&server, &id, "big", &big, "sent again");
+}
+
+/// `backupd ARGS` (admin commands), with `--data-dir data --db db` added.
+fn admin_on(data: &Path, db: &Path, args: &[&str]) -> AdminRun {
+    let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    all.extend([OsStr::new("--data-dir"), data.as_os_str(), OsStr::new("--db"), db.as_os_str()]);
+    run_admin(&all, &[], Duration::from_secs(60))
+}
+
+/// A server started with exactly `--data-dir data --db db` (and a free port).
+fn raw_server_db(cwd: &Path, data: &Path, db: &Path) -> RawServer {
+    raw_server_with(cwd, data, &[OsStr::new("--db"), db.as_os_str()])
+}
+
+/// A server whose database is outside its data directory (in the temp dir
+/// returned, as `live.db`), with one client that stored `name` (`content`).
+fn server_with_outside_db(
+    client: &str,
+    name: &str,
+    content: &[u8],
+) -> (tempfile::TempDir, PathBuf, TestServer, ClientId) {
+    let dbs = tempfile::tempdir().unwrap();
+    let db = dbs.path().join("live.db");
+    let server = TestServer::start(&["--db", db.to_str().unwrap()]);
+    let (mut c, id) = server.registered_client(client);
+    upload_confirm(&mut c, name, content);
+    (dbs, db, server, id)
+}
+
+/// The server must refuse at once, exit 1, saying all of `needles`.
+fn assert_refused(mut s: RawServer, needles: &[&str]) -> String {
+    let status = s.wait_exit(Duration::from_secs(20)).expect("must refuse at once");
+    let log = s.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    for n in needles {
+        assert!(log.contains(n), "expected {n:?} in:\n{log}");
+    }
+    log
+}
+
+/// What the data directory's lock file holds is rewritten by every start:
+/// the rest of the tree is compared.
+fn tree_but_lock(dir: &Path) -> BTreeMap<PathBuf, (u32, Option<Vec<u8>>)> {
+    let mut t = tree(dir);
+    t.remove(&dir.join("backupd.lock"));
+    t
+}
+
+#[test]
+fn a_database_outside_the_data_directory_is_locked_while_the_server_runs() {
+    let (_dbs, db, server, id) = server_with_outside_db("alice", "a", b"kept verified");
+    // A second server with another data directory and the same database.
+    let other = server.temp_dir().join("other-data");
+    let second = raw_server_db(server.temp_dir(), &other, &db);
+    let in_use = format!("database {} is in use by process {}", db.display(), server.pid());
+    assert_refused(second, &[&in_use]);
+    // A writing admin command, the same way.
+    let empty = server.temp_dir().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    for cmd in [&["reset-key", "alice"][..], &["remove-client", "alice"][..]] {
+        let r = admin_on(&empty, &db, cmd);
+        assert_eq!(r.code, 1, "{r:?}");
+        assert!(r.stderr.contains(&in_use) && r.stderr.contains("stop the server first"), "{r:?}");
+    }
+    // The reading ones keep working beside it.
+    let data = server.data_dir();
+    for cmd in [&["clients"][..], &["files", "alice"][..], &["verify", "alice"][..]] {
+        let r = admin_on(&data, &db, cmd);
+        assert_eq!(r.code, 0, "{cmd:?}: {r:?}");
+    }
+    let out = server.temp_dir().join("restored");
+    let r = admin_on(&data, &db, &["restore", "alice", "--to", out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(std::fs::read(out.join("a")).unwrap(), b"kept verified");
+    let snap = server.temp_dir().join("snap");
+    let r = admin_on(&data, &db, &["snapshot", snap.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    // And the server kept its rows and its client.
+    assert_verified_in(&server, &db, &id, "a", b"kept verified", "beside the refused ones");
+    let mut c = server.connect();
+    c.reconnect(id, "alice", test_key()).unwrap();
+    upload_confirm(&mut c, "a2", b"and it takes more");
+}
+
+#[test]
+fn a_database_serves_only_the_data_directory_it_records() {
+    let (_dbs, db, mut server, id) = server_with_outside_db("alice", "a", b"kept verified");
+    assert!(server.stop().success());
+    let canonical = std::fs::canonicalize(server.data_dir()).unwrap();
+    let owner = canonical.to_str().unwrap();
+    // A server with another data directory and this database.
+    let other = server.temp_dir().join("other-data");
+    let wrong = raw_server_db(server.temp_dir(), &other, &db);
+    assert_refused(wrong, &[&db.display().to_string(), owner, &other.display().to_string(), "--data-dir"]);
+    // A writing command with another data directory (here an empty folder).
+    let empty = server.temp_dir().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let r = admin_on(&empty, &db, &["reset-key", "alice"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains(owner) && r.stderr.contains(&empty.display().to_string()), "{r:?}");
+    // A reader beside another marked data directory too (one without a
+    // marker may be a lost disk, read from the bucket).
+    assert!(other.join("backupd.layout").is_file());
+    let r = admin_on(&other, &db, &["clients"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains(owner), "{r:?}");
+    // Nothing was marked unverified, nothing moved: the right start serves it.
+    assert_eq!(db_verified(&db, &id, "a"), Some(1));
+    server.restart();
+    let orphans = server.data_dir().join("orphans");
+    assert!(!orphans.exists() || walk_files(&orphans).is_empty());
+    assert_verified_in(&server, &db, &id, "a", b"kept verified", "after the refused starts");
+}
+
+#[test]
+fn a_data_directory_with_stored_files_and_no_database_is_refused_untouched() {
+    let (_dbs, db, mut server, id) = server_with_outside_db("bob", "b", b"stored once");
+    assert!(server.stop().success());
+    let data = server.data_dir();
+    let before = tree_but_lock(&data);
+    // Started by hand without the --db the server runs with.
+    let s = raw_server(server.temp_dir(), &data);
+    let missing = data.join("backupd.db");
+    assert_refused(
+        s,
+        &[&format!("no database at {}", missing.display()), "--db", "move the data directory away"],
+    );
+    assert_eq!(tree_but_lock(&data), before, "the data directory was changed");
+    assert!(!missing.exists());
+    // With the right --db, everything is where it was.
+    server.restart();
+    assert_eq!(db_verified(&db, &id, "b"), Some(1));
+    assert_verified_in(&server, &db, &id, "b", b"stored once", "after the refused start");
+}
+
+#[test]
+fn a_database_of_an_earlier_version_is_adopted_by_the_data_directory_it_is_first_opened_with() {
+    let mut server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("carol");
+    upload_confirm(&mut c, "c", b"from before");
+    drop(c);
+    assert!(server.stop().success());
+    // As an earlier backupd left them: no id in the marker, no settings table.
+    let marker = server.data_dir().join("backupd.layout");
+    std::fs::write(&marker, "backupd data directory, layout 1\n").unwrap();
+    let conn = rusqlite::Connection::open(server.db_path()).unwrap();
+    conn.execute_batch("DROP TABLE settings").unwrap();
+    drop(conn);
+    server.restart();
+    assert_verified(&server, &id, "c", b"from before", "adopted");
+    let text = std::fs::read_to_string(&marker).unwrap();
+    let id_line =
+        text.lines().nth(1).and_then(|l| l.strip_prefix("id ")).expect("an id in the marker").to_string();
+    let conn =
+        rusqlite::Connection::open_with_flags(server.db_path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let recorded: String =
+        conn.query_row("SELECT Value FROM settings WHERE Key='data_dir_id'", [], |r| r.get(0)).unwrap();
+    assert_eq!(recorded, id_line);
+    drop(conn);
+    assert!(server.stop().success());
+    // From now on it is that directory's: another one is refused.
+    let other = server.temp_dir().join("other-data");
+    let s = raw_server_db(server.temp_dir(), &other, &server.db_path());
+    assert_refused(s, &["belongs to the data directory"]);
 }

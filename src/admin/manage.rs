@@ -1,8 +1,9 @@
 //! The commands that write: `backupd remove-client` and `backupd reset-key`.
 //!
-//! Both take the data directory's lock first ([`crate::datadir::acquire_existing`])
-//! and refuse, exit 1, while a server (or another writing command) holds
-//! it: the server keeps its clients in memory and would not see the change.
+//! Both take the data directory's lock first ([`crate::datadir::acquire_existing`]),
+//! then the database's ([`crate::datadir::lock_database`]), and refuse, exit 1,
+//! while a server (or another writing command) holds either: the server keeps
+//! its clients in memory and would not see the change.
 
 use std::ffi::OsStr;
 use std::io;
@@ -12,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::params;
 
 use super::store::{ClientInfo, Store, StoreArgs};
-use crate::datadir::{self, Dir, DirLock, Kind};
+use crate::datadir::{self, DbLock, Dir, DirLock, Kind};
 use crate::protocol::id_hex;
 
 /// Remove a client's registration and, unless --keep-files, its files and versions.
@@ -40,19 +41,27 @@ pub struct ResetKeyArgs {
     pub store: StoreArgs,
 }
 
-/// The lock, then the database for writing, then the client.
-fn open_locked(args: &StoreArgs, spec: &str) -> Result<(DirLock, Store, ClientInfo), String> {
+/// The data directory's lock and the database's, held while a command writes.
+struct Locks {
+    dir: DirLock,
+    _db: DbLock,
+}
+
+/// The locks, then the database for writing, then the client.
+fn open_locked(args: &StoreArgs, spec: &str) -> Result<(Locks, Store, ClientInfo), String> {
     args.check_data_dir()?;
-    let lock = datadir::acquire_existing(&args.data_dir).map_err(|e| {
+    let in_use = |e: String| {
         if e.contains(" is in use by process ") {
             format!("{e}; stop the server first (this command changes the data directory)")
         } else {
             e
         }
-    })?;
+    };
+    let lock = datadir::acquire_existing(&args.data_dir).map_err(in_use)?;
+    let db_lock = datadir::lock_database(&args.db_path()).map_err(in_use)?;
     let store = Store::open_read_write(args)?;
     let client = store.resolve(spec)?;
-    Ok((lock, store, client))
+    Ok((Locks { dir: lock, _db: db_lock }, store, client))
 }
 
 pub fn reset_key(args: &ResetKeyArgs) -> Result<ExitCode, String> {
@@ -71,7 +80,8 @@ pub fn reset_key(args: &ResetKeyArgs) -> Result<ExitCode, String> {
 }
 
 pub fn remove_client(args: &RemoveClientArgs) -> Result<ExitCode, String> {
-    let (lock, mut store, client) = open_locked(&args.store, &args.client)?;
+    let (locks, mut store, client) = open_locked(&args.store, &args.client)?;
+    let lock = &locks.dir;
     let hex = id_hex(&client.id);
     // The rows go first: files left behind by a crash after this are found
     // without a row at the next start and moved to orphans/, never served.

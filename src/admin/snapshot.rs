@@ -37,6 +37,7 @@ use rusqlite::Connection;
 
 use super::store::{cksum_file, refuse_inside_data_dir, resolved, walk, FileInfo, Store, StoreArgs};
 use crate::datadir::{self, DirLock};
+use crate::worker::db::{set_owner, Owner};
 use crate::worker::storage::{Publish, Storage};
 
 /// Write a consistent copy of the database and hard links of the stored files into DIR.
@@ -147,11 +148,11 @@ fn check_target(dir: &Path, root: &Path) -> Result<(), String> {
 
 /// Make DIR a data directory (created if missing, locked while the
 /// snapshot is made, then marked), so that a server started on it meanwhile
-/// refuses it.
-fn prepare(dir: &Path) -> Result<DirLock, String> {
+/// refuses it. Returns the lock and the new data directory's id.
+fn prepare(dir: &Path) -> Result<(DirLock, String), String> {
     let lock = datadir::acquire(dir)?;
-    datadir::prepare(&lock)?;
-    Ok(lock)
+    let id = datadir::prepare(&lock)?;
+    Ok((lock, id))
 }
 
 /// After a failure: remove what the snapshot made, DIR itself when it was
@@ -261,7 +262,7 @@ pub fn snapshot(args: &SnapshotArgs) -> Result<ExitCode, String> {
 
 /// The snapshot itself, into a DIR `check_target` accepted.
 fn make(args: &SnapshotArgs, store: &Store, root: &Path) -> Result<ExitCode, String> {
-    let _lock = prepare(&args.dir)?;
+    let (_lock, id) = prepare(&args.dir)?;
     let part = args.dir.join("backupd.db.part");
     for attempt in 1..=ATTEMPTS {
         for sub in ["files", "versions"] {
@@ -277,6 +278,14 @@ fn make(args: &SnapshotArgs, store: &Store, root: &Path) -> Result<ExitCode, Str
             link_tree(&root.join(sub), &args.dir.join(sub)).map_err(|e| e.to_string())?;
         }
         backup_db(store, &part)?;
+        // The copy belongs to DIR, not to the data directory it came from.
+        let owner = Owner {
+            id: id.clone(),
+            path: fs::canonicalize(&args.dir).map_err(|e| e.to_string())?.to_string_lossy().into_owned(),
+        };
+        Connection::open(&part)
+            .and_then(|c| set_owner(&c, &owner))
+            .map_err(|e| format!("{}: {e}", part.display()))?;
         let snap = Store::open_read_write(&StoreArgs { data_dir: args.dir.clone(), db: Some(part.clone()) })?;
         let settled = settle(store, &snap)?;
         drop(snap);

@@ -18,7 +18,7 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::protocol::{id_hex, parse_id_hex, ClientId};
 pub use crate::worker::db::FileRow as FileInfo;
-use crate::worker::db::{blob_id, read_file_rows};
+use crate::worker::db::{blob_id, check_owner, read_file_rows, Opener};
 use crate::worker::storage::Storage;
 
 /// Where the data is: the same flags and environment variables as the server.
@@ -80,15 +80,16 @@ impl Store {
     /// Open for reading only: never writes, never takes the lock, works
     /// while the server runs.
     pub fn open_read_only(args: &StoreArgs) -> Result<Store, String> {
-        Store::open(args, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        Store::open(args, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX, Opener::Reader)
     }
 
-    /// Open for writing (the caller holds the data directory's lock).
+    /// Open for writing (the caller holds the data directory's lock and the
+    /// database's).
     pub fn open_read_write(args: &StoreArgs) -> Result<Store, String> {
-        Store::open(args, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        Store::open(args, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX, Opener::Writer)
     }
 
-    fn open(args: &StoreArgs, flags: OpenFlags) -> Result<Store, String> {
+    fn open(args: &StoreArgs, flags: OpenFlags, opener: Opener) -> Result<Store, String> {
         let db_path = args.db_path();
         args.check_data_dir()?;
         if !db_path.is_file() {
@@ -106,6 +107,9 @@ impl Store {
         };
         // Fail early, with the path, on a file that is not our database.
         store.conn.query_row("SELECT count(*) FROM clients", [], |_| Ok(())).map_err(|e| store.err(e))?;
+        // And one recorded for another data directory.
+        let id = crate::datadir::marker_id(&args.data_dir)?;
+        check_owner(&store.conn, &store.db_path, &args.data_dir, id.as_deref(), opener)?;
         Ok(store)
     }
 

@@ -4,7 +4,9 @@
 //! Only the worker thread owns the [`Db`]. The tables `clients` and `files`
 //! keep the columns that existing tools know (see docs/PROTOCOL.md); the extra
 //! columns (`Size`, `Cksum`, `ReceivedAt`) and the `publish_intents` table are
-//! ours. Session AES keys are never written: `AESKey` stays NULL.
+//! ours. Session AES keys are never written: `AESKey` stays NULL. The
+//! `settings` table records the data directory the database belongs to
+//! ([`check_owner`]).
 
 use std::path::Path;
 use std::thread;
@@ -136,6 +138,10 @@ CREATE TABLE IF NOT EXISTS publish_intents(
 CREATE TABLE IF NOT EXISTS unsynced_files(
     PathName TEXT PRIMARY KEY
 );
+CREATE TABLE IF NOT EXISTS settings(
+    Key TEXT PRIMARY KEY,
+    Value TEXT NOT NULL
+);
 ";
 
 /// The S3 tier's queue (feature `s3`): a row per stored file (or pruned
@@ -152,6 +158,95 @@ CREATE TABLE IF NOT EXISTS s3_queue(
     UNIQUE (Path, Op)
 );
 ";
+
+/// The data directory a database belongs to, as it records it (table
+/// `settings`): the id of its marker and its path when last used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub id: String,
+    pub path: String,
+}
+
+/// The data directory `conn` records, None when it records none (a database
+/// of an earlier backupd, whose `settings` table may not exist). Reads only.
+pub fn owner(conn: &Connection) -> rusqlite::Result<Option<Owner>> {
+    let get = |key: &str| {
+        conn.query_row("SELECT Value FROM settings WHERE Key=?1", [key], |r| r.get::<_, String>(0)).optional()
+    };
+    match get("data_dir_id") {
+        Ok(Some(id)) => Ok(Some(Owner { id, path: get("data_dir")?.unwrap_or_default() })),
+        Ok(None) => Ok(None),
+        Err(e) if e.to_string().contains("no such table") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Record `owner` as the data directory `conn` belongs to.
+pub fn set_owner(conn: &Connection, owner: &Owner) -> rusqlite::Result<()> {
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS settings(Key TEXT PRIMARY KEY, Value TEXT NOT NULL)")?;
+    let set = "INSERT OR REPLACE INTO settings(Key, Value) VALUES (?1, ?2)";
+    conn.execute(set, params!["data_dir_id", owner.id])?;
+    conn.execute(set, params!["data_dir", owner.path])?;
+    Ok(())
+}
+
+/// Who opens a database, for [`check_owner`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opener {
+    /// The server: records a database that records no data directory yet as
+    /// this one's, and a moved data directory's new path.
+    Server,
+    /// A writing admin command: the data directory must be the one recorded.
+    Writer,
+    /// A reading admin command: refused only beside another marked data
+    /// directory (one without a marker may be a disk lost, read from the
+    /// bucket with the S3 tier).
+    Reader,
+}
+
+/// Does the database at `db` (open as `conn`) belong to the data directory
+/// at `data_dir`, whose marker holds `id`? A database that records another
+/// id is refused (see [`Opener`] for a data directory without one): the
+/// message names both folders and the way out.
+pub fn check_owner(
+    conn: &Connection,
+    db: &Path,
+    data_dir: &Path,
+    id: Option<&str>,
+    opener: Opener,
+) -> Result<(), String> {
+    let adopt = opener == Opener::Server;
+    let err = |e: rusqlite::Error| format!("database {}: {e}", db.display());
+    let path = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let path = path.to_string_lossy().into_owned();
+    match (owner(conn).map_err(err)?, id) {
+        (Some(o), Some(id)) if o.id == id => {
+            if adopt && o.path != path {
+                set_owner(conn, &Owner { id: id.to_string(), path }).map_err(err)?;
+            }
+            Ok(())
+        }
+        (Some(_), None) if opener == Opener::Reader => Ok(()),
+        (Some(o), _) => Err(format!(
+            "database {} belongs to the data directory {} (id {}), not to {}: start with --data-dir {} \
+             --db {}, or give {} a database of its own with --db (a database serves the one data \
+             directory it was first used with; see docs/OPERATIONS.md)",
+            db.display(),
+            o.path,
+            o.id,
+            data_dir.display(),
+            o.path,
+            db.display(),
+            data_dir.display()
+        )),
+        (None, Some(id)) if adopt => {
+            set_owner(conn, &Owner { id: id.to_string(), path }).map_err(err)?;
+            log::info!("database {} recorded as the data directory {}'s", db.display(), data_dir.display());
+            Ok(())
+        }
+        (None, _) => Ok(()),
+    }
+}
 
 /// Current UTC time as ISO-8601 (`2026-11-25T17:56:33Z`).
 pub fn now_iso8601() -> String {
@@ -289,6 +384,11 @@ impl Db {
         let db = Db { conn, busy_timeout };
         db.create()?;
         Ok(db)
+    }
+
+    /// The open connection (for [`check_owner`]).
+    pub fn conn(&self) -> &Connection {
+        &self.conn
     }
 
     /// The schema (and its migrations) in the open database.
@@ -701,5 +801,33 @@ mod tests {
         let db = Db::open(&path, Duration::from_secs(1)).unwrap();
         assert_eq!(db.load_clients().unwrap().len(), 1);
         assert!(db.integrity_ok().unwrap());
+    }
+
+    #[test]
+    fn a_database_is_checked_against_its_data_directory_by_each_opener() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, theirs) = (dir.path().join("ours"), dir.path().join("theirs"));
+        let path = dir.path().join("t.db");
+        let db = Db::open(&path, Duration::from_secs(1)).unwrap();
+        let (a, b) = ("a".repeat(32), "b".repeat(32));
+        let check = |id: Option<&str>, dir: &Path, opener| check_owner(db.conn(), &path, dir, id, opener);
+        // Nothing recorded: readers and writers pass, the server records.
+        assert!(check(Some(&b), &theirs, Opener::Writer).is_ok());
+        assert!(check(Some(&b), &theirs, Opener::Reader).is_ok());
+        assert_eq!(owner(db.conn()).unwrap(), None);
+        check(Some(&a), &ours, Opener::Server).unwrap();
+        assert_eq!(owner(db.conn()).unwrap().map(|o| o.id), Some(a.clone()));
+        // Recorded: only that id, for every opener; a reader beside an
+        // unmarked folder passes, a writer does not.
+        for opener in [Opener::Server, Opener::Writer, Opener::Reader] {
+            assert!(check(Some(&a), &ours, opener).is_ok());
+            let msg = check(Some(&b), &theirs, opener).unwrap_err();
+            assert!(msg.contains("ours") && msg.contains("theirs") && msg.contains("--data-dir"), "{msg}");
+        }
+        assert!(check(None, &theirs, Opener::Reader).is_ok());
+        assert!(check(None, &theirs, Opener::Writer).is_err());
+        // A database of an earlier version has no settings table at all.
+        db.conn().execute_batch("DROP TABLE settings").unwrap();
+        assert_eq!(owner(db.conn()).unwrap(), None);
     }
 }

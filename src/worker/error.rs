@@ -43,7 +43,9 @@ impl UploadError {
 /// Why [`Worker::open`](super::Worker::open) failed: the process cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    /// The data directory's lock or marker (see `datadir`), its message as is.
+    /// The data directory's lock or marker, the database's lock (see
+    /// `datadir`), or a database of another data directory
+    /// (`db::check_owner`): its message as is.
     #[error("{0}")]
     DataDir(String),
     #[error(

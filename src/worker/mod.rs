@@ -284,6 +284,8 @@ const FREE_SPACE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 pub struct Worker {
     /// The data directory's lock, held as long as the worker owns the directory.
     _lock: DirLock,
+    /// The database's lock (`<db>.lock`), held as long as the worker writes it.
+    _db_lock: datadir::DbLock,
     storage: Storage,
     db: Db,
     keep_versions: u32,
@@ -359,6 +361,47 @@ fn check_database_files(
     Ok(())
 }
 
+/// A data directory that holds stored files (`files/` or `versions/` not
+/// empty) but no database at `db_path` is refused, before anything is
+/// created: a new, empty database would leave every stored file without a
+/// row, and start-up would move them all to orphans/. The usual cause is a
+/// start without the `--db` (or `BACKUPD_DB`) the server normally runs with.
+fn check_database_exists(
+    lock: &DirLock,
+    data_dir: &std::path::Path,
+    db_path: &std::path::Path,
+) -> Result<(), OpenError> {
+    if std::fs::symlink_metadata(db_path).is_ok() {
+        return Ok(());
+    }
+    let mut stored = Vec::new();
+    for sub in ["files", "versions"] {
+        let found = match lock.dir().open_dir(sub) {
+            Ok(d) => !d
+                .entries()
+                .map_err(|source| OpenError::Storage { dir: data_dir.join(sub), source })?
+                .is_empty(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(source) => return Err(OpenError::Storage { dir: data_dir.join(sub), source }),
+        };
+        if found {
+            stored.push(format!("{sub}/"));
+        }
+    }
+    if stored.is_empty() {
+        return Ok(());
+    }
+    Err(OpenError::DataDir(format!(
+        "data directory {} holds stored files ({}) but there is no database at {}: pass the --db \
+         (or BACKUPD_DB) this data directory was used with. A new database would leave every stored \
+         file without its row; to start over deliberately, move the data directory away and start \
+         with a new one",
+        data_dir.display(),
+        stored.join(", "),
+        db_path.display()
+    )))
+}
+
 fn stamp() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
@@ -386,12 +429,16 @@ impl Worker {
             s3::client::Bucket::new(s).map_err(OpenError::S3)?;
         }
         let lock = datadir::acquire(data_dir).map_err(OpenError::DataDir)?;
-        datadir::prepare(&lock).map_err(OpenError::DataDir)?;
+        check_database_exists(&lock, data_dir, db_path)?;
+        let id = datadir::prepare(&lock).map_err(OpenError::DataDir)?;
         check_database_files(&lock, data_dir, db_path)?;
-        let storage =
-            Storage::open(data_dir).map_err(|source| OpenError::Storage { dir: data_dir.clone(), source })?;
+        let db_lock = datadir::lock_database(db_path).map_err(OpenError::DataDir)?;
         let database = |source| OpenError::Database { path: db_path.clone(), source };
         let db = Db::open(db_path, cfg.db_busy_timeout).map_err(database)?;
+        db::check_owner(db.conn(), db_path, data_dir, Some(&id), db::Opener::Server)
+            .map_err(OpenError::DataDir)?;
+        let storage =
+            Storage::open(data_dir).map_err(|source| OpenError::Storage { dir: data_dir.clone(), source })?;
         // One sync per batch of new files needs the database (and its WAL,
         // beside it) on the data directory's filesystem: syncfs covers one.
         let same_fs =
@@ -405,6 +452,7 @@ impl Worker {
         };
         let mut w = Worker {
             _lock: lock,
+            _db_lock: db_lock,
             storage,
             db,
             keep_versions,
