@@ -214,7 +214,7 @@ fn write_out(out: &mut Output, buf: &mut Vec<u8>) {
         if dropped > 0 {
             let line = format!(
                 "{} [WARN] {dropped} log line(s) were dropped while the log output was blocked\n",
-                crate::worker::db::now_iso8601()
+                crate::units::now_iso8601()
             );
             if out.write_all(line.as_bytes()).is_err() {
                 DROPPED_PENDING.fetch_add(dropped, Ordering::Relaxed);
