@@ -916,3 +916,38 @@ fn a_database_of_an_earlier_version_is_adopted_by_the_data_directory_it_is_first
     let s = raw_server_db(server.temp_dir(), &other, &server.db_path());
     assert_refused(s, &["belongs to the data directory"]);
 }
+
+/// A data directory that belongs to another user (typically after a run as
+/// root): the start is refused, exit 1, and the message says what to do.
+#[test]
+fn a_data_directory_of_another_user_is_refused_with_what_to_do() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if unsafe { libc::geteuid() } != 0 {
+        println!("not root: cannot start the server as another user; skipped");
+        return;
+    }
+    let temp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(temp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = temp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut cmd = std::process::Command::new(server_bin());
+    cmd.args(["--listen", "127.0.0.1:0", "--data-dir"]).arg(&data);
+    // SAFETY: setgid/setuid are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Permission denied") && err.contains("runs as uid 65534") && err.contains("chown -R"),
+        "{err}"
+    );
+}

@@ -49,10 +49,14 @@ fn main() -> ExitCode {
             }
         },
         Err(e) => {
-            log::error!("cannot start: {e}");
+            let why = match e.hint() {
+                Some(hint) => format!("{e}; {hint}"),
+                None => e.to_string(),
+            };
+            log::error!("cannot start: {why}");
             logging::flush(Duration::from_secs(2));
             if log_to_file {
-                eprintln!("backupd: cannot start: {e}");
+                eprintln!("backupd: cannot start: {why}");
             }
             return ExitCode::FAILURE;
         }

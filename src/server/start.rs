@@ -34,6 +34,31 @@ pub enum StartError {
     #[error("{0}")]
     Setup(String),
 }
+impl StartError {
+    /// What to do about it, when the cause is one an operator makes often:
+    /// a permission refused (the data directory, or something in it, belongs
+    /// to another user: typically after a run as root).
+    pub fn hint(&self) -> Option<String> {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            let denied = e
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+                || e.to_string().contains("Permission denied");
+            if denied {
+                // SAFETY: getuid cannot fail.
+                let uid = unsafe { libc::getuid() };
+                return Some(format!(
+                    "the server runs as uid {uid}: the data directory and everything in it (and the database) \
+                     must belong to that user, e.g. `chown -R <user>: <data-dir>` after backupd was run as root there"
+                ));
+            }
+            cause = e.source();
+        }
+        None
+    }
+}
+
 impl Server {
     /// Open storage and database (reconciling them), bind the listener,
     /// register signals and start the worker.
