@@ -831,3 +831,35 @@ fn the_lock_names_no_process_after_a_clean_exit_and_the_sighup_recipe_signals_on
     other.stop();
     assert!(!other.log_text().contains("SIGHUP"), "{}", other.log_text());
 }
+
+/// A store on a read-only filesystem (a dead box's SD card mounted ro, a
+/// snapshot on read-only media): `clients`, `files`, `verify` and `restore`
+/// read it (SQLite could not make its WAL's shared-memory file there).
+#[test]
+fn the_reading_commands_work_on_a_read_only_mount() {
+    let mut mounted = false;
+    let mut server = TestServer::start_with(&["--min-free", "0"], Launch::default(), |temp| {
+        let d = temp.join("data");
+        std::fs::create_dir(&d).unwrap();
+        mounted = mount_tmpfs(&d, "8m");
+    });
+    if !mounted {
+        println!("cannot mount a tmpfs here: skipped");
+        return;
+    }
+    let data = server.data_dir();
+    let _unmount = Unmount(&data);
+    let payload = pseudo_random(20_000, 3);
+    let (mut c, _) = server.registered_client("ro");
+    send(&mut c, "docs/a.bin", &payload);
+    drop(c);
+    server.stop();
+    let ro = std::process::Command::new("mount").args(["-o", "remount,ro"]).arg(&data).status().unwrap();
+    assert!(ro.success());
+    assert!(admin_ok(&data, &["clients"], 0).stdout.contains("ro"));
+    assert!(admin_ok(&data, &["files", "ro"], 0).stdout.contains("docs/a.bin"));
+    admin_ok(&data, &["verify"], 0);
+    let out = tempfile::tempdir().unwrap();
+    admin_ok(&data, &["restore", "ro", "--to", out.path().to_str().unwrap()], 0);
+    assert_eq!(std::fs::read(out.path().join("docs/a.bin")).unwrap(), payload);
+}

@@ -76,9 +76,23 @@ pub struct Store {
     pub remote: Option<super::remote::Remote>,
 }
 
+/// Is `path` on a filesystem mounted read-only?
+fn read_only_fs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    // SAFETY: a NUL-terminated path and a pointer to a local struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) }) == 0 && st.f_flag & libc::ST_RDONLY != 0
+}
+
+/// A path as the path part of an SQLite `file:` URI (`%`, `?` and `#` escaped).
+fn uri_path(path: &Path) -> String {
+    path.to_string_lossy().replace('%', "%25").replace('?', "%3f").replace('#', "%23")
+}
+
 impl Store {
     /// Open for reading only: never writes, never takes the lock, works
-    /// while the server runs.
+    /// while the server runs (and on a read-only filesystem).
     pub fn open_read_only(args: &StoreArgs) -> Result<Store, String> {
         Store::open(args, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX, Opener::Reader)
     }
@@ -96,7 +110,19 @@ impl Store {
             return Err(format!("no database at {} (see --data-dir and --db)", db_path.display()));
         }
         let err = |e: rusqlite::Error| format!("database {}: {e}", db_path.display());
-        let conn = Connection::open_with_flags(&db_path, flags).map_err(err)?;
+        let opened = Connection::open_with_flags(&db_path, flags)
+            .and_then(|c| c.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(())).map(|()| c));
+        let conn = match opened {
+            // On a read-only filesystem (a dead box's SD card mounted ro, a
+            // snapshot on read-only media) SQLite cannot make the WAL's
+            // shared-memory file beside the database; nothing can write the
+            // database there either, so it is read as immutable.
+            Err(_) if opener == Opener::Reader && read_only_fs(&db_path) => {
+                let uri = format!("file:{}?immutable=1", uri_path(&db_path));
+                Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI).map_err(err)?
+            }
+            other => other.map_err(err)?,
+        };
         conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
         let store = Store {
             root: args.data_dir.clone(),
