@@ -970,3 +970,33 @@ fn a_connection_flood_does_not_evict_a_client_between_1600_and_its_key() {
     assert!(up.cksum_matches(), "{up:?}");
     drop(silent);
 }
+
+/// Connections refused at accept are logged at most once a second with a
+/// count; those counted after the last line are reported a second later
+/// even when no further refusal comes: every refusal is counted once.
+#[test]
+fn refusals_at_accept_are_all_counted_in_the_log() {
+    let server = TestServer::start(&["--max-connections-per-ip", "2", "--max-unauthenticated-per-ip", "0"]);
+    let addr = server.addr();
+    let held: Vec<TcpStream> = (0..2).map(|_| connect_from(2, addr).unwrap()).collect();
+    let refused: Vec<TcpStream> = (0..10).filter_map(|_| connect_from(2, addr).ok()).collect();
+    assert_eq!(refused.len(), 10);
+    let counted = |log: &str| -> u64 {
+        log.lines()
+            .filter_map(|l| {
+                if let Some(i) = l.find(" refused since last report") {
+                    l[..i].rsplit(' ').next()?.parse::<u64>().ok()
+                } else if let Some(i) = l.find(" more connection(s) refused at accept") {
+                    l[..i].rsplit(' ').next()?.parse::<u64>().ok()
+                } else {
+                    None
+                }
+            })
+            .sum()
+    };
+    let all = wait_until(Duration::from_secs(5), || counted(&server.log_text()) >= 10);
+    assert!(all, "counted {} of 10:\n{}", counted(&server.log_text()), tail(&server.log_text(), 20));
+    thread::sleep(Duration::from_millis(1200));
+    assert_eq!(counted(&server.log_text()), 10, "{}", tail(&server.log_text(), 20));
+    drop((held, refused));
+}

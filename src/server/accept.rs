@@ -130,6 +130,20 @@ impl Server {
         true
     }
 
+    /// Refusals counted since the last line, once that is a second old
+    /// (from housekeeping: they would otherwise wait for the next refusal).
+    pub(super) fn report_refusals(&mut self, now: Instant) {
+        let due = self.last_refusal_log.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+        if self.refused_since_log > 0 && due {
+            log::warn!(
+                "{} more connection(s) refused at accept since the last report",
+                self.refused_since_log
+            );
+            self.refused_since_log = 0;
+            self.last_refusal_log = Some(now);
+        }
+    }
+
     /// Log refused connections at most once per second, with a count.
     pub(super) fn note_refusal(&mut self, peer: SocketAddr, kind: Refused, why: &str) {
         self.core.metrics.refused(kind);

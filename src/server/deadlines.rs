@@ -12,6 +12,7 @@ impl Server {
     /// Deadlines, checked every tick.
     pub(super) fn housekeeping(&mut self, now: Instant) {
         crate::logging::report_suppressed();
+        self.report_refusals(now);
         let cfg = self.core.cfg.clone();
         let mut to_close: Vec<(usize, u64, String)> = Vec::new();
         let mut stale: Vec<(usize, u64)> = Vec::new();
