@@ -305,8 +305,30 @@ pub fn report_suppressed() {
         });
     }
     for (ip, what, n) in reports {
-        log::warn!("{ip}: {n} similar line(s) suppressed, like \"{}\"", Esc(what));
+        log::warn!("{ip}: {n} similar line(s) suppressed, like \"{}\"", Esc(&shape(what)));
     }
+}
+
+/// A line's format string as its shape: each `{...}` placeholder shown as
+/// `…` ("{}: closed: {w}" -> "…: closed: …").
+fn shape(template: &str) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        match rest[i..].find('}') {
+            Some(j) => {
+                out.push('…');
+                rest = &rest[i + j + 1..];
+            }
+            None => {
+                rest = &rest[i..];
+                break;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Log a line caused by a peer, rate-limited per address (see [`peer_allows`]).
@@ -366,6 +388,14 @@ mod tests {
         assert_eq!(s, "evil\\n2026-01-01 [INFO] forged\\u{202e}txt.exe\\u{2066}\\\"\\\\\\u{7}ok");
         assert_eq!(Esc("été.txt").to_string(), "été.txt");
         assert_eq!(escape_bytes(b"a\xffb"), "a\u{fffd}b");
+    }
+
+    #[test]
+    fn a_suppressed_line_is_shown_by_its_shape() {
+        assert_eq!(shape("{}: closed: {w}"), "…: closed: …");
+        assert_eq!(shape("{}: register: refused, {:?} taken"), "…: register: refused, … taken");
+        assert_eq!(shape("no placeholder"), "no placeholder");
+        assert_eq!(shape("unclosed {x"), "unclosed {x");
     }
 
     #[test]
