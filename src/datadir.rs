@@ -463,26 +463,48 @@ pub fn marker_id(path: &Path) -> Result<Option<String>, String> {
 /// into it. The error is the message for the user, e.g. "data directory D is
 /// in use by process N".
 pub fn acquire(data_dir: &Path) -> Result<DirLock, String> {
-    lock(data_dir, true)
+    lock(data_dir, Create::Leaf)
+}
+
+/// [`acquire`] for a new folder that may need its parents made too (a
+/// snapshot's DIR).
+pub fn acquire_with_parents(data_dir: &Path) -> Result<DirLock, String> {
+    lock(data_dir, Create::WithParents)
 }
 
 /// [`acquire`] for a data directory that must exist already (an admin
 /// command): a missing one is an error, not created.
 pub fn acquire_existing(data_dir: &Path) -> Result<DirLock, String> {
-    lock(data_dir, false)
+    lock(data_dir, Create::No)
 }
 
-fn lock(data_dir: &Path, create: bool) -> Result<DirLock, String> {
+/// What [`lock`] makes of a missing directory.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Create {
+    No,
+    /// The directory itself, in a parent that exists: a mistyped path
+    /// (`/var/lib/bakcupd/data`) is refused rather than made, parents and all.
+    Leaf,
+    WithParents,
+}
+
+fn lock(data_dir: &Path, create: Create) -> Result<DirLock, String> {
     let d = data_dir.display();
     match std::fs::symlink_metadata(data_dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound && !create => {
+        Err(e) if e.kind() == io::ErrorKind::NotFound && create == Create::No => {
             return Err(format!("data directory {d} does not exist"))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::DirBuilder::new()
-            .recursive(true)
+            .recursive(create == Create::WithParents)
             .mode(0o700)
             .create(data_dir)
-            .map_err(|e| format!("cannot create data directory {d}: {e}"))?,
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => format!(
+                    "cannot create data directory {d}: its parent folder does not exist (a typo in the path? \
+                     create the parent first if the path is right)"
+                ),
+                _ => format!("cannot create data directory {d}: {e}"),
+            })?,
         Err(e) => return Err(format!("data directory {d}: {e}")),
         Ok(_) => {}
     }

@@ -951,3 +951,21 @@ fn a_data_directory_of_another_user_is_refused_with_what_to_do() {
         "{err}"
     );
 }
+
+/// A data directory is made when it is missing, but not its parents: a
+/// mistyped path (`/var/lib/bakcupd/data`) is refused, nothing created,
+/// rather than made into a new, empty store.
+#[test]
+fn a_data_directory_in_a_missing_folder_is_refused_not_made() {
+    let temp = tempfile::tempdir().unwrap();
+    let typo = temp.path().join("bakcupd").join("data");
+    let out = std::process::Command::new(server_bin())
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&typo)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("its parent folder does not exist"), "{err}");
+    assert!(!temp.path().join("bakcupd").exists(), "nothing is created");
+}

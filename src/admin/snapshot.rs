@@ -150,7 +150,7 @@ fn check_target(dir: &Path, root: &Path) -> Result<(), String> {
 /// snapshot is made, then marked), so that a server started on it meanwhile
 /// refuses it. Returns the lock and the new data directory's id.
 fn prepare(dir: &Path) -> Result<(DirLock, String), String> {
-    let lock = datadir::acquire(dir)?;
+    let lock = datadir::acquire_with_parents(dir)?;
     let id = datadir::prepare(&lock)?;
     Ok((lock, id))
 }
