@@ -959,13 +959,10 @@ fn a_data_directory_of_another_user_is_refused_with_what_to_do() {
 fn a_data_directory_in_a_missing_folder_is_refused_not_made() {
     let temp = tempfile::tempdir().unwrap();
     let typo = temp.path().join("bakcupd").join("data");
-    let out = std::process::Command::new(server_bin())
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&typo)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("its parent folder does not exist"), "{err}");
+    let args =
+        [OsStr::new("--listen"), OsStr::new("127.0.0.1:0"), OsStr::new("--data-dir"), typo.as_os_str()];
+    let out = run_admin(&args, &[], Duration::from_secs(20));
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("its parent folder does not exist"), "{out:?}");
     assert!(!temp.path().join("bakcupd").exists(), "nothing is created");
 }

@@ -286,13 +286,12 @@ fn the_metrics_file_is_readable_by_all_and_its_interval_has_a_floor() {
     assert!(!dir.path().join("backupd.prom.tmp").exists());
 
     let data = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(server_bin())
-        .args(["--listen", "127.0.0.1:0", "--metrics-file", &prom_arg, "--metrics-interval", "0s"])
-        .arg("--data-dir")
-        .arg(data.path().join("d"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--metrics-interval must be at least 100ms"), "{err}");
+    let d = data.path().join("d");
+    let args =
+        ["--listen", "127.0.0.1:0", "--metrics-file", &prom_arg, "--metrics-interval", "0s", "--data-dir"];
+    let mut args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    args.push(d.as_os_str());
+    let out = run_admin(&args, &[], Duration::from_secs(20));
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("--metrics-interval must be at least 100ms"), "{out:?}");
 }
