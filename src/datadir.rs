@@ -732,8 +732,12 @@ mod tests {
     fn lock_marker_and_refusal() {
         let t = tempfile::tempdir().unwrap();
         // A missing directory is created and marked (by the server, not by an
-        // admin command); a second lock is refused.
-        let data = t.path().join("new").join("data");
+        // admin command), its parents only for a snapshot; a second lock is refused.
+        let nested = t.path().join("new").join("data");
+        assert!(acquire(&nested).unwrap_err().contains("its parent folder does not exist"));
+        assert!(!t.path().join("new").exists());
+        drop(acquire_with_parents(&nested).unwrap());
+        let data = t.path().join("data");
         assert!(acquire_existing(&data).unwrap_err().contains("does not exist"));
         assert!(!data.exists());
         let lock = acquire(&data).unwrap();
