@@ -116,7 +116,7 @@ impl Output {
 
     fn reopen(&mut self) -> io::Result<()> {
         if let Output::File(p, f) = self {
-            *f = open_append(p)?;
+            *f = open_append(p).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
         }
         Ok(())
     }

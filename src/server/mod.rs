@@ -232,7 +232,9 @@ impl Server {
     fn on_signal(&mut self) {
         let Some(signals) = self.signals.as_mut() else { return };
         let got: Vec<i32> = signals.pending().collect();
-        if got.contains(&SIGHUP) {
+        if got.contains(&SIGHUP) && self.core.cfg.log_file.is_none() {
+            log::info!("SIGHUP: the log goes to standard error: nothing to reopen");
+        } else if got.contains(&SIGHUP) {
             match crate::logging::reopen() {
                 Ok(()) => log::info!("SIGHUP: log file reopened"),
                 Err(e) => log::error!("SIGHUP: cannot reopen the log file: {e}"),
