@@ -17,8 +17,7 @@ use crate::logging::Esc;
 use crate::metrics::Unstored;
 use crate::peer_log;
 use crate::protocol::{
-    id_hex, normalize_path, parse_id_hex, Code, HeaderError, NameField, Request, RequestHeader, Response,
-    PACKET_HEADER_LEN,
+    id_hex, normalize_path, Code, HeaderError, NameField, Request, RequestHeader, Response, PACKET_HEADER_LEN,
 };
 use crate::worker::Job;
 
@@ -165,19 +164,6 @@ impl<J: JobSink> Core<J> {
         });
         if existing.is_some() && resumable.is_none() {
             peer_log!(Level::Info, p.peer.ip(), "{}: register: name \"{}\" is taken", p.tag(), Esc(n));
-            p.reply(Response::RegistrationFailed);
-            return;
-        }
-        // A new name in an id's form could stand for another client's id in
-        // the admin commands (`backupd restore HEX`): refused as if taken.
-        if existing.is_none() && parse_id_hex(n).is_some() {
-            peer_log!(
-                Level::Info,
-                p.peer.ip(),
-                "{}: register: name \"{}\" has the form of a client id (32 hex characters); refused",
-                p.tag(),
-                Esc(n)
-            );
             p.reply(Response::RegistrationFailed);
             return;
         }
