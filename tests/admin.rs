@@ -310,8 +310,8 @@ fn writing_commands_refuse_while_the_data_directory_is_locked() {
     }
     // Nothing changed; read-only commands still work.
     let list = json(&admin_ok(&data, &["clients", "--json"], 0).stdout);
-    assert_eq!(list.arr().len(), 3);
-    assert_eq!(list.arr().iter().filter(|c| c["has_key"] == true).count(), 2);
+    assert_eq!(list.arr().len(), 2);
+    assert!(list.arr().iter().all(|c| c["has_key"] == true));
     f.server.stop();
     admin_ok(&data, &["reset-key", "alice"], 0);
     // A missing data directory is an error, not created.
