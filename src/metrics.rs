@@ -435,7 +435,13 @@ pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp)?;
+    // A new file, never through what is there: a link planted at PATH.tmp
+    // would otherwise have its target rewritten and made readable by all.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
     let r = f
         .set_permissions(std::fs::Permissions::from_mode(0o644))
         .and_then(|()| f.write_all(text.as_bytes()))

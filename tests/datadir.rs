@@ -966,3 +966,30 @@ fn a_data_directory_in_a_missing_folder_is_refused_not_made() {
     assert!(out.stderr.contains("its parent folder does not exist"), "{out:?}");
     assert!(!temp.path().join("bakcupd").exists(), "nothing is created");
 }
+
+/// The database's lock file (`<db>.lock`, beside a database kept outside
+/// the data directory) replaced by a link: the start is refused, the link's
+/// target neither written nor truncated.
+#[test]
+fn a_database_lock_file_that_is_a_link_is_never_written_through() {
+    let temp = tempfile::tempdir().unwrap();
+    let dbdir = temp.path().join("db");
+    std::fs::create_dir(&dbdir).unwrap();
+    let victim = temp.path().join("victim");
+    std::fs::write(&victim, b"keep me").unwrap();
+    symlink(&victim, dbdir.join("backupd.db.lock")).unwrap();
+    let data = temp.path().join("data");
+    let db = dbdir.join("backupd.db");
+    let args = [
+        OsStr::new("--listen"),
+        OsStr::new("127.0.0.1:0"),
+        OsStr::new("--data-dir"),
+        data.as_os_str(),
+        OsStr::new("--db"),
+        db.as_os_str(),
+    ];
+    let out = run_admin(&args, &[], Duration::from_secs(20));
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("backupd.db.lock is a symbolic link"), "{out:?}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+}

@@ -278,8 +278,15 @@ fn the_metrics_file_is_readable_by_all_and_its_interval_has_a_floor() {
     };
     let launch = Launch { tweak: Some(std::sync::Arc::new(umask077)), ..Launch::default() };
     let args = ["--metrics-file", &prom_arg, "--metrics-interval", "200ms"];
+    // A link planted where the temp file goes: its target is neither written nor opened up.
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"secret").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink(&victim, dir.path().join("backupd.prom.tmp")).unwrap();
     let mut server = TestServer::start_with(&args, launch, |_| {});
     assert!(wait_until(Duration::from_secs(10), || prom.exists()), "no metrics file");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"secret");
+    assert_eq!(std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777, 0o600);
     server.stop();
     let mode = std::fs::metadata(&prom).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o644, "the metrics file's mode");
