@@ -111,11 +111,8 @@ impl<J: JobSink> Core<J> {
             free: r.free_at_open,
             new_file: false,
         };
-        let limits = || match begins_stream.then(|| self.over_limit_with(a.id, more)).flatten() {
-            Some(why) => Err(why),
-            None => Ok(()),
-        };
-        let checked = follows(&r, ph).and_then(|()| limits());
+        let over = if begins_stream { self.over_limit_with(a.id, more) } else { None };
+        let checked = follows(&r, ph).and_then(|()| over.map_or(Ok(()), Err));
         let step = match checked.and_then(|()| plan_packet(&mut r, ph, content_len, self.cfg.max_file_size)) {
             Ok(s) => s,
             Err(why) => return (self.refuse_packet(p, Upload::Receiving(r), a, &why), None),
