@@ -191,7 +191,8 @@ impl Sim<'_> {
             (_, false) => None,
         };
         let mut ends = k == n || (k == 1 && n == 0 && orig == 0 && content_len == 16);
-        ends |= prev_pending && whole_here && orig == 0;
+        // (Only within the upload: a packet 1 starts a new one, whose end is not pending.)
+        ends |= k != 1 && prev_pending && whole_here && orig == 0;
         let pending = ends && k != 1 && orig > 0 && chunk == Some(orig);
         ends &= !pending;
         if let MUpload::Receiving { chunk: c, pending: p, .. } = &mut m.upload {
