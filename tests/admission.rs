@@ -893,6 +893,62 @@ fn uploads_that_fail_to_decrypt_cost_the_client_its_reconnects() {
     assert_eq!(again.read_response().unwrap().code(), ResponseCode::ReconnectDenied);
     // The file is untouched.
     assert_eq!(std::fs::read(server.stored_path(&id, "doc.bin")).unwrap(), data);
+    // The victim itself is not locked out: the address it set its key from
+    // has its own tokens, which the forger did not spend.
+    victim_uploads_from(1, &server, id, "after-forgery.bin");
+}
+
+/// The victim of forged uploads keeps its sessions from an address it has
+/// proven itself from by uploads (two that decrypted, in one session), even
+/// after a restart forgot the address it registered from; a forger elsewhere
+/// spends only the tokens that all other addresses share.
+#[test]
+fn forged_uploads_do_not_lock_a_client_out_of_an_address_it_uploads_from() {
+    let mut server = TestServer::start(&[]);
+    let (victim, id) = server.registered_client("victim");
+    drop(victim);
+    server.restart();
+    // From 127.0.0.5: one session with two uploads that decrypt.
+    let mut home = client_from(5, server.addr());
+    home.reconnect(id, "victim", test_key()).unwrap();
+    for name in ["a.bin", "b.bin"] {
+        let data = pseudo_random(FILE_LEN, 43);
+        assert!(home.upload_bytes(name, &data, &UploadOptions::default()).unwrap().cksum_matches());
+        home.crc_ok(name).unwrap();
+    }
+    drop(home);
+    let mut forger = client_from(3, server.addr());
+    forger.send_raw(&frame(&id, Code::Reconnect, &[&name_field_raw(b"victim")])).unwrap();
+    assert_eq!(forger.read_response().unwrap().code(), ResponseCode::ReconnectOk);
+    for i in 0..12u8 {
+        let packet = packet_frame(&id, 16, 0, 1, 1, &name_field_raw(b"a.bin"), &[i; 16]);
+        forger.send_raw(&packet).unwrap();
+        assert_eq!(forger.read_response().unwrap().code(), ResponseCode::GeneralError);
+    }
+    server.wait_for_log("failed to decrypt", IO_TIMEOUT);
+    // An address the client has not proven itself from (127.0.0.1, which it
+    // registered from before the restart, included) is refused meanwhile ...
+    for host in [1, 6] {
+        let mut elsewhere = client_from(host, server.addr());
+        elsewhere.send_raw(&frame(&id, Code::Reconnect, &[&name_field_raw(b"victim")])).unwrap();
+        assert_eq!(
+            elsewhere.read_response().unwrap().code(),
+            ResponseCode::ReconnectDenied,
+            "127.0.0.{host}"
+        );
+    }
+    // ... the one it uploads from is not.
+    victim_uploads_from(5, &server, id, "c.bin");
+}
+
+/// Client "victim" reconnects from 127.0.0.`host` and stores `name`.
+fn victim_uploads_from(host: u8, server: &TestServer, id: ClientId, name: &str) {
+    let mut c = client_from(host, server.addr());
+    c.reconnect(id, "victim", test_key()).unwrap_or_else(|e| panic!("reconnect from 127.0.0.{host}: {e}"));
+    let data = pseudo_random(FILE_LEN, 47);
+    assert!(c.upload_bytes(name, &data, &UploadOptions::default()).unwrap().cksum_matches());
+    c.crc_ok(name).unwrap();
+    assert_eq!(std::fs::read(server.stored_path(&id, name)).unwrap(), data);
 }
 
 /// A flood of reconnects (1027) from one address, for a client of its own:

@@ -9,6 +9,8 @@
 //!   never made any (only cheap requests: registering, reconnecting) before all
 //!   others, and among those the ones without a session first, oldest first.
 //! * [`RateLimiter`] is a token bucket per address for registrations.
+//! * [`DecryptFailures`] counts each client's uploads that failed to decrypt
+//!   (forged ciphertext), per address the client has proven itself from.
 //!
 //! Pure bookkeeping: no sockets, no clock of its own (callers pass `now`).
 
@@ -16,6 +18,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
+use crate::protocol::ClientId;
 use crate::ratelimit::TokenBucket;
 
 /// Connections of one address.
@@ -140,6 +143,75 @@ impl<K: std::hash::Hash + Eq + Copy> RateLimiter<K> {
     }
 }
 
+/// Decryption failures a client may cause at once, and per second after that
+/// (10 an hour): a forger needs ~256 tries per file it could replace.
+const DECRYPT_FAILURE_BURST: f64 = 10.0;
+const DECRYPT_FAILURES_PER_SEC: f64 = 10.0 / 3600.0;
+/// Successful uploads in one session, without a failure, that make its
+/// address one the client has proven itself from. A forger's upload
+/// decrypts about once in 256 tries, so two in a row: once in 65,536.
+pub const TRUST_AFTER_UPLOADS: u32 = 2;
+/// Proven addresses kept per client (the most recent).
+const TRUSTED_PER_CLIENT: usize = 8;
+
+/// Uploads that failed to decrypt, per client. A legitimate client never
+/// sends one; one who only knows a client's id and name (both cross the wire
+/// in clear) can reconnect and send ciphertext it cannot make, which decrypts
+/// to a valid padding about once in 256 tries and would replace a file. So
+/// each failure takes a token, and a client out of tokens is refused new
+/// sessions for a while (the forger's tries are bounded).
+///
+/// Tokens are kept apart per address the client has proven itself from (the
+/// address of the connection that set its key, or of a session whose uploads
+/// decrypted [`TRUST_AFTER_UPLOADS`] times without a failure); all other
+/// addresses share one bucket. A forger elsewhere spends the shared bucket
+/// only, so the client keeps its sessions from the addresses it uses. What is
+/// proven is kept in memory (a restart forgets it, as it forgets the tokens).
+#[derive(Debug)]
+pub struct DecryptFailures {
+    buckets: RateLimiter<(ClientId, Option<IpAddr>)>,
+    trusted: HashMap<ClientId, Vec<IpAddr>>,
+}
+
+impl Default for DecryptFailures {
+    fn default() -> DecryptFailures {
+        DecryptFailures {
+            buckets: RateLimiter::new(DECRYPT_FAILURES_PER_SEC, DECRYPT_FAILURE_BURST),
+            trusted: HashMap::new(),
+        }
+    }
+}
+
+impl DecryptFailures {
+    /// The bucket that `ip`'s failures for `id` take from.
+    fn bucket(&self, id: ClientId, ip: IpAddr) -> (ClientId, Option<IpAddr>) {
+        let proven = self.trusted.get(&id).is_some_and(|v| v.contains(&ip));
+        (id, proven.then_some(ip))
+    }
+
+    /// May client `id` open a session from `ip` (its bucket has a token)?
+    pub fn may_open_session(&self, id: ClientId, ip: IpAddr, now: Instant) -> bool {
+        self.buckets.has_token(self.bucket(id, ip), now)
+    }
+
+    /// An upload of `id` from `ip` failed to decrypt: take a token. False
+    /// when there was none (the session must end).
+    pub fn failed(&mut self, id: ClientId, ip: IpAddr, now: Instant) -> bool {
+        let bucket = self.bucket(id, ip);
+        self.buckets.allow(bucket, now)
+    }
+
+    /// `id` proved itself from `ip`: its failures there get their own bucket.
+    pub fn trust(&mut self, id: ClientId, ip: IpAddr) {
+        let v = self.trusted.entry(id).or_default();
+        v.retain(|a| *a != ip);
+        if v.len() >= TRUSTED_PER_CLIENT {
+            v.remove(0);
+        }
+        v.push(ip);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -196,5 +268,35 @@ mod tests {
         assert_eq!((0..20).filter(|_| r.allow(a, t + Duration::from_secs(1))).count(), 10);
         let mut off = RateLimiter::new(0.0, 0.0);
         assert!((0..1000).all(|_| off.allow(a, t)));
+    }
+
+    #[test]
+    fn decryption_failures_elsewhere_do_not_lock_a_client_out_of_its_proven_addresses() {
+        let mut d = DecryptFailures::default();
+        let (id, other) = ([7u8; 16], [8u8; 16]);
+        let home: IpAddr = "10.0.0.1".parse().unwrap();
+        let forger: IpAddr = "10.0.0.9".parse().unwrap();
+        let t = Instant::now();
+        d.trust(id, home);
+        assert_eq!((0..20).filter(|_| d.failed(id, forger, t)).count(), 10);
+        assert!(!d.may_open_session(id, forger, t));
+        assert!(
+            !d.may_open_session(id, "10.0.0.2".parse().unwrap(), t),
+            "unproven addresses share the bucket"
+        );
+        assert!(d.may_open_session(id, home, t));
+        assert!(d.may_open_session(other, forger, t), "another client is not affected");
+        // Failures from the proven address take its own bucket.
+        assert_eq!((0..20).filter(|_| d.failed(id, home, t)).count(), 10);
+        assert!(!d.may_open_session(id, home, t));
+        // A bounded list: the oldest proven address goes first.
+        for i in 0..TRUSTED_PER_CLIENT as u8 {
+            d.trust(other, IpAddr::from([10, 1, 0, i]));
+        }
+        d.trust(other, IpAddr::from([10, 1, 0, 0]));
+        d.trust(other, IpAddr::from([10, 2, 0, 0]));
+        let kept = &d.trusted[&other];
+        assert_eq!(kept.len(), TRUSTED_PER_CLIENT);
+        assert!(kept.contains(&IpAddr::from([10, 1, 0, 0])) && !kept.contains(&IpAddr::from([10, 1, 0, 1])));
     }
 }

@@ -80,6 +80,7 @@ impl<J: JobSink> Core<J> {
             return p.out_of_state("a received upload that is not the one finishing");
         };
         let id = p.session.as_ref().map(|s| s.id).unwrap_or_default();
+        self.decrypted(p);
         log::info!(
             "{}: received \"{}\" ({plain_len} bytes, cksum {cksum}); awaiting confirmation",
             p.tag(),
@@ -182,6 +183,8 @@ impl<J: JobSink> Core<J> {
                 e.key = Some(public);
             }
             self.open_session(p, id, name, key);
+            // The connection that set the key is the client's own.
+            self.decrypt_failures.trust(id, p.peer.ip());
             log::info!("{}: public key received; session key sent", p.tag());
             p.reply(Response::KeyAccepted { id, encrypted_key });
         } else {

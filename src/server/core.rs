@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::admission::RateLimiter;
+use super::admission::{DecryptFailures, RateLimiter};
 use super::CONTENT_PIECE;
 use crate::budget::{Budget, Piece};
 use crate::config::Config;
@@ -82,17 +82,13 @@ pub struct Core<J: JobSink = Jobs> {
     /// encryption (tens to hundreds of microseconds), so a flood of 1027s
     /// from a few addresses could otherwise stall every other client.
     pub(super) session_keys: RateLimiter,
-    /// Decryption failures per client: a legitimate client never fails to
-    /// decrypt, a forger (1027 then ciphertext it cannot make) fails 255 times
-    /// in 256. Out of tokens, the client's reconnects are refused for a while.
-    pub(super) decrypt_failures: RateLimiter<ClientId>,
+    /// Decryption failures per client and proven address: a legitimate
+    /// client never fails to decrypt, a forger (1027 then ciphertext it cannot
+    /// make) fails 255 times in 256. Out of tokens, the client's reconnects
+    /// from there are refused for a while.
+    pub(super) decrypt_failures: DecryptFailures,
     pub(super) metrics: Arc<Metrics>,
 }
-
-/// Decryption failures a client may cause at once, and per second after that
-/// (10 an hour): a forger needs ~256 tries per file it could replace.
-const DECRYPT_FAILURE_BURST: f64 = 10.0;
-const DECRYPT_FAILURES_PER_SEC: f64 = 10.0 / 3600.0;
 
 impl<J: JobSink> Core<J> {
     /// `next_upload`: the first upload id (ids must not repeat across restarts).
@@ -102,7 +98,7 @@ impl<J: JobSink> Core<J> {
         let session_keys = RateLimiter::new(cfg.session_rate, cfg.session_burst as f64);
         let metrics = Arc::new(Metrics::new());
         metrics.clients.set(registry.by_id.len() as i64);
-        let decrypt_failures = RateLimiter::new(DECRYPT_FAILURES_PER_SEC, DECRYPT_FAILURE_BURST);
+        let decrypt_failures = DecryptFailures::default();
         Core {
             cfg,
             registry,

@@ -21,6 +21,7 @@ use crate::protocol::{
 };
 use crate::worker::Job;
 
+use super::admission::TRUST_AFTER_UPLOADS;
 use super::connection::Frame;
 use super::state::{Awaiting, PendingKey, Protocol, Receiving, Session, Upload};
 use super::{ClientEntry, Core, JobSink};
@@ -287,11 +288,11 @@ impl<J: JobSink> Core<J> {
     }
 
     fn on_reconnect(&mut self, p: &mut Protocol, id: [u8; 16], name: NameField) {
-        if !self.decrypt_failures.has_token(id, Instant::now()) {
+        if !self.decrypt_failures.may_open_session(id, p.peer.ip(), Instant::now()) {
             peer_log!(
                 Level::Error,
                 p.peer.ip(),
-                "{}: reconnect denied: client {} had too many uploads that failed to decrypt (forged ciphertext?); try again later",
+                "{}: reconnect denied: client {} had too many uploads that failed to decrypt (forged ciphertext?) from addresses it has not proven; try again later",
                 p.tag(),
                 id_hex(&id)
             );
@@ -346,7 +347,7 @@ impl<J: JobSink> Core<J> {
         } else {
             Vec::new()
         };
-        p.session = Some(Session { id, name, key: aes });
+        p.session = Some(Session { id, name, key: aes, decrypted: 0 });
         for upload in dropped {
             self.send_job(Job::Discard { upload, failed: None });
         }
@@ -413,17 +414,34 @@ impl<J: JobSink> Core<J> {
         }
     }
 
+    /// An upload of this connection's session decrypted (its 1603 goes out):
+    /// after [`TRUST_AFTER_UPLOADS`] in a row, the session's address is one
+    /// the client has proven itself from.
+    pub(super) fn decrypted(&mut self, p: &mut Protocol) {
+        let Some(s) = p.session.as_mut() else { return };
+        s.decrypted = s.decrypted.saturating_add(1);
+        if s.decrypted == TRUST_AFTER_UPLOADS {
+            let id = s.id;
+            self.decrypt_failures.trust(id, p.peer.ip());
+            log::debug!("{}: client {} proven from this address", p.tag(), id_hex(&id));
+        }
+    }
+
     /// An upload of this connection's session did not decrypt. A legitimate
     /// client never sends such an upload, but one who only knows a client's id
     /// and name can reconnect (1027) and send ciphertext it cannot make, which
     /// decrypts to a valid padding about once in 256 tries and would then
     /// replace the client's file. So each failure costs the client one of a
-    /// few tokens (`Core::decrypt_failures`); out of them, the session ends on
-    /// this connection (its staged files can no longer be confirmed) and the
-    /// client's reconnects are refused until tokens come back.
+    /// few tokens (`Core::decrypt_failures`, kept apart for the addresses the
+    /// client has proven itself from); out of them, the session ends on this
+    /// connection (its staged files can no longer be confirmed) and the
+    /// client's reconnects from this address's bucket are refused until tokens
+    /// come back.
     pub(super) fn decryption_failed(&mut self, p: &mut Protocol) {
-        let Some(id) = p.session.as_ref().map(|s| s.id) else { return };
-        if self.decrypt_failures.allow(id, Instant::now()) {
+        let Some(s) = p.session.as_mut() else { return };
+        s.decrypted = 0;
+        let id = s.id;
+        if self.decrypt_failures.failed(id, p.peer.ip(), Instant::now()) {
             return;
         }
         p.session = None;

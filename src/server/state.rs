@@ -35,6 +35,9 @@ pub(super) struct Session {
     pub(super) id: ClientId,
     pub(super) name: String,
     pub(super) key: [u8; 32],
+    /// Uploads of this session that decrypted, with no failure between
+    /// (see `admission::TRUST_AFTER_UPLOADS`).
+    pub(super) decrypted: u32,
 }
 
 impl Drop for Session {

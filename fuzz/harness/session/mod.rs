@@ -159,14 +159,30 @@ struct Sim<'a> {
     /// Client ids in registration order (ids are random: picks go by position).
     order: Vec<ClientId>,
     names: HashMap<String, ClientId>,
-    /// Decryption failures per client (the server's token bucket, which does
-    /// not refill noticeably during a run).
-    decrypt_failures: HashMap<ClientId, u32>,
+    /// Decryption failures per client and bucket (the server's token
+    /// buckets, which do not refill noticeably during a run): the one peer
+    /// address's own once the client proved itself from it (`true`), else
+    /// the one all unproven addresses share.
+    decrypt_failures: HashMap<(ClientId, bool), u32>,
+    /// Clients proven from the peer address (src/server/admission.rs,
+    /// `DecryptFailures`): their key was set here, or a session here had
+    /// `TRUST_AFTER_UPLOADS` uploads decrypt in a row.
+    trusted: HashSet<ClientId>,
     stats: SessionStats,
 }
 
-/// The server's burst of decryption failures per client (src/server/mod.rs).
+/// The server's burst of decryption failures per client and bucket
+/// (src/server/admission.rs).
 const DECRYPT_FAILURE_BURST: u32 = 10;
+/// Uploads in a row that prove a client's address (src/server/admission.rs).
+const TRUST_AFTER_UPLOADS: u32 = 2;
+
+impl Sim<'_> {
+    /// The bucket the peer address's decryption failures for `id` take from.
+    fn failure_bucket(&self, id: ClientId) -> (ClientId, bool) {
+        (id, self.trusted.contains(&id))
+    }
+}
 
 /// Target 5: the protocol state machine of one server (two connections)
 /// driven by arbitrary frame sequences, with a fake worker.
@@ -213,6 +229,7 @@ pub fn session_stats(data: &[u8]) -> SessionStats {
         order: Vec::new(),
         names: HashMap::new(),
         decrypt_failures: HashMap::new(),
+        trusted: HashSet::new(),
         stats: SessionStats::default(),
     };
     let mut ops = 0;

@@ -70,6 +70,8 @@ pub(super) struct MConn {
     pub(super) upload: MUpload,
     pub(super) staged: VecDeque<MStaged>,
     pub(super) owed: Owed,
+    /// Uploads of the session that decrypted, with no failure between.
+    pub(super) decrypted: u32,
 }
 
 pub(super) struct MClient {
@@ -202,7 +204,8 @@ impl Sim<'_> {
             .get(&hid)
             .filter(|c| c.durable && name.as_str() == Some(c.name.as_str()))
             .and_then(|c| c.key.clone());
-        let too_many_failures = self.decrypt_failures.get(&hid).is_some_and(|n| *n >= DECRYPT_FAILURE_BURST);
+        let too_many_failures =
+            self.decrypt_failures.get(&self.failure_bucket(hid)).is_some_and(|n| *n >= DECRYPT_FAILURE_BURST);
         let Some(der) = known.filter(|_| !too_many_failures) else {
             assert_eq!(replies, vec![Response::ReconnectDenied { id: hid }]);
             assert!(jobs.is_empty());
@@ -249,6 +252,7 @@ impl Sim<'_> {
         assert!(!matches!(m.upload, MUpload::Finishing { .. }), "a new session while the last packet is out");
         m.upload = MUpload::Idle;
         m.session = Some((id, None));
+        m.decrypted = 0;
         m.sealed = sealed;
         assert_eq!(discards, sorted(expected), "discards of a new session");
         assert!(self.slots[s].proto.session().is_some_and(|(x, _)| x == id));

@@ -71,6 +71,7 @@ impl Slot {
                 upload: MUpload::Idle,
                 staged: VecDeque::new(),
                 owed: Owed::Nothing,
+                decrypted: 0,
             },
             inbuf: Vec::new(),
             pos: 0,

@@ -7,7 +7,7 @@ use backupd::worker::{Completion, Job, PacketOutcome, UploadError, UploadId};
 
 use super::super::Input;
 use super::model::{MStaged, MUpload, Owed};
-use super::{discards_only, sorted, take_replies, tracing, Sim, DECRYPT_FAILURE_BURST};
+use super::{discards_only, sorted, take_replies, tracing, Sim, DECRYPT_FAILURE_BURST, TRUST_AFTER_UPLOADS};
 
 /// What the model checks of a packet completion's outcome (outcomes are
 /// not `Clone`: a failure may carry an I/O error).
@@ -225,6 +225,7 @@ impl Sim<'_> {
             let der = self.clients.get(&id).and_then(|c| c.key.clone()).expect("the key is on file");
             let key = self.session_key(&der, encrypted_key);
             self.open_session(s, id, key, discards_only(jobs));
+            self.trusted.insert(id);
             self.stats.keys_accepted += 1;
         } else {
             assert_eq!(replies, vec![Response::GeneralError]);
@@ -308,6 +309,11 @@ impl Sim<'_> {
             }]
         );
         let name = normalize_path(field.bytes()).expect("accepted at packet 1").as_str().to_string();
+        m.decrypted += 1;
+        if m.decrypted == TRUST_AFTER_UPLOADS {
+            self.trusted.insert(sid);
+        }
+        let m = &mut self.slots[s].model;
         m.staged.push_back(MStaged { name, upload, retried: false });
         let mut expected = vec![];
         if m.staged.len() > 16 {
@@ -338,7 +344,9 @@ impl Sim<'_> {
         let m = &mut slot.model;
         let mut expected = Vec::new();
         if let (true, Some((sid, _))) = (decryption, m.session) {
-            let n = self.decrypt_failures.entry(sid).or_insert(0);
+            m.decrypted = 0;
+            let bucket = (sid, self.trusted.contains(&sid));
+            let n = self.decrypt_failures.entry(bucket).or_insert(0);
             *n += 1;
             if *n > DECRYPT_FAILURE_BURST {
                 m.session = None;
