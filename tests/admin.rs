@@ -101,6 +101,10 @@ fn clients_and_files_in_text_and_json_while_the_server_runs() {
     for col in ["ID", "NAME", "LAST SEEN", "FILES", "BYTES", "LAST BACKUP", "QUOTA"] {
         assert!(header.contains(col), "{header}");
     }
+    // Options written before the subcommand are the subcommand's.
+    let first: Vec<&std::ffi::OsStr> = vec!["--data-dir".as_ref(), data.as_os_str(), "clients".as_ref()];
+    let r = admin_env(&first, &[]);
+    assert_eq!((r.code, &r.stdout), (0, &text), "backupd --data-dir D clients: {r:?}");
     let alice_line = text.lines().find(|l| l.contains("alice")).expect("alice listed");
     assert!(alice_line.starts_with(&id_hex(&f.alice)), "{alice_line}");
     let stored: u64 = f.files.values().map(|d| d.len() as u64).sum::<u64>() + f.doc_v1.len() as u64;

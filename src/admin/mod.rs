@@ -26,8 +26,10 @@ pub mod store;
 pub mod time;
 pub mod verify;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
+use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
@@ -89,6 +91,23 @@ pub enum Command {
 }
 
 impl Cli {
+    /// Parse the command line. Options written before a subcommand
+    /// (`backupd --data-dir /srv/b verify`, as `git -C` reads) are taken as
+    /// the subcommand's when it has them; otherwise clap's usage error
+    /// (exit 2).
+    pub fn parse_args(args: Vec<OsString>) -> Cli {
+        match Cli::try_parse_from(&args) {
+            Ok(cli) => cli,
+            Err(e) => {
+                let retry = (e.kind() == ErrorKind::ArgumentConflict)
+                    .then(|| subcommand_first(&args))
+                    .flatten()
+                    .and_then(|a| Cli::try_parse_from(a).ok());
+                retry.unwrap_or_else(|| e.exit())
+            }
+        }
+    }
+
     /// The server's configuration when the command line runs the server.
     pub fn into_server(self) -> Result<Config, Box<Command>> {
         match self.command {
@@ -97,6 +116,18 @@ impl Cli {
             Some(other) => Err(Box::new(other)),
         }
     }
+}
+
+/// `args` with its first subcommand name moved before the options, if one
+/// comes after them.
+fn subcommand_first(args: &[OsString]) -> Option<Vec<OsString>> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let names: Vec<&str> = cmd.get_subcommands().map(|c| c.get_name()).collect();
+    let at = args.iter().skip(2).position(|a| a.to_str().is_some_and(|a| names.contains(&a)))? + 2;
+    let mut v = args.to_vec();
+    let sub = v.remove(at);
+    v.insert(1, sub);
+    Some(v)
 }
 
 /// Run an admin command; errors are printed as `backupd: ...` with exit 1.
@@ -134,6 +165,15 @@ mod tests {
             Cli::try_parse_from(["backupd", "files", "alice", "--versions", "--data-dir", "d"]).unwrap();
         let Err(cmd) = cli.into_server() else { panic!("files must not run the server") };
         assert!(matches!(&*cmd, Command::Files(f) if f.versions && f.client.as_deref() == Some("alice")));
+        // Options before the subcommand are the subcommand's, when it has them.
+        let args = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        let cli = Cli::parse_args(args(&["backupd", "--data-dir", "d", "files", "alice", "--versions"]));
+        let Err(cmd) = cli.into_server() else { panic!("files must not run the server") };
+        assert!(
+            matches!(&*cmd, Command::Files(f) if f.versions && f.store.data_dir == std::path::Path::new("d"))
+        );
+        assert!(subcommand_first(&args(&["backupd", "--port", "9", "verify"])).is_some());
+        assert!(Cli::try_parse_from(args(&["backupd", "verify", "--port", "9"])).is_err());
         // Usage errors are clap's (exit 2).
         assert!(Cli::try_parse_from(["backupd", "restore", "alice"]).is_err());
         assert!(Cli::try_parse_from([

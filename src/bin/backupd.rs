@@ -6,14 +6,12 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
-
 use backupd::admin::{self, Cli};
 use backupd::logging::{self, Sink};
 use backupd::server::Server;
 
 fn main() -> ExitCode {
-    let cfg = match Cli::parse().into_server() {
+    let cfg = match Cli::parse_args(std::env::args_os().collect()).into_server() {
         Ok(cfg) => cfg,
         Err(cmd) => return admin::run(&cmd),
     };
