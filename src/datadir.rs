@@ -508,10 +508,24 @@ fn lock(data_dir: &Path, create: Create) -> Result<DirLock, String> {
         Err(e) => return Err(format!("data directory {d}: {e}")),
         Ok(_) => {}
     }
-    let dir = Dir::open(data_dir).map_err(|e| format!("data directory {d}: {e}"))?;
+    let dir = Dir::open(data_dir).map_err(|e| match dangling_link(data_dir) {
+        Some(why) => format!("data directory {why}"),
+        None => format!("data directory {d}: {e}"),
+    })?;
     check_marked_or_empty(&dir, data_dir)?;
     let file = lock_pid(&dir, LOCK_FILE, &format!("data directory {d}"))?;
     Ok(DirLock { file, dir, path: data_dir.to_path_buf() })
+}
+
+/// "PATH is a symbolic link to T, which does not exist", when `path` is a
+/// link whose target is gone (a disk not mounted, a folder moved).
+pub fn dangling_link(path: &Path) -> Option<String> {
+    let to = std::fs::read_link(path).ok().filter(|_| !path.exists())?;
+    Some(format!(
+        "{} is a symbolic link to {}, which does not exist (a disk not mounted?)",
+        path.display(),
+        to.display()
+    ))
 }
 
 /// Lock `dir/name` (`flock(LOCK_EX | LOCK_NB)`, created if missing, never

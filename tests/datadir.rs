@@ -967,6 +967,27 @@ fn a_data_directory_in_a_missing_folder_is_refused_not_made() {
     assert!(!temp.path().join("bakcupd").exists(), "nothing is created");
 }
 
+/// A data directory that is a link to a folder that is gone (a disk not
+/// mounted): the server and the admin commands say so, and nothing is made
+/// at the link's target.
+#[test]
+fn a_data_directory_link_to_nowhere_is_named_as_such() {
+    let temp = tempfile::tempdir().unwrap();
+    let target = temp.path().join("mnt").join("sd").join("backupd");
+    let link = temp.path().join("data");
+    symlink(&target, &link).unwrap();
+    let args =
+        [OsStr::new("--listen"), OsStr::new("127.0.0.1:0"), OsStr::new("--data-dir"), link.as_os_str()];
+    let out = run_admin(&args, &[], Duration::from_secs(20));
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("is a symbolic link to") && out.stderr.contains("does not exist"), "{out:?}");
+    let verify = [OsStr::new("verify"), OsStr::new("--data-dir"), link.as_os_str()];
+    let out = run_admin(&verify, &[], Duration::from_secs(20));
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("is a symbolic link to"), "{out:?}");
+    assert!(!temp.path().join("mnt").exists(), "nothing is created");
+}
+
 /// The database's lock file (`<db>.lock`, beside a database kept outside
 /// the data directory) replaced by a link: the start is refused, the link's
 /// target neither written nor truncated.

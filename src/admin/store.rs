@@ -43,7 +43,10 @@ impl StoreArgs {
         if self.data_dir.is_dir() {
             return Ok(());
         }
-        Err(format!("no data directory at {} (see --data-dir)", self.data_dir.display()))
+        match crate::datadir::dangling_link(&self.data_dir) {
+            Some(why) => Err(format!("data directory {why}")),
+            None => Err(format!("no data directory at {} (see --data-dir)", self.data_dir.display())),
+        }
     }
 }
 
