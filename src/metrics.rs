@@ -246,6 +246,16 @@ impl Metrics {
         }
     }
 
+    /// A client is no longer on record: its series go.
+    pub fn forget_client(&self, client: &str) {
+        if let Ok(mut m) = self.client_usage.lock() {
+            m.remove(client);
+        }
+        if let Ok(mut m) = self.last_verified.lock() {
+            m.remove(client);
+        }
+    }
+
     /// The free space last measured, if known.
     pub fn free_bytes(&self) -> Option<u64> {
         Some(self.free_bytes.load(Ordering::Relaxed)).filter(|b| *b != FREE_UNKNOWN)

@@ -701,27 +701,155 @@ fn a_registration_burst_from_one_address_is_rate_limited() {
     assert!(lines < 200, "{lines} log lines for 127.0.0.2 ({refusals} rate refusals)");
 }
 
-/// `--max-clients 5`: the sixth registration gets 1601 (and a log line);
-/// registered clients go on uploading.
+/// `--max-clients 5` with five clients that have their keys: the sixth
+/// registration gets 1601 (and a log line); registered clients go on uploading.
 #[test]
 fn max_clients_refuses_the_next_registration() {
     let server = TestServer::start(&["--max-clients", "5"]);
     let addr = server.addr();
     let (mut first, id) = server.registered_client("client-1");
+    let _others: Vec<_> = (2..=5).map(|i| server.registered_client(&format!("client-{i}"))).collect();
     let mut c = Client::connect(addr, &quick()).unwrap();
-    for i in 2..=5 {
-        c.register(&format!("client-{i}")).unwrap();
-    }
     let refused = c.register("client-6").unwrap_err();
     assert_eq!(refused.refusal_code(), Some(ResponseCode::RegistrationFailed), "{refused}");
     let mut other = client_from(2, addr);
     let refused = other.register("client-7").unwrap_err();
     assert_eq!(refused.refusal_code(), Some(ResponseCode::RegistrationFailed), "{refused}");
     server.wait_for_log("--max-clients (5) reached", IO_TIMEOUT);
+    assert_eq!(lines_with(&server.log_text(), "reclaimed client"), 0, "a client with a key was reclaimed");
     let data = pseudo_random(FILE_LEN, 5);
     assert!(first.upload_bytes("f.bin", &data, &UploadOptions::default()).unwrap().cksum_matches());
     first.crc_ok("f.bin").unwrap();
     assert_eq!(std::fs::read(server.stored_path(&id, "f.bin")).unwrap(), data);
+}
+
+/// `backupd ARGS --data-dir DATA` on the server's data directory: exit 0.
+fn admin_ok(server: &TestServer, args: &[&str]) -> String {
+    let data = server.data_dir();
+    let mut all: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    all.extend([std::ffi::OsStr::new("--data-dir"), data.as_os_str()]);
+    let run = run_admin(&all, &[], Duration::from_secs(60));
+    assert_eq!(run.code, 0, "backupd {args:?}: {run:?}");
+    run.stdout
+}
+
+/// The names `backupd clients --json` lists, sorted (read beside the
+/// running server, or with it stopped).
+fn client_names(server: &TestServer) -> Vec<String> {
+    let list = json(&admin_ok(server, &["clients", "--json"]));
+    let mut names: Vec<String> = list.arr().iter().map(|c| c["name"].str().to_string()).collect();
+    names.sort();
+    names
+}
+
+/// Register `name` on a new connection, retrying on 1601 until `IO_TIMEOUT`
+/// (the server sees a closed registration connection a moment after it closes).
+fn register_when_room(server: &TestServer, name: &str) -> (Client, ClientId) {
+    let mut got = None;
+    let ok = wait_until(IO_TIMEOUT, || {
+        let mut c = Client::connect(server.addr(), &quick()).unwrap();
+        match c.register(name) {
+            Ok(id) => got = Some((c, id)),
+            Err(e) => assert_eq!(e.refusal_code(), Some(ResponseCode::RegistrationFailed), "{e}"),
+        }
+        got.is_some()
+    });
+    assert!(ok, "{name} never registered:\n{}", tail(&server.log_text(), 20));
+    got.unwrap()
+}
+
+/// Keyless registrations (the connection closed before its 1026) do not hold
+/// `--max-clients` forever: at the limit, a new name takes the place of the
+/// oldest of them, whose row is deleted for good (across a restart too); the
+/// newcomer sends its key and stores a file. One who was reclaimed and comes
+/// back registers again, with a new id.
+#[test]
+fn keyless_registrations_are_reclaimed_at_max_clients_oldest_first() {
+    let mut server = TestServer::start(&["--max-clients", "3"]);
+    let addr = server.addr();
+    let mut idle = Vec::new();
+    for i in 1..=3 {
+        let mut c = client_from(2, addr);
+        idle.push(c.register(&format!("idle-{i}")).unwrap());
+        // Closed before its key.
+    }
+    let (mut newcomer, id) = register_when_room(&server, "newcomer");
+    newcomer.send_public_key("newcomer", test_key()).unwrap();
+    let data = pseudo_random(FILE_LEN, 77);
+    assert!(newcomer.upload_bytes("new.bin", &data, &UploadOptions::default()).unwrap().cksum_matches());
+    newcomer.crc_ok("new.bin").unwrap();
+    assert_eq!(std::fs::read(server.stored_path(&id, "new.bin")).unwrap(), data);
+    server.wait_for_log(&format!("reclaimed client {} \"idle-1\"", id_hex(&idle[0])), IO_TIMEOUT);
+    assert_eq!(client_names(&server), ["idle-2", "idle-3", "newcomer"]);
+    drop(newcomer);
+
+    server.stop();
+    assert_eq!(client_names(&server), ["idle-2", "idle-3", "newcomer"], "the reclaimed row came back");
+    server.restart();
+    // idle-2 is now the oldest keyless registration (the order is on record).
+    let (mut back, again) = register_when_room(&server, "idle-1");
+    assert_ne!(again, idle[0], "a reclaimed client registers again as a new one");
+    back.send_public_key("idle-1", test_key()).unwrap();
+    server.wait_for_log(&format!("reclaimed client {} \"idle-2\"", id_hex(&idle[1])), IO_TIMEOUT);
+    assert_eq!(client_names(&server), ["idle-1", "idle-3", "newcomer"]);
+    let mut c = Client::connect(server.addr(), &quick()).unwrap();
+    c.reconnect(id, "newcomer", test_key()).unwrap();
+    assert_eq!(std::fs::read(server.stored_path(&id, "new.bin")).unwrap(), data);
+    legit_at(server.addr(), &server.files_dir(), "after-reclaims", || server.log_text());
+    server.stop();
+    assert_eq!(client_names(&server), ["after-reclaims", "idle-1", "newcomer"]);
+}
+
+/// What is never reclaimed at `--max-clients`: a keyless registration whose
+/// connection is still open, a client whose key an operator reset
+/// (`backupd reset-key`) and that has files, and one with a file row from an
+/// older server (`Verified=0`), which the worker finds in the database. With
+/// nothing else, a new name gets 1601; once one of the open registrations
+/// closes, that one is reclaimed.
+#[test]
+fn open_registrations_and_clients_with_files_are_not_reclaimed() {
+    let mut server = TestServer::start(&["--max-clients", "3", "--login-timeout", "10min"]);
+    let (mut stored, stored_id) = server.registered_client("stored");
+    let data = pseudo_random(FILE_LEN, 78);
+    assert!(stored.upload_bytes("kept.bin", &data, &UploadOptions::default()).unwrap().cksum_matches());
+    stored.crc_ok("kept.bin").unwrap();
+    drop(stored);
+    let mut c = Client::connect(server.addr(), &quick()).unwrap();
+    let old_row = c.register("old-row").unwrap();
+    drop(c);
+    server.stop();
+    admin_ok(&server, &["reset-key", "stored"]);
+    let db = rusqlite::Connection::open(server.db_path()).unwrap();
+    db.execute(
+        "INSERT INTO files(ID, FileName, PathName, Verified) VALUES (?1, 'aborted.bin', ?2, 0)",
+        rusqlite::params![&old_row[..], format!("files/{}/aborted.bin", id_hex(&old_row))],
+    )
+    .unwrap();
+    drop(db);
+    server.restart();
+
+    // At the limit: "stored" (files, no key), "old-row" (a file row) and one open registration.
+    let mut open = Client::connect(server.addr(), &quick()).unwrap();
+    let open_id = open.register("open").unwrap();
+    for name in ["newcomer-1", "newcomer-2"] {
+        let mut c = client_from(2, server.addr());
+        let refused = c.register(name).unwrap_err();
+        assert_eq!(refused.refusal_code(), Some(ResponseCode::RegistrationFailed), "{name}: {refused}");
+    }
+    server.wait_for_log(
+        &format!("client {} is not reclaimed: it has a key or a file row", id_hex(&old_row)),
+        IO_TIMEOUT,
+    );
+    server.wait_for_log("--max-clients (3) reached", IO_TIMEOUT);
+    assert_eq!(lines_with(&server.log_text(), "reclaimed client"), 0);
+    assert_eq!(client_names(&server), ["old-row", "open", "stored"]);
+
+    drop(open);
+    let (mut newcomer, _) = register_when_room(&server, "newcomer-3");
+    newcomer.send_public_key("newcomer-3", test_key()).unwrap();
+    server.wait_for_log(&format!("reclaimed client {} \"open\"", id_hex(&open_id)), IO_TIMEOUT);
+    assert_eq!(client_names(&server), ["newcomer-3", "old-row", "stored"]);
+    assert_eq!(std::fs::read(server.stored_path(&stored_id, "kept.bin")).unwrap(), data);
 }
 
 // ---------------------------------------------------------------------------

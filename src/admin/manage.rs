@@ -86,10 +86,7 @@ pub fn remove_client(args: &RemoveClientArgs) -> Result<ExitCode, String> {
     // The rows go first: files left behind by a crash after this are found
     // without a row at the next start and moved to orphans/, never served.
     let tx = store.conn.transaction().map_err(|e| format!("database: {e}"))?;
-    let files = tx
-        .execute("DELETE FROM files WHERE ID=?1", params![&client.id[..]])
-        .and_then(|n| tx.execute("DELETE FROM clients WHERE ID=?1", params![&client.id[..]]).map(|_| n))
-        .map_err(|e| format!("database: {e}"))?;
+    let files = crate::worker::db::delete_client(&tx, &client.id).map_err(|e| format!("database: {e}"))?;
     tx.commit().map_err(|e| format!("database: {e}"))?;
     // Through the data directory's descriptors, as the server: the client's
     // entries are moved or removed themselves, never anything through a link.

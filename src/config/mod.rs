@@ -53,7 +53,8 @@ pub struct Config {
     #[arg(long, env = "BACKUPD_LOGIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub login_timeout: Duration,
 
-    /// Most registered clients; further registrations get 1601
+    /// Most registered clients; at the limit a new name takes the place of the oldest
+    /// registration that never sent its key and stores nothing, or gets 1601
     #[arg(long, env = "BACKUPD_MAX_CLIENTS", default_value_t = 100_000)]
     pub max_clients: usize,
 

@@ -15,7 +15,7 @@ use crate::logging::Esc;
 use crate::metrics::Unstored;
 use crate::peer_log;
 use crate::protocol::{id_hex, ClientId, Response};
-use crate::worker::{Completion, ConnRef, Job, PacketOutcome, UploadError, Usage};
+use crate::worker::{Completion, ConnRef, Job, PacketOutcome, Reclaimed, UploadError, Usage};
 
 use super::state::{Awaiting, Finishing, PendingKey, Protocol, StagedFile, MAX_STAGED};
 use super::{Core, Flow, JobSink};
@@ -30,7 +30,7 @@ impl<J: JobSink> Core<J> {
                 let Some(p) = p else { return Flow::Continue };
                 self.on_packet_done(p, upload, last, outcome)
             }
-            Completion::Registered { conn: _, id, ok } => self.on_registered(p, id, ok),
+            Completion::Registered { conn: _, id, ok, reclaimed } => self.on_registered(p, id, ok, reclaimed),
             Completion::KeySaved { conn, id, ok, der } => self.on_key_saved(p, conn, id, ok, &der),
             Completion::Committed { conn: _, upload: _, ok, client, usage } => {
                 self.on_committed(p, ok, client, usage)
@@ -122,15 +122,21 @@ impl<J: JobSink> Core<J> {
         }
     }
 
-    /// A registration is saved (or not): the 1600, or a refusal.
-    fn on_registered(&mut self, p: Option<&mut Protocol>, id: ClientId, ok: bool) -> Flow {
+    /// A registration is saved (or not): the 1600, or a refusal (1601 when
+    /// the registration it was to reclaim at `--max-clients` stores something).
+    fn on_registered(
+        &mut self,
+        p: Option<&mut Protocol>,
+        id: ClientId,
+        ok: bool,
+        reclaimed: Option<Reclaimed>,
+    ) -> Flow {
         if !ok {
-            if let Some(e) = self.registry.by_id.remove(&id) {
-                self.registry.by_name.remove(&e.name);
-            }
+            self.registry.remove(&id);
         } else if let Some(e) = self.registry.by_id.get_mut(&id) {
             e.pending = false;
         }
+        let kept = self.after_reclaim(p.as_deref(), &id, reclaimed);
         self.metrics.clients.set(self.registry.by_id.len() as i64);
         let Some(p) = p else { return Flow::Continue };
         if p.end_wait(|a| if a == Awaiting::Register { Ok(()) } else { Err(a) }).is_none() {
@@ -140,10 +146,48 @@ impl<J: JobSink> Core<J> {
             self.set_registrant(p, id);
             peer_log!(Level::Info, p.peer.ip(), "{}: registered as {}", p.tag(), id_hex(&id));
             p.reply(Response::RegistrationOk { id });
+        } else if kept {
+            self.refuse_at_max_clients(p);
         } else {
             p.refuse("registration could not be saved");
         }
         Flow::Resume
+    }
+
+    /// The registration reclaimed for client `new` at `--max-clients` is
+    /// gone (one log line), or back as it was; true when the worker kept it
+    /// because it stores something (it is never picked again).
+    fn after_reclaim(&mut self, p: Option<&Protocol>, new: &ClientId, reclaimed: Option<Reclaimed>) -> bool {
+        let (old, kept) = match reclaimed {
+            None => return false,
+            Some(Reclaimed::Removed(old)) => {
+                if let Some(e) = self.registry.remove(&old) {
+                    self.metrics.forget_client(&e.name);
+                    let msg = format!(
+                        "register: --max-clients ({}) reached: reclaimed client {} \"{}\" (the oldest registration \
+                         that never sent its key and stores nothing; its row is deleted), {} registered in its place",
+                        self.cfg.max_clients,
+                        id_hex(&old),
+                        Esc(&e.name),
+                        id_hex(new)
+                    );
+                    match p {
+                        Some(p) => peer_log!(Level::Warn, p.peer.ip(), "{}: {msg}", p.tag()),
+                        None => log::warn!("{msg}"),
+                    }
+                }
+                return false;
+            }
+            Some(Reclaimed::Kept(old)) => (old, true),
+            Some(Reclaimed::Unchanged(old)) => (old, false),
+        };
+        if let Some(e) = self.registry.by_id.get_mut(&old) {
+            e.pending = false;
+        }
+        if kept {
+            self.registry.keep(&old);
+        }
+        kept
     }
 
     /// A public key is saved (or not): the session opens, or a refusal.
@@ -164,9 +208,8 @@ impl<J: JobSink> Core<J> {
         let Some(p) = p else {
             // The connection is gone but the key is on file: a reconnect
             // must encrypt to it, as it will after a restart.
-            if let (true, Some(e), Ok((k, _))) = (ok, self.registry.by_id.get_mut(&id), parse_public_key(der))
-            {
-                e.key = Some(k);
+            if let (true, Ok((k, _))) = (ok, parse_public_key(der)) {
+                self.registry.key_saved(&id, k);
             }
             return Flow::Continue;
         };
@@ -179,9 +222,7 @@ impl<J: JobSink> Core<J> {
         };
         if ok {
             // The key on file is what a later reconnect encrypts to.
-            if let Some(e) = self.registry.by_id.get_mut(&id) {
-                e.key = Some(public);
-            }
+            self.registry.key_saved(&id, public);
             self.open_session(p, id, name, key);
             // The connection that set the key is the client's own.
             self.decrypt_failures.trust(id, p.peer.ip());

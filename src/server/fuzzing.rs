@@ -82,10 +82,7 @@ impl Protocol {
 impl Registry {
     /// A client on record, durable (as loaded at start-up), with its key if any.
     pub fn insert_client(&mut self, id: ClientId, name: &str, key: Option<rsa::RsaPublicKey>) {
-        self.by_name.insert(name.to_string(), id);
-        let (key_owner, registrant, pending, usage) = (None, None, false, Default::default());
-        let entry = ClientEntry { name: name.to_string(), key, key_owner, registrant, pending, usage };
-        self.by_id.insert(id, entry);
+        self.insert(id, ClientEntry::new(name, key, Default::default()));
     }
 }
 

@@ -158,26 +158,22 @@ impl<J: JobSink> Core<J> {
         // A client that has no key, none on its way and no registration
         // connection open (it closed before its 1026, or an operator reset the
         // key) may be registered again: the registration resumes with its id.
-        let resumable = existing.filter(|id| {
-            self.registry.by_id.get(id).is_some_and(|e| {
-                !e.pending && e.key.is_none() && e.key_owner.is_none() && e.registrant.is_none()
-            })
-        });
+        let resumable =
+            existing.filter(|id| self.registry.by_id.get(id).is_some_and(ClientEntry::keyless_idle));
         if existing.is_some() && resumable.is_none() {
             peer_log!(Level::Info, p.peer.ip(), "{}: register: name \"{}\" is taken", p.tag(), Esc(n));
             p.reply(Response::RegistrationFailed);
             return;
         }
+        // At --max-clients, a new name takes the place of the oldest
+        // registration that never got a key and stores nothing, if any.
+        let mut reclaim = None;
         if resumable.is_none() && self.registry.by_id.len() >= self.cfg.max_clients {
-            peer_log!(
-                Level::Warn,
-                p.peer.ip(),
-                "{}: register: refused, --max-clients ({}) reached",
-                p.tag(),
-                self.cfg.max_clients
-            );
-            p.reply(Response::RegistrationFailed);
-            return;
+            reclaim = self.registry.oldest_reclaimable();
+            if reclaim.is_none() {
+                self.refuse_at_max_clients(p);
+                return;
+            }
         }
         if !self.registrations.allow(p.peer.ip(), Instant::now()) {
             peer_log!(
@@ -202,6 +198,11 @@ impl<J: JobSink> Core<J> {
             p.reply(Response::RegistrationOk { id });
             return;
         }
+        // Nothing may resume or reconnect as the one reclaimed while its
+        // removal is at the worker.
+        if let Some(e) = reclaim.and_then(|old| self.registry.by_id.get_mut(&old)) {
+            e.pending = true;
+        }
         let mut id = [0u8; 16];
         loop {
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id);
@@ -209,21 +210,25 @@ impl<J: JobSink> Core<J> {
                 break;
             }
         }
-        self.registry.by_name.insert(n.to_string(), id);
-        self.registry.by_id.insert(
-            id,
-            ClientEntry {
-                name: n.to_string(),
-                key: None,
-                key_owner: None,
-                registrant: None,
-                pending: true,
-                usage: Default::default(),
-            },
-        );
+        let mut entry = ClientEntry::new(n, None, Default::default());
+        entry.pending = true;
+        self.registry.insert(id, entry);
         p.wait_for(Awaiting::Register);
         p.client_label = Some(n.to_string());
-        self.send_job(Job::Register { conn: p.conn, id, name: n.to_string() });
+        self.send_job(Job::Register { conn: p.conn, id, name: n.to_string(), reclaim });
+    }
+
+    /// 1601 for a new name at `--max-clients` with nothing to reclaim, and
+    /// one log line (rate-limited per peer address).
+    pub(super) fn refuse_at_max_clients(&mut self, p: &mut Protocol) {
+        peer_log!(
+            Level::Warn,
+            p.peer.ip(),
+            "{}: register: refused, --max-clients ({}) reached",
+            p.tag(),
+            self.cfg.max_clients
+        );
+        p.reply(Response::RegistrationFailed);
     }
 
     /// The registered, durable client named by a request, if its id and name agree.
@@ -561,9 +566,7 @@ mod tests {
         let core_with = |cfg: &crate::config::Config| {
             let mut registry = super::super::Registry::default();
             let usage = Usage { bytes: 900, files: 4 };
-            let (key, key_owner, registrant) = (None, None, None);
-            let entry = ClientEntry { name: "q".into(), key, key_owner, registrant, pending: false, usage };
-            registry.by_id.insert(id, entry);
+            registry.insert(id, ClientEntry::new("q", None, usage));
             Core::new(std::sync::Arc::new(cfg.clone()), registry, Vec::<Job>::new(), 1)
         };
         let mut cfg = crate::config::Config::defaults();
@@ -593,18 +596,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut server = Server::bind(test_config(dir.path()), "127.0.0.1:0".parse().unwrap()).unwrap();
         let id = [7u8; 16];
-        server.core.registry.by_name.insert("kim".into(), id);
-        server.core.registry.by_id.insert(
-            id,
-            ClientEntry {
-                name: "kim".into(),
-                key: None,
-                key_owner: None,
-                registrant: None,
-                pending: false,
-                usage: Default::default(),
-            },
-        );
+        server.core.registry.insert(id, ClientEntry::new("kim", None, Default::default()));
 
         let (key, serial, _client) = add_connection(&mut server);
 

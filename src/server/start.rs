@@ -155,7 +155,8 @@ fn check_flags(cfg: &Config) -> Result<(), StartError> {
     Ok(())
 }
 
-/// The registry of the clients on record, with their keys and usage.
+/// The registry of the clients on record (in the order they registered),
+/// with their keys and usage.
 fn load_registry(clients: Vec<ClientRecord>, mut usage: HashMap<ClientId, Usage>) -> Registry {
     let mut registry = Registry::default();
     for c in clients {
@@ -170,18 +171,14 @@ fn load_registry(clients: Vec<ClientRecord>, mut usage: HashMap<ClientId, Usage>
                 None
             }
         });
-        registry.by_name.insert(c.name.clone(), c.id);
-        registry.by_id.insert(
-            c.id,
-            ClientEntry {
-                name: c.name,
-                key,
-                key_owner: None,
-                registrant: None,
-                pending: false,
-                usage: usage.remove(&c.id).unwrap_or_default(),
-            },
-        );
+        // Unusable, the key still is on file; and a client that stores
+        // something is never reclaimed, key or not.
+        let keep = key.is_none() && c.public_key.is_some();
+        let usage = usage.remove(&c.id).unwrap_or_default();
+        registry.insert(c.id, ClientEntry::new(&c.name, key, usage));
+        if keep || usage != Usage::default() {
+            registry.keep(&c.id);
+        }
     }
     registry
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::db::{Intent, Write};
 use super::fault::{self, Point};
 use super::storage::{Dirty, Publish, Storage, Unnamed};
-use super::{stamp, Completion, ConnRef, IntentError, Staged, UploadId, Usage, Worker};
+use super::{stamp, Completion, ConnRef, IntentError, Reclaimed, Staged, UploadId, Usage, Worker};
 use crate::config::SyncMode;
 use crate::datadir::Dir;
 use crate::protocol::{id_hex, ClientId};
@@ -25,8 +25,17 @@ type CommitRequest = (ConnRef, UploadId, ClientId, String);
 /// A batch item whose database writes succeed or fail together, and what to
 /// report for it.
 pub(super) enum Pending {
-    Register { conn: ConnRef, id: ClientId },
-    SetKey { conn: ConnRef, id: ClientId, der: Vec<u8> },
+    /// With the keyless registration its writes remove first, if any.
+    Register {
+        conn: ConnRef,
+        id: ClientId,
+        reclaim: Option<ClientId>,
+    },
+    SetKey {
+        conn: ConnRef,
+        id: ClientId,
+        der: Vec<u8>,
+    },
     Silent,
 }
 
@@ -438,7 +447,16 @@ impl Worker {
             let ok = others_ok
                 || self.db.apply(&w).map_err(|e| log::error!("worker: database write failed: {e}")).is_ok();
             match pending {
-                Pending::Register { conn, id } => out.push(Completion::Registered { conn, id, ok }),
+                Pending::Register { conn, id, reclaim } => {
+                    let reclaimed = reclaim.map(|old| match ok {
+                        true => {
+                            self.usage.remove(&old);
+                            Reclaimed::Removed(old)
+                        }
+                        false => Reclaimed::Unchanged(old),
+                    });
+                    out.push(Completion::Registered { conn, id, ok, reclaimed })
+                }
                 Pending::SetKey { conn, id, der } => out.push(Completion::KeySaved { conn, id, ok, der }),
                 Pending::Silent => {}
             }

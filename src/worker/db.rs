@@ -3,8 +3,8 @@
 //!
 //! Only the worker thread owns the [`Db`]. The tables `clients` and `files`
 //! keep the columns that existing tools know (see docs/PROTOCOL.md); the extra
-//! columns (`Size`, `Cksum`, `ReceivedAt`) and the `publish_intents` table are
-//! ours. Session AES keys are never written: `AESKey` stays NULL. The
+//! columns (`files.Size`, `files.Cksum`, `files.ReceivedAt`,
+//! `clients.RegisteredAt`) and the `publish_intents` table are ours. Session AES keys are never written: `AESKey` stays NULL. The
 //! `settings` table records the data directory the database belongs to
 //! ([`check_owner`]).
 
@@ -44,6 +44,10 @@ pub enum Write {
     InsertClient {
         id: ClientId,
         name: String,
+    },
+    /// A client's rows go: its files' rows and its own ([`delete_client`]).
+    RemoveClient {
+        id: ClientId,
     },
     SetPublicKey {
         id: ClientId,
@@ -248,6 +252,16 @@ pub fn check_owner(
     }
 }
 
+/// Delete client `id`'s rows: its files' rows, then its own (one statement
+/// each, in the caller's transaction); how many file rows went. Used by
+/// `backupd remove-client` and by the server when it reclaims a keyless
+/// registration at `--max-clients`.
+pub fn delete_client(conn: &Connection, id: &ClientId) -> rusqlite::Result<usize> {
+    let files = conn.prepare_cached("DELETE FROM files WHERE ID=?1")?.execute(params![&id[..]])?;
+    conn.prepare_cached("DELETE FROM clients WHERE ID=?1")?.execute(params![&id[..]])?;
+    Ok(files)
+}
+
 #[cfg(feature = "s3")]
 /// Seconds since the epoch, now.
 pub fn unix_now() -> i64 {
@@ -368,18 +382,32 @@ impl Db {
     }
 
     /// Add our extra columns to a database created by an older server.
+    /// `clients.RegisteredAt` starts as the row's `LastSeen` (for a client
+    /// without a key, when it registered), in the same transaction.
     fn migrate(&self) -> rusqlite::Result<()> {
-        let mut cols = Vec::new();
-        {
-            let mut st = self.conn.prepare("PRAGMA table_info(files)")?;
-            let rows = st.query_map([], |r| r.get::<_, String>(1))?;
-            for r in rows {
-                cols.push(r?);
+        let extra = [
+            ("files", "Size", "INTEGER", ""),
+            ("files", "Cksum", "INTEGER", ""),
+            ("files", "ReceivedAt", "TEXT", ""),
+            ("clients", "RegisteredAt", "TEXT", "UPDATE clients SET RegisteredAt = LastSeen;"),
+        ];
+        for (table, col, ty, fill) in extra {
+            let mut cols = Vec::new();
+            {
+                let mut st = self.conn.prepare(&format!("PRAGMA table_info({table})"))?;
+                let rows = st.query_map([], |r| r.get::<_, String>(1))?;
+                for r in rows {
+                    cols.push(r?);
+                }
             }
-        }
-        for (col, ty) in [("Size", "INTEGER"), ("Cksum", "INTEGER"), ("ReceivedAt", "TEXT")] {
             if !cols.iter().any(|c| c.eq_ignore_ascii_case(col)) {
-                self.retry(|c| c.execute_batch(&format!("ALTER TABLE files ADD COLUMN {col} {ty}")))?;
+                let sql =
+                    format!("BEGIN IMMEDIATE; ALTER TABLE {table} ADD COLUMN {col} {ty}; {fill} COMMIT;");
+                self.retry(|c| {
+                    c.execute_batch(&sql).inspect_err(|_| {
+                        let _ = c.execute_batch("ROLLBACK");
+                    })
+                })?;
             }
         }
         Ok(())
@@ -437,8 +465,11 @@ impl Db {
         Ok(out)
     }
 
+    /// Every client on record, the earliest registered first (rows of the
+    /// same second in the order they were inserted).
     pub fn load_clients(&self) -> rusqlite::Result<Vec<ClientRecord>> {
-        let mut st = self.conn.prepare("SELECT ID, Name, PublicKey FROM clients")?;
+        let mut st =
+            self.conn.prepare("SELECT ID, Name, PublicKey FROM clients ORDER BY RegisteredAt, rowid")?;
         let rows = st.query_map([], |r| {
             Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<Vec<u8>>>(2)?))
         })?;
@@ -455,6 +486,21 @@ impl Db {
 
     pub fn file_rows(&self) -> rusqlite::Result<Vec<FileRow>> {
         read_file_rows(&self.conn, None)
+    }
+
+    /// Does client `id` have a row with no key on file and no file row
+    /// (verified or not)? What a keyless registration must be to be reclaimed.
+    pub fn keyless_without_files(&self, id: &ClientId) -> rusqlite::Result<bool> {
+        let found: Option<bool> = self
+            .conn
+            .query_row(
+                "SELECT PublicKey IS NULL AND NOT EXISTS (SELECT 1 FROM files WHERE ID=?1)
+                 FROM clients WHERE ID=?1",
+                params![&id[..]],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(found.unwrap_or(false))
     }
 
     /// Is there a verified row for this file?
@@ -522,8 +568,13 @@ impl Db {
             for w in writes {
                 match w {
                     Write::InsertClient { id, name } => {
-                        tx.prepare_cached("INSERT INTO clients(ID, Name, LastSeen) VALUES (?1, ?2, ?3)")?
-                            .execute(params![&id[..], name, now])?;
+                        tx.prepare_cached(
+                            "INSERT INTO clients(ID, Name, LastSeen, RegisteredAt) VALUES (?1, ?2, ?3, ?3)",
+                        )?
+                        .execute(params![&id[..], name, now])?;
+                    }
+                    Write::RemoveClient { id } => {
+                        delete_client(tx, id)?;
                     }
                     Write::SetPublicKey { id, der } => {
                         tx.prepare_cached("UPDATE clients SET PublicKey=?2, LastSeen=?3 WHERE ID=?1")?
@@ -737,6 +788,43 @@ mod tests {
         // server of this version ran): nothing pending.
         let bare = Connection::open(dir.path().join("bare.db")).unwrap();
         assert!(queued_per_client(&bare).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_older_database_opens_and_keeps_the_order_clients_registered_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            // The field's schema, as an older server left it: no RegisteredAt, no Size.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE clients(ID BLOB(16) PRIMARY KEY, Name TEXT UNIQUE NOT NULL, PublicKey BLOB,
+                     LastSeen TEXT, AESKey BLOB);
+                 CREATE TABLE files(ID BLOB(16) NOT NULL, FileName TEXT NOT NULL, PathName TEXT NOT NULL,
+                     Verified INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (ID, FileName));
+                 INSERT INTO clients(ID, Name, LastSeen) VALUES (x'03030303030303030303030303030303', 'late',
+                     '2026-03-01T00:00:00Z');
+                 INSERT INTO clients(ID, Name, LastSeen) VALUES (x'04040404040404040404040404040404', 'early',
+                     '2026-01-01T00:00:00Z');
+                 INSERT INTO files(ID, FileName, PathName) VALUES (x'04040404040404040404040404040404', 'a',
+                     'files/x/a');",
+            )
+            .unwrap();
+        }
+        let mut db = Db::open(&path, Duration::from_secs(1)).unwrap();
+        db.apply(&[Write::InsertClient { id: [5; 16], name: "new".into() }]).unwrap();
+        let names = |db: &Db| db.load_clients().unwrap().into_iter().map(|c| c.name).collect::<Vec<_>>();
+        assert_eq!(names(&db), ["early", "late", "new"], "RegisteredAt taken from LastSeen");
+        assert!(db.keyless_without_files(&[3; 16]).unwrap());
+        assert!(!db.keyless_without_files(&[4; 16]).unwrap(), "a Verified=0 row is a file row");
+        assert!(!db.keyless_without_files(&[9; 16]).unwrap(), "no such client");
+        db.apply(&[Write::RemoveClient { id: [4; 16] }]).unwrap();
+        assert_eq!(names(&db), ["late", "new"]);
+        assert_eq!(read_file_rows(db.conn(), None).unwrap(), vec![], "its file rows went with it");
+        drop(db);
+        let db = Db::open(&path, Duration::from_secs(1)).unwrap();
+        assert_eq!(names(&db), ["late", "new"]);
+        assert!(db.integrity_ok().unwrap());
     }
 
     #[test]

@@ -120,6 +120,9 @@ pub enum Job {
         conn: ConnRef,
         id: ClientId,
         name: String,
+        /// At `--max-clients`: the keyless registration whose row goes
+        /// first, in the same transaction, if it still stores nothing.
+        reclaim: Option<ClientId>,
     },
     SetKey {
         conn: ConnRef,
@@ -164,6 +167,8 @@ pub enum Completion {
         conn: ConnRef,
         id: ClientId,
         ok: bool,
+        /// What became of the registration to reclaim, if one was named.
+        reclaimed: Option<Reclaimed>,
     },
     KeySaved {
         conn: ConnRef,
@@ -174,13 +179,7 @@ pub enum Completion {
     },
     /// Every packet job gets exactly one; `buffer` comes back for reuse, and
     /// its grant to the memory budget when the loop recycles it.
-    Packet {
-        conn: ConnRef,
-        upload: UploadId,
-        buffer: Piece,
-        last: bool,
-        outcome: PacketOutcome,
-    },
+    Packet { conn: ConnRef, upload: UploadId, buffer: Piece, last: bool, outcome: PacketOutcome },
     Committed {
         conn: ConnRef,
         upload: UploadId,
@@ -190,6 +189,18 @@ pub enum Completion {
         client: ClientId,
         usage: Usage,
     },
+}
+
+/// What became of the keyless registration a [`Job::Register`] named to reclaim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reclaimed {
+    /// Its rows are gone, in the new registration's transaction (`ok`).
+    Removed(ClientId),
+    /// It has a key on file, a file row, or something under files/ or
+    /// versions/: kept, and the new registration is not made (not `ok`).
+    Kept(ClientId),
+    /// The transaction failed: it is as it was (not `ok`).
+    Unchanged(ClientId),
 }
 
 /// What the committing worker waits for, on one channel: the loop's jobs
@@ -681,13 +692,44 @@ impl Worker {
         }
     }
 
+    /// May the keyless registration `id` be reclaimed? Only if nothing of it
+    /// is stored: no key and no file row in the database, no usage counted,
+    /// nothing under files/ or versions/. Why not is logged.
+    fn stores_nothing(&self, id: &ClientId) -> bool {
+        let hex = crate::protocol::id_hex(id);
+        let db = self.db.keyless_without_files(id);
+        let disk = self.storage.holds_client(id);
+        let counted = self.usage.get(id).is_some_and(|u| *u != Usage::default());
+        let why = match (db, disk) {
+            (Err(e), _) => format!("cannot read the database: {e}"),
+            (_, Err(e)) => format!("cannot look under files/ and versions/: {e}"),
+            (Ok(false), _) => "it has a key or a file row on record".to_string(),
+            (_, Ok(true)) => "files/ or versions/ hold something of it".to_string(),
+            (Ok(true), Ok(false)) if counted => "it stores files".to_string(),
+            (Ok(true), Ok(false)) => return true,
+        };
+        log::warn!("worker: client {hex} is not reclaimed: {why}");
+        false
+    }
+
     fn handle_batch(&mut self, batch: &mut Vec<Job>) {
         let mut writes: Vec<(Pending, Vec<Write>)> = Vec::new();
+        let mut refused: Vec<Completion> = Vec::new();
         let mut commits: Vec<(ConnRef, UploadId, ClientId, String)> = Vec::new();
         for job in batch.drain(..) {
             match job {
-                Job::Register { conn, id, name } => {
-                    writes.push((Pending::Register { conn, id }, vec![Write::InsertClient { id, name }]))
+                Job::Register { conn, id, name, reclaim: None } => writes.push((
+                    Pending::Register { conn, id, reclaim: None },
+                    vec![Write::InsertClient { id, name }],
+                )),
+                Job::Register { conn, id, name, reclaim: Some(old) } => {
+                    if self.stores_nothing(&old) {
+                        let w = vec![Write::RemoveClient { id: old }, Write::InsertClient { id, name }];
+                        writes.push((Pending::Register { conn, id, reclaim: Some(old) }, w));
+                    } else {
+                        let reclaimed = Some(Reclaimed::Kept(old));
+                        refused.push(Completion::Registered { conn, id, ok: false, reclaimed });
+                    }
                 }
                 Job::SetKey { conn, id, der } => {
                     let pending = Pending::SetKey { conn, id, der: der.clone() };
@@ -702,9 +744,12 @@ impl Worker {
             }
         }
         if writes.is_empty() && commits.is_empty() {
+            if !refused.is_empty() {
+                self.send(refused);
+            }
             return;
         }
-        let mut out = Vec::new();
+        let mut out = refused;
         self.group_commit(commits, writes, &mut out);
         #[cfg(feature = "s3")]
         self.dispatch_and_hold(&mut out);

@@ -130,9 +130,10 @@ impl Sim<'_> {
             }
             Some(n) => {
                 assert!(replies.is_empty(), "1025 answered before the database: {replies:?}");
-                let [Job::Register { conn, id, name: jn }] = jobs else {
+                let [Job::Register { conn, id, name: jn, reclaim }] = jobs else {
                     panic!("1025 of a free name: no Register job")
                 };
+                assert_eq!(*reclaim, None, "nothing is reclaimed below --max-clients");
                 assert_eq!((*conn, jn.as_str()), (m.conn, n));
                 assert!(*id != [0; 16] && !self.clients.contains_key(id), "a new id must be fresh");
                 self.clients.insert(

@@ -55,8 +55,8 @@ impl Sim<'_> {
     fn work(&mut self, job: Job) -> Option<Completion> {
         let fail = |input: &mut Input<'_>| input.u8() % 8 == 7;
         match job {
-            Job::Register { conn, id, name: _ } => {
-                Some(Completion::Registered { conn, id, ok: !fail(&mut self.input) })
+            Job::Register { conn, id, .. } => {
+                Some(Completion::Registered { conn, id, ok: !fail(&mut self.input), reclaimed: None })
             }
             Job::SetKey { conn, id, der } => {
                 Some(Completion::KeySaved { conn, id, ok: !fail(&mut self.input), der })
@@ -168,7 +168,7 @@ impl Sim<'_> {
     /// The registry follows the database whether or not the connection is open.
     fn follow_registry(&mut self, done: &Completion) {
         match done {
-            Completion::Registered { conn, id, ok } => {
+            Completion::Registered { conn, id, ok, .. } => {
                 if *ok {
                     if let Some(c) = self.clients.get_mut(id) {
                         c.durable = true;

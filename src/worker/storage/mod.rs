@@ -576,6 +576,13 @@ impl Storage {
         dirty
     }
 
+    /// Does files/ or versions/ have an entry named by client `id` (a
+    /// folder, or anything else: whatever it is, it is not nothing)?
+    pub fn holds_client(&self, id: &ClientId) -> io::Result<bool> {
+        let hex = id_hex(id);
+        Ok(self.files.stat(&hex)?.is_some() || self.versions.stat(&hex)?.is_some())
+    }
+
     /// What versions/ holds per client: every regular file below
     /// `versions/<client-id>/` is a kept version (one file, its size). One
     /// walk at start, one `fstatat` per entry; entries that are not ours
