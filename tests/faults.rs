@@ -575,9 +575,13 @@ fn disk_full_during_a_large_uploads_direct_writes() {
 
 /// A full disk under small uploads, which wait in temp files without a name
 /// (an operator's data directory on a filesystem that fills up): each gets
-/// 1607, none is held or left in tmp/, nothing is stored; once there is room
-/// again, the same upload is stored byte-identical. Needs a tmpfs (a file
-/// size limit would stop SQLite first at sizes this small).
+/// 1607 for the write that failed ("cannot write temp file", never taken for
+/// a decryption failure: a device retrying on a full disk must not lose its
+/// session the way a forger does, so more uploads fail here than a client's
+/// decryption tokens allow), none is held or left in tmp/, nothing is stored;
+/// once there is room again, the same upload is stored byte-identical on the
+/// same connection. Needs a tmpfs (a file size limit would stop SQLite first
+/// at sizes this small).
 #[test]
 fn disk_full_under_small_uploads_without_a_temp_name() {
     if !tmpfs_works() {
@@ -589,19 +593,25 @@ fn disk_full_under_small_uploads_without_a_temp_name() {
     let (mut c, id) = server.registered_client("small-filler");
     let before = pseudo_random(3000, 40);
     upload_and_confirm(&mut c, "before", &before);
-    // Fill what is left, page by page, until the filesystem refuses.
     let filler = server.data_dir().join("filler");
-    let mut f = std::fs::File::create(&filler).unwrap();
-    let page = vec![0u8; 4096];
-    while std::io::Write::write_all(&mut f, &page).is_ok() {}
-    drop(f);
-    for i in 0..3 {
+    fill_the_filesystem(&filler);
+    // 5000 bytes: not a multiple of the cipher's block, so the write fails
+    // before the stream's last block is decrypted.
+    const FAILED: u64 = 12;
+    for i in 0..FAILED {
         let data = pseudo_random(5000, 41 + i);
         let name = format!("full-{i}");
         let err = c.upload_bytes(&name, &data, &UploadOptions::default()).expect_err("no room");
         assert_eq!(err.refusal_code(), Some(ResponseCode::GeneralError), "{err}");
         assert!(!server.stored_path(&id, &name).exists());
     }
+    // The log is read from the server's stderr by a thread: wait for the last refusal's line.
+    let written = "refused: upload failed: cannot write temp file";
+    let all_logged =
+        wait_until(Duration::from_secs(20), || server.log_text().matches(written).count() as u64 >= FAILED);
+    let log = server.log_text();
+    assert!(all_logged, "not {FAILED} lines \"{written}\":\n{log}");
+    assert!(!log.contains("decryption failed") && !log.contains("failed to decrypt"), "{log}");
     assert!(
         wait_until(Duration::from_secs(5), || server.unnamed_temps() == 0
             && walk_files(&server.tmp_dir()).is_empty()),
@@ -617,6 +627,21 @@ fn disk_full_under_small_uploads_without_a_temp_name() {
     assert_eq!(server.unnamed_temps(), 0);
     assert!(server.is_alive());
     t.unmount();
+}
+
+/// Fill the filesystem of `path` with a new file there, page by page, until
+/// it refuses; that refusal must be "no space left", so that what the test
+/// does next runs on a full filesystem (not one a write stopped filling for
+/// another reason).
+fn fill_the_filesystem(path: &Path) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let page = vec![0u8; 4096];
+    let refused = loop {
+        if let Err(e) = std::io::Write::write_all(&mut f, &page) {
+            break e;
+        }
+    };
+    assert_eq!(refused.raw_os_error(), Some(libc::ENOSPC), "filling {}: {refused}", path.display());
 }
 
 fn upload_and_confirm(c: &mut Client, name: &str, data: &[u8]) {
