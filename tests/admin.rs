@@ -155,6 +155,46 @@ fn clients_and_files_in_text_and_json_while_the_server_runs() {
     admin_ok(&data, &["restore", "alice"], 2);
 }
 
+/// A client names itself: a name with a bidi override (U+202E) and an emoji
+/// joined by zero-width joiners registers (field devices name themselves so),
+/// and a stored file's name may hold a zero-width joiner too. The human output
+/// of `clients`, `files`, `verify` and `restore` shows them escaped as the log
+/// lines do (`\u{202e}`), so a name can neither reorder nor hide what the
+/// operator reads in a terminal; `--json` carries them exact.
+#[test]
+fn names_with_invisible_characters_are_escaped_in_the_human_output_and_exact_in_json() {
+    let server = TestServer::start(&[]);
+    let name = "invoice\u{202e}fdp.exe \u{1f469}\u{200d}\u{1f4bb}";
+    let file = "notes\u{200d}.txt";
+    let (mut c, id) = server.registered_client(name);
+    send(&mut c, file, b"first");
+    send(&mut c, file, b"second");
+    let data = server.data_dir();
+    let raw = |out: &str| out.contains('\u{202e}') || out.contains('\u{200d}');
+
+    let text = admin_ok(&data, &["clients"], 0).stdout;
+    assert!(!raw(&text), "{text:?}");
+    assert!(text.contains("invoice\\u{202e}fdp.exe \u{1f469}\\u{200d}\u{1f4bb}"), "{text:?}");
+    let text = admin_ok(&data, &["files", name, "--versions"], 0).stdout;
+    assert!(!raw(&text) && text.contains("notes\\u{200d}.txt"), "{text:?}");
+    let to = server.temp_dir().join("restored");
+    let r = admin_ok(&data, &["restore", name, "--to", to.to_str().unwrap()], 0);
+    assert!(!raw(&r.stdout) && r.stdout.contains("restored notes\\u{200d}.txt"), "{r:?}");
+    assert_eq!(std::fs::read(to.join(file)).unwrap(), b"second", "restored under its exact name");
+    std::fs::write(server.stored_path(&id, file), b"damage").unwrap();
+    let r = admin_ok(&data, &["verify"], 3);
+    assert!(!raw(&r.stdout) && r.stdout.contains("mismatched"), "{r:?}");
+    let r = admin_ok(&data, &["restore", &format!("id:{}", id_hex(&id)), "--to", to.to_str().unwrap()], 1);
+    assert!(!raw(&r.stdout) && !raw(&r.stderr), "{r:?}");
+
+    let clients = json(&admin_ok(&data, &["clients", "--json"], 0).stdout);
+    assert_eq!(clients.arr()[0]["name"].str(), name);
+    let files = json(&admin_ok(&data, &["files", "--json"], 0).stdout);
+    assert_eq!((files.arr()[0]["client"].str(), files.arr()[0]["name"].str()), (name, file));
+    let items = json(&admin_ok(&data, &["verify", "--json"], 3).stdout);
+    assert!(items.arr().iter().any(|i| i["client"].str() == name && i["name"].str() == file), "{items:?}");
+}
+
 /// Every file (name and content) below `dir`.
 fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     walk_files(dir)

@@ -19,6 +19,7 @@ use std::process::ExitCode;
 
 use rusqlite::params;
 
+use super::output::shown;
 use super::store::{Store, StoreArgs};
 use crate::config::s3::S3Args;
 use crate::protocol::{id_hex, parse_id_hex, ClientId};
@@ -202,7 +203,10 @@ fn resync(args: &ResyncArgs) -> Result<ExitCode, String> {
                 (Some(_), _) => writes.push(Write::Enqueue { id: f.id, path: rel, delete: false }),
                 (None, Some(_)) => {}
                 (None, None) => {
-                    eprintln!("backupd: s3 resync: {rel} is neither on the local disk nor in the bucket");
+                    eprintln!(
+                        "backupd: s3 resync: {} is neither on the local disk nor in the bucket",
+                        shown(&rel)
+                    );
                     lost += 1;
                 }
             }

@@ -16,6 +16,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use rusqlite::{Connection, OpenFlags};
 
+use super::output::shown;
 use crate::protocol::{id_hex, parse_id_hex, ClientId};
 pub use crate::worker::db::FileRow as FileInfo;
 use crate::worker::db::{blob_id, check_owner, read_file_rows, Opener};
@@ -222,14 +223,16 @@ impl Store {
         let name_match = clients.iter().find(|c| by_name == Some(c.name.as_str()));
         match (id_match, name_match) {
             (Some(a), Some(b)) if a.id != b.id => Err(format!(
-                "{spec:?} is the id of client {:?} and the name of another client ({}); \
+                "\"{}\" is the id of client \"{}\" and the name of another client ({}); \
                  say which: id:{spec} or name:{spec}",
-                a.name,
+                shown(spec),
+                shown(&a.name),
                 id_hex(&b.id)
             )),
             (Some(c), _) | (None, Some(c)) => Ok(c.clone()),
             (None, None) => Err(format!(
-                "no client named {spec:?} (give a name, a 32-hex id, name:NAME or id:HEX; see `backupd clients`)"
+                "no client named \"{}\" (give a name, a 32-hex id, name:NAME or id:HEX; see `backupd clients`)",
+                shown(spec)
             )),
         }
     }

@@ -17,7 +17,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::output::or_dash;
+use super::output::{or_dash, shown, shown_path};
 use super::store::{FileInfo, Store, StoreArgs};
 use crate::json::{json_opt_num, json_opt_str, json_str};
 use crate::protocol::{id_hex, ClientId};
@@ -236,17 +236,18 @@ pub fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
 }
 
 fn label(i: &Item, owner: Option<&String>) -> String {
-    let who = owner.cloned().unwrap_or_else(|| i.client.clone());
+    let who = shown(owner.unwrap_or(&i.client));
+    let name = shown(&i.name);
     match i.version {
-        Some(v) if v > 0 => format!("{who}/{} (version {v})", i.name),
+        Some(v) if v > 0 => format!("{who}/{name} (version {v})"),
         _ if i.name.is_empty() => who,
-        _ => format!("{who}/{}", i.name),
+        _ => format!("{who}/{name}"),
     }
 }
 
 fn text_item(i: &Item, owner: Option<&String>) -> String {
     let what = label(i, owner);
-    let path = i.path.display();
+    let path = shown_path(&i.path);
     match i.status {
         Status::Mismatched => format!(
             "mismatched    {what}: cksum {} ({} bytes), recorded {} ({} bytes) [{path}]",
