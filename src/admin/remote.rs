@@ -26,6 +26,7 @@ use crate::protocol::{id_hex, parse_id_hex, ClientId};
 use crate::worker::db::{Db, Write};
 use crate::worker::s3::client::Bucket;
 use crate::worker::storage::tier::Tier;
+use crate::worker::storage::version_number;
 
 /// The bucket as the admin commands read it.
 pub struct Remote {
@@ -82,7 +83,7 @@ impl Remote {
             for (rel, _) in listed {
                 let Some(below) = rel.strip_prefix(&top) else { continue };
                 if let Some((name, n)) = below.rsplit_once('/') {
-                    if let Ok(n) = n.parse() {
+                    if let Some(n) = version_number(std::ffi::OsStr::new(n)) {
                         map.entry(name.to_string()).or_default().push(n);
                     }
                 }
