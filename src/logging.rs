@@ -12,7 +12,8 @@
 //!   ([`report_suppressed`], called every loop tick).
 //! * [`Esc`] prints peer-supplied text (names) with control characters,
 //!   bidirectional overrides and other invisible format characters escaped,
-//!   so a name can neither start a new log line nor hide or reorder one.
+//!   so a name can neither start a new log line nor hide or reorder one (the
+//!   admin commands print names in their human output through it too).
 
 use std::collections::HashMap;
 use std::fmt;

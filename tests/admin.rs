@@ -159,6 +159,46 @@ fn clients_and_files_in_text_and_json_while_the_server_runs() {
     admin_ok(&data, &["restore", "alice"], 2);
 }
 
+/// A client names itself: a name with a bidi override (U+202E) and an emoji
+/// joined by zero-width joiners registers (field devices name themselves so),
+/// and a stored file's name may hold a zero-width joiner too. The human output
+/// of `clients`, `files`, `verify` and `restore` shows them escaped as the log
+/// lines do (`\u{202e}`), so a name can neither reorder nor hide what the
+/// operator reads in a terminal; `--json` carries them exact.
+#[test]
+fn names_with_invisible_characters_are_escaped_in_the_human_output_and_exact_in_json() {
+    let server = TestServer::start(&[]);
+    let name = "invoice\u{202e}fdp.exe \u{1f469}\u{200d}\u{1f4bb}";
+    let file = "notes\u{200d}.txt";
+    let (mut c, id) = server.registered_client(name);
+    send(&mut c, file, b"first");
+    send(&mut c, file, b"second");
+    let data = server.data_dir();
+    let raw = |out: &str| out.contains('\u{202e}') || out.contains('\u{200d}');
+
+    let text = admin_ok(&data, &["clients"], 0).stdout;
+    assert!(!raw(&text), "{text:?}");
+    assert!(text.contains("invoice\\u{202e}fdp.exe \u{1f469}\\u{200d}\u{1f4bb}"), "{text:?}");
+    let text = admin_ok(&data, &["files", name, "--versions"], 0).stdout;
+    assert!(!raw(&text) && text.contains("notes\\u{200d}.txt"), "{text:?}");
+    let to = server.temp_dir().join("restored");
+    let r = admin_ok(&data, &["restore", name, "--to", to.to_str().unwrap()], 0);
+    assert!(!raw(&r.stdout) && r.stdout.contains("restored notes\\u{200d}.txt"), "{r:?}");
+    assert_eq!(std::fs::read(to.join(file)).unwrap(), b"second", "restored under its exact name");
+    std::fs::write(server.stored_path(&id, file), b"damage").unwrap();
+    let r = admin_ok(&data, &["verify"], 3);
+    assert!(!raw(&r.stdout) && r.stdout.contains("mismatched"), "{r:?}");
+    let r = admin_ok(&data, &["restore", &format!("id:{}", id_hex(&id)), "--to", to.to_str().unwrap()], 1);
+    assert!(!raw(&r.stdout) && !raw(&r.stderr), "{r:?}");
+
+    let clients = json(&admin_ok(&data, &["clients", "--json"], 0).stdout);
+    assert_eq!(clients.arr()[0]["name"].str(), name);
+    let files = json(&admin_ok(&data, &["files", "--json"], 0).stdout);
+    assert_eq!((files.arr()[0]["client"].str(), files.arr()[0]["name"].str()), (name, file));
+    let items = json(&admin_ok(&data, &["verify", "--json"], 3).stdout);
+    assert!(items.arr().iter().any(|i| i["client"].str() == name && i["name"].str() == file), "{items:?}");
+}
+
 /// Every file (name and content) below `dir`.
 fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     walk_files(dir)
@@ -276,9 +316,17 @@ fn verify_finds_a_flipped_byte_a_missing_file_an_unreadable_one_and_a_stray() {
     std::fs::write(versions.join("not-a-version"), b"?").unwrap();
 
     let r = admin_ok(&data, &["verify"], 3);
-    for word in
-        ["mismatched", "missing", "unreadable", "unregistered", "stray.bin", "not-a-version", "5 problem(s)"]
-    {
+    for word in [
+        "mismatched",
+        "missing",
+        "unreadable",
+        "unregistered",
+        "stray.bin",
+        "stray ",
+        "not-a-version",
+        "4 problem(s)",
+        "1 stray entry",
+    ] {
         assert!(r.stdout.contains(word), "{word}: {r:?}");
     }
     let items = json(&admin_ok(&data, &["verify", "alice", "--json"], 3).stdout);
@@ -293,13 +341,73 @@ fn verify_finds_a_flipped_byte_a_missing_file_an_unreadable_one_and_a_stray() {
     assert_eq!(status("c.bin").as_deref(), Some("missing"));
     assert_eq!(status("b.bin").as_deref(), Some("unreadable"));
     assert_eq!(status("stray.bin").as_deref(), Some("unregistered"));
-    assert_eq!(status("doc.txt/not-a-version").as_deref(), Some("unregistered"));
+    assert_eq!(status("doc.txt/not-a-version").as_deref(), Some("stray"));
     let mismatch = items.arr().iter().find(|i| i["status"].str() == "mismatched").unwrap();
     assert_eq!(mismatch["cksum"].num(), u64::from(cksum(&bytes)));
     assert_eq!(mismatch["expected_cksum"].num(), u64::from(cksum(&f.files["doc.txt"])));
     // bob's store is intact.
     admin_ok(&data, &["verify", "bob"], 0);
     let _ = f.bob;
+}
+
+/// Entries under versions/ that are not versions the server wrote (another
+/// name, a number written otherwise such as `0123`, a file in a client's
+/// folder itself, a folder that is no client's): `verify` reports each as a
+/// stray, one line each, and they are no problem (exit 0: no stored copy is
+/// damaged); no command takes `0123` for a version (before, `files
+/// --versions` listed it as one that does not exist), and the server's
+/// pruning neither counts nor trips on it (before, `0123` read as version
+/// 123, the oldest: pruning failed on it and kept every real version).
+#[test]
+fn stray_entries_under_versions_are_reported_and_never_taken_for_versions() {
+    let server = TestServer::start(&["--keep-versions", "1"]);
+    let (mut c, id) = server.registered_client("carol");
+    send(&mut c, "doc.txt", b"one");
+    send(&mut c, "doc.txt", b"two");
+    let data = server.data_dir();
+    let versions = data.join("versions").join(id_hex(&id));
+    let strays = [
+        versions.join("doc.txt").join("0123"),
+        versions.join("doc.txt").join("+7"),
+        versions.join("doc.txt").join("notes"),
+        versions.join("loose"),
+        data.join("versions").join("not-a-client").join("x"),
+    ];
+    for p in &strays {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b"?").unwrap();
+    }
+
+    let r = admin_ok(&data, &["verify"], 0);
+    for p in &strays {
+        let line = format!("stray         {}", p.display());
+        assert!(r.stdout.lines().any(|l| l.starts_with(&line)), "{line}: {r:?}");
+    }
+    assert!(r.stdout.contains("checked 1 files and 1 versions"), "{r:?}");
+    assert!(r.stdout.contains("all well; 5 stray entries under versions/"), "{r:?}");
+    let items = json(&admin_ok(&data, &["verify", "--json"], 0).stdout);
+    assert_eq!(
+        items.arr().iter().filter(|i| i["status"].str() == "stray").count(),
+        strays.len(),
+        "{items:?}"
+    );
+    let files = json(&admin_ok(&data, &["files", "carol", "--json", "--versions"], 0).stdout);
+    assert_eq!(files.arr()[0]["versions"].num(), 1, "{files:?}");
+    let to = server.temp_dir().join("out");
+    let r = admin_ok(&data, &["restore", "carol", "--to", to.to_str().unwrap(), "--version", "2"], 1);
+    assert!(r.stderr.contains("no version 2 is kept"), "{r:?}");
+
+    // The server prunes its versions past the strays, which it leaves alone.
+    send(&mut c, "doc.txt", b"three");
+    send(&mut c, "doc.txt", b"four");
+    let kept: Vec<Vec<u8>> = walk_files(&versions.join("doc.txt"))
+        .into_iter()
+        .filter(|p| !strays.contains(p))
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    assert_eq!(kept, vec![b"three".to_vec()], "--keep-versions 1");
+    assert!(strays.iter().all(|p| p.exists()), "a stray was removed");
+    assert!(!server.log_text().contains("cannot prune"), "{}", server.log_text());
 }
 
 #[test]

@@ -265,9 +265,16 @@ fn crash_rounds(rounds: usize, seed: u64) {
     let started = Instant::now();
     for round in 0..rounds {
         let stop = Arc::new(AtomicBool::new(false));
+        let acked = ledger.acked_count();
         let threads =
             start_uploaders(&server, &who, &format!("r{round}"), seed + round as u64, &ledger, &stop);
-        thread::sleep(Duration::from_millis(50 + rng.below(550)));
+        // The kill comes at a random moment after the round's first new file
+        // is acknowledged (the other uploads are then anywhere in their
+        // steps): waited for, not slept for, so that a busy machine (a slow
+        // sync) cannot make rounds in which nothing was stored.
+        let stored = wait_until(Duration::from_secs(60), || ledger.acked_count() > acked);
+        assert!(stored, "round {round}: nothing acknowledged in 60 s\n{}", server.log_text());
+        thread::sleep(Duration::from_millis(rng.below(550)));
         server.kill();
         stop.store(true, Ordering::Relaxed);
         for t in threads {
@@ -283,7 +290,7 @@ fn crash_rounds(rounds: usize, seed: u64) {
          in a crash, {kept} of those were published",
         started.elapsed()
     );
-    assert!(acked > rounds, "too few uploads were acknowledged ({acked}) for the test to mean anything");
+    assert!(acked >= rounds, "too few uploads were acknowledged ({acked}) for the test to mean anything");
     assert!(server.is_alive());
 }
 
@@ -309,7 +316,10 @@ fn sigterm_during_uploads_exits_0_and_leaves_a_consistent_state() {
     let ledger = Arc::new(Ledger::default());
     let stop = Arc::new(AtomicBool::new(false));
     let threads = start_uploaders(&server, &who, "term", 77, &ledger, &stop);
-    thread::sleep(Duration::from_millis(600));
+    // SIGTERM once files are being acknowledged (and the uploaders go on):
+    // waited for, not slept for, so a busy machine cannot leave nothing done.
+    let going = wait_until(Duration::from_secs(60), || ledger.acked_count() >= who.len());
+    assert!(going, "{} files acknowledged in 60 s\n{}", ledger.acked_count(), server.log_text());
     // The uploaders keep going until the server is gone: it must end the
     // uploads in flight itself (finish them, or close them at its shutdown
     // timeout) and exit by itself. stop() waits 30 s only as a hang guard.
@@ -459,11 +469,17 @@ struct TmpfsServer {
 }
 
 impl TmpfsServer {
+    /// Kill the server and detach the tmpfs. Lazily, as on drop: a process
+    /// that another test of this binary forks at the moment this one has a
+    /// file of the tmpfs open (reading a stored file) holds that file until
+    /// it execs, and a plain umount fails as "busy" meanwhile (more likely
+    /// the busier the machine). The kernel frees the tmpfs once nothing
+    /// holds it.
     fn unmount(&mut self) {
         self.server.kill();
         if let Some(p) = self.mount.take() {
-            let st = Command::new("umount").arg(&p).status().unwrap();
-            assert!(st.success(), "umount {}", p.display());
+            let st = Command::new("umount").arg("-l").arg(&p).status().unwrap();
+            assert!(st.success(), "umount -l {}", p.display());
         }
     }
 }
@@ -485,7 +501,7 @@ fn tmpfs_works() -> bool {
     let d = tempfile::tempdir().unwrap();
     let ok = mount_tmpfs(d.path(), "1m");
     if ok {
-        let _ = Command::new("umount").arg(d.path()).status();
+        let _ = Command::new("umount").arg("-l").arg(d.path()).status();
     }
     ok
 }
@@ -575,9 +591,13 @@ fn disk_full_during_a_large_uploads_direct_writes() {
 
 /// A full disk under small uploads, which wait in temp files without a name
 /// (an operator's data directory on a filesystem that fills up): each gets
-/// 1607, none is held or left in tmp/, nothing is stored; once there is room
-/// again, the same upload is stored byte-identical. Needs a tmpfs (a file
-/// size limit would stop SQLite first at sizes this small).
+/// 1607 for the write that failed ("cannot write temp file", never taken for
+/// a decryption failure: a device retrying on a full disk must not lose its
+/// session the way a forger does, so more uploads fail here than a client's
+/// decryption tokens allow), none is held or left in tmp/, nothing is stored;
+/// once there is room again, the same upload is stored byte-identical on the
+/// same connection. Needs a tmpfs (a file size limit would stop SQLite first
+/// at sizes this small).
 #[test]
 fn disk_full_under_small_uploads_without_a_temp_name() {
     if !tmpfs_works() {
@@ -589,19 +609,25 @@ fn disk_full_under_small_uploads_without_a_temp_name() {
     let (mut c, id) = server.registered_client("small-filler");
     let before = pseudo_random(3000, 40);
     upload_and_confirm(&mut c, "before", &before);
-    // Fill what is left, page by page, until the filesystem refuses.
     let filler = server.data_dir().join("filler");
-    let mut f = std::fs::File::create(&filler).unwrap();
-    let page = vec![0u8; 4096];
-    while std::io::Write::write_all(&mut f, &page).is_ok() {}
-    drop(f);
-    for i in 0..3 {
+    fill_the_filesystem(&filler);
+    // 5000 bytes: not a multiple of the cipher's block, so the write fails
+    // before the stream's last block is decrypted.
+    const FAILED: u64 = 12;
+    for i in 0..FAILED {
         let data = pseudo_random(5000, 41 + i);
         let name = format!("full-{i}");
         let err = c.upload_bytes(&name, &data, &UploadOptions::default()).expect_err("no room");
         assert_eq!(err.refusal_code(), Some(ResponseCode::GeneralError), "{err}");
         assert!(!server.stored_path(&id, &name).exists());
     }
+    // The log is read from the server's stderr by a thread: wait for the last refusal's line.
+    let written = "refused: upload failed: cannot write temp file";
+    let all_logged =
+        wait_until(Duration::from_secs(20), || server.log_text().matches(written).count() as u64 >= FAILED);
+    let log = server.log_text();
+    assert!(all_logged, "not {FAILED} lines \"{written}\":\n{log}");
+    assert!(!log.contains("decryption failed") && !log.contains("failed to decrypt"), "{log}");
     assert!(
         wait_until(Duration::from_secs(5), || server.unnamed_temps() == 0
             && walk_files(&server.tmp_dir()).is_empty()),
@@ -617,6 +643,21 @@ fn disk_full_under_small_uploads_without_a_temp_name() {
     assert_eq!(server.unnamed_temps(), 0);
     assert!(server.is_alive());
     t.unmount();
+}
+
+/// Fill the filesystem of `path` with a new file there, page by page, until
+/// it refuses; that refusal must be "no space left", so that what the test
+/// does next runs on a full filesystem (not one a write stopped filling for
+/// another reason).
+fn fill_the_filesystem(path: &Path) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let page = vec![0u8; 4096];
+    let refused = loop {
+        if let Err(e) = std::io::Write::write_all(&mut f, &page) {
+            break e;
+        }
+    };
+    assert_eq!(refused.raw_os_error(), Some(libc::ENOSPC), "filling {}: {refused}", path.display());
 }
 
 fn upload_and_confirm(c: &mut Client, name: &str, data: &[u8]) {

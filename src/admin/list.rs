@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::process::ExitCode;
 
-use super::output::{json_array, or_dash, table};
+use super::output::{json_array, or_dash, shown, table};
 use super::store::{mtime_nanos, ClientInfo, FileInfo, Store, StoreArgs};
 use super::time::format_nanos;
 use crate::json::{json_opt_num, json_opt_str, json_str};
@@ -158,7 +158,7 @@ pub fn clients(args: &ClientsArgs) -> Result<ExitCode, String> {
         } else {
             rows.push(vec![
                 id_hex(&c.id),
-                c.name.clone(),
+                shown(&c.name),
                 or_dash(c.last_seen.as_ref()),
                 u.files.to_string(),
                 u.bytes.to_string(),
@@ -224,8 +224,8 @@ pub fn files(args: &FilesArgs) -> Result<ExitCode, String> {
             continue;
         }
         rows.push(vec![
-            owner.unwrap_or("?").to_string(),
-            f.name.clone(),
+            owner.map_or_else(|| "?".into(), shown),
+            shown(&f.name),
             or_dash(f.size),
             or_dash(f.cksum),
             f.received.clone().unwrap_or_else(|| "-".into()),

@@ -12,6 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::params;
 
+use super::output::shown;
 use super::store::{ClientInfo, Store, StoreArgs};
 use crate::datadir::{self, DbLock, Dir, DirLock, Kind};
 use crate::protocol::id_hex;
@@ -73,7 +74,7 @@ pub fn reset_key(args: &ResetKeyArgs) -> Result<ExitCode, String> {
     println!(
         "reset the key of {} ({}): the client registers its name again (1025 is answered with the same \
          id) and sends its new key (1026) on that connection; `backup-client --register --name NAME` does it",
-        client.name,
+        shown(&client.name),
         id_hex(&client.id)
     );
     Ok(ExitCode::SUCCESS)
@@ -120,7 +121,7 @@ pub fn remove_client(args: &RemoveClientArgs) -> Result<ExitCode, String> {
         }
         println!(
             "removed client {} ({hex}) and {files} file row(s); its files are kept in {}",
-            client.name,
+            shown(&client.name),
             lock.path().join(&kept).display()
         );
     } else {
@@ -128,7 +129,10 @@ pub fn remove_client(args: &RemoveClientArgs) -> Result<ExitCode, String> {
             remove_tree(top, OsStr::new(&hex)).map_err(|e| err(&format!("remove {sub}/{hex}"), e))?;
             top.sync().map_err(|e| err("sync", e))?;
         }
-        println!("removed client {} ({hex}), its {files} file row(s), files and versions", client.name);
+        println!(
+            "removed client {} ({hex}), its {files} file row(s), files and versions",
+            shown(&client.name)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

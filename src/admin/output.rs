@@ -1,5 +1,10 @@
-//! Output helpers shared by the admin commands: aligned text tables and the
-//! single JSON document of `--json`.
+//! Output helpers shared by the admin commands: aligned text tables, names
+//! and paths escaped for the human output, and the single JSON document of
+//! `--json`.
+
+use std::path::Path;
+
+use crate::logging::Esc;
 
 /// Lay out rows under headers, columns separated by two spaces; columns
 /// listed in `right` are right-aligned (numbers).
@@ -42,6 +47,20 @@ pub fn json_array(items: &[String]) -> String {
         return "[]\n".into();
     }
     format!("[\n  {}\n]\n", items.join(",\n  "))
+}
+
+/// A client's name or a stored file's name in the human output, escaped as
+/// the server's log lines escape it ([`Esc`]): a client chose it, and a
+/// bidirectional override or an invisible character in it would reorder or
+/// hide what the operator reads. The `--json` outputs carry names exact
+/// (JSON-escaped) instead.
+pub fn shown(name: &str) -> String {
+    Esc(name).to_string()
+}
+
+/// A path in the human output (stored names are part of it), escaped as by [`shown`].
+pub fn shown_path(p: &Path) -> String {
+    shown(&p.to_string_lossy())
 }
 
 /// A value for a text column: the value, or `-`.

@@ -19,12 +19,14 @@ use std::process::ExitCode;
 
 use rusqlite::params;
 
+use super::output::shown;
 use super::store::{Store, StoreArgs};
 use crate::config::s3::S3Args;
 use crate::protocol::{id_hex, parse_id_hex, ClientId};
 use crate::worker::db::{Db, Write};
 use crate::worker::s3::client::Bucket;
 use crate::worker::storage::tier::Tier;
+use crate::worker::storage::version_number;
 
 /// The bucket as the admin commands read it.
 pub struct Remote {
@@ -81,7 +83,7 @@ impl Remote {
             for (rel, _) in listed {
                 let Some(below) = rel.strip_prefix(&top) else { continue };
                 if let Some((name, n)) = below.rsplit_once('/') {
-                    if let Ok(n) = n.parse() {
+                    if let Some(n) = version_number(std::ffi::OsStr::new(n)) {
                         map.entry(name.to_string()).or_default().push(n);
                     }
                 }
@@ -202,7 +204,10 @@ fn resync(args: &ResyncArgs) -> Result<ExitCode, String> {
                 (Some(_), _) => writes.push(Write::Enqueue { id: f.id, path: rel, delete: false }),
                 (None, Some(_)) => {}
                 (None, None) => {
-                    eprintln!("backupd: s3 resync: {rel} is neither on the local disk nor in the bucket");
+                    eprintln!(
+                        "backupd: s3 resync: {} is neither on the local disk nor in the bucket",
+                        shown(&rel)
+                    );
                     lost += 1;
                 }
             }

@@ -18,6 +18,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 
+use super::output::{shown, shown_path};
 use super::store::{mtime_nanos, refuse_inside_data_dir, Copy, FileInfo, Store, StoreArgs};
 use super::time::{format_nanos, parse_time};
 use super::verify::recheck;
@@ -79,15 +80,18 @@ fn received_nanos(store: &Store, f: &FileInfo, c: &Copy) -> Option<i128> {
 fn choose(store: &Store, args: &RestoreArgs, f: &FileInfo) -> Result<Copy, String> {
     let copies = store.copies(f);
     if let Some(n) = args.version {
-        return copies.into_iter().nth(n).ok_or_else(|| format!("{}: no version {n} is kept", f.name));
+        return copies
+            .into_iter()
+            .nth(n)
+            .ok_or_else(|| format!("{}: no version {n} is kept", shown(&f.name)));
     }
     if let Some(t) = args.before {
         return copies
             .into_iter()
             .find(|c| received_nanos(store, f, c).is_some_and(|r| r < t))
-            .ok_or_else(|| format!("{}: no copy received before {}", f.name, format_nanos(t)));
+            .ok_or_else(|| format!("{}: no copy received before {}", shown(&f.name), format_nanos(t)));
     }
-    copies.into_iter().next().ok_or_else(|| format!("{}: no stored copy", f.name))
+    copies.into_iter().next().ok_or_else(|| format!("{}: no stored copy", shown(&f.name)))
 }
 
 /// The files the arguments name: every verified file, or those equal to or
@@ -119,7 +123,7 @@ fn select<'a>(files: &'a [FileInfo], paths: &[String]) -> (BTreeMap<&'a str, &'a
 /// Write one copy to `dest` through a temp file and a rename. Returns the size.
 fn write_copy(store: &Store, f: &FileInfo, c: &Copy, dest: &Path) -> Result<u64, String> {
     let parent = dest.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", shown_path(parent)))?;
     let base = dest.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
     let temp = parent.join(format!(".{base}.restore-{}", std::process::id()));
     let result = (|| {
@@ -128,22 +132,22 @@ fn write_copy(store: &Store, f: &FileInfo, c: &Copy, dest: &Path) -> Result<u64,
             .create_new(true)
             .mode(0o600)
             .open(&temp)
-            .map_err(|e| format!("cannot create {}: {e}", temp.display()))?;
+            .map_err(|e| format!("cannot create {}: {e}", shown_path(&temp)))?;
         // The copy into the (emptied) temp file: its size and cksum.
         let copy = |out: &mut fs::File| {
             let mut src = store.open_copy(&c.path).map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => format!(
                     "{}: the stored copy is missing ({}); not restored (see `backupd verify` and \
                      docs/OPERATIONS.md, \"A missing file\")",
-                    f.name,
-                    c.path.display()
+                    shown(&f.name),
+                    shown_path(&c.path)
                 ),
-                _ => format!("cannot read {}: {e}", c.path.display()),
+                _ => format!("cannot read {}: {e}", shown_path(&c.path)),
             })?;
             out.set_len(0)
                 .and_then(|_| out.rewind())
                 .and_then(|_| copy_with_cksum(&mut src, out))
-                .map_err(|e| format!("cannot copy {} to {}: {e}", c.path.display(), temp.display()))
+                .map_err(|e| format!("cannot copy {} to {}: {e}", shown_path(&c.path), shown_path(&temp)))
         };
         let (mut size, mut sum) = copy(&mut out)?;
         if c.index == 0 && f.cksum.is_some_and(|e| e != sum) {
@@ -165,7 +169,7 @@ fn write_copy(store: &Store, f: &FileInfo, c: &Copy, dest: &Path) -> Result<u64,
                 return Err(format!(
                     "{}: the stored copy is damaged (cksum {sum}, the database says {}); not restored \
                      (see `backupd verify`)",
-                    f.name,
+                    shown(&f.name),
                     expected.map_or("nothing".into(), |e| e.to_string())
                 ));
             }
@@ -174,11 +178,11 @@ fn write_copy(store: &Store, f: &FileInfo, c: &Copy, dest: &Path) -> Result<u64,
             return Err(format!(
                 "{}: the bucket's copy is damaged (cksum {sum}, {size} bytes; its metadata says {rk}, \
                  {rs} bytes); not restored (see `backupd verify`)",
-                f.name
+                shown(&f.name)
             ));
         }
-        out.sync_all().map_err(|e| format!("cannot write {}: {e}", temp.display()))?;
-        fs::rename(&temp, dest).map_err(|e| format!("cannot rename to {}: {e}", dest.display()))?;
+        out.sync_all().map_err(|e| format!("cannot write {}: {e}", shown_path(&temp)))?;
+        fs::rename(&temp, dest).map_err(|e| format!("cannot rename to {}: {e}", shown_path(dest)))?;
         Ok(size)
     })();
     if result.is_err() {
@@ -198,20 +202,25 @@ pub fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
     let (chosen, unmatched) = select(&files, &args.paths);
     let mut failed = 0usize;
     for p in &unmatched {
-        eprintln!("backupd: restore: {p:?} is not a stored file or folder of {}", client.name);
+        eprintln!(
+            "backupd: restore: \"{}\" is not a stored file or folder of {}",
+            shown(p),
+            shown(&client.name)
+        );
         failed += 1;
     }
     fs::create_dir_all(&args.to).map_err(|e| format!("cannot create {}: {e}", args.to.display()))?;
     let mut restored = 0usize;
     for (name, f) in chosen {
         let outcome = (|| {
-            let rel = relative(name).ok_or_else(|| format!("{name:?}: not a relative path; skipped"))?;
+            let rel =
+                relative(name).ok_or_else(|| format!("\"{}\": not a relative path; skipped", shown(name)))?;
             let dest = args.to.join(rel);
             // DIR outside, but a name leading back in (DIR above the data directory).
             refuse_inside_data_dir(&dest, store.root())?;
             if let Ok(m) = fs::symlink_metadata(&dest) {
                 if m.is_dir() || !args.force {
-                    return Err(format!("{} exists; not replaced (use --force)", dest.display()));
+                    return Err(format!("{} exists; not replaced (use --force)", shown_path(&dest)));
                 }
             }
             let copy = choose(&store, args, f)?;
@@ -221,7 +230,7 @@ pub fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
         match outcome {
             Ok((dest, size, index)) => {
                 let which = if index == 0 { String::new() } else { format!(", version {index}") };
-                println!("restored {name} ({size} bytes{which}) to {}", dest.display());
+                println!("restored {} ({size} bytes{which}) to {}", shown(name), shown_path(&dest));
                 restored += 1;
             }
             Err(e) => {

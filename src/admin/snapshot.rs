@@ -35,6 +35,7 @@ use std::time::Duration;
 use rusqlite::backup::{Backup, StepResult};
 use rusqlite::Connection;
 
+use super::output::shown;
 use super::store::{cksum_file, refuse_inside_data_dir, resolved, walk, FileInfo, Store, StoreArgs};
 use crate::datadir::{self, DirLock};
 use crate::worker::db::{set_owner, Owner};
@@ -235,7 +236,9 @@ fn settle(live: &Store, snap: &Store) -> Result<bool, String> {
             continue;
         }
         let p = Publish { target: target.clone(), saved_previous: previous };
-        storage.undo(&p).map_err(|e| format!("cannot undo the publish of {target} in the snapshot: {e}"))?;
+        storage
+            .undo(&p)
+            .map_err(|e| format!("cannot undo the publish of {} in the snapshot: {e}", shown(&target)))?;
     }
     snap.conn.execute("DELETE FROM publish_intents", []).map_err(|e| snap.err(e))?;
     // Files whose publish had not committed.

@@ -16,10 +16,11 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use rusqlite::{Connection, OpenFlags};
 
+use super::output::shown;
 use crate::protocol::{id_hex, parse_id_hex, ClientId};
 pub use crate::worker::db::FileRow as FileInfo;
 use crate::worker::db::{blob_id, check_owner, read_file_rows, Opener};
-use crate::worker::storage::Storage;
+use crate::worker::storage::{version_number, Storage};
 
 /// Where the data is: the same flags and environment variables as the server.
 #[derive(clap::Args, Debug, Clone)]
@@ -225,14 +226,16 @@ impl Store {
         let name_match = clients.iter().find(|c| by_name == Some(c.name.as_str()));
         match (id_match, name_match) {
             (Some(a), Some(b)) if a.id != b.id => Err(format!(
-                "{spec:?} is the id of client {:?} and the name of another client ({}); \
+                "\"{}\" is the id of client \"{}\" and the name of another client ({}); \
                  say which: id:{spec} or name:{spec}",
-                a.name,
+                shown(spec),
+                shown(&a.name),
                 id_hex(&b.id)
             )),
             (Some(c), _) | (None, Some(c)) => Ok(c.clone()),
             (None, None) => Err(format!(
-                "no client named {spec:?} (give a name, a 32-hex id, name:NAME or id:HEX; see `backupd clients`)"
+                "no client named \"{}\" (give a name, a 32-hex id, name:NAME or id:HEX; see `backupd clients`)",
+                shown(spec)
             )),
         }
     }
@@ -315,7 +318,8 @@ impl Store {
     /// that are no stored copy).
     pub fn stored_files(&self, client: Option<&ClientId>) -> io::Result<Vec<StoredEntry>> {
         let mut out = Vec::new();
-        for top in ["files", "versions"].map(|t| self.root.join(t)) {
+        for (in_versions, top) in [(false, "files"), (true, "versions")].map(|(v, t)| (v, self.root.join(t)))
+        {
             let dirs: Vec<PathBuf> = match client {
                 Some(id) => vec![top.join(id_hex(id))],
                 None => match fs::read_dir(&top) {
@@ -329,7 +333,7 @@ impl Store {
                     dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
                 if !dir.is_dir() {
                     if dir.symlink_metadata().is_ok() {
-                        out.push(StoredEntry { client_dir, name: String::new(), path: dir });
+                        out.push(StoredEntry { in_versions, client_dir, name: String::new(), path: dir });
                     }
                     continue;
                 }
@@ -337,7 +341,7 @@ impl Store {
                 walk(&dir, &mut files)?;
                 for path in files {
                     let name = path.strip_prefix(&dir).unwrap_or(&path).to_string_lossy().into_owned();
-                    out.push(StoredEntry { client_dir: client_dir.clone(), name, path });
+                    out.push(StoredEntry { in_versions, client_dir: client_dir.clone(), name, path });
                 }
             }
         }
@@ -352,7 +356,7 @@ fn version_numbers(dir: &Path) -> Vec<u64> {
         Ok(rd) => rd
             .filter_map(|e| e.ok())
             .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter_map(|e| version_number(&e.file_name()))
             .collect(),
         Err(_) => Vec::new(),
     };
@@ -363,6 +367,8 @@ fn version_numbers(dir: &Path) -> Vec<u64> {
 /// A file found on disk under files/ or versions/.
 #[derive(Debug, Clone)]
 pub struct StoredEntry {
+    /// Under versions/ (else files/).
+    pub in_versions: bool,
     /// The directory name under files/ or versions/ (a client id in hex when well formed).
     pub client_dir: String,
     /// Its path below that directory (for a version: `<name>/<n>`).

@@ -1,6 +1,9 @@
 //! `backupd verify`: read every stored file and version back, recompute its
 //! POSIX cksum and compare it with the database; report mismatched, missing,
-//! unreadable and unregistered files. Exit 0 when all is well, 3 otherwise.
+//! unreadable and unregistered files, and stray entries under versions/.
+//! Exit 0 when all is well, 3 on a problem; a stray entry (something under
+//! versions/ not named as a version) is reported but no problem: no stored
+//! copy is damaged (docs/OPERATIONS.md, "Verify").
 //!
 //! Read-only: it works while the server runs. A file the server replaces or
 //! publishes during the check can look wrong for a moment (between its
@@ -17,10 +20,11 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::output::or_dash;
-use super::store::{FileInfo, Store, StoreArgs};
+use super::output::{or_dash, shown, shown_path};
+use super::store::{FileInfo, Store, StoreArgs, StoredEntry};
 use crate::json::{json_opt_num, json_opt_str, json_str};
-use crate::protocol::{id_hex, ClientId};
+use crate::protocol::{id_hex, parse_id_hex, ClientId};
+use crate::worker::storage::version_number;
 
 /// Check every stored file and version against the database.
 #[derive(clap::Args, Debug, Clone)]
@@ -69,6 +73,8 @@ enum Status {
     Missing,
     Unreadable,
     Unregistered,
+    /// Under versions/, not named as a version: reported, not a problem.
+    Stray,
 }
 
 impl Status {
@@ -79,7 +85,31 @@ impl Status {
             Status::Missing => "missing",
             Status::Unreadable => "unreadable",
             Status::Unregistered => "unregistered",
+            Status::Stray => "stray",
         }
+    }
+
+    /// Damage to what is stored, or a copy the database does not know (exit 3).
+    fn is_problem(self) -> bool {
+        !matches!(self, Status::Ok | Status::Stray)
+    }
+}
+
+/// What an entry on disk that is no copy of a verified file is: under
+/// files/, or named as a version (a regular file named by a version's number
+/// in a folder below a client's folder: `versions/<id>/<name>/<n>`), a copy
+/// the database does not know; anything else under versions/ (another name,
+/// `0123`, a link, a file directly in a client's folder or outside one) a
+/// stray, which the server never lists, counts or prunes as a version.
+fn unknown_entry(e: &StoredEntry) -> Status {
+    let as_version = parse_id_hex(&e.client_dir).is_some()
+        && e.name.contains('/')
+        && e.path.file_name().and_then(version_number).is_some()
+        && e.path.symlink_metadata().is_ok_and(|m| m.is_file());
+    if e.in_versions && !as_version {
+        Status::Stray
+    } else {
+        Status::Unregistered
     }
 }
 
@@ -125,7 +155,7 @@ fn check(
     let mut items = Vec::new();
     for e in entries.into_iter().filter(|e| !known.contains(&e.path) && wanted(&e.path)) {
         items.push(Item {
-            status: Status::Unregistered,
+            status: unknown_entry(&e),
             client: e.client_dir,
             name: e.name,
             version: None,
@@ -206,8 +236,9 @@ pub fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
     // A publish between its rename and its commit looks like a problem for
     // a moment: look again, with what the database says then, until nothing
     // is left or the problems stay for RECHECKS pauses.
+    // (A stray stays one: the server writes versions under their final names.)
     let suspects_of = |items: &[Item]| -> HashSet<PathBuf> {
-        items.iter().filter(|i| i.status != Status::Ok).map(|i| i.path.clone()).collect()
+        items.iter().filter(|i| i.status.is_problem()).map(|i| i.path.clone()).collect()
     };
     let mut suspects = suspects_of(&items);
     if !suspects.is_empty() {
@@ -222,31 +253,32 @@ pub fn verify(args: &VerifyArgs) -> Result<ExitCode, String> {
     items.sort_by(|a, b| (&a.client, &a.name, a.version).cmp(&(&b.client, &b.name, b.version)));
     let names: HashMap<String, String> =
         store.clients()?.into_iter().map(|c| (id_hex(&c.id), c.name)).collect();
-    let problems: Vec<&Item> = items.iter().filter(|i| i.status != Status::Ok).collect();
     if args.json {
         let objects: Vec<String> = items.iter().map(|i| json_item(i, names.get(&i.client))).collect();
         print!("{}", super::output::json_array(&objects));
     } else {
-        for i in &problems {
+        for i in items.iter().filter(|i| i.status != Status::Ok) {
             println!("{}", text_item(i, names.get(&i.client)));
         }
         println!("{}", summary(&items));
     }
-    Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_PROBLEMS) })
+    let problem = items.iter().any(|i| i.status.is_problem());
+    Ok(if problem { ExitCode::from(EXIT_PROBLEMS) } else { ExitCode::SUCCESS })
 }
 
 fn label(i: &Item, owner: Option<&String>) -> String {
-    let who = owner.cloned().unwrap_or_else(|| i.client.clone());
+    let who = shown(owner.unwrap_or(&i.client));
+    let name = shown(&i.name);
     match i.version {
-        Some(v) if v > 0 => format!("{who}/{} (version {v})", i.name),
+        Some(v) if v > 0 => format!("{who}/{name} (version {v})"),
         _ if i.name.is_empty() => who,
-        _ => format!("{who}/{}", i.name),
+        _ => format!("{who}/{name}"),
     }
 }
 
 fn text_item(i: &Item, owner: Option<&String>) -> String {
     let what = label(i, owner);
-    let path = i.path.display();
+    let path = shown_path(&i.path);
     match i.status {
         Status::Mismatched => format!(
             "mismatched    {what}: cksum {} ({} bytes), recorded {} ({} bytes) [{path}]",
@@ -260,6 +292,9 @@ fn text_item(i: &Item, owner: Option<&String>) -> String {
             format!("unreadable    {what}: {} [{path}]", i.error.as_deref().unwrap_or("read error"))
         }
         Status::Unregistered => format!("unregistered  {path} (no database row)"),
+        Status::Stray => {
+            format!("stray         {path} (not a version the server wrote; no stored copy is damaged)")
+        }
         Status::Ok => format!("ok            {what}"),
     }
 }
@@ -289,10 +324,14 @@ fn summary(items: &[Item]) -> String {
     let bad = [Status::Mismatched, Status::Missing, Status::Unreadable, Status::Unregistered];
     let total: usize = bad.iter().map(|s| count(*s)).sum();
     let head = format!("checked {files} files and {versions} versions ({bytes} bytes)");
+    let strays = match count(Status::Stray) {
+        0 => String::new(),
+        n => format!("; {n} stray entr{} under versions/ (not a problem)", if n == 1 { "y" } else { "ies" }),
+    };
     if total == 0 {
-        return format!("{head}: all well");
+        return format!("{head}: all well{strays}");
     }
     let parts: Vec<String> =
         bad.iter().filter(|s| count(**s) > 0).map(|s| format!("{} {}", count(*s), s.as_str())).collect();
-    format!("{head}: {total} problem(s): {}", parts.join(", "))
+    format!("{head}: {total} problem(s): {}{strays}", parts.join(", "))
 }

@@ -369,17 +369,26 @@ impl PartFile {
             None if content.is_empty() => {}
             None => return Err(UploadError::OutsideStream),
         }
-        if let Some(expected) = p.end_segment {
-            let d = dec.take().ok_or(UploadError::NoStreamToFinish)?;
-            d.finish(&mut emit).map_err(|_| UploadError::Decryption)?;
+        let finished = match p.end_segment {
+            Some(expected) => {
+                let d = dec.take().ok_or(UploadError::NoStreamToFinish)?;
+                Some((d.finish(&mut emit), expected))
+            }
+            None => None,
+        };
+        // A failed write comes first: the bytes after it were not counted,
+        // and a full disk is not a forgery (a decryption failure costs the
+        // client one of its few tokens, see `Core::decryption_failed`).
+        if let Some(e) = err {
+            return Err(UploadError::WriteTemp(e));
+        }
+        if let Some((done, expected)) = finished {
+            done.map_err(|_| UploadError::Decryption)?;
             if u.cksum.len() - u.segment_start != expected {
                 return Err(UploadError::Decryption);
             }
         }
         u.dec = dec;
-        if let Some(e) = err {
-            return Err(UploadError::WriteTemp(e));
-        }
         Ok(())
     }
 

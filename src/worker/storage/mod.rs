@@ -17,7 +17,8 @@
 //! whose components the protocol layer validated. It is stored nested: every
 //! folder on the way is created with `mkdirat` (0700, no link followed). In
 //! `versions/`, the folder `versions/<id>/<path>/` holds the versions of
-//! `<path>` as *regular files* named by a number, and the folders of the
+//! `<path>` as *regular files* named by a number (as [`version_number`]
+//! reads it: `0123` is none), and the folders of the
 //! files below `<path>/` (if `<path>` was once a file and later a folder) as
 //! *directories*: the kind of the entry tells which is which, so nothing is
 //! ambiguous. (A child whose name equals a version number cannot be linked
@@ -271,7 +272,18 @@ impl Storage {
     pub fn relative_version_path(id: &ClientId, name: &str, n: u64) -> String {
         format!("{}/{n}", Storage::relative_versions_dir(id, name))
     }
+}
 
+/// The number of the version whose entry is named `name`, if that is a
+/// version's name: the decimal number as [`Storage::relative_version_path`]
+/// writes it, nothing else. `0123` or `+5` (which a number parser would read
+/// as 123 and 5) are strays: never listed, counted or pruned as versions.
+pub fn version_number(name: &OsStr) -> Option<u64> {
+    let s = name.to_str()?;
+    s.parse().ok().filter(|n: &u64| n.to_string() == s)
+}
+
+impl Storage {
     /// A handle on `tmp/` alone, for the packet thread (see [`TempFiles`]),
     /// with at most `unnamed_max` temp files without a name at once.
     /// Whether those can be made and named here is tried once, now, with a
@@ -389,7 +401,7 @@ impl Storage {
                 .unwrap_or_default()
                 .into_iter()
                 .filter(|(_, m)| m.kind == Kind::File)
-                .filter_map(|(n, _)| n.to_str()?.parse().ok())
+                .filter_map(|(n, _)| version_number(&n))
                 .collect(),
             _ => Vec::new(),
         };
@@ -584,14 +596,16 @@ impl Storage {
     }
 
     /// What versions/ holds per client: every regular file below
-    /// `versions/<client-id>/` is a kept version (one file, its size). One
-    /// walk at start, one `fstatat` per entry; entries that are not ours
-    /// (a folder not named by a client id, a link) are not counted.
+    /// `versions/<client-id>/` named as a version ([`version_number`]) is a
+    /// kept version (one file, its size). One walk at start, one `fstatat`
+    /// per entry; entries that are not ours (a folder not named by a client
+    /// id, a link, a stray file) are not counted.
     pub fn version_usage(&self) -> io::Result<HashMap<ClientId, Usage>> {
         fn walk(dir: &Dir, u: &mut Usage) -> io::Result<()> {
             for (name, meta) in dir.entries()? {
                 match meta.kind {
-                    Kind::File => {
+                    // A stray (not named as a version) is none.
+                    Kind::File if version_number(&name).is_some() => {
                         u.files += 1;
                         u.bytes += meta.size;
                     }

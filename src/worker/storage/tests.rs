@@ -232,3 +232,26 @@ fn orphan_names_are_cut_on_a_character_boundary() {
     let o: Vec<_> = fs::read_dir(s.root().join("orphans")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(fs::read(&o[0]).unwrap(), b"x");
 }
+
+/// A version's name is its number as `relative_version_path` writes it;
+/// anything a number parser would also read (`0123`, `+5`) is a stray.
+#[test]
+fn only_numbers_written_as_the_server_writes_them_name_versions() {
+    let max = u64::MAX.to_string();
+    let names = [
+        ("0", Some(0)),
+        ("1796107377410885845", Some(1796107377410885845)),
+        (max.as_str(), Some(u64::MAX)),
+        ("0123", None),
+        ("00", None),
+        ("+5", None),
+        ("-1", None),
+        ("5 ", None),
+        ("", None),
+        ("18446744073709551616", None),
+        ("notes", None),
+    ];
+    for (name, n) in names {
+        assert_eq!(version_number(OsStr::new(name)), n, "{name:?}");
+    }
+}
