@@ -10,28 +10,82 @@
 //! leak budget or return it twice.
 //!
 //! The loop takes grants for what it reads; the packet thread takes one for
-//! each upload it writes direct (its two chunk buffers, see
-//! `worker/sink.rs`). A take is one compare-and-swap, so the limit holds
-//! whoever takes; everything else only returns bytes, which can only make
-//! room.
+//! each upload it writes direct (its chunk buffers, see `worker/sink.rs`).
+//! A take is one compare-and-swap, so the limit holds whoever takes;
+//! everything else only returns bytes, which can only make room.
+//!
+//! The budget is shared so that no set of connections can hold it without
+//! sending: a connection holds at most one piece it has not filled (the ones
+//! it filled go to the worker, which consumes them whatever the peer does),
+//! and pieces are sized so that every connection of `--max-connections` can
+//! hold one at once ([`piece_size`]). What is left beside those pieces
+//! ([`Budget::beside_pieces`]) is all that other holders (the direct
+//! writer's buffers) may take, so they cannot starve the pieces either.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+/// File content is read and handed to the worker in pieces of at most this
+/// many bytes, each granted by the memory budget just before it is read: what
+/// a connection can hold without sending the bytes. Fits L2 with the worker's
+/// decrypt pass (see `worker::CACHE_PIECE`).
+pub const CONTENT_PIECE: usize = 128 * 1024;
+
+/// The smallest content piece, however tight the budget: below a page a
+/// piece costs more in jobs and wake-ups than it holds, and the smallest
+/// `--memory-budget` accepted is this (so it is always at least one piece).
+pub const MIN_PIECE: usize = 4096;
+
+/// Pieces are a whole number of AES blocks (not needed by the decryptor,
+/// which carries partial blocks, but it keeps every decrypt pass whole).
+const BLOCK: usize = 16;
+
+/// The size of the content pieces for a budget of `limit` bytes and at most
+/// `connections` connections: [`CONTENT_PIECE`], or each connection's share
+/// of the budget if that is smaller (rounded down to a multiple of 16, at
+/// least [`MIN_PIECE`], at most the whole budget). So every connection can
+/// hold a piece at once: connections that trickle hold at most their share
+/// each, and the rest of the budget stays for those that send. Only below
+/// `connections` x 4 KiB (the floor) can fewer connections than the table
+/// holds fill the budget (the server warns at start).
+pub fn piece_size(limit: usize, connections: usize) -> usize {
+    let share = limit / connections.max(1);
+    (share.min(CONTENT_PIECE) / BLOCK * BLOCK).max(MIN_PIECE).min(limit).max(1)
+}
 
 /// Content bytes that may be held in memory at once (`--memory-budget`).
 #[derive(Debug, Clone)]
 pub struct Budget {
     limit: usize,
+    /// The size of a content piece ([`piece_size`]).
+    piece: usize,
+    /// What the pieces need for every connection to hold one at once.
+    for_pieces: usize,
     used: Arc<AtomicUsize>,
 }
 
 impl Budget {
-    pub fn new(limit: usize) -> Budget {
-        Budget { limit, used: Arc::new(AtomicUsize::new(0)) }
+    /// A budget of `limit` bytes shared by at most `connections` connections.
+    pub fn new(limit: usize, connections: usize) -> Budget {
+        let piece = piece_size(limit, connections);
+        let for_pieces = piece.saturating_mul(connections.max(1));
+        Budget { limit, piece, for_pieces, used: Arc::new(AtomicUsize::new(0)) }
     }
 
     pub fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// The size of the content pieces.
+    pub fn piece(&self) -> usize {
+        self.piece
+    }
+
+    /// What may be granted to holders other than the connections' pieces
+    /// (the direct writer sizes its places by it) while every connection can
+    /// still hold a piece: the budget less a piece per connection.
+    pub fn beside_pieces(&self) -> usize {
+        self.limit.saturating_sub(self.for_pieces)
     }
 
     /// Bytes granted and not yet returned.
@@ -121,7 +175,7 @@ mod tests {
 
     #[test]
     fn grants_return_their_bytes_when_dropped_wherever_they_are() {
-        let b = Budget::new(100);
+        let b = Budget::new(100, 1);
         let g1 = b.try_grant(60).unwrap();
         assert!(b.try_grant(50).is_none());
         let p = Piece::new(Vec::new(), b.try_grant(40).unwrap());
@@ -138,5 +192,32 @@ mod tests {
         assert_eq!(b.used(), 0);
         assert_eq!(Piece::empty().len(), 0);
         assert_eq!(b.used(), 0);
+    }
+
+    /// The default (64 MiB, 256 connections) keeps 128 KiB pieces; a tight
+    /// budget shrinks them to each connection's share, in whole AES blocks,
+    /// not below 4 KiB nor above the budget.
+    #[test]
+    fn pieces_are_each_connections_share_when_the_budget_is_tight() {
+        const MIB: usize = 1 << 20;
+        assert_eq!(piece_size(64 * MIB, 256), CONTENT_PIECE);
+        assert_eq!(piece_size(32 * MIB, 256), CONTENT_PIECE);
+        assert_eq!(piece_size(MIB, 64), 16 * 1024);
+        assert_eq!(piece_size(2 * MIB, 256), 8 * 1024);
+        assert_eq!(piece_size(MIB + 1000, 30), 34_976, "(MIB + 1000) / 30, rounded down to 16");
+        assert_eq!(piece_size(MIB, 256), MIN_PIECE);
+        assert_eq!(piece_size(512 * 1024, 256), MIN_PIECE, "the floor");
+        assert_eq!(piece_size(MIB, 0), CONTENT_PIECE, "no connection limit: one share");
+        assert_eq!(piece_size(1000, 1), 1000, "never more than the budget");
+        assert_eq!(piece_size(0, 1), 1);
+        for (limit, conns) in [(64 * MIB, 256), (MIB, 64), (3 * MIB + 7, 100), (4096, 1)] {
+            let p = piece_size(limit, conns);
+            assert!(p * conns <= limit && p.is_multiple_of(16), "{limit} {conns}: {p}");
+        }
+        let b = Budget::new(64 * MIB, 256);
+        assert_eq!((b.piece(), b.beside_pieces()), (CONTENT_PIECE, 32 * MIB));
+        let b = Budget::new(MIB, 64);
+        assert_eq!((b.piece(), b.beside_pieces()), (16 * 1024, 0));
+        assert_eq!(Budget::new(MIB, 512).beside_pieces(), 0, "below the floor: nothing beside");
     }
 }

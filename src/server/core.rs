@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::admission::RateLimiter;
-use super::CONTENT_PIECE;
 use crate::budget::{Budget, Piece};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -97,7 +96,8 @@ const DECRYPT_FAILURES_PER_SEC: f64 = 10.0 / 3600.0;
 impl<J: JobSink> Core<J> {
     /// `next_upload`: the first upload id (ids must not repeat across restarts).
     pub fn new(cfg: Arc<Config>, registry: Registry, jobs: J, next_upload: u64) -> Core<J> {
-        let budget = Budget::new(cfg.memory_budget as usize);
+        let budget =
+            Budget::new(usize::try_from(cfg.memory_budget).unwrap_or(usize::MAX), cfg.max_connections);
         let registrations = RateLimiter::new(cfg.registration_rate, cfg.registration_burst as f64);
         let session_keys = RateLimiter::new(cfg.session_rate, cfg.session_burst as f64);
         let metrics = Arc::new(Metrics::new());
@@ -117,9 +117,10 @@ impl<J: JobSink> Core<J> {
         }
     }
 
-    /// The size of the content pieces: [`CONTENT_PIECE`], or the whole budget if smaller.
+    /// The size of the content pieces: 128 KiB, or each connection's share
+    /// of the budget if smaller ([`crate::budget::piece_size`]).
     pub fn piece_size(&self) -> usize {
-        CONTENT_PIECE.min(self.budget.limit()).max(1)
+        self.budget.piece()
     }
 
     /// A buffer of `len` bytes paid for by the budget, or None when the budget
