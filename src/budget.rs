@@ -15,12 +15,17 @@
 //! everything else only returns bytes, which can only make room.
 //!
 //! The budget is shared so that no set of connections can hold it without
-//! sending: a connection holds at most one piece it has not filled (the ones
-//! it filled go to the worker, which consumes them whatever the peer does),
-//! and pieces are sized so that every connection of `--max-connections` can
-//! hold one at once ([`piece_size`]). What is left beside those pieces
-//! ([`Budget::beside_pieces`]) is all that other holders (the direct
-//! writer's buffers) may take, so they cannot starve the pieces either.
+//! sending. A connection holds at most one piece it has not filled (the ones
+//! it filled go to the worker, which consumes them whatever the peer does).
+//! Part of the budget is kept as a share for every connection of
+//! `--max-connections` ([`share`]); the rest, the open part, is first come,
+//! first served. A piece is granted whole (up to [`CONTENT_PIECE`]) while the
+//! open part holds it, and otherwise cut to a share while the whole budget
+//! holds that ([`Budget::try_grant_piece`]); other holders (the direct
+//! writer's buffers) take only from the open part
+//! ([`Budget::try_grant_open`]). So connections that do not send hold at
+//! most the open part plus a share each, and at least one share always stays
+//! for a connection that sends.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -40,52 +45,50 @@ pub const MIN_PIECE: usize = 4096;
 /// which carries partial blocks, but it keeps every decrypt pass whole).
 const BLOCK: usize = 16;
 
-/// The size of the content pieces for a budget of `limit` bytes and at most
-/// `connections` connections: [`CONTENT_PIECE`], or each connection's share
-/// of the budget if that is smaller (rounded down to a multiple of 16, at
-/// least [`MIN_PIECE`], at most the whole budget). So every connection can
-/// hold a piece at once: connections that trickle hold at most their share
-/// each, and the rest of the budget stays for those that send. Only below
-/// `connections` x 4 KiB (the floor) can fewer connections than the table
-/// holds fill the budget (the server warns at start).
-pub fn piece_size(limit: usize, connections: usize) -> usize {
-    let share = limit / connections.max(1);
-    (share.min(CONTENT_PIECE) / BLOCK * BLOCK).max(MIN_PIECE).min(limit).max(1)
+/// The piece kept for each of `connections` connections out of a budget of
+/// `limit` bytes: [`CONTENT_PIECE`], or half the budget split between the
+/// connections if that is smaller (rounded down to a
+/// multiple of 16, at least [`MIN_PIECE`], at most the whole budget). The
+/// other half at least stays open, so that pieces are whole while the
+/// budget is not contended. Only below `connections` x 4 KiB (the floor)
+/// could fewer connections than the table holds take every share (the
+/// server warns at start).
+pub fn share(limit: usize, connections: usize) -> usize {
+    let half = limit / 2 / connections.max(1);
+    (half.min(CONTENT_PIECE) / BLOCK * BLOCK).max(MIN_PIECE).min(limit).max(1)
 }
 
 /// Content bytes that may be held in memory at once (`--memory-budget`).
 #[derive(Debug, Clone)]
 pub struct Budget {
     limit: usize,
-    /// The size of a content piece ([`piece_size`]).
-    piece: usize,
-    /// What the pieces need for every connection to hold one at once.
-    for_pieces: usize,
+    /// The piece kept for every connection ([`share`]).
+    share: usize,
+    /// The first-come, first-served part: the budget less a share per connection.
+    open: usize,
     used: Arc<AtomicUsize>,
 }
 
 impl Budget {
     /// A budget of `limit` bytes shared by at most `connections` connections.
     pub fn new(limit: usize, connections: usize) -> Budget {
-        let piece = piece_size(limit, connections);
-        let for_pieces = piece.saturating_mul(connections.max(1));
-        Budget { limit, piece, for_pieces, used: Arc::new(AtomicUsize::new(0)) }
+        let share = share(limit, connections);
+        let open = limit.saturating_sub(share.saturating_mul(connections.max(1)));
+        Budget { limit, share, open, used: Arc::new(AtomicUsize::new(0)) }
     }
 
     pub fn limit(&self) -> usize {
         self.limit
     }
 
-    /// The size of the content pieces.
-    pub fn piece(&self) -> usize {
-        self.piece
+    /// The piece kept for every connection.
+    pub fn share(&self) -> usize {
+        self.share
     }
 
-    /// What may be granted to holders other than the connections' pieces
-    /// (the direct writer sizes its places by it) while every connection can
-    /// still hold a piece: the budget less a piece per connection.
-    pub fn beside_pieces(&self) -> usize {
-        self.limit.saturating_sub(self.for_pieces)
+    /// The first-come, first-served part of the budget.
+    pub fn open(&self) -> usize {
+        self.open
     }
 
     /// Bytes granted and not yet returned.
@@ -99,10 +102,27 @@ impl Budget {
     }
 
     /// Take `bytes` from the budget, or None when it cannot hold them now.
-    /// One compare-and-swap: a take never overshoots the limit, whichever
-    /// threads take at once.
     pub fn try_grant(&self, bytes: usize) -> Option<Grant> {
-        let fit = |used: usize| used.checked_add(bytes).filter(|&u| u <= self.limit);
+        self.try_grant_within(bytes, self.limit)
+    }
+
+    /// The grant for a content piece of up to `want` bytes: all of them while
+    /// the open part holds them, else a share (or `want`, if less) while the
+    /// whole budget does; None when neither.
+    pub fn try_grant_piece(&self, want: usize) -> Option<Grant> {
+        self.try_grant_within(want, self.open).or_else(|| self.try_grant(want.min(self.share)))
+    }
+
+    /// Take `bytes` only while the open part holds them (holders other than
+    /// a connection's piece: they must not take the connections' shares).
+    pub fn try_grant_open(&self, bytes: usize) -> Option<Grant> {
+        self.try_grant_within(bytes, self.open)
+    }
+
+    /// Take `bytes` if the bytes in use stay within `cap`. One
+    /// compare-and-swap: a take never overshoots, whichever threads take at once.
+    fn try_grant_within(&self, bytes: usize, cap: usize) -> Option<Grant> {
+        let fit = |used: usize| used.checked_add(bytes).filter(|&u| u <= cap);
         self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, fit).ok()?;
         Some(Grant { bytes, used: Some(self.used.clone()) })
     }
@@ -194,30 +214,57 @@ mod tests {
         assert_eq!(b.used(), 0);
     }
 
-    /// The default (64 MiB, 256 connections) keeps 128 KiB pieces; a tight
-    /// budget shrinks them to each connection's share, in whole AES blocks,
-    /// not below 4 KiB nor above the budget.
+    /// The default (64 MiB, 256 connections) keeps a 128 KiB share and half
+    /// the budget open; a tight budget's share is half of it split between
+    /// the connections, in whole AES blocks, not below 4 KiB nor above the
+    /// budget.
     #[test]
-    fn pieces_are_each_connections_share_when_the_budget_is_tight() {
+    fn shares_are_half_the_budget_split_when_it_is_tight() {
         const MIB: usize = 1 << 20;
-        assert_eq!(piece_size(64 * MIB, 256), CONTENT_PIECE);
-        assert_eq!(piece_size(32 * MIB, 256), CONTENT_PIECE);
-        assert_eq!(piece_size(MIB, 64), 16 * 1024);
-        assert_eq!(piece_size(2 * MIB, 256), 8 * 1024);
-        assert_eq!(piece_size(MIB + 1000, 30), 34_976, "(MIB + 1000) / 30, rounded down to 16");
-        assert_eq!(piece_size(MIB, 256), MIN_PIECE);
-        assert_eq!(piece_size(512 * 1024, 256), MIN_PIECE, "the floor");
-        assert_eq!(piece_size(MIB, 0), CONTENT_PIECE, "no connection limit: one share");
-        assert_eq!(piece_size(1000, 1), 1000, "never more than the budget");
-        assert_eq!(piece_size(0, 1), 1);
-        for (limit, conns) in [(64 * MIB, 256), (MIB, 64), (3 * MIB + 7, 100), (4096, 1)] {
-            let p = piece_size(limit, conns);
-            assert!(p * conns <= limit && p.is_multiple_of(16), "{limit} {conns}: {p}");
-        }
+        assert_eq!(share(64 * MIB, 256), CONTENT_PIECE);
+        assert_eq!(share(MIB, 64), 8 * 1024);
+        assert_eq!(share(64 * MIB, 2000), 16_768, "64 MiB / 4000, rounded down to 16");
+        assert_eq!(share(MIB, 512), MIN_PIECE, "the floor");
+        assert_eq!(share(MIB, 0), CONTENT_PIECE, "no connection limit: one share");
+        assert_eq!(share(1000, 1), 1000, "never more than the budget");
+        assert_eq!(share(0, 1), 1);
         let b = Budget::new(64 * MIB, 256);
-        assert_eq!((b.piece(), b.beside_pieces()), (CONTENT_PIECE, 32 * MIB));
+        assert_eq!((b.share(), b.open()), (CONTENT_PIECE, 32 * MIB));
         let b = Budget::new(MIB, 64);
-        assert_eq!((b.piece(), b.beside_pieces()), (16 * 1024, 0));
-        assert_eq!(Budget::new(MIB, 512).beside_pieces(), 0, "below the floor: nothing beside");
+        assert_eq!((b.share(), b.open()), (8 * 1024, MIB / 2));
+        assert_eq!(Budget::new(MIB, 512).open(), 0, "below the floor: nothing open");
+    }
+
+    /// Whatever the budget and the connection limit (the floor aside), all
+    /// connections but one, each holding the piece it was granted, leave a
+    /// share for the last; pieces are whole while the open part holds them;
+    /// what is taken from the open part alone (direct buffers) never takes a share.
+    #[test]
+    fn all_connections_but_one_holding_pieces_leave_a_share_for_the_last() {
+        const MIB: usize = 1 << 20;
+        for (limit, conns) in
+            [(64 * MIB, 256), (64 * MIB, 2000), (MIB, 64), (2 * MIB, 256), (3 * MIB + 7, 100)]
+        {
+            let b = Budget::new(limit, conns);
+            let direct = b.try_grant_open(3 * MIB + 12 * 1024);
+            let held: Vec<Grant> = (1..conns).filter_map(|_| b.try_grant_piece(CONTENT_PIECE)).collect();
+            assert_eq!(held.len(), conns - 1, "{limit} {conns}: a connection got nothing");
+            assert!(held.iter().all(|g| g.bytes() == CONTENT_PIECE || g.bytes() == b.share()));
+            let last = b.try_grant_piece(CONTENT_PIECE).expect("a share for the last connection");
+            assert!(
+                last.bytes() >= b.share() && last.bytes().is_multiple_of(16),
+                "{limit} {conns}: {}",
+                last.bytes()
+            );
+            assert!(b.used() <= limit);
+            drop((direct, held, last));
+            assert_eq!(b.used(), 0);
+        }
+        let b = Budget::new(MIB, 64);
+        let whole: Vec<Grant> = (0..4).map(|_| b.try_grant_piece(CONTENT_PIECE).unwrap()).collect();
+        assert!(whole.iter().all(|g| g.bytes() == CONTENT_PIECE), "the open half in whole pieces");
+        assert_eq!(b.try_grant_piece(CONTENT_PIECE).unwrap().bytes(), 8 * 1024, "then shares");
+        assert_eq!(b.try_grant_piece(100).unwrap().bytes(), 100, "never more than wanted");
+        assert!(b.try_grant_open(1).is_none(), "the open part is taken");
     }
 }

@@ -214,9 +214,11 @@ fn announced_16_mib_packets_reserve_nothing_and_trickling_strangers_are_closed()
 /// 128 KiB x 256): twelve clients with sessions start a packet announcing
 /// 16 MiB of content, send a few bytes of it, then a byte a second. At
 /// 128 KiB pieces eight of them would hold the whole budget, and with a long
-/// `--header-timeout` hold it for minutes; pieces are each connection's share
-/// (16 KiB), so meanwhile a fresh client registers and uploads 5,000 bytes
-/// and ~500 KB, both stored byte-identical. Its reads give up after 30 s
+/// `--header-timeout` hold it for minutes. Half the budget is kept as an
+/// 8 KiB share for each connection: four tricklers take the open half in
+/// 128 KiB pieces, the others a share each, so meanwhile a fresh client
+/// registers and uploads 5,000 bytes and ~500 KB (in shares), both stored
+/// byte-identical. Its reads give up after 30 s
 /// (a hang guard: the tricklers' pieces would be held for 2 minutes).
 #[test]
 fn tricklers_cannot_hold_a_tight_memory_budget() {
@@ -253,7 +255,7 @@ fn tricklers_cannot_hold_a_tight_memory_budget() {
     }
     stop.store(true, Ordering::Relaxed);
     trickler.join().unwrap();
-    server.wait_for_log("file content is read in pieces of 16384 bytes", IO_TIMEOUT);
+    server.wait_for_log("then in pieces of 8192 bytes", IO_TIMEOUT);
     drop(tricklers);
 }
 

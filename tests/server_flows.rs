@@ -917,15 +917,16 @@ fn large_uploads_written_direct_are_stored_byte_identical() {
     }
 }
 
-/// A budget too tight for the direct writer's buffers beside a content
-/// piece per connection: 3 MiB + 12 KiB of buffers plus 64 KiB, with 256
-/// connections. An upload crosses 8 MiB in a packet of 32 bytes, with
-/// nothing else in flight: were its buffers granted then, the 64 KiB left
-/// could never hold the 128 KiB piece its next packet needs, and it would
-/// wait for itself. Pieces are each connection's share here and no upload
-/// writes direct, so the 12 MiB upload is stored byte-identical (the
-/// client's read of its 1603 gives up after 30 s: a hang guard). The pauses
-/// only let each packet reach the worker alone.
+/// A budget too tight for the direct writer's buffers beside the share kept
+/// for every connection's piece: 3 MiB + 12 KiB of buffers plus 64 KiB, with
+/// 256 connections. An upload crosses 8 MiB in a packet of 32 bytes, with
+/// nothing else in flight: were its buffers granted then from the whole
+/// budget, the 64 KiB left could never hold the 128 KiB piece its next
+/// packet needs, and it would wait for itself. Direct buffers come from the
+/// budget's open part only, which cannot hold them here: no upload writes
+/// direct, and the 12 MiB upload is stored byte-identical (the client's read
+/// of its 1603 gives up after 30 s: a hang guard). The pauses only let each
+/// packet reach the worker alone.
 #[test]
 fn a_budget_too_tight_for_direct_buffers_beside_the_pieces_cannot_stall_an_upload() {
     const GRANT: usize = 3 * (MIB + 4096);

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::admission::RateLimiter;
-use crate::budget::{Budget, Piece};
+use crate::budget::{Budget, Piece, CONTENT_PIECE};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::ClientId;
@@ -117,17 +117,18 @@ impl<J: JobSink> Core<J> {
         }
     }
 
-    /// The size of the content pieces: 128 KiB, or each connection's share
-    /// of the budget if smaller ([`crate::budget::piece_size`]).
+    /// The size of the content pieces asked for: [`CONTENT_PIECE`], or the
+    /// whole budget if smaller (the budget may grant less, see `grant_piece`).
     pub fn piece_size(&self) -> usize {
-        self.budget.piece()
+        CONTENT_PIECE.min(self.budget.limit()).max(1)
     }
 
-    /// A buffer of `len` bytes paid for by the budget, or None when the budget
-    /// cannot hold it now.
+    /// A buffer of up to `len` bytes paid for by the budget: all of them while
+    /// the budget's open part holds them, else a connection's share
+    /// (`Budget::try_grant_piece`); None when the budget cannot hold that now.
     pub fn grant_piece(&mut self, len: usize) -> Option<Piece> {
-        let grant = self.budget.try_grant(len)?;
-        let buf = self.take_buffer(len);
+        let grant = self.budget.try_grant_piece(len)?;
+        let buf = self.take_buffer(grant.bytes());
         Some(Piece::new(buf, grant))
     }
 

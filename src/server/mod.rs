@@ -82,8 +82,8 @@ const SIGNALS: Token = Token(usize::MAX - 3);
 /// Content pieces of one connection that may be at the worker at once: the
 /// loop reads the next piece while the worker decrypts the last ones.
 pub const PIPELINE_DEPTH: usize = 4;
-/// The largest content piece (smaller when the budget is tight, see
-/// [`crate::budget::piece_size`]).
+/// The largest content piece (a share of the budget is smaller when it is
+/// tight, see [`crate::budget::Budget::try_grant_piece`]).
 pub use crate::budget::CONTENT_PIECE;
 /// After a failed accept (out of descriptors), accepting is retried this soon
 /// even if no new connection arrives.

@@ -137,7 +137,7 @@ impl Server {
 /// The flags that must hold together before anything starts.
 fn check_flags(cfg: &Config) -> Result<(), StartError> {
     // Content is read in pieces of at most CONTENT_PIECE bytes and at least
-    // MIN_PIECE (budget::piece_size) and control frames do not use the
+    // MIN_PIECE (budget::share) and control frames do not use the
     // budget: any budget of at least one smallest piece serves every frame.
     if cfg.memory_budget < MIN_PIECE as u64 {
         return Err(StartError::Setup(format!(
@@ -157,24 +157,26 @@ fn check_flags(cfg: &Config) -> Result<(), StartError> {
     Ok(())
 }
 
-/// How the memory budget is shared, when it is tight: the piece size when
-/// the budget made it smaller than [`CONTENT_PIECE`], and a warning when
-/// even the smallest pieces for every connection do not fit (fewer
+/// How the memory budget is shared, when it is tight: the share kept for
+/// each connection when it is smaller than [`CONTENT_PIECE`], and a warning
+/// when even the smallest shares for every connection do not fit (fewer
 /// connections than the table holds could then hold all of it by trickling).
 fn log_budget(budget: &Budget, connections: usize) {
-    let (limit, piece) = (budget.limit(), budget.piece());
-    if piece < CONTENT_PIECE {
+    let (limit, share) = (budget.limit(), budget.share());
+    if share < CONTENT_PIECE {
         log::info!(
-            "file content is read in pieces of {piece} bytes: --memory-budget ({limit}) shared by \
-             --max-connections ({connections})"
+            "file content is read in pieces of up to {CONTENT_PIECE} bytes from the first {} bytes of \
+             --memory-budget ({limit}), then in pieces of {share} bytes: a share kept for each of \
+             --max-connections ({connections})",
+            budget.open()
         );
     }
-    if piece.saturating_mul(connections) > limit {
+    if share.saturating_mul(connections) > limit {
         log::warn!(
             "--memory-budget ({limit}) is less than --max-connections ({connections}) x {MIN_PIECE} bytes: \
              {} connections trickling file content could hold all of it; raise --memory-budget to at \
              least {} or lower --max-connections",
-            limit / piece,
+            limit / share,
             connections.saturating_mul(MIN_PIECE)
         );
     }

@@ -7,10 +7,10 @@
 //! fills one chunk buffer ([`ChunkBuf`]) while the writer thread
 //! ([`run_writer`]) writes the ones before (up to two queued, so that it
 //! never waits for the next). Bounded: at most [`MAX_DIRECT`] uploads write
-//! direct at once, each with [`BUFFERS`] buffers paid for by the memory budget,
-//! and no more than the budget holds beside a content piece for every
-//! connection (`Budget::beside_pieces`: none when the budget is tight, so
-//! direct buffers never starve the pieces their own uploads need); the
+//! direct at once, each with [`BUFFERS`] buffers paid for by the memory budget
+//! out of its open part only (`Budget::try_grant_open`: never the share kept
+//! for each connection's piece, so direct buffers cannot starve the pieces,
+//! their own upload's included); the
 //! others, and every upload on a filesystem that refuses `O_DIRECT`, stay on
 //! the page-cache path to their end.
 //!
@@ -128,7 +128,7 @@ pub(super) struct DirectWrites {
     chunks: Sender<Chunk>,
     live: Arc<AtomicUsize>,
     /// Uploads that may write direct at once: [`MAX_DIRECT`], or fewer when
-    /// the budget beside the connections' pieces holds fewer [`GRANT`]s.
+    /// the budget's open part holds fewer [`GRANT`]s.
     places: usize,
     /// The memory budget, which pays for the chunk buffers.
     budget: Budget,
@@ -136,11 +136,11 @@ pub(super) struct DirectWrites {
 
 impl DirectWrites {
     pub(super) fn new(chunks: Sender<Chunk>, budget: Budget) -> DirectWrites {
-        let places = MAX_DIRECT.min(budget.beside_pieces() / GRANT);
+        let places = MAX_DIRECT.min(budget.open() / GRANT);
         if places < MAX_DIRECT {
             log::info!(
                 "worker: the memory budget leaves room for {places} upload(s) writing direct at once \
-                 (of {MAX_DIRECT}; each takes {GRANT} bytes beside a content piece per connection)"
+                 (of {MAX_DIRECT}; each takes {GRANT} bytes of the budget's first-come part)"
             );
         }
         DirectWrites { chunks, live: Arc::new(AtomicUsize::new(0)), places, budget }
@@ -311,7 +311,7 @@ impl TempSink {
             );
             return Mode::CachedToEnd;
         };
-        let Some(grant) = direct.budget.try_grant(GRANT) else {
+        let Some(grant) = direct.budget.try_grant_open(GRANT) else {
             log::debug!("worker: no room in the memory budget to write direct; through the page cache");
             return Mode::CachedToEnd;
         };
