@@ -163,18 +163,23 @@ fn check_flags(cfg: &Config) -> Result<(), StartError> {
 /// connections than the table holds could then hold all of it by trickling).
 fn log_budget(budget: &Budget, connections: usize) {
     let (limit, share) = (budget.limit(), budget.share());
-    if share < CONTENT_PIECE {
+    let open = budget.open();
+    if share < CONTENT_PIECE && open > 0 {
         log::info!(
-            "file content is read in pieces of up to {CONTENT_PIECE} bytes from the first {} bytes of \
+            "file content is read in pieces of up to {CONTENT_PIECE} bytes from the first {open} bytes of \
              --memory-budget ({limit}), then in pieces of {share} bytes: a share kept for each of \
-             --max-connections ({connections})",
-            budget.open()
+             --max-connections ({connections})"
+        );
+    } else if share < CONTENT_PIECE {
+        log::info!(
+            "file content is read in pieces of {share} bytes: --memory-budget ({limit}) is all kept as a \
+             share for each of --max-connections ({connections})"
         );
     }
     if share.saturating_mul(connections) > limit {
         log::warn!(
             "--memory-budget ({limit}) is less than --max-connections ({connections}) x {MIN_PIECE} bytes: \
-             {} connections trickling file content could hold all of it; raise --memory-budget to at \
+             {} connection(s) trickling file content could hold all of it; raise --memory-budget to at \
              least {} or lower --max-connections",
             limit / share,
             connections.saturating_mul(MIN_PIECE)
