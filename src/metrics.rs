@@ -537,7 +537,7 @@ mod tests {
         m.verified_at("al\"ice\n", 1_700_000_000);
         m.client_usage("bob", 4096, 3);
         let dir = tempfile::tempdir().unwrap();
-        let text = m.render(&Budget::new(1024), dir.path(), 10, 7);
+        let text = m.render(&Budget::new(1024, 1), dir.path(), 10, 7);
         for want in [
             "backupd_connections_accepted_total 3",
             "backupd_connections_refused_total{reason=\"table_full\"} 1",
@@ -570,7 +570,7 @@ mod tests {
             m.verified_at(&format!("c{i}"), 100 + i);
         }
         let dir = tempfile::tempdir().unwrap();
-        let text = m.render(&Budget::new(1), dir.path(), 2, 0);
+        let text = m.render(&Budget::new(1, 1), dir.path(), 2, 0);
         assert!(text.contains("client=\"c0\"") && text.contains("client=\"c1\""));
         assert!(!text.contains("client=\"c4\""));
     }

@@ -130,6 +130,26 @@ fn announced_packet(id: &ClientId, payload: u32, orig: u32, number: u16, total: 
     v
 }
 
+/// A thread that writes one byte a second to each stream, until the flag is
+/// set or `longest` has passed.
+fn trickle_each_second(
+    streams: Vec<TcpStream>,
+    longest: Duration,
+) -> (Arc<AtomicBool>, thread::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let trickler = thread::spawn(move || {
+        let end = Instant::now() + longest;
+        while !stop2.load(Ordering::Relaxed) && Instant::now() < end {
+            for mut s in &streams {
+                let _ = s.write(&[0]);
+            }
+            thread::sleep(Duration::from_secs(1));
+        }
+    });
+    (stop, trickler)
+}
+
 /// Log lines that mention `what`.
 fn lines_with(log: &str, what: &str) -> usize {
     log.lines().filter(|l| l.contains(what)).count()
@@ -166,22 +186,12 @@ fn announced_16_mib_packets_reserve_nothing_and_trickling_strangers_are_closed()
         members.push(c);
     }
     // One byte a second from each of them while the legitimate client works.
-    let stop = Arc::new(AtomicBool::new(false));
     let trickle: Vec<TcpStream> = strangers
         .iter()
         .map(|s| s.try_clone().unwrap())
         .chain(members.iter().map(|c| c.stream().try_clone().unwrap()))
         .collect();
-    let stop2 = stop.clone();
-    let trickler = thread::spawn(move || {
-        let end = Instant::now() + Duration::from_secs(10);
-        while !stop2.load(Ordering::Relaxed) && Instant::now() < end {
-            for mut s in &trickle {
-                let _ = s.write(&[0]);
-            }
-            thread::sleep(Duration::from_secs(1));
-        }
-    });
+    let (stop, trickler) = trickle_each_second(trickle, Duration::from_secs(10));
     thread::sleep(Duration::from_millis(500));
     let mut peak = rss(server.pid());
     legit(&server, "during-big-announcements");
@@ -198,6 +208,55 @@ fn announced_16_mib_packets_reserve_nothing_and_trickling_strangers_are_closed()
     assert!(peak < 32 << 20, "server RSS reached {} KiB: announced sizes took memory", peak / 1024);
     server.wait_for_log("no session within --login-timeout", IO_TIMEOUT);
     legit(&server, "after-big-announcements");
+}
+
+/// A tight budget (1 MiB with `--max-connections 64`, under the default's
+/// 128 KiB x 256): twelve clients with sessions start a packet announcing
+/// 16 MiB of content, send a few bytes of it, then a byte a second. At
+/// 128 KiB pieces eight of them would hold the whole budget, and with a long
+/// `--header-timeout` hold it for minutes. Half the budget is kept as an
+/// 8 KiB share for each connection: four tricklers take the open half in
+/// 128 KiB pieces, the others a share each, so meanwhile a fresh client
+/// registers and uploads 5,000 bytes and ~500 KB (in shares), both stored
+/// byte-identical. Its reads give up after 30 s
+/// (a hang guard: the tricklers' pieces would be held for 2 minutes).
+#[test]
+fn tricklers_cannot_hold_a_tight_memory_budget() {
+    const TRICKLERS: usize = 12;
+    let args = ["--memory-budget", "1MiB", "--max-connections", "64", "--header-timeout", "120s"];
+    let server = TestServer::start(&args);
+    let addr = server.addr();
+    let mut tricklers: Vec<Client> = Vec::new();
+    for i in 0..TRICKLERS {
+        let (mut c, id) = server.registered_client(&format!("trickler-{i}"));
+        let mut start = announced_packet(&id, 16 << 20, 32 << 20, 1, 3, "big.bin");
+        start.extend_from_slice(&[0u8; 10]);
+        c.send_raw(&start).unwrap();
+        tricklers.push(c);
+    }
+    let trickle: Vec<TcpStream> = tricklers.iter().map(|c| c.stream().try_clone().unwrap()).collect();
+    let (stop, trickler) = trickle_each_second(trickle, Duration::from_secs(90));
+    // Their pieces granted (or queued for) before the fresh client starts.
+    thread::sleep(Duration::from_secs(1));
+    let patient = ClientOptions { read_timeout: Duration::from_secs(30), ..quick() };
+    let mut c = Client::connect(addr, &patient).unwrap();
+    let id = c.register("beside-tricklers").unwrap();
+    c.send_public_key("beside-tricklers", test_key()).unwrap();
+    for (name, len) in [("small.bin", FILE_LEN), ("larger.bin", 500_000)] {
+        let data = pseudo_random(len, len as u64);
+        let up = c.upload_bytes(name, &data, &UploadOptions::default());
+        let up = up.unwrap_or_else(|e| panic!("{name}: {e}; log tail:\n{}", tail(&server.log_text(), 40)));
+        assert!(up.cksum_matches(), "{name}: {up:?}");
+        c.crc_ok(name).unwrap();
+        assert!(
+            std::fs::read(server.stored_path(&id, name)).unwrap() == data,
+            "{name} stored with other bytes"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    trickler.join().unwrap();
+    server.wait_for_log("then in pieces of 8192 bytes", IO_TIMEOUT);
+    drop(tricklers);
 }
 
 // ---------------------------------------------------------------------------
@@ -887,13 +946,15 @@ fn peer_names_are_escaped_in_the_log() {
     assert!(log.contains("\\u{1b}[2Jcleared"), "ESC not shown escaped:\n{log}");
 }
 
-/// Eight slow uploaders hold every content piece of a 1 MiB budget and a
-/// ninth waits for one; meanwhile 1025, 1026, 1027, 1029, 1030 and 1031 of
+/// Eight slow uploaders hold every content piece of a 32 KiB budget (under
+/// `--max-connections` x 4 KiB, so its pieces are the 4 KiB floor and eight
+/// connections fill it: the one way left to fill a budget by trickling) and
+/// a ninth waits for one; meanwhile 1025, 1026, 1027, 1029, 1030 and 1031 of
 /// other connections are answered. Once the slow ones go, the ninth gets its
 /// 1603 and the legitimate client uploads.
 #[test]
 fn control_frames_are_answered_while_the_budget_is_full() {
-    let server = TestServer::start(&["--memory-budget", "1MiB"]);
+    let server = TestServer::start(&["--memory-budget", "32KiB"]);
     let addr = server.addr();
     let mut slow = Vec::new();
     for i in 0..8 {

@@ -917,6 +917,43 @@ fn large_uploads_written_direct_are_stored_byte_identical() {
     }
 }
 
+/// A budget too tight for the direct writer's buffers beside the share kept
+/// for every connection's piece: 3 MiB + 12 KiB of buffers plus 64 KiB, with
+/// 256 connections. An upload crosses 8 MiB in a packet of 32 bytes, with
+/// nothing else in flight: were its buffers granted then from the whole
+/// budget, the 64 KiB left could never hold the 128 KiB piece its next
+/// packet needs, and it would wait for itself. Direct buffers come from the
+/// budget's open part only, which cannot hold them here: no upload writes
+/// direct, and the 12 MiB upload is stored byte-identical (the client's read
+/// of its 1603 gives up after 30 s: a hang guard). The pauses only let each
+/// packet reach the worker alone.
+#[test]
+fn a_budget_too_tight_for_direct_buffers_beside_the_pieces_cannot_stall_an_upload() {
+    const GRANT: usize = 3 * (MIB + 4096);
+    let budget = (GRANT + 64 * 1024).to_string();
+    let server = TestServer::start(&["--memory-budget", &budget]);
+    let (mut c, id) = server.registered_client("tight");
+    let key = *c.aes_key().expect("session key");
+    let name = name_field_raw(b"tight.bin");
+    let data = pseudo_random(12 * MIB, 900);
+    let ct = crypto::encrypt_all(&key, &data);
+    let parts = [&ct[..8 * MIB], &ct[8 * MIB..8 * MIB + 32], &ct[8 * MIB + 32..]];
+    for (i, part) in parts.iter().enumerate() {
+        c.send_raw(&packet_frame(&id, part.len() as u32, data.len() as u32, i as u16 + 1, 3, &name, part))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    match c.read_response() {
+        Ok(Response::FileReceived { cksum, .. }) => assert_eq!(cksum, crypto::cksum(&data)),
+        other => panic!("expected 1603, got {other:?}; log tail:\n{}", server.log_text()),
+    }
+    c.crc_ok("tight.bin").unwrap();
+    assert!(std::fs::read(server.stored_path(&id, "tight.bin")).unwrap() == data, "stored with other bytes");
+    let log = server.log_text();
+    assert!(log.contains("leaves room for 0 upload(s) writing direct"), "{log}");
+    assert!(log.contains("no room in the memory budget to write direct"), "{log}");
+}
+
 /// Wait (20 s at most) until `tmp` holds `n` temp files of 9 MiB or more:
 /// `n` uploads past their first 8 MiB and their first direct chunk.
 fn past_9_mib(tmp: &std::path::Path, n: usize) -> bool {

@@ -82,7 +82,7 @@ pub struct Config {
     #[arg(long, env = "BACKUPD_MAX_FILE_SIZE", default_value = "4294967295", value_parser = parse_size)]
     pub max_file_size: u64,
 
-    /// Packet bytes in flight between the network and the disk (incl. 3 MiB per large upload written direct, at most 4); over it the server stops reading sockets
+    /// File content in flight between the network and the disk, read in pieces of up to 128 KiB; a share of it is kept for each of --max-connections (128 KiB, or half of this / --max-connections if smaller, at least 4 KiB) so that connections that trickle cannot hold it all; plus 3 MiB per large upload written direct (at most 4, from the part not kept); over it the server stops reading file content
     #[arg(long, env = "BACKUPD_MEMORY_BUDGET", default_value = "64MiB", value_parser = parse_size)]
     pub memory_budget: u64,
 

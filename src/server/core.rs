@@ -7,8 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::admission::{DecryptFailures, RateLimiter};
-use super::CONTENT_PIECE;
-use crate::budget::{Budget, Piece};
+use crate::budget::{Budget, Piece, CONTENT_PIECE};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::ClientId;
@@ -170,7 +169,8 @@ pub struct Core<J: JobSink = Jobs> {
 impl<J: JobSink> Core<J> {
     /// `next_upload`: the first upload id (ids must not repeat across restarts).
     pub fn new(cfg: Arc<Config>, registry: Registry, jobs: J, next_upload: u64) -> Core<J> {
-        let budget = Budget::new(cfg.memory_budget as usize);
+        let budget =
+            Budget::new(usize::try_from(cfg.memory_budget).unwrap_or(usize::MAX), cfg.max_connections);
         let registrations = RateLimiter::new(cfg.registration_rate, cfg.registration_burst as f64);
         let session_keys = RateLimiter::new(cfg.session_rate, cfg.session_burst as f64);
         let metrics = Arc::new(Metrics::new());
@@ -190,16 +190,18 @@ impl<J: JobSink> Core<J> {
         }
     }
 
-    /// The size of the content pieces: [`CONTENT_PIECE`], or the whole budget if smaller.
+    /// The size of the content pieces asked for: [`CONTENT_PIECE`], or the
+    /// whole budget if smaller (the budget may grant less, see `grant_piece`).
     pub fn piece_size(&self) -> usize {
         CONTENT_PIECE.min(self.budget.limit()).max(1)
     }
 
-    /// A buffer of `len` bytes paid for by the budget, or None when the budget
-    /// cannot hold it now.
+    /// A buffer of up to `len` bytes paid for by the budget: all of them while
+    /// the budget's open part holds them, else a connection's share
+    /// (`Budget::try_grant_piece`); None when the budget cannot hold that now.
     pub fn grant_piece(&mut self, len: usize) -> Option<Piece> {
-        let grant = self.budget.try_grant(len)?;
-        let buf = self.take_buffer(len);
+        let grant = self.budget.try_grant_piece(len)?;
+        let buf = self.take_buffer(grant.bytes());
         Some(Piece::new(buf, grant))
     }
 

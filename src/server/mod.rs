@@ -82,11 +82,9 @@ const SIGNALS: Token = Token(usize::MAX - 3);
 /// Content pieces of one connection that may be at the worker at once: the
 /// loop reads the next piece while the worker decrypts the last ones.
 pub const PIPELINE_DEPTH: usize = 4;
-/// File content is read and handed to the worker in pieces of at most this
-/// many bytes, each granted by the memory budget just before it is read: what
-/// a connection can hold without sending the bytes. Fits L2 with the worker's
-/// decrypt pass (see `worker::CACHE_PIECE`).
-pub const CONTENT_PIECE: usize = 128 * 1024;
+/// The largest content piece (a share of the budget is smaller when it is
+/// tight, see [`crate::budget::Budget::try_grant_piece`]).
+pub use crate::budget::CONTENT_PIECE;
 /// After a failed accept (out of descriptors), accepting is retried this soon
 /// even if no new connection arrives.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);

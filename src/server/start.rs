@@ -18,6 +18,7 @@ use super::admission::PerAddress;
 use super::{
     notify, ClientEntry, Core, LoopWaker, Registry, Server, LISTENER, LISTEN_BACKLOG, SIGNALS, WAKER,
 };
+use crate::budget::{Budget, CONTENT_PIECE, MIN_PIECE};
 use crate::config::Config;
 use crate::protocol::ClientId;
 use crate::worker::db::ClientRecord;
@@ -96,6 +97,7 @@ impl Server {
         for e in core.registry.by_id.values() {
             core.metrics.client_usage(&e.name, e.usage.bytes, e.usage.files);
         }
+        log_budget(&core.budget, cfg.max_connections);
         let metrics_writer = start_metrics_writer(&cfg, &core)?;
         let mut worker = opened.worker;
         worker.set_metrics(core.metrics.clone());
@@ -134,12 +136,12 @@ impl Server {
 
 /// The flags that must hold together before anything starts.
 fn check_flags(cfg: &Config) -> Result<(), StartError> {
-    // Content is read in pieces of at most CONTENT_PIECE bytes (or the whole
-    // budget, if smaller) and control frames do not use the budget: any
-    // budget of at least 4 KiB serves every frame.
-    if cfg.memory_budget < 4096 {
+    // Content is read in pieces of at most CONTENT_PIECE bytes and at least
+    // MIN_PIECE (budget::share) and control frames do not use the
+    // budget: any budget of at least one smallest piece serves every frame.
+    if cfg.memory_budget < MIN_PIECE as u64 {
         return Err(StartError::Setup(format!(
-            "--memory-budget ({}) must be at least 4096 bytes",
+            "--memory-budget ({}) must be at least {MIN_PIECE} bytes",
             cfg.memory_budget
         )));
     }
@@ -153,6 +155,36 @@ fn check_flags(cfg: &Config) -> Result<(), StartError> {
         return Err(StartError::Setup("--max-file-size cannot exceed 4294967295 (a 32-bit field)".into()));
     }
     Ok(())
+}
+
+/// How the memory budget is shared, when it is tight: the share kept for
+/// each connection when it is smaller than [`CONTENT_PIECE`], and a warning
+/// when even the smallest shares for every connection do not fit (fewer
+/// connections than the table holds could then hold all of it by trickling).
+fn log_budget(budget: &Budget, connections: usize) {
+    let (limit, share) = (budget.limit(), budget.share());
+    let open = budget.open();
+    if share < CONTENT_PIECE && open > 0 {
+        log::info!(
+            "file content is read in pieces of up to {CONTENT_PIECE} bytes from the first {open} bytes of \
+             --memory-budget ({limit}), then in pieces of {share} bytes: a share kept for each of \
+             --max-connections ({connections})"
+        );
+    } else if share < CONTENT_PIECE {
+        log::info!(
+            "file content is read in pieces of {share} bytes: --memory-budget ({limit}) is all kept as a \
+             share for each of --max-connections ({connections})"
+        );
+    }
+    if share.saturating_mul(connections) > limit {
+        log::warn!(
+            "--memory-budget ({limit}) is less than --max-connections ({connections}) x {MIN_PIECE} bytes: \
+             {} connection(s) trickling file content could hold all of it; raise --memory-budget to at \
+             least {} or lower --max-connections",
+            limit / share,
+            connections.saturating_mul(MIN_PIECE)
+        );
+    }
 }
 
 /// The registry of the clients on record (in the order they registered),

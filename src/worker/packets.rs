@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
@@ -172,7 +172,7 @@ impl Packets {
             waker,
             metrics,
             failed_syncs,
-            direct: DirectWrites { chunks: queue, live: Arc::new(AtomicUsize::new(0)), budget },
+            direct: DirectWrites::new(queue, budget),
             chunks: Some(chunks),
         }
     }

@@ -7,7 +7,10 @@
 //! fills one chunk buffer ([`ChunkBuf`]) while the writer thread
 //! ([`run_writer`]) writes the ones before (up to two queued, so that it
 //! never waits for the next). Bounded: at most [`MAX_DIRECT`] uploads write
-//! direct at once, each with [`BUFFERS`] buffers paid for by the memory budget; the
+//! direct at once, each with [`BUFFERS`] buffers paid for by the memory budget
+//! out of its open part only (`Budget::try_grant_open`: never the share kept
+//! for each connection's piece, so direct buffers cannot starve the pieces,
+//! their own upload's included); the
 //! others, and every upload on a filesystem that refuses `O_DIRECT`, stay on
 //! the page-cache path to their end.
 //!
@@ -71,13 +74,13 @@ impl ChunkBuf {
     }
 }
 
-/// One of the [`MAX_DIRECT`] places of uploads writing direct, held while
-/// the upload does (it bounds their buffers: two each).
+/// One of the places of uploads writing direct ([`DirectWrites::places`]),
+/// held while the upload does (it bounds their buffers: [`BUFFERS`] each).
 struct Slot(Arc<AtomicUsize>);
 
 impl Slot {
-    fn take(live: &Arc<AtomicUsize>) -> Option<Slot> {
-        if live.fetch_add(1, Ordering::AcqRel) >= MAX_DIRECT {
+    fn take(live: &Arc<AtomicUsize>, places: usize) -> Option<Slot> {
+        if live.fetch_add(1, Ordering::AcqRel) >= places {
             live.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
@@ -122,13 +125,27 @@ pub(super) fn run_writer(chunks: Receiver<Chunk>) {
 /// What the packet thread needs to write direct: the writer thread's
 /// queue and the count of uploads doing so.
 pub(super) struct DirectWrites {
-    pub(super) chunks: Sender<Chunk>,
-    pub(super) live: Arc<AtomicUsize>,
+    chunks: Sender<Chunk>,
+    live: Arc<AtomicUsize>,
+    /// Uploads that may write direct at once: [`MAX_DIRECT`], or fewer when
+    /// the budget's open part holds fewer [`GRANT`]s.
+    places: usize,
     /// The memory budget, which pays for the chunk buffers.
-    pub(super) budget: Budget,
+    budget: Budget,
 }
 
 impl DirectWrites {
+    pub(super) fn new(chunks: Sender<Chunk>, budget: Budget) -> DirectWrites {
+        let places = MAX_DIRECT.min(budget.open() / GRANT);
+        if places < MAX_DIRECT {
+            log::info!(
+                "worker: the memory budget leaves room for {places} upload(s) writing direct at once \
+                 (of {MAX_DIRECT}; each takes {GRANT} bytes of the budget's first-come part)"
+            );
+        }
+        DirectWrites { chunks, live: Arc::new(AtomicUsize::new(0)), places, budget }
+    }
+
     /// No upload writes direct (every place taken for good).
     pub(super) fn disable(&self) {
         self.live.store(MAX_DIRECT << 16, Ordering::Release);
@@ -283,13 +300,18 @@ impl TempSink {
     /// At [`DIRECT_FROM`]: direct from here if a place is free and the
     /// filesystem takes `O_DIRECT`.
     fn go_direct(&self, direct: &DirectWrites) -> Mode {
-        let Some(slot) = Slot::take(&direct.live) else {
+        if direct.places == 0 {
+            log::debug!("worker: no room in the memory budget to write direct; through the page cache");
+            return Mode::CachedToEnd;
+        }
+        let Some(slot) = Slot::take(&direct.live, direct.places) else {
             log::debug!(
-                "worker: {MAX_DIRECT} uploads write direct already; this one goes on through the page cache"
+                "worker: {} uploads write direct already; this one goes on through the page cache",
+                direct.places
             );
             return Mode::CachedToEnd;
         };
-        let Some(grant) = direct.budget.try_grant(GRANT) else {
+        let Some(grant) = direct.budget.try_grant_open(GRANT) else {
             log::debug!("worker: no room in the memory budget to write direct; through the page cache");
             return Mode::CachedToEnd;
         };
@@ -372,10 +394,14 @@ mod tests {
     #[test]
     fn at_most_max_direct_places_and_a_dropped_one_is_free_again() {
         let live = Arc::new(AtomicUsize::new(0));
-        let places: Vec<Slot> = (0..MAX_DIRECT).map(|_| Slot::take(&live).expect("a place")).collect();
-        assert!(Slot::take(&live).is_none());
+        let places: Vec<Slot> =
+            (0..MAX_DIRECT).map(|_| Slot::take(&live, MAX_DIRECT).expect("a place")).collect();
+        assert!(Slot::take(&live, MAX_DIRECT).is_none());
         drop(places);
         assert_eq!(live.load(Ordering::Acquire), 0);
-        assert!(Slot::take(&live).is_some());
+        let one = Slot::take(&live, MAX_DIRECT).expect("a place again");
+        assert!(Slot::take(&live, 1).is_none(), "fewer places when the budget holds fewer");
+        drop(one);
+        assert!(Slot::take(&live, 0).is_none(), "no place at all");
     }
 }
