@@ -105,6 +105,15 @@ fn clients_and_files_in_text_and_json_while_the_server_runs() {
     let first: Vec<&std::ffi::OsStr> = vec!["--data-dir".as_ref(), data.as_os_str(), "clients".as_ref()];
     let r = admin_env(&first, &[]);
     assert_eq!((r.code, &r.stdout), (0, &text), "backupd --data-dir D clients: {r:?}");
+    // ... and a value that is a subcommand's name stays the value: the data
+    // directory "reset-key" (a link to this one), listed by `files`.
+    let cwd = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&data, cwd.path().join("reset-key")).unwrap();
+    let tricky: Vec<&std::ffi::OsStr> =
+        ["--data-dir", "reset-key", "files", "alice", "--json"].iter().map(std::ffi::OsStr::new).collect();
+    let r = run_admin_in(Some(cwd.path()), &tricky, &[], ADMIN_TIMEOUT);
+    assert_eq!(r.code, 0, "backupd --data-dir reset-key files alice: {r:?}");
+    assert_eq!(json(&r.stdout).arr().len(), 3, "{r:?}");
     let alice_line = text.lines().find(|l| l.contains("alice")).expect("alice listed");
     assert!(alice_line.starts_with(&id_hex(&f.alice)), "{alice_line}");
     let stored: u64 = f.files.values().map(|d| d.len() as u64).sum::<u64>() + f.doc_v1.len() as u64;

@@ -29,7 +29,6 @@ pub mod verify;
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
@@ -98,13 +97,12 @@ impl Cli {
     pub fn parse_args(args: Vec<OsString>) -> Cli {
         match Cli::try_parse_from(&args) {
             Ok(cli) => cli,
-            Err(e) => {
-                let retry = (e.kind() == ErrorKind::ArgumentConflict)
-                    .then(|| subcommand_first(&args))
-                    .flatten()
-                    .and_then(|a| Cli::try_parse_from(a).ok());
-                retry.unwrap_or_else(|| e.exit())
-            }
+            // The subcommand's own error when the options were its (for
+            // `backupd --json --data-dir D clients` too): it names what is wrong.
+            Err(e) => match subcommand_first(&args) {
+                Some(moved) => Cli::try_parse_from(moved).unwrap_or_else(|e| e.exit()),
+                None => e.exit(),
+            },
         }
     }
 
@@ -118,12 +116,38 @@ impl Cli {
     }
 }
 
-/// `args` with its first subcommand name moved before the options, if one
-/// comes after them.
+/// `args` with its subcommand moved before the options, when it comes after
+/// options only. The words before it must all be options or their values
+/// (`--data-dir files` is the folder "files", not the subcommand); a value is
+/// skipped for any option that takes one anywhere in the command line's
+/// grammar. None when no subcommand follows options that way.
 fn subcommand_first(args: &[OsString]) -> Option<Vec<OsString>> {
     let cmd = <Cli as clap::CommandFactory>::command();
     let names: Vec<&str> = cmd.get_subcommands().map(|c| c.get_name()).collect();
-    let at = args.iter().skip(2).position(|a| a.to_str().is_some_and(|a| names.contains(&a)))? + 2;
+    let every_arg = cmd.get_arguments().chain(cmd.get_subcommands().flat_map(|c| c.get_arguments()));
+    let valued: Vec<&clap::Arg> = every_arg.filter(|a| a.get_action().takes_values()).collect();
+    let mut i = 1;
+    let at = loop {
+        let word = args.get(i)?.to_str()?;
+        if word == "--" || word == "-" {
+            return None;
+        }
+        let skip_value = if let Some(long) = word.strip_prefix("--") {
+            !long.contains('=') && valued.iter().any(|a| a.get_long() == Some(long))
+        } else if let Some(short) = word.strip_prefix('-') {
+            let mut chars = short.chars();
+            let (c, rest) = (chars.next(), chars.next());
+            rest.is_none() && valued.iter().any(|a| a.get_short() == c)
+        } else if names.contains(&word) {
+            break i;
+        } else {
+            return None;
+        };
+        i += 1 + usize::from(skip_value);
+    };
+    if at == 1 {
+        return None;
+    }
     let mut v = args.to_vec();
     let sub = v.remove(at);
     v.insert(1, sub);
@@ -172,8 +196,16 @@ mod tests {
         assert!(
             matches!(&*cmd, Command::Files(f) if f.versions && f.store.data_dir == std::path::Path::new("d"))
         );
-        assert!(subcommand_first(&args(&["backupd", "--port", "9", "verify"])).is_some());
-        assert!(Cli::try_parse_from(args(&["backupd", "verify", "--port", "9"])).is_err());
+        // A value that is a subcommand's name is the option's value (the
+        // folder "reset-key"), not the subcommand.
+        let moved = subcommand_first(&args(&["backupd", "--data-dir", "reset-key", "files", "s"]));
+        assert_eq!(moved, Some(args(&["backupd", "files", "--data-dir", "reset-key", "s"])));
+        let moved = subcommand_first(&args(&["backupd", "--db", "verify", "-q", "--to=x", "clients"]));
+        assert_eq!(moved, Some(args(&["backupd", "clients", "--db", "verify", "-q", "--to=x"])));
+        assert_eq!(subcommand_first(&args(&["backupd", "--data-dir", "verify"])), None);
+        assert_eq!(subcommand_first(&args(&["backupd", "--data-dir", "d", "bogus", "files"])), None);
+        assert_eq!(subcommand_first(&args(&["backupd", "files", "--data-dir", "d"])), None);
+        assert_eq!(subcommand_first(&args(&["backupd", "--", "files"])), None);
         // Usage errors are clap's (exit 2).
         assert!(Cli::try_parse_from(["backupd", "restore", "alice"]).is_err());
         assert!(Cli::try_parse_from([

@@ -451,7 +451,20 @@ impl std::fmt::Debug for AdminRun {
 /// Run `backupd ARGS` with exactly the BACKUPD_* and AWS_* variables in
 /// `env` (none from outside); killed (and the test failed) past `timeout`.
 pub fn run_admin(args: &[&std::ffi::OsStr], env: &[(&str, &Path)], timeout: Duration) -> AdminRun {
+    run_admin_in(None, args, env, timeout)
+}
+
+/// [`run_admin`] in the working directory `cwd` (None: the test's own).
+pub fn run_admin_in(
+    cwd: Option<&Path>,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &Path)],
+    timeout: Duration,
+) -> AdminRun {
     let mut cmd = Command::new(server_bin());
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
     for (k, _) in std::env::vars_os() {
         let name = k.to_string_lossy();
         if name.starts_with("BACKUPD_") || name.starts_with("AWS_") {
