@@ -301,6 +301,20 @@ fn restore_of_a_folder_recreates_nested_paths() {
     admin_ok(&data, &["verify", "alice"], 0);
 }
 
+/// A stored name may have components of up to 250 bytes: restore writes
+/// them (its temp file's name must stay within the 255 bytes of a name).
+#[test]
+fn restore_writes_the_longest_names_the_server_stores() {
+    let f = fixture();
+    let long = "\u{e9}".repeat(125); // 250 bytes of UTF-8
+    let mut c = f.server.connect();
+    c.reconnect(f.alice, "alice", test_key()).unwrap();
+    send(&mut c, &long, b"long name");
+    let out = f.server.temp_dir().join("out");
+    admin_ok(&f.server.data_dir(), &["restore", "alice", &long, "--to", out.to_str().unwrap()], 0);
+    assert_eq!(std::fs::read(out.join(&long)).unwrap(), b"long name");
+}
+
 #[test]
 fn verify_finds_a_flipped_byte_a_missing_file_an_unreadable_one_and_a_stray() {
     let f = fixture();

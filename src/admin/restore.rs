@@ -125,7 +125,14 @@ fn write_copy(store: &Store, f: &FileInfo, c: &Copy, dest: &Path) -> Result<u64,
     let parent = dest.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", shown_path(parent)))?;
     let base = dest.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
-    let temp = parent.join(format!(".{base}.restore-{}", std::process::id()));
+    // The temp name starts like the file's, cut short so that it stays within
+    // the 255 bytes of a file name whatever the file's (a stored name may have
+    // up to 250).
+    let mut cut = base.len().min(96);
+    while !base.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let temp = parent.join(format!(".{}.restore-{}", &base[..cut], std::process::id()));
     let result = (|| {
         let mut out = OpenOptions::new()
             .write(true)
