@@ -347,11 +347,20 @@ macro_rules! peer_log {
 /// quotes and backslashes are written as escapes (`\u{202e}`, `\n`, `\"`).
 pub struct Esc<'a>(pub &'a str);
 
-/// Characters that reorder or hide text without being control characters.
+/// Characters that reorder or hide text without being control characters:
+/// Unicode's default-ignorable code points (shown as nothing: soft hyphen,
+/// zero-width characters, joiners, fillers, variation selectors, tags), the
+/// other format characters (bidi marks, overrides and isolates, prefixed
+/// number signs, interlinear annotation), and the line and paragraph
+/// separators.
 fn is_invisible_format(c: char) -> bool {
     matches!(c,
-        '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}'
-        | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+        '\u{00ad}' | '\u{034f}' | '\u{0600}'..='\u{0605}' | '\u{061c}' | '\u{06dd}' | '\u{070f}'
+        | '\u{0890}'..='\u{0891}' | '\u{08e2}' | '\u{115f}'..='\u{1160}' | '\u{17b4}'..='\u{17b5}'
+        | '\u{180b}'..='\u{180f}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+        | '\u{2060}'..='\u{206f}' | '\u{3164}' | '\u{fe00}'..='\u{fe0f}' | '\u{feff}' | '\u{ffa0}'
+        | '\u{fff0}'..='\u{fffb}' | '\u{110bd}' | '\u{110cd}' | '\u{13430}'..='\u{1343f}'
+        | '\u{1bca0}'..='\u{1bca3}' | '\u{1d173}'..='\u{1d17a}' | '\u{e0000}'..='\u{e0fff}')
 }
 
 impl fmt::Display for Esc<'_> {
@@ -388,6 +397,10 @@ mod tests {
         assert!(!s.chars().any(|c| c.is_control() || is_invisible_format(c)), "{s}");
         assert_eq!(s, "evil\\n2026-01-01 [INFO] forged\\u{202e}txt.exe\\u{2066}\\\"\\\\\\u{7}ok");
         assert_eq!(Esc("été.txt").to_string(), "été.txt");
+        // Invisible in a terminal: soft hyphen, combining grapheme joiner,
+        // Hangul filler, a variation selector, a tag character.
+        let hidden = Esc("al\u{ad}i\u{34f}c\u{3164}e\u{fe0f}\u{e0041}").to_string();
+        assert_eq!(hidden, "al\\u{ad}i\\u{34f}c\\u{3164}e\\u{fe0f}\\u{e0041}");
         assert_eq!(escape_bytes(b"a\xffb"), "a\u{fffd}b");
     }
 

@@ -177,17 +177,17 @@ fn clients_and_files_in_text_and_json_while_the_server_runs() {
 #[test]
 fn names_with_invisible_characters_are_escaped_in_the_human_output_and_exact_in_json() {
     let server = TestServer::start(&[]);
-    let name = "invoice\u{202e}fdp.exe \u{1f469}\u{200d}\u{1f4bb}";
+    let name = "invoice\u{202e}fdp.exe \u{1f469}\u{200d}\u{1f4bb} al\u{ad}ice";
     let file = "notes\u{200d}.txt";
     let (mut c, id) = server.registered_client(name);
     send(&mut c, file, b"first");
     send(&mut c, file, b"second");
     let data = server.data_dir();
-    let raw = |out: &str| out.contains('\u{202e}') || out.contains('\u{200d}');
+    let raw = |out: &str| out.contains(['\u{202e}', '\u{200d}', '\u{ad}']);
 
     let text = admin_ok(&data, &["clients"], 0).stdout;
     assert!(!raw(&text), "{text:?}");
-    assert!(text.contains("invoice\\u{202e}fdp.exe \u{1f469}\\u{200d}\u{1f4bb}"), "{text:?}");
+    assert!(text.contains("invoice\\u{202e}fdp.exe \u{1f469}\\u{200d}\u{1f4bb} al\\u{ad}ice"), "{text:?}");
     let text = admin_ok(&data, &["files", name, "--versions"], 0).stdout;
     assert!(!raw(&text) && text.contains("notes\\u{200d}.txt"), "{text:?}");
     let to = server.temp_dir().join("restored");
