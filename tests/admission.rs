@@ -859,6 +859,23 @@ fn keyless_registrations_are_reclaimed_at_max_clients_oldest_first() {
     assert_eq!(client_names(&server), ["after-reclaims", "idle-1", "newcomer"]);
 }
 
+/// Empty folders left under files/ for a keyless registration (say, after
+/// start-up moved a hand-placed file out to orphans/) are nothing stored: the
+/// registration is reclaimed all the same.
+#[test]
+fn empty_folders_do_not_keep_a_keyless_registration_from_its_reclaim() {
+    let mut server = TestServer::start(&["--max-clients", "1"]);
+    let mut c = client_from(2, server.addr());
+    let idle = c.register("idle").unwrap();
+    drop(c);
+    server.stop();
+    std::fs::create_dir_all(server.files_dir().join(id_hex(&idle)).join("docs").join("old")).unwrap();
+    server.restart();
+    let (mut newcomer, _) = register_when_room(&server, "newcomer");
+    newcomer.send_public_key("newcomer", test_key()).unwrap();
+    server.wait_for_log(&format!("reclaimed client {} \"idle\"", id_hex(&idle)), IO_TIMEOUT);
+}
+
 /// What is never reclaimed at `--max-clients`: a keyless registration whose
 /// connection is still open, a client whose key an operator reset
 /// (`backupd reset-key`) and that has files, and one with a file row from an

@@ -274,6 +274,16 @@ impl Storage {
     }
 }
 
+/// Is there anything below `dir` but folders as empty?
+fn holds_anything(dir: &Dir) -> io::Result<bool> {
+    for (name, meta) in dir.entries()? {
+        if meta.kind != Kind::Dir || holds_anything(&dir.open_dir(&name)?)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// The number of the version whose entry is named `name`, if that is a
 /// version's name: the decimal number as [`Storage::relative_version_path`]
 /// writes it, nothing else. `0123` or `+5` (which a number parser would read
@@ -588,11 +598,22 @@ impl Storage {
         dirty
     }
 
-    /// Does files/ or versions/ have an entry named by client `id` (a
-    /// folder, or anything else: whatever it is, it is not nothing)?
+    /// Does files/ or versions/ hold anything for client `id`: an entry named
+    /// by it that is not a folder, or a folder with anything in it but
+    /// folders as empty (whatever a non-folder is, it is not nothing)?
     pub fn holds_client(&self, id: &ClientId) -> io::Result<bool> {
         let hex = id_hex(id);
-        Ok(self.files.stat(&hex)?.is_some() || self.versions.stat(&hex)?.is_some())
+        for top in [&self.files, &self.versions] {
+            let held = match top.stat(&hex)? {
+                None => false,
+                Some(Meta { kind: Kind::Dir, .. }) => holds_anything(&top.open_dir(&hex)?)?,
+                Some(_) => true,
+            };
+            if held {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// What versions/ holds per client: every regular file below
