@@ -201,6 +201,11 @@ impl Drop for Mounted {
 fn min_free_refuses_an_upload_that_would_leave_too_little() {
     // Anywhere: a --min-free larger than any disk refuses every upload.
     let server = TestServer::start(&["--min-free", "1000TiB"]);
+    // Said once at start, not only in each refusal.
+    server.wait_for_log(
+        "less than --min-free (1099511627776000): every upload is refused",
+        Duration::from_secs(10),
+    );
     let (mut c, _) = server.registered_client("nospace");
     refused_at_packet_1(&mut c, "a.bin", 600);
     server.wait_for_log("would go below --min-free 1099511627776000 bytes", Duration::from_secs(10));

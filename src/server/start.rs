@@ -101,6 +101,7 @@ impl Server {
         let metrics_writer = start_metrics_writer(&cfg, &core)?;
         let mut worker = opened.worker;
         worker.set_metrics(core.metrics.clone());
+        warn_below_min_free(core.metrics.free_bytes(), cfg.min_free);
         let wk: Arc<dyn crate::worker::Wake> = waker.clone();
         let handle = worker
             .spawn(queues, done_tx, wk, core.budget.clone(), spare_descriptors)
@@ -155,6 +156,18 @@ fn check_flags(cfg: &Config) -> Result<(), StartError> {
         return Err(StartError::Setup("--max-file-size cannot exceed 4294967295 (a 32-bit field)".into()));
     }
     Ok(())
+}
+
+/// A data directory's filesystem with less free space than `--min-free`
+/// (a small SD card with the 64 MiB default): every upload would be refused,
+/// so say so at start rather than only in each refusal.
+fn warn_below_min_free(free: Option<u64>, min_free: u64) {
+    if let Some(free) = free.filter(|&f| min_free > 0 && f < min_free) {
+        log::warn!(
+            "the data directory's filesystem has {free} bytes free, less than --min-free ({min_free}): every \
+             upload is refused until space is freed (or --min-free is lowered; 0 turns it off)"
+        );
+    }
 }
 
 /// How the memory budget is shared, when it is tight: the share kept for
