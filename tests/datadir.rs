@@ -111,6 +111,17 @@ fn raw_server_with(cwd: &Path, data: &Path, extra: &[&OsStr]) -> RawServer {
     RawServer::spawn(cwd, &args)
 }
 
+/// A server start with `--data-dir data`, a free port and `extra` that must
+/// be refused: it exits 1 (within a hang guard); its output.
+fn refused_start(data: &Path, extra: &[&OsStr]) -> AdminRun {
+    let mut args: Vec<&OsStr> =
+        vec![OsStr::new("--listen"), OsStr::new("127.0.0.1:0"), OsStr::new("--data-dir"), data.as_os_str()];
+    args.extend(extra);
+    let out = run_admin(&args, &[], Duration::from_secs(20));
+    assert_eq!(out.code, 1, "{out:?}");
+    out
+}
+
 #[test]
 fn a_second_server_on_the_same_directory_exits_1_and_the_first_keeps_its_upload() {
     let mut server = TestServer::start(&[]);
@@ -959,10 +970,7 @@ fn a_data_directory_of_another_user_is_refused_with_what_to_do() {
 fn a_data_directory_in_a_missing_folder_is_refused_not_made() {
     let temp = tempfile::tempdir().unwrap();
     let typo = temp.path().join("bakcupd").join("data");
-    let args =
-        [OsStr::new("--listen"), OsStr::new("127.0.0.1:0"), OsStr::new("--data-dir"), typo.as_os_str()];
-    let out = run_admin(&args, &[], Duration::from_secs(20));
-    assert_eq!(out.code, 1, "{out:?}");
+    let out = refused_start(&typo, &[]);
     assert!(out.stderr.contains("its parent folder does not exist"), "{out:?}");
     assert!(!temp.path().join("bakcupd").exists(), "nothing is created");
 }
@@ -976,10 +984,7 @@ fn a_data_directory_link_to_nowhere_is_named_as_such() {
     let target = temp.path().join("mnt").join("sd").join("backupd");
     let link = temp.path().join("data");
     symlink(&target, &link).unwrap();
-    let args =
-        [OsStr::new("--listen"), OsStr::new("127.0.0.1:0"), OsStr::new("--data-dir"), link.as_os_str()];
-    let out = run_admin(&args, &[], Duration::from_secs(20));
-    assert_eq!(out.code, 1, "{out:?}");
+    let out = refused_start(&link, &[]);
     assert!(out.stderr.contains("is a symbolic link to") && out.stderr.contains("does not exist"), "{out:?}");
     let verify = [OsStr::new("verify"), OsStr::new("--data-dir"), link.as_os_str()];
     let out = run_admin(&verify, &[], Duration::from_secs(20));
@@ -1001,16 +1006,7 @@ fn a_database_lock_file_that_is_a_link_is_never_written_through() {
     symlink(&victim, dbdir.join("backupd.db.lock")).unwrap();
     let data = temp.path().join("data");
     let db = dbdir.join("backupd.db");
-    let args = [
-        OsStr::new("--listen"),
-        OsStr::new("127.0.0.1:0"),
-        OsStr::new("--data-dir"),
-        data.as_os_str(),
-        OsStr::new("--db"),
-        db.as_os_str(),
-    ];
-    let out = run_admin(&args, &[], Duration::from_secs(20));
-    assert_eq!(out.code, 1, "{out:?}");
+    let out = refused_start(&data, &[OsStr::new("--db"), db.as_os_str()]);
     assert!(out.stderr.contains("backupd.db.lock is a symbolic link"), "{out:?}");
     assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
 }
