@@ -104,7 +104,12 @@ fn latency(area: &Area, top: &J) -> Res<()> {
             }
         }
     }
-    let lo = curves.iter().map(|c| c.1[0]).fold(f64::INFINITY, f64::min).max(0.01);
+    // No curve (a run without small files): an empty 0.1-10 ms axis, not an
+    // infinite one (its ticks would take all the memory there is).
+    let lo = match curves.iter().map(|c| c.1[0]).reduce(f64::min) {
+        Some(lo) => lo.max(0.01),
+        None => 0.1,
+    };
     let hi = curves.iter().map(|c| c.1[100]).fold(0.0, f64::max).max(lo * 10.0);
     let mut chart = ChartBuilder::on(area)
         .caption("small-file latency, 1028 -> 1604 (every file of every round)", ("sans-serif", 18))
