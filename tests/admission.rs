@@ -963,7 +963,8 @@ fn peer_names_are_escaped_in_the_log() {
     assert!(log.contains("\\u{1b}[2Jcleared"), "ESC not shown escaped:\n{log}");
 }
 
-/// Eight slow uploaders hold every content piece of a 32 KiB budget (under
+/// Eight slow uploaders (a packet 1 and 10 bytes of its content each) hold
+/// every content piece of a 32 KiB budget (under
 /// `--max-connections` x 4 KiB, so its pieces are the 4 KiB floor and eight
 /// connections fill it: the one way left to fill a budget by trickling) and
 /// a ninth waits for one; meanwhile 1025, 1026, 1027, 1029, 1030 and 1031 of
@@ -976,7 +977,10 @@ fn control_frames_are_answered_while_the_budget_is_full() {
     let mut slow = Vec::new();
     for i in 0..8 {
         let (mut c, id) = server.registered_client(&format!("slow-{i}"));
-        c.send_raw(&announced_packet(&id, 1 << 20, 4 << 20, 1, 4, "slow.bin")).unwrap();
+        // A few bytes of content: a piece is granted once content is there to read.
+        let mut start = announced_packet(&id, 1 << 20, 4 << 20, 1, 4, "slow.bin");
+        start.extend_from_slice(&[0u8; 10]);
+        c.send_raw(&start).unwrap();
         slow.push(c);
     }
     let (mut ninth, id9) = server.registered_client("ninth");

@@ -1096,3 +1096,43 @@ fn small_uploads_wait_without_a_name_at_most_32_and_the_rest_in_tmp() {
     assert!(std::fs::read(named.stored_path(&id, "n.bin")).unwrap() == data);
     assert!(tmp_is_empty(&named));
 }
+
+/// Many uploads and their 1029s in one write, then a half-close: the stream
+/// crosses the loop's 8 KiB read-ahead at every kind of place (inside a
+/// header, fixed fields, content; between frames), small files' packets fit
+/// in one read-ahead and larger ones go straight to their pieces. Every reply
+/// comes in order, every file is stored byte-identical, and the half-close
+/// that arrived with the last bytes is seen (the connection ends).
+#[test]
+fn uploads_in_one_write_across_read_ahead_boundaries() {
+    let server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("ahead");
+    let key = *c.aes_key().unwrap();
+    let sizes = [1usize, 15, 16, 17, 4096, 8191, 8192, 8193, 3000, 20_000, 0, 5000, 12_345, 100];
+    let mut bytes = Vec::new();
+    let mut files = Vec::new();
+    for (i, &len) in sizes.iter().enumerate() {
+        let data = pseudo_random(len, i as u64 + 100);
+        let name = name_field_raw(format!("f{i}.bin").as_bytes());
+        // Packets of 4 KiB + 7 bytes of content: pieces and read-aheads out of step.
+        for p in packet_frames(&id, &key, &name, &data, 4103) {
+            bytes.extend_from_slice(&p);
+        }
+        bytes.extend_from_slice(&frame(&id, Code::CrcOk, &[&name]));
+        files.push((format!("f{i}.bin"), data));
+    }
+    c.send_raw(&bytes).unwrap();
+    c.stream().shutdown(std::net::Shutdown::Write).unwrap();
+    for (name, data) in &files {
+        let Response::FileReceived { cksum, .. } = expect_reply(&mut c, ResponseCode::FileReceived) else {
+            unreachable!()
+        };
+        assert_eq!(cksum, crypto::cksum(data), "{name}");
+        expect_reply(&mut c, ResponseCode::Ack);
+    }
+    for (name, data) in &files {
+        assert_eq!(&std::fs::read(server.stored_path(&id, name)).unwrap(), data, "{name}");
+    }
+    let rest = assert_closed(c.stream(), Duration::from_secs(30));
+    assert!(rest.is_empty(), "bytes after the last reply: {rest:?}");
+}

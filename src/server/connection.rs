@@ -2,16 +2,29 @@
 //! where its read side stands ([`Connection`], [`ReadState`]), around its
 //! place in the protocol ([`Protocol`], `state.rs`, no I/O).
 //!
-//! Reads never take more bytes than the current frame needs: first exactly
-//! the 23 header bytes, then (once the header has been checked) the payload
-//! of a control frame, or the 267 fixed bytes of a file packet. Those are
-//! small (at most 2,303 bytes) and come from the connection's own allowance,
-//! never from the memory budget, so a full budget cannot delay a
-//! registration, a key exchange or a 1029. A file packet's content is then
-//! read one [`Piece`] at a time, each paid for by a grant from the budget
-//! taken just before it is read; the content of a refused packet is read and
-//! dropped. So an announced size reserves nothing: a connection holds at most
-//! one piece being filled plus what the worker has not yet consumed.
+//! Each frame is taken in the order its size is known: first exactly the 23
+//! header bytes, then (once the header has been checked) the payload of a
+//! control frame, or the 267 fixed bytes of a file packet. Those are small
+//! (at most 2,303 bytes) and come from the connection's own allowance, never
+//! from the memory budget, so a full budget cannot delay a registration, a
+//! key exchange or a 1029. A file packet's content is then read one [`Piece`]
+//! at a time, each paid for by a grant from the budget taken just before it
+//! is read; the content of a refused packet is read and dropped. So an
+//! announced size reserves nothing: a connection holds at most one piece
+//! being filled plus what the worker has not yet consumed.
+//!
+//! Where the current frame needs fewer than [`READ_AHEAD`] bytes, the socket
+//! is read [`READ_AHEAD`] bytes at a time into the connection's read-ahead
+//! ([`ReadAhead`]), and the frame takes its bytes from there: a small file's
+//! packet (header, fixed fields and content) or a 1029 is then one `recvfrom`
+//! instead of three, and a read that comes back short tells that the socket
+//! is empty, so the `recvfrom` that would only say so is not made (the next
+//! edge-triggered event says when more has come; once the peer has closed,
+//! reads go on until they return 0). The read-ahead is freed as soon as it
+//! is taken, so it is held only by a connection paused in the middle of what
+//! it read (its pipeline, its replies, the budget for its next piece): at
+//! most [`READ_AHEAD`] bytes more per connection, bytes that the kernel would
+//! otherwise hold. Larger reads (content pieces) go straight to their piece.
 //!
 //! The read state moves by value: a complete frame, piece or drained packet
 //! leaves it and the next state comes back (`Connection::complete`); the
@@ -31,6 +44,76 @@ use crate::worker::ConnRef;
 
 use super::machine::frame_len;
 use super::state::{transition, Protocol};
+
+/// Reads for a frame that needs fewer bytes than this go through the
+/// connection's read-ahead, this many bytes at a time: a 4 KiB file's whole
+/// packet (23 + 267 + 4,112 bytes) in one read.
+pub(super) const READ_AHEAD: usize = 8 * 1024;
+
+/// Bytes read from the socket ahead of the frame that takes them: empty (no
+/// allocation) whenever all have been taken.
+#[derive(Default)]
+struct ReadAhead {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl ReadAhead {
+    fn is_empty(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+
+    /// Move as many bytes as fit into `dst`; 0 when empty.
+    fn give(&mut self, dst: &mut [u8]) -> usize {
+        let n = dst.len().min(self.buf.len() - self.pos);
+        dst[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        if self.is_empty() {
+            *self = ReadAhead::default();
+        }
+        n
+    }
+
+    /// One read of up to [`READ_AHEAD`] bytes (only when empty).
+    fn refill(&mut self, socket: &mut impl Read) -> io::Result<usize> {
+        self.buf.resize(READ_AHEAD, 0);
+        self.pos = 0;
+        let res = socket.read(&mut self.buf);
+        self.buf.truncate(*res.as_ref().unwrap_or(&0));
+        if self.buf.is_empty() {
+            *self = ReadAhead::default();
+        }
+        res
+    }
+}
+
+/// Read toward `dst`: from the read-ahead first; else, unless the socket is
+/// known to be empty (`readable` false), from the socket (through the
+/// read-ahead when `dst` is small). A short read into the read-ahead clears
+/// `readable` unless the peer has closed (`hup`: then reads go on to the 0).
+/// Ok(0): the peer closed.
+fn fill(
+    dst: &mut [u8],
+    ahead: &mut ReadAhead,
+    socket: &mut impl Read,
+    readable: &mut bool,
+    hup: bool,
+) -> io::Result<usize> {
+    if !ahead.is_empty() {
+        return Ok(ahead.give(dst));
+    }
+    if !*readable {
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    if dst.len() >= READ_AHEAD {
+        return socket.read(dst);
+    }
+    let n = ahead.refill(socket)?;
+    if n < READ_AHEAD && !hup {
+        *readable = false;
+    }
+    Ok(ahead.give(dst))
+}
 
 /// Replies waiting to be sent beyond this many bytes pause reading from the
 /// connection: a client that never reads cannot make the server buffer without end.
@@ -129,6 +212,11 @@ pub(super) struct Connection {
     out_pos: usize,
     /// The socket may have unread bytes (edge-triggered readiness).
     pub(super) readable: bool,
+    /// The peer has closed or the socket failed (an event said so): reads go
+    /// on until they return 0 or fail, whatever their length.
+    pub(super) hup: bool,
+    /// Bytes read ahead of the current frame.
+    ahead: ReadAhead,
     pub(super) last_activity: Instant,
     /// Close once the output is flushed (and the peer has closed, or after a grace period).
     pub(super) closing: Option<Instant>,
@@ -169,6 +257,8 @@ impl Connection {
             header_started: None,
             out_pos: 0,
             readable: true,
+            hup: false,
+            ahead: ReadAhead::default(),
             last_activity: now,
             closing: None,
             closing_kind: Closed::Peer,
@@ -261,6 +351,11 @@ impl Connection {
         })
     }
 
+    /// There may be bytes to read: in the socket, or read ahead.
+    pub(super) fn has_input(&self) -> bool {
+        self.readable || !self.ahead.is_empty()
+    }
+
     /// Read toward the current frame. Nothing is read while a content piece
     /// waits for its grant.
     pub(super) fn read_some(&mut self, now: Instant) -> io::Result<ReadOutcome> {
@@ -269,19 +364,19 @@ impl Connection {
             if let Some(done) = self.complete() {
                 return Ok(done);
             }
-            let res = match &mut self.read {
-                ReadState::AwaitHeader => self.socket.read(&mut self.header[self.header_len..]),
-                ReadState::AwaitPayload(f) => self.socket.read(&mut f.payload[f.filled..]),
+            let dst: &mut [u8] = match &mut self.read {
+                ReadState::AwaitHeader => &mut self.header[self.header_len..],
+                ReadState::AwaitPayload(f) => &mut f.payload[f.filled..],
                 ReadState::Content(c) => match &mut c.piece {
                     None => return Ok(ReadOutcome::WouldBlock),
-                    Some(p) => self.socket.read(&mut p.bytes[c.filled..]),
+                    Some(p) => &mut p.bytes[c.filled..],
                 },
                 ReadState::Drain { remaining, .. } => {
                     let n = scratch.len().min(usize::try_from(*remaining).unwrap_or(usize::MAX));
-                    self.socket.read(&mut scratch[..n])
+                    &mut scratch[..n]
                 }
             };
-            match res {
+            match fill(dst, &mut self.ahead, &mut self.socket, &mut self.readable, self.hup) {
                 Ok(0) => return Ok(ReadOutcome::Closed),
                 Ok(n) => {
                     self.last_activity = now;

@@ -66,7 +66,7 @@ impl Server {
             self.close(key, serial, Closed::Shutdown, Some("server shutting down"));
             return false;
         }
-        if !c.readable || !c.proto.may_read() || c.pending_output() > MAX_PENDING_OUTPUT {
+        if !c.has_input() || !c.proto.may_read() || c.pending_output() > MAX_PENDING_OUTPUT {
             return false;
         }
         if frames >= FRAMES_PER_TURN {

@@ -11,7 +11,9 @@
 //! `mio::Waker` wake-up. See docs/ARCHITECTURE.md for the whole lifecycle.
 //!
 //! Readiness is edge-triggered: each connection remembers whether its socket
-//! may still hold unread bytes (`readable`), so a connection paused for the
+//! may still hold unread bytes (`readable`, cleared by a read that would
+//! block or, before the peer has closed, by a short read; see
+//! `connection.rs`) or holds bytes read ahead, so a connection paused for the
 //! memory budget, for a pending reply or for its pipeline depth is resumed
 //! later without a new event. Slab keys are reused, so every job names its
 //! connection by key *and* serial number.
@@ -187,6 +189,9 @@ impl Server {
                         if let Some(c) = self.conns.get_mut(key) {
                             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                                 c.readable = true;
+                            }
+                            if ev.is_read_closed() || ev.is_error() {
+                                c.hup = true;
                             }
                             let serial = c.serial();
                             self.drive(key, serial);
