@@ -800,6 +800,16 @@ fn usage_errors_exit_2() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {:?}\n{stderr}", out.status);
         assert!(stderr.contains("error:"), "{args:?}: {stderr}");
     }
+    // A word that is no subcommand is named as such, after options too
+    // (clap alone said it "cannot be used with '--data-dir'").
+    for args in [&["bogus"][..], &["--data-dir", "d", "bogus"], &["--listen", "127.0.0.1:1", "verfy", "x"]] {
+        let out = backupd_output(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {:?}\n{stderr}", out.status);
+        let word = args.iter().find(|w| ["bogus", "verfy"].contains(w)).unwrap();
+        assert!(stderr.contains(&format!("error: unrecognized subcommand '{word}'")), "{args:?}: {stderr}");
+        assert!(!stderr.contains("cannot be used with"), "{args:?}: {stderr}");
+    }
     // The exit codes are documented in --help.
     let help = String::from_utf8(backupd_output(&["--help"]).stdout).unwrap();
     for code in ["0 ", "1 ", "2 ", "3 ", "130 "] {

@@ -101,7 +101,7 @@ impl Cli {
             // `backupd --json --data-dir D clients` too): it names what is wrong.
             Err(e) => match subcommand_first(&args) {
                 Some(moved) => Cli::try_parse_from(moved).unwrap_or_else(|e| e.exit()),
-                None => e.exit(),
+                None => unknown_subcommand(&args, e).exit(),
             },
         }
     }
@@ -117,17 +117,54 @@ impl Cli {
 }
 
 /// `args` with its subcommand moved before the options, when it comes after
-/// options only. The words before it must all be options or their values
-/// (`--data-dir files` is the folder "files", not the subcommand); a value is
-/// skipped for any option that takes one anywhere in the command line's
-/// grammar. None when no subcommand follows options that way.
+/// options only (see [`word_after_options`]). None when no subcommand
+/// follows options that way.
 fn subcommand_first(args: &[OsString]) -> Option<Vec<OsString>> {
+    let (at, name) = word_after_options(args)?;
+    if at == 1 || !subcommand_names().iter().any(|n| n == name) {
+        return None;
+    }
+    let mut v = args.to_vec();
+    let sub = v.remove(at);
+    v.insert(1, sub);
+    Some(v)
+}
+
+/// For `backupd --data-dir D verfy`: clap reports a word after the
+/// server's options as a subcommand that "cannot be used with" them, even
+/// when no subcommand has that name. The error of that word alone then
+/// (`unrecognized subcommand 'verfy'`, as without the options), which is
+/// what is wrong; `error` otherwise.
+fn unknown_subcommand(args: &[OsString], error: clap::Error) -> clap::Error {
+    if error.kind() != clap::error::ErrorKind::ArgumentConflict {
+        return error;
+    }
+    match word_after_options(args) {
+        Some((at, word)) if at > 1 && !subcommand_names().iter().any(|n| n == word) => {
+            let alone = args.iter().take(1).chain(&args[at..]);
+            Cli::try_parse_from(alone).err().unwrap_or(error)
+        }
+        _ => error,
+    }
+}
+
+/// The names of the subcommands.
+fn subcommand_names() -> Vec<String> {
     let cmd = <Cli as clap::CommandFactory>::command();
-    let names: Vec<&str> = cmd.get_subcommands().map(|c| c.get_name()).collect();
+    cmd.get_subcommands().map(|c| c.get_name().to_string()).collect()
+}
+
+/// The first word of `args` (after the program's name) that is neither an
+/// option nor an option's value, with its index. A value is skipped for any
+/// option that takes one anywhere in the command line's grammar, so that
+/// `--data-dir files` is the folder "files", not the subcommand. None at
+/// `--`, `-` or the end.
+fn word_after_options(args: &[OsString]) -> Option<(usize, &str)> {
+    let cmd = <Cli as clap::CommandFactory>::command();
     let every_arg = cmd.get_arguments().chain(cmd.get_subcommands().flat_map(|c| c.get_arguments()));
     let valued: Vec<&clap::Arg> = every_arg.filter(|a| a.get_action().takes_values()).collect();
     let mut i = 1;
-    let at = loop {
+    loop {
         let word = args.get(i)?.to_str()?;
         if word == "--" || word == "-" {
             return None;
@@ -138,20 +175,11 @@ fn subcommand_first(args: &[OsString]) -> Option<Vec<OsString>> {
             let mut chars = short.chars();
             let (c, rest) = (chars.next(), chars.next());
             rest.is_none() && valued.iter().any(|a| a.get_short() == c)
-        } else if names.contains(&word) {
-            break i;
         } else {
-            return None;
+            return Some((i, word));
         };
         i += 1 + usize::from(skip_value);
-    };
-    if at == 1 {
-        return None;
     }
-    let mut v = args.to_vec();
-    let sub = v.remove(at);
-    v.insert(1, sub);
-    Some(v)
 }
 
 /// Run an admin command; errors are printed as `backupd: ...` with exit 1.
@@ -206,6 +234,18 @@ mod tests {
         assert_eq!(subcommand_first(&args(&["backupd", "--data-dir", "d", "bogus", "files"])), None);
         assert_eq!(subcommand_first(&args(&["backupd", "files", "--data-dir", "d"])), None);
         assert_eq!(subcommand_first(&args(&["backupd", "--", "files"])), None);
+        // A word after the server's options that names no subcommand: the
+        // error says so, not that a subcommand conflicts with the options.
+        let bogus = args(&["backupd", "--data-dir", "d", "bogus"]);
+        let e = Cli::try_parse_from(&bogus).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let e = unknown_subcommand(&bogus, e);
+        assert_eq!(e.kind(), clap::error::ErrorKind::InvalidSubcommand);
+        assert!(e.to_string().contains("'bogus'"), "{e}");
+        // Another error is left as it is.
+        let bad = args(&["backupd", "--max-connections", "many"]);
+        let e = unknown_subcommand(&bad, Cli::try_parse_from(&bad).unwrap_err());
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
         // Usage errors are clap's (exit 2).
         assert!(Cli::try_parse_from(["backupd", "restore", "alice"]).is_err());
         assert!(Cli::try_parse_from([
