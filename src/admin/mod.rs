@@ -121,7 +121,7 @@ impl Cli {
 /// follows options that way.
 fn subcommand_first(args: &[OsString]) -> Option<Vec<OsString>> {
     let (at, name) = word_after_options(args)?;
-    if at == 1 || !subcommand_names().iter().any(|n| n == name) {
+    if at == 1 || !subcommand_names().iter().any(|n| *n == name) {
         return None;
     }
     let mut v = args.to_vec();
@@ -140,7 +140,7 @@ fn unknown_subcommand(args: &[OsString], error: clap::Error) -> clap::Error {
         return error;
     }
     match word_after_options(args) {
-        Some((at, word)) if at > 1 && !subcommand_names().iter().any(|n| n == word) => {
+        Some((at, word)) if at > 1 && !subcommand_names().iter().any(|n| *n == word) => {
             let alone = args.iter().take(1).chain(&args[at..]);
             Cli::try_parse_from(alone).err().unwrap_or(error)
         }
@@ -159,13 +159,14 @@ fn subcommand_names() -> Vec<String> {
 /// option that takes one anywhere in the command line's grammar, so that
 /// `--data-dir files` is the folder "files", not the subcommand. None at
 /// `--`, `-` or the end.
-fn word_after_options(args: &[OsString]) -> Option<(usize, &str)> {
+fn word_after_options(args: &[OsString]) -> Option<(usize, String)> {
     let cmd = <Cli as clap::CommandFactory>::command();
     let every_arg = cmd.get_arguments().chain(cmd.get_subcommands().flat_map(|c| c.get_arguments()));
     let valued: Vec<&clap::Arg> = every_arg.filter(|a| a.get_action().takes_values()).collect();
     let mut i = 1;
     loop {
-        let word = args.get(i)?.to_str()?;
+        // Lossy: options are ASCII, and a word that is not UTF-8 is no subcommand.
+        let word = args.get(i)?.to_string_lossy();
         if word == "--" || word == "-" {
             return None;
         }
@@ -176,7 +177,7 @@ fn word_after_options(args: &[OsString]) -> Option<(usize, &str)> {
             let (c, rest) = (chars.next(), chars.next());
             rest.is_none() && valued.iter().any(|a| a.get_short() == c)
         } else {
-            return Some((i, word));
+            return Some((i, word.into_owned()));
         };
         i += 1 + usize::from(skip_value);
     }
@@ -246,6 +247,15 @@ mod tests {
         let bad = args(&["backupd", "--max-connections", "many"]);
         let e = unknown_subcommand(&bad, Cli::try_parse_from(&bad).unwrap_err());
         assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+        // A word that is not UTF-8 after the options is no subcommand either.
+        {
+            use std::os::unix::ffi::OsStringExt;
+            let mut odd = args(&["backupd", "--data-dir", "d"]);
+            odd.push(OsString::from_vec(vec![0x62, 0xff, 0x67]));
+            assert_eq!(word_after_options(&odd), Some((3, "b\u{fffd}g".to_string())));
+            let e = unknown_subcommand(&odd, Cli::try_parse_from(&odd).unwrap_err());
+            assert_ne!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{e}");
+        }
         // Usage errors are clap's (exit 2).
         assert!(Cli::try_parse_from(["backupd", "restore", "alice"]).is_err());
         assert!(Cli::try_parse_from([
