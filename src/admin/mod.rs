@@ -121,7 +121,7 @@ impl Cli {
 /// follows options that way.
 fn subcommand_first(args: &[OsString]) -> Option<Vec<OsString>> {
     let (at, name) = word_after_options(args)?;
-    if at == 1 || !subcommand_names().iter().any(|n| *n == name) {
+    if at == 1 || !subcommand_names().contains(&name) {
         return None;
     }
     let mut v = args.to_vec();
@@ -140,7 +140,7 @@ fn unknown_subcommand(args: &[OsString], error: clap::Error) -> clap::Error {
         return error;
     }
     match word_after_options(args) {
-        Some((at, word)) if at > 1 && !subcommand_names().iter().any(|n| *n == word) => {
+        Some((at, word)) if at > 1 && !subcommand_names().contains(&word) => {
             let alone = args.iter().take(1).chain(&args[at..]);
             Cli::try_parse_from(alone).err().unwrap_or(error)
         }
