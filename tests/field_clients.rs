@@ -337,6 +337,40 @@ fn one_1607_for_a_long_refused_upload() {
     assert_eq!(log_lines(&server, "refused"), 2, "{}", server.log_text());
 }
 
+/// A packet that does not follow the upload in progress (another name
+/// field, or another total, in one packet of a back-to-back upload) refuses
+/// it once: the rest of that upload and more packets like the stray one are
+/// swallowed, so the client reads one 1607 and the next reply is its next
+/// upload's 1603.
+#[test]
+fn a_stray_packet_mid_upload_gets_one_1607() {
+    let server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("stray");
+    let (_, key) = session(&c);
+    let data = pseudo_random(11 * 1024 - 100, 21);
+    let field = field_of("a.bin");
+    for (case, stray_name, stray_total) in [(1, "b.bin", 11u16), (2, "a.bin", 12), (3, "b.bin", 11)] {
+        let mut frames = packet_frames(&id, &key, &field, &data, 1024);
+        assert_eq!(frames.len(), 11);
+        let ct = encrypt_all(&key, &data);
+        let stray = &ct[2 * 1024..3 * 1024];
+        let n = data.len() as u32;
+        frames[2] = packet_frame(&id, 1024, n, 3, stray_total, &field_of(stray_name), stray);
+        if case == 3 {
+            // The stray packet's upload goes on instead of the first one.
+            for (k, f) in frames.iter_mut().enumerate().skip(3) {
+                let p = &ct[k * 1024..((k + 1) * 1024).min(ct.len())];
+                *f = packet_frame(&id, p.len() as u32, n, k as u16 + 1, 11, &field_of(stray_name), p);
+            }
+        }
+        c.send_raw(&frames.concat()).unwrap();
+        expect_reply(&mut c, GeneralError);
+        assert_usable(&server, &mut c, &format!("after{case}.bin"));
+        assert_eq!(log_lines(&server, "refused"), case, "{}", server.log_text());
+    }
+    assert!(!server.stored_path(&id, "a.bin").exists() && !server.stored_path(&id, "b.bin").exists());
+}
+
 /// Uploads the worker fails (here: encrypted under another key, so every
 /// per-chunk stream fails its padding check) get one 1607 however many of
 /// their packets the loop had already passed on, and their later packets,

@@ -252,6 +252,10 @@ pub fn wraps_to_one(r: &Receiving, ph: &PacketHeader, content_len: u64) -> bool 
 pub(super) struct Ended {
     pub(super) name_field: NameField,
     pub(super) total: u16,
+    /// A refused packet that did not follow the upload in progress (another
+    /// name field or total): that upload's name field and total, whose later
+    /// packets are swallowed too.
+    pub(super) abandoned: Option<(NameField, u16)>,
     /// The number its next packet would carry.
     pub(super) next: u16,
     pub(super) how: EndedHow,
@@ -260,7 +264,10 @@ pub(super) struct Ended {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum EndedHow {
     /// Refused (one 1607 went): every later packet of it is swallowed, so
-    /// that a client sending them back to back reads exactly one 1607.
+    /// that a client sending them back to back reads exactly one 1607. Later
+    /// means any number but 1: a duplicate or a gap in the numbers after the
+    /// refusal still belongs to the refused upload, and only a packet 1
+    /// starts a new one.
     Refused {
         /// Ciphertext bytes its open stream still expected (an upper bound).
         remaining: u64,
@@ -285,6 +292,9 @@ impl Ended {
                 && r.total == ph.total_packets
                 && r.next == ph.packet_number
         });
+        let abandoned = r
+            .filter(|r| r.name_field.bytes() != ph.file_name.bytes() || r.total != ph.total_packets)
+            .map(|r| (r.name_field.clone(), r.total));
         let stream_left = match own.and_then(|r| r.segment) {
             Some(seg) => seg.remaining,
             None => ciphertext_len(ph.orig_file_size as u64),
@@ -292,6 +302,7 @@ impl Ended {
         Ended {
             name_field: ph.file_name.clone(),
             total: ph.total_packets,
+            abandoned,
             next: ph.packet_number.wrapping_add(1),
             how: EndedHow::Refused {
                 remaining: stream_left.saturating_sub(content_len),
@@ -307,6 +318,7 @@ impl Ended {
         Ended {
             name_field: r.name_field.clone(),
             total: r.total,
+            abandoned: None,
             next: r.next,
             how: EndedHow::Refused {
                 remaining: r.segment.map_or(0, |s| s.remaining),
@@ -319,38 +331,41 @@ impl Ended {
     /// Is this packet a later packet of the ended upload? If so it is
     /// swallowed and the state advances past it.
     pub(super) fn swallow(&mut self, ph: &PacketHeader, content_len: u64) -> bool {
-        let same = self.name_field.bytes() == ph.file_name.bytes()
-            && self.total == ph.total_packets
-            && self.next == ph.packet_number;
-        let ok = same
-            && match &mut self.how {
-                // A packet 1 starts something new, unless the counter wrapped
-                // and the bytes show the refused upload goes on.
-                EndedHow::Refused { remaining, seen, chunks } => {
-                    let goes_on = ph.packet_number != 1 || (*seen >= WRAP && (*remaining > 0 || *chunks));
-                    if goes_on {
-                        // A whole stream in this packet alone, after the last one ended.
-                        let whole = ciphertext_len(ph.orig_file_size as u64);
-                        *chunks |= *remaining == 0 && content_len > 0 && content_len == whole;
-                        *remaining = remaining.saturating_sub(content_len);
-                        *seen += 1;
-                    }
-                    goes_on
+        let named = |field: &NameField, total: u16| {
+            field.bytes() == ph.file_name.bytes() && total == ph.total_packets
+        };
+        let own = named(&self.name_field, self.total);
+        let ok = match &mut self.how {
+            // A packet 1 starts something new, unless the counter wrapped
+            // and the bytes show the refused upload goes on.
+            EndedHow::Refused { remaining, seen, chunks } => {
+                let ours = own || self.abandoned.as_ref().is_some_and(|(f, t)| named(f, *t));
+                let goes_on =
+                    ours && (ph.packet_number != 1 || (*seen >= WRAP && (*remaining > 0 || *chunks)));
+                if goes_on {
+                    // A whole stream in this packet alone, after the last one ended.
+                    let whole = ciphertext_len(ph.orig_file_size as u64);
+                    *chunks |= *remaining == 0 && content_len > 0 && content_len == whole;
+                    *remaining = remaining.saturating_sub(content_len);
+                    *seen += 1;
                 }
-                EndedHow::Complete => {
-                    let n_plus_1 = self.next == self.total.wrapping_add(1);
-                    let empty = ph.orig_file_size == 0 && (content_len == 0 || content_len == EMPTY_CHUNK);
-                    // A non-empty chunk of its own after the end: a per-chunk
-                    // upload whose count wrapped to a total of 1 ended at its
-                    // packet 1 (see docs/PROTOCOL.md). Its 1603 went; the rest
-                    // of it is swallowed, so the client stays in step.
-                    let chunk = content_len > 0 && content_len == ciphertext_len(ph.orig_file_size as u64);
-                    if chunk && !empty {
-                        self.how = EndedHow::Refused { remaining: 0, seen: self.next as u64, chunks: true };
-                    }
-                    n_plus_1 && (empty || chunk)
+                goes_on
+            }
+            EndedHow::Complete => {
+                let n_plus_1 =
+                    own && self.next == ph.packet_number && self.next == self.total.wrapping_add(1);
+                let empty = ph.orig_file_size == 0 && (content_len == 0 || content_len == EMPTY_CHUNK);
+                // A non-empty chunk of its own after the end: a per-chunk
+                // upload whose count wrapped to a total of 1 ended at its
+                // packet 1 (see docs/PROTOCOL.md). Its 1603 went; the rest
+                // of it is swallowed, so the client stays in step.
+                let chunk = content_len > 0 && content_len == ciphertext_len(ph.orig_file_size as u64);
+                if chunk && !empty {
+                    self.how = EndedHow::Refused { remaining: 0, seen: self.next as u64, chunks: true };
                 }
-            };
+                n_plus_1 && (empty || chunk)
+            }
+        };
         if ok {
             self.next = self.next.wrapping_add(1);
         }
@@ -553,15 +568,52 @@ mod tests {
         }
         // Then the client starts over: its packet 1 is something new.
         assert!(!e.swallow(&ph(whole, orig, 1, total), 1024));
-        // Out of order, another name or another total: not this upload.
+        // Another name or another total: not this upload. A gap or a
+        // duplicate in the numbers: still this upload.
         let mut e = Ended::refused(None, &ph(16, 40, 1, 3), 16);
-        assert!(!e.swallow(&ph(16, 40, 3, 3), 16));
         assert!(!e.swallow(&ph(16, 40, 2, 4), 16));
-        assert!(e.swallow(&ph(16, 40, 2, 3), 16));
-        assert!(e.swallow(&ph(16, 40, 3, 3), 16));
+        let mut other = ph(16, 40, 2, 3);
+        other.file_name = field("g");
+        assert!(!e.swallow(&other, 16));
+        assert!(e.swallow(&ph(16, 40, 3, 3), 16), "a gap");
+        assert!(e.swallow(&ph(16, 40, 3, 3), 16), "a duplicate");
+        assert!(e.swallow(&ph(16, 40, 2, 3), 16), "out of order");
         // Refused at packet 0: a packet 1 that follows is something new.
         let mut e = Ended::refused(None, &ph(1024, 1 << 20, 0, 5), 1024);
         assert!(!e.swallow(&ph(1024, 1 << 20, 1, 5), 1024));
+    }
+
+    /// A packet that does not follow the upload in progress (another name
+    /// field or total, e.g. a glitch in one packet) is refused once; the
+    /// rest of the upload in progress, and more packets like the refused
+    /// one, are swallowed, so the client reads one 1607.
+    #[test]
+    fn a_packet_that_does_not_follow_ends_both_uploads_with_one_refusal() {
+        let mut r = receiving(11);
+        feed(&mut r, &ph(16, 40, 1, 11), 16).unwrap();
+        feed(&mut r, &ph(16, 40, 2, 11), 16).unwrap();
+        let mut stray = ph(16, 40, 3, 11);
+        stray.file_name = field("g");
+        let mut e = Ended::refused(Some(&r), &stray, 16);
+        assert_eq!(e.abandoned, Some((field("f"), 11)));
+        for k in 4..=11 {
+            assert!(e.swallow(&ph(16, 40, k, 11), 16), "packet {k} of the upload in progress");
+        }
+        let mut more = ph(16, 40, 4, 11);
+        more.file_name = field("g");
+        assert!(e.swallow(&more, 16), "a later packet like the refused one");
+        assert!(!e.swallow(&ph(16, 40, 1, 11), 16), "a packet 1 starts over");
+        // The total changed instead of the name.
+        let mut r = receiving(11);
+        feed(&mut r, &ph(16, 40, 1, 11), 16).unwrap();
+        let mut e = Ended::refused(Some(&r), &ph(16, 40, 2, 12), 16);
+        assert!(e.swallow(&ph(16, 40, 3, 11), 16));
+        assert!(e.swallow(&ph(16, 40, 3, 12), 16));
+        assert!(!e.swallow(&ph(16, 40, 3, 13), 16), "neither");
+        // A packet of the upload in progress refused for its bytes: no second name.
+        let mut r = receiving(3);
+        feed(&mut r, &ph(16, 40, 1, 3), 16).unwrap();
+        assert_eq!(Ended::refused(Some(&r), &ph(16, 40, 2, 3), 16).abandoned, None);
     }
 
     #[test]
@@ -570,13 +622,14 @@ mod tests {
         feed(&mut r, &ph(16, 40, 1, 4), 16).unwrap();
         feed(&mut r, &ph(16, 40, 2, 4), 16).unwrap();
         let mut e = Ended::failed(&r);
-        assert!(!e.swallow(&ph(16, 40, 2, 4), 16));
         assert!(e.swallow(&ph(16, 40, 3, 4), 16));
         assert!(e.swallow(&ph(0, 40, 4, 4), 0));
+        assert!(!e.swallow(&ph(16, 40, 1, 4), 16), "a packet 1 starts over");
         // And the n+1 of n of a per-chunk client, after a failure at its last packet.
         let mut e = Ended {
             name_field: field("f"),
             total: 4,
+            abandoned: None,
             next: 5,
             how: EndedHow::Refused { remaining: 0, seen: 4, chunks: false },
         };
@@ -585,7 +638,8 @@ mod tests {
 
     #[test]
     fn a_complete_upload_swallows_only_its_empty_chunk_n_plus_1_of_n() {
-        let done = Ended { name_field: field("f"), total: 2, next: 3, how: EndedHow::Complete };
+        let done =
+            Ended { name_field: field("f"), abandoned: None, total: 2, next: 3, how: EndedHow::Complete };
         let mut e = done.clone();
         assert!(e.swallow(&ph(16, 0, 3, 2), 16));
         assert!(!e.swallow(&ph(16, 0, 4, 2), 16), "only one");
@@ -593,17 +647,25 @@ mod tests {
         assert!(!done.clone().swallow(&ph(48, 20, 3, 2), 16), "not empty, not a chunk of its own");
         // A chunk of its own: a per-chunk upload ended too early (a total
         // that wrapped to 1): it and the rest of it are swallowed.
-        let mut e = Ended { name_field: field("f"), total: 1, next: 2, how: EndedHow::Complete };
+        let mut e =
+            Ended { name_field: field("f"), abandoned: None, total: 1, next: 2, how: EndedHow::Complete };
         for k in 2..=5u16 {
             assert!(e.swallow(&ph(32, 20, k, 1), 32), "packet {k}");
         }
         assert!(!done.clone().swallow(&ph(16, 0, 1, 2), 16), "not n+1");
         assert!(!done.clone().swallow(&ph(16, 0, 3, 3), 16), "another total");
         // Wrapped: n = 65,535 (mod 65,536), n+1 = 0.
-        let mut e = Ended { name_field: field("f"), total: u16::MAX, next: 0, how: EndedHow::Complete };
+        let mut e = Ended {
+            name_field: field("f"),
+            abandoned: None,
+            total: u16::MAX,
+            next: 0,
+            how: EndedHow::Complete,
+        };
         assert!(e.swallow(&ph(16, 0, 0, u16::MAX), 16));
         // An upload that ended as packet 1 of 0 has no trailer.
-        let mut e = Ended { name_field: field("f"), total: 0, next: 2, how: EndedHow::Complete };
+        let mut e =
+            Ended { name_field: field("f"), abandoned: None, total: 0, next: 2, how: EndedHow::Complete };
         assert!(!e.swallow(&ph(16, 0, 1, 0), 16));
         assert!(!e.swallow(&ph(16, 0, 2, 0), 16));
     }

@@ -217,7 +217,13 @@ impl Upload {
         match self {
             Upload::Finishing(f) if f.upload == id => {
                 let how = EndedHow::Complete;
-                let e = Ended { name_field: f.name_field.clone(), total: f.total, next: f.next, how };
+                let e = Ended {
+                    name_field: f.name_field.clone(),
+                    total: f.total,
+                    abandoned: None,
+                    next: f.next,
+                    how,
+                };
                 (Upload::Ended(Box::new(e)), Some(*f))
             }
             other => (other, None),
@@ -232,7 +238,7 @@ impl Upload {
             Upload::Finishing(f) if f.upload == id => {
                 let how = EndedHow::Refused { remaining: 0, seen: 0, chunks: false };
                 let Finishing { name_field, total, next, .. } = *f;
-                (Upload::Ended(Box::new(Ended { name_field, total, next, how })), true)
+                (Upload::Ended(Box::new(Ended { name_field, total, abandoned: None, next, how })), true)
             }
             other => (other, false),
         }
