@@ -896,6 +896,34 @@ fn a_data_directory_with_stored_files_and_no_database_is_refused_untouched() {
     assert_verified_in(&server, &db, &id, "b", b"stored once", "after the refused start");
 }
 
+/// A database file of 0 bytes (a failed copy, a full disk, `> backupd.db`)
+/// is no database: SQLite would take it as a new one and start-up would
+/// send every stored file to orphans/. Refused like a missing one.
+#[test]
+fn an_empty_database_file_beside_stored_files_is_refused_untouched() {
+    let mut server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("dora");
+    upload_confirm(&mut c, "d", b"stored before the copy failed");
+    drop(c);
+    assert!(server.stop().success());
+    let data = server.data_dir();
+    let db = server.db_path();
+    let saved = std::fs::read(&db).unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    std::fs::write(&db, b"").unwrap();
+    let before = tree_but_lock(&data);
+    let s = raw_server(server.temp_dir(), &data);
+    assert_refused(s, &[&format!("the database {} is empty (0 bytes)", db.display()), "--db"]);
+    assert_eq!(tree_but_lock(&data), before, "the data directory was changed");
+    assert_eq!(std::fs::metadata(&db).unwrap().len(), 0);
+    // The database put back: everything is where it was.
+    std::fs::write(&db, saved).unwrap();
+    server.restart();
+    assert_verified(&server, &id, "d", b"stored before the copy failed", "after the refused start");
+}
+
 #[test]
 fn a_database_of_an_earlier_version_is_adopted_by_the_data_directory_it_is_first_opened_with() {
     let mut server = TestServer::start(&[]);

@@ -377,14 +377,26 @@ fn check_database_files(
 /// created: a new, empty database would leave every stored file without a
 /// row, and start-up would move them all to orphans/. The usual cause is a
 /// start without the `--db` (or `BACKUPD_DB`) the server normally runs with.
+/// A database file of 0 bytes (with no WAL beside it that holds pages) is
+/// no database either: SQLite would take it as a new one (a failed copy, a
+/// full disk, `> backupd.db`).
 fn check_database_exists(
     lock: &DirLock,
     data_dir: &std::path::Path,
     db_path: &std::path::Path,
 ) -> Result<(), OpenError> {
-    if std::fs::symlink_metadata(db_path).is_ok() {
-        return Ok(());
-    }
+    let what = match std::fs::symlink_metadata(db_path) {
+        Ok(m) if m.len() > 0 => return Ok(()),
+        Ok(_) => {
+            let mut wal = db_path.as_os_str().to_owned();
+            wal.push("-wal");
+            if std::fs::symlink_metadata(&wal).is_ok_and(|w| w.len() > 0) {
+                return Ok(());
+            }
+            format!("the database {} is empty (0 bytes)", db_path.display())
+        }
+        Err(_) => format!("there is no database at {}", db_path.display()),
+    };
     let mut stored = Vec::new();
     for sub in ["files", "versions"] {
         let found = match lock.dir().open_dir(sub) {
@@ -403,13 +415,12 @@ fn check_database_exists(
         return Ok(());
     }
     Err(OpenError::DataDir(format!(
-        "data directory {} holds stored files ({}) but there is no database at {}: pass the --db \
-         (or BACKUPD_DB) this data directory was used with. A new database would leave every stored \
-         file without its row; to start over deliberately, move the data directory away and start \
-         with a new one",
+        "data directory {} holds stored files ({}) but {what}: pass the --db (or BACKUPD_DB) this \
+         data directory was used with, or put its database back (`backupd snapshot` makes copies). A \
+         new database would leave every stored file without its row; to start over deliberately, \
+         move the data directory away and start with a new one",
         data_dir.display(),
         stored.join(", "),
-        db_path.display()
     )))
 }
 
