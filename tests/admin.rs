@@ -373,6 +373,81 @@ fn verify_finds_a_flipped_byte_a_missing_file_an_unreadable_one_and_a_stray() {
     let _ = f.bob;
 }
 
+/// A symbolic link or a FIFO where a stored file belongs: `verify` reports
+/// each as unreadable (it neither follows the link, which the server would
+/// not, nor blocks on the FIFO), `restore` refuses them, and `snapshot`
+/// leaves them out (its copy then reports them missing).
+#[test]
+fn the_admin_commands_follow_no_link_and_never_block_on_a_fifo() {
+    let f = fixture();
+    let data = f.server.data_dir();
+    let outside = f.server.temp_dir().join("outside.bin");
+    std::fs::write(&outside, &f.files["b.bin"]).unwrap();
+    let b = f.server.stored_path(&f.alice, "b.bin");
+    std::fs::remove_file(&b).unwrap();
+    std::os::unix::fs::symlink(&outside, &b).unwrap();
+    let doc = f.server.stored_path(&f.alice, "doc.txt");
+    std::fs::remove_file(&doc).unwrap();
+    let fifo = std::ffi::CString::new(doc.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let run = |args: &[&str], code: i32| {
+        let mut all: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        all.extend([std::ffi::OsStr::new("--data-dir"), data.as_os_str()]);
+        let r = run_admin(&all, &[], Duration::from_secs(30));
+        assert_eq!(r.code, code, "backupd {args:?}: {r:?}");
+        r
+    };
+    let items = json(&run(&["verify", "alice", "--json"], 3).stdout);
+    let item = |name: &str| {
+        items.arr().iter().find(|i| i["name"].str() == name && i["version"] != 1).cloned().unwrap()
+    };
+    assert_eq!(item("b.bin")["status"].str(), "unreadable", "{items:?}");
+    assert!(item("b.bin")["error"].str().contains("a symbolic link"), "{items:?}");
+    assert_eq!(item("doc.txt")["status"].str(), "unreadable", "{items:?}");
+    assert!(item("doc.txt")["error"].str().contains("a FIFO"), "{items:?}");
+    let out = f.server.temp_dir().join("restored");
+    let r = run(&["restore", "alice", "b.bin", "--to", out.to_str().unwrap()], 1);
+    assert!(r.stderr.contains("a symbolic link"), "{r:?}");
+    let r = run(&["restore", "alice", "doc.txt", "--to", out.to_str().unwrap()], 1);
+    assert!(r.stderr.contains("a FIFO"), "{r:?}");
+    assert!(!out.join("b.bin").exists() && !out.join("doc.txt").exists());
+    let snap = f.server.temp_dir().join("snap");
+    let r = run(&["snapshot", snap.to_str().unwrap()], 0);
+    assert!(r.stderr.contains("not a regular file; left out"), "{r:?}");
+    assert!(std::fs::symlink_metadata(snap.join(b.strip_prefix(&data).unwrap())).is_err());
+    let mut all: Vec<&std::ffi::OsStr> = ["verify", "alice", "--json"].map(std::ffi::OsStr::new).to_vec();
+    all.extend([std::ffi::OsStr::new("--data-dir"), snap.as_os_str()]);
+    let copy = json(&run_admin(&all, &[], Duration::from_secs(30)).stdout);
+    let missing = |name: &str| {
+        copy.arr()
+            .iter()
+            .any(|i| i["name"].str() == name && i["version"] != 1 && i["status"].str() == "missing")
+    };
+    assert!(missing("b.bin") && missing("doc.txt"), "{copy:?}");
+    // A row (of a foreign or edited database) naming a path outside the
+    // data directory: not read, by any route.
+    let outside_sum = cksum(&f.files["b.bin"]);
+    let conn = rusqlite::Connection::open(f.server.db_path()).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    for (i, path) in
+        [outside.to_str().unwrap().to_string(), format!("files/{}/../../../outside.bin", id_hex(&f.bob))]
+            .iter()
+            .enumerate()
+    {
+        conn.execute(
+            "UPDATE files SET PathName = ?1, Size = ?2, Cksum = ?3 WHERE FileName = 'x'",
+            rusqlite::params![path, f.files["b.bin"].len() as i64, outside_sum as i64],
+        )
+        .unwrap();
+        let to = f.server.temp_dir().join(format!("restored-bob-{i}"));
+        let r = run(&["restore", "bob", "x", "--to", to.to_str().unwrap()], 1);
+        assert!(r.stderr.contains("is outside the data directory"), "{path}: {r:?}");
+        assert!(!to.join("x").exists());
+        let r = run(&["verify", "bob"], 3);
+        assert!(r.stdout.contains("outside the data directory"), "{path}: {r:?}");
+    }
+}
+
 /// Entries under versions/ that are not versions the server wrote (another
 /// name, a number written otherwise such as `0123`, a file in a client's
 /// folder itself, a folder that is no client's): `verify` reports each as a

@@ -96,8 +96,15 @@ fn link_tree(from: &Path, to: &Path) -> io::Result<()> {
     for e in rd {
         let e = e?;
         let (src, dst) = (e.path(), to.join(e.file_name()));
-        if e.file_type()?.is_dir() {
+        let t = e.file_type()?;
+        if t.is_dir() {
             link_tree(&src, &dst)?;
+            continue;
+        }
+        // A link, FIFO or device is no stored copy (the server follows none
+        // and `verify` reports it): not carried into the snapshot.
+        if !t.is_file() {
+            eprintln!("backupd: snapshot: {} is not a regular file; left out", src.display());
             continue;
         }
         match fs::hard_link(&src, &dst) {
@@ -197,8 +204,10 @@ fn settle(live: &Store, snap: &Store) -> Result<bool, String> {
     let rows: Vec<FileInfo> = snap.files(None)?.into_iter().filter(|f| f.verified).collect();
     for row in &rows {
         let (copy, current) = (snap.root().join(&row.path), live.root().join(&row.path));
-        // Missing from the store as well: a damage `verify` reports, not a race.
-        let absent = || copy.symlink_metadata().is_err() && current.symlink_metadata().is_err();
+        // Missing from the store as well (or no regular file there): a
+        // damage `verify` reports, not a race.
+        let absent =
+            || copy.symlink_metadata().is_err() && !current.symlink_metadata().is_ok_and(|m| m.is_file());
         if same_inode(&copy, &current) || absent() || holds(&copy, row) {
             continue;
         }

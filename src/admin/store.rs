@@ -288,14 +288,14 @@ impl Store {
     /// and the S3 flags are given, its object in the bucket.
     #[cfg(not(feature = "s3"))]
     pub fn open_copy(&self, path: &Path) -> io::Result<fs::File> {
-        fs::File::open(path)
+        open_stored(Some(&self.root), path)
     }
 
     /// Open a stored copy for reading: the local file or, when it is gone
     /// and the S3 flags are given, its object in the bucket.
     #[cfg(feature = "s3")]
     pub fn open_copy(&self, path: &Path) -> io::Result<Box<dyn io::Read>> {
-        match fs::File::open(path) {
+        match open_stored(Some(&self.root), path) {
             Ok(f) => Ok(Box::new(f)),
             Err(e) if e.kind() == io::ErrorKind::NotFound && self.remote.is_some() => {
                 let rel = path.strip_prefix(&self.root).map_err(|_| e)?;
@@ -446,7 +446,74 @@ pub fn mtime_nanos(path: &Path) -> io::Result<i128> {
 
 use crate::crypto::copy_with_cksum;
 
-/// The size and cksum of a stored file.
+/// The size and cksum of a stored file (see [`open_stored`]).
 pub fn cksum_file(path: &Path) -> io::Result<(u64, u32)> {
-    copy_with_cksum(&mut fs::File::open(path)?, &mut io::sink())
+    copy_with_cksum(&mut open_stored(None, path)?, &mut io::sink())
+}
+
+/// Open a stored copy for reading, following no link, as the server does
+/// (docs/SECURITY.md): the entry must be a regular file, neither a symbolic
+/// link (`O_NOFOLLOW`) nor a FIFO or a device, which would block or never
+/// end (`O_NONBLOCK`, then checked on the descriptor); with `root`, no
+/// folder between it and the entry may be a link either. Anything else is
+/// an error that names what the entry is.
+pub fn open_stored(root: Option<&Path>, path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let refuse = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{what}, not a regular file (no link is followed in the data directory)"),
+        )
+    };
+    if let Some(root) = root {
+        // The path comes from a database row: it must stay inside.
+        let inside = path.strip_prefix(root).ok().filter(|rel| {
+            rel.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+                && !rel.as_os_str().is_empty()
+        });
+        let Some(rel) = inside else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is outside the data directory {}; not read", path.display(), root.display()),
+            ));
+        };
+        let mut dir = root.to_path_buf();
+        let mut parts = rel.components().peekable();
+        while let Some(part) = parts.next() {
+            if parts.peek().is_none() {
+                break;
+            }
+            dir.push(part);
+            match fs::symlink_metadata(&dir) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(refuse(&format!(
+                        "the folder {} on its way is a symbolic link",
+                        dir.display()
+                    )))
+                }
+                // Missing or not a folder: the open below says so.
+                _ => {}
+            }
+        }
+    }
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| if e.raw_os_error() == Some(libc::ELOOP) { refuse("a symbolic link") } else { e })?;
+    let t = f.metadata()?.file_type();
+    if !t.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let what = if t.is_dir() {
+            "a folder"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else {
+            "a special file"
+        };
+        return Err(refuse(what));
+    }
+    Ok(f)
 }
