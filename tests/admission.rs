@@ -316,10 +316,16 @@ fn a_client_that_only_reconnects_does_not_hold_a_slot_against_an_uploader() {
     let data = pseudo_random(FILE_LEN, 21);
     assert!(uploader.upload_bytes("u1", &data, &UploadOptions::default()).unwrap().cksum_matches());
     uploader.crc_ok("u1").unwrap();
-    // Three connections of one identity that it owns, holding the rest of the table.
-    let (first, rid) = server.registered_client("reconnector");
-    let mut reconnectors = vec![first];
-    for _ in 0..2 {
+    // Three connections of one identity that it owns, holding the rest of
+    // the table. It registered on a connection of its own, gone since (the
+    // connection that registers or sets a key keeps its slot for the login
+    // timeout: a_reconnect_churn_does_not_evict_a_client_logging_in).
+    let (registration, rid) = server.registered_client("reconnector");
+    let gone = registration.stream().local_addr().unwrap();
+    drop(registration);
+    server.wait_for_log(&format!("{gone} reconnector: closed"), IO_TIMEOUT);
+    let mut reconnectors = Vec::new();
+    for _ in 0..3 {
         let mut c = Client::connect(addr, &quick()).unwrap();
         c.reconnect(rid, "reconnector", test_key()).unwrap();
         reconnectors.push(c);
@@ -1235,6 +1241,64 @@ fn a_connection_flood_does_not_evict_a_client_between_1600_and_its_key() {
     let up = c.upload_bytes("kept.bin", &data, &UploadOptions::default()).unwrap();
     assert!(up.cksum_matches(), "{up:?}");
     drop(silent);
+}
+
+/// Reconnects (1027 -> 1605) churned from several addresses at a full
+/// table, each a session that costs nothing: a client on its way to its
+/// first upload, slow between its steps (a real round-trip time, key
+/// generation), keeps its slot: its 1600 and its 1602 keep it for the login
+/// timeout, while the churn evicts its own connections. Before, it was the
+/// oldest connection without upload progress and went first.
+#[test]
+fn a_reconnect_churn_does_not_evict_a_client_logging_in() {
+    let server = TestServer::start(&["--max-connections", "8"]);
+    let addr = server.addr();
+    let (registration, rid) = server.registered_client("churn");
+    drop(registration);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let churn = thread::spawn(move || {
+        let mut held = std::collections::VecDeque::new();
+        let mut i = 0u8;
+        while !stop2.load(Ordering::Relaxed) {
+            i = i.wrapping_add(1);
+            let Ok(s) = connect_from(2 + i % 4, addr) else { continue };
+            let Ok(mut c) = Client::from_stream(s, &quick()) else { continue };
+            if c.reconnect(rid, "churn", test_key()).is_ok() {
+                held.push_back(c);
+            }
+            if held.len() > 16 {
+                held.pop_front();
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    });
+    server.wait_for_log("evicted: the connection table is full", IO_TIMEOUT);
+    let pause = Duration::from_millis(400);
+    // A brand-new connection, before its 1025 is read, is like any of the
+    // churn's: evicted if it is the oldest such (for microseconds). A
+    // client connects again then; what is tested is what follows.
+    let mut c = (0..3)
+        .find_map(|_| {
+            let mut c = Client::connect(addr, &quick()).ok()?;
+            c.register("slow-client").ok().map(|_| c)
+        })
+        .expect("three connections evicted before their 1600");
+    thread::sleep(pause);
+    let key = c.send_public_key("slow-client", test_key()).map_err(|e| e.to_string());
+    thread::sleep(pause);
+    let data = pseudo_random(FILE_LEN, 77);
+    let up = key.and_then(|_| {
+        c.upload_bytes("kept.bin", &data, &UploadOptions::default()).map_err(|e| e.to_string())
+    });
+    stop.store(true, Ordering::Relaxed);
+    churn.join().unwrap();
+    let up = up.unwrap_or_else(|e| {
+        panic!("the client logging in lost its slot: {e}\n{}", tail(&server.log_text(), 30))
+    });
+    assert!(up.cksum_matches(), "{up:?}");
+    c.crc_ok("kept.bin").unwrap();
+    assert!(server.log_text().matches("evicted: the connection table is full").count() >= 8);
 }
 
 /// Connections refused at accept are logged at most once a second with a

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use mio::{Interest, Token};
 
-use super::admission::eviction_rank;
+use super::admission::{eviction_rank, Steps};
 use super::connection::Connection;
 use super::{Server, ACCEPT_RETRY};
 use crate::metrics::{Closed, Refused};
@@ -112,12 +112,16 @@ impl Server {
     /// Close the connection that made upload progress least recently (see
     /// [`admission::eviction_rank`]); connections already closing go first.
     pub(super) fn evict_one(&mut self) -> bool {
+        let now = Instant::now();
+        let grace = self.core.cfg.login_timeout;
         let victim = self
             .conns
             .iter()
             .min_by_key(|(_, c)| {
                 let registering = c.proto.registered_id.is_some() && c.proto.session.is_none();
-                (c.closing.is_none(), eviction_rank(c.proto.last_progress, c.authed, registering, c.accepted))
+                let logging_in = c.proto.logged_in.is_some_and(|t| now.duration_since(t) < grace);
+                let steps = Steps { authed: c.authed, registering, logging_in };
+                (c.closing.is_none(), eviction_rank(c.proto.last_progress, steps, c.accepted))
             })
             .map(|(k, c)| (k, c.serial()));
         let Some((key, serial)) = victim else { return false };

@@ -7,7 +7,9 @@
 //! * [`eviction_rank`] orders connections for eviction when the table is
 //!   full: the one whose last upload progress is oldest goes first, those that
 //!   never made any (only cheap requests: registering, reconnecting) before all
-//!   others, and among those the ones without a session first, oldest first.
+//!   others, and among those the ones without a session first, oldest first,
+//!   and a client that registered or set its key within the login timeout
+//!   last.
 //! * [`RateLimiter`] is a token bucket per address for registrations.
 //! * [`DecryptFailures`] counts each client's uploads that failed to decrypt
 //!   (forged ciphertext), per address the client has proven itself from.
@@ -87,19 +89,32 @@ impl PerAddress {
     }
 }
 
+/// How far a connection that made no upload progress has got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Steps {
+    /// It registered (a 1025 past the rate limit, at the worker or
+    /// answered) or had its key saved (1602) within the login timeout: a
+    /// client on its way to its first upload. Both are steps a client takes
+    /// once and registrations are rate-limited per address, so a flood
+    /// of reconnects (1027, which costs nothing) cannot make its own and
+    /// evict it, however fast it churns.
+    pub logging_in: bool,
+    /// Has had a session.
+    pub authed: bool,
+    /// Got a 1600 and has no session yet.
+    pub registering: bool,
+}
+
 /// The order in which connections are evicted when the table is full: the
 /// smallest rank goes first. `last_progress`: the last upload progress (None:
-/// never); `authed`: has had a session; `registering`: got a 1600 and has no
-/// session yet (a client between its registration and its key: 1600s are
-/// rate-limited per address, so a flood of new connections cannot make its
-/// own); `accepted`: when it connected.
+/// never); `steps`: how far one without any got; `accepted`: when it
+/// connected (the oldest of a kind goes first).
 pub fn eviction_rank(
     last_progress: Option<Instant>,
-    authed: bool,
-    registering: bool,
+    steps: Steps,
     accepted: Instant,
-) -> (bool, Option<Instant>, bool, bool, Instant) {
-    (last_progress.is_some(), last_progress, authed, registering, accepted)
+) -> (bool, Option<Instant>, Steps, Instant) {
+    (last_progress.is_some(), last_progress, steps, accepted)
 }
 
 /// A token bucket per key (an address, a client id): `rate` per second, up
@@ -244,18 +259,30 @@ mod tests {
     fn never_uploaded_connections_are_evicted_first() {
         let t0 = Instant::now();
         let t1 = t0 + Duration::from_secs(1);
-        let uploader = eviction_rank(Some(t0), true, false, t0);
-        let reconnecting = eviction_rank(None, true, false, t1);
-        let fresh = eviction_rank(None, false, false, t1);
-        let old_fresh = eviction_rank(None, false, false, t0);
+        let steps = |authed, registering, logging_in| Steps { authed, registering, logging_in };
+        let uploader = eviction_rank(Some(t0), steps(true, false, false), t0);
+        let reconnecting = eviction_rank(None, steps(true, false, false), t1);
+        let fresh = eviction_rank(None, steps(false, false, false), t1);
+        let old_fresh = eviction_rank(None, steps(false, false, false), t0);
         // Registered on this connection (1600), key not sent yet: after the
         // connections that have not got that far, however old.
-        let registering = eviction_rank(None, false, true, t0);
+        let registering = eviction_rank(None, steps(false, true, false), t0);
         assert!(fresh < registering && registering < reconnecting);
         let mut v = vec![uploader, reconnecting, fresh, old_fresh];
         v.sort();
         assert_eq!(v, vec![old_fresh, fresh, reconnecting, uploader]);
-        assert!(eviction_rank(Some(t0), true, false, t1) < eviction_rank(Some(t1), true, false, t0));
+        assert!(
+            eviction_rank(Some(t0), steps(true, false, false), t1)
+                < eviction_rank(Some(t1), steps(true, false, false), t0)
+        );
+        // A client that registered or set its key within the login timeout
+        // outlasts every reconnect, however much newer, and no uploader.
+        let t9 = t0 + Duration::from_secs(9);
+        let between = eviction_rank(None, steps(false, true, true), t0);
+        let keyed = eviction_rank(None, steps(true, false, true), t0);
+        let churn = eviction_rank(None, steps(true, false, false), t9);
+        assert!(churn < between && churn < keyed);
+        assert!(between < uploader && keyed < uploader);
     }
 
     #[test]

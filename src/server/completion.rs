@@ -226,6 +226,7 @@ impl<J: JobSink> Core<J> {
             self.open_session(p, id, name, key);
             // The connection that set the key is the client's own.
             self.decrypt_failures.trust(id, p.peer.ip());
+            p.logged_in = Some(Instant::now());
             log::info!("{}: public key received; session key sent", p.tag());
             p.reply(Response::KeyAccepted { id, encrypted_key });
         } else {

@@ -185,6 +185,9 @@ impl<J: JobSink> Core<J> {
             p.reply(Response::RegistrationFailed);
             return;
         }
+        // Past the rate limit: this connection is logging in (its slot is
+        // kept for the login timeout, see `admission::Steps`).
+        p.logged_in = Some(Instant::now());
         if let Some(id) = resumable {
             self.set_registrant(p, id);
             p.client_label = Some(n.to_string());

@@ -339,6 +339,11 @@ pub struct Protocol {
     /// a 1603/1604 sent. Requests that cost nothing (register, reconnect) do
     /// not count: this decides who is evicted when the table is full.
     pub(super) last_progress: Option<Instant>,
+    /// When this connection last registered (a 1025 past the rate limit)
+    /// or had its key saved (1602): steps a client takes once, rate-limited
+    /// per address, which keep its slot for a while against connections
+    /// that only reconnect (see `admission::eviction_rank`).
+    pub(super) logged_in: Option<Instant>,
 }
 
 /// The content of one admitted file packet on its way to the worker.
@@ -371,6 +376,7 @@ impl Protocol {
             incoming: None,
             streaming: None,
             last_progress: None,
+            logged_in: None,
         }
     }
 
