@@ -959,10 +959,19 @@ fn peer_names_are_escaped_in_the_log() {
     let id = bidi_client.id();
     bidi_client.send_raw(&packet_frame(&id, 16, 5, 1, 1, &nf, &[0; 16])).unwrap();
     expect_reply(&mut bidi_client, ResponseCode::GeneralError);
+    // A stored name with invisible characters: every line naming it (the
+    // debug line of the publish too) shows them escaped.
+    let odd = "ok\u{2028}\u{200b}\u{feff}.bin";
+    let up = bidi_client.upload_bytes(odd, b"odd name", &UploadOptions::default()).unwrap();
+    assert!(up.cksum_matches(), "{up:?}");
+    bidi_client.crc_ok(odd).unwrap();
     legit(&server, "beside-odd-names");
     server.wait_for_log("fdp.exe", IO_TIMEOUT);
+    server.wait_for_log("ok\\u{2028}\\u{200b}\\u{feff}.bin\" for client", IO_TIMEOUT);
     let log = server.log_text();
-    assert!(!log.contains('\u{202e}') && !log.contains('\u{1b}'), "raw control or bidi characters:\n{log}");
+    for raw in ['\u{202e}', '\u{1b}', '\u{2028}', '\u{200b}', '\u{feff}'] {
+        assert!(!log.contains(raw), "raw control, bidi or format character {raw:?}:\n{log}");
+    }
     assert!(!log.lines().any(|l| l.starts_with(forged)), "a peer forged a log line:\n{log}");
     assert!(log.contains("\\u{202e}"), "U+202E not shown escaped:\n{log}");
     assert!(log.contains(&format!("evil\\n{forged}")), "the newline not shown escaped:\n{log}");

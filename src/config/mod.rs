@@ -37,7 +37,8 @@ pub struct Config {
     #[arg(long, env = "BACKUPD_DB")]
     pub db: Option<PathBuf>,
 
-    /// Most simultaneous client connections; more are closed at once
+    /// Most simultaneous client connections; at the limit a new connection
+    /// evicts the one whose last upload progress is oldest
     #[arg(long, env = "BACKUPD_MAX_CONNECTIONS", default_value_t = 256)]
     pub max_connections: usize,
 

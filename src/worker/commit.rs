@@ -386,8 +386,8 @@ impl Worker {
                 }
                 self.metrics.bytes_stored.add(s.size as i64);
                 log::debug!(
-                    "stored {} for client {} ({} bytes, cksum {})",
-                    s.name,
+                    "stored \"{}\" for client {} ({} bytes, cksum {})",
+                    crate::logging::Esc(&s.name),
                     id_hex(&s.client),
                     s.size,
                     s.cksum
