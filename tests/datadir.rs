@@ -924,6 +924,41 @@ fn an_empty_database_file_beside_stored_files_is_refused_untouched() {
     assert_verified(&server, &id, "d", b"stored before the copy failed", "after the refused start");
 }
 
+/// The marker rewritten by hand without its id (or copied from another data
+/// directory): the database still records this very folder, so the message
+/// says the marker is what changed and how to put its id back; done as it
+/// says, the server starts and serves what it stored.
+#[test]
+fn a_rewritten_marker_is_named_as_such_and_its_id_can_be_put_back() {
+    let mut server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("erin");
+    upload_confirm(&mut c, "e", b"before the marker was lost");
+    drop(c);
+    assert!(server.stop().success());
+    let data = server.data_dir();
+    let marker = data.join("backupd.layout");
+    let original = std::fs::read_to_string(&marker).unwrap();
+    let dir_id = original.lines().nth(1).and_then(|l| l.strip_prefix("id ")).unwrap().to_string();
+    // Without an id the start gives the marker a new one first (as for a
+    // directory marked by hand before ids), then finds it is not the one
+    // the database records.
+    for rewritten in [
+        "backupd data directory, layout 1\n",
+        "backupd data directory, layout 1\nid 0123456789abcdef0123456789abcdef\n",
+    ] {
+        std::fs::write(&marker, rewritten).unwrap();
+        let log = assert_refused(
+            raw_server(server.temp_dir(), &data),
+            &["but its marker", "the marker was rewritten", &format!("`id {dir_id}`")],
+        );
+        assert!(!log.contains(&format!("start with --data-dir {}", data.display())), "{log}");
+    }
+    // As the message says.
+    std::fs::write(&marker, format!("backupd data directory, layout 1\nid {dir_id}\n")).unwrap();
+    server.restart();
+    assert_verified(&server, &id, "e", b"before the marker was lost", "after the marker was put back");
+}
+
 #[test]
 fn a_database_of_an_earlier_version_is_adopted_by_the_data_directory_it_is_first_opened_with() {
     let mut server = TestServer::start(&[]);

@@ -231,6 +231,22 @@ pub fn check_owner(
             Ok(())
         }
         (Some(_), None) if opener == Opener::Reader => Ok(()),
+        // The very folder the database records, with another marker: the
+        // marker was rewritten (by hand, without its id) or copied in.
+        (Some(o), marker) if o.path == path => Err(format!(
+            "database {} records the data directory {} with id {}, but its marker {} holds {}: the \
+             marker was rewritten or copied from another data directory. If {} is that data \
+             directory, put its id back: the marker's two lines are `backupd data directory, layout \
+             1` and `id {}`. Otherwise give it a database of its own with --db (see \
+             docs/OPERATIONS.md, \"One database, one data directory\")",
+            db.display(),
+            o.path,
+            o.id,
+            data_dir.join(crate::datadir::MARKER_FILE).display(),
+            marker.map_or_else(|| "no id".to_string(), |m| format!("the id {m}")),
+            data_dir.display(),
+            o.id
+        )),
         (Some(o), _) => Err(format!(
             "database {} belongs to the data directory {} (id {}), not to {}: start with --data-dir {} \
              --db {}, or give {} a database of its own with --db (a database serves the one data \
