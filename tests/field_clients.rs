@@ -211,6 +211,43 @@ fn per_chunk_client_without_the_empty_chunk() {
     assert_usable(&server, &mut c, "after.bin");
 }
 
+/// A per-chunk client that counts more chunks than the total it announced
+/// (4,000 + 4,000 + 500 bytes as "of 2", or three full chunks and the empty
+/// one as "of 2"): past the total the count could only be going on toward
+/// 65,536 more packets, which such a client sends back to back; this one
+/// stops and waits. It gets one 1607 about a second later (it waited for the
+/// idle timeout, with no reply, before), and the connection stays usable.
+#[test]
+fn per_chunk_client_past_its_total_gets_a_1607_when_it_stops() {
+    let server = TestServer::start(&[]);
+    let (mut c, id) = server.registered_client("miscounting");
+    let (_, key) = session(&c);
+    let chunk = |k: u16, data: &[u8]| {
+        packet_frame(
+            &id,
+            ciphertext_len(data.len() as u64) as u32,
+            data.len() as u32,
+            k,
+            2,
+            &field_of("m.bin"),
+            &encrypt_all(&key, data),
+        )
+    };
+    let a = pseudo_random(8500, 31);
+    let short = [chunk(1, &a[..4000]), chunk(2, &a[4000..8000]), chunk(3, &a[8000..])].concat();
+    let b = pseudo_random(12_000, 32);
+    let full = [chunk(1, &b[..4000]), chunk(2, &b[4000..8000]), chunk(3, &b[8000..]), chunk(4, &[])].concat();
+    for (i, frames) in [short, full].into_iter().enumerate() {
+        let t = std::time::Instant::now();
+        c.send_raw(&frames).unwrap();
+        expect_reply(&mut c, GeneralError);
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert_usable(&server, &mut c, &format!("after{i}.bin"));
+        assert_eq!(log_lines(&server, "past the total of 2 it announced, then none for a second"), i + 1);
+    }
+    assert!(!server.stored_path(&id, "m.bin").exists());
+}
+
 /// The row: 1 KiB packets, the total ciphertext in every packet's
 /// content_size, a file over 64 MiB (about 66,000 packets).
 #[test]

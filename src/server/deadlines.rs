@@ -17,6 +17,7 @@ impl Server {
         let mut to_close: Vec<(usize, u64, String)> = Vec::new();
         let mut stale: Vec<(usize, u64)> = Vec::new();
         let mut ended: Vec<(usize, u64)> = Vec::new();
+        let mut stopped: Vec<(usize, u64)> = Vec::new();
         for (key, c) in self.conns.iter() {
             if let Some(why) = overdue(c, &cfg, now) {
                 to_close.push((key, c.serial(), why));
@@ -27,6 +28,16 @@ impl Server {
             }
             if c.between_frames() && c.proto.end_overdue(now, END_GRACE) {
                 ended.push((key, c.serial()));
+            }
+            if c.between_frames() && !c.has_input() && c.proto.past_total_overdue(now, END_GRACE) {
+                stopped.push((key, c.serial()));
+            }
+        }
+        for (key, serial) in stopped {
+            if let Some(c) = self.conns.get_mut(key).filter(|c| c.serial() == serial) {
+                self.core.refuse_stopped_past_total(&mut c.proto);
+                // Its 1607 goes out now (a drive flushes before it reads).
+                self.drive(key, serial);
             }
         }
         for (key, serial) in ended {
@@ -47,7 +58,9 @@ impl Server {
 
 /// How long a per-chunk upload's pending end (a full chunk numbered as the
 /// total) waits for the empty chunk or the next chunk that per-chunk clients
-/// send right after it, before the file ends there (`sequence.rs`).
+/// send right after it, before the file ends there (`sequence.rs`); and how
+/// long one whose count went on past its total may stop before it is
+/// refused.
 const END_GRACE: Duration = Duration::from_secs(1);
 
 /// Time allowed for `bytes` at the slowest rate tolerated.

@@ -86,6 +86,9 @@ pub fn plan_packet(
         last = false;
     }
     r.chunk = chunk;
+    // The packet after a pending end that does not end the file: the count
+    // goes on past the total.
+    r.past_total |= r.end_pending && !last;
     r.end_pending = end_pending;
     r.segment = s.segment;
     r.last_stream_len = s.last_stream_len;
@@ -498,6 +501,14 @@ mod tests {
         assert!(r.end_pending);
         let s = feed(&mut r, &ph(16, 0, 4, 3), 16).unwrap();
         assert!(s.last && !r.end_pending, "the empty chunk ends it");
+        assert!(!r.past_total);
+        // A non-empty chunk after the pending end: the count goes on past the total.
+        let mut r = receiving(2);
+        feed(&mut r, &ph(4016, 4000, 1, 2), 4016).unwrap();
+        feed(&mut r, &ph(4016, 4000, 2, 2), 4016).unwrap();
+        assert!(r.end_pending && !r.past_total);
+        assert!(!feed(&mut r, &ph(16, 5, 3, 2), 16).unwrap().last);
+        assert!(r.past_total && !r.end_pending);
         // A short last chunk ends it at once; so does packet 1 of 1 (a single packet).
         let mut r = receiving(2);
         feed(&mut r, &ph(4016, 4000, 1, 2), 4016).unwrap();

@@ -95,6 +95,10 @@ pub struct Receiving {
     /// per-chunk clients send next; a non-empty chunk next means the u16
     /// counter wrapped and the upload goes on (see `sequence.rs`).
     pub(super) end_pending: bool,
+    /// A per-chunk upload whose count went on past a full chunk numbered as
+    /// the total: only a client with more than 65,535 chunks does that, and
+    /// it sends them back to back; one that stops is refused (`sequence.rs`).
+    pub(super) past_total: bool,
     pub(super) touched: Instant,
 }
 
@@ -117,6 +121,7 @@ impl Receiving {
             free_at_open: None,
             chunk: None,
             end_pending: false,
+            past_total: false,
             touched: now,
         }
     }
@@ -425,6 +430,16 @@ impl Protocol {
     pub(super) fn end_overdue(&self, now: Instant, grace: Duration) -> bool {
         matches!(&self.upload, Upload::Receiving(r) if r.end_pending && now.duration_since(r.touched) > grace)
             && self.streaming.is_none()
+            && !self.awaits_reply()
+    }
+
+    /// A per-chunk upload went on past its total (see `Receiving::past_total`)
+    /// and nothing of it came for `grace` at `now`, with nothing of it at the
+    /// worker.
+    pub(super) fn past_total_overdue(&self, now: Instant, grace: Duration) -> bool {
+        matches!(&self.upload, Upload::Receiving(r) if r.past_total && now.duration_since(r.touched) > grace)
+            && self.streaming.is_none()
+            && self.packets_in_flight == 0
             && !self.awaits_reply()
     }
 

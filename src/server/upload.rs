@@ -259,6 +259,31 @@ impl<J: JobSink> Core<J> {
         self.content_piece(p, Piece::empty(), true);
     }
 
+    /// A per-chunk upload went on past its total and then stopped (see
+    /// `Protocol::past_total_overdue`): a client that counted more chunks
+    /// than it announced and waits for its 1603. It gets one 1607 (and its
+    /// later packets, should they come, are swallowed) instead of waiting
+    /// for the idle timeout.
+    pub(super) fn refuse_stopped_past_total(&mut self, p: &mut Protocol) {
+        let r = match std::mem::replace(&mut p.upload, Upload::Idle) {
+            Upload::Receiving(r) if r.past_total => r,
+            other => {
+                p.upload = other;
+                return;
+            }
+        };
+        self.drop_upload(&r);
+        self.metrics.unstored(Unstored::Refused);
+        let why = format!(
+            "\"{}\": {} packets, past the total of {} it announced, then none for a second",
+            r.name_field.display(),
+            r.packets,
+            r.total
+        );
+        p.upload = Upload::Ended(Box::new(Ended::failed(&r)));
+        p.refuse(&why);
+    }
+
     /// A piece of the streaming packet's content has been read (`last`: the
     /// packet's last piece): it goes to the worker with its grant.
     pub fn content_piece(&mut self, p: &mut Protocol, piece: Piece, last: bool) {
