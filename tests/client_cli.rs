@@ -389,6 +389,74 @@ fn name_taken_is_exit_2_and_register_replaces_me_info_only_on_success() {
     assert_eq!(rsa::traits::PublicKeyParts::size(&ident.key), 256);
 }
 
+/// An identity that cannot be saved is found out before registering: exit
+/// 1, the path named, and the name still free (without the check the client
+/// registered, uploaded, exited 0 and the name was taken for good).
+#[test]
+fn identity_that_cannot_be_saved_registers_nothing() {
+    let server = TestServer::start(&[]);
+    let addr = server.addr().to_string();
+    let dir = client_dir();
+    write_file(dir.path(), "a", b"abc");
+    // A path under a regular file: its folder cannot be created, even by root.
+    write_file(dir.path(), "blocker", b"a file, not a folder");
+    let run =
+        run_cli(dir.path(), &send_args(&addr, "nora", &["a"], &["--identity", "blocker/me.info", "--json"]));
+    assert_eq!(run.code, 1, "{run:?}");
+    let errors: Vec<&str> = run.stderr.lines().filter(|l| l.contains("error:")).collect();
+    assert_eq!(errors.len(), 1, "{run:?}");
+    assert!(errors[0].contains("cannot save the identity to blocker/me.info"), "{run:?}");
+    assert!(errors[0].contains("nothing was registered"), "{run:?}");
+    assert_eq!(json_field(run.stdout.trim(), "status"), "local_error", "{run:?}");
+    // --register over an existing identity is checked the same way.
+    std::fs::create_dir(dir.path().join("folder")).unwrap();
+    std::fs::create_dir(dir.path().join("folder/me.info")).unwrap();
+    let run = run_cli(
+        dir.path(),
+        &send_args(&addr, "nora", &["a"], &["--identity", "folder/me.info", "--register"]),
+    );
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("cannot save the identity to folder/me.info: it is a folder"), "{run:?}");
+    // Nothing was registered: the name is free.
+    let run = run_cli(dir.path(), &send_args(&addr, "nora", &["a"], &[]));
+    assert_eq!(run.code, 0, "{run:?}");
+    let ident = load_identity(&dir.path().join("me.info")).unwrap();
+    assert_eq!(std::fs::read(server.stored_path(&ident.id, "a")).unwrap(), b"abc");
+}
+
+/// When the identity cannot be saved after registering after all, nothing is
+/// uploaded: exit 1, and the message gives the id and the command that frees
+/// the name (without the fix the client uploaded and exited 0).
+#[test]
+fn identity_lost_after_registering_uploads_nothing() {
+    let dir = client_dir();
+    let id_dir = dir.path().join("id");
+    std::fs::create_dir(&id_dir).unwrap();
+    let fake = FakeServer::start(Script::BreakFolderOn1026 { dir: id_dir });
+    let addr = fake.addr.to_string();
+    write_file(dir.path(), "a", b"abc");
+    write_file(dir.path(), "b", b"def");
+    let run =
+        run_cli(dir.path(), &send_args(&addr, "oscar", &["a", "b"], &["--identity", "id/me.info", "--json"]));
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(fake.codes(), [0, 1025, 1026], "no upload after the identity was lost");
+    let errors: Vec<&str> = run.stderr.lines().filter(|l| l.contains("error:")).collect();
+    assert_eq!(errors.len(), 1, "{run:?}");
+    let hex = "42".repeat(16);
+    for needle in [
+        format!("registered as oscar (id {hex}) but could not save id/me.info"),
+        "nothing was uploaded".into(),
+        "run `backupd reset-key oscar` on the server".into(),
+    ] {
+        assert!(errors[0].contains(&needle), "{needle:?}: {run:?}");
+    }
+    for obj in run.stdout.lines() {
+        assert_eq!(json_field(obj, "status"), "local_error", "{run:?}");
+        assert_eq!(json_field(obj, "exit_code"), "1", "{run:?}");
+    }
+    assert_eq!(run.stdout.lines().count(), 2, "{run:?}");
+}
+
 #[test]
 fn reconnect_denied_is_exit_2() {
     let server = TestServer::start(&[]);
@@ -484,6 +552,10 @@ enum Script {
     Store { dir: PathBuf },
     /// Every upload of this file name is answered 1607 (the connection stays open).
     Refuse { name: String },
+    /// On 1026, before answering, the (empty) folder `dir` is replaced by a
+    /// regular file: the client's identity, checked to be writable before it
+    /// registered, can no longer be saved there.
+    BreakFolderOn1026 { dir: PathBuf },
 }
 
 /// A minimal protocol-v3 server on a thread. Records the request codes it
@@ -545,6 +617,10 @@ fn serve(
         match hdr.code {
             1025 => Response::RegistrationOk { id }.encode(&mut out),
             1026 => {
+                if let Script::BreakFolderOn1026 { dir } = script {
+                    std::fs::remove_dir(dir).unwrap();
+                    std::fs::write(dir, "not a folder").unwrap();
+                }
                 let (pk, _) = crypto::parse_public_key(&payload[NAME_FIELD_LEN..]).unwrap();
                 aes = crypto::random_aes_key();
                 let encrypted_key = crypto::encrypt_session_key(&pk, &aes, OaepHash::Sha1).unwrap();
@@ -603,7 +679,8 @@ fn serve(
                         Script::FailFirstUpload
                         | Script::ChangeFile { .. }
                         | Script::Store { .. }
-                        | Script::Refuse { .. } => {}
+                        | Script::Refuse { .. }
+                        | Script::BreakFolderOn1026 { .. } => {}
                     }
                     if out.is_empty() {
                         let file_name = ph.file_name.0;

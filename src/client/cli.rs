@@ -8,6 +8,10 @@
 //! * Session (once per connection): reconnect (1027) with `me.info`, or
 //!   register (1025) + send a fresh key (1026) and then save `me.info`
 //!   atomically. 1601 and 1606 end the run (exit 2) with a clear message.
+//!   Before registering, the run checks that `me.info` can be saved (exit 1
+//!   and nothing registered if not); if saving fails after all, the run ends
+//!   (exit 1) before anything is uploaded, naming the id and the
+//!   `backupd reset-key` that frees the name.
 //! * Each file: [`Client::send_file`] (three cksum attempts, then 1031). On
 //!   1607, a network failure or a malformed reply, the file is retried up to
 //!   `--retries` more times (default 2) with a short backoff, on a new
@@ -39,7 +43,8 @@ use crate::crypto::OaepHash;
 
 /// Every file was verified.
 pub const EXIT_OK: i32 = 0;
-/// Usage or local error (bad arguments, missing file, bad me.info, file changed while read).
+/// Usage or local error (bad arguments, missing file, bad me.info, me.info cannot be saved, file changed
+/// while read).
 pub const EXIT_LOCAL: i32 = 1;
 /// Refused by the server (name taken, reconnect denied, 1607 after retries, malformed reply).
 pub const EXIT_REFUSED: i32 = 2;
@@ -74,11 +79,15 @@ Incremental: files the server verified are recorded beside me.info
 Identity (me.info: name, 32-hex id, base64 of the RSA private key's DER):
   Without me.info the client registers (1025), sends a new RSA key (1026) and
   saves me.info (mode 0600, written atomically). With it, it reconnects (1027).
+  Before registering it checks that me.info can be written there: if not, it
+  registers nothing and exits 1. Should saving still fail after registering,
+  it uploads nothing and exits 1; the server then holds the name with a lost
+  key until the operator runs `backupd reset-key NAME` there.
 
 Exit codes:
   0  every file was verified by the server
   1  usage or local error (bad arguments, missing file, bad me.info,
-     file changed while being read)
+     me.info cannot be saved, file changed while being read)
   2  refused by the server (name taken, reconnect denied, 1607 after retries,
      malformed reply)
   3  cksum still wrong after three attempts (the upload was aborted with 1031)

@@ -128,18 +128,41 @@ pub fn save_identity(path: &Path, identity: &Identity) -> io::Result<()> {
     write_atomic(path, text.as_bytes(), 0o600)
 }
 
-/// Write a file atomically: a temp file (`mode`) in the same directory,
-/// fsync, rename over `path`, fsync the directory. A crash leaves either the
-/// old file or the new one, never a mix.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+/// Whether [`save_identity`] can write `path`, checked before registering so
+/// that a new identity is not lost: the temp file [`write_atomic`] would use
+/// is created in the same directory and removed again, and `path` is not a
+/// folder (a rename cannot replace one). Nothing else is changed.
+pub fn check_can_save(path: &Path) -> io::Result<()> {
+    let (_, tmp) = temp_path(path)?;
+    if fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Err(io::Error::other("it is a folder"));
+    }
+    drop(open_temp(&tmp, 0o600)?);
+    fs::remove_file(&tmp)
+}
+
+/// The directory of `path` and the temp file [`write_atomic`] writes there.
+fn temp_path(path: &Path) -> io::Result<(PathBuf, PathBuf)> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
     let file_name = path.file_name().ok_or_else(|| io::Error::other("the path has no file name"))?;
     let tmp = dir.join(format!(".{}.tmp.{}", file_name.to_string_lossy(), std::process::id()));
+    Ok((dir, tmp))
+}
+
+fn open_temp(tmp: &Path, mode: u32) -> io::Result<fs::File> {
+    OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(tmp)
+}
+
+/// Write a file atomically: a temp file (`mode`) in the same directory,
+/// fsync, rename over `path`, fsync the directory. A crash leaves either the
+/// old file or the new one, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let (dir, tmp) = temp_path(path)?;
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        let mut f = open_temp(&tmp, mode)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
@@ -281,6 +304,21 @@ mod tests {
         assert_eq!(mode, 0o600);
         assert_eq!(load_identity(&path).unwrap().name, "alice");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file left");
+    }
+
+    #[test]
+    fn check_can_save_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("me.info");
+        check_can_save(&path).unwrap();
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "no temp file left");
+        // A parent that is a regular file, a missing parent, a folder in its place.
+        fs::write(dir.path().join("file"), "x").unwrap();
+        assert!(check_can_save(&dir.path().join("file/me.info")).is_err());
+        assert!(check_can_save(&dir.path().join("missing/me.info")).is_err());
+        fs::create_dir(&path).unwrap();
+        assert!(check_can_save(&path).unwrap_err().to_string().contains("folder"));
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "no temp file left");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::run::report_for;
 use super::ui::Ui;
 use super::walk::Entry;
 use super::{Client, ClientError, ClientOptions, PacketPlan, SendOutcome, UploadOptions};
-use crate::protocol::{id_hex, Response};
+use crate::protocol::{id_hex, parse_id_hex, Response};
 
 /// How an error from the client library is handled.
 enum Disposition {
@@ -100,23 +100,53 @@ impl Session {
         let key = self.new_key.as_ref().expect("key generated above");
         client.send_public_key(&self.name, key)?;
         let ident = Identity { name: self.name.clone(), id, key: key.clone() };
-        match identity::save_identity(&self.identity_path, &ident) {
-            Ok(()) => ui.info(&format!(
-                "registered as {} (id {}); identity saved to {}",
-                ident.name,
-                id_hex(&id),
-                self.identity_path.display()
-            )),
-            Err(e) => ui.error(&format!(
-                "registered as {} (id {}) but could not save {}: {e}; this identity will be lost",
-                ident.name,
-                id_hex(&id),
-                self.identity_path.display()
-            )),
+        // Checked before registering (run.rs), but the folder may have
+        // changed since: then the key is lost, and uploading under an
+        // identity nobody can use again would only hide that.
+        if let Err(e) = identity::save_identity(&self.identity_path, &ident) {
+            return Err(ClientError::local(
+                e.kind(),
+                format!(
+                    "registered as {} (id {}) but could not save {}: {e}; nothing was uploaded. The server now \
+                     holds this name with a key that is lost: run `{}` on the server to forget it, then run \
+                     the client again with an identity path that can be written",
+                    ident.name,
+                    id_hex(&id),
+                    self.identity_path.display(),
+                    reset_key_command(&ident.name)
+                ),
+            ));
         }
+        ui.info(&format!(
+            "registered as {} (id {}); identity saved to {}",
+            ident.name,
+            id_hex(&id),
+            self.identity_path.display()
+        ));
         self.identity = Some(ident);
         self.new_key = None;
         Ok(client)
+    }
+}
+
+/// The `backupd reset-key` command for the client `name`, as it is typed in
+/// a POSIX shell: `name:` in front of a name that would be read as an id or
+/// an option, single quotes around one that needs them.
+pub(super) fn reset_key_command(name: &str) -> String {
+    let spec = if parse_id_hex(name).is_some()
+        || name.starts_with('-')
+        || name.starts_with("id:")
+        || name.starts_with("name:")
+    {
+        format!("name:{name}")
+    } else {
+        name.to_string()
+    };
+    let plain = spec.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-+=:,@%/".contains(&b));
+    if plain {
+        format!("backupd reset-key {spec}")
+    } else {
+        format!("backupd reset-key '{}'", spec.replace('\'', r"'\''"))
     }
 }
 
@@ -263,4 +293,22 @@ fn attempt(
             })
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reset_key_command;
+
+    #[test]
+    fn reset_key_command_is_typed_as_is() {
+        assert_eq!(reset_key_command("alice"), "backupd reset-key alice");
+        assert_eq!(reset_key_command("a.b-c_d@h"), "backupd reset-key a.b-c_d@h");
+        assert_eq!(reset_key_command("Jo Doe"), "backupd reset-key 'Jo Doe'");
+        assert_eq!(reset_key_command("it's"), r"backupd reset-key 'it'\''s'");
+        assert_eq!(reset_key_command("-x"), "backupd reset-key name:-x");
+        assert_eq!(reset_key_command("id:1"), "backupd reset-key name:id:1");
+        assert_eq!(reset_key_command("name:1"), "backupd reset-key name:name:1");
+        let hex = "0123456789abcdef0123456789abcdef";
+        assert_eq!(reset_key_command(hex), format!("backupd reset-key name:{hex}"));
+    }
 }

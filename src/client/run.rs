@@ -91,14 +91,24 @@ fn finish(r: FileReport, ui: &Ui, tally: &mut Tally) {
 }
 
 /// Checks before anything is sent: the server address, the user name, and
-/// the identity file (if any, and not `--register`) against that name. In
-/// legacy mode (transfer.info) me.info's name wins. The identity, if one is
-/// used, and the name to register or reconnect as.
+/// the identity file (if any, and not `--register`) against that name, or
+/// (to register) that it can be saved. In legacy mode (transfer.info)
+/// me.info's name wins. The identity, if one is used, and the name to
+/// register or reconnect as.
 fn check_identity(job: &Job, o: &CommonOpts, ui: &Ui) -> Result<(Option<Identity>, String), Failure> {
     super::cli::check_server(&job.server).map_err(Failure::local)?;
     let mut name = job.name.clone();
     super::name_field(&name).map_err(|e| Failure::local(format!("user name: {e}")))?;
     if o.register || !o.identity.exists() {
+        // A registration whose identity cannot be saved locks the name out
+        // (the key would be lost): find out before registering.
+        identity::check_can_save(&o.identity).map_err(|e| {
+            Failure::local(format!(
+                "cannot save the identity to {}: {e}; nothing was registered (use --identity with a path in a \
+                 folder that can be written)",
+                o.identity.display()
+            ))
+        })?;
         return Ok((None, name));
     }
     let id =
