@@ -577,7 +577,16 @@ fn reset_key_lets_a_new_connection_set_a_new_key() {
     let mut f = fixture();
     f.server.stop();
     let data = f.server.data_dir();
-    admin_ok(&data, &["reset-key", "alice"], 0);
+    let r = admin_ok(&data, &["reset-key", "alice"], 0);
+    // The hint names a client command line that exists (the client's unit
+    // tests parse it with its real command line definition).
+    assert!(
+        r.stdout.contains(
+            "`backup-client send PATH... --server HOST:PORT --name NAME --register` does it \
+             (`backup-client --register` in a folder with transfer.info)"
+        ),
+        "{r:?}"
+    );
     let list = json(&admin_ok(&data, &["clients", "--json"], 0).stdout);
     let a = list.arr().iter().find(|c| c["name"].str() == "alice").unwrap();
     assert_eq!(a["has_key"], false);

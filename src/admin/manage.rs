@@ -14,6 +14,7 @@ use rusqlite::params;
 
 use super::output::shown;
 use super::store::{ClientInfo, Store, StoreArgs};
+use crate::client::cli::{REGISTER_AGAIN, REGISTER_AGAIN_LEGACY};
 use crate::datadir::{self, DbLock, Dir, DirLock, Kind};
 use crate::protocol::id_hex;
 
@@ -73,9 +74,11 @@ pub fn reset_key(args: &ResetKeyArgs) -> Result<ExitCode, String> {
         .map_err(|e| store.err(e))?;
     println!(
         "reset the key of {} ({}): the client registers its name again (1025 is answered with the same \
-         id) and sends its new key (1026) on that connection; `backup-client --register --name NAME` does it",
+         id) and sends its new key (1026) on that connection; `{REGISTER_AGAIN}` does it (`{}` in a folder \
+         with transfer.info)",
         shown(&client.name),
-        id_hex(&client.id)
+        id_hex(&client.id),
+        REGISTER_AGAIN_LEGACY
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -53,6 +53,12 @@ pub const EXIT_CKSUM: i32 = 3;
 /// Network failure or timeout.
 pub const EXIT_NETWORK: i32 = 4;
 
+/// The command line that registers a client again, e.g. after `backupd
+/// reset-key` (its hint, and the client's own hints, give it).
+pub const REGISTER_AGAIN: &str = "backup-client send PATH... --server HOST:PORT --name NAME --register";
+/// The same in legacy mode (transfer.info in the current folder).
+pub const REGISTER_AGAIN_LEGACY: &str = "backup-client --register";
+
 const AFTER_HELP: &str = "\
 Modes:
   backup-client send PATH... --server HOST:PORT --name NAME [--identity PATH]
@@ -345,6 +351,15 @@ mod tests {
         let cli = Cli::try_parse_from(["backup-client", "--quiet"]).unwrap();
         assert!(cli.command.is_none());
         assert!(Cli::try_parse_from(["backup-client", "--key-bits", "512"]).is_err());
+        // The commands the hints give parse, and register.
+        let cli = Cli::try_parse_from(REGISTER_AGAIN.split(' ')).unwrap();
+        assert!(cli.opts.register);
+        let Some(Command::Send(s)) = cli.command else { panic!("{REGISTER_AGAIN}") };
+        assert_eq!((s.server.as_str(), s.name.as_str()), ("HOST:PORT", "NAME"));
+        let cli = Cli::try_parse_from(REGISTER_AGAIN_LEGACY.split(' ')).unwrap();
+        assert!(cli.opts.register && cli.command.is_none());
+        // What the hint of `backupd reset-key` used to say does not.
+        assert!(Cli::try_parse_from(["backup-client", "--register", "--name", "NAME"]).is_err());
         use clap::CommandFactory;
         Cli::command().debug_assert();
     }
