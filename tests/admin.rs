@@ -579,7 +579,8 @@ fn reset_key_lets_a_new_connection_set_a_new_key() {
     let data = f.server.data_dir();
     let r = admin_ok(&data, &["reset-key", "alice"], 0);
     // The hint names a client command line that exists (the client's unit
-    // tests parse it with its real command line definition).
+    // tests parse it with its real command line definition;
+    // tests/client_cli.rs runs it after a reset).
     assert!(
         r.stdout.contains(
             "`backup-client send PATH... --server HOST:PORT --name NAME --register` does it \

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backupd::client::identity::{load_identity, parse_me_info};
+use backupd::client::identity::{format_me_info, load_identity, parse_me_info, Identity};
 use backupd::crypto::{self, Cksum, OaepHash, StreamDecryptor};
 use backupd::protocol::{
     id_hex, PacketHeader, RequestHeader, Response, NAME_FIELD_LEN, PACKET_HEADER_LEN, REQUEST_HEADER_LEN,
@@ -474,6 +474,75 @@ fn reconnect_denied_is_exit_2() {
     assert_eq!(run.code, 2, "{run:?}");
     assert_eq!(json_field(run.stdout.trim(), "status"), "reconnect_denied");
     assert!(run.stderr.contains("--register"), "{run:?}");
+}
+
+/// The text between the backquotes that start with `start`.
+fn quoted_command<'a>(text: &'a str, start: &str) -> &'a str {
+    let from = text.find(&format!("`{start}")).unwrap_or_else(|| panic!("no `{start}... in {text}")) + 1;
+    let len = text[from..].find('`').unwrap_or_else(|| panic!("unterminated `{start}... in {text}"));
+    &text[from..from + len]
+}
+
+/// A me.info with this client's id but another key: exit 2 (crypto error)
+/// with a hint that names the way out, and the way out works: the
+/// `backupd reset-key` of the hint (server stopped), then the client command
+/// its own hint names (without the fix there was no hint).
+#[test]
+fn key_mismatch_hints_at_reset_key_and_register_again() {
+    let mut server = TestServer::start(&[]);
+    let addr = server.addr().to_string();
+    let dir = client_dir();
+    write_file(dir.path(), "a", b"abc");
+    let run = run_cli(dir.path(), &send_args(&addr, "pia", &["a"], &[]));
+    assert_eq!(run.code, 0, "{run:?}");
+    let ident = load_identity(&dir.path().join("me.info")).unwrap();
+    // Same name and id, another key.
+    let other = Identity { key: test_key().clone(), ..ident.clone() };
+    std::fs::write(dir.path().join("other.info"), format_me_info(&other).unwrap()).unwrap();
+    let run = run_cli(dir.path(), &send_args(&addr, "pia", &["a"], &["--identity", "other.info", "--json"]));
+    assert_eq!(run.code, 2, "{run:?}");
+    assert_eq!(json_field(run.stdout.trim(), "status"), "crypto_error", "{run:?}");
+    let hint = format!(
+        "the private key in other.info does not match the key the server holds for pia (id {}): the operator \
+         can run `backupd reset-key pia` on the server, then register again with \
+         `backup-client send PATH... --server HOST:PORT --name NAME --register`",
+        id_hex(&ident.id)
+    );
+    assert!(run.stderr.contains("cannot decrypt the 128-byte session key"), "{run:?}");
+    assert!(run.stderr.contains(&hint), "{run:?}");
+
+    // Follow the hints: the operator's command, then the one `backupd reset-key` prints.
+    server.stop();
+    let data = server.data_dir();
+    let mut reset: Vec<&std::ffi::OsStr> = quoted_command(&run.stderr, "backupd reset-key")
+        .split(' ')
+        .skip(1)
+        .map(std::ffi::OsStr::new)
+        .collect();
+    reset.extend([std::ffi::OsStr::new("--data-dir"), data.as_os_str()]);
+    let r = run_admin(&reset, &[], CLI_TIMEOUT);
+    assert_eq!(r.code, 0, "{r:?}");
+    server.restart();
+    let addr = server.addr().to_string();
+    let mut again: Vec<&str> = quoted_command(&r.stdout, "backup-client send")
+        .split(' ')
+        .skip(1)
+        .map(|w| match w {
+            "PATH..." => "a",
+            "HOST:PORT" => &addr,
+            "NAME" => "pia",
+            w => w,
+        })
+        .collect();
+    again.extend(["--identity", "other.info", "--quiet"]);
+    let run = run_cli(dir.path(), &again);
+    assert_eq!(run.code, 0, "{again:?}: {run:?}");
+    let renewed = load_identity(&dir.path().join("other.info")).unwrap();
+    assert_eq!((renewed.name.as_str(), renewed.id), ("pia", ident.id), "the same client again");
+    assert!(renewed.key != *test_key(), "a new key");
+    // From now on that identity reconnects.
+    let run = run_cli(dir.path(), &send_args(&addr, "pia", &["a"], &["--identity", "other.info", "--all"]));
+    assert_eq!(run.code, 0, "{run:?}");
 }
 
 #[test]

@@ -64,6 +64,9 @@ pub(super) struct Session {
     /// Key generated for a registration not completed yet (kept across retries).
     pub(super) new_key: Option<RsaPrivateKey>,
     pub(super) key_bits: u32,
+    /// The command line that registers again ([`REGISTER_AGAIN`](super::cli::REGISTER_AGAIN) or
+    /// its legacy form), for hints.
+    pub(super) register_again: &'static str,
     pub(super) client_opts: ClientOptions,
     pub(super) client: Option<Client>,
 }
@@ -92,7 +95,20 @@ impl Session {
         }
         let mut client = Client::connect(self.server.as_str(), &self.client_opts)?;
         if let Some(ident) = &self.identity {
-            client.reconnect(ident.id, &ident.name, &ident.key)?;
+            client.reconnect(ident.id, &ident.name, &ident.key).map_err(|e| match e {
+                // The server encrypted the session key with the public key it
+                // holds for this id: ours is not its private half.
+                ClientError::Crypto(m) => ClientError::Crypto(format!(
+                    "{m}; the private key in {} does not match the key the server holds for {} (id {}): \
+                     the operator can run `{}` on the server, then register again with `{}`",
+                    self.identity_path.display(),
+                    ident.name,
+                    id_hex(&ident.id),
+                    reset_key_command(&ident.name),
+                    self.register_again
+                )),
+                e => e,
+            })?;
             ui.info(&format!("reconnected as {} (id {})", ident.name, id_hex(&ident.id)));
             return Ok(client);
         }

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 
-use super::cli::{job_from, Cli, CommonOpts, Convention, Job, EXIT_LOCAL};
+use super::cli::{
+    job_from, Cli, CommonOpts, Convention, Job, EXIT_LOCAL, REGISTER_AGAIN, REGISTER_AGAIN_LEGACY,
+};
 use super::exclude::Excludes;
 use super::identity::{self, Identity};
 use super::record::{self, Record, Stamp, Verified};
@@ -61,6 +63,7 @@ pub fn run(cli: Cli) -> i32 {
         identity: ident,
         new_key: None,
         key_bits: o.key_bits,
+        register_again: if job.legacy { REGISTER_AGAIN_LEGACY } else { REGISTER_AGAIN },
         client_opts: ClientOptions {
             connect_timeout: o.connect_timeout,
             read_timeout: o.read_timeout,
