@@ -496,14 +496,37 @@ pub struct Source {
     pub max_clients: usize,
 }
 
+/// How often a metrics file that keeps failing is logged again.
+const FAILURE_REMINDER: Duration = Duration::from_secs(3600);
+
 /// Start the thread that writes `path` every `interval` and once more at stop.
 pub fn spawn_writer(path: PathBuf, interval: Duration, src: Source) -> std::io::Result<Writer> {
     let (tx, rx) = mpsc::channel::<()>();
-    let write = move |src: &Source| {
+    // A file that cannot be written (its folder missing, a full disk) is
+    // logged once, again when the error changes and once an hour while it
+    // lasts, and when writing works again: not every interval.
+    let mut failing: Option<(String, Instant, u64)> = None;
+    let mut write = move |src: &Source| {
         let text =
             src.metrics.render(&src.budget, &src.data_dir, src.max_clients, crate::logging::dropped_total());
-        if let Err(e) = write_atomically(&path, &text) {
-            log::warn!("cannot write metrics to {}: {e}", path.display());
+        match (write_atomically(&path, &text), &mut failing) {
+            (Ok(()), None) => {}
+            (Ok(()), Some((_, _, n))) => {
+                log::info!("metrics written to {} again, after {n} failed attempt(s)", path.display());
+                failing = None;
+            }
+            (Err(e), Some((last, at, n))) if *last == e.to_string() && at.elapsed() < FAILURE_REMINDER => {
+                *n += 1;
+            }
+            (Err(e), f) => {
+                let n = f.as_ref().map_or(0, |f| f.2) + 1;
+                log::warn!(
+                    "cannot write metrics to {}: {e} ({n} failed attempt(s); logged again when this changes, \
+                     or in an hour)",
+                    path.display()
+                );
+                *f = Some((e.to_string(), Instant::now(), n));
+            }
         }
     };
     let handle = std::thread::Builder::new().name("backupd-metrics".into()).spawn(move || loop {

@@ -302,3 +302,25 @@ fn the_metrics_file_is_readable_by_all_and_its_interval_has_a_floor() {
     assert_eq!(out.code, 1, "{out:?}");
     assert!(out.stderr.contains("--metrics-interval must be at least 100ms"), "{out:?}");
 }
+
+/// A metrics file that cannot be written (its folder missing) is logged
+/// once, not every interval, and its recovery is logged once it can be.
+#[test]
+fn a_metrics_file_that_cannot_be_written_is_logged_once_and_its_recovery_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("not-yet");
+    let prom = folder.join("backupd.prom");
+    let server =
+        TestServer::start(&["--metrics-file", prom.to_str().unwrap(), "--metrics-interval", "100ms"]);
+    server.wait_for_log("cannot write metrics", Duration::from_secs(10));
+    // Ten intervals and more.
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = server.log_text();
+    assert_eq!(log.matches("cannot write metrics").count(), 1, "{log}");
+    std::fs::create_dir(&folder).unwrap();
+    server.wait_for_log("metrics written to", Duration::from_secs(10));
+    assert!(wait_until(Duration::from_secs(10), || prom.exists()), "no metrics file");
+    let log = server.log_text();
+    assert_eq!(log.matches("cannot write metrics").count(), 1, "{log}");
+    assert!(log.contains("again, after "), "{log}");
+}
