@@ -645,6 +645,44 @@ fn new_id() -> io::Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
+/// The data directory's folder and lock files as they were when the server
+/// started (device and inode), to notice while it serves that one was
+/// removed, moved or replaced: an `rm -rf` of the data directory, or lock
+/// files deleted as "stale" so that a second server could start beside this
+/// one. Either way this server must stop, not go on acknowledging uploads
+/// into a folder nobody will find or that another server shares.
+#[derive(Debug)]
+pub struct Watch {
+    entries: Vec<(PathBuf, (u64, u64))>,
+}
+
+impl Watch {
+    /// Note each of `paths` that exists now (a path to the data directory
+    /// may be a link: it is followed, as at start).
+    pub fn new(paths: &[PathBuf]) -> Watch {
+        use std::os::unix::fs::MetadataExt;
+        let entries = paths
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok().map(|m| (p.clone(), (m.dev(), m.ino()))))
+            .collect();
+        Watch { entries }
+    }
+
+    /// The first noted path that is gone or is another file now, and what
+    /// became of it.
+    pub fn changed(&self) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        self.entries.iter().find_map(|(p, id)| match std::fs::metadata(p) {
+            Ok(m) if (m.dev(), m.ino()) == *id => None,
+            Ok(_) => Some(format!("{} was replaced by another file", p.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Some(format!("{} was removed", p.display()))
+            }
+            // Another error (permissions changed, I/O): not taken as a change.
+            Err(_) => None,
+        })
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1073,3 +1073,40 @@ fn a_database_lock_file_that_is_a_link_is_never_written_through() {
     assert!(out.stderr.contains("backupd.db.lock is a symbolic link"), "{out:?}");
     assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
 }
+
+/// The data directory moved or removed while the server runs, or its lock
+/// files deleted (as "stale", so that a second server could start beside
+/// it): the server notices within seconds, logs one error line naming what
+/// changed, stops as on SIGTERM and exits 1, instead of acknowledging
+/// uploads into a folder nobody will find or sharing it with another server.
+#[test]
+fn a_data_directory_removed_or_unlocked_while_serving_stops_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    for case in ["moved", "unlocked"] {
+        let data = tmp.path().join(format!("data-{case}"));
+        let mut s = raw_server(tmp.path(), &data);
+        assert!(
+            wait_until(Duration::from_secs(20), || s.log_text().contains("listening on")),
+            "{}",
+            s.log_text()
+        );
+        assert!(
+            s.wait_exit(Duration::from_secs(3)).is_none(),
+            "stopped with nothing changed:\n{}",
+            s.log_text()
+        );
+        let what = if case == "moved" {
+            std::fs::rename(&data, tmp.path().join("elsewhere")).unwrap();
+            format!("{} was removed while the server ran: stopping", data.display())
+        } else {
+            std::fs::remove_file(data.join("backupd.lock")).unwrap();
+            std::fs::remove_file(data.join("backupd.db.lock")).unwrap();
+            format!("{} was removed while the server ran: stopping", data.join("backupd.lock").display())
+        };
+        let status = s.wait_exit(Duration::from_secs(20)).expect("the server must stop");
+        let log = s.log_text();
+        assert_eq!(status.code(), Some(1), "{case}: {log}");
+        assert!(log.contains(&what), "{case}: {log}");
+        assert!(!log.contains("shut down cleanly"), "{case}: {log}");
+    }
+}

@@ -95,6 +95,10 @@ const FRAMES_PER_TURN: usize = 16;
 /// How often timeouts are checked. A scan of every connection once per
 /// second costs nothing next to a deadline heap at these connection counts.
 const TICK: Duration = Duration::from_millis(500);
+
+/// How often the data directory and its lock files are checked to be the
+/// ones the server started with.
+const HOME_EVERY: Duration = Duration::from_secs(2);
 /// Slowest payload rate tolerated once a frame's header is in (bytes/s): a
 /// frame, a content piece or a refused packet's content must complete within
 /// header_timeout + size / this rate, so a client cannot hold a grant of the
@@ -138,6 +142,12 @@ pub struct Server {
     /// Connections that stopped for fairness and must be driven again.
     ready: VecDeque<(usize, u64)>,
     shutdown: Option<Instant>,
+    /// The data directory and its lock files as at start, checked every
+    /// [`HOME_EVERY`]; set when one was removed or replaced (the server
+    /// then stops and exits with an error).
+    home: crate::datadir::Watch,
+    home_checked: Instant,
+    home_lost: Option<String>,
     /// The thread writing `--metrics-file`, if any.
     metrics_writer: Option<crate::metrics::Writer>,
     /// sd_notify readiness and watchdog.
@@ -222,6 +232,7 @@ impl Server {
             }
             if now >= next_tick {
                 self.housekeeping(now);
+                self.check_home(now);
                 next_tick = now + TICK;
             }
             if let Some(deadline) = self.shutdown {
@@ -255,6 +266,32 @@ impl Server {
             "signal received: no new connections; finishing in-flight work (up to {:?})",
             self.core.cfg.shutdown_timeout
         );
+        self.begin_shutdown();
+    }
+
+    /// Is the data directory still the one the server started with? If it
+    /// was removed or replaced (or a lock file was), stop: one error line,
+    /// then the same shutdown as on SIGTERM, and an exit with an error.
+    pub(super) fn check_home(&mut self, now: Instant) {
+        if self.home_lost.is_some() || now.duration_since(self.home_checked) < HOME_EVERY {
+            return;
+        }
+        self.home_checked = now;
+        let Some(what) = self.home.changed() else { return };
+        log::error!(
+            "{what} while the server ran: stopping (uploads acknowledged from now on could be lost, \
+             and another server could share the data directory); start it again on the data directory \
+             it is to serve"
+        );
+        self.home_lost = Some(what);
+        if self.shutdown.is_none() {
+            self.begin_shutdown();
+        }
+    }
+
+    /// No new connections; quiet ones closed; the rest finish their work
+    /// (up to `--shutdown-timeout`).
+    fn begin_shutdown(&mut self) {
         self.shutdown = Some(Instant::now() + self.core.cfg.shutdown_timeout);
         self.notifier.stopping();
         if let Some(mut l) = self.listener.take() {
@@ -286,6 +323,9 @@ impl Server {
         // The last figures, with the worker done.
         if let Some(mut w) = self.metrics_writer.take() {
             w.stop();
+        }
+        if let Some(what) = self.home_lost.take() {
+            return Err(io::Error::other(format!("stopped: {what}")));
         }
         log::info!("shut down cleanly");
         Ok(())
