@@ -295,7 +295,11 @@ impl Ended {
                 && r.total == ph.total_packets
                 && r.next == ph.packet_number
         });
+        // A packet 1 starts over on purpose: the upload in progress is not
+        // coming back. Any other that names another file or total is a
+        // stray in the middle of it, whose rest may follow.
         let abandoned = r
+            .filter(|_| ph.packet_number != 1)
             .filter(|r| r.name_field.bytes() != ph.file_name.bytes() || r.total != ph.total_packets)
             .map(|r| (r.name_field.clone(), r.total));
         let stream_left = match own.and_then(|r| r.segment) {
@@ -625,6 +629,9 @@ mod tests {
         let mut r = receiving(3);
         feed(&mut r, &ph(16, 40, 1, 3), 16).unwrap();
         assert_eq!(Ended::refused(Some(&r), &ph(16, 40, 2, 3), 16).abandoned, None);
+        // A packet 1 (of another total) starts over on purpose: the upload in
+        // progress is not coming back, nothing of it is swallowed.
+        assert_eq!(Ended::refused(Some(&r), &ph(16, 40, 1, 5), 16).abandoned, None);
     }
 
     #[test]

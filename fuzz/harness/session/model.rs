@@ -38,6 +38,9 @@ pub(super) enum MUpload {
         total: u16,
         next: u16,
         refused: bool,
+        /// Refused by a packet that did not follow the upload in progress:
+        /// that upload's name field and total, whose packets are swallowed too.
+        abandoned: Option<Box<(NameField, u16)>>,
     },
 }
 

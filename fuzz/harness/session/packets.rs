@@ -52,9 +52,11 @@ impl Sim<'_> {
     }
 
     /// After an ended upload: a refused one swallows every later packet of it
-    /// (a packet 1 is new: no input here reaches the 65,536 packets a wrapped
-    /// counter needs), a received one only its empty chunk n+1 of n. Any
-    /// other packet ends the swallowing. True when this packet was swallowed.
+    /// (of its name field and total, or of the upload in progress it
+    /// abandoned; any number but 1, which is new: no input here reaches the
+    /// 65,536 packets a wrapped counter needs), a received one only its empty
+    /// chunk n+1 of n. Any other packet ends the swallowing. True when this
+    /// packet was swallowed.
     fn swallowed(
         &mut self,
         s: usize,
@@ -66,8 +68,12 @@ impl Sim<'_> {
         let (k, n) = (ph.packet_number, ph.total_packets);
         let slot = &mut self.slots[s];
         let m = &mut slot.model;
-        let MUpload::Ended { field, next, total, refused } = &m.upload else { return false };
-        let same = field.bytes() == ph.file_name.bytes() && k == *next && n == *total;
+        let MUpload::Ended { field, next, total, refused, abandoned } = &m.upload else { return false };
+        let named = |f: &NameField, t: u16| f.bytes() == ph.file_name.bytes() && n == t;
+        let own = named(field, *total);
+        let of_refused =
+            *refused && k != 1 && (own || abandoned.as_deref().is_some_and(|(f, t)| named(f, *t)));
+        let same = own && k == *next;
         let trailer = !*refused
             && k == n.wrapping_add(1)
             && ph.orig_file_size == 0
@@ -79,14 +85,26 @@ impl Sim<'_> {
             && !trailer
             && content_len > 0
             && content_len == ciphertext_len(u64::from(ph.orig_file_size));
-        if !(same && ((*refused && k != 1) || trailer || chunk_after)) {
+        if !(of_refused || (same && (trailer || chunk_after))) {
             m.upload = MUpload::Idle;
             return false;
         }
         assert!(replies.is_empty() && jobs.is_empty(), "a swallowed packet was answered or sent on");
         assert_eq!(slot.proto.incoming(), Some(Incoming::Drain { len: content_len }));
-        let (field, refused) = (field.clone(), *refused || chunk_after);
-        m.upload = MUpload::Ended { field, next: k.wrapping_add(1), total: n, refused };
+        let refused = *refused || chunk_after;
+        // A refused upload keeps its names (its later packets may carry
+        // either); a received one that swallowed its trailer goes on by number.
+        m.upload = if of_refused {
+            m.upload.clone()
+        } else {
+            MUpload::Ended {
+                field: field.clone(),
+                next: k.wrapping_add(1),
+                total: n,
+                refused,
+                abandoned: None,
+            }
+        };
         self.stats.packets_skipped += u32::from(refused);
         self.stats.trailers += u32::from(!refused);
         true
@@ -115,11 +133,20 @@ impl Sim<'_> {
             expected.extend(drop_staged(m, name));
         }
         assert_eq!(seen.discards, sorted(expected), "a refused packet drops the upload in progress");
+        let abandoned = match &m.upload {
+            MUpload::Receiving { field, total, .. }
+                if k != 1 && (field.bytes() != seen.ph.file_name.bytes() || *total != n) =>
+            {
+                Some(Box::new((field.clone(), *total)))
+            }
+            _ => None,
+        };
         m.upload = MUpload::Ended {
             field: seen.ph.file_name.clone(),
             next: k.wrapping_add(1),
             total: n,
             refused: true,
+            abandoned,
         };
         self.stats.packets_refused += 1;
     }

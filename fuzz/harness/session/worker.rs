@@ -323,7 +323,7 @@ impl Sim<'_> {
             }
         }
         assert_eq!(discards_only(jobs), expected);
-        m.upload = MUpload::Ended { field, total, next, refused: false };
+        m.upload = MUpload::Ended { field, total, next, refused: false, abandoned: None };
         m.owed = Owed::Nothing;
         self.stats.received += 1;
     }
@@ -363,7 +363,7 @@ impl Sim<'_> {
                 if *id == upload =>
             {
                 let (field, total, next) = (field.clone(), *total, *next);
-                m.upload = MUpload::Ended { field, total, next, refused: true };
+                m.upload = MUpload::Ended { field, total, next, refused: true, abandoned: None };
                 true
             }
             _ => false,
