@@ -299,6 +299,20 @@ fn restore_of_a_folder_recreates_nested_paths() {
             .collect();
     assert_eq!(got, want);
     admin_ok(&data, &["verify", "alice"], 0);
+    // The same folder however it is written; `..` names nothing.
+    for (i, arg) in ["./docs", "docs//", "/docs/./", "docs//2026/../2026"].iter().enumerate() {
+        let out = f.server.temp_dir().join(format!("out{i}"));
+        let code = if arg.contains("..") { 1 } else { 0 };
+        let r = admin_ok(&data, &["restore", "alice", arg, "--to", out.to_str().unwrap()], code);
+        if code == 0 {
+            assert_eq!(tree(&out), want, "{arg}");
+        } else {
+            assert!(r.stderr.contains("is not a stored file or folder"), "{arg}: {r:?}");
+        }
+    }
+    let out = f.server.temp_dir().join("out-sub");
+    admin_ok(&data, &["restore", "alice", "docs//2026", "--to", out.to_str().unwrap()], 0);
+    assert_eq!(tree(&out).keys().collect::<Vec<_>>(), ["docs/2026/report.pdf"]);
 }
 
 /// A stored name may have components of up to 250 bytes: restore writes

@@ -104,7 +104,15 @@ fn select<'a>(files: &'a [FileInfo], paths: &[String]) -> (BTreeMap<&'a str, &'a
         return (chosen, unmatched);
     }
     for p in paths {
-        let want = p.trim_matches('/');
+        // As the server takes names: empty and `.` components dropped
+        // (`./docs`, `docs//sub`, `/docs/`); a `..` names nothing stored.
+        let parts: Vec<&str> = p.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+        if parts.contains(&"..") {
+            unmatched.push(p.clone());
+            continue;
+        }
+        let want = parts.join("/");
+        let want = want.as_str();
         let mut found = false;
         for f in files {
             let below = f.name.strip_prefix(want).is_some_and(|rest| rest.starts_with('/'));
