@@ -1091,3 +1091,65 @@ fn the_reading_commands_work_on_a_read_only_mount() {
     admin_ok(&data, &["restore", "ro", "--to", out.path().to_str().unwrap()], 0);
     assert_eq!(std::fs::read(out.path().join("docs/a.bin")).unwrap(), payload);
 }
+
+/// Run `backupd ARGS` as the user nobody (uid and gid 65534), with no
+/// BACKUPD_* variables, in `/`; None (with a note) when the tests do not
+/// run as root and so cannot change user.
+fn admin_as_nobody(args: &[&std::ffi::OsStr]) -> Option<Run> {
+    use std::os::unix::process::CommandExt;
+    if unsafe { libc::geteuid() } != 0 {
+        println!("not root: cannot run a command as another user; skipped");
+        return None;
+    }
+    let mut cmd = std::process::Command::new(server_bin());
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("BACKUPD_") {
+            cmd.env_remove(&k);
+        }
+    }
+    let out = cmd.args(args).current_dir("/").uid(65534).gid(65534).output().expect("spawn backupd");
+    Some(Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// A user who may not look inside the data directory (mode 0700, another
+/// owner) is told so, with the path, not that there is no database.
+#[test]
+fn a_data_directory_the_user_may_not_enter_says_permission_denied_not_no_database() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = TestServer::start(&[]);
+    let (mut c, _) = server.registered_client("alice");
+    send(&mut c, "a.txt", b"hello");
+    let data = server.data_dir();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let temp = server.temp_dir();
+    let mode = |m| std::fs::set_permissions(temp, std::fs::Permissions::from_mode(m)).unwrap();
+    for (temp_mode, denied) in [(0o700, data.clone()), (0o755, server.db_path())] {
+        mode(temp_mode);
+        for cmd in ["clients", "files", "verify"] {
+            let args = [std::ffi::OsStr::new(cmd), "--data-dir".as_ref(), data.as_os_str()];
+            let Some(r) = admin_as_nobody(&args) else { return };
+            assert_eq!(r.code, 1, "{cmd}: {r:?}");
+            assert!(!r.stderr.contains("no database") && !r.stderr.contains("no data directory"), "{r:?}");
+            let line = format!("{}: Permission denied", denied.display());
+            assert!(r.stderr.contains(&line), "{cmd} should say {line:?}: {r:?}");
+            assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
+        }
+    }
+    mode(0o700);
+    // A database that is truly not there is still "no database".
+    let r = admin_env(
+        &[
+            "clients".as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "--db".as_ref(),
+            temp.join("none.db").as_os_str(),
+        ],
+        &[],
+    );
+    assert!(r.code == 1 && r.stderr.contains("no database at"), "{r:?}");
+}

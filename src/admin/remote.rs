@@ -101,7 +101,7 @@ pub fn open_store(store: &StoreArgs, s3: &S3Args) -> Result<Store, String> {
     let remote = Remote::from_args(s3)?;
     let db = store.db_path();
     match remote {
-        Some(remote) if !db.is_file() => {
+        Some(remote) if !super::store::db_file_exists(&db)? => {
             eprintln!("backupd: no database at {}: reading the bucket alone", db.display());
             let label = std::path::PathBuf::from(format!("(the bucket's listing of {})", s3_label(s3)));
             let conn = catalog(&remote, &label)?;

@@ -39,15 +39,36 @@ impl StoreArgs {
         self.db.clone().unwrap_or_else(|| self.data_dir.join("backupd.db"))
     }
 
-    /// Fail, with a hint, when the data directory does not exist.
+    /// Fail, with a hint, when the data directory does not exist; with the
+    /// real error (permission denied, ...) when it cannot be looked at.
     pub fn check_data_dir(&self) -> Result<(), String> {
-        if self.data_dir.is_dir() {
-            return Ok(());
+        match fs::metadata(&self.data_dir) {
+            Ok(m) if m.is_dir() => return Ok(()),
+            Err(e) if !absent(&e) => return Err(format!("data directory {}: {e}", self.data_dir.display())),
+            _ => {}
         }
         match crate::datadir::dangling_link(&self.data_dir) {
             Some(why) => Err(format!("data directory {why}")),
             None => Err(format!("no data directory at {} (see --data-dir)", self.data_dir.display())),
         }
+    }
+}
+
+/// Whether an error looking at a path says that it does not exist (rather
+/// than that it could not be looked at: permission denied, a loop, I/O).
+fn absent(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
+}
+
+/// Whether the database file `db_path` is there: false only when nothing is
+/// at that path (or it is no regular file); an error that says why it
+/// cannot be looked at (permission denied on a folder on its way) is
+/// returned as that error, with the path, never as "no database".
+pub fn db_file_exists(db_path: &Path) -> Result<bool, String> {
+    match fs::metadata(db_path) {
+        Ok(m) => Ok(m.is_file()),
+        Err(e) if absent(&e) => Ok(false),
+        Err(e) => Err(format!("database {}: {e}", db_path.display())),
     }
 }
 
@@ -110,7 +131,7 @@ impl Store {
     fn open(args: &StoreArgs, flags: OpenFlags, opener: Opener) -> Result<Store, String> {
         let db_path = args.db_path();
         args.check_data_dir()?;
-        if !db_path.is_file() {
+        if !db_file_exists(&db_path)? {
             return Err(format!("no database at {} (see --data-dir and --db)", db_path.display()));
         }
         let err = |e: rusqlite::Error| format!("database {}: {e}", db_path.display());
