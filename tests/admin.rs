@@ -1153,3 +1153,52 @@ fn a_data_directory_the_user_may_not_enter_says_permission_denied_not_no_databas
     );
     assert!(r.code == 1 && r.stderr.contains("no database at"), "{r:?}");
 }
+
+/// One environment file serves the server and the verify unit: a bad value
+/// in a variable only the server reads does not stop the admin commands
+/// (they do not read it), while the server still refuses it (exit 2).
+#[test]
+fn a_bad_server_only_variable_does_not_break_the_admin_commands() {
+    let server = TestServer::start(&[]);
+    let (mut c, _) = server.registered_client("alice");
+    send(&mut c, "a.txt", b"hello");
+    let data = server.data_dir();
+    let bad = [
+        ("BACKUPD_LISTEN", "garbage"),
+        ("BACKUPD_MAX_CONNECTIONS", "abc"),
+        ("BACKUPD_SYNC_MODE", "foo"),
+        ("BACKUPD_LOG_LEVEL", "loud"),
+        ("BACKUPD_QUOTA", "bogus"),
+        ("BACKUPD_QUOTA_FILES", "many"),
+    ];
+    for (var, val) in bad {
+        let env = [(var, Path::new(val)), ("BACKUPD_DATA_DIR", data.as_path())];
+        for args in
+            [&["verify"][..], &["files"], &["files", "alice", "--json"], &["clients"], &["clients", "--json"]]
+        {
+            let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+            let r = admin_env(&args, &env);
+            assert_eq!(r.code, 0, "{var}={val} backupd {args:?}: {r:?}");
+            assert!(r.stdout.contains("alice") || args[0] == "verify", "{var}={val} {args:?}: {r:?}");
+        }
+        // Options before the subcommand too.
+        let first = ["--data-dir".as_ref(), data.as_os_str(), "files".as_ref()];
+        let r = admin_env(&first, &[(var, Path::new(val))]);
+        assert_eq!(r.code, 0, "{var}={val} backupd --data-dir D files: {r:?}");
+    }
+    // A good value is still what `clients` shows beside each client's use.
+    let r = admin_env(
+        &["clients".as_ref(), "--json".as_ref()],
+        &[("BACKUPD_QUOTA", Path::new("1MiB")), ("BACKUPD_DATA_DIR", &data)],
+    );
+    assert_eq!(json(&r.stdout).arr()[0]["quota"]["bytes"].num(), 1 << 20, "{r:?}");
+    // The server, with or without `serve`, refuses the bad value as before.
+    let elsewhere = server.temp_dir().join("other");
+    for serve in [&[][..], &["serve"]] {
+        let mut args: Vec<&std::ffi::OsStr> = serve.iter().map(std::ffi::OsStr::new).collect();
+        args.extend(["--data-dir".as_ref(), elsewhere.as_os_str()]);
+        let r = run_admin(&args, &[("BACKUPD_LISTEN", Path::new("garbage"))], Duration::from_secs(30));
+        assert_eq!(r.code, 2, "{r:?}");
+        assert!(r.stderr.contains("invalid value 'garbage' for '--listen"), "{r:?}");
+    }
+}

@@ -17,13 +17,13 @@ pub struct ClientsArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// The server's --quota, to show each client's use of it (the same environment variable) [default: no limit]
-    #[arg(long, env = "BACKUPD_QUOTA", default_value = "0", value_parser = crate::config::parse_size, hide_default_value = true)]
-    pub quota: u64,
+    /// The server's --quota, to show each client's use of it [default: BACKUPD_QUOTA as the server reads it, else no limit]
+    #[arg(long, value_parser = crate::config::parse_size)]
+    pub quota: Option<u64>,
 
-    /// The server's --quota-files, to show each client's use of it [default: no limit]
-    #[arg(long, env = "BACKUPD_QUOTA_FILES", default_value_t = 0, hide_default_value = true)]
-    pub quota_files: u64,
+    /// The server's --quota-files, to show each client's use of it [default: BACKUPD_QUOTA_FILES, else no limit]
+    #[arg(long)]
+    pub quota_files: Option<u64>,
 
     #[command(flatten)]
     pub store: StoreArgs,
@@ -126,7 +126,29 @@ fn quota_json(u: &Usage, quota: u64, quota_files: u64) -> String {
     )
 }
 
+/// A limit for the QUOTA column: the flag, else the server's environment
+/// variable `var`. A value there that does not parse (the server would
+/// refuse to start with it) is ignored, with a warning, rather than
+/// failing the listing; unset or empty: no limit (0).
+fn limit(flag: Option<u64>, var: &str, parse: impl Fn(&str) -> Result<u64, String>) -> u64 {
+    if let Some(v) = flag {
+        return v;
+    }
+    let raw = std::env::var_os(var).unwrap_or_default();
+    let raw = raw.to_string_lossy();
+    if raw.is_empty() {
+        return 0;
+    }
+    parse(&raw).unwrap_or_else(|e| {
+        eprintln!("backupd: {var}=\"{}\" ignored ({e}); the QUOTA column shows no such limit", shown(&raw));
+        0
+    })
+}
+
 pub fn clients(args: &ClientsArgs) -> Result<ExitCode, String> {
+    let quota = limit(args.quota, "BACKUPD_QUOTA", crate::config::parse_size);
+    let quota_files =
+        limit(args.quota_files, "BACKUPD_QUOTA_FILES", |s| s.parse().map_err(|e| format!("{e}")));
     let store = Store::open_read_only(&args.store)?;
     let clients = store.clients()?;
     let usage = usage(&store, &store.files(None)?);
@@ -152,7 +174,7 @@ pub fn clients(args: &ClientsArgs) -> Result<ExitCode, String> {
                 u.versions,
                 u.bytes,
                 json_opt_str(u.last_backup.as_deref()),
-                quota_json(u, args.quota, args.quota_files),
+                quota_json(u, quota, quota_files),
                 s3_pending,
             ));
         } else {
@@ -163,7 +185,7 @@ pub fn clients(args: &ClientsArgs) -> Result<ExitCode, String> {
                 u.files.to_string(),
                 u.bytes.to_string(),
                 or_dash(u.last_backup.as_ref()),
-                quota_cell(u, args.quota, args.quota_files),
+                quota_cell(u, quota, quota_files),
                 s3_pending.to_string(),
             ]);
         }

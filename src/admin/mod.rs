@@ -94,16 +94,35 @@ impl Cli {
     /// (`backupd --data-dir /srv/b verify`, as `git -C` reads) are taken as
     /// the subcommand's when it has them; otherwise clap's usage error
     /// (exit 2).
+    ///
+    /// For an admin subcommand the environment variables of the server's
+    /// own options (BACKUPD_LISTEN, BACKUPD_LOG_LEVEL, ...) are not read:
+    /// one environment file serves the server and the admin commands, and a
+    /// server setting must not make `verify` fail. The subcommand still
+    /// reads those it takes (BACKUPD_DATA_DIR, ...). The server (no
+    /// subcommand, or `serve`) validates them all as before.
     pub fn parse_args(args: Vec<OsString>) -> Cli {
-        match Cli::try_parse_from(&args) {
+        match Cli::try_parse_args(&args) {
             Ok(cli) => cli,
             // The subcommand's own error when the options were its (for
             // `backupd --json --data-dir D clients` too): it names what is wrong.
             Err(e) => match subcommand_first(&args) {
-                Some(moved) => Cli::try_parse_from(moved).unwrap_or_else(|e| e.exit()),
+                Some(moved) => Cli::try_parse_args(&moved).unwrap_or_else(|e| e.exit()),
                 None => unknown_subcommand(&args, e).exit(),
             },
         }
+    }
+
+    /// One parse of `args` (see [`Cli::parse_args`]): the server's options
+    /// read no environment variable when `args` name an admin subcommand.
+    fn try_parse_args(args: &[OsString]) -> Result<Cli, clap::Error> {
+        use clap::{CommandFactory, FromArgMatches};
+        let mut cmd = Cli::command();
+        if admin_subcommand(args) {
+            cmd = cmd.mut_args(|a| a.env(None));
+        }
+        let mut matches = cmd.try_get_matches_from_mut(args)?;
+        Cli::from_arg_matches_mut(&mut matches).map_err(|e| e.format(&mut cmd))
     }
 
     /// The server's configuration when the command line runs the server.
@@ -146,6 +165,12 @@ fn unknown_subcommand(args: &[OsString], error: clap::Error) -> clap::Error {
         }
         _ => error,
     }
+}
+
+/// Whether `args` run an admin subcommand: their first word that is not
+/// an option (or an option's value) names a subcommand other than `serve`.
+fn admin_subcommand(args: &[OsString]) -> bool {
+    matches!(word_after_options(args), Some((_, w)) if w != "serve" && subcommand_names().contains(&w))
 }
 
 /// The names of the subcommands.
