@@ -1202,3 +1202,45 @@ fn a_bad_server_only_variable_does_not_break_the_admin_commands() {
         assert!(r.stderr.contains("invalid value 'garbage' for '--listen"), "{r:?}");
     }
 }
+
+/// One file row that cannot be read (a cksum written as text by hand) is
+/// reported as such, and hides no other row: `verify` names it (exit 3) and
+/// checks the rest; `files` and `clients` list the rest and name it on
+/// standard error (exit 1).
+#[test]
+fn a_damaged_file_row_is_named_and_hides_no_other() {
+    let mut server = TestServer::start(&[]);
+    let (mut a, _) = server.registered_client("alice");
+    send(&mut a, "a.txt", b"first");
+    send(&mut a, "b.txt", b"second");
+    let (mut b, _) = server.registered_client("bob");
+    send(&mut b, "x", b"bob's");
+    drop((a, b));
+    server.stop();
+    let db = rusqlite::Connection::open(server.db_path()).unwrap();
+    assert_eq!(db.execute("UPDATE files SET Cksum = 'abc' WHERE FileName = 'a.txt'", []).unwrap(), 1);
+    drop(db);
+    let data = server.data_dir();
+
+    let r = admin_ok(&data, &["verify"], 3);
+    let line = r.stdout.lines().find(|l| l.starts_with("damaged")).unwrap_or_else(|| panic!("{r:?}"));
+    assert!(line.contains("alice/a.txt") && line.contains("Cksum"), "{r:?}");
+    assert!(r.stdout.contains("checked 2 files") && r.stdout.contains("1 damaged"), "{r:?}");
+    assert!(!r.stdout.contains("unregistered"), "its stored copy is no stray: {r:?}");
+    let items = json(&admin_ok(&data, &["verify", "--json"], 3).stdout);
+    let status = |name: &str| {
+        items.arr().iter().find(|i| i["name"].str() == name).map(|i| i["status"].str().to_string())
+    };
+    assert_eq!(status("a.txt").as_deref(), Some("damaged"));
+    assert_eq!((status("b.txt").as_deref(), status("x").as_deref()), (Some("ok"), Some("ok")));
+
+    let r = admin_ok(&data, &["files"], 1);
+    assert!(r.stdout.contains("b.txt") && r.stdout.contains("x") && !r.stdout.contains("a.txt"), "{r:?}");
+    assert!(r.stderr.contains("client \"alice\" file \"a.txt\": database row damaged"), "{r:?}");
+    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
+    let r = admin_ok(&data, &["files", "bob", "--json"], 0);
+    assert_eq!(json(&r.stdout).arr().len(), 1, "{r:?}");
+    let r = admin_ok(&data, &["clients"], 1);
+    assert!(r.stdout.contains("alice") && r.stdout.contains("bob"), "{r:?}");
+    assert!(r.stderr.contains("client \"alice\" file \"a.txt\": database row damaged"), "{r:?}");
+}

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 
 use super::output::{json_array, or_dash, shown, table};
-use super::store::{mtime_nanos, ClientInfo, FileInfo, Store, StoreArgs};
+use super::store::{mtime_nanos, ClientInfo, DamagedRow, FileInfo, Store, StoreArgs};
 use super::time::format_nanos;
 use crate::json::{json_opt_num, json_opt_str, json_str};
 use crate::protocol::{id_hex, ClientId};
@@ -151,7 +151,8 @@ pub fn clients(args: &ClientsArgs) -> Result<ExitCode, String> {
         limit(args.quota_files, "BACKUPD_QUOTA_FILES", |s| s.parse().map_err(|e| format!("{e}")));
     let store = Store::open_read_only(&args.store)?;
     let clients = store.clients()?;
-    let usage = usage(&store, &store.files(None)?);
+    let (files, damaged) = store.files_checked(None)?;
+    let usage = usage(&store, &files);
     #[cfg(feature = "s3")]
     let pending = crate::worker::db::queued_per_client(&store.conn).map_err(|e| store.err(e))?;
     #[cfg(not(feature = "s3"))]
@@ -196,7 +197,26 @@ pub fn clients(args: &ClientsArgs) -> Result<ExitCode, String> {
         let headers = ["ID", "NAME", "LAST SEEN", "FILES", "BYTES", "LAST BACKUP", "QUOTA", "S3 PENDING"];
         print!("{}", table(&headers, &rows, &[3, 4, 7]));
     }
-    Ok(ExitCode::SUCCESS)
+    let names = clients.into_iter().map(|c| (c.id, c.name)).collect();
+    Ok(report_damaged(&store, &damaged, &names, "not counted"))
+}
+
+/// Name each damaged file row on standard error (one line each): the
+/// listing shows the others. Failure when there is one.
+fn report_damaged(
+    store: &Store,
+    damaged: &[DamagedRow],
+    names: &HashMap<ClientId, String>,
+    what: &str,
+) -> ExitCode {
+    for d in damaged {
+        eprintln!("backupd: {}: database row damaged ({}); {what}", store.damaged_label(d, names), d.error);
+    }
+    if damaged.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 pub fn files(args: &FilesArgs) -> Result<ExitCode, String> {
@@ -206,7 +226,7 @@ pub fn files(args: &FilesArgs) -> Result<ExitCode, String> {
         Some(c) => HashMap::from([(c.id, c.name.clone())]),
         None => store.clients()?.into_iter().map(|c: ClientInfo| (c.id, c.name)).collect(),
     };
-    let files = store.files(client.as_ref().map(|c| &c.id))?;
+    let (files, damaged) = store.files_checked(client.as_ref().map(|c| &c.id))?;
     let mut rows = Vec::new();
     let mut objects = Vec::new();
     for f in &files {
@@ -276,5 +296,5 @@ pub fn files(args: &FilesArgs) -> Result<ExitCode, String> {
         let headers = ["CLIENT", "NAME", "SIZE", "CKSUM", "RECEIVED", "VERSIONS"];
         print!("{}", table(&headers, &rows, &[2, 3]));
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(report_damaged(&store, &damaged, &names, "not listed"))
 }

@@ -18,8 +18,9 @@ use rusqlite::{Connection, OpenFlags};
 
 use super::output::shown;
 use crate::protocol::{id_hex, parse_id_hex, ClientId};
+pub use crate::worker::db::DamagedRow;
 pub use crate::worker::db::FileRow as FileInfo;
-use crate::worker::db::{blob_id, check_owner, read_file_rows, Opener};
+use crate::worker::db::{blob_id, check_owner, read_file_rows, read_file_rows_lenient, Opener};
 use crate::worker::storage::{version_number, Storage};
 
 /// Where the data is: the same flags and environment variables as the server.
@@ -264,6 +265,29 @@ impl Store {
     /// The file rows of one client, or of all, sorted by client and name.
     pub fn files(&self, client: Option<&ClientId>) -> Result<Vec<FileInfo>, String> {
         read_file_rows(&self.conn, client).map_err(|e| self.err(e))
+    }
+
+    /// [`Store::files`], with the rows that cannot be read set aside
+    /// (`clients`, `files` and `verify` name them and go on with the rest).
+    pub fn files_checked(
+        &self,
+        client: Option<&ClientId>,
+    ) -> Result<(Vec<FileInfo>, Vec<DamagedRow>), String> {
+        read_file_rows_lenient(&self.conn, client).map_err(|e| self.err(e))
+    }
+
+    /// What a damaged row is, for a message: its client (by name when
+    /// known) and file name.
+    pub fn damaged_label(
+        &self,
+        d: &DamagedRow,
+        names: &std::collections::HashMap<ClientId, String>,
+    ) -> String {
+        let who = match d.id {
+            Some(id) => names.get(&id).map_or_else(|| id_hex(&id), |n| format!("\"{}\"", shown(n))),
+            None => "?".into(),
+        };
+        format!("client {who} file \"{}\"", shown(&d.name))
     }
 
     /// Every stored copy of a verified file: the current one first, then the

@@ -73,6 +73,9 @@ enum Status {
     Missing,
     Unreadable,
     Unregistered,
+    /// A file row the database holds but that cannot be read (a value of
+    /// the wrong type): its copies are not checked.
+    Damaged,
     /// Under versions/, not named as a version: reported, not a problem.
     Stray,
 }
@@ -85,6 +88,7 @@ impl Status {
             Status::Missing => "missing",
             Status::Unreadable => "unreadable",
             Status::Unregistered => "unregistered",
+            Status::Damaged => "damaged",
             Status::Stray => "stray",
         }
     }
@@ -138,10 +142,46 @@ fn check(
     only: Option<&HashSet<PathBuf>>,
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<Item>, String> {
-    let rows: Vec<FileInfo> = store.files(client)?.into_iter().filter(|f| f.verified).collect();
+    let (rows, damaged) = store.files_checked(client)?;
+    let rows: Vec<FileInfo> = rows.into_iter().filter(|f| f.verified).collect();
     let wanted = |p: &PathBuf| only.is_none_or(|o| o.contains(p));
     let mut copies = Vec::new();
     let mut known: HashSet<PathBuf> = HashSet::new();
+    let mut items = Vec::new();
+    // A row that cannot be read is the problem reported; its copies (when
+    // its id and path can be read) are not reported as unregistered too.
+    for d in damaged {
+        let path = match (d.id, &d.path) {
+            (Some(id), Some(p)) => {
+                let f = FileInfo {
+                    id,
+                    name: d.name.clone(),
+                    path: p.clone(),
+                    verified: true,
+                    size: None,
+                    cksum: None,
+                    received: None,
+                };
+                known.extend(store.copies(&f).into_iter().map(|c| c.path));
+                store.root().join(p)
+            }
+            _ => store.root().to_path_buf(),
+        };
+        if wanted(&path) {
+            items.push(Item {
+                status: Status::Damaged,
+                client: d.id.map_or_else(|| "?".into(), |id| id_hex(&id)),
+                name: d.name,
+                version: None,
+                path,
+                size: None,
+                cksum: None,
+                expected: None,
+                expected_size: None,
+                error: Some(d.error),
+            });
+        }
+    }
     for f in &rows {
         for c in store.copies(f) {
             known.insert(c.path.clone());
@@ -152,7 +192,6 @@ fn check(
     }
     let entries =
         store.stored_files(client).map_err(|e| format!("cannot list {}: {e}", store.root().display()))?;
-    let mut items = Vec::new();
     for e in entries.into_iter().filter(|e| !known.contains(&e.path) && wanted(&e.path)) {
         items.push(Item {
             status: unknown_entry(&e),
@@ -292,6 +331,10 @@ fn text_item(i: &Item, owner: Option<&String>) -> String {
             format!("unreadable    {what}: {} [{path}]", i.error.as_deref().unwrap_or("read error"))
         }
         Status::Unregistered => format!("unregistered  {path} (no database row)"),
+        Status::Damaged => format!(
+            "damaged       {what}: its database row cannot be read ({}); its copies not checked",
+            i.error.as_deref().unwrap_or("?")
+        ),
         Status::Stray => {
             format!("stray         {path} (not a version the server wrote; no stored copy is damaged)")
         }
@@ -321,7 +364,8 @@ fn summary(items: &[Item]) -> String {
     let versions = items.iter().filter(|i| i.version.is_some_and(|v| v > 0)).count();
     let bytes: u64 = items.iter().filter_map(|i| i.size).sum();
     let count = |s: Status| items.iter().filter(|i| i.status == s).count();
-    let bad = [Status::Mismatched, Status::Missing, Status::Unreadable, Status::Unregistered];
+    let bad =
+        [Status::Mismatched, Status::Missing, Status::Unreadable, Status::Unregistered, Status::Damaged];
     let total: usize = bad.iter().map(|s| count(*s)).sum();
     let head = format!("checked {files} files and {versions} versions ({bytes} bytes)");
     let strays = match count(Status::Stray) {

@@ -325,24 +325,8 @@ pub fn blob_id(b: &[u8]) -> Option<ClientId> {
 /// The rows of the files table, of one client or of all, by client and name
 /// (also used by the admin commands on a read-only connection).
 pub fn read_file_rows(conn: &Connection, client: Option<&ClientId>) -> rusqlite::Result<Vec<FileRow>> {
-    let mut st = conn.prepare(
-        "SELECT ID, FileName, PathName, Verified, Size, Cksum, ReceivedAt FROM files
-         WHERE ?1 IS NULL OR ID = ?1 ORDER BY ID, FileName",
-    )?;
-    let rows = st.query_map(params![client.map(|c| &c[..])], |r| {
-        Ok((
-            r.get::<_, Vec<u8>>(0)?,
-            FileRow {
-                id: [0; CLIENT_ID_LEN],
-                name: r.get(1)?,
-                path: r.get(2)?,
-                verified: r.get::<_, i64>(3)? != 0,
-                size: r.get::<_, Option<i64>>(4)?.and_then(|s| u64::try_from(s).ok()),
-                cksum: r.get::<_, Option<i64>>(5)?.and_then(|c| u32::try_from(c).ok()),
-                received: r.get(6)?,
-            },
-        ))
-    })?;
+    let mut st = conn.prepare(FILE_ROWS)?;
+    let rows = st.query_map(params![client.map(|c| &c[..])], file_row)?;
     let mut out = Vec::new();
     for row in rows {
         let (id, mut f) = row?;
@@ -352,6 +336,81 @@ pub fn read_file_rows(conn: &Connection, client: Option<&ClientId>) -> rusqlite:
         }
     }
     Ok(out)
+}
+
+/// The file rows' query: all, or one client's (`?1`), by client and name.
+const FILE_ROWS: &str = "SELECT ID, FileName, PathName, Verified, Size, Cksum, ReceivedAt FROM files
+     WHERE ?1 IS NULL OR ID = ?1 ORDER BY ID, FileName";
+
+/// One row of [`FILE_ROWS`] with its id as stored.
+fn file_row(r: &rusqlite::Row) -> rusqlite::Result<(Vec<u8>, FileRow)> {
+    Ok((
+        r.get::<_, Vec<u8>>(0)?,
+        FileRow {
+            id: [0; CLIENT_ID_LEN],
+            name: r.get(1)?,
+            path: r.get(2)?,
+            verified: r.get::<_, i64>(3)? != 0,
+            size: r.get::<_, Option<i64>>(4)?.and_then(|s| u64::try_from(s).ok()),
+            cksum: r.get::<_, Option<i64>>(5)?.and_then(|c| u32::try_from(c).ok()),
+            received: r.get(6)?,
+        },
+    ))
+}
+
+/// A file row that cannot be read as a [`FileRow`] (a value of the wrong
+/// type: `Cksum` text written by hand, a name that is not UTF-8): what can
+/// be read of it, to name it, and why it cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedRow {
+    /// The client's id, when the `ID` column holds one.
+    pub id: Option<ClientId>,
+    /// `FileName` (lossy), empty when it is no text.
+    pub name: String,
+    /// `PathName`, when it is text.
+    pub path: Option<String>,
+    pub error: String,
+}
+
+/// [`read_file_rows`] for the admin commands: a row that cannot be read is
+/// set aside as a [`DamagedRow`] rather than failing the whole read, so that
+/// one bad row hides no other. The server keeps [`read_file_rows`] (one
+/// such row still fails its start-up as before).
+pub fn read_file_rows_lenient(
+    conn: &Connection,
+    client: Option<&ClientId>,
+) -> rusqlite::Result<(Vec<FileRow>, Vec<DamagedRow>)> {
+    use rusqlite::types::ValueRef;
+    let mut st = conn.prepare(FILE_ROWS)?;
+    let mut rows = st.query(params![client.map(|c| &c[..])])?;
+    let (mut good, mut damaged) = (Vec::new(), Vec::new());
+    while let Some(r) = rows.next()? {
+        match file_row(r) {
+            Ok((id, mut f)) => {
+                if let Some(id) = blob_id(&id) {
+                    f.id = id;
+                    good.push(f);
+                }
+            }
+            Err(e) => {
+                let text = |i| match r.get_ref(i) {
+                    Ok(ValueRef::Text(t)) => Some(String::from_utf8_lossy(t).into_owned()),
+                    _ => None,
+                };
+                let id = match r.get_ref(0) {
+                    Ok(ValueRef::Blob(b)) => blob_id(b),
+                    _ => None,
+                };
+                damaged.push(DamagedRow {
+                    id,
+                    name: text(1).unwrap_or_default(),
+                    path: text(2),
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+    Ok((good, damaged))
 }
 
 impl Db {
