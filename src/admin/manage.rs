@@ -14,9 +14,9 @@ use rusqlite::params;
 
 use super::output::shown;
 use super::store::{ClientInfo, Store, StoreArgs};
-use crate::client::cli::{REGISTER_AGAIN, REGISTER_AGAIN_LEGACY};
 use crate::datadir::{self, DbLock, Dir, DirLock, Kind};
 use crate::protocol::id_hex;
+use crate::protocol::{REGISTER_AGAIN, REGISTER_AGAIN_LEGACY};
 
 /// Remove a client's registration and, unless --keep-files, its files and versions.
 #[derive(clap::Args, Debug, Clone)]

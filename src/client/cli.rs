@@ -53,11 +53,9 @@ pub const EXIT_CKSUM: i32 = 3;
 /// Network failure or timeout.
 pub const EXIT_NETWORK: i32 = 4;
 
-/// The command line that registers a client again, e.g. after `backupd
-/// reset-key` (its hint, and the client's own hints, give it).
-pub const REGISTER_AGAIN: &str = "backup-client send PATH... --server HOST:PORT --name NAME --register";
-/// The same in legacy mode (transfer.info in the current folder).
-pub const REGISTER_AGAIN_LEGACY: &str = "backup-client --register";
+/// The command lines that register a client again (defined in `protocol`,
+/// which `backupd reset-key`'s hint may use too; held to this CLI below).
+pub use crate::protocol::{REGISTER_AGAIN, REGISTER_AGAIN_LEGACY};
 
 const AFTER_HELP: &str = "\
 Modes:

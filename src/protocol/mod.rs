@@ -30,6 +30,15 @@ pub use response::Response;
 pub const VERSION: u8 = 3;
 /// Size of every fixed string field (names).
 pub const NAME_FIELD_LEN: usize = 255;
+
+/// The `backup-client` command line that registers a client again (a 1025,
+/// then its new key on the same connection), e.g. after `backupd
+/// reset-key`: here, below both the client and the admin commands, so that
+/// `reset-key`'s hint and the client's own hints give the same one (the
+/// client's CLI tests hold it to the real command line).
+pub const REGISTER_AGAIN: &str = "backup-client send PATH... --server HOST:PORT --name NAME --register";
+/// The same in legacy mode (transfer.info in the current folder).
+pub const REGISTER_AGAIN_LEGACY: &str = "backup-client --register";
 /// Size of a client id.
 pub const CLIENT_ID_LEN: usize = 16;
 

@@ -145,7 +145,7 @@ pub struct Server {
     /// The data directory and its lock files as at start, checked every
     /// [`HOME_EVERY`]; set when one was removed or replaced (the server
     /// then stops and exits with an error).
-    home: crate::datadir::Watch,
+    home: crate::worker::DataDirWatch,
     home_checked: Instant,
     home_lost: Option<String>,
     /// The thread writing `--metrics-file`, if any.

@@ -128,7 +128,7 @@ impl Server {
             round: 0,
             ready: VecDeque::new(),
             shutdown: None,
-            home: home_watch(&cfg),
+            home: opened.watch,
             home_checked: std::time::Instant::now(),
             home_lost: None,
             spare_fd: std::fs::File::open("/dev/null").ok(),
@@ -136,18 +136,6 @@ impl Server {
             last_refusal_log: None,
         })
     }
-}
-
-/// The data directory and both lock files (its own, and the database's
-/// beside the database), as the server found them once it held them.
-fn home_watch(cfg: &Config) -> crate::datadir::Watch {
-    let mut db_lock = cfg.db_path().into_os_string();
-    db_lock.push(".lock");
-    crate::datadir::Watch::new(&[
-        cfg.data_dir.clone(),
-        cfg.data_dir.join(crate::datadir::LOCK_FILE),
-        std::path::PathBuf::from(db_lock),
-    ])
 }
 
 /// The flags that must hold together before anything starts.

@@ -346,6 +346,32 @@ pub struct Opened {
     pub last_verified: Vec<(String, u64)>,
     /// Each client's usage (current files and kept versions).
     pub usage: HashMap<ClientId, Usage>,
+    /// The data directory and its lock files as they were once locked.
+    pub watch: DataDirWatch,
+}
+
+/// The data directory and both lock files (its own, and the database's)
+/// as the worker found them once it held them ([`crate::datadir::Watch`]),
+/// for the loop to check while it serves: one removed or replaced means the
+/// server must stop.
+#[derive(Debug)]
+pub struct DataDirWatch(crate::datadir::Watch);
+
+impl DataDirWatch {
+    fn of(cfg: &crate::config::Config) -> DataDirWatch {
+        let mut db_lock = cfg.db_path().into_os_string();
+        db_lock.push(".lock");
+        DataDirWatch(crate::datadir::Watch::new(&[
+            cfg.data_dir.clone(),
+            cfg.data_dir.join(crate::datadir::LOCK_FILE),
+            std::path::PathBuf::from(db_lock),
+        ]))
+    }
+
+    /// What became of the first one that is gone or another file now.
+    pub fn changed(&self) -> Option<String> {
+        self.0.changed()
+    }
 }
 
 /// SQLite opens its files by path: none of them may be a link (or anything
@@ -508,7 +534,7 @@ impl Worker {
             }
         }
         w.usage = usage.clone();
-        Ok(Opened { worker: w, clients, verified_files, last_verified, usage })
+        Ok(Opened { worker: w, clients, verified_files, last_verified, usage, watch: DataDirWatch::of(cfg) })
     }
 
     /// Report to these metrics (shared with the loop).
