@@ -24,6 +24,12 @@ struct Model {
     packets: u64,
     /// Some stream took more than one packet.
     spanned: bool,
+    /// Per-chunk so far (every packet a whole stream of its own): packet 1's orig.
+    chunk: Option<u32>,
+    /// The last packet was a full chunk numbered as the total: the end waits
+    /// for what follows (the empty chunk n+1 ends it; a non-empty one means
+    /// the count goes on).
+    pending: bool,
 }
 
 /// Packets between two packets that carry the same u16 number.
@@ -118,9 +124,10 @@ pub fn packet_sequence_stats(data: &[u8]) -> SequenceStats {
             }
         };
         let numbered_last = op.ph.packet_number == op.ph.total_packets;
+        let first = m.packets == 0;
         advance(m, &op, &before, step, numbered_last);
         check_totals(m, max_file_size);
-        let empty_file = check_end(m, &op, step, numbered_last);
+        let empty_file = check_end(m, &op, step, numbered_last, first);
         if step.last {
             count_file(&mut stats, m, &op, empty_file);
             model = None;
@@ -203,7 +210,11 @@ fn admit(model: &mut Option<Model>, op: &Op, max_file_size: u64, uploads: &mut u
     let wrapped = model.as_ref().is_some_and(|m| wraps_to_one(&m.recv, ph, op.content_len));
     if wrapped {
         let m = model.as_ref().expect("wrapped");
-        assert!(m.packets >= WRAP - 1 && (m.open.is_some() || op.content_len == 0), "a false wrap");
+        let chunk_goes_on = m.chunk.is_some() && op.content_len > 0;
+        assert!(
+            m.packets >= WRAP - 1 && (m.open.is_some() || op.content_len == 0 || chunk_goes_on),
+            "a false wrap"
+        );
     }
     if ph.packet_number == 1 && !wrapped {
         *model = None;
@@ -224,6 +235,8 @@ fn admit(model: &mut Option<Model>, op: &Op, max_file_size: u64, uploads: &mut u
             streams: 0,
             packets: 0,
             spanned: false,
+            chunk: None,
+            pending: false,
         });
     }
     let next_of_upload = |m: &Model| {
@@ -325,21 +338,38 @@ fn check_totals(m: &Model, max_file_size: u64) {
 /// leaves no stream open (or as an empty file in packet 1 of 0); one
 /// numbered as the total with a stream open is a wrap, which needs room for
 /// 65,535 more packets. Returns whether this is an empty file's packet.
-fn check_end(m: &Model, op: &Op, step: PacketStep, numbered_last: bool) -> bool {
+///
+/// Per-chunk uploads (every packet a whole stream of its own, all of packet
+/// 1's size): a full chunk numbered as the total (not packet 1) leaves the
+/// end pending instead; the empty chunk that follows ends the file.
+fn check_end(m: &mut Model, op: &Op, step: PacketStep, numbered_last: bool, first: bool) -> bool {
     let ph = &op.ph;
     let empty_file = m.packets == 1 && ph.total_packets == 0 && op.orig == 0;
+    let whole_here = step.new_segment && step.end_segment.is_some();
+    let chunk = match (first, whole_here) {
+        (true, true) => Some(op.orig),
+        (false, true) => m.chunk,
+        _ => None,
+    };
+    let was_pending = std::mem::replace(&mut m.pending, false);
+    m.chunk = chunk;
     match m.open {
         Some((_, w, got)) => {
             assert!(!step.last, "the upload ended with a stream open");
             assert!(!numbered_last || w - got >= WRAP - 1, "a wrap with {} bytes to come", w - got);
         }
-        None => assert_eq!(
-            step.last,
-            numbered_last || empty_file,
-            "packet {k} of {n}",
-            k = ph.packet_number,
-            n = ph.total_packets
-        ),
+        None => {
+            let ends = numbered_last || empty_file || (was_pending && whole_here && op.orig == 0);
+            let pending = ends && !first && op.orig > 0 && chunk == Some(op.orig) && !m.spanned;
+            m.pending = pending;
+            assert_eq!(
+                step.last,
+                ends && !pending,
+                "packet {k} of {n} (pending before: {was_pending}, now: {pending})",
+                k = ph.packet_number,
+                n = ph.total_packets
+            );
+        }
     }
     empty_file
 }
