@@ -1339,3 +1339,27 @@ fn refusals_at_accept_are_all_counted_in_the_log() {
     assert_eq!(counted(&server.log_text()), 10, "{}", tail(&server.log_text(), 20));
     drop((held, refused));
 }
+
+/// The other side of the login protection: connections that each register
+/// a new name (every one "logging in") fill the table and keep coming; they
+/// evict one another, never a client that has uploaded, which uploads on.
+#[test]
+fn registrations_that_fill_the_table_do_not_evict_an_uploader() {
+    let server = TestServer::start(&["--max-connections", "6"]);
+    let addr = server.addr();
+    let (mut uploader, _) = server.registered_client("uploader");
+    let data = pseudo_random(FILE_LEN, 41);
+    assert!(uploader.upload_bytes("u1", &data, &UploadOptions::default()).unwrap().cksum_matches());
+    uploader.crc_ok("u1").unwrap();
+    let mut held = Vec::new();
+    for i in 0..20 {
+        let mut c = client_from(2 + (i % 4) as u8, addr);
+        if c.register(&format!("squatter-{i}")).is_ok() {
+            held.push(c);
+        }
+    }
+    server.wait_for_log("evicted: the connection table is full", IO_TIMEOUT);
+    assert!(uploader.upload_bytes("u2", &data, &UploadOptions::default()).unwrap().cksum_matches());
+    uploader.crc_ok("u2").unwrap();
+    drop(held);
+}
